@@ -1,0 +1,25 @@
+"""dlgraph: neural networks as declarative YAML/JSON computation graphs.
+
+>>> import dlgraph                                                   # doctest: +SKIP
+>>> g = dlgraph.load("graphs/mlp.yaml")                              # doctest: +SKIP
+>>> g.validate().params                                              # doctest: +SKIP
+>>> model = dlgraph.compile(g)                                       # doctest: +SKIP
+"""
+
+from dlgraph.api import compile, load, render, schema, train, validate
+from dlgraph.engine.errors import (
+    CycleError,
+    DataError,
+    DeviceError,
+    DlgraphError,
+    GradientError,
+    GraphError,
+    ShapeError,
+    SpecError,
+    TrainingError,
+)
+
+__version__ = "0.1.0"
+__all__ = ["load", "validate", "compile", "train", "render", "schema",
+           "DlgraphError", "SpecError", "GraphError", "CycleError", "ShapeError",
+           "GradientError", "DataError", "DeviceError", "TrainingError"]

@@ -1,0 +1,74 @@
+"""The public API: thin functions over the engine.
+
+>>> import dlgraph                                                    # doctest: +SKIP
+>>> g = dlgraph.load("graphs/mlp.yaml")                               # doctest: +SKIP
+>>> print(g.validate())                                               # doctest: +SKIP
+>>> model = dlgraph.compile(g)                                        # doctest: +SKIP
+>>> out = model(x=np.random.rand(8, 2).astype("float32"))            # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from dlgraph.engine.build import load_graph
+from dlgraph.engine.ir import Graph
+
+
+def load(source: str | Path | dict, *, base: str | Path | None = None) -> Graph:
+    """A validated, shape-inferred graph from a spec file path, a YAML/JSON string or a dict.
+
+    ``base`` is where relative data paths start for a string or dict (default: cwd).
+    """
+    return load_graph(source, base=Path(base) if base else None)
+
+
+def validate(source, backward: bool = False):
+    """Load and check a spec without running it; returns its summary."""
+    g = source if isinstance(source, Graph) else load(source)
+    return g.validate(backward=backward)
+
+
+def compile(graph: Graph, *, weights: str | Path | None = None, seed: int = 0,
+            device: str | None = None):
+    """A callable model on numpy arrays: ``model(x=...) -> {output: array}``.
+
+    Parameters are initialised under ``seed``, or read from a safetensors ``weights`` file.
+    """
+    from dlgraph.engine.lower import Model, use_device
+    use_device(device)
+    params = None
+    if weights is not None:
+        from dlgraph.engine.checkpoint import load_weights
+        params = load_weights(graph, weights)
+    return Model(graph, params, seed=seed)
+
+
+def train(graph: Graph, **options):
+    """Train a graph by its ``train:`` section; returns the :class:`TrainResult`.
+
+    Options: ``out`` (run directory), ``resume``, ``device``, ``epochs``, ``steps``,
+    ``quiet``, ``debug``.
+    """
+    from dlgraph.engine.train import train as _train
+    return _train(graph, **options)
+
+
+def render(graph: Graph, path: str | Path | None = None, **options) -> str:
+    """The DOT text of a graph; written to ``path`` (.dot, .svg, .png, .pdf) when given."""
+    from dlgraph.engine.render import render as _render
+    return _render(graph, path, **options)
+
+
+def schema() -> dict:
+    """The JSON Schema of the spec format, generated from the same models that validate."""
+    from dlgraph.engine.spec import spec_model
+    s = spec_model().model_json_schema(by_alias=True)
+    s["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    s["title"] = "dlgraph spec, version 1"
+    return s
+
+
+def schema_json() -> str:
+    return json.dumps(schema(), indent=2, sort_keys=True)

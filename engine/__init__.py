@@ -1,0 +1,1 @@
+"""The engine: spec loading, graph building, shapes, autodiff, lowering, training."""

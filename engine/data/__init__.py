@@ -1,0 +1,80 @@
+"""The data layer: data specs, loading them into named arrays, splitting and batching.
+
+A data spec is one of the models in :data:`SOURCES`, picked by its ``source`` field::
+
+    data: {source: spirals, samples: 3000, classes: 3}
+
+:func:`load_data` turns a spec into named arrays (``x`` the input, ``y`` the target) that share
+their first (sample) dimension; floats are float32, class labels and token ids int32. The keys
+and shapes of each source are listed in :mod:`.sources`, :mod:`.files` and :mod:`.text`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any
+
+import numpy as np
+from pydantic import Field, TypeAdapter, ValidationError
+
+from ..errors import SpecError
+from .base import Arrays, DataSource, check_lengths, standard_dtype
+from .batching import DATA, batches, num_batches, rng_for, split
+from .files import Cifar10, Csv, Idx, Npy
+from .sources import (
+    Adding,
+    GaussianMixture,
+    Images,
+    Parity,
+    SequenceTask,
+    Series,
+    Sine,
+    Spirals,
+    Xor,
+    gaussian_mixture_centers,
+)
+from .text import Text, TextTokens, vocabulary
+
+_MODELS = (Sine, Series, Spirals, Xor, GaussianMixture, Adding, Parity, SequenceTask, Images,
+           TextTokens, Csv, Npy, Text, Idx, Cifar10)
+
+#: source name -> its pydantic model
+SOURCES: dict[str, type[DataSource]] = {m.model_fields["source"].default: m for m in _MODELS}
+
+DataSpec = Annotated[Sine | Series | Spirals | Xor | GaussianMixture | Adding | Parity
+                     | SequenceTask | Images | TextTokens | Csv | Npy | Text | Idx | Cifar10,
+                     Field(discriminator="source")]
+
+_ADAPTER: TypeAdapter[Any] = TypeAdapter(DataSpec)
+
+
+def parse_data_spec(obj: Mapping[str, Any] | DataSource) -> DataSource:
+    """Validate a plain mapping (e.g. from YAML) into its data model; SpecError if wrong."""
+    if isinstance(obj, DataSource):
+        return obj
+    try:
+        return _ADAPTER.validate_python(obj)
+    except ValidationError as e:
+        problems = "; ".join(
+            (".".join(str(p) for p in err["loc"][1:]) or "data") + ": " + err["msg"]
+            for err in e.errors())
+        raise SpecError(f"bad data spec: {problems}",
+                        help=f"sources are: {', '.join(SOURCES)}") from None
+
+
+def load_data(spec: DataSource | Mapping[str, Any], base_dir: Path | str,
+              seed: int) -> Arrays:
+    """Named arrays for ``spec``, deterministic for ``seed`` (the spec's own ``seed`` wins).
+
+    Relative file paths are resolved against ``base_dir`` (the spec file's folder).
+    """
+    spec = parse_data_spec(spec)
+    rng = rng_for(spec.seed if spec.seed is not None else seed, DATA)
+    arrays = {k: standard_dtype(np.asarray(v)) for k, v in spec.load(Path(base_dir), rng).items()}
+    check_lengths(arrays)
+    return arrays
+
+
+__all__ = ["SOURCES", "Arrays", "DataSource", "DataSpec", "batches", "gaussian_mixture_centers",
+           "load_data", "num_batches", "parse_data_spec", "split", "vocabulary"]

@@ -1,0 +1,72 @@
+"""Text as token ids for language models: windows of a token stream, y = x shifted by one.
+
+Keys: x [N, length] int32 and y [N, length] int32 (y[:, t] is the token after x[:, t]).
+Token ids index the vocabulary, the sorted unique tokens of the whole text; map ids back to
+text with :func:`vocabulary`. ``level: char`` makes every character a token; ``level: word``
+makes every word (``\\w+``) and every punctuation mark a token (whitespace is dropped).
+
+The built-in corpus (``corpus.txt``) is the opening of Shakespeare's *Coriolanus* (public
+domain), as in the well-known "tiny shakespeare" data set.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from pydantic import Field
+
+from .base import Arrays, DataSource, fail, path_field, resolve, samples_field
+
+CORPUS = Path(__file__).with_name("corpus.txt")
+
+
+class TextTokens(DataSource):
+    """Windows of token ids of a text (the built-in corpus unless `path` is given)."""
+
+    source: Literal["text_tokens"] = "text_tokens"
+    path: str | None = path_field("A UTF-8 text file; by default the built-in corpus "
+                                  "(Shakespeare). Relative paths are resolved against the "
+                                  "spec's folder.", default=None)
+    level: Literal["char", "word"] = Field("char", description="Tokens are characters or words.")
+    length: int = Field(64, ge=1, description="Context length: tokens per window.")
+    samples: int = samples_field()
+
+    def load(self, base_dir: Path, rng: np.random.Generator) -> Arrays:
+        path, ids, _ = _tokenize(self, base_dir)
+        if len(ids) <= self.length:
+            raise fail(path, f"the text has {len(ids)} tokens; a window of length "
+                             f"{self.length} needs {self.length + 1}",
+                       help="use a longer text or a smaller length")
+        start = rng.integers(0, len(ids) - self.length, size=self.samples)
+        windows = ids[start[:, None] + np.arange(self.length + 1)]
+        return {"x": windows[:, :-1], "y": windows[:, 1:]}
+
+
+class Text(TextTokens):
+    """Windows of token ids of a text file, for language models."""
+
+    source: Literal["text"] = "text"
+    path: str = path_field("A UTF-8 text file; relative paths are resolved against the "
+                           "spec's folder.")
+
+
+def vocabulary(spec: TextTokens, base_dir: Path | str = ".") -> list[str]:
+    """The tokens that the ids of a ``text``/``text_tokens`` spec stand for: id i -> [i]."""
+    return _tokenize(spec, Path(base_dir))[2]
+
+
+def _tokenize(spec: TextTokens, base_dir: Path) -> tuple[Path, np.ndarray, list[str]]:
+    """The text's path, its token ids (int32) and its vocabulary (sorted unique tokens)."""
+    path = resolve(base_dir, spec.path) if spec.path else CORPUS
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise fail(path, "the file is not UTF-8 text", help="save it as UTF-8") from None
+    tokens = list(text) if spec.level == "char" else re.findall(r"\w+|[^\w\s]", text)
+    if not tokens:
+        raise fail(path, "the text is empty", help="point path at a file with some text")
+    vocab, ids = np.unique(np.array(tokens), return_inverse=True)
+    return path, ids.astype(np.int32), vocab.tolist()

@@ -1,0 +1,322 @@
+"""The spec format: pydantic models, safe YAML/JSON loading, and source lines for errors.
+
+A spec is read in three steps: the text is parsed into plain data while the line of every
+key is recorded (:func:`parse_text`), the data is validated against the models
+(:func:`validate_data`), and pydantic's errors become :class:`SpecError` with file, line,
+node, op and, for a misspelling, the close match.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import json
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import Source, SpecError
+
+IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+REF = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?$")
+Dim = Annotated[int | str, Field(description="a size, or a symbolic name such as `batch`")]
+
+Init = Literal["glorot_uniform", "glorot_normal", "he_uniform", "he_normal", "lecun_normal",
+               "zeros", "ones", "normal", "uniform", "orthogonal"]
+
+
+def suggest(word: str, choices, what: str = "") -> str | None:
+    """A ``did you mean`` help line for a misspelt name, or None."""
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f"did you mean '{close[0]}'?" if close else None
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class NodeSpec(Strict):
+    """Fields every node has; each op's model adds its own and fixes ``op``."""
+
+    in_: list[str] = Field(default_factory=list, alias="in",
+                           description="inputs: graph input names or node ids (`id.name` for "
+                                       "a named output of a composite)")
+    doc: str | None = Field(None, description="free text shown in drawings and summaries")
+
+    @field_validator("in_", mode="before")
+    @classmethod
+    def _one_or_many(cls, v):
+        return [v] if isinstance(v, str) else v
+
+    @field_validator("in_")
+    @classmethod
+    def _refs(cls, v):
+        for ref in v:
+            if not REF.match(ref):
+                raise ValueError(f"'{ref}' is not a node id or input name (letters, digits, _)")
+        return v
+
+
+class ParamLayer(NodeSpec):
+    """A layer that owns parameters: they are initialised under the seed, overridable."""
+
+    init: dict[str, Init | float] = Field(
+        default_factory=dict,
+        description="initialiser per parameter name, e.g. `{weight: he_normal, bias: 0.1}`")
+    trainable: bool = Field(True, description="false freezes this layer's parameters")
+
+
+class TensorSpec(Strict):
+    """A graph input: its shape (named dims are symbolic) and dtype."""
+
+    shape: list[Dim] = Field(description="dims: sizes or names such as `batch`")
+    dtype: Literal["float32", "int32"] = "float32"
+
+    @field_validator("shape")
+    @classmethod
+    def _dims(cls, v):
+        for d in v:
+            if isinstance(d, int) and d < 1:
+                raise ValueError(f"dims must be positive or named, got {d}")
+            if isinstance(d, str) and not IDENT.match(d):
+                raise ValueError(f"'{d}' is not a valid dim name")
+        return v
+
+
+def _check_ids(d: dict, what: str) -> dict:
+    for k in d:
+        if not IDENT.match(k):
+            raise ValueError(f"{what} '{k}' is not a valid name: use letters, digits and _, "
+                             "not starting with a digit")
+    return d
+
+
+@functools.cache
+def node_union():
+    """The discriminated union of every registered op's model (built once, after import)."""
+    from dlgraph.ops import REGISTRY
+    models = tuple(d.attrs for d in REGISTRY.values())
+    return Annotated[models[0] if len(models) == 1 else __import__("typing").Union[models],
+                     Field(discriminator="op")]
+
+
+@functools.cache
+def spec_model() -> type[BaseModel]:
+    """The GraphSpec model, with every op and the train section."""
+    from .train_spec import TrainSpec
+    Node = node_union()
+
+    class GraphSpec(Strict):
+        """A dlgraph spec, version 1."""
+
+        dlgraph: Literal[1] = Field(description="spec format version; must be 1")
+        name: str = Field(description="a short name, used for run directories")
+        doc: str | None = Field(None, description="what the network learns and the result "
+                                                  "it reaches")
+        inputs: dict[str, TensorSpec] = Field(description="graph inputs by name")
+        nodes: dict[str, Node] = Field(description="node id to node, in file order")
+        outputs: list[str] = Field(description="node ids whose values `run` returns")
+        train: TrainSpec | None = Field(None, description="how to train; absent: inference "
+                                                          "only")
+
+        @field_validator("inputs")
+        @classmethod
+        def _inputs(cls, v):
+            return _check_ids(v, "input")
+
+        @field_validator("nodes")
+        @classmethod
+        def _nodes(cls, v):
+            return _check_ids(v, "node id")
+
+        @model_validator(mode="after")
+        def _unique(self):
+            for k in self.nodes:
+                if k in self.inputs:
+                    raise ValueError(f"'{k}' is both an input and a node id")
+            return self
+
+    return GraphSpec
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+class _Loader(yaml.SafeLoader):
+    """Safe YAML: plain data only, no Python tags."""
+
+
+def parse_text(text: str, file: str) -> tuple[Any, dict[tuple, int]]:
+    """Parse YAML or JSON into plain data and the line of every mapping key and list item.
+
+    Duplicate keys are errors (PyYAML would silently keep the last one).
+
+    >>> data, lines = parse_text("a: 1\\nb: {c: 2}\\n", "x.yaml")
+    >>> data, lines[("b", "c")]
+    ({'a': 1, 'b': {'c': 2}}, 2)
+    """
+    try:
+        loader = _Loader(text)
+        try:
+            root = loader.get_single_node()
+            lines: dict[tuple, int] = {}
+            data = _construct(loader, root, (), lines, file) if root is not None else None
+        finally:
+            loader.dispose()
+    except yaml.MarkedYAMLError as e:
+        if file.endswith(".json"):
+            _raise_json(text, file)
+        mark = e.problem_mark or e.context_mark
+        line = mark.line + 1 if mark else None
+        raise SpecError(f"not valid YAML: {e.problem or e.context}",
+                        source=Source(file, line),
+                        help="check indentation and quoting on this line") from None
+    except yaml.YAMLError as e:
+        raise SpecError(f"not valid YAML: {e}", source=Source(file)) from None
+    if data is None:
+        raise SpecError("the file is empty", source=Source(file),
+                        help="a spec starts with `dlgraph: 1`; see docs/spec.md")
+    if not isinstance(data, dict):
+        raise SpecError(f"a spec must be a mapping of fields, not a {type(data).__name__}",
+                        source=Source(file, 1), help="a spec starts with `dlgraph: 1`")
+    return data, lines
+
+
+def _raise_json(text: str, file: str):
+    try:
+        json.loads(text)
+    except json.JSONDecodeError as e:
+        raise SpecError(f"not valid JSON: {e.msg}", source=Source(file, e.lineno),
+                        help=f"at column {e.colno}") from None
+    raise SpecError("not valid JSON", source=Source(file))
+
+
+def _construct(loader, node, path: tuple, lines: dict, file: str):
+    if isinstance(node, yaml.MappingNode):
+        out: dict = {}
+        for knode, vnode in node.value:
+            key = loader.construct_object(knode, deep=True)
+            if not isinstance(key, str | int | float | bool):
+                raise SpecError("mapping keys must be plain names",
+                                source=Source(file, knode.start_mark.line + 1))
+            if key in out:
+                raise SpecError(f"duplicate key '{key}'"
+                                + (f" in '{path[-1]}'" if path else ""),
+                                source=Source(file, knode.start_mark.line + 1),
+                                help=f"'{key}' is already defined on line "
+                                     f"{lines[path + (key,)]}; rename or remove one of them")
+            lines[path + (key,)] = knode.start_mark.line + 1
+            out[key] = _construct(loader, vnode, path + (key,), lines, file)
+        return out
+    if isinstance(node, yaml.SequenceNode):
+        items = []
+        for i, item in enumerate(node.value):
+            lines[path + (i,)] = item.start_mark.line + 1
+            items.append(_construct(loader, item, path + (i,), lines, file))
+        return items
+    try:
+        return loader.construct_object(node, deep=True)
+    except yaml.constructor.ConstructorError as e:
+        raise SpecError(f"unsupported YAML tag {node.tag}: specs hold plain data only",
+                        source=Source(file, node.start_mark.line + 1),
+                        help="remove the tag; Python objects are never constructed") from e
+
+
+def line_of(lines: dict[tuple, int], loc: tuple) -> int | None:
+    """The line of the deepest known prefix of a location path."""
+    for n in range(len(loc), 0, -1):
+        if loc[:n] in lines:
+            return lines[loc[:n]]
+    return None
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def validate_data(data: dict, lines: dict[tuple, int], file: str):
+    """Validate plain data against the GraphSpec model, raising a located :class:`SpecError`."""
+    from dlgraph.ops import REGISTRY
+    _precheck_nodes(data, lines, file)
+    try:
+        return spec_model().model_validate(data)
+    except ValidationError as exc:
+        errs = exc.errors()
+        first = _spec_error(errs[0], data, lines, file, REGISTRY)
+        if len(errs) > 1:
+            first.message += f" (and {len(errs) - 1} more problem{'s' * (len(errs) > 2)})"
+        raise first from None
+
+
+def _precheck_nodes(data: dict, lines: dict, file: str):
+    """Unknown or missing ops, checked by hand so the error suggests the close match."""
+    from dlgraph.ops import REGISTRY
+    if data.get("dlgraph") not in (1, None):
+        raise SpecError(f"unsupported spec version {data.get('dlgraph')!r}",
+                        source=Source(file, lines.get(("dlgraph",))),
+                        help="this dlgraph reads `dlgraph: 1`")
+    nodes = data.get("nodes")
+    if not isinstance(nodes, dict):
+        return
+    for nid, nd in nodes.items():
+        src = Source(file, lines.get(("nodes", nid)))
+        if not isinstance(nd, dict):
+            raise SpecError(f"a node is a mapping with an `op`, got {nd!r}", node=str(nid),
+                            source=src, help=f"write e.g. `{nid}: {{op: relu, in: x}}`")
+        op = nd.get("op")
+        if op is None:
+            raise SpecError("missing `op`", node=str(nid), source=src,
+                            help="every node names its op; `dlgraph ops` lists them")
+        if op not in REGISTRY:
+            raise SpecError(f"unknown op '{op}'", node=str(nid),
+                            source=Source(file, lines.get(("nodes", nid, "op")) or src.line),
+                            help=suggest(str(op), REGISTRY)
+                            or "`dlgraph ops` lists the ops there are")
+
+
+def _spec_error(err: dict, data: dict, lines: dict, file: str, registry) -> SpecError:
+    loc = tuple(err["loc"])
+    node = op = None
+    model = spec_model()
+    if len(loc) >= 2 and loc[0] == "nodes":
+        node = loc[1]
+        op = data["nodes"][node].get("op")
+        if len(loc) >= 3 and loc[2] == op:      # pydantic puts the union tag in the path
+            loc = loc[:2] + loc[3:]
+        model = registry[op].attrs
+        field_path = loc[2:]
+    else:
+        field_path = loc
+    src = Source(file, line_of(lines, loc))
+    field = ".".join(str(p) for p in field_path if p != "in_") or None
+    field = field or ("in" if "in_" in field_path else None)
+    kind, help = err["type"], None
+    if kind == "missing":
+        msg = f"missing required field '{field}'"
+        info = model.model_fields.get(str(field_path[-1])) if field_path else None
+        help = info.description if info is not None and info.description else None
+    elif kind == "extra_forbidden":
+        name = str(field_path[-1])
+        fields = [f.alias or k for k, f in model.model_fields.items() if k != "op"]
+        msg = f"unknown field '{name}'"
+        help = suggest(name, fields) or f"known fields: {', '.join(sorted(fields))}"
+    else:
+        text = err["msg"].removeprefix("Value error, ")
+        msg = f"field '{field}': {text}" if field else text
+    return SpecError(msg, node=node, op=op, source=src, help=help)
+
+
+def read_spec(path: str | Path):
+    """Read and validate a spec file; returns ``(GraphSpec, lines)``."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError(f"no such file: {p}", help="check the path") from None
+    except (IsADirectoryError, UnicodeDecodeError, PermissionError) as e:
+        raise SpecError(f"cannot read {p}: {e.strerror if hasattr(e, 'strerror') and e.strerror else e}",
+                        source=Source(str(p))) from None
+    data, lines = parse_text(text, str(p))
+    return validate_data(data, lines, str(p)), lines

@@ -1,0 +1,71 @@
+"""Tensor types with symbolic dimensions, and the broadcasting rule over them.
+
+A dimension is an ``int`` or a name such as ``"batch"``. Two names agree only when they
+are the same name; a name meets an int only when the int is 1 (broadcast).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+Dim = int | str
+DTYPES = ("float32", "int32", "bool")
+
+
+@dataclass(frozen=True)
+class TType:
+    """The static type of one value: a shape of dims and a dtype.
+
+    >>> TType((\"batch\", 10)).rank
+    2
+    """
+
+    shape: tuple[Dim, ...]
+    dtype: str = "float32"
+
+    @property
+    def rank(self) -> int:
+        return len(self.shape)
+
+    def __str__(self) -> str:
+        dims = ", ".join(str(d) for d in self.shape)
+        return f"[{dims}]" + ("" if self.dtype == "float32" else f" {self.dtype}")
+
+
+def fmt(shape: tuple[Dim, ...]) -> str:
+    return "[" + ", ".join(str(d) for d in shape) + "]"
+
+
+def broadcast(*shapes: tuple[Dim, ...]) -> tuple[Dim, ...] | None:
+    """The broadcast of several shapes (numpy rules), or None where they do not fit.
+
+    >>> broadcast(("batch", 1), (1, 10))
+    ('batch', 10)
+    """
+    rank = max(len(s) for s in shapes)
+    padded = [(1,) * (rank - len(s)) + tuple(s) for s in shapes]
+    out: list[Dim] = []
+    for dims in zip(*padded, strict=True):
+        real = {d for d in dims if d != 1}
+        if len(real) > 1:
+            return None
+        out.append(real.pop() if real else 1)
+    return tuple(out)
+
+
+def numel(shape: tuple[Dim, ...], dims: dict[str, int] | None = None) -> int | None:
+    """Number of elements, resolving names through ``dims``; None if a name is unbound."""
+    n = 1
+    for d in shape:
+        if isinstance(d, str):
+            if not dims or d not in dims:
+                return None
+            d = dims[d]
+        n *= d
+    return n
+
+
+def norm_axis(axis: int, rank: int) -> int | None:
+    """A possibly negative axis as a non-negative one, or None when out of range."""
+    a = axis + rank if axis < 0 else axis
+    return a if 0 <= a < rank else None

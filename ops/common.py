@@ -1,0 +1,55 @@
+"""Shared shape rules and helpers for op definitions."""
+
+from __future__ import annotations
+
+from dlgraph.engine.errors import ShapeError
+from dlgraph.engine.types import TType, broadcast, fmt, norm_axis
+
+
+def same(a, x: TType) -> TType:
+    """Elementwise unary: the input's type."""
+    return x
+
+
+def floats(*ts: TType) -> None:
+    for t in ts:
+        if t.dtype != "float32":
+            raise ShapeError(f"expects float32 inputs, got {t.dtype}",
+                             help="integer inputs (labels, token ids) go to embedding, "
+                                  "one_hot or a loss")
+
+
+def bcast(a, *ts: TType) -> TType:
+    """Elementwise n-ary with numpy broadcasting; float result unless all inputs agree."""
+    out = broadcast(*(t.shape for t in ts))
+    if out is None:
+        raise ShapeError("shapes do not broadcast: " + " vs ".join(fmt(t.shape) for t in ts),
+                         help="dims must be equal or 1 from the right; reshape one side")
+    dtypes = {t.dtype for t in ts}
+    return TType(out, dtypes.pop() if len(dtypes) == 1 else "float32")
+
+
+def axes_of(axes, rank: int) -> tuple[int, ...]:
+    """Normalised axes (None = all), checked against the rank."""
+    if axes is None:
+        return tuple(range(rank))
+    axes = [axes] if isinstance(axes, int) else axes
+    out = []
+    for ax in axes:
+        n = norm_axis(ax, rank)
+        if n is None:
+            raise ShapeError(f"axis {ax} is out of range for rank {rank}",
+                             help=f"axes go from {-rank} to {rank - 1}")
+        out.append(n)
+    return tuple(sorted(set(out)))
+
+
+def reduced(shape: tuple, axes: tuple[int, ...], keepdims: bool) -> tuple:
+    if keepdims:
+        return tuple(1 if i in axes else d for i, d in enumerate(shape))
+    return tuple(d for i, d in enumerate(shape) if i not in axes)
+
+
+def resolve(ctx, shape) -> tuple[int, ...]:
+    """Concrete ints for a shape with named dims, from the run's bindings."""
+    return tuple(ctx.dims[d] if isinstance(d, str) else d for d in shape)

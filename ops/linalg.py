@@ -1,0 +1,53 @@
+"""Matrix products and parameters."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from dlgraph.engine.errors import ShapeError
+from dlgraph.engine.spec import Init
+from dlgraph.engine.types import TType, broadcast, fmt
+
+from .common import floats
+from .registry import NO_GRAD, attrs, register
+
+
+def _matmul_infer(a, x, y):
+    floats(x, y)
+    if x.rank < 2 or y.rank < 2:
+        raise ShapeError(f"matmul needs two matrices (rank >= 2), got {fmt(x.shape)} @ "
+                         f"{fmt(y.shape)}", help="reshape a vector to [1, n] or [n, 1]")
+    if x.shape[-1] != y.shape[-2]:
+        raise ShapeError(f"inner dimensions differ: {fmt(x.shape)} @ {fmt(y.shape)}",
+                         help=f"the left side has {x.shape[-1]} columns, the right side "
+                              f"{y.shape[-2]} rows; they must match")
+    batch = broadcast(x.shape[:-2], y.shape[:-2])
+    if batch is None:
+        raise ShapeError(f"batch dims do not broadcast: {fmt(x.shape)} @ {fmt(y.shape)}")
+    return TType(batch + (x.shape[-2], y.shape[-1]))
+
+
+def swap_last(b, v):
+    r = b.type(v).rank
+    return b.emit("transpose", v, axes=list(range(r - 2)) + [r - 1, r - 2])
+
+
+register("matmul", doc="matrix product x @ y (batched, broadcasting)", family="linalg",
+         inputs="x, y", infer=_matmul_infer, forward=lambda c, a, x, y: x @ y,
+         vjp=lambda b, n, g: [b.emit("matmul", g, swap_last(b, n.inputs[1])),
+                              b.emit("matmul", swap_last(b, n.inputs[0]), g)])
+
+
+def _param_infer(a):
+    for d in a.shape:
+        if not isinstance(d, int) or d < 1:
+            raise ShapeError(f"parameter dims must be positive sizes, got {a.shape}")
+    return TType(tuple(a.shape))
+
+
+register("param", doc="a learnable tensor, initialised under the seed", family="linalg",
+         inputs=(),
+         attrs_model=attrs("param", shape=(list[int], Field(description="its shape")),
+                           init=(Init | float, Field("normal", description="initialiser")),
+                           trainable=(bool, Field(True, description="false: frozen"))),
+         infer=_param_infer, forward=lambda c, a: None, vjp=NO_GRAD)

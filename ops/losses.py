@@ -1,0 +1,93 @@
+"""Losses: composites that reduce to a scalar mean over the batch."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from dlgraph.engine.errors import ShapeError
+from dlgraph.engine.types import fmt
+
+from .registry import attrs, register
+
+F = "loss"
+
+
+def _same_shape(b, p, t):
+    if b.shape(p) != b.shape(t):
+        raise ShapeError(f"prediction {fmt(b.shape(p))} and target {fmt(b.shape(t))} differ",
+                         help="make the target the prediction's shape")
+
+
+def _mse(b, a, p, t):
+    _same_shape(b, p, t)
+    d = b.emit("sub", p, t)
+    return b.emit("mean", b.emit("mul", d, d))
+
+
+def _l1(b, a, p, t):
+    _same_shape(b, p, t)
+    return b.emit("mean", b.emit("abs", b.emit("sub", p, t)))
+
+
+def _huber(b, a, p, t):
+    _same_shape(b, p, t)
+    d = b.emit("abs", b.emit("sub", p, t))
+    quad = b.emit("mul", b.const(0.5), b.emit("mul", d, d))
+    lin = b.emit("mul", b.const(a.delta), b.emit("sub", d, b.const(0.5 * a.delta)))
+    return b.emit("mean", b.emit("where", b.emit("less_equal", d, b.const(a.delta)), quad, lin))
+
+
+def _labels(b, logits, labels):
+    lt, yt = b.type(logits), b.type(labels)
+    if yt.dtype != "int32":
+        raise ShapeError(f"labels must be int32 class ids, got {yt.dtype}",
+                         help="declare the labels input with `dtype: int32`")
+    if lt.shape[:-1] != yt.shape:
+        raise ShapeError(f"logits {fmt(lt.shape)} and labels {fmt(yt.shape)} do not fit",
+                         help="labels have the logits' shape without the class axis")
+    c = lt.shape[-1]
+    if isinstance(c, str):
+        raise ShapeError(f"the class axis of {fmt(lt.shape)} must be a size")
+    return c
+
+
+def _nll_of(b, logp, labels, c, smoothing=0.0):
+    target = b.emit("one_hot", labels, depth=c)
+    if smoothing:
+        target = b.emit("add", b.emit("mul", target, b.const(1 - smoothing)),
+                        b.const(smoothing / c))
+    per = b.emit("sum", b.emit("mul", target, logp), axes=-1)
+    return b.emit("neg", b.emit("mean", per))
+
+
+def _cross_entropy(b, a, logits, labels):
+    c = _labels(b, logits, labels)
+    return _nll_of(b, b.emit("log_softmax", logits, axis=-1), labels, c, a.label_smoothing)
+
+
+def _nll(b, a, logp, labels):
+    return _nll_of(b, logp, labels, _labels(b, logp, labels))
+
+
+def _bce(b, a, x, t):
+    _same_shape(b, x, t)
+    # max(x, 0) - x t + log(1 + e^-|x|): stable for large |x|
+    loss = b.emit("sub", b.emit("softplus", x), b.emit("mul", x, t))
+    return b.emit("mean", loss)
+
+
+register("mse", doc="mean squared error", family=F, inputs="pred, target", expand=_mse)
+register("l1", doc="mean absolute error", family=F, inputs="pred, target", expand=_l1)
+register("huber", doc="Huber loss: quadratic below delta, linear above", family=F,
+         inputs="pred, target",
+         attrs_model=attrs("huber", delta=(float, Field(1.0, gt=0, description="the knee"))),
+         expand=_huber)
+register("cross_entropy", doc="softmax cross-entropy of logits and int class labels",
+         family=F, inputs="logits, labels",
+         attrs_model=attrs("cross_entropy", label_smoothing=(float, Field(
+             0.0, ge=0, lt=1, description="mix the one-hot target with uniform"))),
+         expand=_cross_entropy)
+register("nll", doc="negative log-likelihood of log-probabilities and int labels", family=F,
+         inputs="logprobs, labels", expand=_nll)
+register("binary_cross_entropy", doc="sigmoid cross-entropy of logits and 0/1 targets",
+         family=F, inputs="logits, target", expand=_bce)

@@ -1,0 +1,250 @@
+"""Layers: linear, convolution, pooling, embedding, dropout, normalisation, softmax.
+
+All are composites over primitives, so their shapes, gradients and drawings follow from
+what they expand to. Weights use PyTorch's layout (linear: [out, in]; conv: [out, in, kh,
+kw]) so weights can be exchanged with it.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field
+from tinygrad import Tensor
+
+from dlgraph.engine.errors import ShapeError
+from dlgraph.engine.spec import ParamLayer
+from dlgraph.engine.types import TType, fmt
+
+from .common import same
+from .elementwise import composite
+from .linalg import swap_last
+from .registry import NO_GRAD, attrs, register
+from .shape import _pair
+
+F = "nn"
+
+
+def _features(b, x, axis=-1, what="features"):
+    t = b.type(x)
+    d = t.shape[axis]
+    if isinstance(d, str):
+        raise ShapeError(f"the {what} axis of {fmt(t.shape)} is the named dim '{d}'",
+                         help=f"the last axis must be a size, e.g. [batch, 64]")
+    return d
+
+
+def _linear(b, a, x):
+    if b.type(x).rank < 2:
+        raise ShapeError(f"linear needs [batch, features], got {fmt(b.shape(x))}",
+                         help="reshape the input to have a batch axis")
+    fin = _features(b, x)
+    w = b.param("weight", (a.out, fin), "glorot_uniform", layer=a)
+    y = b.emit("matmul", x, swap_last(b, w))
+    if a.bias:
+        y = b.emit("add", y, b.param("bias", (a.out,), "zeros", layer=a))
+    return _activate(b, a, y)
+
+
+def _activate(b, a, y):
+    return b.emit(a.activation, y) if getattr(a, "activation", None) else y
+
+
+_act = (str | None, Field(None, description="an activation op applied to the output, "
+                                            "e.g. relu"))
+register("linear", doc="fully connected layer: x @ weight.T + bias", family=F, inputs="x",
+         attrs_model=attrs("linear", base=ParamLayer,
+                           out=(int, Field(gt=0, description="output features")),
+                           bias=(bool, Field(True, description="add a learned bias")),
+                           activation=_act),
+         expand=_linear)
+
+
+def _pad2d(b, x, padding, value=0.0):
+    ph, pw = _pair(padding)
+    r = b.type(x).rank
+    if ph:
+        x = b.emit("pad", x, axis=r - 2, before=ph, after=ph, value=value)
+    if pw:
+        x = b.emit("pad", x, axis=r - 1, before=pw, after=pw, value=value)
+    return x
+
+
+def _conv2d(b, a, x):
+    t = b.type(x)
+    if t.rank != 4:
+        raise ShapeError(f"conv2d needs [batch, channels, height, width], got {fmt(t.shape)}",
+                         help="images are NCHW; reshape or transpose the input")
+    c = _features(b, x, 1, "channel")
+    if a.groups != 1 and (c % a.groups or a.out % a.groups):
+        raise ShapeError(f"groups={a.groups} must divide in channels {c} and out {a.out}")
+    kh, kw = _pair(a.kernel)
+    g = a.groups
+    w = b.param("weight", (a.out, c // g, kh, kw), "he_uniform", layer=a)
+    win = b.emit("windows", _pad2d(b, x, a.padding), kernel=[kh, kw], stride=a.stride,
+                 dilation=a.dilation)                                   # [N, C, OH, OW, KH, KW]
+    n, _, oh, ow, _, _ = b.shape(win)
+    cols = b.emit("transpose", win, axes=[0, 2, 3, 1, 4, 5])            # [N, OH, OW, C, KH, KW]
+    cols = b.emit("reshape", cols, shape=[n, oh, ow, g, c // g * kh * kw])
+    cols = b.emit("transpose", cols, axes=[0, 3, 1, 2, 4])              # [N, G, OH, OW, K]
+    wm = b.emit("reshape", w, shape=[g, a.out // g, c // g * kh * kw])  # [G, O/G, K]
+    wm = b.emit("reshape", swap_last(b, wm), shape=[1, g, 1, c // g * kh * kw, a.out // g])
+    y = b.emit("matmul", cols, wm)                                      # [N, G, OH, OW, O/G]
+    y = b.emit("transpose", y, axes=[0, 1, 4, 2, 3])                    # [N, G, O/G, OH, OW]
+    y = b.emit("reshape", y, shape=[n, a.out, oh, ow])
+    if a.bias:
+        bias = b.param("bias", (a.out,), "zeros", layer=a)
+        y = b.emit("add", y, b.emit("reshape", bias, shape=[a.out, 1, 1]))
+    return _activate(b, a, y)
+
+
+_k = (int | list[int], Field(description="kernel size (one int or [h, w])"))
+_s = (int | list[int], Field(1, description="stride"))
+_p = (int | list[int], Field(0, description="zero padding on each side"))
+_d = (int | list[int], Field(1, description="dilation"))
+register("conv2d", doc="2-D convolution over NCHW images", family=F, inputs="x",
+         attrs_model=attrs("conv2d", base=ParamLayer,
+                           out=(int, Field(gt=0, description="output channels")),
+                           kernel=_k, stride=_s, padding=_p, dilation=_d,
+                           groups=(int, Field(1, gt=0, description="channel groups")),
+                           bias=(bool, Field(True, description="add a learned bias")),
+                           activation=_act),
+         expand=_conv2d)
+
+
+def _pool(reduce, pad_value):
+    def expand(b, a, x):
+        if b.type(x).rank != 4:
+            raise ShapeError(f"pooling needs [batch, channels, height, width], got "
+                             f"{fmt(b.shape(x))}")
+        win = b.emit("windows", _pad2d(b, x, a.padding, pad_value), kernel=a.kernel,
+                     stride=a.stride if a.stride is not None else a.kernel)
+        return b.emit(reduce, win, axes=[-2, -1])
+    return expand
+
+
+_pool_fields = dict(kernel=_k, stride=(int | list[int] | None, Field(
+    None, description="stride (default: the kernel size)")), padding=_p)
+register("max_pool2d", doc="max over sliding windows of NCHW images", family=F, inputs="x",
+         attrs_model=attrs("max_pool2d", **_pool_fields), expand=_pool("max", -1e30))
+register("avg_pool2d", doc="mean over sliding windows (zero padding counts)", family=F,
+         inputs="x", attrs_model=attrs("avg_pool2d", **_pool_fields),
+         expand=_pool("mean", 0.0))
+composite("global_avg_pool", "mean over the spatial axes: [N, C, H, W] -> [N, C]",
+          lambda b, a, x: b.emit("mean", x, axes=[2, 3]), family=F)
+
+
+def _embedding(b, a, ids):
+    w = b.param("weight", (a.num, a.dim), "normal", layer=a)
+    return b.emit("matmul", b.emit("one_hot", ids, depth=a.num), w)
+
+
+register("embedding", doc="int ids -> learned vectors (a row of weight per id)", family=F,
+         inputs="ids", attrs_model=attrs("embedding", base=ParamLayer,
+                                         num=(int, Field(gt=0, description="vocabulary size")),
+                                         dim=(int, Field(gt=0, description="vector size"))),
+         expand=_embedding)
+
+
+def _dropout_mask(c, a, x):
+    if not c.training or a.p == 0:
+        return Tensor.ones(*x.shape)
+    return (Tensor.rand(*x.shape) >= a.p).float() / (1 - a.p)
+
+
+_p_field = (float, Field(0.5, ge=0, lt=1, description="probability of dropping a value"))
+register("dropout_mask", doc="a random keep-mask scaled by 1/(1-p) in training; ones in eval",
+         family=F, inputs="x", attrs_model=attrs("dropout_mask", p=_p_field),
+         infer=same, forward=_dropout_mask, vjp=NO_GRAD)
+register("dropout", doc="zero values with probability p while training", family=F, inputs="x",
+         attrs_model=attrs("dropout", p=_p_field),
+         expand=lambda b, a, x: b.emit("mul", x, b.emit("dropout_mask", x, p=a.p)))
+
+
+def _moving_average(c, a, stat, running):
+    if not c.training:
+        return running
+    c.updates.append(running.assign(running * (1 - a.momentum)
+                                    + stat.detach().reshape(running.shape) * a.momentum))
+    return stat
+
+
+register("moving_average", doc="training: the batch statistic (and update the running one); "
+         "eval: the running statistic", family=F, inputs="stat, running",
+         attrs_model=attrs("moving_average", momentum=(float, Field(0.1, gt=0, le=1))),
+         infer=lambda a, s, r: s, forward=_moving_average,
+         vjp=lambda b, n, g: [g, None])
+
+
+def _normalize(b, x, axes, eps, momentum=None):
+    mu = b.emit("mean", x, axes=axes, keepdims=True)
+    xc = b.emit("sub", x, mu)
+    var = b.emit("mean", b.emit("mul", xc, xc), axes=axes, keepdims=True)
+    if momentum is not None:                     # batch norm: running statistics in eval
+        shape = tuple(b.shape(mu))
+        rm = b.param("running_mean", shape, "zeros", trainable=False)
+        rv = b.param("running_var", shape, "ones", trainable=False)
+        mu = b.emit("moving_average", mu, rm, momentum=momentum)
+        var = b.emit("moving_average", var, rv, momentum=momentum)
+        xc = b.emit("sub", x, mu)
+    return b.emit("div", xc, b.emit("sqrt", b.emit("add", var, b.const(eps))))
+
+
+def _layer_norm(b, a, x):
+    t = b.type(x)
+    n = a.dims
+    shape = t.shape[t.rank - n:]
+    y = _normalize(b, x, list(range(t.rank - n, t.rank)), a.eps)
+    if a.affine:
+        y = b.emit("mul", y, b.param("weight", shape, "ones", layer=a))
+        y = b.emit("add", y, b.param("bias", shape, "zeros", layer=a))
+    return y
+
+
+def _batch_norm(b, a, x):
+    t = b.type(x)
+    if t.rank < 2:
+        raise ShapeError(f"batch_norm needs [batch, channels, ...], got {fmt(t.shape)}")
+    c = _features(b, x, 1, "channel")
+    axes = [0] + list(range(2, t.rank))
+    y = _normalize(b, x, axes, a.eps, a.momentum)
+    shape = (c,) + (1,) * (t.rank - 2)
+    if a.affine:
+        y = b.emit("mul", y, b.emit("reshape", b.param("weight", (c,), "ones", layer=a),
+                                    shape=list(shape)))
+        y = b.emit("add", y, b.emit("reshape", b.param("bias", (c,), "zeros", layer=a),
+                                    shape=list(shape)))
+    return y
+
+
+_eps = (float, Field(1e-5, gt=0, description="added to the variance"))
+_affine = (bool, Field(True, description="learn a scale and a shift"))
+register("layer_norm", doc="normalise over the last `dims` axes, then scale and shift",
+         family=F, inputs="x",
+         attrs_model=attrs("layer_norm", base=ParamLayer, eps=_eps, affine=_affine,
+                           dims=(int, Field(1, gt=0, description="how many trailing axes"))),
+         expand=_layer_norm)
+register("batch_norm", doc="normalise over the batch (and space) per channel (axis 1); "
+         "running statistics in eval mode", family=F, inputs="x",
+         attrs_model=attrs("batch_norm", base=ParamLayer, eps=_eps, affine=_affine,
+                           momentum=(float, Field(0.1, gt=0, le=1, description=
+                                                  "weight of the new batch in the "
+                                                  "running statistics"))),
+         expand=_batch_norm)
+
+
+def _softmax(b, a, x):
+    z = b.emit("sub", x, b.emit("stop_gradient", b.emit("max", x, axes=a.axis, keepdims=True)))
+    e = b.emit("exp", z)
+    return b.emit("div", e, b.emit("sum", e, axes=a.axis, keepdims=True))
+
+
+def _log_softmax(b, a, x):
+    z = b.emit("sub", x, b.emit("stop_gradient", b.emit("max", x, axes=a.axis, keepdims=True)))
+    return b.emit("sub", z, b.emit("log", b.emit("sum", b.emit("exp", z), axes=a.axis,
+                                                 keepdims=True)))
+
+
+_axis = (int, Field(-1, description="the axis"))
+composite("softmax", "exp(x) / sum(exp(x)) along an axis, computed stably", _softmax,
+          axis=_axis)
+composite("log_softmax", "x - log(sum(exp(x))) along an axis, computed stably", _log_softmax,
+          axis=_axis)

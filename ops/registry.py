@@ -1,0 +1,93 @@
+"""The one registry of ops: every rule of an op side by side in one record.
+
+A *primitive* op has ``infer`` (types in, type out), ``forward`` (tinygrad in, tinygrad
+out) and ``vjp`` (emits the backward nodes). A *composite* op has ``expand`` instead: it
+emits primitives (and parameters) through the builder and needs no other rule, since its
+shape, forward and gradient follow from what it expands to.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import Field, create_model
+
+from dlgraph.engine.spec import NodeSpec
+
+NO_GRAD = "no-grad"
+"""``vjp=NO_GRAD``: the op's output carries no gradient (comparisons, argmax, one-hot)."""
+
+
+@dataclass(frozen=True)
+class OpDef:
+    name: str
+    attrs: type[NodeSpec]
+    doc: str
+    family: str
+    inputs: tuple[str, ...]          # input names; a last name ending in '*' is variadic
+    infer: Callable | None = None    # (attrs, *TType) -> TType
+    forward: Callable | None = None  # (ctx, attrs, *Tensor) -> Tensor
+    vjp: Callable | str | None = None  # (builder, node, cotangent id) -> [id | None per input]
+    expand: Callable | None = None   # (builder, attrs, *ids) -> id | {name: id}
+    outputs: tuple[str, ...] = ("out",)  # named outputs of a composite; the first is default
+
+    @property
+    def composite(self) -> bool:
+        return self.expand is not None
+
+    @property
+    def variadic(self) -> bool:
+        return bool(self.inputs) and self.inputs[-1].endswith("*")
+
+    def arity_ok(self, n: int) -> bool:
+        return n >= len(self.inputs) if self.variadic else n == len(self.inputs)
+
+    def signature(self) -> str:
+        return ", ".join(self.inputs)
+
+    def fields(self) -> dict[str, Any]:
+        """The op's own fields (not op/in/doc), as pydantic FieldInfo."""
+        return {k: f for k, f in self.attrs.model_fields.items() if k not in ("op", "in_", "doc")}
+
+
+REGISTRY: dict[str, OpDef] = {}
+
+
+def attrs(name: str, base: type[NodeSpec] = NodeSpec, doc: str = "", **fields) -> type[NodeSpec]:
+    """The spec model of an op: ``op: Literal[name]`` plus its fields.
+
+    ``fields`` maps a name to ``(type, default)`` or ``(type, Field(...))``.
+    """
+    model = create_model(
+        "".join(p.capitalize() for p in name.split("_")) + "Node",
+        __base__=base, __doc__=doc or None,
+        op=(Literal[name], Field(description=f"`{name}`")),  # type: ignore[valid-type]
+        **fields)
+    return model
+
+
+def register(name: str, *, doc: str, family: str, inputs: tuple[str, ...] | str,
+             attrs_model: type[NodeSpec] | None = None, **rules) -> OpDef:
+    """Register an op, checking that its record is complete.
+
+    >>> sorted(REGISTRY)[:2]  # doctest: +SKIP
+    ['abs', 'add']
+    """
+    if isinstance(inputs, str):
+        inputs = tuple(s.strip() for s in inputs.split(",") if s.strip())
+    model = attrs_model or attrs(name, doc=doc)
+    d = OpDef(name=name, attrs=model, doc=doc, family=family, inputs=inputs, **rules)
+    if name in REGISTRY:
+        raise RuntimeError(f"op '{name}' registered twice")
+    if model.model_fields["op"].annotation != Literal[name]:
+        raise RuntimeError(f"op '{name}': its model's `op` is not Literal['{name}']")
+    if d.composite:
+        if d.infer or d.forward or d.vjp:
+            raise RuntimeError(f"composite op '{name}' must not have infer/forward/vjp")
+    elif not (d.infer and d.forward and d.vjp):
+        missing = [r for r in ("infer", "forward", "vjp") if not getattr(d, r)]
+        raise RuntimeError(f"primitive op '{name}' lacks {', '.join(missing)}")
+    REGISTRY[name] = d
+    return d

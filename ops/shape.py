@@ -1,0 +1,335 @@
+"""Movement ops: reshape, transpose, slicing, concatenation, broadcasting, windows."""
+
+from __future__ import annotations
+
+import math
+
+from pydantic import Field
+
+from dlgraph.engine.errors import ShapeError
+from dlgraph.engine.types import TType, broadcast, fmt, norm_axis
+
+from .common import axes_of, resolve
+from .registry import NO_GRAD, attrs, register
+
+F = "shape"
+
+
+def _axis(axis: int, rank: int) -> int:
+    return axes_of([axis], rank)[0]
+
+
+# -- reshape ----------------------------------------------------------------------------------
+def _reshape_infer(a, x):
+    target = list(a.shape)
+    if target.count(-1) > 1:
+        raise ShapeError("at most one -1 in a reshape", help="give every other dim")
+    for d in target:
+        if isinstance(d, str) and d not in x.shape:
+            raise ShapeError(f"named dim '{d}' is not in the input shape {fmt(x.shape)}",
+                             help="a reshape can keep named dims, not invent them")
+        if isinstance(d, int) and d < 1 and d != -1:
+            raise ShapeError(f"bad dim {d} in reshape", help="dims are positive, or -1")
+    left = [d for d in x.shape]
+    right = [d for d in target if d != -1]
+    for d in [d for d in right if isinstance(d, str)]:
+        left.remove(d)
+        right.remove(d)
+    if any(isinstance(d, str) for d in left):
+        raise ShapeError(f"cannot reshape {fmt(x.shape)} to {fmt(target)}: named dims "
+                         f"{[d for d in left if isinstance(d, str)]} would be merged",
+                         help="keep named dims as they are")
+    n_in, n_out = math.prod(left), math.prod(right)
+    if -1 in target:
+        if n_in % n_out:
+            raise ShapeError(f"cannot reshape {fmt(x.shape)} to {fmt(target)}",
+                             help=f"{n_in} elements do not divide by {n_out}")
+        target[target.index(-1)] = n_in // n_out
+    elif n_in != n_out:
+        raise ShapeError(f"cannot reshape {fmt(x.shape)} to {fmt(target)}: "
+                         f"{n_in} elements vs {n_out}", help="the element counts must agree")
+    return TType(tuple(target), x.dtype)
+
+
+register("reshape", doc="view with another shape (-1: inferred; named dims kept)", family=F,
+         inputs="x", attrs_model=attrs("reshape", shape=(list[int | str], Field(
+             description="target shape; -1 once for 'the rest'; named dims such as batch"))),
+         infer=_reshape_infer, forward=lambda c, a, x: x.reshape(resolve(c, a.shape)),
+         vjp=lambda b, n, g: [b.emit("reshape_like", g, n.inputs[0])])
+
+register("reshape_like", doc="reshape x to the shape of ref", family=F, inputs="x, ref",
+         infer=lambda a, x, r: TType(r.shape, x.dtype),
+         forward=lambda c, a, x, r: x.reshape(r.shape),
+         vjp=lambda b, n, g: [b.emit("reshape_like", g, n.inputs[0]), None])
+
+
+def _flatten_infer(a, x):
+    s, e = _axis(a.start, x.rank), _axis(a.end, x.rank)
+    mid = x.shape[s:e + 1]
+    if any(isinstance(d, str) for d in mid) and len(mid) > 1:
+        raise ShapeError(f"cannot flatten named dims of {fmt(x.shape)}",
+                         help="flatten the axes after the batch axis (start: 1)")
+    return TType(x.shape[:s] + (math.prod(mid) if len(mid) > 1 or not mid else mid[0],)
+                 + x.shape[e + 1:], x.dtype)
+
+
+register("flatten", doc="merge axes start..end into one (default: all but the first)",
+         family=F, inputs="x",
+         attrs_model=attrs("flatten", start=(int, Field(1, description="first axis merged")),
+                           end=(int, Field(-1, description="last axis merged"))),
+         infer=_flatten_infer, forward=lambda c, a, x: x.flatten(a.start, a.end),
+         vjp=lambda b, n, g: [b.emit("reshape_like", g, n.inputs[0])])
+
+
+def _perm(a, rank):
+    axes = list(reversed(range(rank))) if a.axes is None else [_axis(i, rank) for i in a.axes]
+    if sorted(axes) != list(range(rank)):
+        raise ShapeError(f"axes {a.axes} are not a permutation of {rank} axes",
+                         help=f"list each of 0..{rank - 1} once")
+    return axes
+
+
+register("transpose", doc="permute axes (default: reverse them)", family=F, inputs="x",
+         attrs_model=attrs("transpose", axes=(list[int] | None, Field(
+             None, description="new order of the axes, e.g. [0, 2, 1]"))),
+         infer=lambda a, x: TType(tuple(x.shape[i] for i in _perm(a, x.rank)), x.dtype),
+         forward=lambda c, a, x: x.permute(_perm(a, x.ndim)),
+         vjp=lambda b, n, g: [b.emit("transpose", g, axes=sorted(
+             range(len(p := _perm(n.attrs, b.type(n.inputs[0]).rank))), key=p.__getitem__))])
+
+
+def _squeeze_infer(a, x):
+    ax = _axis(a.axis, x.rank)
+    if x.shape[ax] != 1:
+        raise ShapeError(f"axis {a.axis} of {fmt(x.shape)} has size {x.shape[ax]}, not 1")
+    return TType(x.shape[:ax] + x.shape[ax + 1:], x.dtype)
+
+
+def _unsqueeze_infer(a, x):
+    ax = norm_axis(a.axis, x.rank + 1)
+    if ax is None:
+        raise ShapeError(f"axis {a.axis} is out of range for rank {x.rank + 1}")
+    return TType(x.shape[:ax] + (1,) + x.shape[ax:], x.dtype)
+
+
+_ax = (int, Field(description="the axis"))
+register("squeeze", doc="drop an axis of size 1", family=F, inputs="x",
+         attrs_model=attrs("squeeze", axis=_ax), infer=_squeeze_infer,
+         forward=lambda c, a, x: x.squeeze(a.axis),
+         vjp=lambda b, n, g: [b.emit("reshape_like", g, n.inputs[0])])
+register("unsqueeze", doc="insert an axis of size 1", family=F, inputs="x",
+         attrs_model=attrs("unsqueeze", axis=_ax), infer=_unsqueeze_infer,
+         forward=lambda c, a, x: x.unsqueeze(a.axis),
+         vjp=lambda b, n, g: [b.emit("reshape_like", g, n.inputs[0])])
+
+
+# -- slicing and concatenation -------------------------------------------------------------
+def _slice_bounds(a, dim):
+    if isinstance(dim, str):
+        if a.start >= 0 and a.stop is not None and a.stop >= 0:
+            return a.start, a.stop
+        raise ShapeError(f"cannot slice the named dim '{dim}' with negative bounds",
+                         help="use non-negative start and stop")
+    start, stop, _ = slice(a.start, a.stop).indices(dim)
+    if stop <= start:
+        raise ShapeError(f"slice [{a.start}:{a.stop}] of a dim of size {dim} is empty")
+    return start, stop
+
+
+def _slice_infer(a, x):
+    ax = _axis(a.axis, x.rank)
+    s, e = _slice_bounds(a, x.shape[ax])
+    return TType(x.shape[:ax] + (e - s,) + x.shape[ax + 1:], x.dtype)
+
+
+def _slice_fwd(c, a, x):
+    ax = a.axis % x.ndim
+    s, e = _slice_bounds(a, x.shape[ax])
+    return x.shrink(tuple((s, e) if i == ax else None for i in range(x.ndim)))
+
+
+def _slice_vjp(b, n, g):
+    t = b.type(n.inputs[0])
+    ax = _axis(n.attrs.axis, t.rank)
+    s, e = _slice_bounds(n.attrs, t.shape[ax])
+    return [b.emit("pad", g, axis=ax, before=s, after=t.shape[ax] - e)]
+
+
+register("slice", doc="x[start:stop] along one axis", family=F, inputs="x",
+         attrs_model=attrs("slice", axis=_ax, start=(int, Field(0, description="first index")),
+                           stop=(int | None, Field(None, description="end (exclusive)"))),
+         infer=_slice_infer, forward=_slice_fwd, vjp=_slice_vjp)
+
+
+def _pad_infer(a, x):
+    ax = _axis(a.axis, x.rank)
+    d = x.shape[ax]
+    if isinstance(d, str):
+        raise ShapeError(f"cannot pad the named dim '{d}'")
+    return TType(x.shape[:ax] + (d + a.before + a.after,) + x.shape[ax + 1:], x.dtype)
+
+
+register("pad", doc="zero-pad one axis", family=F, inputs="x",
+         attrs_model=attrs("pad", axis=_ax, before=(int, Field(0, ge=0)),
+                           after=(int, Field(0, ge=0)),
+                           value=(float, Field(0.0, description="the fill value"))),
+         infer=_pad_infer,
+         forward=lambda c, a, x: x.pad(tuple((a.before, a.after) if i == a.axis % x.ndim
+                                             else None for i in range(x.ndim)), value=a.value),
+         vjp=lambda b, n, g: [b.emit("slice", g, axis=n.attrs.axis, start=n.attrs.before,
+                                     stop=n.attrs.before + b.type(n.inputs[0]).shape[
+                                         _axis(n.attrs.axis, b.type(n.inputs[0]).rank)])])
+
+
+def _concat_infer(a, *xs):
+    ax = _axis(a.axis, xs[0].rank)
+    total = 0
+    for t in xs:
+        if t.rank != xs[0].rank or any(d != e for i, (d, e) in
+                                       enumerate(zip(t.shape, xs[0].shape)) if i != ax):
+            raise ShapeError("inputs differ outside the concat axis: "
+                             + ", ".join(fmt(t.shape) for t in xs),
+                             help=f"all dims but axis {a.axis} must agree")
+        if isinstance(t.shape[ax], str):
+            raise ShapeError(f"cannot concat along the named dim '{t.shape[ax]}'")
+        total += t.shape[ax]
+    return TType(xs[0].shape[:ax] + (total,) + xs[0].shape[ax + 1:], xs[0].dtype)
+
+
+def _concat_vjp(b, n, g):
+    ax = _axis(n.attrs.axis, b.type(n.id).rank)
+    out, start = [], 0
+    for i in n.inputs:
+        size = b.type(i).shape[ax]
+        out.append(b.emit("slice", g, axis=ax, start=start, stop=start + size))
+        start += size
+    return out
+
+
+register("concat", doc="join inputs along an axis", family=F, inputs="xs*",
+         attrs_model=attrs("concat", axis=(int, Field(-1, description="the axis"))),
+         infer=_concat_infer, forward=lambda c, a, *xs: xs[0].cat(*xs[1:], dim=a.axis),
+         vjp=_concat_vjp)
+
+
+def _take(b, a, x):
+    t = b.type(x)
+    ax = _axis(a.axis, t.rank)
+    i = a.index + t.shape[ax] if a.index < 0 and isinstance(t.shape[ax], int) else a.index
+    if isinstance(t.shape[ax], int) and not 0 <= i < t.shape[ax]:
+        raise ShapeError(f"index {a.index} is out of range for axis {a.axis} of size "
+                         f"{t.shape[ax]}")
+    return b.emit("squeeze", b.emit("slice", x, axis=ax, start=i, stop=i + 1), axis=ax)
+
+
+register("take", doc="x[..., index, ...]: one index along an axis, which is dropped",
+         family=F, inputs="x",
+         attrs_model=attrs("take", axis=_ax, index=(int, Field(description="the index; "
+                                                                            "-1 is the last"))),
+         expand=_take)
+
+
+# -- broadcasting helpers (the VJP rules of broadcasting ops use these) -----------------------
+def _bcast_like_infer(a, x, r):
+    out = broadcast(x.shape, r.shape)
+    if out != tuple(r.shape):
+        raise ShapeError(f"{fmt(x.shape)} does not broadcast to {fmt(r.shape)}")
+    return TType(r.shape, x.dtype)
+
+
+def _reduce_to_infer(a, x, r):
+    if broadcast(x.shape, r.shape) != tuple(x.shape):
+        raise ShapeError(f"{fmt(x.shape)} cannot be summed down to {fmt(r.shape)}")
+    return TType(r.shape, x.dtype)
+
+
+def reduce_to(x, shape):
+    """Sum a tinygrad tensor down to a broadcast-compatible shape."""
+    extra = x.ndim - len(shape)
+    if extra:
+        x = x.sum(tuple(range(extra)))
+    axes = tuple(i for i, (d, s) in enumerate(zip(x.shape, shape)) if s == 1 and d != 1)
+    return x.sum(axes, keepdim=True) if axes else x
+
+
+register("broadcast_like", doc="broadcast x to the shape of ref", family=F, inputs="x, ref",
+         infer=_bcast_like_infer, forward=lambda c, a, x, r: x.expand(r.shape),
+         vjp=lambda b, n, g: [b.emit("reduce_to", g, n.inputs[0]), None])
+register("reduce_to", doc="sum x down to the (broadcastable) shape of ref", family=F,
+         inputs="x, ref", infer=_reduce_to_infer,
+         forward=lambda c, a, x, r: reduce_to(x, r.shape),
+         vjp=lambda b, n, g: [b.emit("broadcast_like", g, n.inputs[0]), None])
+
+
+# -- sliding windows (convolution and pooling are built on these) --------------------------------
+def _pair(v):
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+def _out_size(size, k, s, d):
+    return (size - d * (k - 1) - 1) // s + 1
+
+
+def _windows_infer(a, x):
+    if x.rank < 3:
+        raise ShapeError(f"windows need [..., H, W] with a leading axis, got {fmt(x.shape)}")
+    (kh, kw), (sh, sw), (dh, dw) = _pair(a.kernel), _pair(a.stride), _pair(a.dilation)
+    h, w = x.shape[-2:]
+    if isinstance(h, str) or isinstance(w, str):
+        raise ShapeError("image height and width must be sizes, not names")
+    oh, ow = _out_size(h, kh, sh, dh), _out_size(w, kw, sw, dw)
+    if oh < 1 or ow < 1:
+        raise ShapeError(f"a {kh}x{kw} window does not fit in a {h}x{w} image",
+                         help="use a smaller kernel, or padding")
+    return TType(x.shape[:-2] + (oh, ow, kh, kw), x.dtype)
+
+
+def _windows_grad_fwd(c, a, g, x):
+    """The adjoint of windows: scatter-add each window position back into the image."""
+    (kh, kw), (sh, sw), (dh, dw) = _pair(a.kernel), _pair(a.stride), _pair(a.dilation)
+    *lead, h, w = x.shape
+    oh, ow = g.shape[-4], g.shape[-3]
+    total = None
+    for i in range(kh):
+        for j in range(kw):
+            p = g[..., i, j]                                     # [..., oh, ow]
+            if sh > 1 or sw > 1:                                 # spread out by the stride
+                p = p.reshape(*lead, oh, 1, ow, 1).pad(
+                    tuple([None] * len(lead) + [None, (0, sh - 1), None, (0, sw - 1)]))
+                p = p.reshape(*lead, oh * sh, ow * sw)
+            top, left = i * dh, j * dw
+            hh, ww = min(p.shape[-2], h - top), min(p.shape[-1], w - left)
+            p = p[..., :hh, :ww].pad(tuple([None] * len(lead) + [(top, h - top - hh),
+                                                                  (left, w - left - ww)]))
+            total = p if total is None else total + p
+    return total
+
+
+_win_fields = dict(
+    kernel=(int | list[int], Field(description="window size (h, w)")),
+    stride=(int | list[int], Field(1, description="step between windows")),
+    dilation=(int | list[int], Field(1, description="spacing inside a window")))
+_win_kw = lambda a: dict(kernel=a.kernel, stride=a.stride, dilation=a.dilation)
+register("windows", doc="sliding windows over the last two axes: [..., H, W] -> "
+         "[..., OH, OW, KH, KW]", family=F, inputs="x",
+         attrs_model=attrs("windows", **_win_fields), infer=_windows_infer,
+         forward=lambda c, a, x: x._pool(_pair(a.kernel), _pair(a.stride), _pair(a.dilation)),
+         vjp=lambda b, n, g: [b.emit("windows_grad", g, n.inputs[0], **_win_kw(n.attrs))])
+register("windows_grad", doc="adjoint of windows: sum window cotangents back into the image",
+         family=F, inputs="g, ref", attrs_model=attrs("windows_grad", **_win_fields),
+         infer=lambda a, g, r: TType(r.shape, g.dtype), forward=_windows_grad_fwd,
+         vjp=lambda b, n, g: [b.emit("windows", g, **_win_kw(n.attrs)), None])
+
+
+# -- integer helpers ----------------------------------------------------------------------------
+def _one_hot_infer(a, x):
+    if x.dtype != "int32":
+        raise ShapeError(f"one_hot takes int32 ids, got {x.dtype}",
+                         help="declare the input with `dtype: int32`")
+    return TType(x.shape + (a.depth,), "float32")
+
+
+register("one_hot", doc="int ids -> float one-hot vectors along a new last axis", family=F,
+         inputs="ids", attrs_model=attrs("one_hot", depth=(int, Field(
+             gt=0, description="number of classes"))), infer=_one_hot_infer,
+         forward=lambda c, a, x: x.one_hot(a.depth).float(), vjp=NO_GRAD)
