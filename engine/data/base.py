@@ -25,6 +25,10 @@ class DataSource(BaseModel):
         raise NotImplementedError
 
 
+def source_field(name: str) -> Any:
+    return Field(name, description=f"Which data source; '{name}' here.")
+
+
 def samples_field(default: int = 1000) -> Any:
     return Field(default, ge=1, description="Number of samples to generate.")
 
@@ -43,7 +47,7 @@ def resolve(base_dir: Path, path: str | Path) -> Path:
     p = Path(path).expanduser()
     p = p if p.is_absolute() else Path(base_dir) / p
     if not p.exists():
-        raise DataError(f"no such file: {p}", source=Source(file=str(p)),
+        raise DataError(f"no such file: {p}",
                         help="check the path; relative paths are resolved against the "
                              f"spec's folder ({base_dir})")
     return p
@@ -67,17 +71,18 @@ def standard_dtype(a: np.ndarray) -> np.ndarray:
 
 def check_lengths(arrays: Arrays, where: str | None = None) -> int:
     """The common first dimension of ``arrays``; DataError naming the culprits otherwise."""
+    source = Source(file=where) if where else None
     if not arrays:
-        raise DataError("the data has no arrays", source=where and Source(file=where))
+        raise DataError("the data has no arrays", source=source)
     for name, a in arrays.items():
         if a.ndim == 0:
             raise DataError(f"array '{name}' is a scalar; it needs a sample axis",
-                            source=where and Source(file=where))
+                            source=source)
     (first, a), *rest = arrays.items()
     for name, b in rest:
         if len(b) != len(a):
             raise DataError(
                 f"arrays have different lengths: '{first}' has {len(a)} samples, "
-                f"'{name}' has {len(b)}", source=where and Source(file=where),
+                f"'{name}' has {len(b)}", source=source,
                 help="every array needs the same first (sample) dimension")
     return len(a)

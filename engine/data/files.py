@@ -30,7 +30,16 @@ import numpy as np
 from pydantic import Field, model_validator
 
 from ..errors import DataError
-from .base import Arrays, DataSource, check_lengths, fail, path_field, resolve, standard_dtype
+from .base import (
+    Arrays,
+    DataSource,
+    check_lengths,
+    fail,
+    path_field,
+    resolve,
+    source_field,
+    standard_dtype,
+)
 
 
 def _did_you_mean(name: str, options: list[str], otherwise: str) -> str:
@@ -43,7 +52,7 @@ def _did_you_mean(name: str, options: list[str], otherwise: str) -> str:
 class Csv(DataSource):
     """Numeric columns of a CSV file: x from the named columns, y from one or more others."""
 
-    source: Literal["csv"] = "csv"
+    source: Literal["csv"] = source_field("csv")
     path: str = path_field()
     x: list[str] = Field(min_length=1, description="Columns that make up the input x.")
     y: str | list[str] | None = Field(
@@ -134,7 +143,7 @@ def _labels(cells: np.ndarray) -> np.ndarray:
 class Npy(DataSource):
     """Arrays from a NumPy file: a .npy array under `key`, or the arrays of a .npz archive."""
 
-    source: Literal["npy"] = "npy"
+    source: Literal["npy"] = source_field("npy")
     path: str = path_field("A .npy or .npz file; relative paths are resolved against the "
                            "spec's folder.")
     key: str = Field("x", description="The name a .npy array gets.")
@@ -162,7 +171,7 @@ class Npy(DataSource):
                 for name in wanted.values():
                     if name not in found:
                         raise fail(path, f"no array '{name}' in the archive; it holds: "
-                                         f"{', '.join(found)}",
+                                         f"{', '.join(sorted(found))}",
                                    help=_did_you_mean(name, found, "use one of those names"))
                 arrays = {out: loaded[name] for out, name in wanted.items()}
         out = {}
@@ -183,7 +192,7 @@ _IDX_TYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0
 class Idx(DataSource):
     """MNIST-style IDX files (plain or .gz): images x [N, 1, H, W] and labels y [N]."""
 
-    source: Literal["idx"] = "idx"
+    source: Literal["idx"] = source_field("idx")
     images: str = path_field("IDX image file, e.g. train-images-idx3-ubyte(.gz).")
     labels: str = path_field("IDX label file, e.g. train-labels-idx1-ubyte(.gz).")
     normalize: bool = Field(True, description="Scale pixels from 0..255 to [0, 1].")
@@ -228,7 +237,7 @@ def _read_idx(path: Path, ndim: int, what: str) -> np.ndarray:
 class Cifar10(DataSource):
     """CIFAR-10 python batches: x [N, 3, 32, 32] in [0, 1] and labels y [N]."""
 
-    source: Literal["cifar10"] = "cifar10"
+    source: Literal["cifar10"] = source_field("cifar10")
     paths: str | list[str] = Field(description=(
         "Batch files (e.g. [data_batch_1, ..., data_batch_5]), or a folder: then its "
         "data_batch_* files, in order. Relative paths are resolved against the spec's folder."))

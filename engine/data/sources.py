@@ -24,7 +24,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field, model_validator
 
-from .base import Arrays, DataSource, length_field, samples_field
+from .base import Arrays, DataSource, length_field, samples_field, source_field
 
 F32 = np.float32
 TAU = 2 * math.pi
@@ -54,19 +54,22 @@ def _noise_field(default: float, what: str) -> Any:
     return Field(default, ge=0.0, description=what)
 
 
-_SERIES_NOISE = "Std of Gaussian noise added to the inputs (the target stays clean)."
-
-
 # ------------------------------------------------------------------ time series
 
-class Sine(DataSource):
-    """Windows of a sum of two sines (random frequency, phase, amplitude); predict ahead."""
+class _Windowed(DataSource):
+    """Fields shared by the time-series sources."""
 
-    source: Literal["sine"] = "sine"
     samples: int = samples_field()
     length: int = length_field(32)
     horizon: int = Field(1, ge=1, description="How many steps after the window y lies.")
-    noise: float = _noise_field(0.0, _SERIES_NOISE)
+    noise: float = _noise_field(0.0, "Std of Gaussian noise added to the inputs "
+                                     "(the target stays clean).")
+
+
+class Sine(_Windowed):
+    """Windows of a sum of two sines (random frequency, phase, amplitude); predict ahead."""
+
+    source: Literal["sine"] = source_field("sine")
 
     def load(self, base_dir: Path, rng: np.random.Generator) -> Arrays:
         n, t = self.samples, np.arange(self.length + self.horizon)
@@ -77,24 +80,21 @@ class Sine(DataSource):
         return _windows(values, self.length, self.horizon, self.noise, rng)
 
 
-class Series(DataSource):
+class Series(_Windowed):
     """Windows of a sawtooth, square wave or AR(2) process (random per sample); predict ahead."""
 
-    source: Literal["series"] = "series"
+    source: Literal["series"] = source_field("series")
     kind: Literal["sawtooth", "square", "ar"] = Field(
-        "sawtooth", description="sawtooth/square: random period (8-24 steps) and phase; "
+        "sawtooth", description="sawtooth/square: random whole period (8-24 steps) and phase; "
                                 "ar: a stable oscillating AR(2) process with std 0.3.")
-    samples: int = samples_field()
-    length: int = length_field(32)
-    horizon: int = Field(1, ge=1, description="How many steps after the window y lies.")
-    noise: float = _noise_field(0.0, _SERIES_NOISE)
 
     def load(self, base_dir: Path, rng: np.random.Generator) -> Arrays:
         n, steps = self.samples, self.length + self.horizon
         if self.kind == "ar":
             values = _ar2(rng, n, steps)
         else:
-            cycles = np.arange(steps) / _uniform(rng, 8, 24, n, 1) + _uniform(rng, 0, 1, n, 1)
+            period = rng.integers(8, 25, size=(n, 1))  # whole steps: exactly periodic samples
+            cycles = (np.arange(steps) + rng.integers(0, period)) / period
             amp = _uniform(rng, 0.5, 0.9, n, 1)
             if self.kind == "sawtooth":
                 values = amp * (2 * (cycles % 1.0) - 1)
@@ -120,7 +120,7 @@ def _ar2(rng: np.random.Generator, n: int, steps: int, burn_in: int = 100) -> np
 class Spirals(DataSource):
     """Interleaved 2-D spiral arms, one per class (cs231n style); x in the unit disc."""
 
-    source: Literal["spirals"] = "spirals"
+    source: Literal["spirals"] = source_field("spirals")
     samples: int = samples_field()
     classes: int = Field(3, ge=2, description="Number of spiral arms (classes).")
     turns: float = Field(1.0, gt=0, description="How many turns each arm makes.")
@@ -138,7 +138,7 @@ class Spirals(DataSource):
 class Xor(DataSource):
     """The XOR problem: noisy corners of the unit square, class = x0 XOR x1."""
 
-    source: Literal["xor"] = "xor"
+    source: Literal["xor"] = source_field("xor")
     samples: int = samples_field()
     noise: float = _noise_field(0.1, "Std of the Gaussian noise around each corner.")
 
@@ -157,7 +157,7 @@ def gaussian_mixture_centers(modes: int = 8, radius: float = 2.0) -> np.ndarray:
 class GaussianMixture(DataSource):
     """Samples of a ring of 2-D Gaussians (the classic GAN mode-coverage toy); only x."""
 
-    source: Literal["gaussian_mixture"] = "gaussian_mixture"
+    source: Literal["gaussian_mixture"] = source_field("gaussian_mixture")
     samples: int = samples_field()
     modes: int = Field(8, ge=1, description="Number of Gaussians, evenly spaced on the ring.")
     radius: float = Field(2.0, gt=0, description="Radius of the ring of centres.")
@@ -175,7 +175,7 @@ class GaussianMixture(DataSource):
 class Adding(DataSource):
     """The adding problem: values in [0,1] and a marker channel with two 1s; y = marked sum."""
 
-    source: Literal["adding"] = "adding"
+    source: Literal["adding"] = source_field("adding")
     samples: int = samples_field()
     length: int = Field(10, ge=2, description="Sequence length (time steps).")
 
@@ -192,7 +192,7 @@ class Adding(DataSource):
 class Parity(DataSource):
     """Random bit strings; y is 1 when the number of ones is odd."""
 
-    source: Literal["parity"] = "parity"
+    source: Literal["parity"] = source_field("parity")
     samples: int = samples_field()
     length: int = length_field(10, "Number of bits.")
 
@@ -204,7 +204,7 @@ class Parity(DataSource):
 class SequenceTask(DataSource):
     """Random token sequences with a target that copies, reverses or sorts them."""
 
-    source: Literal["sequence_task"] = "sequence_task"
+    source: Literal["sequence_task"] = source_field("sequence_task")
     task: Literal["copy", "reverse", "sort"] = Field(
         "copy", description="What y is: x itself, x reversed, or x sorted ascending.")
     samples: int = samples_field()
@@ -220,10 +220,14 @@ class SequenceTask(DataSource):
 # ------------------------------------------------------------------ images
 
 class Images(DataSource):
-    """Synthetic NCHW images in [0,1]: each class a grating of its own orientation and
-    frequency in a soft disc at a random place, with random phase, colours and noise."""
+    """Synthetic NCHW images in [0, 1]: per class a grating of its own angle and frequency."""
 
-    source: Literal["images"] = "images"
+    # Each image: stripes at the class's orientation (pi * i / orients) and frequency band
+    # (3 or 5.4 or 9.7 stripes per width, +-8%), random phase, in a soft disc of random place
+    # and size, in random colours (lighter stripes on dark ground or darker on light), plus
+    # pixel noise. Class means are flat, so nearest-mean/linear models do badly; a CNN does well.
+
+    source: Literal["images"] = source_field("images")
     samples: int = samples_field(5000)
     classes: int = Field(10, ge=2, le=30, description="Number of classes.")
     size: int = Field(32, ge=8, description="Height and width in pixels.")

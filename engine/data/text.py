@@ -18,7 +18,7 @@ from typing import Literal
 import numpy as np
 from pydantic import Field
 
-from .base import Arrays, DataSource, fail, path_field, resolve, samples_field
+from .base import Arrays, DataSource, fail, path_field, resolve, samples_field, source_field
 
 CORPUS = Path(__file__).with_name("corpus.txt")
 
@@ -26,7 +26,7 @@ CORPUS = Path(__file__).with_name("corpus.txt")
 class TextTokens(DataSource):
     """Windows of token ids of a text (the built-in corpus unless `path` is given)."""
 
-    source: Literal["text_tokens"] = "text_tokens"
+    source: Literal["text_tokens"] = source_field("text_tokens")
     path: str | None = path_field("A UTF-8 text file; by default the built-in corpus "
                                   "(Shakespeare). Relative paths are resolved against the "
                                   "spec's folder.", default=None)
@@ -48,7 +48,7 @@ class TextTokens(DataSource):
 class Text(TextTokens):
     """Windows of token ids of a text file, for language models."""
 
-    source: Literal["text"] = "text"
+    source: Literal["text"] = source_field("text")
     path: str = path_field("A UTF-8 text file; relative paths are resolved against the "
                            "spec's folder.")
 

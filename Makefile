@@ -1,0 +1,33 @@
+# The two commands of the quick start: `make run` and `make test`.
+# Each sets up what is missing first (system packages, .venv), then does its job.
+
+.PHONY: run test setup setup-test lint bench examples clean
+
+run: .venv/.installed
+	.venv/bin/dlgraph run graphs/lstm.yaml
+
+test: .venv/.installed-test
+	.venv/bin/python -m pytest
+
+setup: .venv/.installed
+setup-test: .venv/.installed-test
+
+.venv/.installed: pyproject.toml scripts/setup.sh
+	bash scripts/setup.sh
+	touch $@
+
+.venv/.installed-test: pyproject.toml scripts/setup.sh
+	bash scripts/setup.sh test
+	touch $@ .venv/.installed
+
+lint: .venv/.installed-test
+	.venv/bin/ruff check .
+
+bench: .venv/.installed-test
+	.venv/bin/python bench/run.py
+
+examples: .venv/.installed
+	.venv/bin/python bench/examples.py
+
+clean:
+	rm -rf .venv runs build *.egg-info

@@ -1,0 +1,266 @@
+"""The `dlgraph` command: thin commands over the public API.
+
+Exit status: 0 ok, 1 a dlgraph error (printed as ``file:line: node 'x' (op): ...`` with a
+``help:`` line, no traceback), 2 a usage error. A traceback means a bug in dlgraph.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import sys
+from pathlib import Path
+
+import click
+import numpy as np
+
+from dlgraph.engine.errors import DataError, DlgraphError, Source
+
+SPEC = click.argument("spec", type=click.Path(dir_okay=False, path_type=Path))
+DEVICE = click.option("--device", metavar="NAME",
+                      help="tinygrad device: cpu, cuda, nv, amd, metal, cl (default: "
+                           "tinygrad's choice, or $DEV)")
+
+
+def errors(fn):
+    """Turn a DlgraphError into its message on stderr and exit status 1."""
+    @functools.wraps(fn)
+    def wrapper(*a, **kw):
+        try:
+            return fn(*a, **kw)
+        except DlgraphError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="dlgraph")
+def main():
+    """Neural networks as declarative YAML/JSON computation graphs.
+
+    \b
+    dlgraph run graphs/lstm.yaml          train it (or run it forward without `train:`)
+    dlgraph validate graphs/mlp.yaml      check a spec and summarise it
+    dlgraph render graphs/cnn.yaml -o cnn.svg
+    """
+
+
+def _load(spec: Path):
+    import dlgraph
+    g = dlgraph.load(spec)
+    for w in g.warnings:
+        click.echo(f"warning: {w}", err=True)
+    return g
+
+
+def _read_inputs(pairs: tuple[str, ...]) -> dict[str, np.ndarray]:
+    out: dict[str, np.ndarray] = {}
+    for pair in pairs:
+        name, eq, path = pair.partition("=")
+        if not eq and pair.endswith(".npz"):
+            name, path = "", pair
+        elif not eq:
+            raise click.BadParameter(f"'{pair}': use NAME=FILE.npy or FILE.npz",
+                                     param_hint="--input")
+        p = Path(path)
+        if not p.is_file():
+            raise DataError(f"no such input file: {p}", source=Source(str(p)))
+        try:
+            data = np.load(p, allow_pickle=False)
+        except (ValueError, OSError) as e:
+            raise DataError(f"cannot read {p} as .npy/.npz: {e}", source=Source(str(p))) \
+                from None
+        if isinstance(data, np.lib.npyio.NpzFile):
+            if name:
+                if name not in data:
+                    raise DataError(f"{p} has no array '{name}'; it has: {', '.join(data)}",
+                                    source=Source(str(p)))
+                out[name] = data[name]
+            else:
+                out.update({k: data[k] for k in data.files})
+        else:
+            out[name] = data
+    return out
+
+
+@main.command()
+@SPEC
+@click.option("--input", "inputs", multiple=True, metavar="NAME=FILE",
+              help="an input array from .npy (or all arrays of a .npz); repeatable")
+@click.option("--batch", type=click.IntRange(min=1), default=4, show_default=True,
+              help="size of named dims for random inputs")
+@click.option("--output", type=click.Path(dir_okay=False, path_type=Path),
+              help="write the outputs to this .npz")
+@click.option("--weights", type=click.Path(dir_okay=False, path_type=Path),
+              help="run inference with trained weights (weights.safetensors of a run)")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
+              help="training: the run directory (default runs/<name>/<time>)")
+@click.option("--resume", is_flag=True, help="training: continue from the last checkpoint "
+                                             "in --out")
+@click.option("--epochs", type=click.IntRange(min=1), help="training: override epochs")
+@click.option("--steps", type=click.IntRange(min=1), help="training: stop after N steps")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="inference: parameter init and random inputs")
+@click.option("--quiet", "-q", is_flag=True, help="no progress output")
+@click.option("--debug", is_flag=True, help="on a NaN loss, find the first non-finite node")
+@DEVICE
+@errors
+def run(spec, inputs, batch, output, weights, out, resume, epochs, steps, seed, quiet, debug,
+        device):
+    """Train SPEC by its `train:` section, or run it forward (no `train:`, or --weights)."""
+    import dlgraph
+    g = _load(spec)
+    if g.spec.train is not None and weights is None and not inputs:
+        if resume and out is None:
+            raise click.UsageError("--resume needs --out RUN_DIR")
+        res = dlgraph.train(g, out=out, resume=resume, device=device, epochs=epochs,
+                            steps=steps, quiet=quiet, debug=debug)
+        click.echo(res.line())
+        if res.target_met is False:
+            sys.exit(1)
+        return
+    model = dlgraph.compile(g, weights=weights, seed=seed, device=device)
+    arrays = _read_inputs(inputs) if inputs else model.random_inputs(batch, seed)
+    outs = model(**arrays)
+    for name, a in outs.items():
+        stats = (f"mean {a.mean():.4g}  std {a.std():.4g}  min {a.min():.4g}  max {a.max():.4g}"
+                 if a.size and a.dtype.kind == "f" else "")
+        click.echo(f"{name}: {list(a.shape)} {a.dtype}  {stats}".rstrip())
+    if output:
+        from dlgraph.engine.checkpoint import atomic_write
+        import io
+        buf = io.BytesIO()
+        np.savez(buf, **outs)
+        atomic_write(output, buf.getvalue())
+        click.echo(f"wrote {output}")
+
+
+@main.command()
+@SPEC
+@click.option("--backward", is_flag=True, help="also summarise the backward graph(s)")
+@errors
+def validate(spec, backward):
+    """Check SPEC without running it; print a summary."""
+    g = _load(spec)
+    click.echo(g.validate(backward=backward))
+    click.echo(f"ok: {spec} is valid")
+
+
+@main.command()
+@SPEC
+@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True,
+              help="batch size for the activation memory estimate")
+@errors
+def summary(spec, batch):
+    """A table of nodes, output shapes and parameters (like Keras' model.summary)."""
+    g = _load(spec)
+    s = g.validate()
+    click.echo(s)
+    if s.activation_floats is not None and batch > 1:
+        from dlgraph.engine.summary import _bytes
+        click.echo(f"activations at batch {batch}: {_bytes(s.activation_floats * 4 * batch)}")
+
+
+@main.command()
+@SPEC
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
+              help="file to write: .dot, .svg, .png or .pdf (default: DOT on stdout)")
+@click.option("--expand", "expand", multiple=True, metavar="NODE",
+              help="draw these composites expanded; --expand-all for all")
+@click.option("--expand-all", is_flag=True, help="draw every composite expanded")
+@click.option("--backward", is_flag=True, help="draw the training graph with backward nodes")
+@click.option("--rankdir", type=click.Choice(["TB", "LR", "BT", "RL"]), default="TB",
+              show_default=True)
+@click.option("--depth", type=click.IntRange(min=1), help="nesting depth of expanded scopes")
+@click.option("--dtypes", is_flag=True, help="label edges with dtypes too")
+@errors
+def render(spec, output, expand, expand_all, backward, rankdir, depth, dtypes):
+    """Draw SPEC with graphviz."""
+    import dlgraph
+    g = _load(spec)
+    dot = dlgraph.render(g, output, expand=True if expand_all else list(expand),
+                         backward=backward, rankdir=rankdir, depth=depth, dtypes=dtypes)
+    if output is None:
+        click.echo(dot)
+    else:
+        click.echo(f"wrote {output}")
+
+
+@main.command()
+@errors
+def schema():
+    """Print the JSON Schema of the spec format."""
+    from dlgraph.api import schema_json
+    click.echo(schema_json())
+
+
+@main.command()
+@click.argument("name", required=False)
+@errors
+def ops(name):
+    """List every op with its inputs and fields (or one op in detail)."""
+    from dlgraph.engine.spec import suggest
+    from dlgraph.ops import REGISTRY
+    if name:
+        if name not in REGISTRY:
+            raise DlgraphError(f"unknown op '{name}'", help=suggest(name, REGISTRY)
+                               or "`dlgraph ops` lists them")
+        d = REGISTRY[name]
+        kind = "composite" if d.composite else "primitive"
+        click.echo(f"{d.name} ({d.family}, {kind}): {d.doc}\n  in: [{d.signature()}]")
+        for k, f in d.fields().items():
+            default = "" if f.is_required() else f" = {f.default!r}"
+            click.echo(f"  {f.alias or k}{default}: {f.description or ''}")
+        return
+    by_family: dict[str, list] = {}
+    for d in REGISTRY.values():
+        by_family.setdefault(d.family, []).append(d)
+    for fam in sorted(by_family):
+        click.echo(f"{fam}:")
+        for d in sorted(by_family[fam], key=lambda d: d.name):
+            fields = ", ".join(f.alias or k for k, f in d.fields().items())
+            click.echo(f"  {d.name:<22} in: [{d.signature()}]" + (f"  fields: {fields}"
+                                                                  if fields else ""))
+            click.echo(f"  {'':<22} {d.doc}")
+
+
+@main.command()
+@click.argument("runs", nargs=-1, required=True,
+                type=click.Path(file_okay=False, exists=True, path_type=Path))
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
+              default=Path("curves.png"), show_default=True)
+@errors
+def plot(runs, output):
+    """Draw the training curves of one or more run directories."""
+    from dlgraph.engine.plot import plot_runs
+    click.echo(f"wrote {plot_runs(list(runs), output)}")
+
+
+@main.command()
+@SPEC
+@click.option("--batch", type=click.IntRange(min=1), default=4, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@DEVICE
+@errors
+def gradcheck(spec, batch, seed, device):
+    """Check SPEC's derived gradients against finite differences (float64)."""
+    from dlgraph.engine.gradcheck import gradcheck as check
+    g = _load(spec)
+    rows = check(g, batch=batch, seed=seed, device=device)
+    worst = max(r[1] for r in rows) if rows else 0.0
+    for name, err in rows:
+        click.echo(f"{name:<40} max relative error {err:.2e}")
+    click.echo(f"worst: {worst:.2e} ({'ok' if worst < 1e-4 else 'TOO LARGE'})")
+    if worst >= 1e-4:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
+
+
+__all__ = ["main"]

@@ -1,0 +1,372 @@
+"""The data layer: generated sources, file formats, errors, splitting and batching."""
+
+from __future__ import annotations
+
+import gzip
+import pickle
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+from dlgraph.engine.data import (
+    SOURCES,
+    DataSpec,
+    batches,
+    gaussian_mixture_centers,
+    load_data,
+    num_batches,
+    parse_data_spec,
+    split,
+    vocabulary,
+)
+from dlgraph.engine.data.text import CORPUS
+from dlgraph.engine.errors import DataError, Source, SpecError
+from pydantic import TypeAdapter
+
+GENERATED = {  # source -> (spec, expected shapes of each key for N = 60)
+    "sine": ({"length": 16}, {"x": (60, 16, 1), "y": (60, 1)}),
+    "series": ({"kind": "ar", "length": 12}, {"x": (60, 12, 1), "y": (60, 1)}),
+    "spirals": ({}, {"x": (60, 2), "y": (60,)}),
+    "xor": ({}, {"x": (60, 2), "y": (60,)}),
+    "gaussian_mixture": ({}, {"x": (60, 2)}),
+    "adding": ({"length": 7}, {"x": (60, 7, 2), "y": (60, 1)}),
+    "parity": ({"length": 5}, {"x": (60, 5, 1), "y": (60,)}),
+    "sequence_task": ({"length": 6, "vocab": 5}, {"x": (60, 6), "y": (60, 6)}),
+    "images": ({"size": 16, "channels": 3}, {"x": (60, 3, 16, 16), "y": (60,)}),
+    "text_tokens": ({"length": 20}, {"x": (60, 20), "y": (60, 20)}),
+}
+
+
+def gen(source: str, run_seed: int = 0, samples: int = 60, **params) -> dict[str, np.ndarray]:
+    return load_data({"source": source, "samples": samples, **params}, ".", run_seed)
+
+
+def raises(match_message: str, fn, *args, **kwargs) -> DataError:
+    """Call ``fn``; it must raise DataError with exactly this message."""
+    with pytest.raises(DataError) as info:
+        fn(*args, **kwargs)
+    assert info.value.message == match_message
+    return info.value
+
+
+# ------------------------------------------------------------------ specs
+
+def test_every_source_is_documented_and_strict():
+    assert set(SOURCES) == set(GENERATED) | {"csv", "npy", "text", "idx", "cifar10"}
+    schema = TypeAdapter(DataSpec).json_schema()
+    for name, model in SOURCES.items():
+        defn = schema["$defs"][model.__name__]
+        assert defn["description"], name
+        assert all(f.description for f in model.model_fields.values()), name
+        assert model.model_config["extra"] == "forbid"
+    with pytest.raises(SpecError, match="Extra inputs are not permitted"):
+        parse_data_spec({"source": "sine", "lenght": 3})
+    with pytest.raises(SpecError, match="sources are: sine, series"):
+        parse_data_spec({"source": "nope"})
+    with pytest.raises(SpecError, match="label: true needs y to name exactly one column"):
+        parse_data_spec({"source": "csv", "path": "a.csv", "x": ["a"], "label": True})
+
+
+# ------------------------------------------------------------------ generated sources
+
+@pytest.mark.parametrize("source", list(GENERATED))
+def test_generated_shapes_dtypes_determinism(source):
+    params, shapes = GENERATED[source]
+    a, b, c = gen(source, 1, **params), gen(source, 1, **params), gen(source, 2, **params)
+    assert {k: v.shape for k, v in a.items()} == shapes
+    for k, v in a.items():
+        assert v.dtype == (np.int32 if v.dtype.kind == "i" else np.float32), k
+        np.testing.assert_array_equal(v, b[k])
+    assert any(not np.array_equal(a[k], c[k]) for k in a)
+    own = gen(source, 99, seed=1, **params)  # the spec's own seed wins over the run's
+    assert all(np.array_equal(own[k], a[k]) for k in a)
+
+
+def test_time_series_ranges():
+    for source, params in [("sine", {}), ("series", {"kind": "sawtooth"}),
+                           ("series", {"kind": "square"}), ("series", {"kind": "ar"})]:
+        d = gen(source, samples=500, **params)
+        assert np.abs(d["x"]).max() <= 1.5 and np.abs(d["y"]).max() <= 1.5, params
+    d = gen("sine", samples=10, length=8, horizon=3)
+    assert d["x"].shape == (10, 8, 1) and d["y"].shape == (10, 1)
+    noisy = gen("sine", samples=10, noise=0.1)
+    clean = gen("sine", samples=10)
+    np.testing.assert_array_equal(noisy["y"], clean["y"])  # noise only touches the inputs
+    assert not np.array_equal(noisy["x"], clean["x"])
+
+
+def test_classification_sets():
+    s = gen("spirals", samples=300, classes=4)
+    assert np.bincount(s["y"]).tolist() == [75] * 4
+    assert np.abs(s["x"]).max() <= 1.5
+    x = gen("xor", samples=200, noise=0.0)
+    assert np.array_equal(x["y"], (x["x"][:, 0] != x["x"][:, 1]).astype(np.int32))
+
+
+def test_gaussian_mixture_near_centers():
+    centers = gaussian_mixture_centers(6, 3.0)
+    assert centers.shape == (6, 2) and centers.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(centers, axis=1), 3.0, rtol=1e-6)
+    x = gen("gaussian_mixture", samples=600, modes=6, radius=3.0, std=0.01)["x"]
+    dist = np.linalg.norm(x[:, None] - centers, axis=2)
+    assert dist.min(1).max() < 0.1
+    assert len(np.unique(dist.argmin(1))) == 6
+
+
+def test_adding_and_parity():
+    d = gen("adding", samples=200, length=9)
+    values, markers = d["x"][..., 0], d["x"][..., 1]
+    assert set(np.unique(markers)) == {0.0, 1.0} and (markers.sum(1) == 2).all()
+    assert (values >= 0).all() and (values <= 1).all()
+    np.testing.assert_allclose(d["y"][:, 0], (values * markers).sum(1), rtol=1e-6)
+    p = gen("parity", samples=200, length=7)
+    assert set(np.unique(p["x"])) <= {0.0, 1.0}
+    np.testing.assert_array_equal(p["y"], p["x"][..., 0].sum(1).astype(int) % 2)
+
+
+@pytest.mark.parametrize("task", ["copy", "reverse", "sort"])
+def test_sequence_tasks(task):
+    d = gen("sequence_task", task=task, length=7, vocab=4)
+    assert d["x"].min() >= 0 and d["x"].max() < 4
+    want = {"copy": d["x"], "reverse": d["x"][:, ::-1], "sort": np.sort(d["x"], 1)}[task]
+    np.testing.assert_array_equal(d["y"], want)
+
+
+def test_images_need_more_than_class_means():
+    tr = gen("images", 0, samples=1000)
+    va = gen("images", 1, samples=300)
+    assert np.bincount(tr["y"]).tolist() == [100] * 10
+    assert tr["x"].min() >= 0 and tr["x"].max() <= 1
+    means = np.stack([tr["x"][tr["y"] == c].reshape(-1, 3 * 32 * 32).mean(0) for c in range(10)])
+    flat = va["x"].reshape(len(va["x"]), -1)
+    pred = ((flat ** 2).sum(1)[:, None] - 2 * flat @ means.T + (means ** 2).sum(1)).argmin(1)
+    assert (pred == va["y"]).mean() < 0.4  # chance is 0.1: a class is not its mean image
+    grey = gen("images", samples=8, size=12, channels=1, classes=3)
+    assert grey["x"].shape == (8, 1, 12, 12)
+    with pytest.raises(SpecError, match="size 12 is too small for 10 classes"):
+        parse_data_spec({"source": "images", "size": 12})
+
+
+def test_text_tokens_builtin_corpus():
+    spec = parse_data_spec({"source": "text_tokens", "samples": 50, "length": 30})
+    d = load_data(spec, ".", 0)
+    np.testing.assert_array_equal(d["x"][:, 1:], d["y"][:, :-1])
+    vocab = vocabulary(spec)
+    assert vocab == sorted(set(CORPUS.read_text()))
+    assert 20_000 <= CORPUS.stat().st_size <= 60_000
+    window = "".join(vocab[i] for i in d["x"][0]) + vocab[d["y"][0, -1]]
+    assert window in CORPUS.read_text()
+
+
+def test_text_file_words(tmp_path):
+    (tmp_path / "t.txt").write_text("the cat sat. the cat ran!\n")
+    spec = parse_data_spec({"source": "text", "path": "t.txt", "level": "word", "length": 3,
+                            "samples": 40})
+    assert vocabulary(spec, tmp_path) == ["!", ".", "cat", "ran", "sat", "the"]
+    d = load_data(spec, tmp_path, 0)
+    stream = [5, 2, 4, 1, 5, 2, 3, 0]
+    for x, y in zip(d["x"], d["y"], strict=True):
+        i = next(i for i in range(5) if stream[i:i + 3] == x.tolist())
+        assert stream[i + 1:i + 4] == y.tolist()
+    e = raises("the text has 8 tokens; a window of length 8 needs 9", load_data,
+               {"source": "text", "path": "t.txt", "level": "word", "length": 8}, tmp_path, 0)
+    assert e.source == Source(str(tmp_path / "t.txt"))
+
+
+# ------------------------------------------------------------------ CSV
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_csv_round_trip(tmp_path):
+    write(tmp_path / "d.csv", "a,b,kind,target\n1,2.5,cat,0.5\n\n-3,4e2,dog,1\n7,8,cat,2\n")
+    d = load_data({"source": "csv", "path": "d.csv", "x": ["b", "a"], "y": "kind",
+                   "label": True}, tmp_path, 0)
+    np.testing.assert_array_equal(d["x"], np.array([[2.5, 1], [400, -3], [8, 7]], np.float32))
+    assert d["x"].dtype == np.float32 and d["y"].dtype == np.int32
+    assert d["y"].tolist() == [0, 1, 0]
+    d = load_data({"source": "csv", "path": "d.csv", "x": ["a"], "y": ["target", "b"]},
+                  tmp_path, 0)
+    assert d["y"].tolist() == [[0.5, 2.5], [1, 400], [2, 8]]
+    d = load_data({"source": "csv", "path": "d.csv", "x": ["a"], "y": "target", "label": True},
+                  tmp_path, 0)
+    assert d["y"].tolist() == [0, 1, 2]  # 0.5 is no integer: ids of sorted "0.5", "1", "2"
+    write(tmp_path / "n.tsv", "1\t5\n2\t3\n")
+    d = load_data({"source": "csv", "path": "n.tsv", "x": ["0"], "y": "1", "label": True,
+                   "delimiter": "\t", "header": False}, tmp_path, 0)
+    assert d["x"].tolist() == [[1], [2]] and d["y"].tolist() == [5, 3]
+
+
+def test_csv_errors(tmp_path):
+    e = raises(f"no such file: {tmp_path / 'nope.csv'}", load_data,
+               {"source": "csv", "path": "nope.csv", "x": ["a"]}, tmp_path, 0)
+    assert e.help == ("check the path; relative paths are resolved against the spec's folder "
+                      f"({tmp_path})")
+    f = write(tmp_path / "d.csv", "height,weight\n1,2\n3,x\n")
+    e = raises("no column 'wieght'; the columns are: height, weight", load_data,
+               {"source": "csv", "path": "d.csv", "x": ["wieght"]}, tmp_path, 0)
+    assert e.help == "did you mean 'weight'?" and e.source == Source(str(f), 1)
+    assert str(e) == (f"{f}:1: no column 'wieght'; the columns are: height, weight\n"
+                      "  help: did you mean 'weight'?")
+    e = raises("row 2, column 'weight': 'x' is not a number", load_data,
+               {"source": "csv", "path": "d.csv", "x": ["height", "weight"]}, tmp_path, 0)
+    assert e.source == Source(str(f), 3)
+    write(tmp_path / "r.csv", "a,b\n1,2\n3\n")
+    e = raises("this row has 1 cells, but there are 2 columns", load_data,
+               {"source": "csv", "path": "r.csv", "x": ["a"]}, tmp_path, 0)
+    assert e.source.line == 3
+    write(tmp_path / "e.csv", "a,b\n")
+    raises("the CSV file has a header but no data rows", load_data,
+           {"source": "csv", "path": "e.csv", "x": ["a"]}, tmp_path, 0)
+
+
+# ------------------------------------------------------------------ NumPy
+
+def test_npy_and_npz(tmp_path):
+    x = np.arange(12, dtype=np.float64).reshape(4, 3) / 7
+    y = np.array([3, 1, 2, 0], dtype=np.int64)
+    np.save(tmp_path / "a.npy", x)
+    d = load_data({"source": "npy", "path": "a.npy", "key": "inputs"}, tmp_path, 0)
+    assert list(d) == ["inputs"] and d["inputs"].dtype == np.float32
+    np.testing.assert_array_equal(d["inputs"], x.astype(np.float32))
+    np.savez(tmp_path / "b.npz", x=x, y=y)
+    d = load_data({"source": "npy", "path": "b.npz"}, tmp_path, 0)
+    assert d["y"].dtype == np.int32 and d["y"].tolist() == [3, 1, 2, 0]
+    np.savez(tmp_path / "c.npz", x, labels=y)
+    d = load_data({"source": "npy", "path": "c.npz", "keys": {"x": "arr_0", "y": "labels"}},
+                  tmp_path, 0)
+    np.testing.assert_array_equal(d["x"], x.astype(np.float32))
+    np.testing.assert_array_equal(d["y"], y)
+    e = raises("no array 'label' in the archive; it holds: arr_0, labels", load_data,
+               {"source": "npy", "path": "c.npz", "keys": {"y": "label"}}, tmp_path, 0)
+    assert e.help == "did you mean 'labels'?"
+    np.savez(tmp_path / "bad.npz", x=x, y=y[:3])
+    e = raises("arrays have different lengths: 'x' has 4 samples, 'y' has 3", load_data,
+               {"source": "npy", "path": "bad.npz"}, tmp_path, 0)
+    assert e.source == Source(str(tmp_path / "bad.npz"))
+
+
+# ------------------------------------------------------------------ IDX
+
+def idx_bytes(array: np.ndarray) -> bytes:
+    magic = struct.pack(">BBBB", 0, 0, 0x08, array.ndim)
+    return magic + struct.pack(f">{array.ndim}I", *array.shape) + array.astype(np.uint8).tobytes()
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_idx_round_trip(tmp_path, gz):
+    images = np.random.default_rng(0).integers(0, 256, size=(5, 4, 3)).astype(np.uint8)
+    labels = np.array([7, 0, 3, 9, 1], np.uint8)
+    suffix, pack = (".gz", gzip.compress) if gz else ("", bytes)
+    (tmp_path / f"img{suffix}").write_bytes(pack(idx_bytes(images)))
+    (tmp_path / f"lab{suffix}").write_bytes(pack(idx_bytes(labels)))
+    spec = {"source": "idx", "images": f"img{suffix}", "labels": f"lab{suffix}"}
+    d = load_data(spec, tmp_path, 0)
+    assert d["x"].shape == (5, 1, 4, 3) and d["x"].dtype == np.float32
+    np.testing.assert_allclose(d["x"][:, 0], images / 255, rtol=1e-6)
+    assert d["y"].dtype == np.int32 and d["y"].tolist() == [7, 0, 3, 9, 1]
+    raw = load_data({**spec, "normalize": False}, tmp_path, 0)
+    np.testing.assert_array_equal(raw["x"][:, 0], images.astype(np.float32))
+
+
+def test_idx_errors(tmp_path):
+    images = np.zeros((5, 4, 3), np.uint8)
+    good = idx_bytes(images)
+    (tmp_path / "lab").write_bytes(idx_bytes(np.zeros(5, np.uint8)))
+    (tmp_path / "cut").write_bytes(good[:-7])
+    e = raises("truncated IDX file: expected 76 bytes, found 69", load_data,
+               {"source": "idx", "images": "cut", "labels": "lab"}, tmp_path, 0)
+    assert e.source == Source(str(tmp_path / "cut"))
+    (tmp_path / "swapped").write_bytes(good)
+    raises("not an IDX label file: the magic number is 0x00000803, expected 0x00000801",
+           load_data, {"source": "idx", "images": "swapped", "labels": "swapped"}, tmp_path, 0)
+    (tmp_path / "few").write_bytes(idx_bytes(np.zeros(4, np.uint8)))
+    raises(f"there are 4 labels for 5 images in {tmp_path / 'swapped'}", load_data,
+           {"source": "idx", "images": "swapped", "labels": "few"}, tmp_path, 0)
+    (tmp_path / "bad.gz").write_bytes(gzip.compress(good)[:-10])
+    raises("the gzip data is damaged or cut short", load_data,
+           {"source": "idx", "images": "bad.gz", "labels": "lab"}, tmp_path, 0)
+
+
+# ------------------------------------------------------------------ CIFAR-10
+
+def write_cifar(path: Path, n: int, start: int) -> np.ndarray:
+    data = (np.arange(n * 3072).reshape(n, 3072) + start) % 256
+    with open(path, "wb") as f:
+        pickle.dump({b"data": data.astype(np.uint8), b"labels": list(range(n))}, f)
+    return data
+
+
+def test_cifar10(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    first = write_cifar(folder / "data_batch_1", 3, 0)
+    second = write_cifar(folder / "data_batch_2", 2, 5)
+    write_cifar(folder / "test_batch", 4, 9)
+    for paths in ["cifar-10-batches-py",
+                  ["cifar-10-batches-py/data_batch_1", "cifar-10-batches-py/data_batch_2"]]:
+        d = load_data({"source": "cifar10", "paths": paths}, tmp_path, 0)
+        assert d["x"].shape == (5, 3, 32, 32) and d["x"].dtype == np.float32
+        want = np.concatenate([first, second]).reshape(5, 3, 32, 32) / 255
+        np.testing.assert_allclose(d["x"], want, rtol=1e-6)
+        assert d["y"].tolist() == [0, 1, 2, 0, 1]
+    with open(tmp_path / "odd", "wb") as f:
+        pickle.dump({b"data": np.zeros((2, 100), np.uint8), b"labels": [0, 1]}, f)
+    raises("not a CIFAR-10 batch: data has shape [2, 100] for 2 labels, expected [2, 3072]",
+           load_data, {"source": "cifar10", "paths": ["odd"]}, tmp_path, 0)
+    with open(tmp_path / "dict", "wb") as f:
+        pickle.dump({b"images": 1}, f)
+    raises("not a CIFAR-10 batch: it has no b'data' and b'labels' entries",
+           load_data, {"source": "cifar10", "paths": "dict"}, tmp_path, 0)
+    (tmp_path / "junk").write_bytes(b"not a pickle")
+    raises("not a CIFAR-10 batch: it cannot be unpickled",
+           load_data, {"source": "cifar10", "paths": ["junk"]}, tmp_path, 0)
+
+
+# ------------------------------------------------------------------ split and batches
+
+def numbered(n: int) -> dict[str, np.ndarray]:
+    return {"x": np.arange(n, dtype=np.float32)[:, None] * [1, -1], "y": np.arange(n)}
+
+
+def test_split():
+    data = numbered(100)
+    train, val = split(data, 0.2, seed=3)
+    assert len(train["y"]) == 80 and len(val["y"]) == 20
+    assert set(train["y"]).isdisjoint(val["y"]) and len(set(train["y"]) | set(val["y"])) == 100
+    np.testing.assert_array_equal(train["x"][:, 0], train["y"])  # rows stay together
+    again, _ = split(data, 0.2, seed=3)
+    other, _ = split(data, 0.2, seed=4)
+    assert np.array_equal(again["y"], train["y"]) and not np.array_equal(other["y"], train["y"])
+    assert len(split(numbered(5), 0.01, 0)[1]["y"]) == 1
+    assert len(split(numbered(5), 0.0, 0)[1]["y"]) == 0
+    raises("val_fraction must be in [0, 1), got 1.5", split, data, 1.5, 0)
+
+
+def test_batches():
+    data = numbered(10)
+    epoch0 = list(batches(data, 3, seed=1, epoch=0))
+    assert [len(b["y"]) for b in epoch0] == [3, 3, 3] and num_batches(data, 3) == 3
+    for b in epoch0:
+        np.testing.assert_array_equal(b["x"][:, 0], b["y"])
+    order = lambda e, s=1: np.concatenate([b["y"] for b in batches(data, 5, s, e)]).tolist()
+    assert sorted(order(0)) == list(range(10))
+    assert order(0) == order(0) and order(0) != order(1) and order(0) != order(0, s=2)
+    assert order(0) != list(range(10))
+    plain = list(batches(data, 4, 0, 0, shuffle=False, drop_last=False))
+    assert [b["y"].tolist() for b in plain] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    assert num_batches(data, 4, drop_last=False) == 3
+    e = raises("there are only 10 samples, fewer than one batch of 16", batches, data, 16, 0, 0)
+    assert e.help == "use a batch size of at most 10, or more samples"
+    assert len(list(batches(data, 16, 0, 0, drop_last=False))) == 1
+
+
+def test_generation_is_fast():
+    import time
+    start = time.perf_counter()
+    for source in GENERATED:
+        gen(source, samples=3000)
+    assert time.perf_counter() - start < 3.0
