@@ -82,11 +82,7 @@ class Builder:
         attrs = fields.pop("_attrs", None) or d.attrs.model_validate({"op": op, **fields})
         if d.composite:
             return next(iter(self.expand(d, attrs, inputs, as_ or op).values()))
-        if not d.arity_ok(len(inputs)):
-            raise SpecError(f"{op} takes {len(d.inputs)} input{'s' * (len(d.inputs) != 1)} "
-                            f"({d.signature()}), got {len(inputs)}",
-                            help=f"set `in:` to [{d.signature()}]").located(
-                                node=self.user and self.user[0], op=op, source=self.source)
+        self._check_arity(d, inputs)
         types = [self.graph.nodes[i].type for i in inputs]
         try:
             out = d.infer(attrs, *types)
@@ -103,6 +99,15 @@ class Builder:
                                              self.scope)
         return nid
 
+    def _check_arity(self, d, inputs) -> None:
+        if d.arity_ok(len(inputs)):
+            return
+        n = len(d.inputs) - d.variadic
+        want = f"at least {n}" if d.variadic else str(n)
+        raise SpecError(f"{d.name} takes {want} input{'s' * (n != 1)} ({d.signature()}), "
+                        f"got {len(inputs)}", help=f"set `in:` to [{d.signature()}]").located(
+                            node=self.user and self.user[0], op=d.name, source=self.source)
+
     def _locate(self, e: DlgraphError, op: str, inputs) -> DlgraphError:
         if self.user:
             uid, uop = self.user
@@ -115,11 +120,7 @@ class Builder:
 
     def expand(self, d, attrs, inputs, local: str) -> dict[str, str]:
         """Expand a composite in its own scope; returns its named outputs."""
-        if not d.arity_ok(len(inputs)):
-            raise SpecError(f"{d.name} takes {len(d.inputs)} input"
-                            f"{'s' * (len(d.inputs) != 1)} ({d.signature()}), got {len(inputs)}",
-                            help=f"set `in:` to [{d.signature()}]").located(
-                                node=self.user and self.user[0], op=d.name, source=self.source)
+        self._check_arity(d, inputs)
         with self.within(local):
             try:
                 out = d.expand(self, attrs, *inputs)
@@ -127,6 +128,12 @@ class Builder:
                 raise e.located(node=self.user and self.user[0], op=d.name,
                                 source=self.source) from None
         return out if isinstance(out, dict) else {d.outputs[0]: out}
+
+    def cut(self, *nids: str | None) -> None:
+        """Mark values as kernel boundaries: lowering realises them (e.g. recurrent states)."""
+        for nid in nids:
+            if nid is not None:
+                self.graph.nodes[nid].cut = True
 
     def const(self, value: float, dtype: str = "float32") -> str:
         return self.emit("const", value=value, dtype=dtype)

@@ -26,7 +26,7 @@ class OpDef:
     attrs: type[NodeSpec]
     doc: str
     family: str
-    inputs: tuple[str, ...]          # input names; a last name ending in '*' is variadic
+    inputs: tuple[str, ...]          # input names; a last name ending in '*': zero or more
     infer: Callable | None = None    # (attrs, *TType) -> TType
     forward: Callable | None = None  # (ctx, attrs, *Tensor) -> Tensor
     vjp: Callable | str | None = None  # (builder, node, cotangent id) -> [id | None per input]
@@ -42,7 +42,7 @@ class OpDef:
         return bool(self.inputs) and self.inputs[-1].endswith("*")
 
     def arity_ok(self, n: int) -> bool:
-        return n >= len(self.inputs) if self.variadic else n == len(self.inputs)
+        return n >= len(self.inputs) - 1 if self.variadic else n == len(self.inputs)
 
     def signature(self) -> str:
         return ", ".join(self.inputs)

@@ -206,7 +206,7 @@ def _concat_vjp(b, n, g):
     return out
 
 
-register("concat", doc="join inputs along an axis", family=F, inputs="xs*",
+register("concat", doc="join inputs along an axis", family=F, inputs="x, more*",
          attrs_model=attrs("concat", axis=(int, Field(-1, description="the axis"))),
          infer=_concat_infer, forward=lambda c, a, *xs: xs[0].cat(*xs[1:], dim=a.axis),
          vjp=_concat_vjp)

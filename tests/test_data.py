@@ -169,6 +169,7 @@ def test_text_file_words(tmp_path):
     for x, y in zip(d["x"], d["y"], strict=True):
         i = next(i for i in range(5) if stream[i:i + 3] == x.tolist())
         assert stream[i + 1:i + 4] == y.tolist()
+    raises("source 'sine' has no vocabulary", vocabulary, parse_data_spec({"source": "sine"}))
     e = raises("the text has 8 tokens; a window of length 8 needs 9", load_data,
                {"source": "text", "path": "t.txt", "level": "word", "length": 8}, tmp_path, 0)
     assert e.source == Source(str(tmp_path / "t.txt"))

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Union
 
 import numpy as np
 from pydantic import Field, TypeAdapter, ValidationError
@@ -42,9 +42,8 @@ _MODELS = (Sine, Series, Spirals, Xor, GaussianMixture, Adding, Parity, Sequence
 #: source name -> its pydantic model
 SOURCES: dict[str, type[DataSource]] = {m.model_fields["source"].default: m for m in _MODELS}
 
-DataSpec = Annotated[Sine | Series | Spirals | Xor | GaussianMixture | Adding | Parity
-                     | SequenceTask | Images | TextTokens | Csv | Npy | Text | Idx | Cifar10,
-                     Field(discriminator="source")]
+#: any one data spec, told apart by ``source`` (use as a pydantic field type)
+DataSpec = Annotated[Union[_MODELS], Field(discriminator="source")]  # noqa: UP007 (a tuple)
 
 _ADAPTER: TypeAdapter[Any] = TypeAdapter(DataSpec)
 

@@ -18,6 +18,7 @@ class DataSource(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    source: str = Field(description="Which data source.")  # each source narrows it to a Literal
     seed: int | None = Field(
         None, description="Seed for this data only; by default the run's seed is used.")
 

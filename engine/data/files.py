@@ -198,11 +198,11 @@ class Idx(DataSource):
     normalize: bool = Field(True, description="Scale pixels from 0..255 to [0, 1].")
 
     def load(self, base_dir: Path, rng: np.random.Generator) -> Arrays:
-        images = _read_idx(resolve(base_dir, self.images), 3, "image")
-        labels = _read_idx(resolve(base_dir, self.labels), 1, "label")
+        image_path, label_path = resolve(base_dir, self.images), resolve(base_dir, self.labels)
+        images, labels = _read_idx(image_path, 3, "image"), _read_idx(label_path, 1, "label")
         if len(images) != len(labels):
-            raise fail(base_dir / self.labels, f"there are {len(labels)} labels for "
-                       f"{len(images)} images in {base_dir / self.images}",
+            raise fail(label_path, f"there are {len(labels)} labels for {len(images)} images "
+                                   f"in {image_path}",
                        help="use the label file that belongs to the image file")
         x = images[:, None].astype(np.float32)
         return {"x": x / 255 if self.normalize else x, "y": labels.astype(np.int32)}

@@ -232,7 +232,7 @@ class Images(DataSource):
     classes: int = Field(10, ge=2, le=30, description="Number of classes.")
     size: int = Field(32, ge=8, description="Height and width in pixels.")
     channels: int = Field(3, ge=1, description="Colour channels (1 = grey).")
-    noise: float = _noise_field(0.1, "Std of the per-pixel Gaussian noise.")
+    noise: float = _noise_field(0.1, "Std of the per-pixel (uniform) noise.")
 
     @model_validator(mode="after")
     def _fits(self) -> Images:
@@ -262,7 +262,8 @@ class Images(DataSource):
                      * _uniform(rng, 0.3, 0.6, n, c), 0, 1)
         fg, bg = (v.astype(F32)[:, :, None, None] for v in (fg, bg))  # [N, C, 1, 1]
         x = bg + (fg - bg) * pattern[:, None]
-        x += self.noise * rng.standard_normal(x.shape, dtype=F32)
+        noise = rng.random(x.shape, dtype=F32)  # uniform: 3x faster than normal, same std
+        x += (noise - F32(0.5)) * F32(self.noise * math.sqrt(12))
         return {"x": np.clip(x, 0, 1, out=x), "y": y}
 
 

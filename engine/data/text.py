@@ -18,6 +18,7 @@ from typing import Literal
 import numpy as np
 from pydantic import Field
 
+from ..errors import DataError
 from .base import Arrays, DataSource, fail, path_field, resolve, samples_field, source_field
 
 CORPUS = Path(__file__).with_name("corpus.txt")
@@ -55,6 +56,9 @@ class Text(TextTokens):
 
 def vocabulary(spec: TextTokens, base_dir: Path | str = ".") -> list[str]:
     """The tokens that the ids of a ``text``/``text_tokens`` spec stand for: id i -> [i]."""
+    if not isinstance(spec, TextTokens):
+        raise DataError(f"source '{spec.source}' has no vocabulary",
+                        help="only the text and text_tokens sources have one")
     return _tokenize(spec, Path(base_dir))[2]
 
 

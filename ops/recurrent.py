@@ -1,0 +1,144 @@
+"""Recurrent layers: rnn, lstm, gru — a scan over time of a cell written in primitives.
+
+Each cell is a few lines of textbook equations below; copy one to make your own. The scan
+hoists the input projection out of the loop (one matmul over all time steps), unrolls the
+recurrence, and marks each step's state as a kernel boundary (``cut``) so tinygrad never
+recomputes earlier steps inside later ones. Weights use PyTorch's names and layouts
+(``weight_ih_l0`` [gates*hidden, input], ``weight_hh_l0``, ``bias_ih_l0``, ``bias_hh_l0``,
+``..._reverse`` for the backward direction), so PyTorch weights load as they are.
+
+Inputs: ``x`` [batch, time, features]; optional ``h0`` (and ``c0`` for lstm) of shape
+[layers * directions, batch, hidden]. Outputs: ``out`` [batch, time, directions * hidden]
+(every step of the last layer), ``h`` [batch, directions * hidden] (last state of the last
+layer) and, for lstm, ``c``.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from dlgraph.engine.errors import ShapeError
+from dlgraph.engine.spec import ParamLayer
+from dlgraph.engine.types import fmt
+
+from .linalg import swap_last
+from .registry import attrs, register
+
+
+def _gate(b, v, k, hidden):
+    """The k-th block of `hidden` features of a stacked gate vector."""
+    return b.emit("slice", v, axis=-1, start=k * hidden, stop=(k + 1) * hidden)
+
+
+def rnn_cell(b, xw, hw, h, c, hidden):
+    """h' = tanh(W_ih x + b_ih + W_hh h + b_hh)."""
+    return b.emit("tanh", b.emit("add", xw, hw), as_="h"), None
+
+
+def lstm_cell(b, xw, hw, h, c, hidden):
+    """Gates in PyTorch's order: input i, forget f, candidate g, output o.
+
+    i = σ(.), f = σ(.), g = tanh(.), o = σ(.);  c' = f * c + i * g;  h' = o * tanh(c')
+    """
+    z = b.emit("add", xw, hw, as_="gates")
+    i = b.emit("sigmoid", _gate(b, z, 0, hidden), as_="input_gate")
+    f = b.emit("sigmoid", _gate(b, z, 1, hidden), as_="forget_gate")
+    g = b.emit("tanh", _gate(b, z, 2, hidden), as_="candidate")
+    o = b.emit("sigmoid", _gate(b, z, 3, hidden), as_="output_gate")
+    c = b.emit("mul", i, g, as_="c") if c is None else \
+        b.emit("add", b.emit("mul", f, c), b.emit("mul", i, g), as_="c")
+    return b.emit("mul", o, b.emit("tanh", c), as_="h"), c
+
+
+def gru_cell(b, xw, hw, h, c, hidden):
+    """Gates in PyTorch's order: reset r, update z, candidate n.
+
+    r = σ(W_ir x + W_hr h), z = σ(W_iz x + W_hz h), n = tanh(W_in x + r * (W_hn h + b_hn)),
+    h' = (1 - z) * n + z * h
+    """
+    r = b.emit("sigmoid", b.emit("add", _gate(b, xw, 0, hidden), _gate(b, hw, 0, hidden)),
+               as_="reset_gate")
+    z = b.emit("sigmoid", b.emit("add", _gate(b, xw, 1, hidden), _gate(b, hw, 1, hidden)),
+               as_="update_gate")
+    n = b.emit("tanh", b.emit("add", _gate(b, xw, 2, hidden),
+                              b.emit("mul", r, _gate(b, hw, 2, hidden))), as_="candidate")
+    keep_old = b.emit("sub", b.const(1.0), z)
+    if h is None:
+        return b.emit("mul", keep_old, n, as_="h"), None
+    return b.emit("add", b.emit("mul", keep_old, n), b.emit("mul", z, h), as_="h"), None
+
+
+CELLS = {"rnn": (rnn_cell, 1), "lstm": (lstm_cell, 4), "gru": (gru_cell, 3)}
+
+
+def scan(kind):
+    cell, gates = CELLS[kind]
+
+    def expand(b, a, x, *init):
+        t = b.type(x)
+        if t.rank != 3 or isinstance(t.shape[1], str) or isinstance(t.shape[2], str):
+            raise ShapeError(f"{kind} needs [batch, time, features] with a fixed number of "
+                             f"steps and features, got {fmt(t.shape)}",
+                             help="declare the input like {shape: [batch, 32, 1]}")
+        _, steps, _ = t.shape
+        dirs = 2 if a.bidirectional else 1
+        hidden = a.hidden
+        seq, last_h, last_c = x, [], []
+        for layer in range(a.layers):
+            outs_dir = []
+            for d in range(dirs):
+                sfx = f"_l{layer}" + ("_reverse" if d else "")
+                fin = b.type(seq).shape[-1]
+                w_ih = b.param(f"weight_ih{sfx}", (gates * hidden, fin), "uniform", layer=a,
+                               fan=(hidden, hidden))
+                w_hh = b.param(f"weight_hh{sfx}", (gates * hidden, hidden), "uniform",
+                               layer=a, fan=(hidden, hidden))
+                b_ih = b.param(f"bias_ih{sfx}", (gates * hidden,), "uniform", layer=a,
+                               fan=(hidden, hidden))
+                b_hh = b.param(f"bias_hh{sfx}", (gates * hidden,), "uniform", layer=a,
+                               fan=(hidden, hidden))
+                xw = b.emit("add", b.emit("matmul", seq, swap_last(b, w_ih)), b_ih,
+                            as_=f"input_proj{sfx}")
+                w_hh_t = swap_last(b, w_hh)
+                k = layer * dirs + d
+                h = b.emit("take", init[0], axis=0, index=k) if len(init) > 0 else None
+                c = b.emit("take", init[1], axis=0, index=k) if len(init) > 1 else None
+                outs = [None] * steps
+                for step in (reversed(range(steps)) if d else range(steps)):
+                    with b.within(f"l{layer}{'r' if d else ''}t{step}"):
+                        xt = b.emit("take", xw, axis=1, index=step)
+                        hw = b_hh if h is None else b.emit("add", b.emit("matmul", h, w_hh_t),
+                                                           b_hh)
+                        h, c = cell(b, xt, hw, h, c, hidden)
+                        b.cut(h, c)
+                    outs[step] = h
+                outs_dir.append(b.emit("concat", *[b.emit("unsqueeze", o, axis=1)
+                                                   for o in outs], axis=1)
+                                if steps > 1 else b.emit("unsqueeze", outs[0], axis=1))
+                last_h.append(h)
+                last_c.append(c)
+            seq = outs_dir[0] if dirs == 1 else b.emit("concat", *outs_dir, axis=-1)
+        res = {"out": seq,
+               "h": last_h[-1] if dirs == 1 else b.emit("concat", *last_h[-dirs:], axis=-1)}
+        if kind == "lstm":
+            res["c"] = last_c[-1] if dirs == 1 else b.emit("concat", *last_c[-dirs:], axis=-1)
+        return res
+    return expand
+
+
+_fields = dict(
+    hidden=(int, Field(gt=0, description="state size")),
+    layers=(int, Field(1, ge=1, description="stacked layers")),
+    bidirectional=(bool, Field(False, description="also run backwards in time and "
+                                                  "concatenate the features")))
+register("rnn", doc="Elman RNN with tanh over [batch, time, features]", family="recurrent",
+         inputs="x, h0*", attrs_model=attrs("rnn", base=ParamLayer, **_fields),
+         expand=scan("rnn"), outputs=("out", "h"))
+register("lstm", doc="LSTM (input, forget, output gates; cell state) over [batch, time, "
+         "features]", family="recurrent", inputs="x, states*",
+         attrs_model=attrs("lstm", base=ParamLayer, **_fields), expand=scan("lstm"),
+         outputs=("out", "h", "c"))
+register("gru", doc="GRU (reset and update gates) over [batch, time, features]",
+         family="recurrent", inputs="x, h0*", attrs_model=attrs("gru", base=ParamLayer,
+                                                                **_fields),
+         expand=scan("gru"), outputs=("out", "h"))
