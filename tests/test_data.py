@@ -216,7 +216,7 @@ def test_csv_errors(tmp_path):
                {"source": "csv", "path": "d.csv", "x": ["height", "weight"]}, tmp_path, 0)
     assert e.source == Source(str(f), 3)
     write(tmp_path / "r.csv", "a,b\n1,2\n3\n")
-    e = raises("this row has 1 cells, but there are 2 columns", load_data,
+    e = raises("this row has 1 cell, but there are 2 columns", load_data,
                {"source": "csv", "path": "r.csv", "x": ["a"]}, tmp_path, 0)
     assert e.source.line == 3
     write(tmp_path / "e.csv", "a,b\n")

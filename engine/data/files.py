@@ -108,8 +108,9 @@ def _read_csv(path: Path, delimiter: str, header: bool) -> tuple[list[str], list
         raise fail(path, "the CSV file has a header but no data rows")
     for line, row in rows:
         if len(row) != len(names):
-            raise fail(path, f"this row has {len(row)} cells, but there are {len(names)} columns",
-                       line, help="every row needs one cell per column")
+            cells = f"{len(row)} cell" + ("" if len(row) == 1 else "s")
+            raise fail(path, f"this row has {cells}, but there are {len(names)} columns", line,
+                       help="every row needs one cell per column")
     return names, [line for line, _ in rows], np.array([row for _, row in rows], dtype=str)
 
 
