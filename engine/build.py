@@ -15,7 +15,7 @@ import networkx as nx
 
 from dlgraph.ops import REGISTRY
 
-from .errors import DlgraphError, GraphError, ShapeError, Source, SpecError
+from .errors import CycleError, DlgraphError, GraphError, ShapeError, Source, SpecError
 from .ir import Graph, Node, Param, schedule
 from .spec import suggest
 from .types import TType
@@ -196,7 +196,10 @@ def build(spec, lines: dict | None = None, file: str = "<spec>") -> Graph:
                                  or f"known names: {', '.join(sorted(names))}")
             if base in spec.nodes:
                 dg.add_edge(base, nid)
-    order = schedule(dg)
+    try:
+        order = schedule(dg)
+    except CycleError as e:
+        raise e.located(source=where(e.node)) from None
 
     used: set[str] = set()
     for nid in order:

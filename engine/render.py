@@ -127,7 +127,8 @@ def _training(graph: Graph, backward: bool | str):
             objs.append(graph.objective)
         return _forward_only(graph), [o for o in dict.fromkeys(objs) if o in graph.nodes], None
     if graph.objective and any(n.role == "backward" for n in graph.nodes.values()):
-        return graph, [graph.objective], "optimizer"
+        opt = spec_train.optimizer if spec_train is not None else None
+        return graph, [graph.objective], f"{opt.type} · lr {opt.lr:g}" if opt else ""
     if not phases:
         raise DlgraphError(f"graph '{graph.name}' has no training objective to differentiate",
                            help="add a `train:` section with an `objective:` to the spec, "
@@ -177,6 +178,13 @@ class _Edge:
     src: str
     dst: str
     attrs: dict[str, str] = field(default_factory=dict)
+    upward: bool = False              # written head -> tail with dir=back: ranked upwards
+
+    def dot(self) -> str:
+        a, b, attrs = self.src, self.dst, dict(self.attrs)
+        if self.upward:
+            a, b, attrs["dir"] = b, a, "back"
+        return f"{_q(a)} -> {_q(b)}" + (f" [{_attrs(attrs)}]" if attrs else "") + ";"
 
 
 class _Drawing:
@@ -202,8 +210,9 @@ class _Drawing:
             self.expanded = set(expand)
         self.paths = {nid: self._path(n) for nid, n in g.nodes.items()}
         self.canon, self.steps, self.repeats = self._repeats()
-        self.keys: dict[str, str] = {}
+        self.keys: dict[str, str | None] = {}       # None: a scalar constant shown as a note
         self.items: dict[str, _Item] = {}
+        self.notes: dict[str, list[str]] = {}
         for nid in g.nodes:
             self._place(nid)
         self.objectives = {self.keys[o] for o in objectives if o in self.keys}
@@ -278,7 +287,9 @@ class _Drawing:
     def _place(self, nid: str) -> None:
         drawn = self._resolve(nid)
         if drawn != nid:
-            self.keys[nid] = self.keys.get(drawn) or self._place(drawn) or self.keys[drawn]
+            if drawn not in self.keys:
+                self._place(drawn)
+            self.keys[nid] = self.keys[drawn]
             return
         n, path = self.g.nodes[nid], self.paths[nid]
         for k in range(1, len(path) + 1):
@@ -290,6 +301,10 @@ class _Drawing:
                 item.count += 1
                 self.keys[nid] = key
                 return
+        if n.op == "const" and n.type.shape == () and (n.scope or n.role == "backward"):
+            # a scalar constant inside a layer or a VJP: a note on its consumer, not a node
+            self.keys[nid] = None
+            return
         self.keys[nid] = nid
         self.items[nid] = _Item(nid, "leaf", n, path, path, 1)
 
@@ -298,30 +313,41 @@ class _Drawing:
         edges: dict[tuple[str, str, str], _Edge] = {}
         for n in self.g.nodes.values():
             dst = self.keys[n.id]
+            if dst is None:
+                continue
             for src_id in n.inputs:
                 src = self.keys[src_id]
+                if src is None:
+                    if self.items[dst].kind == "leaf" and n.id not in self.canon:
+                        self.notes.setdefault(dst, []).append(_value(self.g.nodes[src_id]))
+                    continue
                 value = self._resolve(src_id)
                 loop = self._recurrent(src_id, n.id)
-                if (src == dst and not loop) or (src, dst, value) in edges:
-                    continue
                 s = self.g.nodes[src_id]
+                saved = n.role == "backward" and s.role != "backward"
+                if saved:           # one dashed edge per pair of drawn nodes, however many values
+                    value = ""
+                if (src == dst and not loop) or (src, dst, value) in edges:
+                    if saved and src != dst:
+                        edges[(src, dst, value)].attrs["tooltip"] += f", {src_id}"
+                    continue
                 attrs: dict[str, str] = {}
-                if n.role == "backward" and s.role != "backward":
+                if saved:
                     attrs = {"style": "dashed", "color": SAVED_EDGE, "arrowhead": "empty",
                              "arrowsize": "0.5", "tooltip": f"saved for the backward: {src_id}"}
                 else:
-                    label = self._type_label(s)
+                    label = self._type_label(s) if s.role != "param" or src != src_id else ""
                     if label:
                         attrs["label"] = label
                     if n.role == "backward":
                         attrs.update(color=GRAD_EDGE, fontcolor=GRAD_EDGE)
-                        if self.mirror:
-                            attrs["constraint"] = "false"
                 if loop:
                     attrs.update(style="dashed", constraint="false")
                     attrs["label"] = "next step" + (f"\n{attrs['label']}" if "label" in attrs
                                                     else "")
-                edges[(src, dst, value)] = _Edge(src, dst, attrs)
+                # cotangents run against the forward flow: ranked upwards, they mirror it
+                up = n.role == "backward" and not saved and not loop
+                edges[(src, dst, value)] = _Edge(src, dst, attrs, upward=up)
         if self.backward:
             self._links(edges)
             self._grads(edges)
@@ -351,9 +377,7 @@ class _Drawing:
         for src, lines in by_src.items():
             attrs = {"label": "\n".join(lines), "color": PARAM_EDGE, "fontcolor": PARAM_EDGE,
                      "penwidth": "1.4"}
-            if self.mirror:
-                attrs["constraint"] = "false"
-            edges[(src, OPTIMIZER, "")] = _Edge(src, OPTIMIZER, attrs)
+            edges[(src, OPTIMIZER, "")] = _Edge(src, OPTIMIZER, attrs, upward=True)
 
     @property
     def mirror(self) -> bool:
@@ -369,7 +393,11 @@ class _Drawing:
 
     # -- DOT text -------------------------------------------------------------------------
     def dot(self, rankdir: str, dpi: int | None = None) -> str:
-        title = self.g.name + (" · training graph" if self.backward else "")
+        title: str = self.g.name
+        if self.backward:
+            title = _html([(f"{self.g.name} · training graph", None, None),
+                           ("red: gradients flowing back · dashed: forward values the "
+                            "backward pass reads", None, 9)])
         graph_attrs = {"rankdir": rankdir, "fontname": FONT, "fontsize": "13",
                        "label": title, "labelloc": "t", "nodesep": "0.35", "ranksep": "0.4",
                        "bgcolor": "white", "newrank": "true"}
@@ -394,12 +422,7 @@ class _Drawing:
             for key, item in self.items.items():
                 if item.kind == "box" and key.startswith(GRAD) and key[len(GRAD):] in self.items:
                     lines.append(f"  {{rank=same; {_q(key[len(GRAD):])}; {_q(key)};}}")
-            tops = [k for k, i in self.items.items() if i.node.role == "input"]
-            if tops:
-                lines.append(f"  {{rank=same; {_q(tops[0])}; {_q(OPTIMIZER)};}}")
-        for e in self.edges:
-            attrs = f" [{_attrs(e.attrs)}]" if e.attrs else ""
-            lines.append(f"  {_q(e.src)} -> {_q(e.dst)}{attrs};")
+        lines.extend("  " + e.dot() for e in self.edges)
         lines.append("}")
         return "\n".join(lines) + "\n"
 
@@ -436,7 +459,7 @@ class _Drawing:
     def _repeat_note(self, path: tuple[str, ...]) -> str:
         if path in self.repeats:
             times, last = self.repeats[path]
-            return f"{path[-1]} … {last}  × {times}"
+            return f"{path[-1]} … {last} × {times}"
         return path[-1]
 
     def _cluster_attrs(self, path: tuple[str, ...]) -> dict[str, str]:
@@ -475,12 +498,10 @@ class _Drawing:
                          label=_html([(n.id.rsplit("/", 1)[-1], None, None),
                                       (_dims(n.type.shape), None, 8)]))
         elif n.op == "const":
-            value = getattr(n.attrs, "value", "")
             attrs.update(shape="ellipse", fontsize="9", height="0.25", width="0.3",
-                         margin="0.03,0.01", label=_html([(f"{value:g}" if isinstance(
-                             value, float) else str(value), None, None)]))
+                         margin="0.03,0.01", label=_html([(_value(n), None, None)]))
         else:
-            attrs["label"] = self._leaf_label(n)
+            attrs["label"] = self._leaf_label(n, self.notes.get(item.key, []))
         if item.key in self.objectives:
             fill, border = PALETTE["loss"]
             attrs.update(shape="octagon", style="filled", fillcolor=fill, color=border,
@@ -491,15 +512,15 @@ class _Drawing:
             attrs["tooltip"] = f"{n.id}: {n.op} → {n.type}"
         return attrs
 
-    def _leaf_label(self, n: Node) -> str:
+    def _leaf_label(self, n: Node, notes: list[str]) -> str:
         local = n.id.rsplit("/", 1)[-1]
-        if n.role == "backward":
-            return _html([(n.op, None, None)])
+        note = [(f"with {', '.join(notes)}", None, 8)] if notes else []
+        if n.role == "backward" or (n.scope and re.sub(r"_\d+$", "", local) == n.op):
+            return _html([(n.op, None, None)] + note)
         if not n.scope:                                  # a primitive the user wrote
-            return _html([(n.id, "b", None)] + ([(n.op, None, 9)] if n.op != n.id else []))
-        if re.sub(r"_\d+$", "", local) == n.op:
-            return _html([(n.op, None, None)])
-        return _html([(local, None, None), (n.op, None, 8)])
+            return _html([(n.id, "b", None)] + ([(n.op, None, 9)] if n.op != n.id else [])
+                         + note)
+        return _html([(local, None, None), (n.op, None, 8)] + note)
 
     def _box_label(self, item: _Item) -> str:
         path = item.path
@@ -511,10 +532,9 @@ class _Drawing:
             if grad:
                 detail = f"{item.count} op{'s' * (item.count != 1)}"
             else:
-                detail = op
                 count, frozen = self._params(user)
-                if count:
-                    detail += f" · {count:,} param{'s' * (count != 1)}" + " (frozen)" * frozen
+                params = f"{count:,} param{'s' * (count != 1)}" + " (frozen)" * frozen
+                detail = " · ".join(p for p in (op, params if count else "") if p)
         else:
             title = ("∇ " if grad else "") + self._repeat_note(path)
             detail = f"{item.count} op{'s' * (item.count != 1)}"
@@ -537,6 +557,11 @@ class _Drawing:
 def _dims(shape) -> str:
     """``('batch', 64)`` -> ``batch×64``; a scalar is ``scalar``."""
     return "×".join(str(d) for d in shape) if shape else "scalar"
+
+
+def _value(n: Node) -> str:
+    value = getattr(n.attrs, "value", "?")
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def _numel(shape) -> int:

@@ -158,6 +158,8 @@ def parse_text(text: str, file: str) -> tuple[Any, dict[tuple, int]]:
     >>> data, lines[("b", "c")]
     ({'a': 1, 'b': {'c': 2}}, 2)
     """
+    if file.endswith(".json"):
+        _check_json(text, file)
     try:
         loader = _Loader(text)
         try:
@@ -167,8 +169,6 @@ def parse_text(text: str, file: str) -> tuple[Any, dict[tuple, int]]:
         finally:
             loader.dispose()
     except yaml.MarkedYAMLError as e:
-        if file.endswith(".json"):
-            _raise_json(text, file)
         mark = e.problem_mark or e.context_mark
         line = mark.line + 1 if mark else None
         raise SpecError(f"not valid YAML: {e.problem or e.context}",
@@ -185,16 +185,26 @@ def parse_text(text: str, file: str) -> tuple[Any, dict[tuple, int]]:
     return data, lines
 
 
-def _raise_json(text: str, file: str):
+def _check_json(text: str, file: str) -> None:
+    """JSON is read strictly as JSON (YAML would accept a trailing comma)."""
     try:
         json.loads(text)
     except json.JSONDecodeError as e:
         raise SpecError(f"not valid JSON: {e.msg}", source=Source(file, e.lineno),
                         help=f"at column {e.colno}") from None
-    raise SpecError("not valid JSON", source=Source(file))
+
+
+_PLAIN_TAGS = {"tag:yaml.org,2002:map", "tag:yaml.org,2002:seq", "tag:yaml.org,2002:str",
+               "tag:yaml.org,2002:int", "tag:yaml.org,2002:float", "tag:yaml.org,2002:bool",
+               "tag:yaml.org,2002:null"}
 
 
 def _construct(loader, node, path: tuple, lines: dict, file: str):
+    if node.tag not in _PLAIN_TAGS:
+        raise SpecError(f"unsupported YAML tag {node.tag.replace('tag:yaml.org,2002:', '!!')}: "
+                        "specs hold plain data only",
+                        source=Source(file, node.start_mark.line + 1),
+                        help="remove the tag; Python objects are never constructed")
     if isinstance(node, yaml.MappingNode):
         out: dict = {}
         for knode, vnode in node.value:
@@ -217,12 +227,7 @@ def _construct(loader, node, path: tuple, lines: dict, file: str):
             lines[path + (i,)] = item.start_mark.line + 1
             items.append(_construct(loader, item, path + (i,), lines, file))
         return items
-    try:
-        return loader.construct_object(node, deep=True)
-    except yaml.constructor.ConstructorError as e:
-        raise SpecError(f"unsupported YAML tag {node.tag}: specs hold plain data only",
-                        source=Source(file, node.start_mark.line + 1),
-                        help="remove the tag; Python objects are never constructed") from e
+    return loader.construct_object(node, deep=True)
 
 
 def line_of(lines: dict[tuple, int], loc: tuple) -> int | None:
@@ -243,7 +248,7 @@ def validate_data(data: dict, lines: dict[tuple, int], file: str):
     try:
         return spec_model().model_validate(data)
     except ValidationError as exc:
-        errs = exc.errors()
+        errs = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")
         first = _spec_error(errs[0], data, lines, file, REGISTRY)
         if len(errs) > 1:
             first.message += f" (and {len(errs) - 1} more problem{'s' * (len(errs) > 2)})"
@@ -257,6 +262,12 @@ def _precheck_nodes(data: dict, lines: dict, file: str):
         raise SpecError(f"unsupported spec version {data.get('dlgraph')!r}",
                         source=Source(file, lines.get(("dlgraph",))),
                         help="this dlgraph reads `dlgraph: 1`")
+    for section, what in (("inputs", "input name"), ("nodes", "node id")):
+        for k in data.get(section) or {} if isinstance(data.get(section), dict) else {}:
+            if not isinstance(k, str) or not IDENT.match(k):
+                raise SpecError(f"{what} '{k}' is not a valid name",
+                                source=Source(file, lines.get((section, k))),
+                                help="use letters, digits and _, not starting with a digit")
     nodes = data.get("nodes")
     if not isinstance(nodes, dict):
         return
@@ -297,6 +308,11 @@ def _spec_error(err: dict, data: dict, lines: dict, file: str, registry) -> Spec
         msg = f"missing required field '{field}'"
         info = model.model_fields.get(str(field_path[-1])) if field_path else None
         help = info.description if info is not None and info.description else None
+    elif kind == "union_tag_invalid":
+        tag, disc = err["ctx"]["tag"], err["ctx"]["discriminator"].strip("'")
+        expected = [t.strip(" '") for t in err["ctx"]["expected_tags"].split(",")]
+        msg = f"unknown {field + '.' if field else ''}{disc} '{tag}'"
+        help = suggest(tag, expected) or f"one of: {', '.join(expected)}"
     elif kind == "extra_forbidden":
         name = str(field_path[-1])
         fields = [f.alias or k for k, f in model.model_fields.items() if k != "op"]

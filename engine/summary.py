@@ -132,8 +132,8 @@ def training_graph(g: Graph, phase) -> Graph:
     try:
         return reverse(g, ref, phase_params(g, phase))
     except GradientError as e:
-        raise e.located(source=Source(g.source, g.lines.get(("train", "objective"))
-                                      or g.lines.get(("train",)))) from None
+        line = g.lines.get(("nodes", e.node)) or g.lines.get(("train", "objective"))
+        raise e.located(source=Source(g.source, line)) from None
 
 
 __all__ = ["Summary", "summarize", "training_graph", "phase_params", "fmt"]

@@ -7,6 +7,8 @@ kw]) so weights can be exchanged with it.
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 from tinygrad import Tensor
 
@@ -157,6 +159,23 @@ register("dropout_mask", doc="a random keep-mask scaled by 1/(1-p) in training; 
 register("dropout", doc="zero values with probability p while training", family=F, inputs="x",
          attrs_model=attrs("dropout", p=_p_field),
          expand=lambda b, a, x: b.emit("mul", x, b.emit("dropout_mask", x, p=a.p)))
+
+
+def _noise_infer(a, ref):
+    if ref.rank < 1:
+        raise ShapeError("noise needs an input with a batch axis to copy")
+    return TType((ref.shape[0], *a.shape))
+
+
+register("noise", doc="random samples [batch, *shape], batch taken from the input (e.g. a "
+         "GAN's latent code); no gradient", family=F, inputs="like",
+         attrs_model=attrs("noise", shape=(list[int], Field(description="trailing dims")),
+                           kind=(Literal["normal", "uniform"],
+                                 Field("normal", description="standard normal, or [0, 1)"))),
+         infer=_noise_infer,
+         forward=lambda c, a, ref: (Tensor.randn if a.kind == "normal" else Tensor.rand)(
+             ref.shape[0], *a.shape),
+         vjp=NO_GRAD)
 
 
 def _moving_average(c, a, stat, running):

@@ -72,6 +72,7 @@ class Case:
     rtol: float = 1e-5
     atol: float = 1e-5
     dims: dict = field(default_factory=dict)   # sizes for named dims in input shapes
+    keep_init: bool = False                    # forward: keep the initial params
     marks: tuple = ()
 
     def __post_init__(self):
@@ -427,6 +428,42 @@ REF["log_softmax"] = lambda a, xs, c: _log_softmax(xs[0], a.axis)
 REF["softmax"] = lambda a, xs, c: np.exp(_log_softmax(xs[0], a.axis))
 
 
+REF["noise"] = lambda a, xs, c: None          # random: only its shape and dtype are checked
+
+_RNN = {"rnn": torch.nn.RNN, "lstm": torch.nn.LSTM, "gru": torch.nn.GRU}
+
+
+def recurrent_ref(a, xs, p) -> dict[str, np.ndarray]:
+    """All outputs (out, h and, for lstm, c) of a recurrent layer, by PyTorch in float64.
+
+    ``p`` holds the layer's weights under PyTorch's names (weight_ih_l0, ...).
+    """
+    x, init = _t(xs[0]), [_t(s) for s in xs[1:]]
+    mod = _RNN[a.op](x.shape[-1], a.hidden, num_layers=a.layers, batch_first=True,
+                     bidirectional=a.bidirectional).double()
+    with torch.no_grad():
+        for name, w in mod.named_parameters():
+            w.copy_(_t(p[name]))
+    if a.op == "lstm":
+        states = (init[0], init[1]) if init else None
+        out, (h, c) = mod(x, states)
+    else:
+        out, h = mod(x, init[0] if init else None)
+        c = None
+    dirs = 2 if a.bidirectional else 1
+
+    def last(s):  # [layers * dirs, batch, hidden] -> the last layer's [batch, dirs * hidden]
+        return s[-dirs:].permute(1, 0, 2).reshape(x.shape[0], -1).detach().numpy()
+
+    res = {"out": out.detach().numpy(), "h": last(h)}
+    if c is not None:
+        res["c"] = last(c)
+    return res
+
+
+REF["rnn"] = REF["lstm"] = REF["gru"] = lambda a, xs, c: recurrent_ref(a, xs, c.p)["out"]
+
+
 # -- losses ------------------------------------------------------------------------------
 REF["mse"] = lambda a, xs, c: np.mean((xs[0] - xs[1]) ** 2)
 REF["l1"] = lambda a, xs, c: np.mean(np.abs(xs[0] - xs[1]))
@@ -457,11 +494,27 @@ REF["binary_cross_entropy"] = lambda a, xs, c: np.mean(_softplus(xs[0]) - xs[0] 
 # ------------------------------------------------------------------------------ running
 
 
+def random_params(graph, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Random float32 values for every parameter of a graph (variances kept positive)."""
+    out = {}
+    for name, p in graph.params.items():
+        v = rng.uniform(0.5, 2.0, p.shape) if name.endswith("var") \
+            else 0.5 * rng.standard_normal(p.shape)
+        out[name] = np.asarray(v, np.float32)
+    return out
+
+
 def forward(case: Case, seed: int | None = None):
-    """Run one case forward through ``dlgraph.compile``: (graph, model, feeds, xs, outputs)."""
+    """Run one case forward through ``dlgraph.compile`` (eval mode).
+
+    Parameters are re-drawn at random (unless ``case.keep_init``) by replacing the
+    tensors in ``m.params``. Returns (graph, model, feeds, xs, output array).
+    """
     rng = np.random.default_rng(seed_of(case.id) if seed is None else seed)
     g = dlgraph.load(op_spec(case))
     m = dlgraph.compile(g, seed=0)
+    if not case.keep_init:
+        m.params.update({k: Tensor(v) for k, v in random_params(g, rng).items()})
     feeds, xs = feed_arrays(case, rng)
     return g, m, feeds, xs, m(**feeds)["out"]
 

@@ -1,0 +1,113 @@
+"""The command line as a user types it: exit codes, files written, texts printed."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import dlgraph
+from dlgraph.cli.main import main
+
+ROOT = Path(__file__).resolve().parent.parent
+FORWARD = str(ROOT / "tests/specs/good/forward.yaml")
+TINY = str(ROOT / "tests/specs/good/tiny_mlp.yaml")
+
+
+def cli(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_usage_error_exits_2():
+    assert cli("run").exit_code == 2
+    assert cli("render", FORWARD, "--rankdir", "XY").exit_code == 2
+    assert cli("frobnicate").exit_code == 2
+
+
+def test_missing_file_exits_1_without_traceback():
+    r = cli("validate", "nope.yaml")
+    assert r.exit_code == 1
+    assert r.stderr == "error: no such file: nope.yaml\n  help: check the path\n"
+
+
+def test_validate_prints_summary():
+    r = cli("validate", TINY)
+    assert r.exit_code == 0, r.output
+    assert "logits  linear         [batch, 2]" in r.stdout
+    assert "params:  82 (82 trainable; 328 B as float32)" in r.stdout
+    assert "backward (train):" in r.stdout
+    assert r.stdout.rstrip().endswith(f"ok: {TINY} is valid")
+
+
+def test_run_forward_with_inputs_and_output(tmp_path):
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    np.save(tmp_path / "x.npy", x)
+    out = tmp_path / "out.npz"
+    r = cli("run", FORWARD, "--input", f"x={tmp_path / 'x.npy'}", "--output", out)
+    assert r.exit_code == 0, r.output
+    assert r.stdout.startswith("p: [2, 4] float32  mean 0.25")
+    p = np.load(out)["p"]
+    np.testing.assert_allclose(p.sum(-1), 1.0, rtol=1e-6)
+    # the same numbers through the Python API with the same seed
+    ref = dlgraph.compile(dlgraph.load(FORWARD), seed=0)(x=x)["p"]
+    np.testing.assert_array_equal(p, ref)
+
+
+def test_run_forward_random_inputs():
+    r = cli("run", FORWARD, "--batch", "5")
+    assert r.exit_code == 0, r.output
+    assert r.stdout.startswith("p: [5, 4] float32")
+
+
+def test_run_input_shape_mismatch(tmp_path):
+    np.save(tmp_path / "x.npy", np.zeros((2, 5), np.float32))
+    r = cli("run", FORWARD, "--input", f"x={tmp_path / 'x.npy'}")
+    assert r.exit_code == 1
+    assert r.stderr == ("error: input 'x' has shape [2, 5], but the spec declares [batch, 3] "
+                        "with batch=2\n  help: reshape the data, or change the input's "
+                        "`shape:`\n")
+
+
+def test_run_bad_input_argument():
+    r = cli("run", FORWARD, "--input", "x.npy")
+    assert r.exit_code == 2
+    assert "use NAME=FILE.npy or FILE.npz" in r.output
+
+
+def test_schema_is_json_with_every_op():
+    r = cli("schema")
+    assert r.exit_code == 0
+    s = json.loads(r.stdout)
+    from dlgraph.ops import REGISTRY
+    names = {d["properties"]["op"]["const"] for d in s["$defs"].values()
+             if "op" in d.get("properties", {}) and "const" in d["properties"]["op"]}
+    assert names == set(REGISTRY)
+    assert s["required"] == ["dlgraph", "name", "inputs", "nodes", "outputs"]
+
+
+def test_ops_lists_every_op_and_details():
+    r = cli("ops")
+    from dlgraph.ops import REGISTRY
+    for name in REGISTRY:
+        assert f"  {name} " in r.stdout
+    r = cli("ops", "linear")
+    assert r.stdout.startswith("linear (nn, composite): fully connected layer")
+    assert "  out: output features" in r.stdout
+    r = cli("ops", "lineer")
+    assert r.exit_code == 1 and "did you mean 'linear'?" in r.stderr
+
+
+def test_render_dot_file(tmp_path):
+    out = tmp_path / "g.dot"
+    r = cli("render", TINY, "-o", out)
+    assert r.exit_code == 0, r.output
+    text = out.read_text()
+    assert text.startswith("digraph") and '"logits"' in text
+
+
+@pytest.mark.parametrize("device", ["tpu9"])
+def test_unknown_device(device):
+    r = cli("run", FORWARD, "--device", device)
+    assert r.exit_code == 1
+    assert r.stderr.startswith(f"error: unknown device '{device}'")
