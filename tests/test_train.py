@@ -1,0 +1,144 @@
+"""The training loop as a user meets it: run directories, resume, NaN, weights, schedules."""
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import dlgraph
+from dlgraph.cli.main import main
+from dlgraph.engine.checkpoint import load_tensors
+from dlgraph.engine.train import lr_at
+from dlgraph.engine.train_spec import ScheduleSpec
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ROOT / "tests/specs/good/tiny_mlp.yaml"
+
+
+def lines(run_dir, kind):
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if r["kind"] == kind]
+
+
+def test_run_directory_contents(tmp_path):
+    res = dlgraph.train(dlgraph.load(TINY), out=tmp_path / "run", quiet=True)
+    d = res.run_dir
+    for name in ("spec.yaml", "metrics.jsonl", "checkpoint.safetensors", "weights.safetensors",
+                 "curves.png"):
+        assert (d / name).is_file(), name
+    assert (d / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(d.glob("*.tmp")) and not list(d.glob(".*"))
+    epochs = lines(d, "epoch")
+    assert [e["epoch"] for e in epochs] == [1, 2, 3, 4]
+    assert res.metrics["val_accuracy"] > 0.9            # xor is easy
+    assert len(lines(d, "step")) == res.steps == 4 * 12
+    # the resolved spec re-loads to the same graph
+    again = dlgraph.load(d / "spec.yaml")
+    assert list(again.nodes) == list(dlgraph.load(TINY).nodes)
+
+
+def test_resume_gives_the_same_result_as_one_run(tmp_path):
+    full = dlgraph.train(dlgraph.load(TINY), out=tmp_path / "full", quiet=True)
+    dlgraph.train(dlgraph.load(TINY), out=tmp_path / "part", epochs=2, quiet=True)
+    resumed = dlgraph.train(dlgraph.load(TINY), out=tmp_path / "part", resume=True, quiet=True)
+    a, _ = load_tensors(full.run_dir / "weights.safetensors")
+    b, _ = load_tensors(resumed.run_dir / "weights.safetensors")
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    assert resumed.metrics == full.metrics
+    assert [e["epoch"] for e in lines(resumed.run_dir, "epoch")] == [1, 2, 3, 4]
+
+
+def test_resume_without_checkpoint(tmp_path):
+    with pytest.raises(dlgraph.TrainingError) as e:
+        dlgraph.train(dlgraph.load(TINY), out=tmp_path / "none", resume=True, quiet=True)
+    assert str(e.value).startswith("nothing to resume: ")
+
+
+def test_nan_loss_names_step_and_node(tmp_path):
+    spec = TINY.read_text().replace(
+        "  loss: {op: cross_entropy, in: [logits, y]}",
+        "  ce: {op: cross_entropy, in: [logits, y]}\n"
+        "  logl: {op: log, in: logits}\n"        # log of negative logits: NaN
+        "  penalty: {op: mean, in: logl}\n"
+        "  loss: {op: add, in: [ce, penalty]}")
+    path = tmp_path / "nan.yaml"
+    path.write_text(spec)
+    r = CliRunner().invoke(main, ["run", str(path), "--debug", "--quiet",
+                                  "--out", str(tmp_path / "r")])
+    assert r.exit_code == 1, r.output
+    assert "error: the loss of phase 'train' became nan at step" in r.stderr
+    assert "the first non-finite value is node 'logl'" in r.stderr
+    assert "Traceback" not in r.output
+
+
+def test_weights_run_inference(tmp_path):
+    res = dlgraph.train(dlgraph.load(TINY), out=tmp_path / "r", quiet=True)
+    x = np.array([[0, 0], [1, 1], [0, 1], [1, 0]], np.float32)
+    np.save(tmp_path / "x.npy", x)
+    r = CliRunner().invoke(main, ["run", str(TINY), "--weights",
+                                  str(res.run_dir / "weights.safetensors"),
+                                  "--input", f"x={tmp_path / 'x.npy'}",
+                                  "--output", str(tmp_path / "o.npz")])
+    assert r.exit_code == 0, r.output
+    logits = np.load(tmp_path / "o.npz")["logits"]
+    assert list(logits.argmax(-1)) == [0, 0, 1, 1]      # xor
+
+
+def test_weights_of_another_spec(tmp_path):
+    bad = tmp_path / "w.safetensors"
+    from dlgraph.engine.checkpoint import save_tensors
+    save_tensors(bad, {"h.weight": np.zeros((3, 3), np.float32)})
+    with pytest.raises(dlgraph.DataError) as e:
+        dlgraph.compile(dlgraph.load(TINY), weights=bad)
+    assert "lacks 3 parameter(s) of this graph: h.bias, logits.weight, logits.bias" in str(e.value)
+
+
+def test_truncated_checkpoint_is_a_clear_error(tmp_path):
+    res = dlgraph.train(dlgraph.load(TINY), out=tmp_path / "r", epochs=1, quiet=True)
+    w = res.run_dir / "weights.safetensors"
+    w.write_bytes(w.read_bytes()[:100])
+    with pytest.raises(dlgraph.DataError, match="not a readable safetensors file"):
+        dlgraph.compile(dlgraph.load(TINY), weights=w)
+
+
+def test_atomic_write_keeps_old_file_on_failure(tmp_path, monkeypatch):
+    from dlgraph.engine import checkpoint
+    target = tmp_path / "c.safetensors"
+    checkpoint.save_tensors(target, {"a": np.ones(3, np.float32)})
+    before = target.read_bytes()
+
+    def boom(*a):
+        raise OSError("disk full")
+    monkeypatch.setattr(checkpoint.os, "replace", boom)
+    with pytest.raises(OSError):
+        checkpoint.save_tensors(target, {"a": np.zeros(3, np.float32)})
+    assert target.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["c.safetensors"]
+
+
+def test_target_not_met_exits_1(tmp_path):
+    path = tmp_path / "t.yaml"
+    path.write_text(TINY.read_text().replace("validation: {split: 0.25}",
+                                             "validation: {split: 0.25}\n  target: "
+                                             "{metric: val_accuracy, above: 1.5}"))
+    r = CliRunner().invoke(main, ["run", str(path), "--quiet", "--epochs", "1",
+                                  "--out", str(tmp_path / "r")])
+    assert r.exit_code == 1
+    assert "target val_accuracy > 1.5: NOT met" in r.stdout
+
+
+@pytest.mark.parametrize("kind,step,expected", [
+    ("step", 2500, 0.01), ("cosine", 0, 1.0), ("cosine", 5000, 0.5), ("cosine", 10000, 0.0),
+    ("linear", 5000, 0.5)])
+def test_schedules(kind, step, expected):
+    s = ScheduleSpec(type=kind, step_size=1000, gamma=0.1)
+    assert math.isclose(lr_at(s, 1.0, step, 10000), expected, abs_tol=1e-12)
+
+
+def test_warmup():
+    s = ScheduleSpec(type="constant", warmup=10)
+    assert [lr_at(s, 1.0, i, 100) for i in (0, 4, 9, 10)] == [0.1, 0.5, 1.0, 1.0]
