@@ -527,12 +527,17 @@ def rel_err(got, want) -> float:
 
 
 def evaluate(graph, targets: list[str], feeds: dict[str, np.ndarray],
-             params: dict[str, Tensor], *, training: bool = True) -> list[Tensor]:
-    """Evaluate nodes of a graph on numpy feeds and tinygrad params; realised together."""
+             params: dict[str, Tensor], *, training: bool = True,
+             realize: bool = True) -> list[Tensor]:
+    """Evaluate nodes of a graph on numpy feeds and tinygrad params; realised together.
+
+    ``realize=False`` leaves them lazy, e.g. to take tinygrad's ``gradient`` of one first.
+    """
     ctx = Ctx(training=training, dims=bind(graph, feeds))
     tfeeds = {k: to_tensor(v, graph.inputs[k].dtype) for k, v in feeds.items()}
     outs = Evaluator(graph, targets)(ctx, tfeeds, params)
-    Tensor.realize(*outs)
+    if realize:
+        Tensor.realize(*outs)
     return outs
 
 

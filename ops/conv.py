@@ -1,0 +1,162 @@
+"""More convolutions: conv1d and conv_transpose2d, composites over primitives.
+
+Weights use PyTorch's layouts and names, so ``nn.Conv1d`` / ``nn.ConvTranspose2d`` state
+dicts load as they are (``<id>.weight``, ``<id>.bias``):
+
+- ``conv1d``: weight [out, in / groups, k], bias [out], over [batch, channels, length].
+- ``conv_transpose2d``: weight [in, out / groups, kh, kw], bias [out], over NCHW images.
+
+conv1d is a 2-D convolution of the [N, C, 1, L] view of its input with the [O, C/G, 1, K]
+view of its weight (:func:`conv_core`). conv_transpose2d is the adjoint of a convolution:
+each input pixel times the kernel is a [out, kh, kw] patch (one matmul), and the primitive
+``windows_grad`` adds the patches into the image at stride steps; the border ``padding``
+is then cropped off. So its gradient is a convolution again (``windows``).
+"""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from dlgraph.engine.errors import ShapeError
+from dlgraph.engine.spec import ParamLayer
+from dlgraph.engine.types import fmt
+
+from .linalg import swap_last
+from .nn import _act, _activate, _features
+from .registry import attrs, register
+from .shape import _pair
+
+F = "nn"
+
+
+def conv_core(b, x, w, stride, dilation, groups):
+    """Grouped cross-correlation of an already padded x [N, C, H, W] with the weight id
+    w [O, C/G, KH, KW] (PyTorch's layout): sliding windows, then one batched matmul.
+
+    Returns [N, O, OH, OW]. (``nn.conv2d`` does the same math inline.)
+    """
+    o, cg, kh, kw = b.shape(w)
+    g = groups
+    k = cg * kh * kw
+    win = b.emit("windows", x, kernel=[kh, kw], stride=list(_pair(stride)),
+                 dilation=list(_pair(dilation)))                       # [N, C, OH, OW, KH, KW]
+    n, _, oh, ow, _, _ = b.shape(win)
+    cols = b.emit("transpose", win, axes=[0, 2, 3, 1, 4, 5])            # [N, OH, OW, C, KH, KW]
+    cols = b.emit("reshape", cols, shape=[n, oh, ow, g, k])
+    cols = b.emit("transpose", cols, axes=[0, 3, 1, 2, 4])              # [N, G, OH, OW, K]
+    wm = b.emit("reshape", w, shape=[g, o // g, k])                     # [G, O/G, K]
+    wm = b.emit("reshape", swap_last(b, wm), shape=[1, g, 1, k, o // g])
+    y = b.emit("matmul", cols, wm)                                      # [N, G, OH, OW, O/G]
+    y = b.emit("transpose", y, axes=[0, 1, 4, 2, 3])                    # [N, G, O/G, OH, OW]
+    return b.emit("reshape", y, shape=[n, o, oh, ow])
+
+
+def _groups(a, c):
+    if c % a.groups or a.out % a.groups:
+        raise ShapeError(f"groups={a.groups} must divide in channels {c} and out {a.out}",
+                         help="channels are split into `groups` equal parts")
+
+
+def _add_bias(b, a, y, rank):
+    if not a.bias:
+        return y
+    bias = b.param("bias", (a.out,), "zeros", layer=a)
+    return b.emit("add", y, b.emit("reshape", bias, shape=[a.out] + [1] * (rank - 2)))
+
+
+def _conv1d(b, a, x):
+    t = b.type(x)
+    if t.rank != 3:
+        raise ShapeError(f"conv1d needs [batch, channels, length], got {fmt(t.shape)}",
+                         help="sequences are NCL; transpose [batch, time, features] with "
+                              "axes [0, 2, 1]")
+    c = _features(b, x, 1, "channel")
+    length = _features(b, x, 2, "length")
+    _groups(a, c)
+    span = a.dilation * (a.kernel - 1) + 1
+    if length + 2 * a.padding < span:
+        raise ShapeError(f"a kernel spanning {span} steps does not fit in a length of {length} "
+                         f"(padding {a.padding})", help="use a smaller kernel, or padding")
+    w = b.param("weight", (a.out, c // a.groups, a.kernel), "he_uniform", layer=a)
+    x = b.emit("unsqueeze", x, axis=2)                                  # [N, C, 1, L]
+    if a.padding:
+        x = b.emit("pad", x, axis=3, before=a.padding, after=a.padding)
+    w4 = b.emit("reshape", w, shape=[a.out, c // a.groups, 1, a.kernel])
+    y = conv_core(b, x, w4, (1, a.stride), (1, a.dilation), a.groups)   # [N, O, 1, OL]
+    y = _add_bias(b, a, b.emit("squeeze", y, axis=2), 3)
+    return _activate(b, a, y)
+
+
+_bias = (bool, Field(True, description="add a learned bias"))
+_groups_f = (int, Field(1, gt=0, description="channel groups"))
+register("conv1d", doc="1-D convolution over [batch, channels, length]", family=F, inputs="x",
+         attrs_model=attrs("conv1d", base=ParamLayer,
+                           out=(int, Field(gt=0, description="output channels")),
+                           kernel=(int, Field(gt=0, description="kernel size")),
+                           stride=(int, Field(1, gt=0, description="stride")),
+                           padding=(int, Field(0, ge=0, description="zero padding on each "
+                                                                     "side")),
+                           dilation=(int, Field(1, gt=0, description="dilation")),
+                           groups=_groups_f, bias=_bias, activation=_act),
+         expand=_conv1d)
+
+
+def _conv_transpose2d(b, a, x):
+    t = b.type(x)
+    if t.rank != 4:
+        raise ShapeError(f"conv_transpose2d needs [batch, channels, height, width], got "
+                         f"{fmt(t.shape)}", help="images are NCHW; reshape or transpose")
+    c = _features(b, x, 1, "channel")
+    h, wd = _features(b, x, 2, "height"), _features(b, x, 3, "width")
+    _groups(a, c)
+    g, og = a.groups, a.out // a.groups
+    (kh, kw), (sh, sw), (ph, pw) = _pair(a.kernel), _pair(a.stride), _pair(a.padding)
+    (oph, opw), (dh, dw) = _pair(a.output_padding), _pair(a.dilation)
+    for op_, s, d in ((oph, sh, dh), (opw, sw, dw)):
+        if op_ >= s and op_ >= d:
+            raise ShapeError(f"output_padding {a.output_padding} must be smaller than the "
+                             f"stride {a.stride} or the dilation {a.dilation}")
+    full_h, full_w = (h - 1) * sh + dh * (kh - 1) + 1, (wd - 1) * sw + dw * (kw - 1) + 1
+    out_h, out_w = full_h + oph - 2 * ph, full_w + opw - 2 * pw
+    if out_h < 1 or out_w < 1:
+        raise ShapeError(f"padding {a.padding} leaves no output of a {full_h}x{full_w} image",
+                         help="use less padding")
+    w = b.param("weight", (c, og, kh, kw), "he_uniform", layer=a)
+    n = t.shape[0]
+    # each pixel's patch: [N, G, H*W, C/G] @ [G, C/G, O/G*KH*KW]
+    xs = swap_last(b, b.emit("reshape", x, shape=[n, g, c // g, h * wd]))
+    wm = b.emit("reshape", w, shape=[g, c // g, og * kh * kw])
+    p = b.emit("matmul", xs, wm)                                    # [N, G, H*W, O/G*KH*KW]
+    p = b.emit("reshape", p, shape=[n, g, h, wd, og, kh, kw])
+    p = b.emit("transpose", p, axes=[0, 1, 4, 2, 3, 5, 6])          # [N, G, O/G, H, W, KH, KW]
+    p = b.emit("reshape", p, shape=[n, a.out, h, wd, kh, kw], as_="patches")
+    # windows_grad reads only the shape of its reference: [N, O, full_h, full_w], made from
+    # the patches without computing anything
+    ref = b.emit("take", b.emit("take", p, axis=-1, index=0), axis=-1, index=0)
+    ref = b.emit("pad", b.emit("pad", ref, axis=2, after=full_h - h), axis=3, after=full_w - wd)
+    y = b.emit("windows_grad", p, ref, kernel=[kh, kw], stride=[sh, sw], dilation=[dh, dw])
+    for axis, extra, pad, full in ((2, oph, ph, full_h), (3, opw, pw, full_w)):
+        if extra:                                   # output_padding: more rows at the end
+            y = b.emit("pad", y, axis=axis, after=extra)
+        if pad:                                     # padding: crop the border
+            y = b.emit("slice", y, axis=axis, start=pad, stop=full + extra - pad)
+    return _activate(b, a, _add_bias(b, a, y, 4))
+
+
+def _pairf(default, what):
+    return (int | list[int], Field(default, description=what))
+
+
+register("conv_transpose2d", doc="transposed 2-D convolution (the adjoint of conv2d) over "
+         "NCHW images: upsampling for decoders and generators", family=F, inputs="x",
+         attrs_model=attrs("conv_transpose2d", base=ParamLayer,
+                           out=(int, Field(gt=0, description="output channels")),
+                           kernel=(int | list[int], Field(description="kernel size (one int or "
+                                                                       "[h, w])")),
+                           stride=_pairf(1, "stride"),
+                           padding=_pairf(0, "rows and columns cropped from each border"),
+                           output_padding=_pairf(0, "rows and columns added at the bottom "
+                                                    "and right"),
+                           dilation=_pairf(1, "dilation"),
+                           groups=_groups_f, bias=_bias, activation=_act),
+         expand=_conv_transpose2d)

@@ -1,0 +1,434 @@
+"""Gradients by graph reversal, held against three independent oracles.
+
+For every differentiable op (a primitive whose ``vjp`` is not ``NO_GRAD``, or a composite)
+one row of :data:`CASES` builds ``obj = sum(op(params...) * w)`` with the op's float inputs
+as ``param`` nodes and ``w`` fixed random weights, reverses it, and compares the gradients:
+
+* in float32 with tinygrad's own autograd on the same forward (relative error < 1e-4);
+* in float64 (the params fed as float64 tensors, checked to stay float64) with central
+  finite differences of the numpy float64 reference in ``tests/helpers.py`` (eps 1e-6,
+  relative error < 1e-5).
+
+Whole networks are held against PyTorch with :func:`helpers.torch_grads_match`.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as TF
+from tinygrad import Tensor
+
+import dlgraph
+from dlgraph.engine.autodiff import reverse
+from dlgraph.ops import NO_GRAD, REGISTRY
+from helpers import (
+    B,
+    Case,
+    F,
+    I,
+    attrs_of,
+    evaluate,
+    feed_arrays,
+    make_ctx,
+    op_spec,
+    rel_err,
+    run_ref,
+    seed_of,
+    torch_grads_match,
+)
+
+C = Case
+TOL_TINYGRAD = 1e-4   # float32, ours vs tinygrad's autograd
+TOL_FD = 1e-5         # float64, ours vs central finite differences
+EPS = 1e-6
+
+CASES: list[Case] = [
+    # -- elementwise (broadcasting undone by reduce_to) --------------------------------------
+    C("add", [F((4, 1, 3)), F((2, 3))]),
+    C("sub", [F((2, 3)), F((3,))]),
+    C("mul", [F((2, 1)), F((4, 1, 3))]),
+    C("div", [F((3, 4)), F((4,), "away")]),
+    C("pow", [F((3, 4), "pos"), F((3, 4))]),
+    C("maximum", [F((2, 3)), F((3,))]),
+    C("minimum", [F((2, 3)), F((3,))]),
+    C("where", [B((3, 4)), F((3, 4)), F((4,))]),
+    C("neg", [F((3, 4))]),
+    C("exp", [F((3, 4))]),
+    C("log", [F((3, 4), "pos")]),
+    C("sqrt", [F((3, 4), "pos")]),
+    C("abs", [F((3, 4), "away")]),
+    C("sin", [F((3, 4))]),
+    C("cos", [F((3, 4))]),
+    C("relu", [F((3, 4), "away")]),
+    C("sigmoid", [F((3, 4))]),
+    C("tanh", [F((3, 4))]),
+    C("cast", [F((3, 4))], {"dtype": "float32"}),
+    C("leaky_relu", [F((3, 4), "away")], {"alpha": 0.2}),
+    C("elu", [F((3, 4), "away")], {"alpha": 0.5}),
+    C("softplus", [F((3, 4))]),
+    C("gelu", [F((3, 4))]),
+    C("silu", [F((3, 4))]),
+    # -- linear algebra ----------------------------------------------------------------------
+    C("matmul", [F((3, 4)), F((4, 2))]),
+    C("matmul", [F((2, 1, 3, 4)), F((5, 4, 2))], id="matmul_bcast"),
+    # -- movement ----------------------------------------------------------------------------
+    C("reshape", [F((2, 3, 4))], {"shape": [-1, 2]}),
+    C("reshape_like", [F((2, 6)), F((3, 4), diff=False)]),
+    C("flatten", [F((2, 3, 4))], {"start": 0}),
+    C("transpose", [F((2, 3, 4))], {"axes": [-1, 0, 1]}),
+    C("squeeze", [F((3, 1, 4))], {"axis": -2}),
+    C("unsqueeze", [F((3, 4))], {"axis": -1}),
+    C("slice", [F((3, 5))], {"axis": -1, "start": -3, "stop": -1}),
+    C("pad", [F((2, 3))], {"axis": -1, "before": 1, "after": 2, "value": 1.5}),
+    C("concat", [F((2, 1)), F((2, 3)), F((2, 2))]),
+    C("take", [F((2, 3, 4))], {"axis": 1, "index": -1}),
+    C("broadcast_like", [F((3, 1)), F((2, 3, 4), diff=False)]),
+    C("reduce_to", [F((2, 3, 4)), F((3, 1), diff=False)]),
+    C("windows", [F((1, 2, 5, 6))], {"kernel": [2, 3], "stride": [2, 1], "dilation": [1, 2]}),
+    C("windows_grad", [F((1, 2, 2, 2, 2, 3)), F((1, 2, 5, 6), diff=False)],
+      {"kernel": [2, 3], "stride": [2, 1], "dilation": [1, 2]}),
+    # -- reductions --------------------------------------------------------------------------
+    C("sum", [F((2, 3, 4))], {"axes": [0, -1], "keepdims": True}),
+    C("sum", [F((2, 3, 4))], id="sum_all"),
+    C("mean", [F((2, 3, 4))], {"axes": 1}),
+    C("max", [F((2, 3, 4))], {"axes": -1}),
+    C("max", [F((2, 3, 4))], {"axes": [0, 2], "keepdims": True}, id="max_keepdims"),
+    # -- layers ------------------------------------------------------------------------------
+    C("linear", [F((3, 4))], {"out": 2, "activation": "tanh"}),
+    C("conv2d", [F((2, 3, 6, 6))], {"out": 4, "kernel": 3, "stride": 2, "padding": 1}),
+    C("conv2d", [F((1, 4, 6, 6))], {"out": 2, "kernel": [2, 3], "dilation": 2, "groups": 2,
+                                     "bias": False}, id="conv2d_dilation_groups"),
+    C("max_pool2d", [F((2, 3, 6, 6))], {"kernel": 3, "stride": 2, "padding": 1}),
+    C("avg_pool2d", [F((2, 3, 6, 6))], {"kernel": 3, "stride": 2, "padding": 1}),
+    C("global_avg_pool", [F((2, 3, 4, 5))]),
+    C("embedding", [I((2, 5), 7)], {"num": 7, "dim": 3}),
+    C("dropout", [F((3, 4))], {"p": 0.5}),
+    C("moving_average", [F((1, 3)), F((1, 3), diff=False)]),
+    C("layer_norm", [F((2, 3, 4))], {"dims": 2}),
+    C("batch_norm", [F((4, 3))]),
+    C("batch_norm", [F((2, 3, 3, 3))], id="batch_norm_4d"),
+    C("softmax", [F((3, 5))], {"axis": 0}),
+    C("log_softmax", [F((3, 5))]),
+    C("rnn", [F((2, 3, 2))], {"hidden": 3}),
+    C("lstm", [F((2, 3, 2))], {"hidden": 3}),
+    C("gru", [F((2, 3, 2)), F((1, 2, 3))], {"hidden": 3}),
+    # -- losses ------------------------------------------------------------------------------
+    C("mse", [F((3, 4)), F((3, 4))]),
+    C("l1", [F((3, 4)), F((3, 4))]),
+    C("huber", [F((3, 4)), F((3, 4))], {"delta": 0.5}),
+    C("cross_entropy", [F((4, 5)), I((4,), 5)], {"label_smoothing": 0.1}),
+    C("nll", [F((4, 5)), I((4,), 5)]),
+    C("binary_cross_entropy", [F((3, 4)), F((3, 4), "unit")]),
+]
+
+FD_IN_EVAL = {"dropout"}   # training masks are random: finite differences run in eval mode
+F64_EXEMPT = {"cast"}      # `cast` to float32 is a float32 result by definition
+XFAIL: dict[str, str] = {}
+
+
+def differentiable(name: str) -> bool:
+    d = REGISTRY[name]
+    return d.composite or d.vjp != NO_GRAD
+
+
+def _param(case: Case):
+    marks = [pytest.mark.xfail(reason=XFAIL[case.id], strict=True)] if case.id in XFAIL else []
+    return pytest.param(case, id=case.id, marks=marks)
+
+
+def test_every_differentiable_op_has_a_gradient_case():
+    missing = sorted({n for n in REGISTRY if differentiable(n)} - {c.op for c in CASES})
+    assert not missing, f"differentiable ops without a case in tests/test_gradients.py: {missing}"
+
+
+class Problem:
+    """One case as a training graph, its parameter values and a float64 objective in numpy."""
+
+    def __init__(self, case: Case):
+        self.case = case
+        rng = np.random.default_rng(seed_of(case.id))
+        fwd = dlgraph.load(op_spec(case))
+        out_shape = fwd[fwd.resolve("out")].type.shape
+        self.g = dlgraph.load(op_spec(case, grad=True, out_shape=out_shape))
+        self.feeds, self.xs = feed_arrays(case, rng, grad=True)
+        values = {f"x{k}": np.asarray(x, np.float64) for k, (inp, x) in
+                  enumerate(zip(case.ins, self.xs, strict=True))
+                  if isinstance(inp, F) and inp.diff}
+        for name, p in self.g.params.items():
+            if name in values:
+                continue
+            v = rng.uniform(0.5, 2.0, p.shape) if name.endswith("var") \
+                else rng.standard_normal(p.shape) * (1.0 if name == "w" else 0.5)
+            values[name] = np.asarray(v, np.float32).astype(np.float64)
+        self.values = values
+        self.wrt = [n for n, p in self.g.params.items() if p.trainable]
+        self.tg = reverse(self.g, "obj", wrt=self.wrt)
+        self.attrs = attrs_of(case)
+
+    def ours(self, dtype, training=True, tinygrad_too=False):
+        params = {k: Tensor(v.astype(dtype)) for k, v in self.values.items()}
+        targets = [self.tg.objective] + [self.tg.grads[n] for n in self.wrt]
+        outs = evaluate(self.tg, targets, self.feeds, params, training=training, realize=False)
+        theirs = outs[0].gradient(*[params[n] for n in self.wrt]) if tinygrad_too else []
+        Tensor.realize(*outs, *theirs)
+        return outs, theirs
+
+    def objective(self, values, training=True) -> float:
+        xs = [values.get(f"x{k}", x) for k, x in enumerate(self.xs)]
+        out = run_ref(self.case, self.attrs, xs, make_ctx(values, training=training))
+        return float(np.sum(out * values["w"]))
+
+    def finite_differences(self, training=True) -> dict[str, np.ndarray]:
+        grads = {}
+        for name in self.wrt:
+            base = self.values[name]
+            grad = np.zeros(base.shape)
+            for idx in np.ndindex(base.shape):
+                vals = dict(self.values)
+                plus, minus = base.copy(), base.copy()
+                plus[idx] += EPS
+                minus[idx] -= EPS
+                vals[name] = plus
+                f_plus = self.objective(vals, training)
+                vals[name] = minus
+                grad[idx] = (f_plus - self.objective(vals, training)) / (2 * EPS)
+            grads[name] = grad
+        return grads
+
+
+@pytest.mark.parametrize("case", [_param(c) for c in CASES])
+def test_gradient(case):
+    pb = Problem(case)
+    # float32: ours against tinygrad's autograd on the very same forward tensors
+    outs, theirs = pb.ours(np.float32, tinygrad_too=True)
+    for name, ours, tiny in zip(pb.wrt, outs[1:], theirs, strict=True):
+        err = rel_err(ours.numpy(), tiny.numpy())
+        assert err < TOL_TINYGRAD, f"d obj / d {name}: ours vs tinygrad, relative error {err:.2e}"
+    # float64: ours against central finite differences of the numpy reference
+    training = case.op not in FD_IN_EVAL
+    outs, _ = pb.ours(np.float64, training=training)
+    if case.op not in F64_EXEMPT:
+        bad = {n: o.dtype for n, o in zip(["obj", *pb.wrt], outs, strict=True)
+               if o.dtype.itemsize != 8}
+        assert not bad, f"float64 parameters gave lower-precision results: {bad}"
+    tol = TOL_FD if case.op not in F64_EXEMPT else 1e-3
+    want_obj = pb.objective(pb.values, training)
+    assert abs(outs[0].numpy() - want_obj) <= tol * 1e-3 * max(1.0, abs(want_obj)), \
+        f"objective {outs[0].numpy()} vs reference {want_obj}"
+    fd = pb.finite_differences(training)
+    for name, ours in zip(pb.wrt, outs[1:], strict=True):
+        err = rel_err(ours.numpy(), fd[name])
+        assert err < tol, f"d obj / d {name}: ours vs finite differences, relative error " \
+                          f"{err:.2e}"
+
+
+# ------------------------------------------------------------------- rules beyond the table
+
+
+def _grads(spec: dict, values: dict[str, np.ndarray], objective="obj", wrt=None,
+           training=True, feeds=None):
+    g = dlgraph.load(spec)
+    tg = reverse(g, objective, wrt=wrt)
+    names = list(tg.grads)
+    outs = evaluate(tg, [tg.grads[n] for n in names], feeds or {},
+                    {k: Tensor(np.asarray(v, np.float32)) for k, v in values.items()},
+                    training=training)
+    return {n: o.numpy() for n, o in zip(names, outs, strict=True)}
+
+
+def _spec(nodes, inputs=None):
+    return {"dlgraph": 1, "name": "t", "inputs": inputs or {}, "nodes": nodes,
+            "outputs": ["obj"]}
+
+
+W = np.array([[0.5, -1.0, 2.0], [1.5, 0.25, -0.75]], np.float32)
+
+
+def test_max_ties_share_the_gradient():
+    x = np.array([[1.0, 3.0, 3.0], [2.0, 0.0, 2.0]], np.float32)
+    w = np.array([2.0, -4.0], np.float32)
+    got = _grads(_spec({"a": {"op": "param", "shape": [2, 3]},
+                        "w": {"op": "param", "shape": [2], "trainable": False},
+                        "m": {"op": "max", "in": "a", "axes": -1},
+                        "p": {"op": "mul", "in": ["m", "w"]},
+                        "obj": {"op": "sum", "in": "p"}}), {"a": x, "w": w})
+    np.testing.assert_array_equal(got["a"], [[0.0, 1.0, 1.0], [-2.0, 0.0, -2.0]])
+
+
+@pytest.mark.parametrize("op, to_x", [("maximum", [1.0, 0.0, 1.0]), ("minimum", [0.0, 1.0, 1.0])])
+def test_maximum_minimum_ties_go_to_x(op, to_x):
+    nodes = {"a": {"op": "param", "shape": [3]}, "b": {"op": "param", "shape": [3]},
+             "m": {"op": op, "in": ["a", "b"]}, "obj": {"op": "sum", "in": "m"}}
+    got = _grads(_spec(nodes), {"a": np.array([2.0, -1.0, 0.5], np.float32),
+                                "b": np.array([1.0, 0.0, 0.5], np.float32)})
+    np.testing.assert_array_equal(got["a"], to_x)
+    np.testing.assert_array_equal(got["b"], 1.0 - np.array(to_x))
+
+
+def test_value_used_twice_sums_its_cotangents():
+    """d/da sum(a * a * w + exp(a)) = 2 a w + exp(a): two uses in one node, one elsewhere."""
+    a = np.array([[0.5, -1.0, 0.25], [1.0, 2.0, -0.5]], np.float32)
+    nodes = {"a": {"op": "param", "shape": [2, 3]},
+             "w": {"op": "param", "shape": [2, 3], "trainable": False},
+             "sq": {"op": "mul", "in": ["a", "a"]}, "p": {"op": "mul", "in": ["sq", "w"]},
+             "e": {"op": "exp", "in": "a"}, "t": {"op": "add", "in": ["p", "e"]},
+             "obj": {"op": "sum", "in": "t"}}
+    got = _grads(_spec(nodes), {"a": a, "w": W})
+    np.testing.assert_allclose(got["a"], 2 * a * W + np.exp(a), rtol=1e-6)
+
+
+@pytest.mark.parametrize("blocker", ["stop_gradient", "sign"])
+def test_no_grad_ops_block_the_gradient(blocker):
+    """sum(a * w) + sum(blocker(a) * w): only the first term reaches `a`."""
+    a = np.array([[0.5, -1.0, 0.25], [1.0, 2.0, -0.5]], np.float32)
+    nodes = {"a": {"op": "param", "shape": [2, 3]},
+             "w": {"op": "param", "shape": [2, 3], "trainable": False},
+             "s": {"op": blocker, "in": "a"}, "t": {"op": "add", "in": ["a", "s"]},
+             "p": {"op": "mul", "in": ["t", "w"]}, "obj": {"op": "sum", "in": "p"}}
+    np.testing.assert_allclose(_grads(_spec(nodes), {"a": a, "w": W})["a"], W)
+
+
+def test_dropout_gradient_is_the_training_mask():
+    """In training the gradient of sum(dropout(a) * w) is w times the very mask used."""
+    g = dlgraph.load(_spec({"a": {"op": "param", "shape": [8, 8]},
+                            "d": {"op": "dropout", "in": "a", "p": 0.5},
+                            "obj": {"op": "sum", "in": "d"}}))
+    tg = reverse(g, "obj")
+    a = np.random.default_rng(0).uniform(1.0, 2.0, (8, 8)).astype(np.float32)
+    d, grad = evaluate(tg, [g.resolve("d"), tg.grads["a"]], {}, {"a": Tensor(a)})
+    mask = d.numpy() / a
+    assert set(np.unique(np.round(mask, 5))) <= {0.0, 2.0} and 0 < (mask == 0).sum() < 64
+    np.testing.assert_allclose(grad.numpy(), mask, rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------- errors
+
+
+def test_objective_must_be_a_scalar():
+    g = dlgraph.load(_spec({"a": {"op": "param", "shape": [3, 4]},
+                            "obj": {"op": "exp", "in": "a"}}))
+    with pytest.raises(dlgraph.GradientError,
+                       match=re.escape("objective 'obj' must be a float scalar, got [3, 4]")):
+        reverse(g, "obj")
+
+
+def test_objective_must_be_float():
+    g = dlgraph.load(_spec({"a": {"op": "param", "shape": [3]},
+                            "obj": {"op": "argmax", "in": "a"}}))
+    with pytest.raises(dlgraph.GradientError,
+                       match=re.escape("objective 'obj' must be a float scalar, got [] int32")):
+        reverse(g, "obj")
+
+
+def test_objective_must_be_a_node():
+    g = dlgraph.load(_spec({"a": {"op": "param", "shape": [3]},
+                            "obj": {"op": "sum", "in": "a"}}))
+    with pytest.raises(dlgraph.GradientError, match=re.escape("objective 'nope' is not a node")):
+        reverse(g, "nope")
+
+
+def test_unused_trainable_param_is_named():
+    g = dlgraph.load(_spec({"a": {"op": "param", "shape": [3]},
+                            "unused": {"op": "param", "shape": [2]},
+                            "obj": {"op": "sum", "in": "a"}}))
+    with pytest.raises(dlgraph.GradientError, match=re.escape(
+            "parameter 'unused' does not affect the objective 'obj'")) as e:
+        reverse(g, "obj")
+    assert e.value.node == "unused"
+    assert reverse(g, "obj", wrt=["a"]).grads.keys() == {"a"}
+
+
+def test_unused_layer_param_is_named_with_its_layer():
+    g = dlgraph.load(_spec({"a": {"op": "param", "shape": [2, 3]},
+                            "fc": {"op": "linear", "in": "a", "out": 2},
+                            "obj": {"op": "sum", "in": "a"}}))
+    with pytest.raises(dlgraph.GradientError, match=re.escape(
+            "parameter 'fc.weight' does not affect the objective 'obj'")) as e:
+        reverse(g, "obj")
+    assert e.value.node == "fc"
+
+
+def test_param_behind_no_grad_ops_gets_no_gradient():
+    g = dlgraph.load(_spec({"a": {"op": "param", "shape": [3]},
+                            "i": {"op": "argmax", "in": "a", "keepdims": True},
+                            "f": {"op": "cast", "in": "i", "dtype": "float32"},
+                            "obj": {"op": "sum", "in": "f"}}))
+    with pytest.raises(dlgraph.GradientError, match=re.escape(
+            "no gradient reaches parameter 'a': every path to the objective goes through "
+            "ops without a gradient")):
+        reverse(g, "obj")
+
+
+# ----------------------------------------------------------------- whole networks vs torch
+
+
+def _load(module: torch.nn.Module, weights: dict[str, np.ndarray], prefix: str) -> dict:
+    """Copy dlgraph weights `prefix.name` into a torch module; map our names to its tensors."""
+    out = {}
+    with torch.no_grad():
+        for name, t in module.named_parameters():
+            t.copy_(torch.from_numpy(weights[f"{prefix}.{name}"]))
+            out[f"{prefix}.{name}"] = t
+    return out
+
+
+MLP = {"dlgraph": 1, "name": "mlp",
+       "inputs": {"x": {"shape": ["batch", 5]}, "y": {"shape": ["batch"], "dtype": "int32"}},
+       "nodes": {"fc1": {"op": "linear", "in": "x", "out": 8},
+                 "h": {"op": "relu", "in": "fc1"},
+                 "fc2": {"op": "linear", "in": "h", "out": 3},
+                 "loss": {"op": "cross_entropy", "in": ["fc2", "y"]}},
+       "outputs": ["fc2"]}
+
+
+def mlp_torch(w):
+    fc1, fc2 = torch.nn.Linear(5, 8), torch.nn.Linear(8, 3)
+    tensors = {**_load(fc1, w, "fc1"), **_load(fc2, w, "fc2")}
+    return (lambda x, y: TF.cross_entropy(fc2(torch.relu(fc1(x))), y)), tensors
+
+
+def test_mlp_matches_torch():
+    rng = np.random.default_rng(0)
+    inputs = {"x": rng.standard_normal((6, 5)).astype(np.float32),
+              "y": rng.integers(0, 3, 6).astype(np.int32)}
+    errs = torch_grads_match(MLP, mlp_torch, inputs)
+    assert set(errs) == {"fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"}
+
+
+CONVNET = {"dlgraph": 1, "name": "convnet",
+           "inputs": {"x": {"shape": ["batch", 3, 8, 8]},
+                      "y": {"shape": ["batch"], "dtype": "int32"}},
+           "nodes": {"c1": {"op": "conv2d", "in": "x", "out": 4, "kernel": 3, "padding": 1},
+                     "r1": {"op": "relu", "in": "c1"},
+                     "p1": {"op": "max_pool2d", "in": "r1", "kernel": 2},
+                     "c2": {"op": "conv2d", "in": "p1", "out": 6, "kernel": 3, "stride": 2,
+                            "padding": 1},
+                     "r2": {"op": "relu", "in": "c2"},
+                     "f": {"op": "flatten", "in": "r2"},
+                     "fc": {"op": "linear", "in": "f", "out": 5},
+                     "loss": {"op": "cross_entropy", "in": ["fc", "y"]}},
+           "outputs": ["fc"]}
+
+
+def convnet_torch(w):
+    c1 = torch.nn.Conv2d(3, 4, 3, padding=1)
+    c2 = torch.nn.Conv2d(4, 6, 3, stride=2, padding=1)
+    fc = torch.nn.Linear(24, 5)
+    tensors = {**_load(c1, w, "c1"), **_load(c2, w, "c2"), **_load(fc, w, "fc")}
+
+    def loss(x, y):
+        h = TF.max_pool2d(torch.relu(c1(x)), 2)
+        return TF.cross_entropy(fc(torch.relu(c2(h)).flatten(1)), y)
+    return loss, tensors
+
+
+def test_convnet_matches_torch():
+    rng = np.random.default_rng(1)
+    inputs = {"x": rng.standard_normal((2, 3, 8, 8)).astype(np.float32),
+              "y": np.array([1, 4], np.int32)}
+    errs = torch_grads_match(CONVNET, convnet_torch, inputs)
+    assert len(errs) == 6
