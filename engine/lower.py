@@ -156,6 +156,24 @@ class Evaluator:
         return [env[t] for t in self.targets]
 
 
+def random_inputs(graph: Graph, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Seeded random arrays of the declared input shapes (named dims = ``batch``).
+
+    Integer inputs get ids below the size of the one-hot or embedding that reads them.
+    """
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, t in graph.inputs.items():
+        shape = tuple(batch if isinstance(d, str) else d for d in t.shape)
+        if t.dtype == "int32":
+            depth = min([n.attrs.depth for n in graph.nodes.values()
+                         if n.op == "one_hot" and name in n.inputs] or [2])
+            out[name] = rng.integers(0, depth, shape).astype(np.int32)
+        else:
+            out[name] = rng.standard_normal(shape).astype(np.float32)
+    return out
+
+
 class Model:
     """A compiled graph: call it with numpy arrays, get numpy outputs.
 
@@ -183,16 +201,7 @@ class Model:
         return {name: t.numpy() for name, t in zip(self.outputs, outs, strict=True)}
 
     def random_inputs(self, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
-        """Seeded random arrays of the declared input shapes (named dims = ``batch``)."""
-        rng = np.random.default_rng(seed)
-        out = {}
-        for name, t in self.graph.inputs.items():
-            shape = tuple(batch if isinstance(d, str) else d for d in t.shape)
-            if t.dtype == "int32":
-                out[name] = rng.integers(0, 2, shape).astype(np.int32)
-            else:
-                out[name] = rng.standard_normal(shape).astype(np.float32)
-        return out
+        return random_inputs(self.graph, batch, seed)
 
     def state_dict(self) -> dict[str, np.ndarray]:
         return {k: v.numpy() for k, v in self.params.items()}

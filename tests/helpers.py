@@ -56,9 +56,13 @@ class I:
 
 @dataclass(frozen=True, eq=False)
 class B:
-    """A bool input, made in the graph as ``greater(raw, 0)`` from a float input ``raw``."""
+    """A bool input, made in the graph as ``greater(raw, 0)`` from a float input ``raw``.
+
+    ``values`` fixes the bool array.
+    """
 
     shape: tuple
+    values: Any = None
 
 
 @dataclass(eq=False)
@@ -90,6 +94,8 @@ def concrete(shape, dims) -> tuple[int, ...]:
 def draw(inp, rng: np.random.Generator, dims=None):
     """The array of an input: float32, int32, or (for :class:`B`) the raw float32 array."""
     dims = dims or {}
+    if isinstance(inp, B) and inp.values is not None:
+        return np.where(np.asarray(inp.values, bool), 1.0, -1.0).astype(np.float32)
     if getattr(inp, "values", None) is not None:
         return np.asarray(inp.values, np.int32 if isinstance(inp, I) else np.float32)
     shape = concrete(inp.shape, dims)
@@ -426,6 +432,108 @@ def _log_softmax(x, axis):
 
 REF["log_softmax"] = lambda a, xs, c: _log_softmax(xs[0], a.axis)
 REF["softmax"] = lambda a, xs, c: np.exp(_log_softmax(xs[0], a.axis))
+
+
+@ref("conv1d")
+def _conv1d(a, xs, c):
+    y = TF.conv1d(_t(xs[0]), _t(c.p["weight"]), _t(c.p["bias"]) if a.bias else None,
+                  stride=a.stride, padding=a.padding, dilation=a.dilation,
+                  groups=a.groups).numpy()
+    return _activate(a, y)
+
+
+@ref("conv_transpose2d")
+def _conv_transpose2d(a, xs, c):
+    y = TF.conv_transpose2d(_t(xs[0]), _t(c.p["weight"]), _t(c.p["bias"]) if a.bias else None,
+                            stride=_pair(a.stride), padding=_pair(a.padding),
+                            output_padding=_pair(a.output_padding), groups=a.groups,
+                            dilation=_pair(a.dilation)).numpy()
+    return _activate(a, y)
+
+
+# -- attention ---------------------------------------------------------------------------
+REF["arange"] = lambda a, xs, c: np.arange(c.dims.get(a.size, a.size), dtype=np.float64)
+
+
+@ref("attention")
+def _attention(a, xs, c):
+    """softmax(q k^T * scale + mask) v; masked scores are -1e9 (an all-masked row: uniform)."""
+    q, k, v, *mask = xs
+    scale = a.scale if a.scale is not None else 1 / np.sqrt(q.shape[-1])
+    s = (q * scale) @ np.swapaxes(k, -1, -2)
+    tq, tk = s.shape[-2:]
+    if a.causal:
+        s = np.where(np.arange(tk)[None, :] <= np.arange(tq)[:, None], s, -1e9)
+    if mask:
+        s = np.where(mask[0], s, -1e9) if mask[0].dtype == np.bool_ else s + mask[0]
+    return np.exp(_log_softmax(s, -1)) @ v
+
+
+def _load_torch(module: torch.nn.Module, p: dict) -> torch.nn.Module:
+    module = module.double()
+    with torch.no_grad():
+        for name, w in module.named_parameters():
+            w.copy_(_t(p[name]))
+    return module.eval()
+
+
+def _torch_mask(tq, tk, causal, mask=None):
+    """Our 'True: may attend' mask (and causality) as PyTorch's 'True: masked out'."""
+    allow = np.ones((tq, tk), bool)
+    if causal:
+        allow &= np.arange(tk)[None, :] <= np.arange(tq)[:, None]
+    if mask is not None:
+        allow = allow & mask
+    return None if allow.all() else torch.from_numpy(~allow)
+
+
+@ref("multi_head_attention")
+def _mha(a, xs, c):
+    x, *more = xs
+    ctx = more[0] if more else x
+    mask = more[1] if len(more) > 1 else None
+    mod = _load_torch(torch.nn.MultiheadAttention(x.shape[-1], a.heads, bias=a.bias,
+                                                  batch_first=True), c.p)
+    m = _torch_mask(x.shape[1], ctx.shape[1], a.causal, mask)
+    out, _ = mod(_t(x), _t(ctx), _t(ctx), attn_mask=m, need_weights=False)
+    return out.detach().numpy()
+
+
+@ref("positional_encoding")
+def _posenc(a, xs, c):
+    x = xs[0]
+    n, e = x.shape[-2:]
+    if a.kind == "learned":
+        return x + c.p["weight"][:n]
+    t = np.arange(n)[:, None]
+    w = 10000.0 ** (-np.arange(0, e, 2) / e)
+    pe = np.zeros((n, e))
+    pe[:, 0::2], pe[:, 1::2] = np.sin(t * w), np.cos(t * w)
+    return x + pe
+
+
+def _block_act(a):
+    return TF.relu if a.activation == "relu" else (lambda t: TF.gelu(t, approximate="tanh"))
+
+
+@ref("transformer_encoder_block")
+def _encoder(a, xs, c):
+    x, *mask = xs
+    mod = _load_torch(torch.nn.TransformerEncoderLayer(
+        x.shape[-1], a.heads, a.ff, dropout=0.0, activation=_block_act(a),
+        layer_norm_eps=a.eps, batch_first=True, norm_first=a.norm_first), c.p)
+    m = _torch_mask(x.shape[1], x.shape[1], a.causal, mask[0] if mask else None)
+    return mod(_t(x), src_mask=m).detach().numpy()
+
+
+@ref("transformer_decoder_block")
+def _decoder(a, xs, c):
+    x, memory = xs
+    mod = _load_torch(torch.nn.TransformerDecoderLayer(
+        x.shape[-1], a.heads, a.ff, dropout=0.0, activation=_block_act(a),
+        layer_norm_eps=a.eps, batch_first=True, norm_first=a.norm_first), c.p)
+    m = _torch_mask(x.shape[1], x.shape[1], a.causal)
+    return mod(_t(x), _t(memory), tgt_mask=m).detach().numpy()
 
 
 REF["noise"] = lambda a, xs, c: None          # random: only its shape and dtype are checked

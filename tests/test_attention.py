@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as TF
+from helpers import evaluate, random_params, rel_err
 from tinygrad import Tensor
 
 import dlgraph
 from dlgraph.engine.autodiff import reverse
 from dlgraph.engine.errors import ShapeError
-from helpers import evaluate, random_params, rel_err
 
 B, T, E, H, FF = 2, 5, 16, 4, 24
 
@@ -117,8 +117,8 @@ def attention_case(causal=False, mask=None, scale=None):
 
 
 ATTENTION = {
-    "plain": {}, "causal": {"causal": True}, "scale": {"scale": 0.3},
-    "bool_mask": {"mask": ("bool", (TQ, TK))},
+    "plain": {}, "causal": {"causal": True},
+    "bool_mask_scale": {"mask": ("bool", (TQ, TK)), "scale": 0.3},
     "padding_mask": {"mask": ("bool", (B, 1, 1, TK))},
     "float_mask": {"mask": ("float", (B, 1, TQ, TK))},
     "causal_and_mask": {"causal": True, "mask": ("bool", (B, 2, TQ, TK))},
@@ -164,12 +164,13 @@ def mha_case(cross=False, causal=False, bias=True, mask=False, query_param=False
     rng = np.random.default_rng(11)
     tk = 7 if cross else T
     ins, nodes, inputs = ["x"], {}, {}
+    bdim = B if query_param else "batch"          # a param query has a fixed batch
     feeds = {"x": rng.standard_normal((B, T, E)), "y": rng.standard_normal((B, T, E))}
     if query_param:
         nodes["xq"] = {"op": "param", "shape": [B, T, E]}
         ins = ["xq"]
     if cross:
-        inputs["c"] = {"shape": ["batch", tk, E]}
+        inputs["c"] = {"shape": [bdim, tk, E]}
         feeds["c"] = rng.standard_normal((B, tk, E))
         ins.append("c")
     m = None
@@ -184,7 +185,7 @@ def mha_case(cross=False, causal=False, bias=True, mask=False, query_param=False
         ins.append("mask")
     nodes["a"] = {"op": "multi_head_attention", "in": ins, "heads": H, "causal": causal,
                   "bias": bias}
-    spec = seq_spec(nodes, inputs)
+    spec = seq_spec(nodes, inputs, out_shape=(bdim, T, E))
     if query_param:
         del spec["inputs"]["x"]
         feeds.pop("x")
@@ -211,8 +212,7 @@ def mha_case(cross=False, causal=False, bias=True, mask=False, query_param=False
     return spec, feeds, torch_side
 
 
-MHA = {"self": {}, "causal": {"causal": True}, "cross": {"cross": True},
-       "no_bias": {"bias": False}, "mask": {"mask": True, "causal": True},
+MHA = {"self_no_bias": {"bias": False}, "self_causal_mask": {"mask": True, "causal": True},
        "cross_mask_query_param": {"cross": True, "mask": True, "query_param": True}}
 
 
@@ -252,16 +252,26 @@ def tanh_gelu(t):
     return TF.gelu(t, approximate="tanh")
 
 
-BLOCKS = {"pre_relu": (True, "relu", False), "post_relu": (False, "relu", False),
-          "pre_gelu_causal": (True, "gelu", True), "post_gelu_causal": (False, "gelu", True)}
+BLOCKS = {"pre_relu_padding_mask": (True, "relu", False, True),
+          "post_gelu_causal": (False, "gelu", True, False)}
 
 
-@pytest.mark.parametrize("norm_first,act,causal", BLOCKS.values(), ids=BLOCKS.keys())
-def test_transformer_encoder_block_matches_torch(norm_first, act, causal):
-    spec = seq_spec({"a": {"op": "transformer_encoder_block", "in": "x", "heads": H, "ff": FF,
-                           "norm_first": norm_first, "activation": act, "causal": causal}})
+@pytest.mark.parametrize("norm_first,act,causal,padding", BLOCKS.values(), ids=BLOCKS.keys())
+def test_transformer_encoder_block_matches_torch(norm_first, act, causal, padding):
     rng = np.random.default_rng(5)
+    keep = np.ones((B, T), bool)
+    keep[0, 3:] = not padding                                # sequence 0 may have 3 steps
+    spec = seq_spec({"half": {"op": "const", "value": 0.5},
+                     "mask": {"op": "greater", "in": ["m", "half"]},
+                     "a": {"op": "transformer_encoder_block", "in": ["x", "mask"] if padding
+                           else "x", "heads": H, "ff": FF, "norm_first": norm_first,
+                           "activation": act, "causal": causal}},
+                    {"m": {"shape": ["batch", 1, 1, T]}} if padding else {})
+    if not padding:
+        del spec["nodes"]["half"], spec["nodes"]["mask"]
     feeds = {k: rng.standard_normal((B, T, E)).astype(np.float32) for k in "xy"}
+    if padding:
+        feeds["m"] = keep.reshape(B, 1, 1, T).astype(np.float32)
 
     def torch_side(w):
         layer = torch.nn.TransformerEncoderLayer(
@@ -270,39 +280,15 @@ def test_transformer_encoder_block_matches_torch(norm_first, act, causal):
         leaves = load_module(layer, w)
         mask = torch.nn.Transformer.generate_square_subsequent_mask(T) if causal else None
 
-        def fn(x, y):
-            o = layer(x, src_mask=mask, is_causal=causal)
+        def fn(x, y, m=None):
+            o = layer(x, src_mask=mask, is_causal=causal,
+                      src_key_padding_mask=torch.from_numpy(~keep) if padding else None)
             return o, mse(o, y)
         return fn, leaves
     versus_torch(spec, torch_side, feeds)
 
 
-def test_transformer_encoder_block_with_a_padding_mask():
-    rng = np.random.default_rng(6)
-    keep = np.ones((B, T), bool)
-    keep[0, 3:] = False                                      # sequence 0 has 3 steps
-    spec = seq_spec({"half": {"op": "const", "value": 0.5},
-                     "mask": {"op": "greater", "in": ["m", "half"]},
-                     "a": {"op": "transformer_encoder_block", "in": ["x", "mask"], "heads": H,
-                           "ff": FF}}, {"m": {"shape": ["batch", 1, 1, T]}})
-    feeds = {"x": rng.standard_normal((B, T, E)), "y": rng.standard_normal((B, T, E)),
-             "m": keep.reshape(B, 1, 1, T)}
-    feeds = {k: np.asarray(v, np.float32) for k, v in feeds.items()}
-
-    def torch_side(w):
-        layer = torch.nn.TransformerEncoderLayer(E, H, FF, dropout=0.0, batch_first=True,
-                                                 norm_first=True)
-        leaves = load_module(layer, w)
-
-        def fn(x, y, m):
-            o = layer(x, src_key_padding_mask=torch.from_numpy(~keep))
-            return o, mse(o, y)
-        return fn, leaves
-    versus_torch(spec, torch_side, feeds)
-
-
-@pytest.mark.parametrize("norm_first", [True, False], ids=["pre", "post"])
-def test_transformer_decoder_block_matches_torch(norm_first):
+def test_transformer_decoder_block_matches_torch(norm_first=True):
     tm = 7
     spec = seq_spec({"a": {"op": "transformer_decoder_block", "in": ["x", "mem"], "heads": H,
                            "ff": FF, "norm_first": norm_first}},

@@ -111,3 +111,13 @@ def test_unknown_device(device):
     r = cli("run", FORWARD, "--device", device)
     assert r.exit_code == 1
     assert r.stderr.startswith(f"error: unknown device '{device}'")
+
+
+def test_gradcheck_reports_every_parameter():
+    r = cli("gradcheck", TINY, "--batch", "3")
+    assert r.exit_code == 0, r.output
+    rows = r.stdout.splitlines()
+    assert [x.split()[0] for x in rows[:-1]] == ["h.weight", "h.bias", "logits.weight",
+                                                  "logits.bias"]
+    worst = float(rows[-1].split()[1])
+    assert worst < 1e-6 and rows[-1].endswith("(ok)")
