@@ -41,24 +41,43 @@ def _opt_args(opt: dict[str, Any]) -> dict[str, Any]:
     raise ValueError(f"the bench peers know sgd and adam, not {opt['type']}")
 
 
-def assign_by_order(dl_weights: dict[str, np.ndarray], peer_names: list[str],
-                    peer_shapes: list[tuple[int, ...]]) -> dict[str, np.ndarray]:
-    """Map dlgraph's parameters onto a peer's, in declaration order, checking every shape.
+def assign(dl_weights: dict[str, np.ndarray], peer_shapes: dict[str, tuple[int, ...]],
+           rename=None) -> dict[str, np.ndarray]:
+    """Map dlgraph's parameters onto a peer's, checking every shape.
 
-    Both follow PyTorch's layouts and declare a layer's weight before its bias, so order
-    and shape identify each tensor; a mismatch is a bug in the peer and raises.
+    With ``rename`` (dlgraph name -> peer name), by name; without, in declaration order:
+    both follow PyTorch's layouts and declare a layer's weight before its bias, so order and
+    shape identify each tensor. A mismatch is a bug in the peer and raises.
     """
     dl = list(dl_weights.items())
-    if len(dl) != len(peer_names):
+    if len(dl) != len(peer_shapes):
         raise ValueError(f"dlgraph has {len(dl)} parameters ({', '.join(k for k, _ in dl)}), "
-                         f"the peer {len(peer_names)} ({', '.join(peer_names)})")
+                         f"the peer {len(peer_shapes)} ({', '.join(peer_shapes)})")
+    names = [rename(k) for k, _ in dl] if rename else list(peer_shapes)
     out = {}
-    for (dk, dv), pk, ps in zip(dl, peer_names, peer_shapes, strict=True):
-        if tuple(dv.shape) != tuple(ps):
+    for (dk, dv), pk in zip(dl, names, strict=True):
+        if pk not in peer_shapes:
+            raise ValueError(f"dlgraph's {dk} maps to {pk}, which the peer does not have: "
+                             f"{', '.join(peer_shapes)}")
+        if tuple(dv.shape) != tuple(peer_shapes[pk]):
             raise ValueError(f"dlgraph's {dk} {tuple(dv.shape)} does not fit the peer's {pk} "
-                             f"{tuple(ps)}")
+                             f"{tuple(peer_shapes[pk])}")
         out[pk] = dv
     return out
+
+
+def _rename(family: str):
+    """dlgraph name -> peer name, where order alone does not identify the parameters."""
+    if family != "transformer":
+        return None
+    import re
+
+    def rename(k: str) -> str:
+        m = re.match(r"blk(\d+)\.(.*)", k)
+        if m:
+            return f"blocks.{int(m.group(1)) - 1}.{m.group(2)}"
+        return k.replace("logits.", "head.", 1)
+    return rename
 
 
 # --------------------------------------------------------------------------- dlgraph
@@ -126,7 +145,12 @@ def _tg_models():
             return self.fc2(self.fc1(x).relu())
 
     class LSTM:
-        """nn.LSTMCell (PyTorch gate order i, f, g, o) over time, read-out of the last h."""
+        """nn.LSTMCell (PyTorch gate order i, f, g, o) over time, read-out of the last h.
+
+        The state is made ``.contiguous()`` each step: without it tinygrad fuses every step
+        into the kernels of later ones and recomputes the whole recurrence (the plain loop
+        did not finish its first step in 400 s here; FACTS.md: 25x slower at 32 steps).
+        """
 
         def __init__(self, hidden=32, inp=1):
             self.cell, self.out = nn.LSTMCell(inp, hidden), nn.Linear(hidden, 1)
@@ -134,7 +158,8 @@ def _tg_models():
         def __call__(self, x):
             hc = None
             for t in range(x.shape[1]):
-                hc = self.cell(x[:, t], hc)
+                h, c = self.cell(x[:, t], hc)
+                hc = (h.contiguous(), c.contiguous())
             return self.out(hc[0])
 
     class GRUCell:
@@ -164,7 +189,7 @@ def _tg_models():
         def __call__(self, x):
             h = Tensor.zeros(x.shape[0], self.hidden)
             for t in range(x.shape[1]):
-                h = self.cell(x[:, t], h)
+                h = self.cell(x[:, t], h).contiguous()   # see LSTM
             return self.out(h)
 
     return {"mlp": MLP, "cnn": CNN, "lstm": LSTM, "gru": GRU}
@@ -173,34 +198,41 @@ def _tg_models():
 def _tg_transformer(cfg):
     from tinygrad import Tensor, nn
 
-    class Block:
-        """Post-norm encoder block (PyTorch's TransformerEncoderLayer, norm_first=False)."""
+    class SelfAttention:
+        """PyTorch's nn.MultiheadAttention (packed q, k, v projection), on tinygrad's
+        scaled_dot_product_attention."""
 
-        def __init__(self, d, heads, ff):
+        def __init__(self, d, heads):
             self.heads = heads
-            self.in_proj_weight = Tensor.uniform(3 * d, d, low=-0.1, high=0.1)
+            self.in_proj_weight = Tensor.glorot_uniform(3 * d, d)
             self.in_proj_bias = Tensor.zeros(3 * d)
             self.out_proj = nn.Linear(d, d)
-            self.linear1, self.linear2 = nn.Linear(d, ff), nn.Linear(ff, d)
-            self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
 
-        def attention(self, x):
+        def __call__(self, x):
             b, s, d = x.shape
-            h = self.heads
             qkv = x.linear(self.in_proj_weight.T, self.in_proj_bias)
-            q, k, v = [t.reshape(b, s, h, d // h).transpose(1, 2) for t in qkv.chunk(3, dim=-1)]
+            q, k, v = [t.reshape(b, s, self.heads, d // self.heads).transpose(1, 2)
+                       for t in qkv.chunk(3, dim=-1)]
             a = q.scaled_dot_product_attention(k, v)
             return self.out_proj(a.transpose(1, 2).reshape(b, s, d))
 
+    class Block:
+        """Pre-norm encoder block (PyTorch's TransformerEncoderLayer, norm_first=True)."""
+
+        def __init__(self, d, heads, ff):
+            self.self_attn = SelfAttention(d, heads)
+            self.linear1, self.linear2 = nn.Linear(d, ff), nn.Linear(ff, d)
+            self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
+
         def __call__(self, x):
-            x = self.norm1(x + self.attention(x))
-            return self.norm2(x + self.linear2(self.linear1(x).relu()))
+            x = x + self.self_attn(self.norm1(x))
+            return x + self.linear2(self.linear1(self.norm2(x)).relu())
 
     class Transformer:
         def __init__(self):
             d = cfg["dim"]
             self.embed = nn.Embedding(cfg["vocab"], d)
-            self.pe = Tensor(positional_encoding(cfg["seq"], d))
+            self.pe = Tensor(positional_encoding(cfg["seq"], d)).is_param_(False)  # a buffer
             self.blocks = [Block(d, cfg["heads"], cfg["ff"]) for _ in range(cfg["blocks"])]
             self.head = nn.Linear(d, cfg["vocab"])
 
@@ -228,11 +260,11 @@ class TinygradPeer:
         from tinygrad.nn.state import get_state_dict, load_state_dict
 
         self.Tensor = Tensor
-        model = _tg_transformer(wl.arch) () if wl.family == "transformer" \
+        model = _tg_transformer(wl.arch)() if wl.family == "transformer" \
             else _tg_models()[wl.family]()
-        sd = get_state_dict(model)
-        names = list(sd)
-        mapped = assign_by_order(weights, names, [tuple(sd[k].shape) for k in names])
+        sd = {k: v for k, v in get_state_dict(model).items() if k != "pe"}
+        mapped = assign(weights, {k: tuple(v.shape) for k, v in sd.items()},
+                        _rename(wl.family))
         load_state_dict(model, {k: Tensor(np.ascontiguousarray(v)) for k, v in mapped.items()},
                         verbose=False)
         params = nn.state.get_parameters(model)
@@ -318,7 +350,7 @@ def _torch_model(wl):
                 self.register_buffer("pe", torch.from_numpy(positional_encoding(cfg["seq"], d)))
                 self.blocks = nn.ModuleList([nn.TransformerEncoderLayer(
                     d, cfg["heads"], cfg["ff"], dropout=0.0, activation="relu", batch_first=True,
-                    norm_first=False) for _ in range(cfg["blocks"])])
+                    norm_first=True) for _ in range(cfg["blocks"])])
                 self.head = nn.Linear(d, cfg["vocab"])
 
             def forward(self, ids):
@@ -339,7 +371,7 @@ class TorchPeer:
         sd = {k: v for k, v in model.state_dict().items() if k != "pe"}
         names = [k for k, _ in model.named_parameters()]
         assert set(names) == set(sd), "the torch peer has buffers besides pe"
-        mapped = assign_by_order(weights, names, [tuple(sd[k].shape) for k in names])
+        mapped = assign(weights, {k: tuple(sd[k].shape) for k in names}, _rename(wl.family))
         model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in mapped.items()},
                               strict=False)
         o = wl.optimizer

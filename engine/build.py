@@ -8,16 +8,18 @@ composite expands to, and the backward nodes VJP rules emit all go through
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from pathlib import Path
 
 import networkx as nx
+from pydantic import TypeAdapter, ValidationError
 
 from dlgraph.ops import REGISTRY
 
 from .errors import CycleError, DlgraphError, GraphError, ShapeError, Source, SpecError
 from .ir import Graph, Node, Param, schedule
-from .spec import suggest
+from .spec import library, suggest
 from .types import TType
 
 
@@ -40,6 +42,8 @@ class Builder:
         self.role = "forward"
         self.origin: str | None = None
         self._counts: dict[str, int] = {}
+        self.modules: dict = {}                       # name -> ModuleDef, for module calls
+        self.shared: set[tuple[str, ...]] = set()     # scan step scopes: params shared across
 
     # -- context -----------------------------------------------------------------------
     @contextlib.contextmanager
@@ -129,6 +133,126 @@ class Builder:
                                 source=self.source) from None
         return out if isinstance(out, dict) else {d.outputs[0]: out}
 
+    # -- blocks of spec nodes (the top level and module bodies) ----------------------------
+    def emit_nodes(self, nodes: dict, env: dict[str, str], where, stack=()) -> dict[str, str]:
+        """Emit spec nodes in dependency order; ``env`` maps names (inputs, ``id``,
+        ``id.out``) to node ids and is returned extended with the new nodes."""
+        names = set(env) | set(nodes)
+        dg = nx.DiGraph()
+        for i, nid in enumerate(nodes):
+            dg.add_node(nid, pos=i)
+        for nid, nd in nodes.items():
+            for k, ref in enumerate(nd.in_):
+                base = ref.split(".")[0]
+                if base not in names:
+                    raise GraphError(f"'{ref}' is not an input or a node", node=nid, op=nd.op,
+                                     source=where(nid, "in", k) if len(nd.in_) > 1
+                                     else where(nid, "in"),
+                                     help=suggest(base, sorted(names))
+                                     or f"known names: {', '.join(sorted(names))}")
+                if base in nodes:
+                    dg.add_edge(base, nid)
+        try:
+            order = schedule(dg)
+        except CycleError as e:
+            raise e.located(source=where(e.node)) from None
+        prefix = "/".join(self.scope)
+        for nid in order:
+            nd = nodes[nid]
+            self.source, self.user = where(nid), (f"{prefix}/{nid}" if prefix else nid, nd.op)
+            ins = []
+            for ref in nd.in_:
+                if ref not in env:
+                    base, _, part = ref.partition(".")
+                    outs = self._outputs_of(nodes[base].op) if base in nodes else ()
+                    raise GraphError(f"'{base}' has no output '{part}'", node=nid, op=nd.op,
+                                     source=where(nid, "in"),
+                                     help=f"outputs of '{base}': {', '.join(outs) or 'one'}"
+                                     + (f"; {suggest(part, outs)}" if suggest(part, outs)
+                                        else ""))
+                ins.append(env[ref])
+            if nd.op not in REGISTRY:
+                try:
+                    outs = self.call_module(nd.op, ins, nid, call=nd, stack=stack)
+                except DlgraphError as e:
+                    raise e.located(node=self.user[0], op=nd.op) from None
+            elif REGISTRY[nd.op].composite:
+                outs = self.expand(REGISTRY[nd.op], nd, ins, nid)
+            else:
+                outs = {"out": self.emit(nd.op, *ins, as_=nid, _attrs=nd)}
+            env[nid] = next(iter(outs.values()))
+            env.update({f"{nid}.{k}": v for k, v in outs.items()})
+        return env
+
+    def _outputs_of(self, op: str) -> tuple[str, ...]:
+        if op in REGISTRY:
+            return REGISTRY[op].outputs
+        return tuple(self.modules[op].spec.outputs) if op in self.modules else ()
+
+    def call_module(self, name: str, ins: list[str], local: str, *, call=None, args=None,
+                    stack=()) -> dict[str, str]:
+        """Expand a spec-defined module in scope ``local``; returns its named outputs."""
+        from .spec import node_union
+        mdef = self.modules[name]
+        m = mdef.spec
+        where_call = self.source
+        given = call.args() if call is not None else dict(args or {})
+        for k in given:
+            if k not in m.args:
+                raise SpecError(f"module '{name}' has no arg '{k}'", source=where_call,
+                                help=suggest(k, m.args) or f"its args: "
+                                f"{', '.join(m.args) or 'none'}")
+        values = {**m.args, **given}
+        missing = [k for k, v in values.items() if v is None]
+        if missing:
+            raise SpecError(f"module '{name}' needs arg{'s' * (len(missing) > 1)} "
+                            f"{', '.join(missing)}", source=where_call,
+                            help=f"add {', '.join(f'{k}: ...' for k in missing)} to the node")
+        if name in stack:
+            raise SpecError(f"module '{name}' uses itself (through {' -> '.join(stack)})",
+                            source=where_call, help="modules cannot be recursive")
+        if len(ins) != len(m.inputs):
+            raise SpecError(f"module '{name}' takes {len(m.inputs)} input"
+                            f"{'s' * (len(m.inputs) != 1)} ({', '.join(m.inputs)}), "
+                            f"got {len(ins)}", source=where_call,
+                            help=f"set `in:` to [{', '.join(m.inputs)}]")
+
+        def where(nid, *more):
+            base = mdef.prefix + ("nodes", nid)
+            return Source(mdef.file, mdef.lines.get(base + more) or mdef.lines.get(base))
+
+        nodes = {}
+        adapter = _adapter(node_union())
+        for nid, raw in m.nodes.items():
+            try:
+                nodes[nid] = adapter.validate_python(_substitute(raw, values, name))
+            except SpecError as e:
+                raise e.located(node=nid, source=where(nid)) from None
+            except ValidationError as exc:
+                from dlgraph.ops import REGISTRY as R
+
+                from .spec import _spec_error
+                view = {("nodes",) + k[len(mdef.prefix) + 1:]: v for k, v in mdef.lines.items()
+                        if k[:len(mdef.prefix) + 1] == mdef.prefix + ("nodes",)}
+                err = exc.errors()[0]
+                err = {**err, "loc": ("nodes", nid) + tuple(err["loc"])}
+                raise _spec_error(err, {"nodes": {nid: raw}}, view, mdef.file, R) from None
+        saved = (self.source, self.user)
+        with self.within(local):
+            env = self.emit_nodes(nodes, dict(zip(m.inputs, ins, strict=True)), where,
+                                  stack + (name,))
+        self.source, self.user = saved
+        out = {}
+        for k, ref in enumerate(m.outputs):
+            if ref not in env:
+                raise GraphError(f"module '{name}' output '{ref}' is not one of its nodes",
+                                 source=Source(mdef.file, mdef.lines.get(
+                                     mdef.prefix + ("outputs", k))),
+                                 help=suggest(ref, m.nodes) or f"its nodes: "
+                                 f"{', '.join(m.nodes)}")
+            out[ref.split(".")[-1] if "." in ref else ref] = env[ref]
+        return out
+
     def cut(self, *nids: str | None) -> None:
         """Mark values as kernel boundaries: lowering realises them (e.g. recurrent states)."""
         for nid in nids:
@@ -147,11 +271,27 @@ class Builder:
         if layer is not None:
             init = layer.init.get(name, init)
             trainable = trainable and layer.trainable
+        # inside a scan's steps, one parameter serves every step: drop the step scopes
+        own = tuple(p for i, p in enumerate(self.scope) if self.scope[:i + 1] not in self.shared)
+        if own != self.scope:
+            nid = "/".join(own + (name,))
+            if nid in self.graph.nodes:
+                return nid
+            saved, self.scope = self.scope, own
+            try:
+                return self.param(name, shape, init, trainable=trainable, fan=fan)
+            finally:
+                self.scope = saved
         nid = self.emit("param", as_=name, shape=list(shape), init=init, trainable=trainable)
         if fan:
             p = self.graph.params[nid.replace("/", ".")]
             p.fan_in, p.fan_out = fan
         return nid
+
+
+@functools.cache
+def _adapter(union) -> TypeAdapter:
+    return TypeAdapter(union)
 
 
 def fans(shape: tuple[int, ...]) -> tuple[int, int]:
@@ -174,57 +314,16 @@ def build(spec, lines: dict | None = None, file: str = "<spec>") -> Graph:
     lines = lines or {}
     g = Graph(name=spec.name, source=file, spec=spec, lines=lines)
     b = Builder(g)
+    b.modules = library(spec.model_dump(by_alias=True), file, lines)
     for name, ts in spec.inputs.items():
         b.source = Source(file, lines.get(("inputs", name)))
         b.input(name, TType(tuple(ts.shape), ts.dtype))
-    names = set(spec.inputs) | set(spec.nodes)
 
     def where(nid, *more):
         return Source(file, lines.get(("nodes", nid) + more) or lines.get(("nodes", nid)))
 
-    dg = nx.DiGraph()
-    for i, (nid, nd) in enumerate(spec.nodes.items()):
-        dg.add_node(nid, pos=i)
-    for nid, nd in spec.nodes.items():
-        for k, ref in enumerate(nd.in_):
-            base = ref.split(".")[0]
-            if base not in names:
-                raise GraphError(f"'{ref}' is not an input or a node", node=nid, op=nd.op,
-                                 source=where(nid, "in", k) if len(nd.in_) > 1
-                                 else where(nid, "in"),
-                                 help=suggest(base, sorted(names))
-                                 or f"known names: {', '.join(sorted(names))}")
-            if base in spec.nodes:
-                dg.add_edge(base, nid)
-    try:
-        order = schedule(dg)
-    except CycleError as e:
-        raise e.located(source=where(e.node)) from None
-
-    used: set[str] = set()
-    for nid in order:
-        nd = spec.nodes[nid]
-        d = REGISTRY[nd.op]
-        b.source, b.user = where(nid), (nid, nd.op)
-        ins = []
-        for k, ref in enumerate(nd.in_):
-            used.add(ref.split(".")[0])
-            if ref not in g.aliases and ref not in g.inputs:
-                base, _, part = ref.partition(".")
-                outs = REGISTRY[spec.nodes[base].op].outputs if base in spec.nodes else ()
-                raise GraphError(f"'{base}' has no output '{part}'", node=nid, op=nd.op,
-                                 source=where(nid, "in"),
-                                 help=f"outputs of '{base}': {', '.join(outs) or 'just one'}"
-                                 + (f"; {suggest(part, outs)}" if suggest(part, outs) else ""))
-            ins.append(g.resolve(ref))
-        if d.composite:
-            outs = b.expand(d, nd, ins, nid)
-            for k, v in outs.items():
-                g.aliases[f"{nid}.{k}"] = v
-            g.aliases[nid] = next(iter(outs.values()))
-        else:
-            b.emit(nd.op, *ins, as_=nid, _attrs=nd)
-            g.aliases[nid] = nid
+    env = b.emit_nodes(spec.nodes, {n: n for n in spec.inputs}, where)
+    g.aliases.update({k: v for k, v in env.items() if k not in spec.inputs})
     b.user = None
     for k, ref in enumerate(spec.outputs):
         if ref.split(".")[0] not in spec.nodes and ref not in spec.inputs:
@@ -232,13 +331,29 @@ def build(spec, lines: dict | None = None, file: str = "<spec>") -> Graph:
                              source=Source(file, lines.get(("outputs", k))),
                              help=suggest(ref.split(".")[0], spec.nodes)
                              or f"nodes: {', '.join(spec.nodes)}")
-        if ref not in g.aliases and ref not in g.inputs:
+        if ref not in env:
             raise GraphError(f"output '{ref}' does not exist",
                              source=Source(file, lines.get(("outputs", k))))
-        g.outputs[ref] = g.resolve(ref)
+        g.outputs[ref] = env[ref]
+    used = {ref.split(".")[0] for nd in spec.nodes.values() for ref in nd.in_}
     g.warnings = [f"{Source(file, lines.get(('inputs', n)))}: input '{n}' is not used by any "
                   "node" for n in spec.inputs if n not in used]
     return g
+
+
+def _substitute(value, args: dict, module: str):
+    """Replace ``$name`` strings by the module call's arg values, recursively."""
+    if isinstance(value, str) and value.startswith("$"):
+        if value[1:] not in args:
+            raise SpecError(f"module '{module}' has no arg '{value[1:]}'",
+                            help=suggest(value[1:], args) or
+                            f"declare it under `args:` ({', '.join(args) or 'none yet'})")
+        return args[value[1:]]
+    if isinstance(value, dict):
+        return {k: _substitute(v, args, module) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_substitute(v, args, module) for v in value]
+    return value
 
 
 def load_graph(source, *, base: Path | None = None) -> Graph:

@@ -46,6 +46,7 @@ PALETTE = {
     "param": ("#f2f2f2", "#9a9a9a"),
     "": ("#ffffff", "#707070"),
 }
+MAX_OPTIMIZER_EDGES = 24      # more gradient sources are marked, not wired to the optimizer
 GRAD_EDGE = "#c0392b"           # cotangents flowing back
 SAVED_EDGE = "#a0a0a0"          # forward values the backward pass reads
 PARAM_EDGE = "#7a5ca8"          # gradients into the optimizer
@@ -213,6 +214,7 @@ class _Drawing:
         self.keys: dict[str, str | None] = {}       # None: a scalar constant shown as a note
         self.items: dict[str, _Item] = {}
         self.notes: dict[str, list[str]] = {}
+        self.grad_notes: dict[str, list[str]] = {}     # drawn node -> its parameter gradients
         for nid in g.nodes:
             self._place(nid)
         self.objectives = {self.keys[o] for o in objectives if o in self.keys}
@@ -374,6 +376,11 @@ class _Drawing:
             if self.shapes:
                 line += " " + _dims(self.g.nodes[gid].type.shape)
             by_src.setdefault(self.keys[gid], []).append(line)
+        self.grad_notes = by_src
+        if len(by_src) > MAX_OPTIMIZER_EDGES:
+            # each edge would span the whole drawing, and dot's time grows with their length:
+            # the gradient sources get a purple outline and the list of their parameters instead
+            return
         for src, lines in by_src.items():
             attrs = {"label": "\n".join(lines), "color": PARAM_EDGE, "fontcolor": PARAM_EDGE,
                      "penwidth": "1.4"}
@@ -508,8 +515,12 @@ class _Drawing:
                          penwidth="1.6")
         if item.key in self.outputs:
             attrs["peripheries"] = "2"
+        if item.key in self.grad_notes and len(self.grad_notes) > MAX_OPTIMIZER_EDGES:
+            attrs.update(color=PARAM_EDGE, penwidth="2.2")
+            attrs["tooltip"] = "to the optimizer: " + ", ".join(self.grad_notes[item.key])
         if item.kind == "leaf" and n.role != "input":
-            attrs["tooltip"] = f"{n.id}: {n.op} → {n.type}"
+            attrs["tooltip"] = self.user_doc.get(n.id) if not n.scope and n.id in self.user_doc \
+                else f"{n.id}: {n.op} → {n.type}"
         return attrs
 
     def _leaf_label(self, n: Node, notes: list[str]) -> str:
@@ -547,8 +558,13 @@ class _Drawing:
 
     def _optimizer_attrs(self) -> dict[str, str]:
         fill, border = PALETTE["linalg"]
+        lines = [("optimizer", "b", None), (self.optimizer or "", None, 9)]
+        if len(self.grad_notes) > MAX_OPTIMIZER_EDGES:
+            n = sum(len(v) for v in self.grad_notes.values())
+            lines.append((f"{n} parameter gradients, from the nodes outlined in purple",
+                          None, 9))
         return {"shape": "box3d", "style": "filled", "fillcolor": fill, "color": border,
-                "label": _html([("optimizer", "b", None), (self.optimizer or "", None, 9)])}
+                "label": _html([ln for ln in lines if ln[0]])}
 
 
 # ----------------------------------------------------------------------------- small helpers

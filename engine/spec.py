@@ -12,6 +12,7 @@ import difflib
 import functools
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -94,13 +95,54 @@ def _check_ids(d: dict, what: str) -> dict:
     return d
 
 
+class ModuleCall(NodeSpec):
+    """A node whose op is a module of the spec (`modules:` or `include:`); its other fields
+    are the module's args."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+    op: str = Field(description="the name of a module defined in `modules:` or included")
+
+    def args(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class ModuleSpec(Strict):
+    """A composite defined in the spec: used like an op, any number of times."""
+
+    doc: str | None = Field(None, description="what it computes")
+    inputs: list[str] = Field(description="names its nodes use for the call's `in:`, in order")
+    args: dict[str, Any] = Field(default_factory=dict, description="arg name -> default "
+                                 "(null: required); `$name` in a node field is replaced by it")
+    nodes: dict[str, dict[str, Any]] = Field(description="its nodes, as in `nodes:`")
+    outputs: list[str] = Field(min_length=1, description="node ids it returns; the first is "
+                               "the default, others are referenced as `call.id`")
+
+    @field_validator("inputs")
+    @classmethod
+    def _names(cls, v):
+        for k in v:
+            if not IDENT.match(k):
+                raise ValueError(f"input '{k}' is not a valid name")
+        return v
+
+
+def _op_tag(v) -> str:
+    from dlgraph.ops import REGISTRY
+    op = v.get("op") if isinstance(v, dict) else getattr(v, "op", None)
+    return op if op in REGISTRY else "module"
+
+
 @functools.cache
 def node_union():
-    """The discriminated union of every registered op's model (built once, after import)."""
+    """Every registered op's model, picked by `op`; any other op is a module call."""
+    from typing import Union
+
+    from pydantic import Discriminator, Tag
+
     from dlgraph.ops import REGISTRY
-    models = tuple(d.attrs for d in REGISTRY.values())
-    return Annotated[models[0] if len(models) == 1 else __import__("typing").Union[models],
-                     Field(discriminator="op")]
+    tagged = [Annotated[d.attrs, Tag(d.name)] for d in REGISTRY.values()]
+    tagged.append(Annotated[ModuleCall, Tag("module")])
+    return Annotated[Union[tuple(tagged)], Discriminator(_op_tag)]  # noqa: UP007
 
 
 @functools.cache
@@ -119,6 +161,10 @@ def spec_model() -> type[BaseModel]:
         inputs: dict[str, TensorSpec] = Field(description="graph inputs by name")
         nodes: dict[str, Node] = Field(description="node id to node, in file order")
         outputs: list[str] = Field(description="node ids whose values `run` returns")
+        modules: dict[str, ModuleSpec] = Field(default_factory=dict, description=
+                                               "composites defined here, used like ops")
+        include: list[str] = Field(default_factory=list, description="spec files whose "
+                                   "`modules:` this spec may use (paths relative to it)")
         train: TrainSpec | None = Field(None, description="how to train; absent: inference "
                                                           "only")
 
@@ -256,23 +302,31 @@ def validate_data(data: dict, lines: dict[tuple, int], file: str):
 
 
 def _precheck_nodes(data: dict, lines: dict, file: str):
-    """Unknown or missing ops, checked by hand so the error suggests the close match."""
-    from dlgraph.ops import REGISTRY
+    """Names and ops, checked by hand so that errors suggest the close match."""
     if data.get("dlgraph") not in (1, None):
         raise SpecError(f"unsupported spec version {data.get('dlgraph')!r}",
                         source=Source(file, lines.get(("dlgraph",))),
                         help="this dlgraph reads `dlgraph: 1`")
-    for section, what in (("inputs", "input name"), ("nodes", "node id")):
+    for section, what in (("inputs", "input name"), ("nodes", "node id"),
+                          ("modules", "module name")):
         for k in data.get(section) or {} if isinstance(data.get(section), dict) else {}:
             if not isinstance(k, str) or not IDENT.match(k):
                 raise SpecError(f"{what} '{k}' is not a valid name",
                                 source=Source(file, lines.get((section, k))),
                                 help="use letters, digits and _, not starting with a digit")
-    nodes = data.get("nodes")
+    modules = set(library(data, file, lines))
+    _check_ops(data.get("nodes"), ("nodes",), modules, lines, file)
+    for name, m in (data.get("modules") or {}).items():
+        if isinstance(m, dict):
+            _check_ops(m.get("nodes"), ("modules", name, "nodes"), modules, lines, file)
+
+
+def _check_ops(nodes, path: tuple, modules: set[str], lines: dict, file: str):
+    from dlgraph.ops import REGISTRY
     if not isinstance(nodes, dict):
         return
     for nid, nd in nodes.items():
-        src = Source(file, lines.get(("nodes", nid)))
+        src = Source(file, lines.get(path + (nid,)))
         if not isinstance(nd, dict):
             raise SpecError(f"a node is a mapping with an `op`, got {nd!r}", node=str(nid),
                             source=src, help=f"write e.g. `{nid}: {{op: relu, in: x}}`")
@@ -280,11 +334,58 @@ def _precheck_nodes(data: dict, lines: dict, file: str):
         if op is None:
             raise SpecError("missing `op`", node=str(nid), source=src,
                             help="every node names its op; `dlgraph ops` lists them")
-        if op not in REGISTRY:
+        if op not in REGISTRY and op not in modules:
             raise SpecError(f"unknown op '{op}'", node=str(nid),
-                            source=Source(file, lines.get(("nodes", nid, "op")) or src.line),
-                            help=suggest(str(op), REGISTRY)
+                            source=Source(file, lines.get(path + (nid, "op")) or src.line),
+                            help=suggest(str(op), list(REGISTRY) + sorted(modules))
                             or "`dlgraph ops` lists the ops there are")
+
+
+@dataclass(frozen=True)
+class ModuleDef:
+    """A module and where it was written (for error locations)."""
+
+    name: str
+    spec: ModuleSpec
+    file: str
+    lines: dict
+    prefix: tuple                       # its path in that file's lines: ("modules", name)
+
+
+def library(data: dict, file: str, lines: dict | None = None) -> dict[str, ModuleDef]:
+    """Every module a spec may use: its own `modules:` and those of its `include:` files."""
+    from dlgraph.ops import REGISTRY
+    out: dict[str, ModuleDef] = {}
+    base = Path(file).parent if not file.startswith("<") else Path.cwd()
+    sources = [(file, data, lines or {})]
+    for k, inc in enumerate(data.get("include") or []):
+        where = Source(file, None)
+        path = base / str(inc)
+        if not path.is_file():
+            raise SpecError(f"included file not found: {inc}", source=where,
+                            help=f"paths are relative to the spec's folder ({base})")
+        inc_data, inc_lines = parse_text(path.read_text(encoding="utf-8"), str(path))
+        sources.append((str(path), inc_data, inc_lines))
+    for src_file, d, ls in sources:
+        for name, raw in (d.get("modules") or {}).items():
+            if name in REGISTRY:
+                raise SpecError(f"module '{name}' has the name of a built-in op",
+                                source=Source(src_file, ls.get(("modules", name))),
+                                help="rename the module")
+            if name in out:
+                raise SpecError(f"module '{name}' is defined twice ({out[name].file} and "
+                                f"{src_file})", source=Source(src_file,
+                                                              ls.get(("modules", name))))
+            try:
+                m = ModuleSpec.model_validate(raw)
+            except ValidationError as exc:
+                e = exc.errors()[0]
+                loc = ("modules", name) + tuple(e["loc"])
+                raise SpecError(f"module '{name}': {'.'.join(map(str, e['loc']))}: "
+                                f"{e['msg']}", source=Source(src_file, line_of(ls, loc))) \
+                    from None
+            out[name] = ModuleDef(name, m, src_file, ls, ("modules", name))
+    return out
 
 
 def _spec_error(err: dict, data: dict, lines: dict, file: str, registry) -> SpecError:
@@ -294,9 +395,9 @@ def _spec_error(err: dict, data: dict, lines: dict, file: str, registry) -> Spec
     if len(loc) >= 2 and loc[0] == "nodes":
         node = loc[1]
         op = data["nodes"][node].get("op")
-        if len(loc) >= 3 and loc[2] == op:      # pydantic puts the union tag in the path
+        if len(loc) >= 3 and loc[2] in (op, "module"):  # pydantic puts the union tag here
             loc = loc[:2] + loc[3:]
-        model = registry[op].attrs
+        model = registry[op].attrs if op in registry else ModuleCall
         field_path = loc[2:]
     else:
         field_path = loc

@@ -12,14 +12,14 @@ from typing import Literal
 from pydantic import Field
 from tinygrad import Tensor
 
-from dlgraph.engine.errors import ShapeError
-from dlgraph.engine.spec import ParamLayer
+from dlgraph.engine.errors import ShapeError, SpecError
+from dlgraph.engine.spec import ParamLayer, suggest
 from dlgraph.engine.types import TType, fmt
 
 from .common import same
 from .elementwise import composite
 from .linalg import swap_last
-from .registry import NO_GRAD, attrs, register
+from .registry import NO_GRAD, REGISTRY, attrs, register
 from .shape import _pair
 
 F = "nn"
@@ -47,7 +47,14 @@ def _linear(b, a, x):
 
 
 def _activate(b, a, y):
-    return b.emit(a.activation, y) if getattr(a, "activation", None) else y
+    act = getattr(a, "activation", None)
+    if act is None:
+        return y
+    unary = [n for n, d in REGISTRY.items() if d.family == "activation"]
+    if act not in unary:
+        raise SpecError(f"unknown activation '{act}'",
+                        help=suggest(act, unary) or f"activations: {', '.join(sorted(unary))}")
+    return b.emit(act, y)
 
 
 _act = (str | None, Field(None, description="an activation op applied to the output, "
@@ -175,6 +182,13 @@ register("noise", doc="random samples [batch, *shape], batch taken from the inpu
          infer=_noise_infer,
          forward=lambda c, a, ref: (Tensor.randn if a.kind == "normal" else Tensor.rand)(
              ref.shape[0], *a.shape),
+         vjp=NO_GRAD)
+
+
+register("zeros", doc="zeros [batch, *shape], batch taken from the input (initial states)",
+         family=F, inputs="like",
+         attrs_model=attrs("zeros", shape=(list[int], Field(description="trailing dims"))),
+         infer=_noise_infer, forward=lambda c, a, ref: Tensor.zeros(ref.shape[0], *a.shape),
          vjp=NO_GRAD)
 
 

@@ -15,6 +15,8 @@ layer) and, for lstm, ``c``.
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import Field
 
 from dlgraph.engine.errors import ShapeError
@@ -142,3 +144,47 @@ register("gru", doc="GRU (reset and update gates) over [batch, time, features]",
          family="recurrent", inputs="x, h0*", attrs_model=attrs("gru", base=ParamLayer,
                                                                 **_fields),
          expand=scan("gru"), outputs=("out", "h"))
+
+
+def _scan_module(b, a, x, *init):
+    """A scan whose cell is a module of the spec: inputs [x_t, *states], outputs the new
+    states in the same order. Its parameters are shared by every step."""
+    t = b.type(x)
+    if t.rank < 2 or isinstance(t.shape[1], str):
+        raise ShapeError(f"scan needs [batch, time, ...] with a fixed number of steps, got "
+                         f"{fmt(t.shape)}")
+    if a.body not in b.modules:
+        from dlgraph.engine.spec import suggest
+        raise ShapeError(f"no module '{a.body}' to scan",
+                         help=suggest(a.body, b.modules) or "define it under `modules:`")
+    names = list(a.state)
+    if len(init) not in (0, len(names)):
+        raise ShapeError(f"scan takes x and either no initial states or all {len(names)} "
+                         f"({', '.join(names)}), got {len(init)}")
+    states = list(init) or [b.emit("zeros", x, shape=[a.state[n]], as_=f"{n}0")
+                            for n in names]
+    seq = []
+    for step in range(t.shape[1]):
+        with b.within(f"t{step}"):
+            b.shared.add(b.scope)
+            xt = b.emit("take", x, axis=1, index=step)
+            outs = b.call_module(a.body, [xt, *states], "cell", args=a.args)
+            if len(outs) < len(names):
+                raise ShapeError(f"module '{a.body}' returns {len(outs)} values for "
+                                 f"{len(names)} states ({', '.join(names)})")
+            states = list(outs.values())[:len(names)]
+            b.cut(*states)
+        seq.append(b.emit("unsqueeze", states[0], axis=1))
+    out = b.emit("concat", *seq, axis=1) if len(seq) > 1 else seq[0]
+    return {"out": out, **dict(zip(names, states, strict=True))}
+
+
+register("scan", doc="run a module of the spec over time: its inputs are [x_t, *states], its "
+         "outputs the new states; outputs `out` (the first state at every step) and each "
+         "final state by name", family="recurrent", inputs="x, states*",
+         attrs_model=attrs("scan", body=(str, Field(description="the module to run each step")),
+                           state=(dict[str, int], Field(description="state name -> size, in "
+                                                        "the module's input order")),
+                           args=(dict[str, Any], Field(default_factory=dict,
+                                                       description="args for the module"))),
+         expand=_scan_module, outputs=("out",))

@@ -28,6 +28,8 @@ from dlgraph.engine.autodiff import reverse
 from dlgraph.engine.lower import Ctx, Evaluator, bind, to_tensor
 from dlgraph.ops import REGISTRY
 
+torch.set_num_threads(1)   # the references are tiny: threads only cost time
+
 # ------------------------------------------------------------------------------ inputs
 
 
@@ -122,8 +124,9 @@ def op_spec(case: Case, *, grad: bool = False, out_shape=None) -> dict:
     """A spec whose node ``out`` applies the case's op to its inputs ``x0, x1, ...``.
 
     Forward specs take every input from the graph inputs. Gradient specs (``grad=True``)
-    make each differentiable float input a ``param`` node and add the objective
-    ``obj = sum(out * w)`` with ``w`` a frozen random ``param`` of ``out_shape``.
+    make each float input a ``param`` node (frozen where ``diff=False``, so it can be fed
+    in float64 too) and add the objective ``obj = sum(out * w)`` with ``w`` a frozen random
+    ``param`` of ``out_shape``.
     """
     inputs: dict = {}
     nodes: dict = {}
@@ -137,8 +140,9 @@ def op_spec(case: Case, *, grad: bool = False, out_shape=None) -> dict:
             nodes[name] = {"op": "greater", "in": [f"r{k}", "zero"]}
         elif isinstance(inp, I):
             inputs[name] = {"shape": list(inp.shape), "dtype": "int32"}
-        elif grad and inp.diff:
-            nodes[name] = {"op": "param", "shape": list(inp.shape)}
+        elif grad:
+            nodes[name] = {"op": "param", "shape": list(inp.shape),
+                           **({} if inp.diff else {"trainable": False})}
         else:
             inputs[name] = {"shape": list(inp.shape)}
     nodes["out"] = {"op": case.op, **({"in": names} if names else {}), **case.attrs}
@@ -161,7 +165,7 @@ def feed_arrays(case: Case, rng, *, grad: bool = False) -> tuple[dict, list]:
             feeds[f"r{k}"] = a
             xs.append(a > 0)
         else:
-            if not (grad and isinstance(inp, F) and inp.diff):
+            if not (grad and isinstance(inp, F)):
                 feeds[f"x{k}"] = a
             xs.append(a)
     return feeds, xs

@@ -48,7 +48,6 @@ def check(op, torch_op, module, x_shape, attrs, torch_kw):
 
 # ---------------------------------------------------------------------------------- conv1d
 CONV1D = {  # id: (in channels, length, attrs)
-    "k3": (3, 10, {"out": 4, "kernel": 3}),
     "stride_pad_relu": (3, 11, {"out": 5, "kernel": 3, "stride": 2, "padding": 1,
                                 "activation": "relu"}),
     "dilation_groups_no_bias": (4, 12, {"out": 6, "kernel": 3, "dilation": 2, "padding": 2,
@@ -67,7 +66,6 @@ def test_conv1d_matches_torch(c, length, attrs):
 
 # ------------------------------------------------------------------------ conv_transpose2d
 CONVT = {  # id: (in channels, (h, w), attrs)
-    "k3": (3, (4, 5), {"out": 2, "kernel": 3}),
     "dcgan_k4_s2_p1": (4, (3, 3), {"out": 3, "kernel": 4, "stride": 2, "padding": 1,
                                    "bias": False}),
     "rect_output_padding_relu": (2, (3, 4), {"out": 3, "kernel": [3, 2], "stride": [2, 3],
