@@ -7,7 +7,6 @@ Exit status: 0 ok, 1 a dlgraph error (printed as ``file:line: node 'x' (op): ...
 from __future__ import annotations
 
 import functools
-
 import sys
 from pathlib import Path
 
@@ -131,8 +130,9 @@ def run(spec, inputs, batch, output, weights, out, resume, epochs, steps, seed, 
                  if a.size and a.dtype.kind == "f" else "")
         click.echo(f"{name}: {list(a.shape)} {a.dtype}  {stats}".rstrip())
     if output:
-        from dlgraph.engine.checkpoint import atomic_write
         import io
+
+        from dlgraph.engine.checkpoint import atomic_write
         buf = io.BytesIO()
         np.savez(buf, **outs)
         atomic_write(output, buf.getvalue())

@@ -39,7 +39,7 @@ class DlgraphError(Exception):
 
     def located(self, *, node: str | None = None, op: str | None = None,
                 source: Source | None = None) -> DlgraphError:
-        """Fill in the location where it is still unknown; returns self for ``raise e.located()``."""
+        """Fill in what is still unknown of the location; returns self, for ``raise``."""
         self.node = self.node or node
         self.op = self.op or op
         self.source = self.source or source

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from tinygrad import Tensor, TinyJit, dtypes
 
-from .errors import SpecError, Source
+from .errors import Source, SpecError
 from .ir import Graph
 from .lower import Ctx, Evaluator, bind, init_param, random_inputs, use_device
 from .summary import phase_params, training_graph
@@ -43,36 +43,39 @@ def gradcheck(g: Graph, *, batch: int = 4, seed: int = 0, device: str | None = N
     base = {n: init_param(p, seed).astype(np.float64) for n, p in g.params.items()}
     rng = np.random.default_rng(seed)
     rows: list[tuple[str, float]] = []
-    for phase in g.spec.train.all_phases():
-        tg = training_graph(g, phase)
-        names = phase_params(g, phase)
-        objective = Evaluator(g, [tg.objective])
-        order = list(base)
-        # one compiled program, replayed for every perturbation
-        jitted = TinyJit(lambda *ps: objective(Ctx(True, dims), feeds,
-                                               dict(zip(order, ps, strict=True)))[0].realize())
-
-        def loss_at(values: dict[str, np.ndarray]) -> float:
-            Tensor.manual_seed(seed)
-            ps = [Tensor(values[k], dtype=dtypes.float64).realize() for k in order]
-            return float(jitted(*ps).numpy())
-
-        Tensor.manual_seed(seed)
-        ps = {k: Tensor(v, dtype=dtypes.float64) for k, v in base.items()}
-        grads = Evaluator(tg, [tg.grads[n] for n in names])(Ctx(True, dims), feeds, ps)
-        for name, grad in zip(names, grads, strict=True):
-            ours = grad.numpy()
-            flat = rng.choice(ours.size, size=min(coords, ours.size), replace=False)
-            worst = 0.0
-            for i in flat:
-                idx = np.unravel_index(i, ours.shape)
-                plus, minus = dict(base), dict(base)
-                plus[name], minus[name] = base[name].copy(), base[name].copy()
-                plus[name][idx] += eps
-                minus[name][idx] -= eps
-                fd = (loss_at(plus) - loss_at(minus)) / (2 * eps)
-                scale = max(abs(fd), abs(ours[idx]), 1e-6)
-                worst = max(worst, abs(fd - ours[idx]) / scale)
-            rows.append((name if len(g.spec.train.all_phases()) == 1
-                         else f"{phase.name}: {name}", worst))
+    phases = g.spec.train.all_phases()
+    for phase in phases:
+        for name, worst in _check_phase(g, phase, feeds, dims, base, seed, coords, eps, rng):
+            rows.append((name if len(phases) == 1 else f"{phase.name}: {name}", worst))
     return rows
+
+
+def _check_phase(g, phase, feeds, dims, base, seed, coords, eps, rng):
+    tg = training_graph(g, phase)
+    names = phase_params(g, phase)
+    objective = Evaluator(g, [tg.objective])
+    order = list(base)
+    # one compiled program, replayed for every perturbation
+    jitted = TinyJit(lambda *ps: objective(Ctx(True, dims), feeds,
+                                           dict(zip(order, ps, strict=True)))[0].realize())
+
+    def loss_at(values: dict[str, np.ndarray]) -> float:
+        Tensor.manual_seed(seed)
+        ps = [Tensor(values[k], dtype=dtypes.float64).realize() for k in order]
+        return float(jitted(*ps).numpy())
+
+    Tensor.manual_seed(seed)
+    ps = {k: Tensor(v, dtype=dtypes.float64) for k, v in base.items()}
+    grads = Evaluator(tg, [tg.grads[n] for n in names])(Ctx(True, dims), feeds, ps)
+    for name, grad in zip(names, grads, strict=True):
+        ours = grad.numpy()
+        worst = 0.0
+        for i in rng.choice(ours.size, size=min(coords, ours.size), replace=False):
+            idx = np.unravel_index(i, ours.shape)
+            plus, minus = dict(base), dict(base)
+            plus[name], minus[name] = base[name].copy(), base[name].copy()
+            plus[name][idx] += eps
+            minus[name][idx] -= eps
+            fd = (loss_at(plus) - loss_at(minus)) / (2 * eps)
+            worst = max(worst, abs(fd - ours[idx]) / max(abs(fd), abs(ours[idx]), 1e-6))
+        yield name, worst

@@ -24,7 +24,7 @@ class Node:
     attrs: Any                      # the op's validated pydantic model
     inputs: tuple[str, ...]
     type: TType
-    scope: tuple[str, ...] = ()     # the composite nodes this one was expanded from, outermost first
+    scope: tuple[str, ...] = ()     # composites it was expanded from, outermost first
     source: Source | None = None
     origin: str | None = None       # for a backward node: the forward node whose VJP emitted it
     role: str = "forward"           # input | param | forward | backward

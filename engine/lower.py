@@ -119,9 +119,9 @@ def bind(graph: Graph, arrays: dict[str, np.ndarray], where: str = "input") -> d
             else:
                 ok = ok and d == s
         if not ok:
+            bound = ", ".join(f"{k}={v}" for k, v in dims.items())
             raise ShapeError(f"{where} '{name}' has shape {fmt(a.shape)}, but the spec "
-                             f"declares {t}" + (f" with {', '.join(f'{k}={v}' for k, v in dims.items())}"
-                                                if dims else ""),
+                             f"declares {t}" + (f" with {bound}" if dims else ""),
                              help="reshape the data, or change the input's `shape:`")
     return dims
 

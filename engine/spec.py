@@ -358,8 +358,8 @@ def library(data: dict, file: str, lines: dict | None = None) -> dict[str, Modul
     out: dict[str, ModuleDef] = {}
     base = Path(file).parent if not file.startswith("<") else Path.cwd()
     sources = [(file, data, lines or {})]
-    for k, inc in enumerate(data.get("include") or []):
-        where = Source(file, None)
+    for inc in data.get("include") or []:
+        where = Source(file, lines.get(("include",)) if lines else None)
         path = base / str(inc)
         if not path.is_file():
             raise SpecError(f"included file not found: {inc}", source=where,
@@ -433,7 +433,7 @@ def read_spec(path: str | Path):
     except FileNotFoundError:
         raise SpecError(f"no such file: {p}", help="check the path") from None
     except (IsADirectoryError, UnicodeDecodeError, PermissionError) as e:
-        raise SpecError(f"cannot read {p}: {e.strerror if hasattr(e, 'strerror') and e.strerror else e}",
+        raise SpecError(f"cannot read {p}: {getattr(e, 'strerror', None) or e}",
                         source=Source(str(p))) from None
     data, lines = parse_text(text, str(p))
     return validate_data(data, lines, str(p)), lines

@@ -10,7 +10,7 @@ from __future__ import annotations
 import fnmatch
 from dataclasses import dataclass, field
 
-from .errors import GradientError, SpecError, Source
+from .errors import GradientError, Source, SpecError
 from .ir import Graph
 from .types import TType, fmt, numel
 
@@ -48,8 +48,8 @@ class Summary:
             lines.append(f"{r.node:<{w}}  {r.op:<{o}}  {r.shape:<{s}}  "
                          f"{(f'{r.params:,}' if r.params else ''):>9}")
         lines.append("-" * (w + o + s + 15))
-        lines.append(f"inputs:  " + ", ".join(f"{k} {v}" for k, v in self.inputs.items()))
-        lines.append(f"outputs: " + ", ".join(f"{k} {v}" for k, v in self.outputs.items()))
+        lines.append("inputs:  " + ", ".join(f"{k} {v}" for k, v in self.inputs.items()))
+        lines.append("outputs: " + ", ".join(f"{k} {v}" for k, v in self.outputs.items()))
         frozen = self.params - self.trainable
         lines.append(f"params:  {self.params:,} ({self.trainable:,} trainable"
                      + (f", {frozen:,} frozen" if frozen else "") + f"; "

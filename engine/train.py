@@ -286,7 +286,8 @@ def train(graph: Graph, *, out=None, resume: bool = False, device: str | None = 
             t0 = time.perf_counter()
             losses = {r.phase.name: [] for r in runners}
             bar = tqdm(batches(train_arrays, spec.batch, spec.seed, epoch), total=per_epoch,
-                       desc=f"epoch {epoch + 1}/{epochs}", leave=False, disable=True if quiet else None,
+                       desc=f"epoch {epoch + 1}/{epochs}", leave=False,
+                       disable=True if quiet else None,
                        file=sys.stderr, unit="step")
             for batch in bar:
                 feeds = [to_tensor(batch[k], graph.inputs[k].dtype) for k in names]
@@ -299,7 +300,7 @@ def train(graph: Graph, *, out=None, resume: bool = False, device: str | None = 
                             where = ""
                             if debug:
                                 bad = first_non_finite(r.graph, params,
-                                                       dict(zip(names, feeds)), dims)
+                                                       dict(zip(names, feeds, strict=True)), dims)
                                 where = f"; the first non-finite value is node '{bad}'" \
                                     if bad else ""
                             raise TrainingError(

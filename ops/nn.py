@@ -30,7 +30,7 @@ def _features(b, x, axis=-1, what="features"):
     d = t.shape[axis]
     if isinstance(d, str):
         raise ShapeError(f"the {what} axis of {fmt(t.shape)} is the named dim '{d}'",
-                         help=f"the last axis must be a size, e.g. [batch, 64]")
+                         help="the last axis must be a size, e.g. [batch, 64]")
     return d
 
 

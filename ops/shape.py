@@ -185,8 +185,9 @@ def _concat_infer(a, *xs):
     ax = _axis(a.axis, xs[0].rank)
     total = 0
     for t in xs:
-        if t.rank != xs[0].rank or any(d != e for i, (d, e) in
-                                       enumerate(zip(t.shape, xs[0].shape)) if i != ax):
+        if t.rank != xs[0].rank or any(
+                d != e for i, (d, e) in enumerate(zip(t.shape, xs[0].shape, strict=True))
+                if i != ax):
             raise ShapeError("inputs differ outside the concat axis: "
                              + ", ".join(fmt(t.shape) for t in xs),
                              help=f"all dims but axis {a.axis} must agree")
@@ -248,7 +249,8 @@ def reduce_to(x, shape):
     extra = x.ndim - len(shape)
     if extra:
         x = x.sum(tuple(range(extra)))
-    axes = tuple(i for i, (d, s) in enumerate(zip(x.shape, shape)) if s == 1 and d != 1)
+    axes = tuple(i for i, (d, s) in enumerate(zip(x.shape, shape, strict=True))
+                 if s == 1 and d != 1)
     return x.sum(axes, keepdim=True) if axes else x
 
 

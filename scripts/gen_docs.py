@@ -230,8 +230,24 @@ def constraints(f: FieldInfo) -> str:
     return ", ".join(out)
 
 
+def md_text(text: str) -> str:
+    """Plain text for markdown, outside code spans: a ``*`` that could start or end emphasis
+    and a ``<`` that could start an HTML tag are escaped (``x * y`` and ``x < 0`` stay)."""
+    def star(m: re.Match) -> str:
+        s, a, b = m.string, m.start(), m.end()
+        free = (a == 0 or s[a - 1].isspace()) and (b == len(s) or s[b].isspace())
+        return m.group(0) if free else m.group(0).replace("*", "\\*")
+
+    def plain(part: str) -> str:
+        return re.sub(r"<(?=[A-Za-z/!?])", r"\\<", re.sub(r"\*+", star, part))
+
+    parts = re.split(r"(`[^`]*`)", text)
+    return "".join(p if p.startswith("`") else plain(p) for p in parts)
+
+
 def cell(text: str) -> str:
-    return " ".join(text.split()).replace("|", "\\|")
+    """Text for a table cell: one line, markdown-safe, pipes escaped."""
+    return md_text(" ".join(text.split())).replace("|", "\\|")
 
 
 def fields_table(model: type[BaseModel], links: Links, path: str,
@@ -521,7 +537,9 @@ def gen_data() -> str:
         n = re.search(r"\(N = ([^)]*)\)", doc)
         keys = _keys_sentence(rest)
         intro = _without_tables(rest.replace(keys, "") if keys else rest)
-        out += ["", f"### {title.rstrip('.').split(':')[0]}", "", rst_to_md(title)]
+        head, _, what = title.partition(": ")
+        out += ["", f"### {head.rstrip('.')}"]
+        out += ["", rst_to_md(what[:1].upper() + what[1:])] if what else []
         if intro:
             out += ["", rst_to_md(intro)]
         for name, m in sources:

@@ -70,7 +70,7 @@ def test_matches_torch(kind, layers, bidir, states):
     grads = Evaluator(tg, [tg.grads[n] for n in names])(
         Ctx(training=True, dims=bind(g, arrays)), feeds, model.params)
     torch_grads = dict(net.named_parameters())
-    for n, gr in zip(names, grads):
+    for n, gr in zip(names, grads, strict=True):
         ref = torch_grads[n.removeprefix("enc.")].grad.numpy()
         err = np.abs(gr.numpy() - ref).max() / (np.abs(ref).max() + 1e-12)
         assert err < 1e-4, f"{n}: relative error {err:.2e}"

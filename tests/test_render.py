@@ -218,7 +218,7 @@ def test_bad_arguments(mlp, tmp_path):
         render(mlp, tmp_path / "g.jpg")
     assert str(e.value) == (f"cannot write {tmp_path / 'g.jpg'}: unknown format '.jpg'\n"
                             "  help: use one of: .dot, .gv, .svg, .png, .pdf")
-    with pytest.raises(DlgraphError, match="cannot expand 'fc3'.*did you mean 'fc2'"):
+    with pytest.raises(DlgraphError, match="(?s)cannot expand 'fc3'.*did you mean 'fc2'"):
         render(mlp, expand=["fc3"])
     with pytest.raises(DlgraphError, match="unknown rankdir 'XY'"):
         render(mlp, rankdir="XY")
