@@ -266,7 +266,7 @@ class TinygradPeer:
         mapped = assign(weights, {k: tuple(v.shape) for k, v in sd.items()},
                         _rename(wl.family))
         load_state_dict(model, {k: Tensor(np.ascontiguousarray(v)) for k, v in mapped.items()},
-                        verbose=False)
+                        strict=False, verbose=False)             # strict=False: keeps pe
         params = nn.state.get_parameters(model)
         o = wl.optimizer
         a = _opt_args(o)

@@ -259,6 +259,27 @@ def gradcheck(spec, batch, seed, device):
         sys.exit(1)
 
 
+@main.command()
+@SPEC
+@click.option("--weights", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="weights.safetensors of a training run")
+@click.option("--prompt", default="", help="text to continue")
+@click.option("--length", type=click.IntRange(min=1), default=200, show_default=True,
+              help="tokens to generate")
+@click.option("--temperature", type=click.FloatRange(min=0), default=0.8, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@DEVICE
+@errors
+def sample(spec, weights, prompt, length, temperature, seed, device):
+    """Generate text from a language model trained on a text source."""
+    import dlgraph
+    from dlgraph.engine.sample import sample as generate
+    g = _load(spec)
+    model = dlgraph.compile(g, weights=weights, device=device)
+    click.echo(generate(g, model, prompt=prompt, length=length, temperature=temperature,
+                        seed=seed))
+
+
 if __name__ == "__main__":
     main()
 

@@ -211,6 +211,7 @@ class _Drawing:
             self.expanded = set(expand)
         self.paths = {nid: self._path(n) for nid, n in g.nodes.items()}
         self.canon, self.steps, self.repeats = self._repeats()
+        self.times = self._merge_per_step()
         self.keys: dict[str, str | None] = {}       # None: a scalar constant shown as a note
         self.items: dict[str, _Item] = {}
         self.notes: dict[str, list[str]] = {}
@@ -280,6 +281,28 @@ class _Drawing:
                             if j:
                                 canon[nid] = first
         return canon, steps, repeats
+
+    def _merge_per_step(self) -> dict[str, int]:
+        """Merge the per-step copies of an op outside a folded loop (its outputs' gathering).
+
+        Once steps fold onto their first, ops applied to each step's output (an ``unsqueeze``
+        per step before a ``concat``) read the same drawn node: the same op in the same
+        scope on the same drawn inputs is drawn once, marked ``× k``.
+        """
+        times: dict[str, int] = {}
+        if not self.canon:
+            return times
+        seen: dict[tuple, str] = {}
+        for n in self.g.nodes.values():
+            if n.id in self.canon or not any(i in self.steps for i in n.inputs):
+                continue
+            sig = (n.scope, n.op, n.role, n.origin and self._resolve(n.origin),
+                   tuple(self._resolve(i) for i in n.inputs))
+            first = seen.setdefault(sig, n.id)
+            if first != n.id:
+                self.canon[n.id] = first
+                times[first] = times.get(first, 1) + 1
+        return times
 
     def _resolve(self, nid: str) -> str:
         while nid in self.canon:
@@ -508,7 +531,10 @@ class _Drawing:
             attrs.update(shape="ellipse", fontsize="9", height="0.25", width="0.3",
                          margin="0.03,0.01", label=_html([(_value(n), None, None)]))
         else:
-            attrs["label"] = self._leaf_label(n, self.notes.get(item.key, []))
+            notes = list(self.notes.get(item.key, []))
+            if item.key in self.times:
+                notes.insert(0, f"× {self.times[item.key]}")
+            attrs["label"] = self._leaf_label(n, notes)
         if item.key in self.objectives:
             fill, border = PALETTE["loss"]
             attrs.update(shape="octagon", style="filled", fillcolor=fill, color=border,
@@ -525,7 +551,10 @@ class _Drawing:
 
     def _leaf_label(self, n: Node, notes: list[str]) -> str:
         local = n.id.rsplit("/", 1)[-1]
-        note = [(f"with {', '.join(notes)}", None, 8)] if notes else []
+        times = [x for x in notes if x.startswith("× ")]
+        consts = [x for x in notes if not x.startswith("× ")]
+        note = [(" · ".join(times + ([f"with {', '.join(consts)}"] if consts else [])), None, 8)
+                ] if notes else []
         if n.role == "backward" or (n.scope and re.sub(r"_\d+$", "", local) == n.op):
             return _html([(n.op, None, None)] + note)
         if not n.scope:                                  # a primitive the user wrote

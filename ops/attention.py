@@ -12,20 +12,15 @@ sinusoids and causal masks are made in the graph.
 Weights use PyTorch's names and layouts, so a PyTorch ``state_dict`` loads as it is, with
 the node id as prefix (``<id>.<torch name>``):
 
-========================================  ============================================
-dlgraph parameter                         PyTorch
-========================================  ============================================
-``mha.in_proj_weight`` [3E, E]            ``MultiheadAttention.in_proj_weight`` (q; k; v)
-``mha.in_proj_bias`` [3E]                 ``in_proj_bias``
-``mha.out_proj.weight`` [E, E]            ``out_proj.weight`` (``out_proj`` is a linear)
-``mha.out_proj.bias`` [E]                 ``out_proj.bias``
-``enc.self_attn.*``, ``enc.linear1.*``,   ``TransformerEncoderLayer``: the same names
-``enc.linear2.*``, ``enc.norm1.*``,
-``enc.norm2.*``
-``dec.self_attn.*``, ``dec.multihead_attn.*``,  ``TransformerDecoderLayer``: the same
-``dec.linear1/2.*``, ``dec.norm1/2/3.*``        names
-``pe.weight`` [max_len, E] (learned)      an ``nn.Embedding(max_len, E).weight``
-========================================  ============================================
+- ``multi_head_attention`` (``nn.MultiheadAttention``): ``in_proj_weight`` [3E, E] (the q,
+  k and v projections stacked), ``in_proj_bias`` [3E], ``out_proj.weight`` [E, E],
+  ``out_proj.bias`` [E] (``out_proj`` is a ``linear`` node, as in PyTorch).
+- ``transformer_encoder_block`` (``nn.TransformerEncoderLayer``): ``self_attn.*`` (as
+  above), ``linear1.*``, ``linear2.*``, ``norm1.*``, ``norm2.*``.
+- ``transformer_decoder_block`` (``nn.TransformerDecoderLayer``): ``self_attn.*``,
+  ``multihead_attn.*``, ``linear1.*``, ``linear2.*``, ``norm1.*``, ``norm2.*``, ``norm3.*``.
+- ``positional_encoding`` with ``kind: learned``: ``weight`` [max_len, E], like an
+  ``nn.Embedding(max_len, E)`` (and initialised like one: standard normal).
 
 ``init`` overrides of a layer are keyed by these dotted names relative to the layer, e.g.
 ``init: {self_attn.out_proj.weight: glorot_uniform, linear1.bias: 0.1}``.
@@ -42,7 +37,8 @@ or a key-padding mask [batch, 1, 1, Tk]).
   ``is_causal``), and combines with a mask.
 
 A query whose keys are all masked gets equal weights over all keys: its output is the mean
-of the values, never NaN (PyTorch gives NaN there).
+of the values, never NaN (PyTorch's ``scaled_dot_product_attention`` gives zeros there,
+``nn.MultiheadAttention`` NaN). Causal masking alone never masks a whole row.
 """
 
 from __future__ import annotations
@@ -145,7 +141,7 @@ register("attention", doc="scaled dot-product attention softmax(q k^T * scale + 
 
 
 # -- multi-head attention ---------------------------------------------------------------------
-def sub(a, prefix: str, **defaults) -> dict:
+def sublayer(a, prefix: str, **defaults) -> dict:
     """``init``/``trainable`` of a sub-layer: the layer's ``init`` keys under ``prefix.``."""
     pre = prefix + "."
     init = dict(defaults)
@@ -206,7 +202,7 @@ def _mha(b, a, query, *more):
     bq, tq, _ = b.shape(query)
     o = b.emit("reshape", b.emit("transpose", o, axes=[0, 2, 1, 3]), shape=[bq, tq, e])
     return b.emit("linear", o, as_="out_proj", out=e, bias=a.bias,
-                  **sub(a, "out_proj", weight="uniform", bias="zeros"))
+                  **sublayer(a, "out_proj", weight="uniform", bias="zeros"))
 
 
 _heads = (int, Field(gt=0, description="number of heads; must divide the model dim"))
@@ -267,18 +263,18 @@ register("positional_encoding", doc="x + pe[:time] over [..., time, features]: f
 
 # -- transformer blocks -----------------------------------------------------------------------
 def _norm(b, a, x, name):
-    return b.emit("layer_norm", x, as_=name, eps=a.eps, **sub(a, name))
+    return b.emit("layer_norm", x, as_=name, eps=a.eps, **sublayer(a, name))
 
 
 def _feed_forward(b, a, x, e):
     hid = b.emit("linear", x, as_="linear1", out=a.ff, activation=a.activation,
-                 **sub(a, "linear1"))
-    return b.emit("linear", hid, as_="linear2", out=e, **sub(a, "linear2"))
+                 **sublayer(a, "linear1"))
+    return b.emit("linear", hid, as_="linear2", out=e, **sublayer(a, "linear2"))
 
 
 def _attend(b, a, name, x, *more, causal=False):
     return b.emit("multi_head_attention", x, *more, as_=name, heads=a.heads, causal=causal,
-                  **sub(a, name))
+                  **sublayer(a, name))
 
 
 def _residual(b, a, x, name, layer):

@@ -589,7 +589,7 @@ INIT_FORMULAS = {
     "zeros": "0",
     "ones": "1",
     "normal": "N(0, 1)",
-    "uniform": "U(−a, a), a = 1 / √fan_in (PyTorch's default for biases and recurrent weights)",
+    "uniform": "U(−a, a), a = 1 / √fan_in (PyTorch's default for recurrent layers)",
     "orthogonal": "the [shape[0], rest] matrix has orthonormal rows or columns (QR of a "
                   "Gaussian matrix, signs fixed)",
 }
@@ -660,8 +660,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         for name in changed:
             print(f"{args.path}: generated section '{name}' is out of date")
-        if changed:
-            print("run: .venv/bin/python scripts/gen_docs.py")
+        print("run: .venv/bin/python scripts/gen_docs.py" if changed
+              else f"{args.path}: up to date")
         return 1 if changed else 0
     if changed:
         args.path.write_text(new, encoding="utf-8")

@@ -1,0 +1,53 @@
+"""`dlgraph sample` continues a prompt with characters of the training text."""
+
+from click.testing import CliRunner
+
+import dlgraph
+from dlgraph.cli.main import main
+from dlgraph.engine.data import vocabulary
+
+SPEC = """dlgraph: 1
+name: tiny-lm
+inputs:
+  x: {shape: [batch, 8], dtype: int32}
+  y: {shape: [batch, 8], dtype: int32}
+nodes:
+  emb: {op: embedding, in: x, num: VOCAB, dim: 8}
+  rnn: {op: gru, in: emb, hidden: 16}
+  logits: {op: linear, in: rnn, out: VOCAB}
+  loss: {op: cross_entropy, in: [logits, y]}
+outputs: [logits]
+train:
+  data: {source: text_tokens, length: 8, samples: 256}
+  batch: 32
+  epochs: 1
+  objective: loss
+  optimizer: {type: adam, lr: 0.01}
+"""
+
+
+def test_sample_from_a_trained_model(tmp_path):
+    probe = dlgraph.load(SPEC.replace("VOCAB", "2"))
+    vocab = vocabulary(probe.spec.train.data)
+    path = tmp_path / "lm.yaml"
+    path.write_text(SPEC.replace("VOCAB", str(len(vocab))))
+    res = dlgraph.train(dlgraph.load(path), out=tmp_path / "run", steps=3, quiet=True)
+    r = CliRunner().invoke(main, ["sample", str(path), "--weights",
+                                  str(res.run_dir / "weights.safetensors"),
+                                  "--prompt", "First", "--length", "30"])
+    assert r.exit_code == 0, r.output
+    text = r.stdout.rstrip("\n")
+    assert text.startswith("First") and len(text) == len("First") + 30
+    assert set(text) <= set(vocab)
+
+
+def test_sample_rejects_unknown_prompt_tokens(tmp_path):
+    probe = dlgraph.load(SPEC.replace("VOCAB", "2"))
+    vocab = vocabulary(probe.spec.train.data)
+    path = tmp_path / "lm.yaml"
+    path.write_text(SPEC.replace("VOCAB", str(len(vocab))))
+    res = dlgraph.train(dlgraph.load(path), out=tmp_path / "run", steps=1, quiet=True)
+    r = CliRunner().invoke(main, ["sample", str(path), "--weights",
+                                  str(res.run_dir / "weights.safetensors"), "--prompt", "€"])
+    assert r.exit_code == 1
+    assert "the prompt has tokens the model never saw: ['€']" in r.stderr
