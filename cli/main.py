@@ -213,7 +213,8 @@ def ops(name):
         kind = "composite" if d.composite else "primitive"
         click.echo(f"{d.name} ({d.family}, {kind}): {d.doc}\n  in: [{d.signature()}]")
         for k, f in d.fields().items():
-            default = "" if f.is_required() else f" = {f.default!r}"
+            default = "" if f.is_required() else \
+                f" = {f.get_default(call_default_factory=True)!r}"
             click.echo(f"  {f.alias or k}{default}: {f.description or ''}")
         return
     by_family: dict[str, list] = {}

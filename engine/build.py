@@ -44,6 +44,7 @@ class Builder:
         self._counts: dict[str, int] = {}
         self.modules: dict = {}                       # name -> ModuleDef, for module calls
         self.shared: set[tuple[str, ...]] = set()     # scan step scopes: params shared across
+        self._layers: list = []                       # (scope, attrs) of enclosing layers
 
     # -- context -----------------------------------------------------------------------
     @contextlib.contextmanager
@@ -125,12 +126,28 @@ class Builder:
     def expand(self, d, attrs, inputs, local: str) -> dict[str, str]:
         """Expand a composite in its own scope; returns its named outputs."""
         self._check_arity(d, inputs)
+        before = set(self.graph.params)
         with self.within(local):
+            layered = hasattr(attrs, "init")
+            if layered:
+                self._layers.append((self.scope, attrs))
             try:
                 out = d.expand(self, attrs, *inputs)
             except DlgraphError as e:
                 raise e.located(node=self.user and self.user[0], op=d.name,
                                 source=self.source) from None
+            finally:
+                if layered:
+                    self._layers.pop()
+            prefix = ".".join(self.scope) + "."
+        made = [p.removeprefix(prefix) for p in self.graph.params if p not in before]
+        for key in getattr(attrs, "init", None) or {}:
+            if key not in made:
+                raise SpecError(f"`init` names '{key}', which is not a parameter of "
+                                f"{d.name}", help=suggest(key, made) or
+                                f"its parameters: {', '.join(made) or 'none'}").located(
+                                    node=self.user and self.user[0], op=d.name,
+                                    source=self.source)
         return out if isinstance(out, dict) else {d.outputs[0]: out}
 
     # -- blocks of spec nodes (the top level and module bodies) ----------------------------
@@ -266,23 +283,28 @@ class Builder:
               trainable: bool = True, fan: tuple[int, int] | None = None) -> str:
         """A parameter of the current scope, e.g. ``b.param('weight', (10, 64), 'he_normal')``.
 
-        ``layer`` is the spec model of the layer: its ``init`` overrides and ``trainable``.
+        ``init`` is the layer's default; the ``init:`` field of the layer or of any
+        composite around it overrides it by relative name (``self_attn.in_proj_weight``),
+        and ``trainable: false`` on any of them freezes it.
         """
-        if layer is not None:
-            init = layer.init.get(name, init)
-            trainable = trainable and layer.trainable
         # inside a scan's steps, one parameter serves every step: drop the step scopes
         own = tuple(p for i, p in enumerate(self.scope) if self.scope[:i + 1] not in self.shared)
-        if own != self.scope:
-            nid = "/".join(own + (name,))
-            if nid in self.graph.nodes:
-                return nid
-            saved, self.scope = self.scope, own
-            try:
-                return self.param(name, shape, init, trainable=trainable, fan=fan)
-            finally:
-                self.scope = saved
-        nid = self.emit("param", as_=name, shape=list(shape), init=init, trainable=trainable)
+        nid = "/".join(own + (name,))
+        if own != self.scope and nid in self.graph.nodes:
+            return nid
+        for scope, attrs in self._layers:           # outermost first: the user's word wins
+            rel = ".".join(own[len(scope):] + (name,))
+            if own[:len(scope)] == scope and rel in attrs.init:
+                init = attrs.init[rel]
+                break
+        trainable = trainable and all(a.trainable for s, a in self._layers
+                                      if own[:len(s)] == s)
+        saved, self.scope = self.scope, own
+        try:
+            nid = self.emit("param", as_=name, shape=list(shape), init=init,
+                            trainable=trainable)
+        finally:
+            self.scope = saved
         if fan:
             p = self.graph.params[nid.replace("/", ".")]
             p.fan_in, p.fan_out = fan

@@ -101,7 +101,10 @@ def _write(drawing: _Drawing, rankdir: str, text: str, path: Path, suffix: str) 
     else:
         import graphviz
         # a sharper PNG than graphviz's 96 dpi; vector formats stay as they are
-        src = drawing.dot(rankdir, dpi=144) if suffix == ".png" else text
+        # a sharper PNG than graphviz's 96 dpi, where the picture is small enough that
+        # rasterising it stays quick
+        sharp = suffix == ".png" and len(drawing.items) <= 120
+        src = drawing.dot(rankdir, dpi=144) if sharp else text
         try:
             data = graphviz.pipe("dot", suffix[1:], src.encode(), quiet=True)
         except graphviz.ExecutableNotFound:
@@ -294,9 +297,10 @@ class _Drawing:
             return times
         seen: dict[tuple, str] = {}
         for n in self.g.nodes.values():
-            if n.id in self.canon or not any(i in self.steps for i in n.inputs):
+            if n.id in self.canon or not any(i in self.steps or i in self.canon
+                                             for i in n.inputs):
                 continue
-            sig = (n.scope, n.op, n.role, n.origin and self._resolve(n.origin),
+            sig = (self.paths[n.id], n.op, n.role, n.origin and self._resolve(n.origin),
                    tuple(self._resolve(i) for i in n.inputs))
             first = seen.setdefault(sig, n.id)
             if first != n.id:
@@ -426,8 +430,8 @@ class _Drawing:
         title: str = self.g.name
         if self.backward:
             title = _html([(f"{self.g.name} · training graph", None, None),
-                           ("red: gradients flowing back · dashed: forward values the "
-                            "backward pass reads", None, 9)])
+                           ("red: gradients flowing back · purple: parameter gradients · "
+                            "dashed: forward values the backward pass reads", None, 9)])
         graph_attrs = {"rankdir": rankdir, "fontname": FONT, "fontsize": "13",
                        "label": title, "labelloc": "t", "nodesep": "0.35", "ranksep": "0.4",
                        "bgcolor": "white", "newrank": "true"}
@@ -527,6 +531,8 @@ class _Drawing:
             attrs.update(fontsize="9", height="0.3", margin="0.06,0.02",
                          label=_html([(n.id.rsplit("/", 1)[-1], None, None),
                                       (_dims(n.type.shape), None, 8)]))
+        elif n.op == "const" and not n.scope and n.role != "backward":      # the user's own
+            attrs["label"] = _html([(n.id, "b", None), (f"const {_value(n)}", None, 9)])
         elif n.op == "const":
             attrs.update(shape="ellipse", fontsize="9", height="0.25", width="0.3",
                          margin="0.03,0.01", label=_html([(_value(n), None, None)]))

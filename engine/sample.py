@@ -8,7 +8,7 @@ import numpy as np
 
 from .data import vocabulary
 from .data.text import TextTokens
-from .errors import DataError, SpecError, Source
+from .errors import DataError, Source, SpecError
 from .ir import Graph
 from .lower import Model
 

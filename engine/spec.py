@@ -246,6 +246,10 @@ _PLAIN_TAGS = {"tag:yaml.org,2002:map", "tag:yaml.org,2002:seq", "tag:yaml.org,2
 
 
 def _construct(loader, node, path: tuple, lines: dict, file: str):
+    if node.tag == "tag:yaml.org,2002:merge":
+        raise SpecError("YAML merge keys (<<) are not supported", help="write the fields out, "
+                        "or define a module for the repeated part",
+                        source=Source(file, node.start_mark.line + 1))
     if node.tag not in _PLAIN_TAGS:
         raise SpecError(f"unsupported YAML tag {node.tag.replace('tag:yaml.org,2002:', '!!')}: "
                         "specs hold plain data only",
@@ -254,6 +258,8 @@ def _construct(loader, node, path: tuple, lines: dict, file: str):
     if isinstance(node, yaml.MappingNode):
         out: dict = {}
         for knode, vnode in node.value:
+            if knode.tag == "tag:yaml.org,2002:merge":
+                _construct(loader, knode, path, lines, file)      # raises: not supported
             key = loader.construct_object(knode, deep=True)
             if not isinstance(key, str | int | float | bool):
                 raise SpecError("mapping keys must be plain names",

@@ -22,46 +22,11 @@ from dlgraph.engine.spec import ParamLayer
 from dlgraph.engine.types import fmt
 
 from .linalg import swap_last
-from .nn import _act, _activate, _features
+from .nn import _act, _activate, _add_bias, _features, _groups, conv_core
 from .registry import attrs, register
 from .shape import _pair
 
 F = "nn"
-
-
-def conv_core(b, x, w, stride, dilation, groups):
-    """Grouped cross-correlation of an already padded x [N, C, H, W] with the weight id
-    w [O, C/G, KH, KW] (PyTorch's layout): sliding windows, then one batched matmul.
-
-    Returns [N, O, OH, OW]. (``nn.conv2d`` does the same math inline.)
-    """
-    o, cg, kh, kw = b.shape(w)
-    g = groups
-    k = cg * kh * kw
-    win = b.emit("windows", x, kernel=[kh, kw], stride=list(_pair(stride)),
-                 dilation=list(_pair(dilation)))                       # [N, C, OH, OW, KH, KW]
-    n, _, oh, ow, _, _ = b.shape(win)
-    cols = b.emit("transpose", win, axes=[0, 2, 3, 1, 4, 5])            # [N, OH, OW, C, KH, KW]
-    cols = b.emit("reshape", cols, shape=[n, oh, ow, g, k])
-    cols = b.emit("transpose", cols, axes=[0, 3, 1, 2, 4])              # [N, G, OH, OW, K]
-    wm = b.emit("reshape", w, shape=[g, o // g, k])                     # [G, O/G, K]
-    wm = b.emit("reshape", swap_last(b, wm), shape=[1, g, 1, k, o // g])
-    y = b.emit("matmul", cols, wm)                                      # [N, G, OH, OW, O/G]
-    y = b.emit("transpose", y, axes=[0, 1, 4, 2, 3])                    # [N, G, O/G, OH, OW]
-    return b.emit("reshape", y, shape=[n, o, oh, ow])
-
-
-def _groups(a, c):
-    if c % a.groups or a.out % a.groups:
-        raise ShapeError(f"groups={a.groups} must divide in channels {c} and out {a.out}",
-                         help="channels are split into `groups` equal parts")
-
-
-def _add_bias(b, a, y, rank):
-    if not a.bias:
-        return y
-    bias = b.param("bias", (a.out,), "zeros", layer=a)
-    return b.emit("add", y, b.emit("reshape", bias, shape=[a.out] + [1] * (rank - 2)))
 
 
 def _conv1d(b, a, x):

@@ -77,32 +77,52 @@ def _pad2d(b, x, padding, value=0.0):
     return x
 
 
+def conv_core(b, x, w, stride, dilation, groups):
+    """Grouped cross-correlation of an already padded x [N, C, H, W] with the weight id
+    w [O, C/G, KH, KW] (PyTorch's layout): sliding windows, then one batched matmul.
+
+    Returns [N, O, OH, OW]; conv1d, conv2d and conv_transpose2d build on it.
+    """
+    o, cg, kh, kw = b.shape(w)
+    g = groups
+    k = cg * kh * kw
+    win = b.emit("windows", x, kernel=[kh, kw], stride=list(_pair(stride)),
+                 dilation=list(_pair(dilation)))                       # [N, C, OH, OW, KH, KW]
+    n, _, oh, ow, _, _ = b.shape(win)
+    cols = b.emit("transpose", win, axes=[0, 2, 3, 1, 4, 5])            # [N, OH, OW, C, KH, KW]
+    cols = b.emit("reshape", cols, shape=[n, oh, ow, g, k])
+    cols = b.emit("transpose", cols, axes=[0, 3, 1, 2, 4])              # [N, G, OH, OW, K]
+    wm = b.emit("reshape", w, shape=[g, o // g, k])                     # [G, O/G, K]
+    wm = b.emit("reshape", swap_last(b, wm), shape=[1, g, 1, k, o // g])
+    y = b.emit("matmul", cols, wm)                                      # [N, G, OH, OW, O/G]
+    y = b.emit("transpose", y, axes=[0, 1, 4, 2, 3])                    # [N, G, O/G, OH, OW]
+    return b.emit("reshape", y, shape=[n, o, oh, ow])
+
+
+def _groups(a, c):
+    if c % a.groups or a.out % a.groups:
+        raise ShapeError(f"groups={a.groups} must divide in channels {c} and out {a.out}",
+                         help="channels are split into `groups` equal parts")
+
+
+def _add_bias(b, a, y, rank):
+    if not a.bias:
+        return y
+    bias = b.param("bias", (a.out,), "zeros", layer=a)
+    return b.emit("add", y, b.emit("reshape", bias, shape=[a.out] + [1] * (rank - 2)))
+
+
 def _conv2d(b, a, x):
     t = b.type(x)
     if t.rank != 4:
         raise ShapeError(f"conv2d needs [batch, channels, height, width], got {fmt(t.shape)}",
                          help="images are NCHW; reshape or transpose the input")
     c = _features(b, x, 1, "channel")
-    if a.groups != 1 and (c % a.groups or a.out % a.groups):
-        raise ShapeError(f"groups={a.groups} must divide in channels {c} and out {a.out}")
+    _groups(a, c)
     kh, kw = _pair(a.kernel)
-    g = a.groups
-    w = b.param("weight", (a.out, c // g, kh, kw), "he_uniform", layer=a)
-    win = b.emit("windows", _pad2d(b, x, a.padding), kernel=[kh, kw], stride=a.stride,
-                 dilation=a.dilation)                                   # [N, C, OH, OW, KH, KW]
-    n, _, oh, ow, _, _ = b.shape(win)
-    cols = b.emit("transpose", win, axes=[0, 2, 3, 1, 4, 5])            # [N, OH, OW, C, KH, KW]
-    cols = b.emit("reshape", cols, shape=[n, oh, ow, g, c // g * kh * kw])
-    cols = b.emit("transpose", cols, axes=[0, 3, 1, 2, 4])              # [N, G, OH, OW, K]
-    wm = b.emit("reshape", w, shape=[g, a.out // g, c // g * kh * kw])  # [G, O/G, K]
-    wm = b.emit("reshape", swap_last(b, wm), shape=[1, g, 1, c // g * kh * kw, a.out // g])
-    y = b.emit("matmul", cols, wm)                                      # [N, G, OH, OW, O/G]
-    y = b.emit("transpose", y, axes=[0, 1, 4, 2, 3])                    # [N, G, O/G, OH, OW]
-    y = b.emit("reshape", y, shape=[n, a.out, oh, ow])
-    if a.bias:
-        bias = b.param("bias", (a.out,), "zeros", layer=a)
-        y = b.emit("add", y, b.emit("reshape", bias, shape=[a.out, 1, 1]))
-    return _activate(b, a, y)
+    w = b.param("weight", (a.out, c // a.groups, kh, kw), "he_uniform", layer=a)
+    y = conv_core(b, _pad2d(b, x, a.padding), w, a.stride, a.dilation, a.groups)
+    return _activate(b, a, _add_bias(b, a, y, 4))
 
 
 _k = (int | list[int], Field(description="kernel size (one int or [h, w])"))

@@ -79,6 +79,7 @@ class Case:
     atol: float = 1e-5
     dims: dict = field(default_factory=dict)   # sizes for named dims in input shapes
     keep_init: bool = False                    # forward: keep the initial params
+    extra: dict = field(default_factory=dict)  # more top-level spec fields (modules:)
     marks: tuple = ()
 
     def __post_init__(self):
@@ -153,7 +154,7 @@ def op_spec(case: Case, *, grad: bool = False, out_shape=None) -> dict:
         nodes["obj"] = {"op": "sum", "in": "prod"}
         outputs = ["obj"]
     return {"dlgraph": 1, "name": f"test_{case.op}", "inputs": inputs, "nodes": nodes,
-            "outputs": outputs}
+            "outputs": outputs, **case.extra}
 
 
 def feed_arrays(case: Case, rng, *, grad: bool = False) -> tuple[dict, list]:
@@ -540,6 +541,30 @@ def _decoder(a, xs, c):
     return mod(_t(x), _t(memory), tgt_mask=m).detach().numpy()
 
 
+ELMAN = {"modules": {"cell": {
+    "inputs": ["x", "h"],
+    "nodes": {"xw": {"op": "linear", "in": "x", "out": 3},
+              "hw": {"op": "linear", "in": "h", "out": 3, "bias": False},
+              "s": {"op": "add", "in": ["xw", "hw"]},
+              "hn": {"op": "tanh", "in": "s"}},
+    "outputs": ["hn"]}}}
+"""A spec module for ``scan`` cases: the Elman cell h' = tanh(W x + b + U h), 3 features."""
+
+
+@ref("scan")
+def _scan(a, xs, c):
+    """``scan`` of the :data:`ELMAN` cell (the only body the scan cases use)."""
+    x, *init = xs
+    w, b, u = c.p["cell.xw.weight"], c.p["cell.xw.bias"], c.p["cell.hw.weight"]
+    h = init[0] if init else np.zeros((x.shape[0], u.shape[0]))
+    out = []
+    for t in range(x.shape[1]):
+        h = np.tanh(x[:, t] @ w.T + b + h @ u.T)
+        out.append(h)
+    return np.stack(out, axis=1)
+
+
+REF["zeros"] = lambda a, xs, c: np.zeros((xs[0].shape[0], *a.shape))
 REF["noise"] = lambda a, xs, c: None          # random: only its shape and dtype are checked
 
 _RNN = {"rnn": torch.nn.RNN, "lstm": torch.nn.LSTM, "gru": torch.nn.GRU}

@@ -88,7 +88,7 @@ def test_missing_include(tmp_path):
     p.write_text(spec_text("  out: {op: relu, in: x}\n").replace("blocks.yaml", "nope.yaml"))
     with pytest.raises(dlgraph.SpecError) as e:
         dlgraph.load(p)
-    assert str(e.value).startswith(f"{p}: included file not found: nope.yaml")
+    assert str(e.value).startswith(f"{p}:3: included file not found: nope.yaml")
 
 
 def test_scan_of_module_cell_equals_builtin_lstm():

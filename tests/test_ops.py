@@ -16,6 +16,7 @@ from dlgraph.engine.lower import NP_DTYPES, bind
 from dlgraph.engine.types import TType
 from dlgraph.ops import NO_GRAD, REGISTRY
 from helpers import (
+    ELMAN,
     REF,
     B,
     Case,
@@ -205,6 +206,10 @@ CASES: list[Case] = [
     C("log_softmax", [F((2, 3, 4))], {"axis": 1}, id="log_softmax_axis1"),
     C("log_softmax", [F((1, 3), values=[[1000.0, 1001.0, -1000.0]])],
       id="log_softmax_large"),
+    C("zeros", [F((3, 2))], {"shape": [4, 5]}),
+    C("scan", [F((2, 3, 2))], {"body": "cell", "state": {"h": 3}}, extra=ELMAN),
+    C("scan", [F((2, 3, 2)), F((2, 3))], {"body": "cell", "state": {"h": 3}}, extra=ELMAN,
+      id="scan_initial_state"),
     C("noise", [F((3, 2))], {"shape": [4, 5]}),
     C("noise", [F((3, 2))], {"shape": [2], "kind": "uniform"}, id="noise_uniform"),
     # -- recurrent layers (reference: torch.nn.RNN / LSTM / GRU in float64) ---------------

@@ -1,0 +1,173 @@
+"""Where the time goes: one implementation of one workload, taken apart.
+
+    .venv/bin/python bench/analyze.py lstm dlgraph        # or tinygrad; any workload
+    .venv/bin/python bench/analyze.py lstm dlgraph --experiment jit-infer
+
+Prints, for a fresh process: the time to build the model, the first training step (split
+into tinygrad's scheduling, kernel compilation and the rest), the JIT capture (second step)
+and a replayed step; the number of distinct kernels compiled and the kernels launched per
+replayed step. ``--experiment`` applies a change to dlgraph inside this process only
+(monkeypatched; dlgraph's files are untouched) so its effect can be measured before
+anyone changes the engine. The findings are summarised in bench/NOTES.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+EXPERIMENTS = {}
+
+
+def experiment(fn):
+    EXPERIMENTS[fn.__name__.replace("_", "-")] = fn
+    return fn
+
+
+@experiment
+def jit_infer():
+    """dlgraph.compile's Model runs its forward in a TinyJit (per input shape)."""
+    from tinygrad import Tensor, TinyJit
+
+    from dlgraph.engine import lower
+
+    orig_init = lower.Model.__init__
+
+    def init(self, *a, **k):
+        orig_init(self, *a, **k)
+        self._jits = {}
+
+    def call(self, **arrays):
+        g = self.graph
+        dims = lower.bind(g, arrays)
+        key = tuple(sorted((k, v.shape) for k, v in arrays.items()))
+        names = [n for n in self._eval.order if g[n].role == "input"]
+        if key not in self._jits:
+            def run(*xs, dims=dims, names=names):
+                outs = self._eval(lower.Ctx(training=False, dims=dims),
+                                  dict(zip(names, xs)), self.params)
+                return [o.contiguous() for o in outs]
+            self._jits[key] = TinyJit(run)
+        feeds = [lower.to_tensor(arrays[n], g.inputs[n].dtype) for n in names]
+        outs = self._jits[key](*feeds)
+        return {name: t.numpy() for name, t in zip(self.outputs, outs)}
+
+    lower.Model.__init__, lower.Model.__call__ = init, call
+    del Tensor
+
+
+@experiment
+def no_cut():
+    """Ignore every `cut` mark (kernel boundaries left to tinygrad)."""
+    from dlgraph.engine import lower
+    orig = lower.Evaluator.__init__
+
+    def init(self, graph, targets):
+        orig(self, graph, targets)
+        for n in graph.nodes.values():
+            n.cut = False
+    lower.Evaluator.__init__ = init
+
+
+def timed(module, name, bucket):
+    """Wrap module.name to add its wall time to bucket[name]."""
+    f = getattr(module, name)
+
+    def wrapper(*a, **k):
+        t0 = time.perf_counter()
+        try:
+            return f(*a, **k)
+        finally:
+            bucket[name] = bucket.get(name, 0.0) + time.perf_counter() - t0
+    setattr(module, name, wrapper)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("workload")
+    ap.add_argument("impl", choices=("dlgraph", "tinygrad", "torch"))
+    ap.add_argument("--experiment", action="append", default=[], choices=sorted(EXPERIMENTS))
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--json", action="store_true")
+    opts = ap.parse_args()
+    t_start = time.perf_counter()
+
+    import numpy as np
+
+    import dlgraph
+    import peers
+    from dlgraph.engine.lower import init_param
+    from workloads import WORKLOADS
+    for e in opts.experiment:
+        EXPERIMENTS[e]()
+    import tinygrad.engine.realize as realize
+    import tinygrad.schedule as schedule
+    import tinygrad.tensor as tensor
+    from tinygrad.helpers import GlobalCounters
+
+    bucket: dict[str, float] = {}
+    timed(realize, "lower_and_compile", bucket)          # codegen + clang, in a process pool
+    timed(tensor, "create_linear_with_vars", bucket)     # scheduling (kernel graph)
+    del schedule
+
+    wl = WORKLOADS[opts.workload]
+    src = wl.spec_source()
+    g = dlgraph.load(src["source"], base=src["base"])
+    w = {k: init_param(p, 0) for k, p in g.params.items()}
+    bs = wl.batches(4, seed=1)
+    out: dict = {"workload": opts.workload, "impl": opts.impl, "experiments": opts.experiment}
+    t0 = time.perf_counter()
+    out["imports_s"] = t0 - t_start
+    peer = peers.build(opts.impl, wl, w, bs[0])
+    t1 = time.perf_counter()
+    out["build_s"] = t1 - t0
+    n0 = len(realize.to_program_cache)
+    bucket.clear()
+    out["loss1"] = peer.train_step(bs[0])
+    t2 = time.perf_counter()
+    out["first_step_s"] = t2 - t1
+    out["first_step_schedule_s"] = bucket.get("create_linear_with_vars", 0.0)
+    out["first_step_compile_s"] = bucket.get("lower_and_compile", 0.0)
+    out["kernels_compiled"] = len(realize.to_program_cache) - n0
+    bucket.clear()
+    peer.train_step(bs[1])
+    t3 = time.perf_counter()
+    out["capture_s"] = t3 - t2
+    out["capture_schedule_s"] = bucket.get("create_linear_with_vars", 0.0)
+    GlobalCounters.reset()
+    peer.train_step(bs[2])
+    out["kernels_per_step"] = GlobalCounters.kernel_count
+    times = []
+    for i in range(opts.steps):
+        t = time.perf_counter()
+        peer.train_step(bs[i % 4])
+        times.append(time.perf_counter() - t)
+    out["step_ms"] = 1e3 * float(np.median(times))
+    t = time.perf_counter()
+    peer.infer(bs[0])
+    out["infer_first_s"] = time.perf_counter() - t
+    peer.infer(bs[0])
+    GlobalCounters.reset()
+    peer.infer(bs[0])
+    out["infer_kernels"] = GlobalCounters.kernel_count
+    it = []
+    for i in range(max(3, opts.steps // 4)):
+        t = time.perf_counter()
+        peer.infer(bs[i % 4])
+        it.append(time.perf_counter() - t)
+    out["infer_ms"] = 1e3 * float(np.median(it))
+    if opts.json:
+        print(json.dumps(out))
+    else:
+        for k, v in out.items():
+            print(f"{k:24s} {v:.4g}" if isinstance(v, float) else f"{k:24s} {v}")
+
+
+if __name__ == "__main__":
+    main()
