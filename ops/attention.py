@@ -141,14 +141,6 @@ register("attention", doc="scaled dot-product attention softmax(q k^T * scale + 
 
 
 # -- multi-head attention ---------------------------------------------------------------------
-def sublayer(a, prefix: str, **defaults) -> dict:
-    """``init``/``trainable`` of a sub-layer: the layer's ``init`` keys under ``prefix.``."""
-    pre = prefix + "."
-    init = dict(defaults)
-    init.update({k[len(pre):]: v for k, v in a.init.items() if k.startswith(pre)})
-    return {"init": init, "trainable": a.trainable}
-
-
 def _seq(b, x, what):
     t = b.type(x)
     if t.rank != 3 or isinstance(t.shape[-1], str):
@@ -201,8 +193,9 @@ def _mha(b, a, query, *more):
     o = b.emit("attention", heads(q), heads(k), heads(v), *mask, causal=a.causal)
     bq, tq, _ = b.shape(query)
     o = b.emit("reshape", b.emit("transpose", o, axes=[0, 2, 1, 3]), shape=[bq, tq, e])
-    return b.emit("linear", o, as_="out_proj", out=e, bias=a.bias,
-                  **sublayer(a, "out_proj", weight="uniform", bias="zeros"))
+    # torch's out_proj starts uniform(±1/sqrt(E)); the user's `init:` still overrides it
+    init = {"weight": "uniform", **({"bias": "zeros"} if a.bias else {})}
+    return b.emit("linear", o, as_="out_proj", out=e, bias=a.bias, init=init)
 
 
 _heads = (int, Field(gt=0, description="number of heads; must divide the model dim"))
@@ -263,18 +256,16 @@ register("positional_encoding", doc="x + pe[:time] over [..., time, features]: f
 
 # -- transformer blocks -----------------------------------------------------------------------
 def _norm(b, a, x, name):
-    return b.emit("layer_norm", x, as_=name, eps=a.eps, **sublayer(a, name))
+    return b.emit("layer_norm", x, as_=name, eps=a.eps)
 
 
 def _feed_forward(b, a, x, e):
-    hid = b.emit("linear", x, as_="linear1", out=a.ff, activation=a.activation,
-                 **sublayer(a, "linear1"))
-    return b.emit("linear", hid, as_="linear2", out=e, **sublayer(a, "linear2"))
+    hid = b.emit("linear", x, as_="linear1", out=a.ff, activation=a.activation)
+    return b.emit("linear", hid, as_="linear2", out=e)
 
 
 def _attend(b, a, name, x, *more, causal=False):
-    return b.emit("multi_head_attention", x, *more, as_=name, heads=a.heads, causal=causal,
-                  **sublayer(a, name))
+    return b.emit("multi_head_attention", x, *more, as_=name, heads=a.heads, causal=causal)
 
 
 def _residual(b, a, x, name, layer):

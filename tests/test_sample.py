@@ -26,14 +26,18 @@ train:
 """
 
 
-def test_sample_from_a_trained_model(tmp_path):
-    probe = dlgraph.load(SPEC.replace("VOCAB", "2"))
-    vocab = vocabulary(probe.spec.train.data)
+def trained(tmp_path, steps):
+    """A tiny character model trained a few steps: (spec path, weights, vocabulary)."""
+    vocab = vocabulary(dlgraph.load(SPEC.replace("VOCAB", "2")).spec.train.data)
     path = tmp_path / "lm.yaml"
     path.write_text(SPEC.replace("VOCAB", str(len(vocab))))
-    res = dlgraph.train(dlgraph.load(path), out=tmp_path / "run", steps=3, quiet=True)
-    r = CliRunner().invoke(main, ["sample", str(path), "--weights",
-                                  str(res.run_dir / "weights.safetensors"),
+    res = dlgraph.train(dlgraph.load(path), out=tmp_path / "run", steps=steps, quiet=True)
+    return str(path), str(res.run_dir / "weights.safetensors"), vocab
+
+
+def test_sample_from_a_trained_model(tmp_path):
+    path, weights, vocab = trained(tmp_path, 3)
+    r = CliRunner().invoke(main, ["sample", path, "--weights", weights,
                                   "--prompt", "First", "--length", "30"])
     assert r.exit_code == 0, r.output
     text = r.stdout.rstrip("\n")
@@ -42,12 +46,7 @@ def test_sample_from_a_trained_model(tmp_path):
 
 
 def test_sample_rejects_unknown_prompt_tokens(tmp_path):
-    probe = dlgraph.load(SPEC.replace("VOCAB", "2"))
-    vocab = vocabulary(probe.spec.train.data)
-    path = tmp_path / "lm.yaml"
-    path.write_text(SPEC.replace("VOCAB", str(len(vocab))))
-    res = dlgraph.train(dlgraph.load(path), out=tmp_path / "run", steps=1, quiet=True)
-    r = CliRunner().invoke(main, ["sample", str(path), "--weights",
-                                  str(res.run_dir / "weights.safetensors"), "--prompt", "€"])
+    path, weights, _ = trained(tmp_path, 1)
+    r = CliRunner().invoke(main, ["sample", path, "--weights", weights, "--prompt", "€"])
     assert r.exit_code == 1
     assert "the prompt has tokens the model never saw: ['€']" in r.stderr
