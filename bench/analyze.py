@@ -22,57 +22,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-EXPERIMENTS = {}
-
-
-def experiment(fn):
-    EXPERIMENTS[fn.__name__.replace("_", "-")] = fn
-    return fn
-
-
-@experiment
-def jit_infer():
-    """dlgraph.compile's Model runs its forward in a TinyJit (per input shape)."""
-    from tinygrad import Tensor, TinyJit
-
-    from dlgraph.engine import lower
-
-    orig_init = lower.Model.__init__
-
-    def init(self, *a, **k):
-        orig_init(self, *a, **k)
-        self._jits = {}
-
-    def call(self, **arrays):
-        g = self.graph
-        dims = lower.bind(g, arrays)
-        key = tuple(sorted((k, v.shape) for k, v in arrays.items()))
-        names = [n for n in self._eval.order if g[n].role == "input"]
-        if key not in self._jits:
-            def run(*xs, dims=dims, names=names):
-                outs = self._eval(lower.Ctx(training=False, dims=dims),
-                                  dict(zip(names, xs)), self.params)
-                return [o.contiguous() for o in outs]
-            self._jits[key] = TinyJit(run)
-        feeds = [lower.to_tensor(arrays[n], g.inputs[n].dtype) for n in names]
-        outs = self._jits[key](*feeds)
-        return {name: t.numpy() for name, t in zip(self.outputs, outs)}
-
-    lower.Model.__init__, lower.Model.__call__ = init, call
-    del Tensor
-
-
-@experiment
-def no_cut():
-    """Ignore every `cut` mark (kernel boundaries left to tinygrad)."""
-    from dlgraph.engine import lower
-    orig = lower.Evaluator.__init__
-
-    def init(self, graph, targets):
-        orig(self, graph, targets)
-        for n in graph.nodes.values():
-            n.cut = False
-    lower.Evaluator.__init__ = init
+from proposals import EXPERIMENTS  # noqa: E402
 
 
 def timed(module, name, bucket):
@@ -99,11 +49,11 @@ def main():
     t_start = time.perf_counter()
 
     import numpy as np
+    import peers
+    from workloads import WORKLOADS
 
     import dlgraph
-    import peers
     from dlgraph.engine.lower import init_param
-    from workloads import WORKLOADS
     for e in opts.experiment:
         EXPERIMENTS[e]()
     import tinygrad.engine.realize as realize

@@ -87,10 +87,11 @@ class DlgraphPeer:
     """dlgraph through its public pieces: load, init_params, PhaseStep, compile."""
 
     def __init__(self, spec, weights: dict[str, np.ndarray], sample: dict[str, np.ndarray]):
+        from tinygrad import Tensor
+
         import dlgraph
         from dlgraph.engine.lower import Model, bind, to_tensor, use_device
         from dlgraph.engine.train import PhaseStep
-        from tinygrad import Tensor
 
         self.to_tensor = to_tensor
         g = dlgraph.load(spec["source"], base=spec.get("base"))
@@ -315,7 +316,6 @@ def _torch_model(wl):
     import torch
     from torch import nn
 
-    F = nn.functional
     fam = wl.family
     if fam == "mlp":
         return nn.Sequential(nn.Flatten(), nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 256),

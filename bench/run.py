@@ -34,6 +34,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
 IMPLS = ("dlgraph", "tinygrad", "torch")
+PLUS = "dlgraph+"                # dlgraph with bench/proposals.py applied (--proposals)
 TOL = 1e-4                       # relative, first-step losses
 DEFAULT_OUT = ROOT / "docs" / "benchmarks.md"
 
@@ -57,16 +58,18 @@ def worker(args) -> None:
     if args.impl == "torch":
         import torch
         torch.set_num_threads(args.torch_threads)
-    from workloads import WORKLOADS
-
+    if args.impl == PLUS:
+        import proposals
+        proposals.apply(proposals.PROPOSALS)
     import peers
+    from workloads import WORKLOADS
     wl = WORKLOADS[args.workload]
     data = np.load(args.payload)
     weights = {k[2:]: data[k] for k in data.files if k.startswith("w:")}
     nb = int(data["n_batches"])
     bs = [{k: data[f"b{i}:{k}"] for k in wl.inputs} for i in range(nb)]
 
-    peer = peers.build(args.impl, wl, weights, bs[0])
+    peer = peers.build("dlgraph" if args.impl == PLUS else args.impl, wl, weights, bs[0])
     t_built = time.perf_counter()
     first = peer.train_step(bs[0])
     t_first = time.perf_counter()
@@ -96,7 +99,7 @@ def worker(args) -> None:
             send(ev=c, times=times)
         elif c == "probe":
             out = {"ev": "probe"}
-            if args.impl in ("dlgraph", "tinygrad"):
+            if args.impl != "torch":
                 from tinygrad.helpers import GlobalCounters
                 GlobalCounters.reset()
                 peer.train_step(bs[i % nb])
@@ -167,14 +170,14 @@ def rel(a, b):
 
 def run_workload(name: str, opts, tmp: Path, rotation: int) -> dict:
     import numpy as np
+    from workloads import WORKLOADS
 
     import dlgraph
     from dlgraph.engine.lower import init_param
-    from workloads import WORKLOADS
 
     wl = WORKLOADS[name]
     res = {"name": name, "title": wl.title, "spec": str(wl.spec_path.relative_to(ROOT)),
-           "impls": {}}
+           "impls": {}, "rounds": opts.rounds, "round_s": opts.round_s}
     missing = wl.missing_ops() if wl.needs else []
     if missing or not wl.spec_path.exists():
         res["skipped"] = (f"dlgraph has no op {', '.join(missing)} yet" if missing else
@@ -192,7 +195,9 @@ def run_workload(name: str, opts, tmp: Path, rotation: int) -> dict:
     np.savez(payload, n_batches=len(batches), **arrays)
     res["params"] = int(sum(v.size for v in weights.values()))
 
-    order = list(IMPLS[rotation % 3:] + IMPLS[:rotation % 3])
+    impls = IMPLS + ((PLUS,) if opts.proposals else ())
+    k = rotation % len(impls)
+    order = list(impls[k:] + impls[:k])
     workers: dict[str, Worker] = {}
     try:
         for impl in order:                        # cold starts, one at a time
@@ -210,8 +215,8 @@ def run_workload(name: str, opts, tmp: Path, rotation: int) -> dict:
                   f"{m['second']:.1f} s)  loss {m['loss']:.6f}", flush=True)
         l1 = {k: v["loss1"] for k, v in res["impls"].items()}
         l2 = {k: v["loss2"] for k, v in res["impls"].items()}
-        res["loss_diff"] = max(rel(l1["dlgraph"], l1[k]) for k in ("tinygrad", "torch"))
-        res["loss2_diff"] = max(rel(l2["dlgraph"], l2[k]) for k in ("tinygrad", "torch"))
+        res["loss_diff"] = max(rel(l1["dlgraph"], l1[k]) for k in impls[1:])
+        res["loss2_diff"] = max(rel(l2["dlgraph"], l2[k]) for k in impls[1:])
         print(f"[{name}] first-step losses: " + "  ".join(f"{k} {v:.7f}" for k, v in l1.items())
               + f"  (max rel diff {res['loss_diff']:.1e})", flush=True)
         if res["loss_diff"] > TOL:
@@ -224,17 +229,18 @@ def run_workload(name: str, opts, tmp: Path, rotation: int) -> dict:
             m = workers[impl].ask(cmd="infer", seconds=0, min=3, max=3)
             res["impls"][impl]["infer_first_s"] = m["times"][0]
         for kind in ("train", "infer"):
-            times = {k: [] for k in IMPLS}
+            times = {k: [] for k in impls}
             for r in range(opts.rounds):
-                rot = order[r % 3:] + order[:r % 3]
+                k = r % len(impls)
+                rot = order[k:] + order[:k]
                 for impl in (rot if r % 2 == 0 else rot[::-1]):
                     m = workers[impl].ask(cmd=kind, seconds=opts.round_s, min=opts.min_steps,
                                           max=2000)
                     times[impl] += m["times"]
-            for impl in IMPLS:
+            for impl in impls:
                 res["impls"][impl][f"{kind}_ms"] = 1e3 * median(times[impl])
                 res["impls"][impl][f"{kind}_n"] = len(times[impl])
-        for impl in IMPLS:
+        for impl in impls:
             m = workers[impl].ask(cmd="probe")
             res["impls"][impl].update({k: v for k, v in m.items() if k != "ev"})
         line = "  ".join(f"{k} {v['train_ms']:.2f}/{v['infer_ms']:.2f} ms"
@@ -291,10 +297,12 @@ def table(results: list[dict]) -> str:
     rows = ["| workload | impl | train step (ms, median) | inference (ms/batch) | first step (s) "
             "| steady after (s) | peak RSS (MiB) | kernels/step |",
             "|---|---|---:|---:|---:|---:|---:|---:|"]
-    ratios = ["| workload | first-step loss (dlgraph / tinygrad / torch) | max rel diff "
-              "| train dl/tg | train dl/torch | infer dl/tg | infer dl/torch "
-              "| first step dl/tg | first step dl/torch |",
-              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    plus = any(PLUS in r.get("impls", {}) for r in results)
+    cols = ["workload", "first-step loss (dlgraph / tinygrad / torch)", "max rel diff",
+            "2nd step", "train dl/tg", "train dl/torch"] + (["train dl+/tg"] if plus else []) \
+        + ["infer dl/tg", "infer dl/torch", "first step dl/tg", "first step dl/torch"] \
+        + (["first step dl+/tg", "steady after dl+/tg"] if plus else [])
+    ratios = ["| " + " | ".join(cols) + " |", "|---|---|" + "---:|" * (len(cols) - 2)]
     for r in results:
         if "skipped" in r:
             rows.append(f"| {r['name']} | — | skipped: {r['skipped']} | | | | | |")
@@ -302,7 +310,7 @@ def table(results: list[dict]) -> str:
         if "failed" in r and not all("train_ms" in v for v in r["impls"].values()):
             rows.append(f"| {r['name']} | — | **FAILED**: {r['failed']} | | | | | |")
             continue
-        for impl in IMPLS:
+        for impl in [i for i in IMPLS + (PLUS,) if i in r["impls"]]:
             v = r["impls"][impl]
             k = v.get("train_kernels")
             ki = v.get("infer_kernels")
@@ -311,17 +319,33 @@ def table(results: list[dict]) -> str:
                         f"{fmt_s(v['ready_s'])} | {v['maxrss_kib'] / 1024:.0f} | "
                         + (f"{k} / {ki}" if k is not None else "—") + " |")
         d, t, p = (r["impls"][k] for k in IMPLS)
-        ratios.append(
-            f"| {r['name']} | {d['loss1']:.6f} / {t['loss1']:.6f} / {p['loss1']:.6f} | "
-            f"{r['loss_diff']:.1e} | **{d['train_ms'] / t['train_ms']:.2f}×** | "
-            f"{d['train_ms'] / p['train_ms']:.2f}× | {d['infer_ms'] / t['infer_ms']:.2f}× | "
-            f"{d['infer_ms'] / p['infer_ms']:.2f}× | {d['first_step_s'] / t['first_step_s']:.2f}× "
-            f"| {d['first_step_s'] / p['first_step_s']:.2f}× |")
+        q = r["impls"].get(PLUS)
+
+        def x(a, b, key, bold=False):
+            v = f"{a[key] / b[key]:.2f}×"
+            return f"**{v}**" if bold else v
+        cells = [r["name"], f"{d['loss1']:.6f} / {t['loss1']:.6f} / {p['loss1']:.6f}",
+                 f"{r['loss_diff']:.1e}", f"{r['loss2_diff']:.1e}",
+                 x(d, t, "train_ms", True), x(d, p, "train_ms")]
+        if plus:
+            cells.append(x(q, t, "train_ms", True) if q else "—")
+        cells += [x(d, t, "infer_ms"), x(d, p, "infer_ms"), x(d, t, "first_step_s"),
+                  x(d, p, "first_step_s")]
+        if plus:
+            cells += [x(q, t, "first_step_s"), x(q, t, "ready_s")] if q else ["—", "—"]
+        ratios.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows) + "\n\n" + "\n".join(ratios) + "\n"
+
+
+def _proposals():
+    import proposals
+    return proposals.PROPOSALS
 
 
 def report(results, mach, opts, wall: float, command: str) -> str:
     notes = HERE / "NOTES.md"
+    rounds = " or ".join(sorted({f"{r['rounds']} rounds of about {r['round_s']:g} s"
+                                 for r in results if "rounds" in r})) or "no rounds"
     lines = [
         "# Benchmarks: dlgraph vs hand-written tinygrad vs PyTorch",
         "",
@@ -344,19 +368,27 @@ def report(results, mach, opts, wall: float, command: str) -> str:
         table(results),
         "- **train step**: median wall time of one training step (host batch to tensor, "
         "forward, backward, optimizer update, loss `.item()`) over "
-        f"{opts.rounds} rounds of about {opts.round_s:g} s per implementation, in rotating "
-        "order. **inference**: the same for the forward pass of one batch (dlgraph: "
+        f"{rounds} per implementation (at least {opts.min_steps} steps a round), in "
+        "rotating order. **inference**: the same for the forward pass of one batch (dlgraph: "
         "`dlgraph.compile(g)(x=...)`; tinygrad: a `TinyJit` forward; torch: `no_grad`).",
         "- **first step**: wall time from starting a fresh Python process to the end of the "
         "first training step (imports, spec load and graph build, compiling every kernel, "
         "running them). **steady after**: to the end of the third step: TinyJit runs the "
         "first call, captures on the second and replays from the third on.",
         "- **peak RSS**: `ru_maxrss` of the worker process at the end of its run.",
+        *(["- **dlgraph+** (`--proposals`): dlgraph with the changes proposed under "
+           "\"What mattered\" applied inside its worker process by monkeypatching "
+           "(bench/proposals.py: " + ", ".join(f"`{p}`" for p in _proposals()) + "); "
+           "dlgraph's own files are unchanged. With `capture-first` the second step is "
+           "already a replay."]
+          if any(PLUS in r.get("impls", {}) for r in results) else []),
         "- **kernels/step**: kernels launched by one replayed training step / one inference "
         "call (tinygrad's `GlobalCounters.kernel_count`).",
         "- The first-step losses come from the same weights (dlgraph's `init_params(seed=0)`, "
         "copied into the peers by name order and shape) and the same batch; a relative "
-        f"difference above {TOL:g} fails the workload.",
+        f"difference above {TOL:g} fails the workload. **2nd step**: the largest relative "
+        "difference of the second step's loss, after one optimizer update (so it checks "
+        "the gradients and the optimizer too).",
         "- tinygrad keeps compiled kernels in `~/.cache/tinygrad/cache.db` across processes; "
         "it helps dlgraph and the hand-written tinygrad alike (both compile many of the same "
         "kernels), so their first-step times are warm-cache figures unless the run used "
@@ -378,20 +410,38 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, help="timing rounds per implementation")
     ap.add_argument("--round-s", type=float, help="seconds of steps per round")
     ap.add_argument("--min-steps", type=int, help="steps per round at least")
-    ap.add_argument("--torch-threads", type=int, default=1)
+    ap.add_argument("--torch-threads", type=int, default=1,
+                    help="PyTorch intra-op threads (default 1, see the report)")
+    ap.add_argument("--budget", type=float, default=840,
+                    help="seconds the whole run should take; timing rounds shrink when "
+                         "cold starts ran long")
+    ap.add_argument("--proposals", action="store_true",
+                    help="add dlgraph+ (dlgraph with bench/proposals.py applied) to the rounds")
     ap.add_argument("--cold-cache", action="store_true",
                     help="workers run with tinygrad's on-disk kernel cache off")
     ap.add_argument("--out", help=f"markdown report (default: {DEFAULT_OUT.relative_to(ROOT)} "
                                   "for a full run, none otherwise)")
     ap.add_argument("--json", help="also write the raw results here")
+    ap.add_argument("--from-json", help="no run: render the report (with the current "
+                    "bench/NOTES.md) from the raw results of an earlier run")
     # worker mode
-    ap.add_argument("--worker", choices=IMPLS, help=argparse.SUPPRESS)
+    ap.add_argument("--worker", choices=IMPLS + (PLUS,), help=argparse.SUPPRESS)
     ap.add_argument("--workload", help=argparse.SUPPRESS)
     ap.add_argument("--payload", help=argparse.SUPPRESS)
     opts = ap.parse_args(argv)
     if opts.worker:
         opts.impl = opts.worker
         return worker(opts)
+
+    if opts.from_json:
+        raw = json.loads(Path(opts.from_json).read_text())
+        for k, v in raw["opts"].items():
+            setattr(opts, k, v)
+        md = report(raw["results"], raw["machine"], opts, raw["wall_s"], raw["command"])
+        out = Path(opts.out) if opts.out else DEFAULT_OUT
+        out.write_text(md)
+        print(f"wrote {out}")
+        return 0
 
     from workloads import WORKLOADS
     names = opts.only.split(",") if opts.only else (["mlp", "lstm"] if opts.quick
@@ -404,16 +454,26 @@ def main(argv=None):
     opts.min_steps = opts.min_steps or (2 if opts.quick else 3)
     full = not opts.only and not opts.quick
     out = Path(opts.out) if opts.out else (DEFAULT_OUT if full else None)
+    if full and not opts.json:
+        opts.json = str(HERE / "last-run.json")   # lets --from-json re-render the report
 
     t0 = time.perf_counter()
     results = []
     with tempfile.TemporaryDirectory(prefix="dlgraph-bench-") as tmp:
         for k, name in enumerate(names):
+            # behind schedule (a loaded machine): fewer, shorter timing rounds
+            left = opts.budget - (time.perf_counter() - t0)
+            share = left / (len(names) - k)
+            if not opts.quick and share < 150 and opts.rounds > 3:
+                opts.rounds, opts.round_s = 3, min(opts.round_s, 0.3)
+                print(f"(behind the {opts.budget:.0f} s budget: {opts.rounds} rounds of "
+                      f"{opts.round_s} s from here on)", flush=True)
             results.append(run_workload(name, opts, Path(tmp), k))
     wall = time.perf_counter() - t0
     command = ".venv/bin/python bench/run.py" + "".join(
         f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
-    md = report(results, machine(), opts, wall, command)
+    mach = machine()
+    md = report(results, mach, opts, wall, command)
     print()
     print(table(results))
     print(f"total wall time {wall:.0f} s")
@@ -422,7 +482,11 @@ def main(argv=None):
         out.write_text(md)
         print(f"wrote {out}")
     if opts.json:
-        Path(opts.json).write_text(json.dumps({"results": results, "wall_s": wall}, indent=1))
+        keep = ("rounds", "round_s", "min_steps", "torch_threads", "cold_cache", "quick",
+                "proposals")
+        Path(opts.json).write_text(json.dumps(
+            {"results": results, "wall_s": wall, "machine": mach, "command": command,
+             "opts": {k: getattr(opts, k) for k in keep}}, indent=1))
     failed = [r["name"] for r in results if "failed" in r]
     if failed:
         print(f"FAILED: {', '.join(failed)}", file=sys.stderr)

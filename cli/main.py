@@ -176,14 +176,19 @@ def summary(spec, batch):
 @click.option("--rankdir", type=click.Choice(["TB", "LR", "BT", "RL"]), default="TB",
               show_default=True)
 @click.option("--depth", type=click.IntRange(min=1), help="nesting depth of expanded scopes")
+@click.option("--phase", metavar="NAME", help="with --backward: the training phase to draw "
+              "(default: the first)")
 @click.option("--dtypes", is_flag=True, help="label edges with dtypes too")
+@click.option("--no-shapes", is_flag=True, help="no shapes on edges")
 @errors
-def render(spec, output, expand, expand_all, backward, rankdir, depth, dtypes):
+def render(spec, output, expand, expand_all, backward, rankdir, depth, phase, dtypes,
+           no_shapes):
     """Draw SPEC with graphviz."""
     import dlgraph
     g = _load(spec)
     dot = dlgraph.render(g, output, expand=True if expand_all else list(expand),
-                         backward=backward, rankdir=rankdir, depth=depth, dtypes=dtypes)
+                         backward=(phase or True) if backward or phase else False,
+                         rankdir=rankdir, depth=depth, dtypes=dtypes, shapes=not no_shapes)
     if output is None:
         click.echo(dot)
     else:

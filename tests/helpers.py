@@ -1,11 +1,12 @@
 """Shared test machinery: one-op specs, numpy float64 references of every op, and oracles.
 
-The references in :data:`REF` are written from each op's documented meaning with numpy (and
-``torch.nn.functional`` in float64 for convolution and pooling); none calls tinygrad, so
-they are independent of the code under test. ``tests/test_ops.py`` holds the forward pass
+The references in :data:`REF` are written from each op's documented meaning with numpy, or
+use PyTorch in float64 where dlgraph promises PyTorch's behaviour (convolutions, pooling,
+recurrent layers, multi-head attention, transformer blocks); none calls tinygrad, so they
+are independent of the code under test. ``tests/test_ops.py`` holds the forward pass
 against them and ``tests/test_gradients.py`` differentiates them by finite differences.
 
-A test case names an op, its inputs (:class:`F` float, :class:`I` int ids, :class:`B` bool)
+A test case names an op, its inputs (:class:`F` float, :class:`Int` int ids, :class:`B` bool)
 and its attributes; :func:`op_spec` turns it into a spec whose node ``out`` is the op.
 """
 
@@ -21,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as TF
-from tinygrad import Tensor
+from tinygrad import Context, Tensor
 
 import dlgraph
 from dlgraph.engine.autodiff import reverse
@@ -37,8 +38,8 @@ torch.set_num_threads(1)   # the references are tiny: threads only cost time
 class F:
     """A float32 input. ``gen``: normal | pos (0.5..2) | away (|x| >= 0.1) | unit (0..1).
 
-    ``values`` fixes the array; ``diff=False`` keeps it out of the gradient (a graph input
-    rather than a ``param`` node in gradient specs).
+    ``values`` fixes the array; ``diff=False`` keeps it out of the gradient (a frozen
+    ``param`` in gradient specs).
     """
 
     shape: tuple
@@ -48,7 +49,7 @@ class F:
 
 
 @dataclass(frozen=True, eq=False)
-class I:
+class Int:
     """An int32 input of ids in [0, high)."""
 
     shape: tuple
@@ -80,7 +81,6 @@ class Case:
     dims: dict = field(default_factory=dict)   # sizes for named dims in input shapes
     keep_init: bool = False                    # forward: keep the initial params
     extra: dict = field(default_factory=dict)  # more top-level spec fields (modules:)
-    marks: tuple = ()
 
     def __post_init__(self):
         self.id = self.id or self.op
@@ -100,9 +100,9 @@ def draw(inp, rng: np.random.Generator, dims=None):
     if isinstance(inp, B) and inp.values is not None:
         return np.where(np.asarray(inp.values, bool), 1.0, -1.0).astype(np.float32)
     if getattr(inp, "values", None) is not None:
-        return np.asarray(inp.values, np.int32 if isinstance(inp, I) else np.float32)
+        return np.asarray(inp.values, np.int32 if isinstance(inp, Int) else np.float32)
     shape = concrete(inp.shape, dims)
-    if isinstance(inp, I):
+    if isinstance(inp, Int):
         return rng.integers(0, inp.high, shape).astype(np.int32)
     if isinstance(inp, B):
         return rng.standard_normal(shape).astype(np.float32)
@@ -115,10 +115,6 @@ def draw(inp, rng: np.random.Generator, dims=None):
     else:
         v = rng.standard_normal(shape)
     return np.asarray(v, np.float32)
-
-
-def _in_shapes(case: Case) -> list:
-    return [list(i.shape) for i in case.ins]
 
 
 def op_spec(case: Case, *, grad: bool = False, out_shape=None) -> dict:
@@ -139,7 +135,7 @@ def op_spec(case: Case, *, grad: bool = False, out_shape=None) -> dict:
             inputs[f"r{k}"] = {"shape": list(inp.shape)}
             nodes.setdefault("zero", {"op": "const", "value": 0.0})
             nodes[name] = {"op": "greater", "in": [f"r{k}", "zero"]}
-        elif isinstance(inp, I):
+        elif isinstance(inp, Int):
             inputs[name] = {"shape": list(inp.shape), "dtype": "int32"}
         elif grad:
             nodes[name] = {"op": "param", "shape": list(inp.shape),
@@ -653,7 +649,8 @@ def forward(case: Case, seed: int | None = None):
     if not case.keep_init:
         m.params.update({k: Tensor(v) for k, v in random_params(g, rng).items()})
     feeds, xs = feed_arrays(case, rng)
-    return g, m, feeds, xs, m(**feeds)["out"]
+    with Context(**FAST):
+        return g, m, feeds, xs, m(**feeds)["out"]
 
 
 def rel_err(got, want) -> float:
@@ -663,18 +660,31 @@ def rel_err(got, want) -> float:
     return float(np.abs(got - want).max(initial=0.0) / max(np.abs(want).max(initial=0.0), 1e-6))
 
 
+FAST = {"NOOPT": 1, "PARALLEL": 0}
+"""tinygrad settings for the tests' hundreds of tiny one-off kernels: no optimiser (upcasts
+and unrolls only make their code bigger and slower to generate, never change a value) and
+no pool of compile workers (spawned processes that restart every 16 kernels, re-importing
+tinygrad). Together they cut the run time of these tests by about half."""
+
+
+def realize(*tensors: Tensor) -> None:
+    """Realise tensors together, under :data:`FAST`."""
+    with Context(**FAST):
+        Tensor.realize(*tensors)
+
+
 def evaluate(graph, targets: list[str], feeds: dict[str, np.ndarray],
              params: dict[str, Tensor], *, training: bool = True,
-             realize: bool = True) -> list[Tensor]:
+             lazy: bool = False) -> list[Tensor]:
     """Evaluate nodes of a graph on numpy feeds and tinygrad params; realised together.
 
-    ``realize=False`` leaves them lazy, e.g. to take tinygrad's ``gradient`` of one first.
+    ``lazy=True`` leaves them unrealised, e.g. to take tinygrad's ``gradient`` of one first.
     """
     ctx = Ctx(training=training, dims=bind(graph, feeds))
     tfeeds = {k: to_tensor(v, graph.inputs[k].dtype) for k, v in feeds.items()}
     outs = Evaluator(graph, targets)(ctx, tfeeds, params)
-    if realize:
-        Tensor.realize(*outs)
+    if not lazy:
+        realize(*outs)
     return outs
 
 

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from pydantic import TypeAdapter
+
 from dlgraph.engine.data import (
     SOURCES,
     DataSpec,
@@ -22,7 +24,6 @@ from dlgraph.engine.data import (
 )
 from dlgraph.engine.data.text import CORPUS
 from dlgraph.engine.errors import DataError, Source, SpecError
-from pydantic import TypeAdapter
 
 GENERATED = {  # source -> (spec, expected shapes of each key for N = 60)
     "sine": ({"length": 16}, {"x": (60, 16, 1), "y": (60, 1)}),

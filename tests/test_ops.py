@@ -9,26 +9,28 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from tinygrad import Tensor
-
-import dlgraph
-from dlgraph.engine.lower import NP_DTYPES, bind
-from dlgraph.engine.types import TType
-from dlgraph.ops import NO_GRAD, REGISTRY
 from helpers import (
     ELMAN,
+    FAST,
     REF,
     B,
     Case,
     F,
-    I,
+    Int,
     attrs_of,
     concrete,
     evaluate,
     forward,
     make_ctx,
+    realize,
     run_ref,
 )
+from tinygrad import Context, Tensor
+
+import dlgraph
+from dlgraph.engine.lower import NP_DTYPES, Ctx, Evaluator, bind, to_tensor
+from dlgraph.engine.types import TType
+from dlgraph.ops import NO_GRAD, REGISTRY
 
 C = Case
 TIES_X = F((2, 3), values=[[0.0, 1.0, 2.0], [1.0, 1.0, 0.0]])
@@ -41,29 +43,29 @@ CASES: list[Case] = [
     C("add", [F((4, 1, 3)), F((2, 3))], id="add_bcast"),
     C("add", [F((3, 4)), F(())], id="add_scalar"),
     C("add", [F(()), F(())], id="add_rank0"),
-    C("add", [I((3, 4), 9), I((4,), 9)], id="add_int"),
-    C("add", [I((3, 4), 9), F((3, 4))], id="add_int_float"),
+    C("add", [Int((3, 4), 9), Int((4,), 9)], id="add_int"),
+    C("add", [Int((3, 4), 9), F((3, 4))], id="add_int_float"),
     C("sub", [F((2, 3)), F((3,))]),
-    C("sub", [I((2, 3), 9), I((2, 3), 9)], id="sub_int"),
+    C("sub", [Int((2, 3), 9), Int((2, 3), 9)], id="sub_int"),
     C("mul", [F((2, 1)), F((4, 1, 3))]),
-    C("mul", [I((2, 3), 9), I((3,), 9)], id="mul_int"),
+    C("mul", [Int((2, 3), 9), Int((3,), 9)], id="mul_int"),
     C("div", [F((3, 4)), F((4,), "away")]),
     C("div", [F((1,)), F((3, 1), "away")], id="div_size1"),
-    C("div", [I((2, 3), 9), I((2, 3), 9, values=[[1, 2, 3], [4, 5, 6]])], id="div_int"),
+    C("div", [Int((2, 3), 9), Int((2, 3), 9, values=[[1, 2, 3], [4, 5, 6]])], id="div_int"),
     C("pow", [F((3, 4), "pos"), F((3, 4))]),
     C("pow", [F((3, 4), "pos"), F((), values=2.5)], id="pow_scalar_exponent"),
     C("pow", [F((5,), values=[-2.0, -1.5, -0.5, 0.5, 3.0]),
               F((5,), values=[2.0, 3.0, 2.0, 3.0, 2.0])], id="pow_negative_base_int_exp"),
     C("maximum", [F((2, 3)), F((3,))]),
     C("maximum", [TIES_X, TIES_Y], id="maximum_ties"),
-    C("maximum", [I((2, 3), 9), I((2, 3), 9)], id="maximum_int"),
+    C("maximum", [Int((2, 3), 9), Int((2, 3), 9)], id="maximum_int"),
     C("minimum", [F((2, 3)), F((3,))]),
     C("minimum", [TIES_X, TIES_Y], id="minimum_ties"),
     # -- comparisons (ties included) ---------------------------------------------------------
     *[C(op, [TIES_X, TIES_Y]) for op in ("greater", "less", "greater_equal", "less_equal",
                                           "equal")],
     C("greater", [F((4, 1, 3)), F((2, 3))], id="greater_bcast"),
-    C("equal", [I((3, 4), 3), I((3, 4), 3)], id="equal_int"),
+    C("equal", [Int((3, 4), 3), Int((3, 4), 3)], id="equal_int"),
     C("where", [B((3, 4)), F((3, 4)), F((3, 4))]),
     C("where", [B((3, 1)), F((4,)), F(())], id="where_bcast"),
     # -- math ---------------------------------------------------------------------------------
@@ -100,7 +102,7 @@ CASES: list[Case] = [
     C("cast", [F((6,), values=[-1.7, -0.5, 0.0, 0.4, 2.5, 3.9])], {"dtype": "int32"}),
     C("cast", [F((4,), values=[-1.0, 0.0, 0.3, 2.0])], {"dtype": "bool"}, id="cast_bool"),
     C("cast", [F((3, 4))], {"dtype": "float32"}, id="cast_float"),
-    C("cast", [I((3, 4), 9)], {"dtype": "float32"}, id="cast_int_float"),
+    C("cast", [Int((3, 4), 9)], {"dtype": "float32"}, id="cast_int_float"),
     C("cast", [B((3, 4))], {"dtype": "float32"}, id="cast_bool_float"),
     # -- matrix products ----------------------------------------------------------------------
     C("matmul", [F((3, 4)), F((4, 5))]),
@@ -152,8 +154,8 @@ CASES: list[Case] = [
       {"kernel": [2, 3], "stride": [2, 1], "dilation": [1, 2]}, id="windows_grad_stride"),
     C("windows_grad", [F((2, 2, 2, 3, 3)), F((2, 5, 5))], {"kernel": 3, "stride": 2},
       id="windows_grad_rank3"),
-    C("one_hot", [I((2, 3), 4)], {"depth": 4}),
-    C("one_hot", [I((5,), 3)], {"depth": 3}, id="one_hot_rank1"),
+    C("one_hot", [Int((2, 3), 4)], {"depth": 4}),
+    C("one_hot", [Int((5,), 3)], {"depth": 3}, id="one_hot_rank1"),
     # -- reductions ---------------------------------------------------------------------------
     *[C(op, [F((2, 3, 4))], attrs, id=f"{op}_{name}")
       for op in ("sum", "mean", "max")
@@ -188,7 +190,7 @@ CASES: list[Case] = [
     C("avg_pool2d", [IMG], {"kernel": 2}),
     C("avg_pool2d", [IMG], {"kernel": 3, "stride": 2, "padding": 1}, id="avg_pool2d_pad"),
     C("global_avg_pool", [F((2, 3, 4, 5))]),
-    C("embedding", [I((2, 5), 7)], {"num": 7, "dim": 3}),
+    C("embedding", [Int((2, 5), 7)], {"num": 7, "dim": 3}),
     C("dropout", [F((3, 4))]),
     C("dropout_mask", [F((3, 4))], {"p": 0.3}),
     C("moving_average", [F((1, 3)), F((1, 3))]),
@@ -263,13 +265,13 @@ CASES: list[Case] = [
     C("l1", [F((3, 4)), F((3, 4))]),
     C("huber", [F((3, 4)), F((3, 4))]),
     C("huber", [F((3, 4)), F((3, 4))], {"delta": 0.5}, id="huber_delta"),
-    C("cross_entropy", [F((4, 5)), I((4,), 5)]),
-    C("cross_entropy", [F((4, 5)), I((4,), 5)], {"label_smoothing": 0.1},
+    C("cross_entropy", [F((4, 5)), Int((4,), 5)]),
+    C("cross_entropy", [F((4, 5)), Int((4,), 5)], {"label_smoothing": 0.1},
       id="cross_entropy_smoothing"),
-    C("cross_entropy", [F((2, 3, 5)), I((2, 3), 5)], id="cross_entropy_rank3"),
+    C("cross_entropy", [F((2, 3, 5)), Int((2, 3), 5)], id="cross_entropy_rank3"),
     C("cross_entropy", [F((2, 3), values=[[1000.0, 0.0, -1000.0], [0.0, 500.0, 0.0]]),
-                        I((2,), values=[0, 2])], id="cross_entropy_large"),
-    C("nll", [F((4, 5)), I((4,), 5)]),
+                        Int((2,), values=[0, 2])], id="cross_entropy_large"),
+    C("nll", [F((4, 5)), Int((4,), 5)]),
     C("binary_cross_entropy", [F((3, 4)), F((3, 4), "unit")]),
     C("binary_cross_entropy", [F((4,), values=[-100.0, -30.0, 30.0, 100.0]),
                                F((4,), values=[1.0, 0.0, 1.0, 0.0])], id="bce_large"),
@@ -377,10 +379,9 @@ def test_batch_norm_training_uses_batch_stats_and_updates_running_ones():
     params = {k: Tensor(np.asarray(v, np.float32)) for k, v in
               {"out.weight": rng.standard_normal(3), "out.bias": rng.standard_normal(3),
                "out.running_mean": np.zeros((1, 3)), "out.running_var": np.ones((1, 3))}.items()}
-    from dlgraph.engine.lower import Ctx, Evaluator, to_tensor
     ctx = Ctx(training=True)
     (y,) = Evaluator(g, [g.resolve("out")])(ctx, {"x0": to_tensor(x, "float32")}, params)
-    Tensor.realize(y, *ctx.updates)
+    realize(y, *ctx.updates)
     np_params = {k: v.numpy() for k, v in params.items()}
     want = run_ref(case, attrs_of(case), [x], make_ctx(np_params, training=True))
     np.testing.assert_allclose(y.numpy(), want, rtol=1e-5, atol=1e-5)
@@ -391,6 +392,23 @@ def test_batch_norm_training_uses_batch_stats_and_updates_running_ones():
                                0.8 + 0.2 * x.var(0, keepdims=True), rtol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["normal", "uniform"])
+def test_noise_statistics(kind):
+    g = dlgraph.load({"dlgraph": 1, "name": "t", "inputs": {"x": {"shape": ["batch", 1]}},
+                      "nodes": {"n": {"op": "noise", "in": "x", "shape": [64], "kind": kind}},
+                      "outputs": ["n"]})
+    m = dlgraph.compile(g, seed=0)
+    feed = {"x": np.zeros((128, 1), np.float32)}
+    with Context(**FAST):
+        a, b = m(**feed)["n"], m(**feed)["n"]
+    assert a.shape == (128, 64) and a.dtype == np.float32
+    assert not np.array_equal(a, b), "two calls gave the same samples"
+    if kind == "normal":
+        assert abs(a.mean()) < 0.05 and abs(a.std() - 1) < 0.05
+    else:
+        assert a.min() >= 0 and a.max() < 1 and abs(a.mean() - 0.5) < 0.03
+
+
 def test_moving_average_training_returns_the_batch_statistic():
     g = dlgraph.load({"dlgraph": 1, "name": "t",
                       "inputs": {"s": {"shape": [1, 3]}},
@@ -399,11 +417,10 @@ def test_moving_average_training_returns_the_batch_statistic():
                                 "m": {"op": "moving_average", "in": ["s", "r"],
                                       "momentum": 0.5}}, "outputs": ["m"]})
     s = np.array([[1.0, 2.0, 3.0]], np.float32)
-    from dlgraph.engine.lower import Ctx, Evaluator, to_tensor
     r = Tensor(np.ones((1, 3), np.float32))
     ctx = Ctx(training=True)
     (y,) = Evaluator(g, ["m"])(ctx, {"s": to_tensor(s, "float32")}, {"r": r})
-    Tensor.realize(y, *ctx.updates)
+    realize(y, *ctx.updates)
     np.testing.assert_array_equal(y.numpy(), s)
     np.testing.assert_allclose(r.numpy(), [[1.0, 1.5, 2.0]])
 
