@@ -385,15 +385,17 @@ def report(results, mach, opts, wall: float, command: str) -> str:
         "- **kernels/step**: kernels launched by one replayed training step / one inference "
         "call (tinygrad's `GlobalCounters.kernel_count`).",
         "- The first-step losses come from the same weights (dlgraph's `init_params(seed=0)`, "
-        "copied into the peers by name order and shape) and the same batch; a relative "
+        "copied into the peers by name for the transformer, by declaration order for the "
+        "others, every shape checked) and the same batch; a relative "
         f"difference above {TOL:g} fails the workload. **2nd step**: the largest relative "
         "difference of the second step's loss, after one optimizer update (so it checks "
         "the gradients and the optimizer too).",
         "- tinygrad keeps compiled kernels in `~/.cache/tinygrad/cache.db` across processes; "
         "it helps dlgraph and the hand-written tinygrad alike (both compile many of the same "
         "kernels), so their first-step times are warm-cache figures unless the run used "
-        "`--cold-cache`. Most of a cold start is Python-side scheduling, which no cache "
-        "keeps.",
+        "`--cold-cache`. The cache saves the C compiler's work, not tinygrad's Python-side "
+        "scheduling and code generation, which are most of a cold start (see point 8 "
+        "below).",
         "",
     ]
     if notes.exists():

@@ -327,7 +327,8 @@ def fans(shape: tuple[int, ...]) -> tuple[int, int]:
 # ----------------------------------------------------------------------------- spec → graph
 
 
-def build(spec, lines: dict | None = None, file: str = "<spec>") -> Graph:
+def build(spec, lines: dict | None = None, file: str = "<spec>",
+          base: Path | None = None) -> Graph:
     """Build the primitive graph of a validated spec.
 
     Raises :class:`GraphError` for a dangling reference or a bad output, ``CycleError``
@@ -336,7 +337,7 @@ def build(spec, lines: dict | None = None, file: str = "<spec>") -> Graph:
     lines = lines or {}
     g = Graph(name=spec.name, source=file, spec=spec, lines=lines)
     b = Builder(g)
-    b.modules = library(spec.model_dump(by_alias=True), file, lines)
+    b.modules = library(spec.model_dump(by_alias=True), file, lines, base)
     for name, ts in spec.inputs.items():
         b.source = Source(file, lines.get(("inputs", name)))
         b.input(name, TType(tuple(ts.shape), ts.dtype))
@@ -379,22 +380,25 @@ def _substitute(value, args: dict, module: str):
 
 
 def load_graph(source, *, base: Path | None = None) -> Graph:
-    """A Graph from a path, a YAML/JSON string, or a dict (see :func:`dlgraph.load`)."""
+    """A Graph from a path, a YAML/JSON string, or a dict (see :func:`dlgraph.load`).
+
+    ``base`` is the folder that relative paths (data, `include:`) of a string or dict spec
+    start in; a file's own folder otherwise.
+    """
     from .spec import parse_text, read_spec, validate_data
-    if isinstance(source, dict):
-        spec, lines, file = validate_data(source, {}, "<dict>"), {}, "<dict>"
-    elif isinstance(source, str | Path) and ("\n" not in str(source)
-                                             and str(source).endswith((".yaml", ".yml",
-                                                                      ".json"))):
+    if isinstance(source, str | Path) and "\n" not in str(source) \
+            and str(source).endswith((".yaml", ".yml", ".json")):
         spec, lines = read_spec(source)
-        file = str(source)
-    elif isinstance(source, str):
-        data, lines = parse_text(source, "<string>")
-        spec, file = validate_data(data, lines, "<string>"), "<string>"
+        file, folder = str(source), Path(source).parent
+    elif isinstance(source, dict | str):
+        file = "<dict>" if isinstance(source, dict) else "<string>"
+        data, lines = (source, {}) if isinstance(source, dict) else parse_text(source, file)
+        folder = base or Path.cwd()
+        spec = validate_data(data, lines, file, folder)
     else:
         raise TypeError(f"load() takes a path, a YAML string or a dict, not {type(source)}")
-    g = build(spec, lines, file)
-    g.base = Path(file).parent if file not in ("<dict>", "<string>") else (base or Path.cwd())
+    g = build(spec, lines, file, folder)
+    g.base = folder
     return g
 
 

@@ -203,9 +203,12 @@ class Model:
         key = tuple(arrays[n].shape for n in self._names)
         if key not in self._jits:
             ctx = Ctx(training=False, dims=dims)
+            # inputs travel flat (tinygrad's 0-d tensors are views, which a JIT refuses)
             self._jits[key] = TinyJit(lambda *xs: [t.realize() for t in self._eval(
-                ctx, dict(zip(self._names, xs, strict=True)), self.params)])
-        outs = self._jits[key](*[to_tensor(arrays[n], g.inputs[n].dtype) for n in self._names])
+                ctx, {n: x.reshape(s) for n, x, s in zip(self._names, xs, key, strict=True)},
+                self.params)])
+        outs = self._jits[key](*[to_tensor(np.reshape(arrays[n], -1), g.inputs[n].dtype)
+                                 for n in self._names])
         got = {nid: t.numpy() for nid, t in zip(self._computed, outs, strict=True)}
         # a replayed JIT returns its captured buffers, so pass-through inputs come from arrays
         return {name: got[nid] if nid in got else np.asarray(arrays[nid])

@@ -293,10 +293,13 @@ def line_of(lines: dict[tuple, int], loc: tuple) -> int | None:
 # --------------------------------------------------------------------------- validation
 
 
-def validate_data(data: dict, lines: dict[tuple, int], file: str):
-    """Validate plain data against the GraphSpec model, raising a located :class:`SpecError`."""
+def validate_data(data: dict, lines: dict[tuple, int], file: str, base: Path | None = None):
+    """Validate plain data against the GraphSpec model, raising a located :class:`SpecError`.
+
+    ``base`` is where `include:` paths start (default: the file's folder, or the cwd).
+    """
     from dlgraph.ops import REGISTRY
-    _precheck_nodes(data, lines, file)
+    _precheck_nodes(data, lines, file, base)
     try:
         return spec_model().model_validate(data)
     except ValidationError as exc:
@@ -307,7 +310,7 @@ def validate_data(data: dict, lines: dict[tuple, int], file: str):
         raise first from None
 
 
-def _precheck_nodes(data: dict, lines: dict, file: str):
+def _precheck_nodes(data: dict, lines: dict, file: str, base: Path | None = None):
     """Names and ops, checked by hand so that errors suggest the close match."""
     if data.get("dlgraph") not in (1, None):
         raise SpecError(f"unsupported spec version {data.get('dlgraph')!r}",
@@ -320,7 +323,7 @@ def _precheck_nodes(data: dict, lines: dict, file: str):
                 raise SpecError(f"{what} '{k}' is not a valid name",
                                 source=Source(file, lines.get((section, k))),
                                 help="use letters, digits and _, not starting with a digit")
-    modules = set(library(data, file, lines))
+    modules = set(library(data, file, lines, base))
     _check_ops(data.get("nodes"), ("nodes",), modules, lines, file)
     for name, m in (data.get("modules") or {}).items():
         if isinstance(m, dict):
@@ -358,11 +361,12 @@ class ModuleDef:
     prefix: tuple                       # its path in that file's lines: ("modules", name)
 
 
-def library(data: dict, file: str, lines: dict | None = None) -> dict[str, ModuleDef]:
+def library(data: dict, file: str, lines: dict | None = None,
+            base: Path | None = None) -> dict[str, ModuleDef]:
     """Every module a spec may use: its own `modules:` and those of its `include:` files."""
     from dlgraph.ops import REGISTRY
     out: dict[str, ModuleDef] = {}
-    base = Path(file).parent if not file.startswith("<") else Path.cwd()
+    base = base or (Path(file).parent if not file.startswith("<") else Path.cwd())
     sources = [(file, data, lines or {})]
     for inc in data.get("include") or []:
         where = Source(file, lines.get(("include",)) if lines else None)

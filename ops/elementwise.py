@@ -40,10 +40,14 @@ binary("add", Tensor.add, lambda b, n, g: [g, g], "x + y, with numpy broadcastin
 binary("sub", Tensor.sub, lambda b, n, g: [g, b.emit("neg", g)], "x - y")
 binary("mul", Tensor.mul,
        lambda b, n, g: [b.emit("mul", g, n.inputs[1]), b.emit("mul", g, n.inputs[0])], "x * y")
+def _div_infer(a, x, y):
+    return TType(bcast(a, x, y).shape, "float32")     # true division, also of ints
+
+
 binary("div", Tensor.div,
        lambda b, n, g: [b.emit("div", g, n.inputs[1]),
                         b.emit("neg", b.emit("mul", g, b.emit("div", n.id, n.inputs[1])))],
-       "x / y")
+       "x / y (true division: float32 result)", infer=_div_infer)
 
 
 def _pow_vjp(b, n, g):

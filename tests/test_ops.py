@@ -293,13 +293,7 @@ def _check(case: Case, g, m, feeds, xs, got, *, training=False):
         np.testing.assert_allclose(got, want, rtol=case.rtol, atol=case.atol)
 
 
-SCALAR_INPUT = ("engine/lower.py to_tensor: np.ascontiguousarray turns a rank-0 input "
-                "into shape (1,), so a scalar graph input gives a [1] output, not []")
-XFAIL: dict[str, str] = {
-    "add_rank0": SCALAR_INPUT,
-    "exp_rank0": SCALAR_INPUT,
-    "div_int": "div of int32 by int32: infer says int32, tinygrad's forward returns float32",
-}
+XFAIL: dict[str, str] = {}
 
 
 def _param(case: Case):
