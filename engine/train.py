@@ -105,7 +105,11 @@ class PhaseStep:
                                    + [self.graph.grads[n] for n in self.names])
         self.params = params
         self.dims: dict[str, int] = {}
+        # capture on the first call (TinyJit's default schedules the step twice); the
+        # optimizer's zero-filled state is realised now so that it is not captured
+        Tensor.realize(*get_state_dict(self.opt).values())
         self.jit = TinyJit(self._step)
+        self.jit.cnt = 1
 
     def _step(self, *inputs: Tensor) -> Tensor:
         ctx = Ctx(training=True, dims=self.dims)

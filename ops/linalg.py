@@ -32,10 +32,21 @@ def swap_last(b, v):
     return b.emit("transpose", v, axes=list(range(r - 2)) + [r - 1, r - 2])
 
 
+def _matmul_vjp(b, n, g):
+    x, y = n.inputs
+    dx = b.emit("matmul", g, swap_last(b, y))
+    if b.type(y).rank == 2 and b.type(x).rank > 2:
+        # a sequence times a weight: dW as one reduction over every leading axis, which
+        # tinygrad runs as one contiguous loop (a batched matmul then reduce_to runs two)
+        lead = list(range(b.type(x).rank - 1))
+        return [dx, b.emit("sum", b.emit("mul", b.emit("unsqueeze", x, axis=-1),
+                                          b.emit("unsqueeze", g, axis=-2)), axes=lead)]
+    return [dx, b.emit("matmul", swap_last(b, x), g)]
+
+
 register("matmul", doc="matrix product x @ y (batched, broadcasting)", family="linalg",
          inputs="x, y", infer=_matmul_infer, forward=lambda c, a, x, y: x @ y,
-         vjp=lambda b, n, g: [b.emit("matmul", g, swap_last(b, n.inputs[1])),
-                              b.emit("matmul", swap_last(b, n.inputs[0]), g)])
+         vjp=_matmul_vjp)
 
 
 def _param_infer(a):

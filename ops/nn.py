@@ -89,6 +89,13 @@ def conv_core(b, x, w, stride, dilation, groups):
     win = b.emit("windows", x, kernel=[kh, kw], stride=list(_pair(stride)),
                  dilation=list(_pair(dilation)))                       # [N, C, OH, OW, KH, KW]
     n, _, oh, ow, _, _ = b.shape(win)
+    if g == 1:
+        # as tinygrad's own conv2d: windows x weight summed over (C, KH, KW); the backward
+        # reductions then run over contiguous N, OH, OW (measured 1.5x faster than im2col)
+        win = b.emit("reshape", win, shape=[n, 1, cg, oh, ow, kh, kw])
+        win = b.emit("transpose", win, axes=[0, 1, 3, 4, 2, 5, 6])      # [N, 1, OH, OW, C, ..]
+        wr = b.emit("reshape", w, shape=[1, o, 1, 1, cg, kh, kw])
+        return b.emit("sum", b.emit("mul", win, wr), axes=[4, 5, 6])   # [N, O, OH, OW]
     cols = b.emit("transpose", win, axes=[0, 2, 3, 1, 4, 5])            # [N, OH, OW, C, KH, KW]
     cols = b.emit("reshape", cols, shape=[n, oh, ow, g, k])
     cols = b.emit("transpose", cols, axes=[0, 3, 1, 2, 4])              # [N, G, OH, OW, K]
@@ -122,7 +129,12 @@ def _conv2d(b, a, x):
     kh, kw = _pair(a.kernel)
     w = b.param("weight", (a.out, c // a.groups, kh, kw), "he_uniform", layer=a)
     y = conv_core(b, _pad2d(b, x, a.padding), w, a.stride, a.dilation, a.groups)
-    return _activate(b, a, _add_bias(b, a, y, 4))
+    # cut output and pre-activation: their cotangents are then realised once, not
+    # recomputed inside the weight-gradient reduction for every weight
+    y = _add_bias(b, a, y, 4)
+    out = _activate(b, a, y)
+    b.cut(y, out)
+    return out
 
 
 _k = (int | list[int], Field(description="kernel size (one int or [h, w])"))

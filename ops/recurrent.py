@@ -111,6 +111,8 @@ def scan(kind):
                         xt = b.emit("take", xw, axis=1, index=step)
                         hw = b_hh if h is None else b.emit("add", b.emit("matmul", h, w_hh_t),
                                                            b_hh)
+                        if h is not None:    # reads only h and W_hh: one kernel for all steps
+                            b.cut(hw)
                         h, c = cell(b, xt, hw, h, c, hidden)
                         b.cut(h, c)
                     outs[step] = h
