@@ -42,12 +42,13 @@ def use_device(name: str | None) -> str:
                               help=f"devices: {', '.join(DEVICES)}")
         DEV.value = name.upper()
     from tinygrad import Device
-    dev = Device.DEFAULT
+    dev = name.upper() if name else "the default device"
     try:
+        dev = Device.DEFAULT
         Tensor([1.0], device=dev).add(1).realize()
     except Exception as e:  # tinygrad raises many kinds; every one means "unusable"
         hint = "install a C compiler for tinygrad's CPU backend: apt-get install clang" \
-            if dev.startswith("CPU") and not shutil.which("clang") else \
+            if dev.upper().startswith(("CPU", "THE DEFAULT")) and not shutil.which("clang") else \
             f"check the {dev} driver, or pick another with --device cpu"
         raise DeviceError(f"no usable tinygrad device ({dev}): {type(e).__name__}: "
                           f"{str(e).splitlines()[0] if str(e) else ''}".rstrip(": "),

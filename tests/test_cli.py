@@ -121,3 +121,19 @@ def test_gradcheck_reports_every_parameter():
                                                   "logits.bias"]
     worst = float(rows[-1].split()[1])
     assert worst < 1e-6 and rows[-1].endswith("(ok)")
+
+
+def test_missing_clang_is_one_line_with_the_fix(tmp_path):
+    """No C compiler on PATH: tinygrad's CPU backend cannot compile; no traceback."""
+    import os
+    import subprocess
+    import sys
+    env = {**os.environ, "PATH": str(tmp_path), "HOME": str(tmp_path), "CACHELEVEL": "0"}
+    env.pop("DEV", None)
+    r = subprocess.run([sys.executable, "-m", "dlgraph.cli.main", "run", FORWARD],
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1
+    assert "Traceback" not in r.stderr
+    assert r.stderr.startswith("error: no usable tinygrad device")
+    assert r.stderr.rstrip().endswith(
+        "help: install a C compiler for tinygrad's CPU backend: apt-get install clang")
