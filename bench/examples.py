@@ -178,14 +178,8 @@ def worker(path: Path, out: Path) -> dict:
 
 
 def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from run import cpu_model  # bench/run.py, beside this script
+    cpu = cpu_model(platform.processor() or platform.machine())
     return {"cpu": cpu, "cores": os.cpu_count(), "os": f"{platform.system()} "
             f"{platform.release()}", "python": platform.python_version(),
             "load": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}

@@ -258,17 +258,21 @@ def run_workload(name: str, opts, tmp: Path, rotation: int) -> dict:
 # =========================================================================== report
 
 
-def machine() -> dict:
-    import numpy
-    import tinygrad
-    cpu = "unknown"
+def cpu_model(default: str = "unknown") -> str:
+    """The CPU's model name from /proc/cpuinfo (bench/examples.py uses it too)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    return default
+
+
+def machine() -> dict:
+    import numpy
+    import tinygrad
+    cpu = cpu_model()
     try:
         import torch
         tv = torch.__version__
