@@ -79,8 +79,9 @@ def test_matches_torch(kind, layers, bidir, states):
 def test_states_are_kernel_boundaries():
     g = dlgraph.load(spec("lstm", 1, False, ()))
     cuts = [n.id for n in g.nodes.values() if n.cut]
-    assert len(cuts) == 2 * T                       # h and c of every step
-    assert "enc/l0t0/c" in cuts and f"enc/l0t{T - 1}/h" in cuts
+    # h and c of every step, and h @ W_hh^T + b_hh of every step after the first
+    assert len(cuts) == 2 * T + T - 1
+    assert "enc/l0t0/c" in cuts and f"enc/l0t{T - 1}/h" in cuts and "enc/l0t1/add" in cuts
     tg = reverse(g, "loss")
     back = [n for n in tg.nodes.values() if n.cut and n.role == "backward"]
     assert len(back) >= 2 * (T - 1)                 # their cotangents too
