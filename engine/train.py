@@ -108,6 +108,9 @@ class PhaseStep:
         # capture on the first call (TinyJit's default schedules the step twice); the
         # optimizer's zero-filled state is realised now so that it is not captured
         Tensor.realize(*get_state_dict(self.opt).values())
+        # ... and tinygrad's random state must exist before the capture: created inside
+        # it, every replay would start from the same seed (the same noise/dropout each step)
+        Tensor.rand(1).realize()
         self.jit = TinyJit(self._step)
         self.jit.cnt = 1
 

@@ -142,3 +142,30 @@ def test_schedules(kind, step, expected):
 def test_warmup():
     s = ScheduleSpec(type="constant", warmup=10)
     assert [lr_at(s, 1.0, i, 100) for i in (0, 4, 9, 10)] == [0.1, 0.5, 1.0, 1.0]
+
+
+def test_random_ops_draw_fresh_values_every_step(tmp_path):
+    """noise inside the jitted step: new samples each replay (a GAN collapses otherwise)."""
+    path = tmp_path / "noise.yaml"
+    path.write_text("""dlgraph: 1
+name: noise
+inputs:
+  x: {shape: [batch, 2]}
+nodes:
+  n: {op: noise, in: x, shape: [4]}
+  w: {op: param, shape: [4], init: ones}
+  nw: {op: mul, in: [n, w]}
+  loss: {op: mean, in: nw}
+outputs: [loss]
+train:
+  data: {source: xor, samples: 256}
+  batch: 32
+  epochs: 1
+  steps: 4
+  objective: loss
+  optimizer: {type: sgd, lr: 1.0e-30}
+  validation: {split: 0}
+""")
+    res = dlgraph.train(dlgraph.load(path), out=tmp_path / "r", quiet=True)
+    losses = [r["loss"] for r in lines(res.run_dir, "step")]
+    assert len(losses) == 4 and len(set(losses)) == 4, losses
