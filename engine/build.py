@@ -17,7 +17,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from dlgraph.ops import REGISTRY
 
-from .errors import CycleError, DlgraphError, GraphError, ShapeError, Source, SpecError
+from .errors import CycleError, DlgraphError, GraphError, Source, SpecError
 from .ir import Graph, Node, Param, schedule
 from .spec import library, suggest
 from .types import TType
@@ -402,4 +402,4 @@ def load_graph(source, *, base: Path | None = None) -> Graph:
     return g
 
 
-__all__ = ["Builder", "build", "load_graph", "fans", "ShapeError"]
+__all__ = ["Builder", "build", "load_graph", "fans"]

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from .errors import GradientError, Source, SpecError
 from .ir import Graph
-from .types import TType, fmt, numel
+from .types import TType, numel
 
 
 @dataclass
@@ -136,4 +136,4 @@ def training_graph(g: Graph, phase) -> Graph:
         raise e.located(source=Source(g.source, line)) from None
 
 
-__all__ = ["Summary", "summarize", "training_graph", "phase_params", "fmt"]
+__all__ = ["Summary", "summarize", "training_graph", "phase_params"]

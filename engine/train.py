@@ -42,6 +42,7 @@ class TrainResult:
     seconds: float
     first_step_seconds: float
     history: list[dict] = field(default_factory=list)
+    params: dict[str, Tensor] = field(default_factory=dict, repr=False)  # the trained tensors
 
     def line(self) -> str:
         shown = ", ".join(f"{k} {_fmt(v)}" for k, v in self.metrics.items())
@@ -361,10 +362,8 @@ def train(graph: Graph, *, out=None, resume: bool = False, device: str | None = 
         plot_run(run_dir)
     except Exception as e:  # a picture must never cost a finished run
         echo(f"warning: could not draw the training curves: {e}")
-    res = TrainResult(run_dir, last, goal, met, epoch + 1, steps_done,
-                      time.perf_counter() - t_start, first_step or 0.0, history)
-    res.params = params
-    return res
+    return TrainResult(run_dir, last, goal, met, epoch + 1, steps_done,
+                       time.perf_counter() - t_start, first_step or 0.0, history, params)
 
 
 def _loss_key(phase: str, runners) -> str:
