@@ -1,0 +1,1 @@
+"""ONNX in and out: export, import and the conformance runner."""
