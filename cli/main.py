@@ -208,7 +208,7 @@ def schema():
 @errors
 def ops(name):
     """List every op with its inputs and fields (or one op in detail)."""
-    from dlgraph.engine.spec import suggest
+    from dlgraph.engine.errors import suggest
     from dlgraph.ops import REGISTRY
     if name:
         if name not in REGISTRY:

@@ -17,9 +17,9 @@ from pydantic import TypeAdapter, ValidationError
 
 from dlgraph.ops import REGISTRY
 
-from .errors import CycleError, DlgraphError, GraphError, Source, SpecError
+from .errors import CycleError, DlgraphError, GraphError, Source, SpecError, suggest
 from .ir import Graph, Node, Param, schedule
-from .spec import library, suggest
+from .spec import _spec_error, library, node_union, parse_text, read_spec, validate_data
 from .types import TType
 
 
@@ -209,7 +209,6 @@ class Builder:
     def call_module(self, name: str, ins: list[str], local: str, *, call=None, args=None,
                     stack=()) -> dict[str, str]:
         """Expand a spec-defined module in scope ``local``; returns its named outputs."""
-        from .spec import node_union
         mdef = self.modules[name]
         m = mdef.spec
         where_call = self.source
@@ -246,14 +245,11 @@ class Builder:
             except SpecError as e:
                 raise e.located(node=nid, source=where(nid)) from None
             except ValidationError as exc:
-                from dlgraph.ops import REGISTRY as R
-
-                from .spec import _spec_error
                 view = {("nodes",) + k[len(mdef.prefix) + 1:]: v for k, v in mdef.lines.items()
                         if k[:len(mdef.prefix) + 1] == mdef.prefix + ("nodes",)}
                 err = exc.errors()[0]
                 err = {**err, "loc": ("nodes", nid) + tuple(err["loc"])}
-                raise _spec_error(err, {"nodes": {nid: raw}}, view, mdef.file, R) from None
+                raise _spec_error(err, {"nodes": {nid: raw}}, view, mdef.file, REGISTRY) from None
         saved = (self.source, self.user)
         with self.within(local):
             env = self.emit_nodes(nodes, dict(zip(m.inputs, ins, strict=True)), where,
@@ -385,7 +381,6 @@ def load_graph(source, *, base: Path | None = None) -> Graph:
     ``base`` is the folder that relative paths (data, `include:`) of a string or dict spec
     start in; a file's own folder otherwise.
     """
-    from .spec import parse_text, read_spec, validate_data
     if isinstance(source, str | Path) and "\n" not in str(source) \
             and str(source).endswith((".yaml", ".yml", ".json")):
         spec, lines = read_spec(source)

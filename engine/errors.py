@@ -11,6 +11,7 @@ The CLI prints that text and exits with status 1; anything else escaping is a bu
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass
 
 
@@ -23,6 +24,16 @@ class Source:
 
     def __str__(self) -> str:
         return f"{self.file}:{self.line}" if self.line else self.file
+
+
+def suggest(word: str, choices) -> str | None:
+    """The ``did you mean`` help line for a misspelt name, or None when nothing is close.
+
+    >>> suggest("lienar", ["linear", "conv2d"])
+    "did you mean 'linear'?"
+    """
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f"did you mean '{close[0]}'?" if close else None
 
 
 class DlgraphError(Exception):

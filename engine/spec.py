@@ -8,66 +8,31 @@ node, op and, for a misspelling, the close match.
 
 from __future__ import annotations
 
-import difflib
 import functools
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-from .errors import Source, SpecError
+from dlgraph.ops import REGISTRY
 
-IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-REF = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?$")
+from .errors import Source, SpecError, suggest
+from .spec_base import IDENT, NodeSpec, Strict
+from .train_spec import TrainSpec
+
 Dim = Annotated[int | str, Field(description="a size, or a symbolic name such as `batch`")]
-
-Init = Literal["glorot_uniform", "glorot_normal", "he_uniform", "he_normal", "lecun_normal",
-               "zeros", "ones", "normal", "uniform", "orthogonal"]
-
-
-def suggest(word: str, choices, what: str = "") -> str | None:
-    """A ``did you mean`` help line for a misspelt name, or None."""
-    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
-    return f"did you mean '{close[0]}'?" if close else None
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
-
-
-class NodeSpec(Strict):
-    """Fields every node has; each op's model adds its own and fixes ``op``."""
-
-    in_: list[str] = Field(default_factory=list, alias="in",
-                           description="inputs: graph input names or node ids (`id.name` for "
-                                       "a named output of a composite)")
-    doc: str | None = Field(None, description="free text shown in drawings and summaries")
-
-    @field_validator("in_", mode="before")
-    @classmethod
-    def _one_or_many(cls, v):
-        return [v] if isinstance(v, str) else v
-
-    @field_validator("in_")
-    @classmethod
-    def _refs(cls, v):
-        for ref in v:
-            if not REF.match(ref):
-                raise ValueError(f"'{ref}' is not a node id or input name (letters, digits, _)")
-        return v
-
-
-class ParamLayer(NodeSpec):
-    """A layer that owns parameters: they are initialised under the seed, overridable."""
-
-    init: dict[str, Init | float] = Field(
-        default_factory=dict,
-        description="initialiser per parameter name, e.g. `{weight: he_normal, bias: 0.1}`")
-    trainable: bool = Field(True, description="false freezes this layer's parameters")
 
 
 class TensorSpec(Strict):
@@ -127,7 +92,6 @@ class ModuleSpec(Strict):
 
 
 def _op_tag(v) -> str:
-    from dlgraph.ops import REGISTRY
     op = v.get("op") if isinstance(v, dict) else getattr(v, "op", None)
     return op if op in REGISTRY else "module"
 
@@ -135,11 +99,6 @@ def _op_tag(v) -> str:
 @functools.cache
 def node_union():
     """Every registered op's model, picked by `op`; any other op is a module call."""
-    from typing import Union
-
-    from pydantic import Discriminator, Tag
-
-    from dlgraph.ops import REGISTRY
     tagged = [Annotated[d.attrs, Tag(d.name)] for d in REGISTRY.values()]
     tagged.append(Annotated[ModuleCall, Tag("module")])
     return Annotated[Union[tuple(tagged)], Discriminator(_op_tag)]  # noqa: UP007
@@ -148,7 +107,6 @@ def node_union():
 @functools.cache
 def spec_model() -> type[BaseModel]:
     """The GraphSpec model, with every op and the train section."""
-    from .train_spec import TrainSpec
     Node = node_union()
 
     class GraphSpec(Strict):
@@ -298,7 +256,6 @@ def validate_data(data: dict, lines: dict[tuple, int], file: str, base: Path | N
 
     ``base`` is where `include:` paths start (default: the file's folder, or the cwd).
     """
-    from dlgraph.ops import REGISTRY
     _precheck_nodes(data, lines, file, base)
     try:
         return spec_model().model_validate(data)
@@ -331,7 +288,6 @@ def _precheck_nodes(data: dict, lines: dict, file: str, base: Path | None = None
 
 
 def _check_ops(nodes, path: tuple, modules: set[str], lines: dict, file: str):
-    from dlgraph.ops import REGISTRY
     if not isinstance(nodes, dict):
         return
     for nid, nd in nodes.items():
@@ -364,7 +320,6 @@ class ModuleDef:
 def library(data: dict, file: str, lines: dict | None = None,
             base: Path | None = None) -> dict[str, ModuleDef]:
     """Every module a spec may use: its own `modules:` and those of its `include:` files."""
-    from dlgraph.ops import REGISTRY
     out: dict[str, ModuleDef] = {}
     base = base or (Path(file).parent if not file.startswith("<") else Path.cwd())
     sources = [(file, data, lines or {})]

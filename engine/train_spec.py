@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 from pydantic import Field, model_validator
 
 from .data import DataSpec
-from .spec import Strict
+from .spec_base import Strict
 
 
 class Sgd(Strict):

@@ -50,7 +50,7 @@ from pydantic import Field
 from tinygrad import Tensor
 
 from dlgraph.engine.errors import ShapeError
-from dlgraph.engine.spec import ParamLayer
+from dlgraph.engine.spec_base import ParamLayer
 from dlgraph.engine.types import TType, broadcast, fmt
 
 from .linalg import swap_last

@@ -18,7 +18,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from dlgraph.engine.errors import ShapeError
-from dlgraph.engine.spec import ParamLayer
+from dlgraph.engine.spec_base import ParamLayer
 from dlgraph.engine.types import fmt
 
 from .linalg import swap_last

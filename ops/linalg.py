@@ -5,7 +5,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from dlgraph.engine.errors import ShapeError
-from dlgraph.engine.spec import Init
+from dlgraph.engine.spec_base import Init
 from dlgraph.engine.types import TType, broadcast, fmt
 
 from .common import floats

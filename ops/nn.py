@@ -12,8 +12,8 @@ from typing import Literal
 from pydantic import Field
 from tinygrad import Tensor
 
-from dlgraph.engine.errors import ShapeError, SpecError
-from dlgraph.engine.spec import ParamLayer, suggest
+from dlgraph.engine.errors import ShapeError, SpecError, suggest
+from dlgraph.engine.spec_base import ParamLayer
 from dlgraph.engine.types import TType, fmt
 
 from .common import same

@@ -20,7 +20,7 @@ from typing import Any
 from pydantic import Field
 
 from dlgraph.engine.errors import ShapeError
-from dlgraph.engine.spec import ParamLayer
+from dlgraph.engine.spec_base import ParamLayer
 from dlgraph.engine.types import fmt
 
 from .linalg import swap_last
@@ -156,7 +156,7 @@ def _scan_module(b, a, x, *init):
         raise ShapeError(f"scan needs [batch, time, ...] with a fixed number of steps, got "
                          f"{fmt(t.shape)}")
     if a.body not in b.modules:
-        from dlgraph.engine.spec import suggest
+        from dlgraph.engine.errors import suggest
         raise ShapeError(f"no module '{a.body}' to scan",
                          help=suggest(a.body, b.modules) or "define it under `modules:`")
     names = list(a.state)

@@ -64,7 +64,7 @@ def _is_model(t: Any) -> bool:
 
 
 def _init_names() -> tuple[str, ...]:
-    from dlgraph.engine.spec import Init
+    from dlgraph.engine.spec_base import Init
     return typing.get_args(Init)
 
 
@@ -401,7 +401,7 @@ def family_title(family: str) -> str:
 
 
 def op_entry(d, links: Links) -> str:
-    from dlgraph.engine.spec import NodeSpec, ParamLayer
+    from dlgraph.engine.spec_base import NodeSpec, ParamLayer
     out = [f"#### {d.name}", "", cell(d.doc)]
     extra = docstring(d.attrs)
     if extra and " ".join(extra.split()) != " ".join(d.doc.split()):
@@ -435,7 +435,7 @@ def op_entry(d, links: Links) -> str:
 
 def _fixed_links() -> dict[Callable[[type], bool], tuple[str, str]]:
     from dlgraph.engine.data import DataSource
-    from dlgraph.engine.spec import NodeSpec
+    from dlgraph.engine.spec_base import NodeSpec
     return {
         (lambda m: issubclass(m, DataSource)): ("data source", "data-sources"),
         (lambda m: issubclass(m, NodeSpec)): ("node", "nodes"),
@@ -490,7 +490,8 @@ IN_TYPE = "`str | list[str]`"   # a node's `in:` takes one name or a list (a bef
 
 
 def gen_layout() -> str:
-    from dlgraph.engine.spec import NodeSpec, ParamLayer, spec_model
+    from dlgraph.engine.spec import spec_model
+    from dlgraph.engine.spec_base import NodeSpec, ParamLayer
     links = Links({**_fixed_links(), (lambda m: m.__name__ == "TrainSpec"): ("`train`", "train")})
     top = model_sections(spec_model(), "", links, "###", heading="Top level")
     node = NodeSpec.model_fields

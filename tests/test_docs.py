@@ -95,7 +95,7 @@ def test_internal_links_resolve():
 
 
 def test_every_initialiser_has_a_formula():
-    from dlgraph.engine.spec import Init
+    from dlgraph.engine.spec_base import Init
     assert set(typing.get_args(Init)) <= set(gen_docs.INIT_FORMULAS)
 
 
