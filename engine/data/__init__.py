@@ -19,7 +19,7 @@ import numpy as np
 from pydantic import Field, TypeAdapter, ValidationError
 
 from ..errors import SpecError
-from .base import Arrays, DataSource, check_lengths, standard_dtype
+from .base import Arrays, DataSource, check_budget, check_lengths, standard_dtype
 from .batching import DATA, batches, num_batches, rng_for, split
 from .files import Cifar10, Csv, Idx, Npy
 from .sources import (
@@ -69,6 +69,7 @@ def load_data(spec: DataSource | Mapping[str, Any], base_dir: Path | str,
     Relative file paths are resolved against ``base_dir`` (the spec file's folder).
     """
     spec = parse_data_spec(spec)
+    check_budget(f"the '{spec.source}' data", spec.scratch_bytes())
     rng = rng_for(spec.seed if spec.seed is not None else seed, DATA)
     arrays = {k: standard_dtype(np.asarray(v)) for k, v in spec.load(Path(base_dir), rng).items()}
     check_lengths(arrays)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +13,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..errors import DataError, Source
 
 Arrays = dict[str, np.ndarray]
+
+#: The most bytes the arrays of one data spec (and a generator's float64 scratch) may take.
+MAX_DATA_BYTES = 4 * 2**30
+#: The largest CSV or text file read (they are parsed in Python, ~50x their size in memory).
+MAX_TEXT_BYTES = 256 * 2**20
 
 
 class DataSource(BaseModel):
@@ -24,6 +31,11 @@ class DataSource(BaseModel):
 
     def load(self, base_dir: Path, rng: np.random.Generator) -> Arrays:  # pragma: no cover
         raise NotImplementedError
+
+    def scratch_bytes(self) -> float:
+        """About the most memory ``load`` needs, known before it runs (0: a file's own size
+        decides, checked as it is read)."""
+        return 0.0
 
 
 def source_field(name: str) -> Any:
@@ -43,15 +55,54 @@ def path_field(what: str = "File path; relative paths are resolved against the s
     return Field(default, description=what)
 
 
-def resolve(base_dir: Path, path: str | Path) -> Path:
-    """``path`` against ``base_dir`` (the spec's folder), checked to exist."""
+def resolve(base_dir: Path, path: str | Path, *, folder: bool = False) -> Path:
+    """``path`` against ``base_dir`` (the spec's folder), checked to be a regular file (or a
+    folder, where ``folder`` allows it): a FIFO or device would block or never end."""
     p = Path(path).expanduser()
     p = p if p.is_absolute() else Path(base_dir) / p
-    if not p.exists():
+    try:
+        mode = p.stat().st_mode
+    except (OSError, ValueError):
         raise DataError(f"no such file: {p}",
                         help="check the path; relative paths are resolved against the "
-                             f"spec's folder ({base_dir})")
+                             f"spec's folder ({base_dir})") from None
+    if stat.S_ISDIR(mode) and not folder:
+        raise fail(p, "this is a folder, not a data file", help="name a file inside it")
+    if not stat.S_ISDIR(mode):
+        check_regular(p, mode)
     return p
+
+
+def check_regular(path: Path, mode: int | None = None, limit: int | None = None) -> int:
+    """The size of ``path``; DataError for a FIFO, device or socket, or a file over ``limit``."""
+    st_mode = path.stat().st_mode if mode is None else mode
+    if not stat.S_ISREG(st_mode):
+        raise fail(path, "not a regular file (a pipe, device or socket is never read)",
+                   help="point the data spec at a file")
+    size = path.stat().st_size
+    if limit is not None and size > limit:
+        raise fail(path, f"the file has {size_text(size)}; at most {size_text(limit)} of "
+                         "this format are read", help="convert large data to .npy")
+    return size
+
+
+def size_text(n: float) -> str:
+    """``n`` bytes in words: '512 B', '3.2 MiB', '1.5 TiB'."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if n < 1024 or unit == "PiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"  # pragma: no cover
+
+
+def check_budget(what: str, nbytes: float, where: Path | str | None = None) -> None:
+    """Refuse data of ``nbytes`` (an estimate, before anything is allocated) over the cap."""
+    if not math.isfinite(nbytes) or nbytes > MAX_DATA_BYTES:
+        figure = size_text(nbytes) if math.isfinite(nbytes) else "an unbounded amount"
+        raise DataError(f"{what} would take {figure} of memory; at most "
+                        f"{size_text(MAX_DATA_BYTES)} of data are loaded",
+                        source=Source(file=str(where)) if where else None,
+                        help="use fewer samples or shorter samples")
 
 
 def fail(path: Path | str, message: str, line: int | None = None,
@@ -65,6 +116,9 @@ def standard_dtype(a: np.ndarray) -> np.ndarray:
     if a.dtype.kind == "f":
         return a.astype(np.float32, copy=False)
     if a.dtype.kind in "iub":
+        if a.size and a.dtype.kind != "b" and (a.max() > 2**31 - 1 or a.min() < -2**31):
+            raise DataError(f"integers up to {a.max()} do not fit int32",
+                            help="store integer data (labels, token ids) as int32")
         return a.astype(np.int32, copy=False)
     raise DataError(f"arrays of dtype {a.dtype} are not supported",
                     help="store numbers (floats or integers)")

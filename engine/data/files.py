@@ -22,6 +22,7 @@ import gzip
 import math
 import pickle
 import struct
+import zipfile
 import zlib
 from pathlib import Path
 from typing import Literal
@@ -31,9 +32,12 @@ from pydantic import Field, model_validator
 
 from ..errors import DataError
 from .base import (
+    MAX_TEXT_BYTES,
     Arrays,
     DataSource,
+    check_budget,
     check_lengths,
+    check_regular,
     fail,
     path_field,
     resolve,
@@ -93,6 +97,7 @@ class Csv(DataSource):
 
 def _read_csv(path: Path, delimiter: str, header: bool) -> tuple[list[str], list[int], np.ndarray]:
     """Column names, the line number of each data row, and the cells as a 2-D string array."""
+    check_regular(path, limit=MAX_TEXT_BYTES)
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.reader(f, delimiter=delimiter)
@@ -154,6 +159,7 @@ class Npy(DataSource):
 
     def load(self, base_dir: Path, rng: np.random.Generator) -> Arrays:
         path = resolve(base_dir, self.path)
+        _check_npy_sizes(path)
         try:
             loaded = np.load(path, allow_pickle=False)
         except (ValueError, OSError, EOFError) as e:
@@ -185,6 +191,33 @@ class Npy(DataSource):
         return out
 
 
+def _check_npy_sizes(path: Path) -> None:
+    """Refuse a .npy whose header, or a .npz whose members, declare more than can be loaded
+    (a zip member can inflate far beyond its compressed size)."""
+    check_regular(path)
+    if zipfile.is_zipfile(path):
+        try:
+            with zipfile.ZipFile(path) as z:
+                declared = sum(i.file_size for i in z.infolist())
+        except (zipfile.BadZipFile, OSError, ValueError):
+            raise fail(path, "the .npz archive is damaged", help="save it again") from None
+        check_budget("the arrays of this archive", declared, path)
+        return
+    with open(path, "rb") as f:
+        try:
+            version = np.lib.format.read_magic(f)
+            read = {(1, 0): np.lib.format.read_array_header_1_0,
+                    (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+            if read is None:
+                return
+            shape, _, dtype = read(f)
+        except (ValueError, OSError, EOFError, SyntaxError, TypeError):
+            return  # np.load says what is wrong with it
+    if dtype.itemsize:
+        check_budget(f"the array of shape {list(shape)}", math.prod(shape) * dtype.itemsize,
+                     path)
+
+
 # ------------------------------------------------------------------ MNIST IDX
 
 _IDX_TYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
@@ -210,25 +243,32 @@ class Idx(DataSource):
 
 
 def _read_idx(path: Path, ndim: int, what: str) -> np.ndarray:
-    raw = path.read_bytes()
-    if raw[:2] == b"\x1f\x8b":
-        try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError, zlib.error):
-            raise fail(path, "the gzip data is damaged or cut short",
-                       help="download the file again") from None
-    expect = 0x0800 | ndim
-    if len(raw) < 4 or raw[:2] != b"\0\0" or raw[2] not in _IDX_TYPES or raw[3] != ndim:
-        got = f"0x{int.from_bytes(raw[:4], 'big'):08X}" if len(raw) >= 4 else "missing"
-        raise fail(path, f"not an IDX {what} file: the magic number is {got}, "
-                         f"expected 0x{expect:08X}",
-                   help=f"point '{what}s' at an IDX {what} file (e.g. from MNIST)")
-    header, dtype = 4 + 4 * ndim, np.dtype(_IDX_TYPES[raw[2]])
-    dims = struct.unpack(f">{ndim}I", raw[4:header]) if len(raw) >= header else ()
-    size = header + math.prod(dims) * dtype.itemsize if dims else header
+    check_regular(path)
+    with open(path, "rb") as f:
+        gz = f.read(2) == b"\x1f\x8b"
+    try:
+        # Read the header first and then only the bytes it declares (plus one to tell an
+        # oversized file): a gzip bomb never inflates further than that.
+        with (gzip.open(path, "rb") if gz else open(path, "rb")) as f:
+            raw = f.read(4 + 4 * ndim)
+            expect = 0x0800 | ndim
+            if len(raw) < 4 or raw[:2] != b"\0\0" or raw[2] not in _IDX_TYPES or raw[3] != ndim:
+                got = f"0x{int.from_bytes(raw[:4], 'big'):08X}" if len(raw) >= 4 else "missing"
+                raise fail(path, f"not an IDX {what} file: the magic number is {got}, "
+                                 f"expected 0x{expect:08X}",
+                           help=f"point '{what}s' at an IDX {what} file (e.g. from MNIST)")
+            header, dtype = len(raw), np.dtype(_IDX_TYPES[raw[2]])
+            dims = struct.unpack(f">{ndim}I", raw[4:]) if len(raw) == 4 + 4 * ndim else ()
+            size = header + math.prod(dims) * dtype.itemsize if dims else header
+            check_budget(f"the IDX {what}s of shape {list(dims)}", size, path)
+            raw += f.read(size - header + 1) if dims else f.read(1)
+    except (OSError, EOFError, zlib.error):
+        raise fail(path, "the gzip data is damaged or cut short",
+                   help="download the file again") from None
     if len(raw) != size:
+        found = f"{len(raw)}" if len(raw) < size else "more than that"
         raise fail(path, f"{'truncated' if len(raw) < size else 'oversized'} IDX file: "
-                         f"expected {size} bytes, found {len(raw)}",
+                         f"expected {size} bytes, found {found}",
                    help="the file is damaged or cut short; download it again")
     return np.frombuffer(raw, dtype, offset=header).reshape(dims)
 
@@ -244,7 +284,7 @@ class Cifar10(DataSource):
         "data_batch_* files, in order. Relative paths are resolved against the spec's folder."))
 
     def load(self, base_dir: Path, rng: np.random.Generator) -> Arrays:
-        files = [resolve(base_dir, p) for p in
+        files = [resolve(base_dir, p, folder=True) for p in
                  ([self.paths] if isinstance(self.paths, str) else self.paths)]
         if len(files) == 1 and files[0].is_dir():
             folder = files[0]
@@ -252,25 +292,66 @@ class Cifar10(DataSource):
             if not files:
                 raise fail(folder, "the folder has no data_batch_* files",
                            help="point paths at the cifar-10-batches-py folder or list the files")
+        check_budget("these CIFAR-10 batches", 5.0 * sum(f.stat().st_size for f in files))
         batches = [_read_cifar_batch(f) for f in files]
         return {"x": np.concatenate([x for x, _ in batches]).astype(np.float32) / 255,
                 "y": np.concatenate([y for _, y in batches])}
 
 
+# What a CIFAR-10 batch may name when it is unpickled: numpy's array reconstructors and the
+# latin-1 codec (pickles written by Python 2). Anything else -- os.system, eval, any class --
+# is refused before it is called, so a crafted batch file cannot run code.
+_CIFAR_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+    ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+}
+
+
+class _Refused(pickle.UnpicklingError):
+    """A global that a CIFAR-10 batch never names."""
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Admits builtin containers, bytes, str, numbers and numpy arrays; nothing callable."""
+
+    def find_class(self, module: str, name: str):  # noqa: ANN201 (pickle's signature)
+        if (module, name) in _CIFAR_GLOBALS:
+            return super().find_class(module, name)
+        raise _Refused(f"it names {module}.{name}, which a CIFAR-10 batch "
+                                     "never holds")
+
+
 def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     help = "use the python version of CIFAR-10 (cifar-10-python.tar.gz), extracted"
-    # pickle is used only because it is the official CIFAR-10 format; unpickling can run code,
-    # so point this only at files you trust.
+    check_regular(path)
     try:
         with open(path, "rb") as f:
-            batch = pickle.load(f, encoding="bytes")
+            batch = _CifarUnpickler(f, encoding="bytes").load()
+    except _Refused as e:
+        raise fail(path, f"refused to unpickle: {e}",
+                   help="only arrays, numbers, strings and containers are read; " + help) \
+            from None
     except Exception:
         raise fail(path, "not a CIFAR-10 batch: it cannot be unpickled", help=help) from None
     if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
         raise fail(path, "not a CIFAR-10 batch: it has no b'data' and b'labels' entries",
                    help=help)
-    data, labels = np.asarray(batch[b"data"]), np.asarray(batch[b"labels"], dtype=np.int32)
-    if data.ndim != 2 or data.shape[1] != 3072 or len(data) != len(labels):
+    try:
+        data = np.asarray(batch[b"data"])
+        labels = np.asarray(batch[b"labels"])
+        if data.dtype.kind not in "iub" or labels.dtype.kind not in "iub":
+            raise ValueError
+        labels = labels.astype(np.int32)
+    except (ValueError, TypeError, OverflowError):
+        raise fail(path, "not a CIFAR-10 batch: data and labels must be integers",
+                   help=help) from None
+    if data.ndim != 2 or data.shape[1] != 3072 or labels.ndim != 1 or len(data) != len(labels):
         raise fail(path, f"not a CIFAR-10 batch: data has shape {list(data.shape)} for "
                          f"{len(labels)} labels, expected [{len(labels)}, 3072]", help=help)
+    if len(labels) and (labels.min() < 0 or labels.max() > 9):
+        bad = int(np.flatnonzero((labels < 0) | (labels > 9))[0])
+        raise fail(path, f"label {int(labels[bad])} of image {bad} is not a CIFAR-10 class "
+                         "(0-9)", help=help)
     return data.reshape(-1, 3, 32, 32), labels

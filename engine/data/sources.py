@@ -65,6 +65,9 @@ class _Windowed(DataSource):
     noise: float = _noise_field(0.0, "Std of Gaussian noise added to the inputs "
                                      "(the target stays clean).")
 
+    def scratch_bytes(self) -> float:  # float64 values, noise and x, and AR(2)'s burn-in
+        return 8.0 * 4 * self.samples * (self.length + self.horizon + 100)
+
 
 class Sine(_Windowed):
     """Windows of a sum of two sines (random frequency, phase, amplitude); predict ahead."""
@@ -126,6 +129,9 @@ class Spirals(DataSource):
     turns: float = Field(1.0, gt=0, description="How many turns each arm makes.")
     noise: float = _noise_field(0.2, "Std of the angular jitter, in radians.")
 
+    def scratch_bytes(self) -> float:
+        return 8.0 * 12 * self.samples
+
     def load(self, base_dir: Path, rng: np.random.Generator) -> Arrays:
         n, k = self.samples, self.classes
         y = _balanced(rng, n, k)
@@ -141,6 +147,9 @@ class Xor(DataSource):
     source: Literal["xor"] = source_field("xor")
     samples: int = samples_field()
     noise: float = _noise_field(0.1, "Std of the Gaussian noise around each corner.")
+
+    def scratch_bytes(self) -> float:
+        return 8.0 * 12 * self.samples
 
     def load(self, base_dir: Path, rng: np.random.Generator) -> Arrays:
         bits = rng.integers(0, 2, size=(self.samples, 2))
@@ -163,6 +172,9 @@ class GaussianMixture(DataSource):
     radius: float = Field(2.0, gt=0, description="Radius of the ring of centres.")
     std: float = Field(0.05, gt=0, description="Std of each Gaussian.")
 
+    def scratch_bytes(self) -> float:
+        return 8.0 * 12 * self.samples
+
     def load(self, base_dir: Path, rng: np.random.Generator) -> Arrays:
         centers = gaussian_mixture_centers(self.modes, self.radius)
         mode = rng.integers(0, self.modes, size=self.samples)
@@ -178,6 +190,9 @@ class Adding(DataSource):
     source: Literal["adding"] = source_field("adding")
     samples: int = samples_field()
     length: int = Field(10, ge=2, description="Sequence length (time steps).")
+
+    def scratch_bytes(self) -> float:
+        return 8.0 * 6 * self.samples * self.length
 
     def load(self, base_dir: Path, rng: np.random.Generator) -> Arrays:
         n, length = self.samples, self.length
@@ -196,6 +211,9 @@ class Parity(DataSource):
     samples: int = samples_field()
     length: int = length_field(10, "Number of bits.")
 
+    def scratch_bytes(self) -> float:
+        return 8.0 * 3 * self.samples * self.length
+
     def load(self, base_dir: Path, rng: np.random.Generator) -> Arrays:
         bits = rng.integers(0, 2, size=(self.samples, self.length))
         return {"x": bits[..., None].astype(F32), "y": (bits.sum(1) % 2).astype(np.int32)}
@@ -210,6 +228,9 @@ class SequenceTask(DataSource):
     samples: int = samples_field()
     length: int = length_field(8, "Tokens per sequence.")
     vocab: int = Field(10, ge=2, description="Tokens are integers in [0, vocab).")
+
+    def scratch_bytes(self) -> float:
+        return 8.0 * 3 * self.samples * self.length
 
     def load(self, base_dir: Path, rng: np.random.Generator) -> Arrays:
         x = rng.integers(0, self.vocab, size=(self.samples, self.length)).astype(np.int32)
@@ -241,6 +262,9 @@ class Images(DataSource):
             raise ValueError(f"size {self.size} is too small for {self.classes} classes; "
                              f"use size >= {least}")
         return self
+
+    def scratch_bytes(self) -> float:  # float32 x, noise and a few [N, S, S] planes
+        return 4.0 * self.samples * self.size ** 2 * (3 * self.channels + 6)
 
     def load(self, base_dir: Path, rng: np.random.Generator) -> Arrays:
         n, k, s, c = self.samples, self.classes, self.size, self.channels

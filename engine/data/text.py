@@ -19,7 +19,17 @@ import numpy as np
 from pydantic import Field
 
 from ..errors import DataError
-from .base import Arrays, DataSource, fail, path_field, resolve, samples_field, source_field
+from .base import (
+    MAX_TEXT_BYTES,
+    Arrays,
+    DataSource,
+    check_regular,
+    fail,
+    path_field,
+    resolve,
+    samples_field,
+    source_field,
+)
 
 CORPUS = Path(__file__).with_name("corpus.txt")
 
@@ -34,6 +44,9 @@ class TextTokens(DataSource):
     level: Literal["char", "word"] = Field("char", description="Tokens are characters or words.")
     length: int = Field(64, ge=1, description="Context length: tokens per window.")
     samples: int = samples_field()
+
+    def scratch_bytes(self) -> float:  # int64 window indices and the int32 windows
+        return 12.0 * self.samples * (self.length + 1)
 
     def load(self, base_dir: Path, rng: np.random.Generator) -> Arrays:
         path, ids, _ = _tokenize(self, base_dir)
@@ -65,6 +78,7 @@ def vocabulary(spec: TextTokens, base_dir: Path | str = ".") -> list[str]:
 def _tokenize(spec: TextTokens, base_dir: Path) -> tuple[Path, np.ndarray, list[str]]:
     """The text's path, its token ids (int32) and its vocabulary (sorted unique tokens)."""
     path = resolve(base_dir, spec.path) if spec.path else CORPUS
+    check_regular(path, limit=MAX_TEXT_BYTES)
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
