@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -136,13 +137,21 @@ class PhaseStep:
 
 
 def _run_dir(graph: Graph, out: str | Path | None) -> Path:
+    """``out``, or runs/<slug of the graph's name>/<timestamp>: the name is reduced to letters,
+    digits, '-', '_' and inner dots, so 'name: ../../x' or '/etc' stays under runs/."""
     if out is not None:
-        return Path(out)
+        out = Path(out)
+        for parent in (out, *out.parents):
+            if parent.exists() and not parent.is_dir():
+                raise TrainingError(f"cannot make the run directory {out}: {parent} is a file",
+                                    help="pass --out a folder path")
+        return out
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", str(graph.name)).strip(".-")[:64] or "run"
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    d = Path("runs") / graph.name / stamp
+    d = Path("runs") / slug / stamp
     k = 1
     while d.exists():
-        d = Path("runs") / graph.name / f"{stamp}-{k}"
+        d = Path("runs") / slug / f"{stamp}-{k}"
         k += 1
     return d
 
