@@ -141,12 +141,14 @@ def run(spec, inputs, batch, output, weights, out, resume, epochs, steps, seed, 
 
 @main.command()
 @SPEC
-@click.option("--backward", is_flag=True, help="also summarise the backward graph(s)")
+@click.option("--backward", is_flag=True, help="also describe each training phase's "
+              "backward graph: its nodes by op and the parameters it differentiates")
 @errors
 def validate(spec, backward):
     """Check SPEC without running it; print a summary."""
+    import dlgraph
     g = _load(spec)
-    click.echo(g.validate(backward=backward))
+    click.echo(dlgraph.validate(g, backward=backward))
     click.echo(f"ok: {spec} is valid")
 
 
@@ -157,8 +159,9 @@ def validate(spec, backward):
 @errors
 def summary(spec, batch):
     """A table of nodes, output shapes and parameters (like Keras' model.summary)."""
+    import dlgraph
     g = _load(spec)
-    s = g.validate()
+    s = dlgraph.validate(g)
     click.echo(s)
     if s.activation_floats is not None and batch > 1:
         from dlgraph.engine.summary import _bytes

@@ -2,7 +2,7 @@
 
 >>> import dlgraph                                                   # doctest: +SKIP
 >>> g = dlgraph.load("graphs/mlp.yaml")                              # doctest: +SKIP
->>> g.validate().params                                              # doctest: +SKIP
+>>> dlgraph.validate(g).params                                       # doctest: +SKIP
 >>> model = dlgraph.compile(g)                                       # doctest: +SKIP
 """
 

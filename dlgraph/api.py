@@ -2,7 +2,7 @@
 
 >>> import dlgraph                                                    # doctest: +SKIP
 >>> g = dlgraph.load("graphs/mlp.yaml")                               # doctest: +SKIP
->>> print(g.validate())                                               # doctest: +SKIP
+>>> print(dlgraph.validate(g))                                        # doctest: +SKIP
 >>> model = dlgraph.compile(g)                                        # doctest: +SKIP
 >>> out = model(x=np.random.rand(8, 2).astype("float32"))            # doctest: +SKIP
 """
@@ -25,9 +25,15 @@ def load(source: str | Path | dict, *, base: str | Path | None = None) -> Graph:
 
 
 def validate(source, backward: bool = False):
-    """Load and check a spec without running it; returns its summary."""
+    """Load and check a spec (a Graph, a path, a YAML/JSON string or a dict) without running
+    it: every training phase is reversed too. Returns its summary; ``backward`` describes
+    the backward graphs (nodes by op, the parameters each phase differentiates).
+
+    >>> print(dlgraph.validate("graphs/mlp.yaml", backward=True))       # doctest: +SKIP
+    """
+    from dlgraph.engine.summary import summarize
     g = source if isinstance(source, Graph) else load(source)
-    return g.validate(backward=backward)
+    return summarize(g, backward=backward)
 
 
 def compile(graph: Graph, *, weights: str | Path | None = None, seed: int = 0,

@@ -10,11 +10,12 @@ summed; broadcasting is undone by ``reduce_to``.
 from __future__ import annotations
 
 import copy
+import fnmatch
 
 from dlgraph.ops import NO_GRAD, REGISTRY
 
 from .build import Builder
-from .errors import GradientError, ShapeError
+from .errors import GradientError, ShapeError, Source, SpecError
 from .ir import Graph
 from .types import fmt
 
@@ -111,3 +112,40 @@ def _prune(out: Graph, forward: Graph) -> None:
     """Drop backward nodes that no gradient uses (cotangents of constant inputs)."""
     keep = out.ancestors(out.grads.values()) | set(forward.nodes)
     out.nodes = {k: v for k, v in out.nodes.items() if k in keep}
+
+
+# ------------------------------------------------------------------- training phases
+
+
+def phase_params(g: Graph, phase) -> list[str]:
+    """The trainable parameter names a phase's globs select (error if none)."""
+    names = [n for n, p in g.params.items() if p.trainable
+             and any(fnmatch.fnmatchcase(n, pat) for pat in phase.params)]
+    if not names:
+        raise SpecError(f"phase '{phase.name}': no trainable parameter matches "
+                        f"{phase.params}", source=Source(g.source, g.lines.get(("train",))),
+                        help="parameter names: " + ", ".join(list(g.params)[:12]))
+    return names
+
+
+def training_graph(g: Graph, phase) -> Graph:
+    """The reversed graph of one phase; errors are located at the train section."""
+    ref = phase.objective
+    if ref not in g.aliases:
+        raise SpecError(f"objective '{ref}' is not a node",
+                        source=Source(g.source, g.lines.get(("train", "objective"))
+                                      or g.lines.get(("train",))),
+                        help="set `objective:` to the id of the loss node")
+    try:
+        return reverse(g, ref, phase_params(g, phase))
+    except GradientError as e:
+        line = g.lines.get(("nodes", e.node)) or g.lines.get(("train", "objective"))
+        raise e.located(source=Source(g.source, line)) from None
+
+
+def phase_graphs(g: Graph) -> dict[str, Graph]:
+    """The training graph of every phase of the spec's ``train:`` section, by phase name
+    (empty without one): reversed once, then handed to summaries, training and drawing."""
+    if g.spec is None or g.spec.train is None:
+        return {}
+    return {phase.name: training_graph(g, phase) for phase in g.spec.train.all_phases()}

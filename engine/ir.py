@@ -71,30 +71,8 @@ class Graph:
     def __getitem__(self, nid: str) -> Node:
         return self.nodes[nid]
 
-    def validate(self, backward: bool = False):
-        """Check everything short of running: the training section too, when there is one.
-
-        Returns a :class:`~dlgraph.engine.summary.Summary`; raises a ``DlgraphError``.
-        """
-        from .summary import summarize
-        return summarize(self, backward=backward)
-
     def resolve(self, ref: str) -> str:
         return self.aliases.get(ref, ref)
-
-    def digraph(self) -> nx.DiGraph:
-        """The networkx view: an edge from each input to its consumer, ``pos`` = file order."""
-        g = nx.DiGraph()
-        for i, n in enumerate(self.nodes.values()):
-            g.add_node(n.id, pos=i)
-        for n in self.nodes.values():
-            for src in n.inputs:
-                g.add_edge(src, n.id)
-        return g
-
-    def schedule(self) -> list[str]:
-        """Node ids in a topological order that never changes between runs."""
-        return schedule(self.digraph())
 
     def ancestors(self, targets) -> set[str]:
         """Every node some target depends on, targets included."""
@@ -105,13 +83,6 @@ class Graph:
                 seen.add(nid)
                 stack.extend(self.nodes[nid].inputs)
         return seen
-
-    def consumers(self) -> dict[str, list[str]]:
-        out: dict[str, list[str]] = {nid: [] for nid in self.nodes}
-        for n in self.nodes.values():
-            for src in n.inputs:
-                out[src].append(n.id)
-        return out
 
 
 def schedule(g: nx.DiGraph) -> list:

@@ -2,17 +2,18 @@
 
 Validation here goes one step past loading: a spec with a ``train:`` section is reversed
 for every phase, so an unreachable parameter or a missing gradient rule is reported now,
-not after compiling.
+not after compiling. ``backward=True`` also describes each phase's backward graph: its
+nodes by op and the parameters it computes gradients for.
 """
 
 from __future__ import annotations
 
-import fnmatch
+from collections import Counter
 from dataclasses import dataclass, field
 
-from .errors import GradientError, Source, SpecError
+from .autodiff import phase_graphs, phase_params, training_graph
 from .ir import Graph
-from .types import TType, numel
+from .types import TType, fmt, numel
 
 
 @dataclass
@@ -21,6 +22,30 @@ class Row:
     op: str
     shape: str
     params: int
+
+
+@dataclass
+class PhaseSummary:
+    """The backward graph of one training phase."""
+
+    name: str
+    nodes: int                                            # backward nodes
+    ops: dict[str, int]                                   # op -> backward nodes, most first
+    params: dict[str, tuple[tuple[int, ...], int]]        # param -> (shape, elements)
+
+    def lines(self, detail: bool) -> list[str]:
+        out = [f"backward ({self.name}): {self.nodes} nodes, derived by graph reversal"]
+        if not detail:
+            return out
+        out += _wrap("  nodes by op: ", [f"{op} {n}" for op, n in self.ops.items()])
+        total = sum(n for _, n in self.params.values())
+        out.append(f"  gradients of {len(self.params)} parameter"
+                   f"{'s' * (len(self.params) != 1)} ({total:,} elements):")
+        w = max(len(k) for k in self.params)
+        s = max(len(fmt(shape)) for shape, _ in self.params.values())
+        out += [f"    {k:<{w}}  {fmt(shape):<{s}}  {n:>9,}"
+                for k, (shape, n) in self.params.items()]
+        return out
 
 
 @dataclass
@@ -33,9 +58,15 @@ class Summary:
     params: int
     trainable: int
     primitives: int
-    backward: dict[str, int] = field(default_factory=dict)  # phase -> backward node count
+    phases: list[PhaseSummary] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     activation_floats: int | None = None                     # per sample
+    detail: bool = False                                     # describe the backward graphs
+
+    @property
+    def backward(self) -> dict[str, int]:
+        """Backward node count per phase."""
+        return {p.name: p.nodes for p in self.phases}
 
     def __str__(self) -> str:
         w = max([len(r.node) for r in self.rows] + [4])
@@ -58,10 +89,22 @@ class Summary:
             lines.append(f"activations: {_bytes(self.activation_floats * 4)} per sample "
                          f"(forward, float32)")
         lines.append(f"primitive nodes: {self.primitives}")
-        for phase, n in self.backward.items():
-            lines.append(f"backward ({phase}): {n} nodes, derived by graph reversal")
+        for phase in self.phases:
+            lines += phase.lines(self.detail)
         lines += [f"warning: {w}" for w in self.warnings]
         return "\n".join(lines)
+
+
+def _wrap(head: str, items: list[str], width: int = 96) -> list[str]:
+    """``head`` and comma-separated items, wrapped between items (never inside one)."""
+    lines, line = [], head
+    for k, item in enumerate(items):
+        piece = item + ("," if k < len(items) - 1 else "")
+        if line.strip() and len(line) + len(piece) > width and line != head:
+            lines.append(line.rstrip())
+            line = "    "
+        line += piece + " "
+    return lines + [line.rstrip()]
 
 
 def _bytes(n: int) -> str:
@@ -72,68 +115,45 @@ def _bytes(n: int) -> str:
     return str(n)
 
 
-def summarize(g: Graph, backward: bool = False) -> Summary:
-    """Check a graph fully (training phases included) and summarise it."""
+def summarize(g: Graph, graphs: dict[str, Graph] | None = None,
+              backward: bool = False) -> Summary:
+    """Check a graph fully (training phases included) and summarise it.
+
+    ``graphs`` are the phase graphs when the caller has reversed them already
+    (:func:`~dlgraph.engine.autodiff.phase_graphs`); ``backward`` describes them in full.
+
+    >>> import dlgraph                                                   # doctest: +SKIP
+    >>> summarize(dlgraph.load("graphs/mlp.yaml")).backward              # doctest: +SKIP
+    {'train': 39}
+    """
+    graphs = phase_graphs(g) if graphs is None else graphs
     counts: dict[str, int] = {}
     for p in g.params.values():
         key = p.scope[0] if p.scope else p.node
-        counts[key] = counts.get(key, 0) + _count(p.shape)
+        counts[key] = counts.get(key, 0) + numel(p.shape)
     rows = []
     for nid, nd in (g.spec.nodes.items() if g.spec else []):
         t = g[g.aliases[nid]].type
         rows.append(Row(nid, nd.op, str(t), counts.get(nid, 0)))
-    total = sum(_count(p.shape) for p in g.params.values())
-    trainable = sum(_count(p.shape) for p in g.params.values() if p.trainable)
-    act = [numel(n.type.shape, {d: 1 for d in _names(g)}) for n in g.nodes.values()
-           if n.role == "forward"]
-    s = Summary(g.name, g.source, rows, dict(g.inputs),
-                {k: g[v].type for k, v in g.outputs.items()}, total, trainable,
-                sum(1 for n in g.nodes.values() if n.role == "forward"),
-                warnings=list(g.warnings),
-                activation_floats=sum(a for a in act if a is not None))
-    if g.spec is not None and g.spec.train is not None:
-        for phase in g.spec.train.all_phases():
-            tg = training_graph(g, phase)
-            s.backward[phase.name] = sum(1 for n in tg.nodes.values() if n.role == "backward")
-    return s
+    named = {d: 1 for t in g.inputs.values() for d in t.shape if isinstance(d, str)}
+    act = [numel(n.type.shape, named) for n in g.nodes.values() if n.role == "forward"]
+    return Summary(
+        g.name, g.source, rows, dict(g.inputs), {k: g[v].type for k, v in g.outputs.items()},
+        sum(numel(p.shape) for p in g.params.values()),
+        sum(numel(p.shape) for p in g.params.values() if p.trainable),
+        sum(1 for n in g.nodes.values() if n.role == "forward"),
+        phases=[_phase(name, tg) for name, tg in graphs.items()],
+        warnings=list(g.warnings), activation_floats=sum(a for a in act if a is not None),
+        detail=backward)
 
 
-def _names(g: Graph) -> set[str]:
-    return {d for t in g.inputs.values() for d in t.shape if isinstance(d, str)}
+def _phase(name: str, tg: Graph) -> PhaseSummary:
+    ops = Counter(n.op for n in tg.nodes.values() if n.role == "backward")
+    return PhaseSummary(
+        name, sum(ops.values()), dict(sorted(ops.items(), key=lambda kv: (-kv[1], kv[0]))),
+        {p: (tg.params[p].shape, numel(tg.params[p].shape)) for p in tg.grads})
 
 
-def _count(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
-def phase_params(g: Graph, phase) -> list[str]:
-    """The trainable parameter names a phase's globs select (error if none)."""
-    names = [n for n, p in g.params.items() if p.trainable
-             and any(fnmatch.fnmatchcase(n, pat) for pat in phase.params)]
-    if not names:
-        raise SpecError(f"phase '{phase.name}': no trainable parameter matches "
-                        f"{phase.params}", source=Source(g.source, g.lines.get(("train",))),
-                        help="parameter names: " + ", ".join(list(g.params)[:12]))
-    return names
-
-
-def training_graph(g: Graph, phase) -> Graph:
-    """The reversed graph of one phase; errors are located at the train section."""
-    from .autodiff import reverse
-    ref = phase.objective
-    if ref not in g.aliases:
-        raise SpecError(f"objective '{ref}' is not a node",
-                        source=Source(g.source, g.lines.get(("train", "objective"))
-                                      or g.lines.get(("train",))),
-                        help="set `objective:` to the id of the loss node")
-    try:
-        return reverse(g, ref, phase_params(g, phase))
-    except GradientError as e:
-        line = g.lines.get(("nodes", e.node)) or g.lines.get(("train", "objective"))
-        raise e.located(source=Source(g.source, line)) from None
-
-
-__all__ = ["Summary", "summarize", "training_graph", "phase_params"]
+# training_graph and phase_params live with graph reversal; these names stay importable
+# from here until every caller imports them from .autodiff
+__all__ = ["Summary", "PhaseSummary", "summarize", "training_graph", "phase_params"]

@@ -24,12 +24,13 @@ from tinygrad import Context, Tensor, TinyJit
 from tinygrad.nn import optim
 from tinygrad.nn.state import get_state_dict
 
+from .autodiff import phase_graphs, phase_params, training_graph
 from .checkpoint import atomic_write, load_tensors, save_tensors
 from .data import batches, load_data, split
 from .errors import DataError, GraphError, Source, SpecError, TrainingError
 from .ir import Graph
 from .lower import Ctx, Evaluator, bind, init_params, to_tensor, use_device
-from .summary import phase_params, training_graph
+from .summary import summarize
 
 
 @dataclass
@@ -96,9 +97,10 @@ def lr_at(schedule, base: float, step: int, total: int) -> float:
 class PhaseStep:
     """One phase: its training graph, optimizer and jitted step."""
 
-    def __init__(self, graph: Graph, phase, params: dict[str, Tensor], input_names: list[str]):
+    def __init__(self, graph: Graph, phase, params: dict[str, Tensor], input_names: list[str],
+                 training: Graph | None = None):
         self.phase = phase
-        self.graph = training_graph(graph, phase)
+        self.graph = training or training_graph(graph, phase)
         self.names = phase_params(graph, phase)
         self.tensors = [params[n] for n in self.names]
         self.opt = OPTIMIZERS[phase.optimizer.type](self.tensors, phase.optimizer)
@@ -247,7 +249,8 @@ def train(graph: Graph, *, out=None, resume: bool = False, device: str | None = 
                         help="`dlgraph run` without one runs the forward pass only")
     echo = log or (lambda s: None if quiet else print(s, file=sys.stderr, flush=True))
     use_device(device)
-    graph.validate()
+    graphs = phase_graphs(graph)            # every phase reversed once, here
+    summarize(graph, graphs)
     phases = spec.all_phases()
     epochs = epochs or spec.epochs
     max_steps = steps or spec.steps
@@ -266,7 +269,7 @@ def train(graph: Graph, *, out=None, resume: bool = False, device: str | None = 
     ckpt = run_dir / "checkpoint.safetensors"
     params = init_params(graph, spec.seed)
     steps_done, start_epoch, history = 0, 0, []
-    runners = [PhaseStep(graph, ph, params, names) for ph in phases]
+    runners = [PhaseStep(graph, ph, params, names, graphs[ph.name]) for ph in phases]
     for r in runners:
         r.dims = dims
     if resume:

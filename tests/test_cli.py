@@ -40,6 +40,23 @@ def test_validate_prints_summary():
     assert r.stdout.rstrip().endswith(f"ok: {TINY} is valid")
 
 
+def test_validate_backward_describes_the_backward_graph():
+    plain, full = cli("validate", TINY), cli("validate", "--backward", TINY)
+    assert full.exit_code == 0, full.output
+    assert full.stdout != plain.stdout
+    assert full.stdout.startswith(plain.stdout.rsplit("backward (train)", 1)[0])
+    extra = full.stdout.split("backward (train): 29 nodes, derived by graph reversal\n")[1]
+    # 3 matmuls: the weight gradients of both layers and the cotangent of h (x needs none)
+    listed = extra.split("\n  gradients of")[0].removeprefix("  nodes by op: ")
+    ops = {op: int(n) for op, n in (i.split() for i in listed.replace("\n", " ").split(","))}
+    assert ops["matmul"] == 3
+    assert sum(ops.values()) == 29
+    assert "  gradients of 4 parameters (82 elements):\n" in extra
+    for row in ("h.weight       [16, 2]         32", "h.bias         [16]            16",
+                "logits.weight  [2, 16]         32", "logits.bias    [2]              2"):
+        assert f"    {row}\n" in extra
+
+
 def test_run_forward_with_inputs_and_output(tmp_path):
     x = np.arange(6, dtype=np.float32).reshape(2, 3)
     np.save(tmp_path / "x.npy", x)

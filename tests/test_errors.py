@@ -33,7 +33,7 @@ def test_api_raises_the_same_error(spec):
     rel = spec.relative_to(ROOT)
     expected = Path(f"{spec}.err").read_text().removeprefix("error: ").rstrip("\n")
     with pytest.raises(dlgraph.DlgraphError) as info:
-        dlgraph.load(rel).validate()
+        dlgraph.validate(dlgraph.load(rel))
     assert str(info.value) == expected
 
 
@@ -41,7 +41,7 @@ def test_every_error_class_is_covered():
     kinds = set()
     for spec in BAD:
         try:
-            dlgraph.load(spec.relative_to(ROOT)).validate()
+            dlgraph.validate(dlgraph.load(spec.relative_to(ROOT)))
         except dlgraph.DlgraphError as e:
             kinds.add(type(e).__name__)
     assert kinds >= {"SpecError", "GraphError", "CycleError", "ShapeError", "GradientError"}

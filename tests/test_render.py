@@ -16,13 +16,12 @@ from pathlib import Path
 import pytest
 
 import dlgraph
-from dlgraph.engine.autodiff import reverse
+from dlgraph.engine.autodiff import reverse, training_graph
 from dlgraph.engine.build import Builder
 from dlgraph.engine.errors import DataError, DlgraphError
 from dlgraph.engine.ir import Graph
 from dlgraph.engine.plot import family, load_series, plot_run, plot_runs, read_metrics
 from dlgraph.engine.render import render
-from dlgraph.engine.summary import training_graph
 from dlgraph.engine.types import TType
 from dlgraph.ops import REGISTRY
 
