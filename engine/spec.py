@@ -10,10 +10,15 @@ from __future__ import annotations
 
 import functools
 import json
+import math
+import os
+import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
+import numpy as np
 import yaml
 from pydantic import (
     BaseModel,
@@ -153,25 +158,32 @@ class _Loader(yaml.SafeLoader):
     """Safe YAML: plain data only, no Python tags."""
 
 
+#: Caps that keep a hostile spec from taking the machine: bytes of a spec file, values built
+#: (YAML aliases can expand a few lines into billions), and nesting depth.
+MAX_SPEC_BYTES = 8 * 2**20
+MAX_SPEC_VALUES = 200_000
+MAX_SPEC_DEPTH = 64
+
+
 def parse_text(text: str, file: str) -> tuple[Any, dict[tuple, int]]:
     """Parse YAML or JSON into plain data and the line of every mapping key and list item.
 
-    Duplicate keys are errors (PyYAML would silently keep the last one).
+    Duplicate keys are errors (PyYAML would silently keep the last one), and so are NaN and
+    infinities, recursive anchors, and aliases that expand past ``MAX_SPEC_VALUES`` values.
 
     >>> data, lines = parse_text("a: 1\\nb: {c: 2}\\n", "x.yaml")
     >>> data, lines[("b", "c")]
     ({'a': 1, 'b': {'c': 2}}, 2)
     """
+    if len(text) > MAX_SPEC_BYTES:
+        raise SpecError(f"the spec has {len(text)} characters; at most {MAX_SPEC_BYTES} are read",
+                        source=Source(file), help="a spec is a short text; keep data in files")
+    _check_chars(text, file)
+    _check_flow_depth(text, file)
     if file.endswith(".json"):
         _check_json(text, file)
     try:
-        loader = _Loader(text)
-        try:
-            root = loader.get_single_node()
-            lines: dict[tuple, int] = {}
-            data = _construct(loader, root, (), lines, file) if root is not None else None
-        finally:
-            loader.dispose()
+        data, lines = _compose(text, file)
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         line = mark.line + 1 if mark else None
@@ -180,6 +192,9 @@ def parse_text(text: str, file: str) -> tuple[Any, dict[tuple, int]]:
                         help="check indentation and quoting on this line") from None
     except yaml.YAMLError as e:
         raise SpecError(f"not valid YAML: {e}", source=Source(file)) from None
+    except RecursionError:
+        raise SpecError(f"the spec is nested more than {MAX_SPEC_DEPTH} levels deep",
+                        source=Source(file), help="flatten the nesting") from None
     if data is None:
         raise SpecError("the file is empty", source=Source(file),
                         help="a spec starts with `dlgraph: 1`; see docs/spec.md")
@@ -189,13 +204,64 @@ def parse_text(text: str, file: str) -> tuple[Any, dict[tuple, int]]:
     return data, lines
 
 
-def _check_json(text: str, file: str) -> None:
-    """JSON is read strictly as JSON (YAML would accept a trailing comma)."""
+def _compose(text: str, file: str) -> tuple[Any, dict[tuple, int]]:
+    loader = _Loader(text)
     try:
-        json.loads(text)
+        root = loader.get_single_node()
+        lines: dict[tuple, int] = {}
+        walk = _Walk(loader, file, lines)
+        return (walk.value(root, ()) if root is not None else None), lines
+    finally:
+        loader.dispose()
+
+
+_NONFINITE = re.compile(r"[-+]?(nan|inf|infinity)", re.IGNORECASE)
+_BAD_CHAR = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ufffd]")
+
+
+def _check_chars(text: str, file: str) -> None:
+    """Control characters and the replacement mark of undecodable bytes, by line and column."""
+    m = _BAD_CHAR.search(text)
+    if m:
+        i, ch = m.start(), m.group()
+        line, col = text.count("\n", 0, i) + 1, i - (text.rfind("\n", 0, i) + 1) + 1
+        what = "a byte that is not UTF-8" if ch == "\ufffd" else \
+            f"the control character U+{ord(ch):04X}"
+        raise SpecError(f"{what} at column {col}", source=Source(file, line),
+                        help="specs are UTF-8 text; remove or retype this character")
+
+
+_OTHER_BYTES = bytes(b for b in range(256) if b not in b"[]{}")
+
+
+def _check_flow_depth(text: str, file: str) -> None:
+    """Refuse deep [ { nesting before YAML's scanner (quadratic in it) or JSON see it."""
+    brackets = np.frombuffer(text.encode("utf-8", "replace").translate(None, _OTHER_BYTES),
+                             np.uint8)
+    if len(brackets) > 2 * MAX_SPEC_DEPTH:
+        step = np.where((brackets == ord("[")) | (brackets == ord("{")), 1, -1)
+        if np.cumsum(step).max() > 2 * MAX_SPEC_DEPTH:
+            raise SpecError(f"the spec is nested more than {MAX_SPEC_DEPTH} levels deep",
+                            source=Source(file), help="flatten the nesting")
+
+
+def _check_json(text: str, file: str) -> None:
+    """JSON is read strictly as JSON (YAML would accept a trailing comma, Python NaN)."""
+    def no_constant(name: str):
+        raise ValueError(name)
+
+    try:
+        json.loads(text, parse_constant=no_constant)
     except json.JSONDecodeError as e:
         raise SpecError(f"not valid JSON: {e.msg}", source=Source(file, e.lineno),
                         help=f"at column {e.colno}") from None
+    except ValueError as e:  # from no_constant
+        line = next((n + 1 for n, t in enumerate(text.splitlines()) if str(e) in t), None)
+        raise SpecError(f"{e} is not a number a spec can hold", source=Source(file, line),
+                        help="write a finite number") from None
+    except RecursionError:
+        raise SpecError(f"the spec is nested more than {MAX_SPEC_DEPTH} levels deep",
+                        source=Source(file), help="flatten the nesting") from None
 
 
 _PLAIN_TAGS = {"tag:yaml.org,2002:map", "tag:yaml.org,2002:seq", "tag:yaml.org,2002:str",
@@ -203,7 +269,78 @@ _PLAIN_TAGS = {"tag:yaml.org,2002:map", "tag:yaml.org,2002:seq", "tag:yaml.org,2
                "tag:yaml.org,2002:null"}
 
 
-def _construct(loader, node, path: tuple, lines: dict, file: str):
+@dataclass
+class _Walk:
+    """Builds plain data from composed YAML nodes, recording lines and enforcing the caps."""
+
+    loader: Any
+    file: str
+    lines: dict
+    count: int = 0
+    stack: tuple = ()
+
+    def fail(self, node, message: str, help: str | None = None) -> SpecError:
+        return SpecError(message, source=Source(self.file, node.start_mark.line + 1), help=help)
+
+    def value(self, node, path: tuple):
+        self.count += 1
+        if self.count > MAX_SPEC_VALUES:
+            raise self.fail(node, f"the spec expands to more than {MAX_SPEC_VALUES} values",
+                            help="YAML aliases (*name) multiply what they repeat; write less "
+                                 "or use a module")
+        if any(node is n for n in self.stack):
+            raise self.fail(node, "a YAML anchor refers to itself",
+                            help="an alias (*name) cannot sit inside its own anchor (&name)")
+        if len(self.stack) >= MAX_SPEC_DEPTH:
+            raise self.fail(node, f"the spec is nested more than {MAX_SPEC_DEPTH} levels deep",
+                            help="flatten the nesting")
+        _check_tag(node, self.file)
+        self.stack += (node,)
+        try:
+            if isinstance(node, yaml.MappingNode):
+                return self.mapping(node, path)
+            if isinstance(node, yaml.SequenceNode):
+                return self.sequence(node, path)
+            return self.scalar(node)
+        finally:
+            self.stack = self.stack[:-1]
+
+    def mapping(self, node, path: tuple) -> dict:
+        out: dict = {}
+        for knode, vnode in node.value:
+            _check_tag(knode, self.file)
+            if not isinstance(knode, yaml.ScalarNode):
+                raise self.fail(knode, "mapping keys must be plain names")
+            key = self.scalar(knode)
+            if not isinstance(key, str | int | float | bool):
+                raise self.fail(knode, "mapping keys must be plain names")
+            if key in out:
+                raise self.fail(knode, f"duplicate key '{key}'"
+                                + (f" in '{path[-1]}'" if path else ""),
+                                help=f"'{key}' is already defined on line "
+                                     f"{self.lines[path + (key,)]}; rename or remove one of them")
+            self.lines[path + (key,)] = knode.start_mark.line + 1
+            out[key] = self.value(vnode, path + (key,))
+        return out
+
+    def sequence(self, node, path: tuple) -> list:
+        items = []
+        for i, item in enumerate(node.value):
+            self.lines[path + (i,)] = item.start_mark.line + 1
+            items.append(self.value(item, path + (i,)))
+        return items
+
+    def scalar(self, node):
+        v = self.loader.construct_object(node, deep=True)
+        if isinstance(v, str) and node.style is None and _NONFINITE.fullmatch(v):
+            v = float("nan")  # JSON's NaN/Infinity: YAML reads a string, pydantic a float
+        if isinstance(v, float) and not math.isfinite(v):
+            raise self.fail(node, f"{node.value} is not a number a spec can hold",
+                            help="write a finite number")
+        return v
+
+
+def _check_tag(node, file: str) -> None:
     if node.tag == "tag:yaml.org,2002:merge":
         raise SpecError("YAML merge keys (<<) are not supported", help="write the fields out, "
                         "or define a module for the repeated part",
@@ -213,31 +350,6 @@ def _construct(loader, node, path: tuple, lines: dict, file: str):
                         "specs hold plain data only",
                         source=Source(file, node.start_mark.line + 1),
                         help="remove the tag; Python objects are never constructed")
-    if isinstance(node, yaml.MappingNode):
-        out: dict = {}
-        for knode, vnode in node.value:
-            if knode.tag == "tag:yaml.org,2002:merge":
-                _construct(loader, knode, path, lines, file)      # raises: not supported
-            key = loader.construct_object(knode, deep=True)
-            if not isinstance(key, str | int | float | bool):
-                raise SpecError("mapping keys must be plain names",
-                                source=Source(file, knode.start_mark.line + 1))
-            if key in out:
-                raise SpecError(f"duplicate key '{key}'"
-                                + (f" in '{path[-1]}'" if path else ""),
-                                source=Source(file, knode.start_mark.line + 1),
-                                help=f"'{key}' is already defined on line "
-                                     f"{lines[path + (key,)]}; rename or remove one of them")
-            lines[path + (key,)] = knode.start_mark.line + 1
-            out[key] = _construct(loader, vnode, path + (key,), lines, file)
-        return out
-    if isinstance(node, yaml.SequenceNode):
-        items = []
-        for i, item in enumerate(node.value):
-            lines[path + (i,)] = item.start_mark.line + 1
-            items.append(_construct(loader, item, path + (i,), lines, file))
-        return items
-    return loader.construct_object(node, deep=True)
 
 
 def line_of(lines: dict[tuple, int], loc: tuple) -> int | None:
@@ -269,7 +381,7 @@ def validate_data(data: dict, lines: dict[tuple, int], file: str, base: Path | N
 
 def _precheck_nodes(data: dict, lines: dict, file: str, base: Path | None = None):
     """Names and ops, checked by hand so that errors suggest the close match."""
-    if data.get("dlgraph") not in (1, None):
+    if data.get("dlgraph") not in (1, None) or isinstance(data.get("dlgraph"), bool | float):
         raise SpecError(f"unsupported spec version {data.get('dlgraph')!r}",
                         source=Source(file, lines.get(("dlgraph",))),
                         help="this dlgraph reads `dlgraph: 1`")
@@ -323,13 +435,13 @@ def library(data: dict, file: str, lines: dict | None = None,
     out: dict[str, ModuleDef] = {}
     base = base or (Path(file).parent if not file.startswith("<") else Path.cwd())
     sources = [(file, data, lines or {})]
-    for inc in data.get("include") or []:
-        where = Source(file, lines.get(("include",)) if lines else None)
-        path = base / str(inc)
-        if not path.is_file():
-            raise SpecError(f"included file not found: {inc}", source=where,
-                            help=f"paths are relative to the spec's folder ({base})")
-        inc_data, inc_lines = parse_text(path.read_text(encoding="utf-8"), str(path))
+    for inc, path, where in _include_paths(data, file, lines or {}, base):
+        try:
+            text = read_spec_text(path, "spec")
+        except SpecError as e:
+            raise SpecError(f"included file {inc}: {e.message}", source=where, help=e.help) \
+                from None
+        inc_data, inc_lines = parse_text(text, str(path))
         sources.append((str(path), inc_data, inc_lines))
     for src_file, d, ls in sources:
         for name, raw in (d.get("modules") or {}).items():
@@ -350,6 +462,50 @@ def library(data: dict, file: str, lines: dict | None = None,
                                 f"{e['msg']}", source=Source(src_file, line_of(ls, loc))) \
                     from None
             out[name] = ModuleDef(name, m, src_file, ls, ("modules", name))
+    return out
+
+
+#: Folders besides the spec's own tree that `include:` may read from, separated like PATH
+#: (``os.pathsep``); empty by default.
+INCLUDE_PATH_VAR = "DLGRAPH_INCLUDE_PATH"
+
+
+def include_roots(base: Path) -> list[Path]:
+    """Where `include:` may read: the spec's folder tree, and the folders named in the
+    ``DLGRAPH_INCLUDE_PATH`` environment variable (an explicit opt-in)."""
+    extra = [Path(r).expanduser() for r in os.environ.get(INCLUDE_PATH_VAR, "").split(os.pathsep)
+             if r.strip()]
+    return [Path(r).resolve() for r in (base, *extra)]
+
+
+def _include_paths(data: dict, file: str, lines: dict, base: Path):
+    """(as written, resolved path, where written) for each `include:`, confined to the roots."""
+    incs = data.get("include")
+    if incs is None:
+        return []
+    where = Source(file, lines.get(("include",)))
+    if not isinstance(incs, list) or not all(isinstance(i, str) and i for i in incs):
+        raise SpecError(f"`include:` is a list of spec file paths, not {incs!r}"[:200],
+                        source=where, help="write e.g. `include: [modules/blocks.yaml]`")
+    roots, out = include_roots(base), []
+    for i, inc in enumerate(incs):
+        at = Source(file, lines.get(("include", i), where.line))
+        path = base / inc
+        try:
+            real = path.resolve()
+        except (OSError, ValueError, RuntimeError):
+            raise SpecError(f"included file not found: {inc}", source=at) from None
+        if not any(real.is_relative_to(r) for r in roots):
+            raise SpecError(f"included file {inc} is outside the spec's folder ({base})",
+                            source=at, help=f"include files below the spec's folder, or add "
+                                            f"their folder to {INCLUDE_PATH_VAR}")
+        if path.suffix not in (".yaml", ".yml", ".json"):
+            raise SpecError(f"included file {inc} is not a .yaml, .yml or .json spec",
+                            source=at, help="include spec files that define `modules:`")
+        if not path.exists():
+            raise SpecError(f"included file not found: {inc}", source=at,
+                            help=f"paths are relative to the spec's folder ({base})")
+        out.append((inc, path, at))
     return out
 
 
@@ -393,12 +549,41 @@ def _spec_error(err: dict, data: dict, lines: dict, file: str, registry) -> Spec
 def read_spec(path: str | Path):
     """Read and validate a spec file; returns ``(GraphSpec, lines)``."""
     p = Path(path)
+    data, lines = parse_text(read_spec_text(p), str(p))
+    return validate_data(data, lines, str(p)), lines
+
+
+def read_spec_text(p: Path, what: str = "spec") -> str:
+    """The text of a spec file: a regular file of at most ``MAX_SPEC_BYTES``, UTF-8.
+
+    A FIFO or device is refused before it is opened (reading one blocks or never ends), and
+    nothing of a file that is not UTF-8 is echoed back."""
     try:
-        text = p.read_text(encoding="utf-8")
+        st = p.stat()
     except FileNotFoundError:
         raise SpecError(f"no such file: {p}", help="check the path") from None
-    except (IsADirectoryError, UnicodeDecodeError, PermissionError) as e:
+    except (OSError, ValueError) as e:
         raise SpecError(f"cannot read {p}: {getattr(e, 'strerror', None) or e}",
                         source=Source(str(p))) from None
-    data, lines = parse_text(text, str(p))
-    return validate_data(data, lines, str(p)), lines
+    if stat.S_ISDIR(st.st_mode):
+        raise SpecError(f"{p} is a folder, not a {what} file", source=Source(str(p)),
+                        help="name a .yaml or .json file")
+    if not stat.S_ISREG(st.st_mode):
+        raise SpecError(f"{p} is not a regular file (a pipe, device or socket is never read)",
+                        source=Source(str(p)), help=f"name a {what} file")
+    if st.st_size > MAX_SPEC_BYTES:
+        raise SpecError(f"the {what} file has {st.st_size} bytes; at most {MAX_SPEC_BYTES} are "
+                        "read", source=Source(str(p)),
+                        help="a spec is a short text; keep data in data files")
+    try:
+        raw = p.read_bytes()
+    except OSError as e:
+        raise SpecError(f"cannot read {p}: {e.strerror or e}", source=Source(str(p))) from None
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        col = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+        raise SpecError(f"a byte that is not UTF-8 at column {col}; this is not a {what} file",
+                        source=Source(str(p), line),
+                        help="specs are UTF-8 text (YAML or JSON)") from None
