@@ -18,8 +18,9 @@ from dlgraph.engine.errors import (
     SpecError,
     TrainingError,
 )
+from dlgraph.engine.onnx import export, import_onnx
 
 __version__ = "0.1.0"
-__all__ = ["load", "validate", "compile", "train", "render", "schema",
+__all__ = ["load", "validate", "compile", "train", "render", "schema", "export", "import_onnx",
            "DlgraphError", "SpecError", "GraphError", "CycleError", "ShapeError",
            "GradientError", "DataError", "DeviceError", "TrainingError"]
