@@ -289,6 +289,34 @@ def sample(spec, weights, prompt, length, temperature, seed, device):
                         seed=seed))
 
 
+@main.command("export")
+@SPEC
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="file to write, e.g. model.onnx (the suffix picks the format)")
+@click.option("--weights", type=click.Path(dir_okay=False, path_type=Path),
+              help="weights.safetensors of a training run (default: initialised under --seed)")
+@click.option("--opset", type=int, help="ONNX opset (default 21)")
+@click.option("--seed", type=int, default=0, show_default=True)
+@errors
+def export_cmd(spec, output, weights, opset, seed):
+    """Export SPEC's inference graph with its weights, e.g. to ONNX."""
+    import dlgraph
+    dlgraph.export(_load(spec), output, weights=weights, opset=opset, seed=seed)
+    click.echo(f"wrote {output}")
+
+
+@main.command("import")
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="spec file to write (.yaml); the weights go beside it (.safetensors)")
+@errors
+def import_cmd(model, output):
+    """Import an ONNX MODEL as a readable spec and its weights."""
+    import dlgraph
+    spec, weights = dlgraph.import_onnx(model, output)
+    click.echo(f"wrote {spec} and {weights}")
+
+
 if __name__ == "__main__":
     main()
 
