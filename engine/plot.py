@@ -18,7 +18,7 @@ from pathlib import Path
 from .errors import DataError, Source
 
 SKIP = {"epoch", "step", "kind", "seconds", "time", "elapsed", "timestamp", "wall"}
-HELP = "each line of metrics.jsonl is one JSON object, as `dlgraph train` writes it"
+HELP = "each line of metrics.jsonl is one JSON object, as `dlgraph run` writes it when training"
 
 
 @dataclass
@@ -45,7 +45,7 @@ def read_metrics(path: str | Path) -> list[dict]:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise DataError("no such file", source=Source(str(path)),
-                        help="train first: `dlgraph train SPEC` writes metrics.jsonl into its "
+                        help="train first: `dlgraph run SPEC` writes metrics.jsonl into its "
                              "run directory") from None
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"cannot read it: {getattr(e, 'strerror', None) or e}",
@@ -161,32 +161,7 @@ def plot_runs(run_dirs: list[Path], out: Path) -> Path:
         keys_in = {f: list(dict.fromkeys(s.key for s in series if family(s.key) == f))
                    for f in fams}
         for ax, fam in zip(axes.flat, fams, strict=False):
-            for s in series:
-                if family(s.key) != fam:
-                    continue
-                if len(runs) > 1:
-                    color = colors[runs.index(s.run) % len(colors)]
-                    label = f"{s.run}: {s.key}"
-                else:
-                    color = colors[keys_in[fam].index(s.key) % len(colors)]
-                    label = s.key
-                val = s.key.startswith(("val_", "test_"))
-                if s.kind == "step":
-                    # several runs: the epoch curves name them; per-step noise needs no entry
-                    ax.plot(s.xs, s.ys, color=color, lw=0.8, alpha=0.35,
-                            label=f"{label} (per step)" if len(runs) == 1 else "_nolegend_")
-                else:
-                    ax.plot(s.xs, s.ys, color=color, lw=1.8, ls="--" if val else "-",
-                            marker="o" if len(s.xs) <= 30 else None, ms=3.5,
-                            label=label + (" (epoch mean)" if _has_steps(series, s) else ""))
-            ax.set_title(fam, fontsize=11, loc="left", fontweight="bold")
-            ax.set_xlabel(xkey)
-            ys = [y for s in series if family(s.key) == fam for y in s.ys if math.isfinite(y)]
-            if fam == "loss" and ys and min(ys) > 0 and max(ys) / min(ys) > 100:
-                ax.set_yscale("log")
-            ax.grid(True, alpha=0.3)
-            ax.spines[["top", "right"]].set_visible(False)
-            ax.legend(fontsize=8, frameon=False)
+            _draw_family(ax, fam, series, runs, keys_in[fam], colors, xkey)
         for ax in list(axes.flat)[len(fams):]:
             ax.set_visible(False)
         title = runs[0] if len(runs) == 1 else f"{len(runs)} runs"
@@ -201,6 +176,37 @@ def plot_runs(run_dirs: list[Path], out: Path) -> Path:
         finally:
             plt.close(fig)
     return out
+
+
+def _draw_family(ax, fam: str, series: list[Series], runs: list[str], keys: list[str],
+                 colors: list[str], xkey: str) -> None:
+    """One subplot: every curve of one metric family (``loss``: loss, val_loss, loss_gen...)."""
+    for s in series:
+        if family(s.key) != fam:
+            continue
+        if len(runs) > 1:
+            color = colors[runs.index(s.run) % len(colors)]
+            label = f"{s.run}: {s.key}"
+        else:
+            color = colors[keys.index(s.key) % len(colors)]
+            label = s.key
+        val = s.key.startswith(("val_", "test_"))
+        if s.kind == "step":
+            # several runs: the epoch curves name them; per-step noise needs no entry
+            ax.plot(s.xs, s.ys, color=color, lw=0.8, alpha=0.35,
+                    label=f"{label} (per step)" if len(runs) == 1 else "_nolegend_")
+        else:
+            ax.plot(s.xs, s.ys, color=color, lw=1.8, ls="--" if val else "-",
+                    marker="o" if len(s.xs) <= 30 else None, ms=3.5,
+                    label=label + (" (epoch mean)" if _has_steps(series, s) else ""))
+    ax.set_title(fam, fontsize=11, loc="left", fontweight="bold")
+    ax.set_xlabel(xkey)
+    ys = [y for s in series if family(s.key) == fam for y in s.ys if math.isfinite(y)]
+    if fam == "loss" and ys and min(ys) > 0 and max(ys) / min(ys) > 100:
+        ax.set_yscale("log")
+    ax.grid(True, alpha=0.3)
+    ax.spines[["top", "right"]].set_visible(False)
+    ax.legend(fontsize=8, frameon=False)
 
 
 def _has_steps(series: list[Series], s: Series) -> bool:

@@ -15,8 +15,10 @@ import math
 import re
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import yaml
@@ -238,144 +240,237 @@ def first_non_finite(graph: Graph, params, inputs: dict[str, Tensor], dims) -> s
     return None
 
 
+@dataclass
+class _Run:
+    """A training run once set up: what every epoch and step reads, and the counters."""
+
+    graph: Graph
+    spec: Any                             # the TrainSpec
+    runners: list[PhaseStep]
+    params: dict[str, Tensor]
+    names: list[str]                      # graph inputs, in feed order
+    dims: dict[str, int]
+    train_arrays: dict[str, np.ndarray]
+    run_dir: Path
+    epochs: int
+    max_steps: int | None
+    per_epoch: int
+    total: int                            # steps the schedules span
+    goal: str | None
+    echo: Callable[[str], None]
+    quiet: bool
+    debug: bool
+    t_start: float
+    validator: Validator | None = None
+    val_chunks: list = field(default_factory=list)
+    steps_done: int = 0
+    start_epoch: int = 0
+    history: list[dict] = field(default_factory=list)
+    first_step: float | None = None
+
+    @property
+    def ckpt(self) -> Path:
+        return self.run_dir / "checkpoint.safetensors"
+
+    def out_of_steps(self) -> bool:
+        return bool(self.max_steps and self.steps_done >= self.max_steps)
+
+
 def train(graph: Graph, *, out=None, resume: bool = False, device: str | None = None,
           epochs: int | None = None, steps: int | None = None, quiet: bool = False,
           debug: bool = False, log=None) -> TrainResult:
     """Train ``graph`` by its ``train:`` section; see the module docstring for outputs."""
     t_start = time.perf_counter()
+    echo = log or (lambda s: None if quiet else print(s, file=sys.stderr, flush=True))
+    run = _set_up(graph, out=out, resume=resume, device=device, epochs=epochs, steps=steps,
+                  quiet=quiet, debug=debug, echo=echo, t_start=t_start)
+    met, last, epoch = None, {}, run.start_epoch
+    with open(run.run_dir / "metrics.jsonl", "a") as mf:
+        for epoch in range(run.start_epoch, run.epochs):
+            last = _epoch(run, epoch, mf)
+            met, stop = _end_of_epoch(run, epoch, last, met)
+            if stop:
+                break
+    return _finish(run, epoch, last, met)
+
+
+# ------------------------------------------------------------------------------ set-up
+
+
+def _set_up(graph: Graph, *, out, resume: bool, device, epochs, steps, quiet: bool,
+            debug: bool, echo, t_start: float) -> _Run:
+    """Everything before the first step: checks, data, parameters, phases, run directory."""
     spec = graph.spec.train if graph.spec is not None else None
     if spec is None:
         raise SpecError("this spec has no `train:` section", source=Source(graph.source),
                         help="`dlgraph run` without one runs the forward pass only")
-    echo = log or (lambda s: None if quiet else print(s, file=sys.stderr, flush=True))
     use_device(device)
     graphs = phase_graphs(graph)            # every phase reversed once, here
     summarize(graph, graphs)
     phases = spec.all_phases()
     epochs = epochs or spec.epochs
-    max_steps = steps or spec.steps
     metrics = _metric_refs(graph, spec)
+    train_arrays, val_arrays, n, n_val = _split_data(graph, spec)
+    names = list(graph.inputs)
+    dims = bind(graph, {k: v[:spec.batch] for k, v in train_arrays.items()}, where="data for")
+    run_dir = _run_dir(graph, out)
+    params = init_params(graph, spec.seed)
+    runners = [PhaseStep(graph, ph, params, names, graphs[ph.name]) for ph in phases]
+    for r in runners:
+        r.dims = dims
+    per_epoch = len(train_arrays[names[0]]) // spec.batch
+    max_steps = steps or spec.steps
+    run = _Run(graph, spec, runners, params, names, dims, train_arrays, run_dir,
+               epochs, max_steps, per_epoch,
+               min(epochs * per_epoch, max_steps or epochs * per_epoch), _goal(spec.target),
+               echo, quiet, debug, t_start)
+    if resume:
+        run.steps_done, run.start_epoch, run.history = _restore(run.ckpt, params, runners)
+        echo(f"resuming {run.run_dir} at epoch {run.start_epoch + 1}, step {run.steps_done}")
+    _start_run_dir(run)
+    if val_arrays:
+        _set_up_validation(run, phases, metrics, val_arrays)
+    echo(f"training {graph.name}: {n - n_val:,} samples ({n_val:,} for validation), "
+         f"batch {spec.batch}, {per_epoch} steps per epoch, up to {epochs} epochs"
+         + (f", target {run.goal}" if run.goal else ""))
+    return run
 
+
+def _split_data(graph: Graph, spec):
+    """(train arrays, validation arrays, samples, validation samples): whole batches each."""
     arrays = feed_arrays(graph, spec, load_data(spec.data, graph.base or Path.cwd(), spec.seed))
     n = len(next(iter(arrays.values())))
     frac = spec.validation.split
     n_val = min(max(round(n * frac / spec.batch), 1), n // spec.batch - 1) * spec.batch \
         if frac > 0 else 0
     train_arrays, val_arrays = split(arrays, n_val / n, spec.seed) if n_val else (arrays, {})
-    names = list(graph.inputs)
-    dims = bind(graph, {k: v[:spec.batch] for k, v in train_arrays.items()}, where="data for")
+    return train_arrays, val_arrays, n, n_val
 
-    run_dir = _run_dir(graph, out)
-    ckpt = run_dir / "checkpoint.safetensors"
-    params = init_params(graph, spec.seed)
-    steps_done, start_epoch, history = 0, 0, []
-    runners = [PhaseStep(graph, ph, params, names, graphs[ph.name]) for ph in phases]
-    for r in runners:
-        r.dims = dims
-    if resume:
-        steps_done, start_epoch, history = _restore(ckpt, params, runners)
-        echo(f"resuming {run_dir} at epoch {start_epoch + 1}, step {steps_done}")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write(run_dir / "spec.yaml", yaml.safe_dump(
-        graph.spec.model_dump(mode="json", by_alias=True, exclude_none=True),
+
+def _goal(target) -> str | None:
+    """The target as shown in logs, e.g. ``val_mse < 0.01``."""
+    if not target:
+        return None
+    return f"{target.metric} {'<' if target.below is not None else '>'} " \
+           f"{target.below if target.below is not None else target.above}"
+
+
+def _start_run_dir(run: _Run) -> None:
+    """The run directory with the spec and the metrics so far (none, or a resumed run's)."""
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write(run.run_dir / "spec.yaml", yaml.safe_dump(
+        run.graph.spec.model_dump(mode="json", by_alias=True, exclude_none=True),
         sort_keys=False).encode())
-    mlog = run_dir / "metrics.jsonl"
-    atomic_write(mlog, "".join(json.dumps(h) + "\n" for h in history).encode())
+    atomic_write(run.run_dir / "metrics.jsonl",
+                 "".join(json.dumps(h) + "\n" for h in run.history).encode())
 
-    validator = None
-    if val_arrays:
-        objectives = {("loss" if len(phases) == 1 else f"loss_{p.name}"): graph.resolve(
-            p.objective) for p in phases}
-        validator = Validator(graph, objectives, metrics, names)
-        validator.dims = dict(dims)
-        val_chunks = [([to_tensor(b[k], graph.inputs[k].dtype) for k in names], b)
+
+def _set_up_validation(run: _Run, phases, metrics, val_arrays) -> None:
+    graph, spec, names = run.graph, run.spec, run.names
+    objectives = {("loss" if len(phases) == 1 else f"loss_{p.name}"): graph.resolve(
+        p.objective) for p in phases}
+    run.validator = Validator(graph, objectives, metrics, names)
+    run.validator.dims = dict(run.dims)
+    run.val_chunks = [([to_tensor(b[k], graph.inputs[k].dtype) for k in names], b)
                       for b in batches(val_arrays, spec.batch, spec.seed, 0, shuffle=False)]
 
-    per_epoch = len(train_arrays[names[0]]) // spec.batch
-    total = min(epochs * per_epoch, max_steps or epochs * per_epoch)
-    target = spec.target
-    goal = f"{target.metric} {'<' if target.below is not None else '>'} " \
-           f"{target.below if target.below is not None else target.above}" if target else None
-    met, last, first_step, epoch = None, {}, None, start_epoch
-    echo(f"training {graph.name}: {n - n_val:,} samples ({n_val:,} for validation), "
-         f"batch {spec.batch}, {per_epoch} steps per epoch, up to {epochs} epochs"
-         + (f", target {goal}" if goal else ""))
+
+# ------------------------------------------------------------------------ epoch and step
+
+
+def _epoch(run: _Run, epoch: int, mf) -> dict[str, float]:
+    """One pass over the training batches; returns the epoch's mean losses (and validation
+    metrics when it is an epoch to validate)."""
     from tqdm import tqdm
-    with open(mlog, "a") as mf:
-        for epoch in range(start_epoch, epochs):
-            t0 = time.perf_counter()
-            losses = {r.phase.name: [] for r in runners}
-            bar = tqdm(batches(train_arrays, spec.batch, spec.seed, epoch), total=per_epoch,
-                       desc=f"epoch {epoch + 1}/{epochs}", leave=False,
-                       disable=True if quiet else None,
-                       file=sys.stderr, unit="step")
-            for batch in bar:
-                feeds = [to_tensor(batch[k], graph.inputs[k].dtype) for k in names]
-                for r in runners:
-                    for _ in range(r.phase.repeat):
-                        lr = lr_at(r.phase.schedule, r.phase.optimizer.lr, steps_done, total) \
-                            if r.phase.schedule else None
-                        value = r(feeds, lr).item()
-                        if not math.isfinite(value):
-                            where = ""
-                            if debug:
-                                bad = first_non_finite(r.graph, params,
-                                                       dict(zip(names, feeds, strict=True)), dims)
-                                where = f"; the first non-finite value is node '{bad}'" \
-                                    if bad else ""
-                            raise TrainingError(
-                                f"the loss of phase '{r.phase.name}' became {value} at step "
-                                f"{steps_done + 1} (epoch {epoch + 1}){where}",
-                                help="lower the learning rate, add `clip:`, or run with "
-                                     "--debug to find the node")
-                        losses[r.phase.name].append(value)
-                if first_step is None:
-                    first_step = time.perf_counter() - t_start
-                steps_done += 1
-                row = {"kind": "step", "epoch": epoch + 1, "step": steps_done}
-                row.update({_loss_key(k, runners): v[-1] for k, v in losses.items()})
-                mf.write(json.dumps(row) + "\n")
-                if not quiet:
-                    bar.set_postfix_str(" ".join(f"{_loss_key(k, runners)} {v[-1]:.4g}"
-                                                 for k, v in losses.items()))
-                if max_steps and steps_done >= max_steps:
-                    break
-            last = {_loss_key(k, runners): float(np.mean(v)) for k, v in losses.items() if v}
-            if validator and ((epoch + 1) % spec.validation.every == 0 or epoch + 1 == epochs
-                              or (max_steps and steps_done >= max_steps)):
-                last.update(validator(params, val_chunks))
-            row = {"kind": "epoch", "epoch": epoch + 1, "step": steps_done,
-                   "seconds": round(time.perf_counter() - t_start, 3), **last}
-            history.append(row)
-            mf.write(json.dumps(row) + "\n")
-            mf.flush()
-            echo(f"epoch {epoch + 1:>3}/{epochs}  " + "  ".join(
-                f"{k} {_fmt(v)}" for k, v in last.items())
-                + f"  ({time.perf_counter() - t0:.1f} s)")
-            if (epoch + 1) % spec.checkpoint_every == 0 or epoch + 1 == epochs:
-                _checkpoint(ckpt, params, runners, epoch + 1, steps_done, history)
-            if target and target.metric in last:
-                met = target.met(last[target.metric])
-                if met:
-                    echo(f"target {goal} reached at epoch {epoch + 1}")
-                    break
-            elif target and target.metric not in last and epoch == start_epoch:
-                raise SpecError(f"target metric '{target.metric}' is not logged; logged: "
-                                f"{', '.join(last)}",
-                                source=Source(graph.source, graph.lines.get(("train",
+    t0 = time.perf_counter()
+    losses: dict[str, list[float]] = {r.phase.name: [] for r in run.runners}
+    bar = tqdm(batches(run.train_arrays, run.spec.batch, run.spec.seed, epoch),
+               total=run.per_epoch, desc=f"epoch {epoch + 1}/{run.epochs}", leave=False,
+               disable=True if run.quiet else None, file=sys.stderr, unit="step")
+    for batch in bar:
+        _step(run, batch, epoch, losses)
+        row = {"kind": "step", "epoch": epoch + 1, "step": run.steps_done}
+        row.update({_loss_key(k, run.runners): v[-1] for k, v in losses.items()})
+        mf.write(json.dumps(row) + "\n")
+        if not run.quiet:
+            bar.set_postfix_str(" ".join(f"{_loss_key(k, run.runners)} {v[-1]:.4g}"
+                                         for k, v in losses.items()))
+        if run.out_of_steps():
+            break
+    last = {_loss_key(k, run.runners): float(np.mean(v)) for k, v in losses.items() if v}
+    if run.validator and ((epoch + 1) % run.spec.validation.every == 0
+                          or epoch + 1 == run.epochs or run.out_of_steps()):
+        last.update(run.validator(run.params, run.val_chunks))
+    row = {"kind": "epoch", "epoch": epoch + 1, "step": run.steps_done,
+           "seconds": round(time.perf_counter() - run.t_start, 3), **last}
+    run.history.append(row)
+    mf.write(json.dumps(row) + "\n")
+    mf.flush()
+    run.echo(f"epoch {epoch + 1:>3}/{run.epochs}  " + "  ".join(
+        f"{k} {_fmt(v)}" for k, v in last.items()) + f"  ({time.perf_counter() - t0:.1f} s)")
+    return last
+
+
+def _step(run: _Run, batch: dict[str, np.ndarray], epoch: int, losses) -> None:
+    """One training step: every phase, ``repeat`` times each, on one batch."""
+    feeds = [to_tensor(batch[k], run.graph.inputs[k].dtype) for k in run.names]
+    for r in run.runners:
+        for _ in range(r.phase.repeat):
+            lr = lr_at(r.phase.schedule, r.phase.optimizer.lr, run.steps_done, run.total) \
+                if r.phase.schedule else None
+            value = r(feeds, lr).item()
+            if not math.isfinite(value):
+                raise _diverged(run, r, feeds, value, epoch)
+            losses[r.phase.name].append(value)
+    if run.first_step is None:
+        run.first_step = time.perf_counter() - run.t_start
+    run.steps_done += 1
+
+
+def _diverged(run: _Run, r: PhaseStep, feeds, value: float, epoch: int) -> TrainingError:
+    where = ""
+    if run.debug:
+        bad = first_non_finite(r.graph, run.params, dict(zip(run.names, feeds, strict=True)),
+                               run.dims)
+        where = f"; the first non-finite value is node '{bad}'" if bad else ""
+    return TrainingError(f"the loss of phase '{r.phase.name}' became {value} at step "
+                         f"{run.steps_done + 1} (epoch {epoch + 1}){where}",
+                         help="lower the learning rate, add `clip:`, or run with --debug to "
+                              "find the node")
+
+
+def _end_of_epoch(run: _Run, epoch: int, last: dict[str, float], met):
+    """Checkpoint and check the target; returns (target met?, stop now?)."""
+    if (epoch + 1) % run.spec.checkpoint_every == 0 or epoch + 1 == run.epochs:
+        _checkpoint(run.ckpt, run.params, run.runners, epoch + 1, run.steps_done, run.history)
+    target = run.spec.target
+    if target and target.metric in last:
+        met = target.met(last[target.metric])
+        if met:
+            run.echo(f"target {run.goal} reached at epoch {epoch + 1}")
+            return met, True
+    elif target and epoch == run.start_epoch:
+        raise SpecError(f"target metric '{target.metric}' is not logged; logged: "
+                        f"{', '.join(last)}",
+                        source=Source(run.graph.source, run.graph.lines.get(("train",
                                                                              "target"))))
-            if max_steps and steps_done >= max_steps:
-                break
-    _checkpoint(ckpt, params, runners, epoch + 1, steps_done, history)
-    save_tensors(run_dir / "weights.safetensors", {k: v.numpy() for k, v in params.items()},
-                 {"spec": graph.name, "epochs": epoch + 1, "steps": steps_done})
+    return met, run.out_of_steps()
+
+
+def _finish(run: _Run, epoch: int, last: dict[str, float], met) -> TrainResult:
+    """The last checkpoint, the weights and the curves; the result."""
+    _checkpoint(run.ckpt, run.params, run.runners, epoch + 1, run.steps_done, run.history)
+    save_tensors(run.run_dir / "weights.safetensors",
+                 {k: v.numpy() for k, v in run.params.items()},
+                 {"spec": run.graph.name, "epochs": epoch + 1, "steps": run.steps_done})
     try:
         from .plot import plot_run
-        plot_run(run_dir)
+        plot_run(run.run_dir)
     except Exception as e:  # a picture must never cost a finished run
-        echo(f"warning: could not draw the training curves: {e}")
-    return TrainResult(run_dir, last, goal, met, epoch + 1, steps_done,
-                       time.perf_counter() - t_start, first_step or 0.0, history, params)
+        run.echo(f"warning: could not draw the training curves: {e}")
+    return TrainResult(run.run_dir, last, run.goal, met, epoch + 1, run.steps_done,
+                       time.perf_counter() - run.t_start, run.first_step or 0.0, run.history,
+                       run.params)
 
 
 def _loss_key(phase: str, runners) -> str:

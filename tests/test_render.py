@@ -387,7 +387,7 @@ def test_malformed_metrics(tmp_path):
         plot_run(run)
     assert str(e.value) == (f"{path}:2: not valid JSON: Expecting value (column 1)\n"
                             "  help: each line of metrics.jsonl is one JSON object, "
-                            "as `dlgraph train` writes it")
+                            "as `dlgraph run` writes it when training")
     write_run(run, [good_lines()[0], [1, 2]])
     with pytest.raises(DataError, match=r"metrics.jsonl:2: expected a JSON object, got a list"):
         read_metrics(path)
