@@ -165,10 +165,13 @@ def _elu(b, a, x):
 
 
 def _softplus(b, a, x):
-    # log(1 + e^x) = max(x, 0) + log(1 + e^-|x|), stable for large |x|
-    return b.emit("add", b.emit("relu", x),
-                  b.emit("log", b.emit("add", b.const(1.0),
-                                       b.emit("exp", b.emit("neg", b.emit("abs", x))))))
+    # log(1 + e^x) = pos + log(1 + e^n) with pos, n = (x, -x) for x >= 0 and (0, x) below:
+    # stable for large |x|, and the gradient is sigmoid(x) everywhere. Written with relu and
+    # abs instead, both pieces have slope 0 at x = 0 and the gradient there came out 0, not 0.5.
+    nonneg = b.emit("greater_equal", x, b.const(0.0))
+    pos = b.emit("where", nonneg, x, b.const(0.0))
+    n = b.emit("where", nonneg, b.emit("neg", x), x)
+    return b.emit("add", pos, b.emit("log", b.emit("add", b.const(1.0), b.emit("exp", n))))
 
 
 def _gelu(b, a, x):

@@ -224,19 +224,31 @@ register("zeros", doc="zeros [batch, *shape], batch taken from the input (initia
          vjp=NO_GRAD)
 
 
-def _moving_average(c, a, stat, running):
+def _moving_average(c, a, stat, running, *update):
     if not c.training:
         return running
-    c.updates.append(running.assign(running * (1 - a.momentum)
-                                    + stat.detach().reshape(running.shape) * a.momentum))
+    if a.update:
+        new = (update[0] if update else stat).detach().reshape(running.shape)
+        c.updates.append(running.assign(running * (1 - a.momentum) + new * a.momentum))
     return stat
 
 
-register("moving_average", doc="training: the batch statistic (and update the running one); "
-         "eval: the running statistic", family=F, inputs="stat, running",
-         attrs_model=attrs("moving_average", momentum=(float, Field(0.1, gt=0, le=1))),
-         infer=lambda a, s, r: s, forward=_moving_average,
-         vjp=lambda b, n, g: [g, None])
+def _moving_average_vjp(b, n, g):
+    # The gradient follows the mode like the value does: the batch statistic's in training,
+    # none in eval (the running statistic is a constant there), picked at run time by the
+    # same op with update off.
+    zero = b.emit("mul", g, b.const(0.0))
+    return [b.emit("moving_average", g, zero, momentum=n.attrs.momentum, update=False)] + \
+        [None] * (len(n.inputs) - 1)
+
+
+register("moving_average", doc="training: the batch statistic (and move the running one "
+         "towards `update`, by default the statistic itself); eval: the running statistic",
+         family=F, inputs="stat, running, update*",
+         attrs_model=attrs("moving_average", momentum=(float, Field(0.1, gt=0, le=1)),
+                           update=(bool, Field(True, description="in training, move the "
+                                               "running statistic (off: only pick by mode)"))),
+         infer=lambda a, s, r, *u: s, forward=_moving_average, vjp=_moving_average_vjp)
 
 
 def _normalize(b, x, axes, eps, momentum=None):
@@ -247,8 +259,12 @@ def _normalize(b, x, axes, eps, momentum=None):
         shape = tuple(b.shape(mu))
         rm = b.param("running_mean", shape, "zeros", trainable=False)
         rv = b.param("running_var", shape, "ones", trainable=False)
-        mu = b.emit("moving_average", mu, rm, momentum=momentum)
-        var = b.emit("moving_average", var, rv, momentum=momentum)
+        # the running variance is the unbiased one, n / (n - 1) times the batch's, as PyTorch's
+        n = b.emit("count", x, axes=axes)
+        unbias = b.emit("div", n, b.emit("maximum", b.emit("sub", n, b.const(1.0)),
+                                         b.const(1.0)))
+        mu = b.emit("moving_average", mu, rm, mu, momentum=momentum)
+        var = b.emit("moving_average", var, rv, b.emit("mul", var, unbias), momentum=momentum)
         xc = b.emit("sub", x, mu)
     return b.emit("div", xc, b.emit("sqrt", b.emit("add", var, b.const(eps))))
 

@@ -197,3 +197,123 @@ def test_non_utf8_spec_names_line_and_column(tmp_path):
         dlgraph.load(spec)
     assert str(info.value).split("\n")[0] == (
         f"{spec}:2: a byte that is not UTF-8 at column 9; this is not a spec file")
+
+
+# ------------------------------------------------------------------ G. gradients vs PyTorch
+
+def _param_graph(op: str, shape: tuple, attrs: dict | None = None, extra_nodes=None):
+    """x0 (a param) -> op -> out; obj = sum(out * w): the graph, its reversal and its params."""
+    from dlgraph.engine.autodiff import reverse
+    nodes = {"x0": {"op": "param", "shape": list(shape)},
+             "out": {"op": op, "in": "x0", **(attrs or {})},
+             "w": {"op": "param", "shape": list(shape), "trainable": False},
+             "prod": {"op": "mul", "in": ["out", "w"]}, "obj": {"op": "sum", "in": "prod"}}
+    g = dlgraph.load({"dlgraph": 1, "name": "g", "inputs": {}, "nodes": nodes,
+                      "outputs": ["obj"]})
+    wrt = [n for n, p in g.params.items() if p.trainable]
+    return g, reverse(g, "obj", wrt=wrt), wrt
+
+
+def _run(tg, wrt, values: dict, training: bool):
+    from tinygrad import Tensor
+
+    from helpers import evaluate
+    params = {k: Tensor(np.asarray(v, np.float32)) for k, v in values.items()}
+    outs = evaluate(tg, [tg.objective] + [tg.grads[n] for n in wrt], {}, params,
+                    training=training)
+    return {n: o.numpy() for n, o in zip(["obj", *wrt], outs, strict=True)}, params
+
+
+def _torch_bn(shape, values, momentum, training):
+    import torch
+    bn = (torch.nn.BatchNorm1d if len(shape) == 2 else torch.nn.BatchNorm2d)(
+        shape[1], momentum=momentum)
+    with torch.no_grad():
+        bn.weight.copy_(torch.from_numpy(values["out.weight"]))
+        bn.bias.copy_(torch.from_numpy(values["out.bias"]))
+        bn.running_mean.copy_(torch.from_numpy(values["out.running_mean"].reshape(-1)))
+        bn.running_var.copy_(torch.from_numpy(values["out.running_var"].reshape(-1)))
+    bn.train(training)
+    x = torch.from_numpy(values["x0"]).requires_grad_()
+    obj = (bn(x) * torch.from_numpy(values["w"])).sum()
+    obj.backward()
+    return obj, x.grad, bn
+
+
+def _bn_values(shape, seed, zero=False):
+    rng = np.random.default_rng(seed)
+    c = shape[1]
+    stat = (1, c) + (1,) * (len(shape) - 2)
+    x = np.zeros(shape) if zero else rng.standard_normal(shape) * 2 + 1
+    return {k: np.asarray(v, np.float32) for k, v in {
+        "x0": x, "w": rng.standard_normal(shape), "out.weight": rng.uniform(0.5, 2, c),
+        "out.bias": rng.standard_normal(c), "out.running_mean": rng.standard_normal(stat),
+        "out.running_var": rng.uniform(0.5, 2, stat)}.items()}
+
+
+@pytest.mark.parametrize("shape, momentum", [((4, 3), 1.0), ((4, 3), 0.1), ((2, 3, 3, 3), 1.0),
+                                             ((2, 3), 0.5)])
+def test_batch_norm_running_var_is_unbiased_as_pytorch(shape, momentum):
+    _, tg, wrt = _param_graph("batch_norm", shape, {"momentum": momentum})
+    values = _bn_values(shape, 3)
+    ours, params = _run(tg, wrt, values, training=True)
+    _, xgrad, bn = _torch_bn(shape, values, momentum, training=True)
+    np.testing.assert_allclose(params["out.running_var"].numpy().reshape(-1),
+                               bn.running_var.numpy(), rtol=1e-5)
+    np.testing.assert_allclose(params["out.running_mean"].numpy().reshape(-1),
+                               bn.running_mean.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(ours["x0"], xgrad.numpy(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape, zero", [((4, 3), False), ((2, 3, 3, 3), False), ((1, 3), False),
+                                         ((4, 3), True)])
+def test_batch_norm_eval_gradient_skips_batch_statistics(shape, zero):
+    _, tg, wrt = _param_graph("batch_norm", shape)
+    values = _bn_values(shape, 5, zero)
+    ours, params = _run(tg, wrt, values, training=False)
+    obj, xgrad, bn = _torch_bn(shape, values, 0.1, training=False)
+    assert ours["obj"] == pytest.approx(obj.item(), rel=1e-5, abs=1e-5)
+    np.testing.assert_allclose(ours["x0"], xgrad.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(ours["out.weight"], bn.weight.grad.numpy(), rtol=1e-5, atol=1e-5)
+    # eval mode leaves the running statistics alone
+    np.testing.assert_array_equal(params["out.running_var"].numpy(), values["out.running_var"])
+
+
+def test_softplus_gradient_is_sigmoid_also_at_zero_and_extremes():
+    import torch
+    x = np.array([[0.0, -0.0, 1e-8, -1e-8, 3.0, -3.0, 30.0, -30.0, 100.0, -100.0]], np.float32)
+    _, tg, wrt = _param_graph("softplus", x.shape)
+    w = np.ones_like(x)
+    ours, _ = _run(tg, wrt, {"x0": x, "w": w}, training=True)
+    tx = torch.from_numpy(x).requires_grad_()
+    torch.nn.functional.softplus(tx).sum().backward()
+    np.testing.assert_allclose(ours["x0"], tx.grad.numpy(), rtol=1e-6, atol=1e-7)
+    assert ours["x0"][0, 0] == 0.5
+    assert ours["obj"] == pytest.approx(torch.nn.functional.softplus(torch.from_numpy(x))
+                                        .sum().item(), rel=1e-6)
+
+
+def test_bce_at_a_zero_logit_matches_pytorch():
+    """A zero-initialised output layer: the bias gradient is mean(sigmoid(0) - y)."""
+    import torch
+    from tinygrad import Tensor
+
+    from dlgraph.engine.autodiff import reverse
+    from helpers import evaluate
+    spec = {"dlgraph": 1, "name": "b", "inputs": {"x": {"shape": [4, 2]}, "y": {"shape": [4, 1]}},
+            "nodes": {"z": {"op": "linear", "in": "x", "out": 1},
+                      "loss": {"op": "binary_cross_entropy", "in": ["z", "y"]}},
+            "outputs": ["loss"]}
+    g = dlgraph.load(spec)
+    tg = reverse(g, "loss")
+    x = np.array([[1, 2], [0, 1], [3, 1], [1, 1]], np.float32)
+    y = np.array([[1], [1], [0], [1]], np.float32)
+    params = {k: Tensor(np.zeros(p.shape, np.float32)) for k, p in g.params.items()}
+    names = list(tg.grads)
+    outs = evaluate(tg, [tg.grads[n] for n in names], {"x": x, "y": y}, params)
+    bias = dict(zip(names, outs, strict=True))["z.bias"].numpy()
+    tb = torch.zeros(1, requires_grad=True)
+    torch.nn.functional.binary_cross_entropy_with_logits(
+        torch.from_numpy(x) @ torch.zeros(2, 1) + tb, torch.from_numpy(y)).backward()
+    np.testing.assert_allclose(bias.reshape(-1), tb.grad.numpy(), rtol=1e-6)
+    assert tb.grad.item() == pytest.approx(-0.25)
