@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from dlgraph.engine.errors import GraphError
+from dlgraph.engine.errors import GraphError, Source
 from dlgraph.engine.ir import Graph
 
 from . import layers as L
@@ -54,6 +54,7 @@ def _check_exportable(graph: Graph) -> None:
         if nd.op == "scan":
             raise GraphError(f"a scan over the module '{nd.body}' has no ONNX export yet",
                              node=sid, op="scan",
+                             source=Source(graph.source, graph.lines.get(("nodes", sid))),
                              help="use rnn, lstm or gru, which export as ONNX's own "
                                   "operators, or export a spec without the scan")
 
@@ -92,7 +93,11 @@ class _Export:
         refs = [self.g.resolve(r) for r in nd.in_]
         lay = L.Layer(self.w, sid, nd, [self.value(r) for r in refs],
                       [self.g[r].type for r in refs], self.params)
-        outs = LAYERS[nd.op](lay)
+        self.w.prefix = sid
+        try:
+            outs = LAYERS[nd.op](lay)
+        finally:
+            self.w.prefix = ""
         if outs is None:
             self.fallback.add(sid)
             return False

@@ -34,10 +34,11 @@ class Writer:
         self.inits: dict[str, object] = {}
         self.dims = dims or {}
         self._n = 0
+        self.prefix = ""            # the spec layer being written: its values are named after it
 
     def fresh(self, hint: str) -> str:
         self._n += 1
-        return f"{hint}__{self._n}"
+        return f"{self.prefix}/{hint}_{self._n}" if self.prefix else f"{hint}__{self._n}"
 
     def op(self, op_type: str, *inputs: str, out: str | None = None, name: str | None = None,
            outputs: int = 1, **attrs) -> str:
