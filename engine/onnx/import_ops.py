@@ -554,8 +554,16 @@ def pad(imp, node):
     imp.bind(node.output[0], ref)
 
 
+def _batch_source(imp, shape) -> str | None:
+    """A graph input whose first dim is the (named) first dim of `shape`."""
+    if not shape or not isinstance(shape[0], str) or None in shape[1:]:
+        return None
+    return next((vi.name for vi in imp.model.graph.input
+                 if (imp.shape(vi.name) or (None,))[0] == shape[0]), None)
+
+
 def expand(imp, node):
-    v = imp.values[node.input[1]]
+    v, x = imp.values[node.input[1]], imp.const(node.input[0])
     if v.shape_of:
         imp.bind(node.output[0], imp.add(hint(node, imp), "broadcast_like",
                                          [imp.ref(node.input[0]), imp.ref(v.shape_of)],
@@ -563,7 +571,18 @@ def expand(imp, node):
         return
     if _fold(imp, node, lambda x, s: x * np.ones(s, x.dtype)):
         return
-    raise Unsupported("Expand to a shape computed at run time")
+    shape = imp.shape(node.output[0])
+    src = _batch_source(imp, shape)
+    if x is None or x.size != 1 or src is None:
+        raise Unsupported("Expand to a shape computed at run time")
+    if imp.sole_consumer(node.output[0], ("RandomNormalLike", "RandomUniformLike")):
+        imp.values[node.output[0]] = Value(dynamic=True)     # only its shape is read
+        return
+    ref = imp.add(hint(node, imp), "zeros", [imp.ref(src)], [origin(node)],
+                  shape=list(shape[1:]))
+    if float(x.reshape(())):
+        ref = imp.add(hint(node, imp), "add", [ref, imp.ref(node.input[0])], [])
+    imp.bind(node.output[0], ref)
 
 
 def constant(imp, node):
@@ -577,6 +596,10 @@ def constant(imp, node):
 
 
 def identity(imp, node):
+    v = imp.values[node.input[0]]
+    if node.output[0] in imp.outputs and v.ref in imp.nodes and v.ref not in imp.outputs \
+            and node.input[0] not in imp.outputs:
+        imp.rename(v.ref, node.output[0])            # the node making an output is named so
     imp.values[node.output[0]] = imp.values[node.input[0]]
     for extra in node.output[1:]:      # Dropout's mask
         if extra and extra in imp.consumers:
@@ -631,18 +654,12 @@ def argmax(imp, node):
 def random_like(kind):
     def rule(imp, node):
         a = attrs(node)
-        src = imp.values[node.input[0]]
         shape = imp.shape(node.output[0])
-        base = imp.consumers and [n for n in imp.model.graph.node if node.input[0] in n.output]
+        src = _batch_source(imp, shape)
         ok = {"mean": 0.0, "scale": 1.0} if kind == "normal" else {"low": 0.0, "high": 1.0}
-        if any(abs(a.get(k, v) - v) > 1e-9 for k, v in ok.items()) or shape is None or \
-                not base or base[0].op_type != "Expand":
-            raise Unsupported("only standard random values shaped [batch, ...] like an input")
-        like = imp.values[base[0].input[1]]
-        src = next((vi.name for vi in imp.model.graph.input
-                    if imp.shape(vi.name) and imp.shape(vi.name)[0] == shape[0]), None)
-        if src is None or like.const is not None:
-            raise Unsupported("random values whose batch comes from no input")
+        if any(abs(a.get(k, v) - v) > 1e-9 for k, v in ok.items()) or src is None:
+            raise Unsupported("only standard random values of shape [batch, ...], the batch "
+                              "of an input")
         imp.bind(node.output[0], imp.add(hint(node, imp), "noise", [imp.ref(src)],
                                          [origin(node)], shape=list(shape[1:]),
                                          kind=None if kind == "normal" else "uniform"))

@@ -122,10 +122,13 @@ class Importer:
         return v.ref
 
     def fresh(self, hint: str) -> str:
-        parts = [p for p in re.split(r"[/:]", hint) if p]
+        """A new node id; the ids of graph outputs are kept for the nodes making them."""
+        mine = hint.startswith("=")          # hint() marks the name of a graph output so
+        parts = [p for p in re.split(r"[/:]", hint.lstrip("=")) if p]
         base = valid_id("_".join(parts)) if parts else "node"
+        reserved = {valid_id(o) for o in self.outputs} - ({base} if mine else set())
         nid, k = base, 2
-        while nid in self.taken:
+        while nid in self.taken or nid in reserved:
             nid, k = f"{base}_{k}", k + 1
         self.taken.add(nid)
         return nid
@@ -140,6 +143,23 @@ class Importer:
         self.nodes[nid] = node
         self.origin[nid] = origin
         return nid
+
+    def rename(self, old: str, hint: str) -> str:
+        """Give the spec node `old` the id of a graph output (its value's ONNX name)."""
+        new = self.fresh("=" + hint)
+        self.nodes = {new if k == old else k: v for k, v in self.nodes.items()}
+        self.origin[new] = self.origin.pop(old)
+        swap = lambda r: new + r[len(old):] if r == old or r.startswith(old + ".") else r
+        for nd in self.nodes.values():
+            if "in" in nd:
+                nd["in"] = swap(nd["in"]) if isinstance(nd["in"], str) else \
+                    [swap(r) for r in nd["in"]]
+        for v in self.values.values():
+            v.ref = swap(v.ref) if v.ref else v.ref
+        self.weights = {swap(k.split(".")[0]) + k[len(k.split(".")[0]):]: w
+                        for k, w in self.weights.items()}
+        self.taken.discard(old)
+        return new
 
     def bind(self, name: str, ref: str) -> None:
         self.values[name] = Value(ref=ref)
@@ -161,7 +181,7 @@ def hint(node, imp: Importer | None = None) -> str:
     if imp is not None:
         for o in node.output:
             if o in imp.outputs:
-                return o
+                return "=" + o
     parts = [p for p in re.split(r"[/:]", node.name or "") if p]
     if parts and len(parts) > 1 and parts[-1].split("_")[0] in (node.op_type, node.op_type
                                                                  .lower()):

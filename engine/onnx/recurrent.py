@@ -62,7 +62,8 @@ def recurrent(kind: str):
         a, w = lay.attrs, lay.w
         dirs = 2 if a.bidirectional else 1
         extra = {"linear_before_reset": 1} if kind == "gru" else {}
-        seq = w.op("Transpose", lay.ins[0], perm=[1, 0, 2])          # [T, B, F]
+        seq = w.op("Transpose", lay.ins[0], perm=[1, 0, 2],
+                   out=f"{lay.sid}/time_major")                       # [T, B, F]
         n_out = 3 if kind == "lstm" else 2
         for layer in range(a.layers):
             W, R, B = _weights(lay, kind, layer, dirs)
@@ -74,10 +75,11 @@ def recurrent(kind: str):
                 ins.pop()
             outs = w.op(ONNX_OP[kind], *ins, outputs=n_out, hidden_size=a.hidden,
                         direction="bidirectional" if dirs == 2 else "forward",
-                        out=f"{lay.sid}/onnx_l{layer}", **extra)
+                        out=f"{lay.sid}/{ONNX_OP[kind]}_l{layer}", **extra)
             y = outs[0]
-            seq = w.op("Reshape", w.op("Transpose", y, perm=[0, 2, 1, 3]),
-                       w.const([0, 0, -1]))                          # [T, B, dirs * H]
+            if layer < a.layers - 1:                                 # [T, B, dirs * H]
+                seq = w.op("Reshape", w.op("Transpose", y, perm=[0, 2, 1, 3]),
+                           w.const([0, 0, -1]))
         res = {"out": _batch_major(w, y), "h": _last(w, outs[1])}
         if kind == "lstm":
             res["c"] = _last(w, outs[2])
