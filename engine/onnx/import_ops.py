@@ -260,12 +260,11 @@ def gather(imp, node):
     if data is not None and idx is not None:
         imp.values[node.output[0]] = Value(const=np.take(data, idx, axis=axis))
         return
+    if _dynamic(imp, node):
+        return
     if idx is not None and idx.ndim == 0:
         imp.bind(node.output[0], imp.add(hint(node, imp), "take", [imp.ref(node.input[0])],
                                          [origin(node)], axis=axis, index=int(idx)))
-        return
-    if imp.values[node.input[0]].dynamic:
-        imp.values[node.output[0]] = Value(dynamic=True)
         return
     raise Unsupported("only Gather of one constant index, or of rows of a constant table")
 
@@ -341,6 +340,15 @@ def _bind_seq(imp, nid, name, steps, dirs, hidden, batch):
             imp.absorb(rs)
             imp.bind(rs.output[0], f"{nid}.out")
             return
+    sq = imp.sole_consumer(name, ("Squeeze",)) if dirs == 1 else None
+    axes = imp.peek(sq.input[1]) if sq is not None and len(sq.input) > 1 else None
+    if axes is not None and [int(v) for v in np.atleast_1d(axes)] == [1]:
+        t = imp.sole_consumer(sq.output[0], ("Transpose",))
+        if t is not None and list(attrs(t)["perm"]) == [1, 0, 2]:       # PyTorch's pattern
+            imp.absorb(sq)
+            imp.absorb(t)
+            imp.bind(t.output[0], f"{nid}.out")
+            return
     r = imp.add(f"{nid}_out_dirs", "reshape", [f"{nid}.out"], [],
                 shape=[batch, steps, dirs, hidden])
     imp.bind(name, imp.add(f"{nid}_out_onnx", "transpose", [r], [], axes=[1, 2, 0, 3]))
@@ -358,7 +366,10 @@ def recurrent(op):
             raise Unsupported("the number of time steps must be fixed")
         hidden = a["hidden_size"]
         ins = [_batch_first(imp, node.input[0])]
-        ins += [imp.ref(i) for i in node.input[5:7] if i]
+        states = [i for i in node.input[5:7] if i and not imp.values[i].zeros]
+        if len(states) < len([i for i in node.input[5:7] if i]) and states:
+            raise Unsupported("one initial state is zeros, the other is not")
+        ins += [imp.ref(i) for i in states]
         nid = imp.add(hint(node, imp), kind, ins, [origin(node)], hidden=hidden,
                       bidirectional=True if dirs == 2 else None)
         for k, v in params.items():
@@ -382,11 +393,16 @@ def _fold(imp, node, fn) -> bool:
     return True
 
 
+ZERO_KEEPING = ("Slice", "Gather", "Squeeze", "Unsqueeze", "Reshape", "Expand", "Cast")
+
+
 def _dynamic(imp, node) -> bool:
     """Shape arithmetic at run time: its result is only read through inferred shapes."""
     if any(imp.values[i].dynamic or imp.values[i].shape_of for i in node.input if i):
+        # a part of zeros is zeros (PyTorch slices its zero initial states per layer)
+        zeros = imp.values[node.input[0]].zeros and node.op_type in ZERO_KEEPING
         for o in node.output:
-            imp.values[o] = Value(dynamic=True)
+            imp.values[o] = Value(dynamic=True, zeros=zeros)
         return True
     return False
 
@@ -585,6 +601,18 @@ def expand(imp, node):
     imp.bind(node.output[0], ref)
 
 
+def constant_of_shape(imp, node):
+    a = attrs(node)
+    from onnx import numpy_helper
+    value = numpy_helper.to_array(a["value"]) if "value" in a else np.zeros(1, np.float32)
+    if _fold(imp, node, lambda s: np.full([int(d) for d in s], value.reshape(-1)[0],
+                                          value.dtype)):
+        return
+    if float(value.reshape(-1)[0]) != 0:
+        raise Unsupported("a filled tensor of a shape computed at run time")
+    imp.values[node.output[0]] = Value(dynamic=True, zeros=True)
+
+
 def constant(imp, node):
     from onnx import numpy_helper
     a = node.attribute[0]
@@ -678,7 +706,8 @@ OPS = {
     "LSTM": recurrent("lstm"), "GRU": recurrent("gru"), "RNN": recurrent("rnn"),
     "Shape": shape_op, "Reshape": reshape, "Flatten": flatten, "Transpose": transpose,
     "Squeeze": squeeze, "Unsqueeze": unsqueeze, "Slice": slice_op, "Concat": concat,
-    "Pad": pad, "Expand": expand, "Constant": constant, "Identity": identity,
+    "Pad": pad, "Expand": expand, "Constant": constant, "ConstantOfShape": constant_of_shape,
+    "Identity": identity,
     "Dropout": identity, "Cast": cast, "Where": where,
     "ReduceSum": reduce("sum"), "ReduceMean": reduce("mean"), "ReduceMax": reduce("max"),
     "ArgMax": argmax, "RandomNormalLike": random_like("normal"),

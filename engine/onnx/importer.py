@@ -37,6 +37,7 @@ class Value:
     const: np.ndarray | None = None     # known at import time
     shape_of: str | None = None         # the run-time shape of this ONNX value
     dynamic: bool = False               # run-time shape arithmetic (read from inferred types)
+    zeros: bool = False                 # zeros of a run-time shape (an initial state, say)
 
 
 def valid_id(text: str) -> str:
@@ -93,6 +94,16 @@ class Importer:
     def const(self, name: str) -> np.ndarray | None:
         v = self.values.get(name)
         return None if v is None else v.const
+
+    def peek(self, name: str) -> np.ndarray | None:
+        """A constant, also one whose Constant node comes later in the file."""
+        c = self.const(name)
+        if c is None:
+            from onnx import numpy_helper
+            for n in self.model.graph.node:
+                if n.op_type == "Constant" and name in n.output and n.attribute[0].name == "value":
+                    return numpy_helper.to_array(n.attribute[0].t)
+        return c
 
     def shape(self, name: str) -> tuple | None:
         return self.shapes.get(name)
