@@ -374,8 +374,9 @@ def validate_data(data: dict, lines: dict[tuple, int], file: str, base: Path | N
     except ValidationError as exc:
         errs = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")
         first = _spec_error(errs[0], data, lines, file, REGISTRY)
-        if len(errs) > 1:
-            first.message += f" (and {len(errs) - 1} more problem{'s' * (len(errs) > 2)})"
+        more = len({_value_loc(e["loc"], data) for e in errs}) - 1   # a union's members: one value
+        if more:
+            first.message += f" (and {more} more problem{'s' * (more > 1)})"
         raise first from None
 
 
@@ -509,8 +510,27 @@ def _include_paths(data: dict, file: str, lines: dict, base: Path):
     return out
 
 
+_MEMBER = re.compile(r"^(literal\[.*\]|float|int|str|bool|none|list\[.*\]|dict\[.*\])$")
+
+
+def _value_loc(loc, data) -> tuple:
+    """A pydantic error location without the union members it tried (``literal[...]``,
+    ``float``): the path of the value in the spec. Parts that are keys of the data stay."""
+    out, cur = [], data
+    for p in loc:
+        if isinstance(cur, dict) and p in cur or isinstance(cur, list) and \
+                isinstance(p, int) and 0 <= p < len(cur):
+            cur = cur[p]
+        elif isinstance(p, str) and _MEMBER.match(p):
+            continue
+        else:
+            cur = None
+        out.append(p)
+    return tuple(out)
+
+
 def _spec_error(err: dict, data: dict, lines: dict, file: str, registry) -> SpecError:
-    loc = tuple(err["loc"])
+    loc = _value_loc(err["loc"], data)
     node = op = None
     model = spec_model()
     if len(loc) >= 2 and loc[0] == "nodes":
@@ -535,6 +555,10 @@ def _spec_error(err: dict, data: dict, lines: dict, file: str, registry) -> Spec
         expected = [t.strip(" '") for t in err["ctx"]["expected_tags"].split(",")]
         msg = f"unknown {field + '.' if field else ''}{disc} '{tag}'"
         help = suggest(tag, expected) or f"one of: {', '.join(expected)}"
+    elif kind == "literal_error" and isinstance(err.get("input"), str):
+        names = re.findall(r"'([^']*)'", err["ctx"]["expected"])
+        msg = f"field '{field}': '{err['input']}' is not one of {', '.join(names)}"
+        help = suggest(err["input"], names)
     elif kind == "extra_forbidden":
         name = str(field_path[-1])
         fields = [f.alias or k for k, f in model.model_fields.items() if k != "op"]

@@ -11,11 +11,12 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from .init import INITIALISERS
+
 IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 REF = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?$")
 
-Init = Literal["glorot_uniform", "glorot_normal", "he_uniform", "he_normal", "lecun_normal",
-               "zeros", "ones", "normal", "uniform", "orthogonal"]
+Init = Literal[tuple(INITIALISERS)]          # the names of the initialiser table
 
 
 class Strict(BaseModel):

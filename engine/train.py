@@ -23,7 +23,6 @@ from typing import Any
 import numpy as np
 import yaml
 from tinygrad import Context, Tensor, TinyJit
-from tinygrad.nn import optim
 from tinygrad.nn.state import get_state_dict
 
 from .autodiff import phase_graphs, phase_params, training_graph
@@ -33,6 +32,7 @@ from .errors import DataError, GraphError, Source, SpecError, TrainingError
 from .ir import Graph
 from .lower import Ctx, Evaluator, bind, init_params, to_tensor, use_device
 from .summary import summarize
+from .train_spec import METRICS, OPTIMIZERS, SCHEDULES
 
 
 @dataclass
@@ -62,17 +62,6 @@ def _fmt(v: float) -> str:
     return f"{v:.4g}" if abs(v) >= 1e-3 or v == 0 else f"{v:.3e}"
 
 
-OPTIMIZERS = {
-    "sgd": lambda ps, o: optim.SGD(ps, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov,
-                                   weight_decay=o.weight_decay),
-    "adam": lambda ps, o: optim.Adam(ps, lr=o.lr, b1=o.b1, b2=o.b2, eps=o.eps),
-    "adamw": lambda ps, o: optim.AdamW(ps, lr=o.lr, b1=o.b1, b2=o.b2, eps=o.eps,
-                                       weight_decay=o.weight_decay),
-    "lamb": lambda ps, o: optim.LAMB(ps, lr=o.lr, b1=o.b1, b2=o.b2, eps=o.eps,
-                                     weight_decay=o.weight_decay),
-}
-
-
 def lr_at(schedule, base: float, step: int, total: int) -> float:
     """The learning rate of a schedule at a step (0-based) of ``total``.
 
@@ -85,15 +74,7 @@ def lr_at(schedule, base: float, step: int, total: int) -> float:
     if step < schedule.warmup:
         return base * (step + 1) / schedule.warmup
     t = step - schedule.warmup
-    span = max(total - schedule.warmup, 1)
-    if schedule.type == "step":
-        return base * schedule.gamma ** (t // schedule.step_size)
-    if schedule.type == "cosine":
-        return schedule.min_lr + (base - schedule.min_lr) * 0.5 * (1 + math.cos(math.pi *
-                                                                                min(t / span, 1)))
-    if schedule.type == "linear":
-        return base + (schedule.min_lr - base) * min(t / span, 1)
-    return base
+    return SCHEDULES[schedule.type].lr(schedule, base, t, max(total - schedule.warmup, 1))
 
 
 class PhaseStep:
@@ -188,14 +169,8 @@ def _metric_refs(graph: Graph, spec) -> list[tuple[str, str, str, str]]:
 
 
 def metric_value(kind: str, pred: np.ndarray, target: np.ndarray) -> float:
-    if kind == "accuracy":
-        return float((pred.argmax(-1) == target).mean())
-    d = pred.astype(np.float64) - target
-    if kind == "mse":
-        return float((d * d).mean())
-    if kind == "rmse":
-        return float(np.sqrt((d * d).mean()))
-    return float(np.abs(d).mean())  # mae
+    """A validation metric of the table (:data:`~.train_spec.METRICS`) over all batches."""
+    return METRICS[kind].compute(pred, target)
 
 
 class Validator:

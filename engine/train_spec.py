@@ -1,15 +1,57 @@
-"""The ``train:`` section of a spec: data, objective, optimizer, schedule, metrics, phases."""
+"""The ``train:`` section of a spec: data, objective, optimizer, schedule, metrics, phases.
+
+Optimizers, learning-rate schedules and metrics are each one table of records, like the
+op registry: a record holds the name the spec uses, its fields or doc, and the code that
+runs it. The spec models (the optimizer union, the schedule and metric ``type`` literals)
+and docs/spec.md are generated from the tables, so a new one is one record here, and a
+name cannot be declared without its implementation.
+"""
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+import math
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal, Union
 
+import numpy as np
 from pydantic import Field, model_validator
+from tinygrad.nn import optim
 
 from .data import DataSpec
 from .spec_base import Strict
 
+# ------------------------------------------------------------------------- optimizers
 
+
+@dataclass(frozen=True)
+class OptimizerDef:
+    """An optimizer: its spec model (``type: Literal[name]`` and its hyperparameters) and
+    how to make the tinygrad optimizer from the parameters and that model."""
+
+    name: str
+    model: type[Strict]
+    make: Callable[[list, Any], optim.Optimizer]
+
+    def __call__(self, params: list, spec) -> optim.Optimizer:
+        return self.make(params, spec)
+
+
+OPTIMIZERS: dict[str, OptimizerDef] = {}
+
+
+def optimizer(make: Callable[[list, Any], optim.Optimizer]):
+    """Class decorator: enter a spec model into :data:`OPTIMIZERS` with its factory."""
+    def enter(model: type[Strict]) -> type[Strict]:
+        name, = typing.get_args(model.model_fields["type"].annotation)
+        OPTIMIZERS[name] = OptimizerDef(name, model, make)
+        return model
+    return enter
+
+
+@optimizer(lambda ps, o: optim.SGD(ps, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov,
+                                   weight_decay=o.weight_decay))
 class Sgd(Strict):
     """Stochastic gradient descent (tinygrad.nn.optim.SGD)."""
 
@@ -20,6 +62,7 @@ class Sgd(Strict):
     weight_decay: float = Field(0.0, ge=0, description="L2 penalty")
 
 
+@optimizer(lambda ps, o: optim.Adam(ps, lr=o.lr, b1=o.b1, b2=o.b2, eps=o.eps))
 class Adam(Strict):
     """Adam (tinygrad.nn.optim.Adam)."""
 
@@ -30,6 +73,8 @@ class Adam(Strict):
     eps: float = Field(1e-8, gt=0, description="denominator term")
 
 
+@optimizer(lambda ps, o: optim.AdamW(ps, lr=o.lr, b1=o.b1, b2=o.b2, eps=o.eps,
+                                     weight_decay=o.weight_decay))
 class AdamW(Adam):
     """Adam with decoupled weight decay (tinygrad.nn.optim.AdamW)."""
 
@@ -37,6 +82,8 @@ class AdamW(Adam):
     weight_decay: float = Field(0.01, ge=0, description="decoupled weight decay")
 
 
+@optimizer(lambda ps, o: optim.LAMB(ps, lr=o.lr, b1=o.b1, b2=o.b2, eps=o.eps,
+                                    weight_decay=o.weight_decay))
 class Lamb(AdamW):
     """LAMB: layer-wise adaptive Adam (tinygrad.nn.optim.LAMB)."""
 
@@ -44,19 +91,74 @@ class Lamb(AdamW):
     weight_decay: float = Field(0.0, ge=0, description="weight decay")
 
 
-OptimizerSpec = Annotated[Sgd | Adam | AdamW | Lamb, Field(discriminator="type")]
+OptimizerSpec = Annotated[Union[tuple(d.model for d in OPTIMIZERS.values())],  # noqa: UP007
+                          Field(discriminator="type")]
+
+# ---------------------------------------------------------------- learning-rate schedules
+
+
+@dataclass(frozen=True)
+class ScheduleDef:
+    """A schedule: its doc and its rate at step ``t`` of ``span`` steps after warm-up."""
+
+    name: str
+    doc: str
+    lr: Callable[[Any, float, int, int], float]        # (ScheduleSpec, base lr, t, span)
+
+
+SCHEDULES: dict[str, ScheduleDef] = {d.name: d for d in [
+    ScheduleDef("constant", "the optimizer's lr", lambda s, base, t, span: base),
+    ScheduleDef("step", "times gamma every step_size steps",
+                lambda s, base, t, span: base * s.gamma ** (t // s.step_size)),
+    ScheduleDef("cosine", "to min_lr at the last step",
+                lambda s, base, t, span: s.min_lr + (base - s.min_lr) * 0.5
+                * (1 + math.cos(math.pi * min(t / span, 1)))),
+    ScheduleDef("linear", "to min_lr",
+                lambda s, base, t, span: base + (s.min_lr - base) * min(t / span, 1)),
+]}
+
+
+def _table_doc(table: dict) -> str:
+    return "; ".join(f"{d.name}: {d.doc}" for d in table.values())
 
 
 class ScheduleSpec(Strict):
     """Learning-rate schedule, applied per step on top of the optimizer's lr."""
 
-    type: Literal["constant", "step", "cosine", "linear"] = Field(
-        "constant", description="constant; step (times gamma every step_size steps); cosine "
-                                "(to min_lr at the last step); linear (to min_lr)")
+    type: Literal[tuple(SCHEDULES)] = Field(  # type: ignore[valid-type]
+        "constant", description=_table_doc(SCHEDULES))
     warmup: int = Field(0, ge=0, description="steps of linear warm-up from 0")
     step_size: int = Field(1000, gt=0, description="for step: steps between decays")
     gamma: float = Field(0.1, gt=0, description="for step: decay factor")
     min_lr: float = Field(0.0, ge=0, description="for cosine and linear: final lr")
+
+# ---------------------------------------------------------------------------- metrics
+
+
+@dataclass(frozen=True)
+class MetricDef:
+    """A validation metric: its doc and its value over the whole validation set."""
+
+    name: str
+    doc: str
+    compute: Callable[[np.ndarray, np.ndarray], float]   # (prediction, target) -> value
+
+
+def _sq(pred: np.ndarray, target: np.ndarray) -> np.ndarray:
+    d = pred.astype(np.float64) - target
+    return d * d
+
+
+METRICS: dict[str, MetricDef] = {d.name: d for d in [
+    MetricDef("accuracy", "argmax of logits vs int labels",
+              lambda p, t: float((p.argmax(-1) == t).mean())),
+    MetricDef("mse", "mean squared error vs the target", lambda p, t: float(_sq(p, t).mean())),
+    MetricDef("mae", "mean absolute error vs the target",
+              lambda p, t: float(np.abs(p.astype(np.float64) - t).mean())),
+    MetricDef("rmse", "root of the mse", lambda p, t: float(np.sqrt(_sq(p, t).mean()))),
+]}
+
+# --------------------------------------------------------------------- the train section
 
 
 class Phase(Strict):
@@ -75,8 +177,8 @@ class Phase(Strict):
 class MetricSpec(Strict):
     """A metric computed on the validation set after each epoch."""
 
-    type: Literal["accuracy", "mse", "mae", "rmse"] = Field(
-        description="accuracy: argmax of logits vs int labels; mse/mae/rmse: vs target")
+    type: Literal[tuple(METRICS)] = Field(  # type: ignore[valid-type]
+        description=_table_doc(METRICS))
     in_: list[str] = Field(alias="in", min_length=2, max_length=2,
                            description="[prediction node, target input or node]")
     name: str | None = Field(None, description="the name in logs (default: the type)")

@@ -579,27 +579,13 @@ def _arrays_line(name: str, table: list[list[str]] | None, keys: str | None,
     return "**Arrays**: see the description above."
 
 
-# fan_in/fan_out as PyTorch: weight [out, in, *kernel] -> in * kernel, out * kernel; a 1-D
-# parameter has both equal to its size; recurrent weights use fan_in = hidden (engine/lower.py)
-INIT_FORMULAS = {
-    "glorot_uniform": "U(−a, a), a = √(6 / (fan_in + fan_out)) (Xavier)",
-    "glorot_normal": "N(0, σ²), σ = √(2 / (fan_in + fan_out))",
-    "he_uniform": "U(−a, a), a = √(6 / fan_in) (Kaiming)",
-    "he_normal": "N(0, σ²), σ = √(2 / fan_in)",
-    "lecun_normal": "N(0, σ²), σ = √(1 / fan_in)",
-    "zeros": "0",
-    "ones": "1",
-    "normal": "N(0, 1)",
-    "uniform": "U(−a, a), a = 1 / √fan_in (PyTorch's default for recurrent layers)",
-    "orthogonal": "the [shape[0], rest] matrix has orthonormal rows or columns (QR of a "
-                  "Gaussian matrix, signs fixed)",
-}
-
-
 def gen_initialisers() -> str:
+    """The initialiser table of engine/init.py (fan_in/fan_out as PyTorch: weight
+    [out, in, *kernel] -> in * kernel, out * kernel)."""
     rows = ["| `init:` value | initial value |", "|---|---|"]
-    for name in _init_names():
-        rows.append(f"| `{name}` | {INIT_FORMULAS.get(name, '(undocumented)')} |")
+    from dlgraph.engine.init import INITIALISERS
+    for d in INITIALISERS.values():
+        rows.append(f"| `{d.name}` | {d.formula} |")
     rows.append("| a number, e.g. `0.1` | that value everywhere |")
     return "\n".join(rows)
 

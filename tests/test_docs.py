@@ -94,9 +94,19 @@ def test_internal_links_resolve():
     assert not bad, f"links to missing headings: {bad}"
 
 
-def test_every_initialiser_has_a_formula():
+def test_every_initialiser_of_the_table_is_documented_with_its_formula():
+    from dlgraph.engine.init import INITIALISERS
     from dlgraph.engine.spec_base import Init
-    assert set(typing.get_args(Init)) <= set(gen_docs.INIT_FORMULAS)
+    assert typing.get_args(Init) == tuple(INITIALISERS)
+    section = TEXT.split("<!-- generated: initialisers -->")[1].split("<!-- end generated -->")[0]
+    for d in INITIALISERS.values():
+        assert f"| `{d.name}` | {d.formula} |" in section
+
+
+def test_schedules_and_metrics_are_documented_from_their_tables():
+    from dlgraph.engine.train_spec import METRICS, SCHEDULES
+    for table in (SCHEDULES, METRICS):
+        assert all(f"{d.name}: {d.doc}" in TEXT for d in table.values())
 
 
 def test_type_text():
