@@ -98,7 +98,7 @@ class ModuleSpec(Strict):
 
 def _op_tag(v) -> str:
     op = v.get("op") if isinstance(v, dict) else getattr(v, "op", None)
-    return op if op in REGISTRY else "module"
+    return op if isinstance(op, str) and op in REGISTRY else "module"
 
 
 @functools.cache
@@ -412,6 +412,10 @@ def _check_ops(nodes, path: tuple, modules: set[str], lines: dict, file: str):
         if op is None:
             raise SpecError("missing `op`", node=str(nid), source=src,
                             help="every node names its op; `dlgraph ops` lists them")
+        if not isinstance(op, str):
+            raise SpecError(f"`op` is the name of one op, not {op!r}"[:160], node=str(nid),
+                            source=Source(file, lines.get(path + (nid, "op")) or src.line),
+                            help="write e.g. `op: relu`; `dlgraph ops` lists them")
         if op not in REGISTRY and op not in modules:
             raise SpecError(f"unknown op '{op}'", node=str(nid),
                             source=Source(file, lines.get(path + (nid, "op")) or src.line),

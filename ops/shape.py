@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
+from typing import Annotated
 
-from pydantic import Field
+from pydantic import BeforeValidator, Field
 
 from dlgraph.engine.errors import ShapeError
 from dlgraph.engine.types import TType, broadcast, fmt, norm_axis
@@ -33,6 +34,10 @@ def _reshape_infer(a, x):
     left = [d for d in x.shape]
     right = [d for d in target if d != -1]
     for d in [d for d in right if isinstance(d, str)]:
+        if d not in left:
+            raise ShapeError(f"named dim '{d}' appears more often in {fmt(target)} than in "
+                             f"the input shape {fmt(x.shape)}",
+                             help="a reshape keeps each named dim once")
         left.remove(d)
         right.remove(d)
     if any(isinstance(d, str) for d in left):
@@ -65,6 +70,9 @@ register("reshape_like", doc="reshape x to the shape of ref", family=F, inputs="
 
 def _flatten_infer(a, x):
     s, e = _axis(a.start, x.rank), _axis(a.end, x.rank)
+    if s > e:
+        raise ShapeError(f"flatten start (axis {s}) comes after its end (axis {e}) in "
+                         f"{fmt(x.shape)}", help="start is the first axis merged, end the last")
     mid = x.shape[s:e + 1]
     if any(isinstance(d, str) for d in mid) and len(mid) > 1:
         raise ShapeError(f"cannot flatten named dims of {fmt(x.shape)}",
@@ -268,6 +276,26 @@ def _pair(v):
     return (v, v) if isinstance(v, int) else tuple(v)
 
 
+#: The largest size a kernel, stride, padding or dilation may have (an int32 dim).
+MAX_SIZE = 2**31 - 1
+
+
+def pair_field(default, what: str, least: int, description: str):
+    """A field holding one int or a list of two ([h, w]), each at least ``least``; anything
+    else (0 strides, [3], [1, 0, 2, 1], negatives, true) is a plain-worded spec error."""
+    def check(v):
+        ok = isinstance(v, int) or (isinstance(v, list) and len(v) == 2)
+        vals = [v] if isinstance(v, int) else v if ok else []
+        if not ok or any(isinstance(i, bool) or not isinstance(i, int) for i in vals):
+            raise ValueError(f"{what} is one integer or a list of two, [h, w]; got {v!r}"[:160])
+        if any(not least <= i <= MAX_SIZE for i in vals):
+            raise ValueError(f"{what} must be {'at least 1' if least else '0 or more'} "
+                             f"(and below 2^31); got {v!r}")
+        return v
+    return (Annotated[int | list[int], BeforeValidator(check)],
+            Field(default, description=description))
+
+
 def _out_size(size, k, s, d):
     return (size - d * (k - 1) - 1) // s + 1
 
@@ -308,9 +336,9 @@ def _windows_grad_fwd(c, a, g, x):
 
 
 _win_fields = dict(
-    kernel=(int | list[int], Field(description="window size (h, w)")),
-    stride=(int | list[int], Field(1, description="step between windows")),
-    dilation=(int | list[int], Field(1, description="spacing inside a window")))
+    kernel=pair_field(..., "kernel", 1, "window size (h, w)"),
+    stride=pair_field(1, "stride", 1, "step between windows"),
+    dilation=pair_field(1, "dilation", 1, "spacing inside a window"))
 _win_kw = lambda a: dict(kernel=a.kernel, stride=a.stride, dilation=a.dilation)
 register("windows", doc="sliding windows over the last two axes: [..., H, W] -> "
          "[..., OH, OW, KH, KW]", family=F, inputs="x",
