@@ -152,7 +152,7 @@ def conv_as_mul_sum():
             return old.expand(b, a, x)
         c = _features(b, x, 1, "channel")
         kh, kw = _pair(a.kernel)
-        w = b.param("weight", (a.out, c, kh, kw), "he_uniform", layer=a)
+        w = b.param("weight", (a.out, c, kh, kw), "he_uniform")
         win = b.emit("windows", _pad2d(b, x, a.padding), kernel=[kh, kw], stride=a.stride,
                      dilation=a.dilation)                               # [N, C, OH, OW, KH, KW]
         n, _, oh, ow, _, _ = b.shape(win)
@@ -161,7 +161,7 @@ def conv_as_mul_sum():
         wr = b.emit("reshape", w, shape=[1, a.out, 1, 1, c, kh, kw])
         y = b.emit("sum", b.emit("mul", win, wr), axes=[4, 5, 6])       # [N, O, OH, OW]
         if a.bias:
-            bias = b.param("bias", (a.out,), "zeros", layer=a)
+            bias = b.param("bias", (a.out,), "zeros")
             y = b.emit("add", y, b.emit("reshape", bias, shape=[a.out, 1, 1]))
         return _activate(b, a, y)
 

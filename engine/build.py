@@ -34,9 +34,9 @@ class Builder:
     TType(shape=('batch', 3), dtype='float32')
     """
 
-    def __init__(self, graph: Graph, seed_scope: tuple[str, ...] = ()):
+    def __init__(self, graph: Graph):
         self.graph = graph
-        self.scope: tuple[str, ...] = seed_scope
+        self.scope: tuple[str, ...] = ()
         self.source: Source | None = None
         self.user: tuple[str, str] | None = None     # (spec node id, op) for error messages
         self.role = "forward"
@@ -275,8 +275,8 @@ class Builder:
     def const(self, value: float, dtype: str = "float32") -> str:
         return self.emit("const", value=value, dtype=dtype)
 
-    def param(self, name: str, shape: tuple[int, ...], init, *, layer=None,
-              trainable: bool = True, fan: tuple[int, int] | None = None) -> str:
+    def param(self, name: str, shape: tuple[int, ...], init, *, trainable: bool = True,
+              fan: tuple[int, int] | None = None) -> str:
         """A parameter of the current scope, e.g. ``b.param('weight', (10, 64), 'he_normal')``.
 
         ``init`` is the layer's default; the ``init:`` field of the layer or of any

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .ir import Graph, Param
+from .types import NUMPY_DTYPES
 
 Draw = Callable[[np.random.Generator, tuple[int, ...], int, int], np.ndarray]
 
@@ -87,9 +88,9 @@ def random_inputs(graph: Graph, batch: int, seed: int = 0) -> dict[str, np.ndarr
         if t.dtype == "int32":
             depth = min([n.attrs.depth for n in graph.nodes.values()
                          if n.op == "one_hot" and name in n.inputs] or [2])
-            out[name] = rng.integers(0, depth, shape).astype(np.int32)
+            out[name] = rng.integers(0, depth, shape).astype(NUMPY_DTYPES[t.dtype])
         else:
-            out[name] = rng.standard_normal(shape).astype(np.float32)
+            out[name] = rng.standard_normal(shape).astype(NUMPY_DTYPES[t.dtype])
     return out
 
 

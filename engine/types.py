@@ -8,8 +8,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 Dim = int | str
-DTYPES = ("float32", "int32", "bool")
+NUMPY_DTYPES = {"float32": np.float32, "int32": np.int32, "bool": np.bool_}
+"""The dtypes of the IR, as numpy dtypes: the one table of them."""
 
 
 @dataclass(frozen=True)

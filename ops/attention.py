@@ -163,8 +163,8 @@ def _mha(b, a, query, *more):
     if _seq(b, ctx, "multi_head_attention") != e:
         raise ShapeError(f"the context has {b.shape(ctx)[-1]} features, the query {e}",
                          help=f"project the context to {e} features with a linear node")
-    w = b.param("in_proj_weight", (3 * e, e), "glorot_uniform", layer=a)
-    bias = b.param("in_proj_bias", (3 * e,), "zeros", layer=a) if a.bias else None
+    w = b.param("in_proj_weight", (3 * e, e), "glorot_uniform")
+    bias = b.param("in_proj_bias", (3 * e,), "zeros") if a.bias else None
 
     def project(x, lo, hi, name):                       # x @ w[lo:hi].T + bias[lo:hi]
         whole = hi - lo == 3 * e
@@ -235,7 +235,7 @@ def _posenc(b, a, x):
         if isinstance(n, str):
             raise ShapeError(f"learned positions need a fixed number of steps, got the named "
                              f"dim '{n}'", help="use kind: sinusoidal, or a fixed size")
-        pe = b.param("weight", (a.max_len, e), "normal", layer=a)
+        pe = b.param("weight", (a.max_len, e), "normal")
         if n < a.max_len:
             pe = b.emit("slice", pe, axis=0, start=0, stop=n)
     else:

@@ -42,7 +42,7 @@ def _conv1d(b, a, x):
     if length + 2 * a.padding < span:
         raise ShapeError(f"a kernel spanning {span} steps does not fit in a length of {length} "
                          f"(padding {a.padding})", help="use a smaller kernel, or padding")
-    w = b.param("weight", (a.out, c // a.groups, a.kernel), "he_uniform", layer=a)
+    w = b.param("weight", (a.out, c // a.groups, a.kernel), "he_uniform")
     x = b.emit("unsqueeze", x, axis=2)                                  # [N, C, 1, L]
     if a.padding:
         x = b.emit("pad", x, axis=3, before=a.padding, after=a.padding)
@@ -86,7 +86,7 @@ def _conv_transpose2d(b, a, x):
     if out_h < 1 or out_w < 1:
         raise ShapeError(f"padding {a.padding} leaves no output of a {full_h}x{full_w} image",
                          help="use less padding")
-    w = b.param("weight", (c, og, kh, kw), "he_uniform", layer=a)
+    w = b.param("weight", (c, og, kh, kw), "he_uniform")
     n = t.shape[0]
     # each pixel's patch: [N, G, H*W, C/G] @ [G, C/G, O/G*KH*KW]
     xs = swap_last(b, b.emit("reshape", x, shape=[n, g, c // g, h * wd]))

@@ -39,10 +39,10 @@ def _linear(b, a, x):
         raise ShapeError(f"linear needs [batch, features], got {fmt(b.shape(x))}",
                          help="reshape the input to have a batch axis")
     fin = _features(b, x)
-    w = b.param("weight", (a.out, fin), "glorot_uniform", layer=a)
+    w = b.param("weight", (a.out, fin), "glorot_uniform")
     y = b.emit("matmul", x, swap_last(b, w))
     if a.bias:
-        y = b.emit("add", y, b.param("bias", (a.out,), "zeros", layer=a))
+        y = b.emit("add", y, b.param("bias", (a.out,), "zeros"))
     return _activate(b, a, y)
 
 
@@ -115,7 +115,7 @@ def _groups(a, c):
 def _add_bias(b, a, y, rank):
     if not a.bias:
         return y
-    bias = b.param("bias", (a.out,), "zeros", layer=a)
+    bias = b.param("bias", (a.out,), "zeros")
     return b.emit("add", y, b.emit("reshape", bias, shape=[a.out] + [1] * (rank - 2)))
 
 
@@ -127,7 +127,7 @@ def _conv2d(b, a, x):
     c = _features(b, x, 1, "channel")
     _groups(a, c)
     kh, kw = _pair(a.kernel)
-    w = b.param("weight", (a.out, c // a.groups, kh, kw), "he_uniform", layer=a)
+    w = b.param("weight", (a.out, c // a.groups, kh, kw), "he_uniform")
     y = conv_core(b, _pad2d(b, x, a.padding), w, a.stride, a.dilation, a.groups)
     # cut output and pre-activation: their cotangents are then realised once, not
     # recomputed inside the weight-gradient reduction for every weight
@@ -174,7 +174,7 @@ composite("global_avg_pool", "mean over the spatial axes: [N, C, H, W] -> [N, C]
 
 
 def _embedding(b, a, ids):
-    w = b.param("weight", (a.num, a.dim), "normal", layer=a)
+    w = b.param("weight", (a.num, a.dim), "normal")
     return b.emit("matmul", b.emit("one_hot", ids, depth=a.num), w)
 
 
@@ -275,8 +275,8 @@ def _layer_norm(b, a, x):
     shape = t.shape[t.rank - n:]
     y = _normalize(b, x, list(range(t.rank - n, t.rank)), a.eps)
     if a.affine:
-        y = b.emit("mul", y, b.param("weight", shape, "ones", layer=a))
-        y = b.emit("add", y, b.param("bias", shape, "zeros", layer=a))
+        y = b.emit("mul", y, b.param("weight", shape, "ones"))
+        y = b.emit("add", y, b.param("bias", shape, "zeros"))
     return y
 
 
@@ -289,9 +289,9 @@ def _batch_norm(b, a, x):
     y = _normalize(b, x, axes, a.eps, a.momentum)
     shape = (c,) + (1,) * (t.rank - 2)
     if a.affine:
-        y = b.emit("mul", y, b.emit("reshape", b.param("weight", (c,), "ones", layer=a),
+        y = b.emit("mul", y, b.emit("reshape", b.param("weight", (c,), "ones"),
                                     shape=list(shape)))
-        y = b.emit("add", y, b.emit("reshape", b.param("bias", (c,), "zeros", layer=a),
+        y = b.emit("add", y, b.emit("reshape", b.param("bias", (c,), "zeros"),
                                     shape=list(shape)))
     return y
 

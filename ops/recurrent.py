@@ -91,13 +91,13 @@ def scan(kind):
             for d in range(dirs):
                 sfx = f"_l{layer}" + ("_reverse" if d else "")
                 fin = b.type(seq).shape[-1]
-                w_ih = b.param(f"weight_ih{sfx}", (gates * hidden, fin), "uniform", layer=a,
+                w_ih = b.param(f"weight_ih{sfx}", (gates * hidden, fin), "uniform",
                                fan=(hidden, hidden))
                 w_hh = b.param(f"weight_hh{sfx}", (gates * hidden, hidden), "uniform",
-                               layer=a, fan=(hidden, hidden))
-                b_ih = b.param(f"bias_ih{sfx}", (gates * hidden,), "uniform", layer=a,
                                fan=(hidden, hidden))
-                b_hh = b.param(f"bias_hh{sfx}", (gates * hidden,), "uniform", layer=a,
+                b_ih = b.param(f"bias_ih{sfx}", (gates * hidden,), "uniform",
+                               fan=(hidden, hidden))
+                b_hh = b.param(f"bias_hh{sfx}", (gates * hidden,), "uniform",
                                fan=(hidden, hidden))
                 xw = b.emit("add", b.emit("matmul", seq, swap_last(b, w_ih)), b_ih,
                             as_=f"input_proj{sfx}")

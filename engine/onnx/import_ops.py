@@ -108,8 +108,8 @@ def emit_layer(imp, node, op, ins, params: dict, out_name=None, **fields) -> str
         imp.absorb(act)
         origins.append(origin(act))
         out_name = act.output[0]
-    nid = imp.add(hint(act, imp) if act is not None and act.output[0] in imp.outputs
-                  else hint(node, imp), op, ins, origins, **fields)
+    nid = imp.add("=" + out_name if out_name in imp.outputs else hint(node, imp), op, ins,
+                  origins, **fields)
     for k, v in params.items():
         imp.weights[f"{nid}.{k}"] = np.ascontiguousarray(v, np.float32)
     imp.bind(out_name, nid)

@@ -1,0 +1,278 @@
+"""ONNX export, import and round trips, checked against onnxruntime and PyTorch.
+
+Compiled dlgraph models are slow to make (a few seconds each), so each example is
+exported, compiled and run once per module and shared by the tests below.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from click.testing import CliRunner
+
+import dlgraph
+from dlgraph.cli.main import main
+from dlgraph.engine.lower import random_inputs
+
+GRAPHS = Path(__file__).resolve().parents[1] / "graphs"
+EXAMPLES = sorted(p.stem for p in GRAPHS.glob("*.yaml") if p.stem != "custom_cell")
+TOL = dict(atol=1e-5, rtol=1e-5)
+
+
+def run_ort(path, inputs: dict) -> dict:
+    s = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    feed = {}
+    for i in s.get_inputs():
+        a = inputs[i.name]
+        feed[i.name] = a.astype(np.int64) if i.type == "tensor(int64)" else a
+    return dict(zip([o.name for o in s.get_outputs()], s.run(None, feed), strict=True))
+
+
+def random_outputs(g) -> set[str]:
+    """Outputs that depend on random noise (a GAN's generator): compared by shape only."""
+    return {name for name, nid in g.outputs.items()
+            if any(g[a].op == "noise" for a in g.ancestors([nid]))}
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    return tmp_path_factory.mktemp("onnx")
+
+
+_CACHE: dict = {}
+
+
+def example(name: str, work: Path):
+    """(graph, exported .onnx path, inputs, dlgraph's outputs) of an example, made once."""
+    if name not in _CACHE:
+        g = dlgraph.load(GRAPHS / f"{name}.yaml")
+        path = dlgraph.export(g, work / f"{name}.onnx")
+        x = random_inputs(g, 3, seed=1)
+        _CACHE[name] = (g, path, x, dlgraph.compile(g)(**x))
+    return _CACHE[name]
+
+
+# -- export ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_export_matches_onnxruntime(name, work):
+    g, path, x, ref = example(name, work)
+    model = onnx.load(str(path))
+    onnx.checker.check_model(model, full_check=True)
+    onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
+    got = run_ort(path, x)
+    assert list(got) == list(g.outputs)
+    for k in ref:
+        assert got[k].shape == ref[k].shape
+        if k not in random_outputs(g):
+            np.testing.assert_allclose(got[k], ref[k], **TOL, err_msg=f"{name}: {k}")
+
+
+def test_every_example_but_the_module_scan_exports():
+    scans = [p.stem for p in GRAPHS.glob("*.yaml")
+             if any(nd.op == "scan" for nd in dlgraph.load(p).spec.nodes.values())]
+    assert scans == ["custom_cell"]
+
+
+def test_export_writes_layers_as_onnx_operators_and_metadata(work):
+    m = onnx.load(str(example("mlp", work)[1]))
+    assert [n.op_type for n in m.graph.node].count("Gemm") == 3
+    assert {n.op_type for n in m.graph.node} == {"Gemm", "Relu", "Identity"}
+    props = {p.key: p.value for p in m.metadata_props}
+    assert props["name"] == "mlp-spirals" and props["dlgraph_version"] == dlgraph.__version__
+    assert props["doc"].startswith("A feed-forward network") and m.doc_string == props["doc"]
+    assert m.ir_version == 10 and m.opset_import[0].version == 21
+    assert m.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    assert len(m.graph.initializer) == 6
+    ops = {n.op_type for n in onnx.load(str(example("lstm", work)[1])).graph.node}
+    assert "LSTM" in ops and not ops & {"Sigmoid", "Slice", "Tanh", "Mul"}
+    ops = {n.op_type for n in onnx.load(str(example("cnn", work)[1])).graph.node}
+    assert {"Conv", "MaxPool", "Gemm"} <= ops
+
+
+RECURRENT = """
+dlgraph: 1
+name: recurrent-variants
+inputs:
+  x: {shape: [batch, 5, 3]}
+  h0: {shape: [4, batch, 6]}
+  c0: {shape: [4, batch, 6]}
+  g0: {shape: [2, batch, 6]}
+nodes:
+  lstm: {op: lstm, in: [x, h0, c0], hidden: 6, layers: 2, bidirectional: true}
+  gru: {op: gru, in: [x, g0], hidden: 6, bidirectional: true}
+  rnn: {op: rnn, in: x, hidden: 6, layers: 2}
+outputs: [lstm.out, lstm.h, lstm.c, gru.out, gru.h, rnn.out, rnn.h]
+"""
+
+
+def test_stacked_bidirectional_recurrent_layers_with_initial_states(work):
+    g = dlgraph.load(RECURRENT)
+    path = dlgraph.export(g, work / "recurrent.onnx", seed=3)
+    x = random_inputs(g, 2, seed=4)
+    ref = dlgraph.compile(g, seed=3)(**x)
+    got = run_ort(path, x)
+    for k in ref:
+        np.testing.assert_allclose(got[k], ref[k], **TOL, err_msg=k)
+    kinds = [n.op_type for n in onnx.load(str(path)).graph.node if n.op_type in
+             ("LSTM", "GRU", "RNN")]
+    assert kinds == ["LSTM", "LSTM", "GRU", "RNN", "RNN"]
+
+
+def test_a_scan_over_a_module_is_one_error(work):
+    path = GRAPHS / "custom_cell.yaml"
+    line = next(i for i, t in enumerate(path.read_text().splitlines(), 1)
+                if t.strip().startswith("enc:"))
+    with pytest.raises(dlgraph.GraphError) as e:
+        dlgraph.export(dlgraph.load(path), work / "cell.onnx")
+    assert str(e.value).startswith(f"{path}:{line}: node 'enc' (scan): a scan over the "
+                                   "module 'lstm_cell' has no ONNX export yet\n  help: ")
+    assert not (work / "cell.onnx").exists()
+
+
+def test_without_onnx_export_and_import_say_what_to_install(monkeypatch, work):
+    monkeypatch.setitem(sys.modules, "onnx", None)
+    g = dlgraph.load(GRAPHS / "mlp.yaml")
+    with pytest.raises(dlgraph.DlgraphError) as e:
+        dlgraph.export(g, work / "none.onnx")
+    assert str(e.value) == "ONNX export needs the onnx package: pip install 'dlgraph[onnx]'"
+    with pytest.raises(dlgraph.DlgraphError) as e:
+        dlgraph.import_onnx(work / "none.onnx", work / "none.yaml")
+    assert str(e.value) == "ONNX import needs the onnx package: pip install 'dlgraph[onnx]'"
+
+
+def test_opsets(work):
+    g, _, x, ref = example("mlp", work)
+    path = dlgraph.export(g, work / "mlp17.onnx", opset=17)
+    assert onnx.load(str(path)).opset_import[0].version == 17
+    np.testing.assert_allclose(run_ort(path, x)["logits"], ref["logits"], **TOL)
+    with pytest.raises(dlgraph.SpecError, match="opset 30 is not offered"):
+        dlgraph.export(g, work / "mlp30.onnx", opset=30)
+
+
+# -- import ------------------------------------------------------------------------------------
+RUN_IMPORTED = ("mlp", "cnn", "lstm", "gru", "transformer")
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_import_round_trip(name, work):
+    g, path, x, ref = example(name, work)
+    spec, weights = dlgraph.import_onnx(path, work / f"{name}_imported.yaml")
+    g2 = dlgraph.load(spec)
+    assert list(g2.inputs) == [n for n in g.inputs if n in x and n in g2.inputs]
+    first = run_ort(path, x)
+    again = dlgraph.export(g2, work / f"{name}_again.onnx", weights=weights)
+    second = run_ort(again, x)
+    for (k, a), b in zip(first.items(), second.values(), strict=True):
+        if k not in random_outputs(g):
+            np.testing.assert_allclose(b, a, **TOL, err_msg=f"{name}: {k}")
+    if name in RUN_IMPORTED:
+        mine = dlgraph.compile(g2, weights=weights)(**{k: x[k] for k in g2.inputs})
+        for a, b in zip(first.values(), mine.values(), strict=True):
+            np.testing.assert_allclose(b, a, **TOL, err_msg=name)
+
+
+def test_import_folds_layers_back_with_their_origin(work):
+    spec, _ = dlgraph.import_onnx(example("mlp", work)[1], work / "mlp_read.yaml")
+    text = spec.read_text()
+    assert "  fc1: {op: linear, in: x, out: 64, activation: relu}   # onnx: Gemm 'fc1/Gemm_1', " \
+           "Relu 'fc1/Relu_2'" in text
+    assert "outputs: [logits]" in text
+    spec, _ = dlgraph.import_onnx(example("lstm", work)[1], work / "lstm_read.yaml")
+    text = spec.read_text()
+    assert "  enc: {op: lstm, in: x, hidden: 32}   # onnx: LSTM 'enc/LSTM_l0_0'" in text
+    assert "pred: {op: linear, in: enc.h, out: 1}" in text
+
+
+def test_unsupported_operators_are_listed_in_one_error_and_nothing_is_written(work):
+    from onnx import TensorProto, helper
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])
+    nodes = [helper.make_node("Erf", ["x"], ["e"], name="erf1"),
+             helper.make_node("Relu", ["e"], ["r"], name="relu1"),
+             helper.make_node("HardSwish", ["r"], ["y"], name="swish1")]
+    model = helper.make_model(helper.make_graph(nodes, "g", [x], [y]),
+                              opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    path = work / "unsupported.onnx"
+    onnx.save(model, str(path))
+    with pytest.raises(dlgraph.SpecError) as e:
+        dlgraph.import_onnx(path, work / "unsupported.yaml")
+    msg = str(e.value)
+    assert msg.startswith("2 ONNX node(s) cannot be imported: 'erf1' (Erf): no dlgraph rule "
+                          "for this operator; 'swish1' (HardSwish)")
+    assert "operators without a dlgraph rule here: Erf, HardSwish" in msg
+    assert not (work / "unsupported.yaml").exists()
+    assert not (work / "unsupported.safetensors").exists()
+
+
+# -- models from PyTorch's own ONNX exporter -----------------------------------------------
+def _torch_models():
+    import torch
+
+    class LM(torch.nn.Module):
+        def __init__(self, cell):
+            super().__init__()
+            self.emb, self.rnn, self.out = torch.nn.Embedding(20, 8), cell, torch.nn.Linear(16, 20)
+
+        def forward(self, x):
+            return self.out(self.rnn(self.emb(x))[0])
+
+    class Last(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = torch.nn.GRU(3, 16, num_layers=2, bidirectional=True, batch_first=True)
+            self.out = torch.nn.Linear(32, 1)
+
+        def forward(self, x):
+            return self.out(self.rnn(x)[0][:, -1])
+
+    nn = torch.nn
+    return {
+        "mlp": (lambda: nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)), (2, 4)),
+        "cnn": (lambda: nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                                      nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(64, 5),
+                                      nn.LogSoftmax(-1)), (2, 3, 8, 8)),
+        "lstm_lm": (lambda: LM(nn.LSTM(8, 16, batch_first=True)), (2, 7)),
+        "gru": (Last, (2, 5, 3)),
+    }
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn", "lstm_lm", "gru"])
+def test_models_exported_by_pytorch_import_and_match(name, work):
+    import torch
+    torch.manual_seed(0)
+    make, shape = _torch_models()[name]
+    m = make().eval()
+    x = torch.randint(0, 20, shape) if name == "lstm_lm" else torch.randn(*shape)
+    path = work / f"torch_{name}.onnx"
+    torch.onnx.export(m, (x,), str(path), dynamo=False, input_names=["x"], output_names=["y"],
+                      dynamic_axes={"x": {0: "batch"}})
+    with torch.no_grad():
+        ref = m(x).numpy()
+    spec, weights = dlgraph.import_onnx(path, work / f"torch_{name}.yaml")
+    g = dlgraph.load(spec)
+    arr = x.numpy().astype(np.int32 if name == "lstm_lm" else np.float32)
+    got = dlgraph.compile(g, weights=weights)(x=arr)["y"]
+    np.testing.assert_allclose(got, ref, **TOL)
+
+
+# -- command line ---------------------------------------------------------------------------
+def test_cli_export_and_import(work):
+    r = CliRunner().invoke(main, ["export", str(GRAPHS / "mlp.yaml"), "-o",
+                                  str(work / "cli.onnx")])
+    assert r.exit_code == 0, r.output
+    assert r.output == f"wrote {work / 'cli.onnx'}\n"
+    r = CliRunner().invoke(main, ["import", str(work / "cli.onnx"), "-o",
+                                  str(work / "cli.yaml")])
+    assert r.exit_code == 0, r.output
+    assert (work / "cli.yaml").is_file() and (work / "cli.safetensors").is_file()
+    r = CliRunner().invoke(main, ["export", str(GRAPHS / "mlp.yaml"), "-o",
+                                  str(work / "cli.onx")])
+    assert r.exit_code == 1
+    assert "error: cannot tell the export format from 'cli.onx'\n  help: name the file " \
+           "cli.onnx (known suffixes: .onnx)" in r.output
