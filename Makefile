@@ -1,7 +1,7 @@
 # The two commands of the quick start: `make run` and `make test`.
 # Each sets up what is missing first (system packages, .venv), then does its job.
 
-.PHONY: run test setup setup-test lint bench examples clean
+.PHONY: run test setup setup-test lint bench examples clean fuzz
 
 run: .venv/.installed
 	.venv/bin/dlgraph run graphs/lstm.yaml
@@ -19,6 +19,11 @@ setup-test: .venv/.installed-test
 .venv/.installed-test: pyproject.toml scripts/setup.sh
 	bash scripts/setup.sh test
 	touch $@ .venv/.installed
+
+# 5,000 seeded mutations of graphs/*.yaml: nothing but DlgraphError may escape `validate`
+# and no mutation may take over 10 s (DLGRAPH_FUZZ_SEED=N for other mutations).
+fuzz: .venv/.installed-test
+	DLGRAPH_FUZZ=5000 .venv/bin/python -m pytest tests/test_hardening.py -q -k fuzz
 
 lint: .venv/.installed-test
 	.venv/bin/ruff check .

@@ -24,7 +24,7 @@ from dlgraph.engine.types import fmt
 from .linalg import swap_last
 from .nn import _act, _activate, _add_bias, _features, _groups, conv_core
 from .registry import attrs, register
-from .shape import _pair
+from .shape import _pair, pair_field
 
 F = "nn"
 
@@ -108,20 +108,21 @@ def _conv_transpose2d(b, a, x):
     return _activate(b, a, _add_bias(b, a, y, 4))
 
 
-def _pairf(default, what):
-    return (int | list[int], Field(default, description=what))
+def _pairf(default, name, least, what):
+    return pair_field(default, name, least, what)
 
 
 register("conv_transpose2d", doc="transposed 2-D convolution (the adjoint of conv2d) over "
          "NCHW images: upsampling for decoders and generators", family=F, inputs="x",
          attrs_model=attrs("conv_transpose2d", base=ParamLayer,
                            out=(int, Field(gt=0, description="output channels")),
-                           kernel=(int | list[int], Field(description="kernel size (one int or "
-                                                                       "[h, w])")),
-                           stride=_pairf(1, "stride"),
-                           padding=_pairf(0, "rows and columns cropped from each border"),
-                           output_padding=_pairf(0, "rows and columns added at the bottom "
-                                                    "and right"),
-                           dilation=_pairf(1, "dilation"),
+                           kernel=pair_field(..., "kernel", 1, "kernel size (one int or "
+                                                                "[h, w])"),
+                           stride=_pairf(1, "stride", 1, "stride"),
+                           padding=_pairf(0, "padding", 0,
+                                          "rows and columns cropped from each border"),
+                           output_padding=_pairf(0, "output_padding", 0, "rows and columns "
+                                                 "added at the bottom and right"),
+                           dilation=_pairf(1, "dilation", 1, "dilation"),
                            groups=_groups_f, bias=_bias, activation=_act),
          expand=_conv_transpose2d)

@@ -7,7 +7,7 @@ kw]) so weights can be exchanged with it.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field
 from tinygrad import Tensor
@@ -20,7 +20,7 @@ from .common import same
 from .elementwise import composite
 from .linalg import swap_last
 from .registry import NO_GRAD, REGISTRY, attrs, register
-from .shape import _pair
+from .shape import _pair, pair_field
 
 F = "nn"
 
@@ -137,10 +137,10 @@ def _conv2d(b, a, x):
     return out
 
 
-_k = (int | list[int], Field(description="kernel size (one int or [h, w])"))
-_s = (int | list[int], Field(1, description="stride"))
-_p = (int | list[int], Field(0, description="zero padding on each side"))
-_d = (int | list[int], Field(1, description="dilation"))
+_k = pair_field(..., "kernel", 1, "kernel size (one int or [h, w])")
+_s = pair_field(1, "stride", 1, "stride")
+_p = pair_field(0, "padding", 0, "zero padding on each side")
+_d = pair_field(1, "dilation", 1, "dilation")
 register("conv2d", doc="2-D convolution over NCHW images", family=F, inputs="x",
          attrs_model=attrs("conv2d", base=ParamLayer,
                            out=(int, Field(gt=0, description="output channels")),
@@ -156,13 +156,18 @@ def _pool(reduce, pad_value):
         if b.type(x).rank != 4:
             raise ShapeError(f"pooling needs [batch, channels, height, width], got "
                              f"{fmt(b.shape(x))}")
+        (kh, kw), (ph, pw) = _pair(a.kernel), _pair(a.padding)
+        if 2 * ph > kh or 2 * pw > kw:
+            raise ShapeError(f"padding {a.padding} is more than half the kernel {a.kernel}: "
+                             "some windows would hold only padding",
+                             help="use padding <= kernel // 2, as PyTorch requires")
         win = b.emit("windows", _pad2d(b, x, a.padding, pad_value), kernel=a.kernel,
                      stride=a.stride if a.stride is not None else a.kernel)
         return b.emit(reduce, win, axes=[-2, -1])
     return expand
 
 
-_pool_fields = dict(kernel=_k, stride=(int | list[int] | None, Field(
+_pool_fields = dict(kernel=_k, stride=(pair_field(None, "stride", 1, "")[0] | None, Field(
     None, description="stride (default: the kernel size)")), padding=_p)
 register("max_pool2d", doc="max over sliding windows of NCHW images", family=F, inputs="x",
          attrs_model=attrs("max_pool2d", **_pool_fields), expand=_pool("max", -1e30))
@@ -200,6 +205,10 @@ register("dropout", doc="zero values with probability p while training", family=
          expand=lambda b, a, x: b.emit("mul", x, b.emit("dropout_mask", x, p=a.p)))
 
 
+_trailing = (list[Annotated[int, Field(ge=1)]],
+             Field(description="trailing dims (sizes of at least 1)"))
+
+
 def _noise_infer(a, ref):
     if ref.rank < 1:
         raise ShapeError("noise needs an input with a batch axis to copy")
@@ -208,7 +217,7 @@ def _noise_infer(a, ref):
 
 register("noise", doc="random samples [batch, *shape], batch taken from the input (e.g. a "
          "GAN's latent code); no gradient", family=F, inputs="like",
-         attrs_model=attrs("noise", shape=(list[int], Field(description="trailing dims")),
+         attrs_model=attrs("noise", shape=_trailing,
                            kind=(Literal["normal", "uniform"],
                                  Field("normal", description="standard normal, or [0, 1)"))),
          infer=_noise_infer,
@@ -219,7 +228,7 @@ register("noise", doc="random samples [batch, *shape], batch taken from the inpu
 
 register("zeros", doc="zeros [batch, *shape], batch taken from the input (initial states)",
          family=F, inputs="like",
-         attrs_model=attrs("zeros", shape=(list[int], Field(description="trailing dims"))),
+         attrs_model=attrs("zeros", shape=_trailing),
          infer=_noise_infer, forward=lambda c, a, ref: Tensor.zeros(ref.shape[0], *a.shape),
          vjp=NO_GRAD)
 
@@ -272,6 +281,9 @@ def _normalize(b, x, axes, eps, momentum=None):
 def _layer_norm(b, a, x):
     t = b.type(x)
     n = a.dims
+    if n > t.rank:
+        raise ShapeError(f"dims is {n}, but the input {fmt(t.shape)} has {t.rank} axes",
+                         help=f"normalise over at most {t.rank} trailing axes")
     shape = t.shape[t.rank - n:]
     y = _normalize(b, x, list(range(t.rank - n, t.rank)), a.eps)
     if a.affine:

@@ -215,9 +215,8 @@ def _param_graph(op: str, shape: tuple, attrs: dict | None = None, extra_nodes=N
 
 
 def _run(tg, wrt, values: dict, training: bool):
-    from tinygrad import Tensor
-
     from helpers import evaluate
+    from tinygrad import Tensor
     params = {k: Tensor(np.asarray(v, np.float32)) for k, v in values.items()}
     outs = evaluate(tg, [tg.objective] + [tg.grads[n] for n in wrt], {}, params,
                     training=training)
@@ -296,10 +295,10 @@ def test_softplus_gradient_is_sigmoid_also_at_zero_and_extremes():
 def test_bce_at_a_zero_logit_matches_pytorch():
     """A zero-initialised output layer: the bias gradient is mean(sigmoid(0) - y)."""
     import torch
+    from helpers import evaluate
     from tinygrad import Tensor
 
     from dlgraph.engine.autodiff import reverse
-    from helpers import evaluate
     spec = {"dlgraph": 1, "name": "b", "inputs": {"x": {"shape": [4, 2]}, "y": {"shape": [4, 1]}},
             "nodes": {"z": {"op": "linear", "in": "x", "out": 1},
                       "loss": {"op": "binary_cross_entropy", "in": ["z", "y"]}},
@@ -348,3 +347,151 @@ def test_gradcheck_skips_kinks_instead_of_false_alarms():
     assert rows["h.bias"] == (0.0, 3)
     assert all(err < 1e-6 for err, _ in rows.values()), rows
     assert rows["s.weight"][1] == 0 and rows["logits.weight"][1] == 0
+
+
+# ------------------------------------------------------------------ C. no tracebacks
+
+HOSTILE = [0, -1, -3, [], [3], [1, 0, 2, 1], [0, 0], [-2, 2], 2**31, 10**12, -2**40, "x", "",
+           True, 1.5, None, {"a": 1}, [[1]], "1e12"]
+SHAPES = [(2, 3, 8, 8), (2, 5, 4), (4, 6)]
+
+
+def _op_specs():
+    from dlgraph.ops import REGISTRY
+    for op, d in sorted(REGISTRY.items()):
+        arity = max(len(d.inputs) - d.variadic, 1 if d.variadic else 0)
+        for field in [f for f in d.attrs.model_fields if f not in ("op", "in_")]:
+            for k, value in enumerate(HOSTILE):
+                shape = SHAPES[(k + len(field)) % len(SHAPES)]
+                inputs = {f"x{i}": {"shape": list(shape)} for i in range(arity)}
+                node = {"op": op, **({"in": list(inputs)} if arity else {}), field: value}
+                yield op, field, value, {"dlgraph": 1, "name": "w", "inputs": inputs,
+                                         "nodes": {"out": node}, "outputs": ["out"]}
+
+
+def test_every_op_field_with_hostile_values_gives_only_dlgraph_errors():
+    """0, negatives, empty and wrong-length lists, huge ints, wrong types in every field of
+    every op: the spec validates or is refused with a DlgraphError, never anything else."""
+    escaped, refused = [], 0
+    for op, field, value, spec in _op_specs():
+        try:
+            dlgraph.validate(spec)
+        except dlgraph.DlgraphError:
+            refused += 1
+        except Exception as e:  # noqa: BLE001 (what the test looks for)
+            escaped.append(f"{op}.{field}={value!r}: {type(e).__name__}: {e}"[:200])
+    assert not escaped, "\n".join(escaped[:20])
+    assert refused > 1000  # the walk reaches the checks, it does not validate everything
+
+
+@pytest.mark.parametrize("node, message", [
+    ("{op: conv2d, in: x, out: 4, kernel: 3, stride: 0}",
+     "field 'stride': stride must be at least 1 (and below 2^31); got 0"),
+    ("{op: conv2d, in: x, out: 4, kernel: [3]}",
+     "field 'kernel': kernel is one integer or a list of two, [h, w]; got [3]"),
+    ("{op: max_pool2d, in: x, kernel: 2, padding: [1, 0, 2, 1]}",
+     "field 'padding': padding is one integer or a list of two, [h, w]; got [1, 0, 2, 1]"),
+    ("{op: conv2d, in: x, out: 4, kernel: 3, padding: -1}",
+     "field 'padding': padding must be 0 or more (and below 2^31); got -1"),
+    ("{op: conv_transpose2d, in: x, out: 4, kernel: 3, dilation: 0}",
+     "field 'dilation': dilation must be at least 1 (and below 2^31); got 0"),
+    ("{op: max_pool2d, in: x, kernel: 2, padding: 2}",
+     "padding 2 is more than half the kernel 2: some windows would hold only padding"),
+    ("{op: reshape, in: x, shape: [batch, batch, -1]}",
+     "named dim 'batch' appears more often in [batch, batch, -1] than in the input shape "
+     "[batch, 3, 8, 8]"),
+    ("{op: flatten, in: x, start: 3, end: 1}",
+     "flatten start (axis 3) comes after its end (axis 1) in [batch, 3, 8, 8]"),
+    ("{op: noise, in: x, shape: [-8]}", "field 'shape.0': Input should be greater than or "
+                                        "equal to 1"),
+    ("{op: layer_norm, in: x, dims: 2147483648}",
+     "dims is 2147483648, but the input [batch, 3, 8, 8] has 4 axes"),
+    ("{op: [relu], in: x}", "`op` is the name of one op, not ['relu']"),
+    ("{op: {a: 1}, in: x}", "`op` is the name of one op, not {'a': 1}"),
+])
+def test_listed_tracebacks_are_located_errors(node, message):
+    text = ("dlgraph: 1\nname: t\ninputs:\n  x: {shape: [batch, 3, 8, 8]}\nnodes:\n"
+            f"  a: {node}\noutputs: [a]\n")
+    with pytest.raises(dlgraph.DlgraphError) as info:
+        dlgraph.validate(text)
+    first = str(info.value).split("\n")[0]
+    assert first.startswith("<string>:6: node 'a'") and first.endswith(message), first
+
+
+# ------------------------------------------------------------------ fuzzing the examples
+
+def _mutate(data, rng):
+    """One random mutation of the parsed spec ``data`` (in place): a hostile value, a deleted
+    or misspelt key, another op, a value moved elsewhere."""
+    import copy
+
+    from dlgraph.ops import REGISTRY
+    paths = []
+
+    def walk(v, path):
+        paths.append(path)
+        if isinstance(v, dict):
+            for k, x in v.items():
+                walk(x, path + (k,))
+        elif isinstance(v, list):
+            for i, x in enumerate(v):
+                walk(x, path + (i,))
+    walk(data, ())
+    path = paths[rng.integers(1, len(paths))] if len(paths) > 1 else ()
+    parent = data
+    for p in path[:-1]:
+        parent = parent[p]
+    key, kind = path[-1], rng.integers(6)
+    if kind == 0 or kind == 1:
+        parent[key] = copy.deepcopy(HOSTILE[rng.integers(len(HOSTILE))])
+    elif kind == 2 and isinstance(parent, dict):
+        del parent[key]
+    elif kind == 3 and isinstance(parent, dict):
+        parent[f"{key}x" if isinstance(key, str) else "extra"] = parent.pop(key)
+    elif kind == 4:
+        ops = sorted(REGISTRY)
+        parent[key] = ops[rng.integers(len(ops))] if key == "op" else \
+            copy.deepcopy(data[list(data)[rng.integers(len(data))]])
+    else:
+        other = paths[rng.integers(len(paths))]
+        value = data
+        for p in other:
+            value = value[p]
+        parent[key] = copy.deepcopy(value) if other[:len(path)] != path else None
+
+
+def fuzz_examples(n: int, seed: int = 0) -> list[str]:
+    """Validate ``n`` seeded mutations of graphs/*.yaml; returns what escaped as not a
+    DlgraphError (or took over 10 s), as readable lines."""
+    import time
+
+    import yaml
+    specs = [yaml.safe_load(p.read_text()) for p in sorted((ROOT / "graphs").glob("*.yaml"))]
+    rng = np.random.default_rng(seed)
+    bad = []
+    for i in range(n):
+        data = yaml.safe_load(yaml.safe_dump(specs[i % len(specs)]))
+        for _ in range(1 + rng.integers(3)):
+            _mutate(data, rng)
+        text = yaml.safe_dump(data, sort_keys=False)
+        if rng.integers(8) == 0:  # now and then damage the text itself
+            cut = rng.integers(len(text))
+            text = text[:cut] + "\x00:[{&*"[rng.integers(6)] + text[cut + 1:]
+        start = time.perf_counter()
+        try:
+            dlgraph.validate(text)
+        except dlgraph.DlgraphError:
+            pass
+        except Exception as e:  # noqa: BLE001 (what the fuzzer looks for)
+            bad.append(f"mutation {i}: {type(e).__name__}: {e}"[:300])
+        if time.perf_counter() - start > 10:
+            bad.append(f"mutation {i}: took {time.perf_counter() - start:.1f} s")
+    return bad
+
+
+def test_fuzzed_examples_raise_only_dlgraph_errors(monkeypatch):
+    """A few hundred seeded mutations here; `make fuzz` runs 5,000 (DLGRAPH_FUZZ)."""
+    monkeypatch.chdir(ROOT / "graphs")
+    n = int(os.environ.get("DLGRAPH_FUZZ", "300"))
+    bad = fuzz_examples(n, seed=int(os.environ.get("DLGRAPH_FUZZ_SEED", "0")))
+    assert not bad, "\n".join(bad[:20])
