@@ -124,11 +124,31 @@ def gemm(imp, node):
     if (w is None or a.get("transA", 0) or a.get("alpha", 1.0) != 1.0
             or a.get("beta", 1.0) != 1.0 or (len(node.input) > 2 and node.input[2]
                                               and (c is None or c.ndim != 1))):
-        raise Unsupported("only Gemm(x, W, b) with constant W and 1-D b, alpha = beta = 1")
+        return gemm_primitives(imp, node, a)
     weight = w if a.get("transB", 0) else w.T
     params = {"weight": weight, **({"bias": c} if c is not None else {})}
     emit_layer(imp, node, "linear", [imp.ref(node.input[0])], params, out=weight.shape[0],
                bias=None if c is not None else False, activation=None)
+
+
+def gemm_primitives(imp, node, a):
+    """alpha * A' @ B' + beta * C as primitives (weights that are values of the graph)."""
+    ins = [imp.ref(i) for i in node.input if i]
+    origins = [origin(node)]
+    for k, flag in ((0, "transA"), (1, "transB")):
+        if a.get(flag, 0):
+            ins[k] = imp.add(f"{hint(node)}_t{k}", "transpose", [ins[k]], [], axes=[1, 0])
+    y = imp.add(hint(node), "matmul", ins[:2], [] if len(ins) > 2 else origins)
+    if a.get("alpha", 1.0) != 1.0:
+        y = imp.add(hint(node), "mul", [y, imp.add(hint(node), "const", [], [],
+                                                  value=float(a["alpha"]))], [])
+    if len(ins) > 2:
+        c = ins[2]
+        if a.get("beta", 1.0) != 1.0:
+            c = imp.add(hint(node), "mul", [c, imp.add(hint(node), "const", [], [],
+                                                      value=float(a["beta"]))], [])
+        y = imp.add(hint(node, imp), "add", [y, c], origins)
+    imp.bind(node.output[0], y)
 
 
 def matmul(imp, node):
@@ -630,7 +650,7 @@ def identity(imp, node):
         imp.rename(v.ref, node.output[0])            # the node making an output is named so
     imp.values[node.output[0]] = imp.values[node.input[0]]
     for extra in node.output[1:]:      # Dropout's mask
-        if extra and extra in imp.consumers:
+        if extra and (extra in imp.consumers or extra in imp.outputs):
             raise Unsupported("Dropout's mask output is used")
 
 

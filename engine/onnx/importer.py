@@ -89,6 +89,7 @@ class Importer:
         self.taken: set[str] = set()
         self.absorbed: set[int] = set()
         self.failed: list[tuple[str, str, str]] = []
+        self.input_ids: dict[str, str] = {}          # ONNX graph input -> spec input
 
     # -- values -----------------------------------------------------------------------
     def const(self, name: str) -> np.ndarray | None:
@@ -218,7 +219,8 @@ def run_nodes(imp: Importer) -> None:
                 continue            # an input failed already; that node is listed
             rule(imp, node)
         except Unsupported as e:
-            imp.failed.append((node.name or node.output[0], node.op_type, str(e)))
+            label = node.name or next((o for o in node.output if o), node.op_type)
+            imp.failed.append((label, node.op_type, str(e)))
 
 
 def _inputs(imp: Importer) -> dict[str, dict]:
@@ -232,6 +234,7 @@ def _inputs(imp: Importer) -> dict[str, dict]:
             shape = tuple("batch" if d is None else d for d in (shape or ()))
         nid = imp.fresh(vi.name)
         imp.bind(vi.name, nid)
+        imp.input_ids[vi.name] = nid
         entry = {"shape": list(shape)}
         if imp.dtypes[vi.name] != "float32":
             entry["dtype"] = imp.dtypes[vi.name]
@@ -242,13 +245,18 @@ def _inputs(imp: Importer) -> dict[str, dict]:
 def prepare(path: Path):
     """Load, convert to opset 21 and infer shapes; unknown input dims get names."""
     onnx = require_onnx("ONNX import")
-    from onnx import shape_inference, version_converter
     try:
         model = onnx.load(str(path))
     except (OSError, Exception) as e:  # protobuf raises its own DecodeError
         if not Path(path).is_file():
             raise DataError(f"no such ONNX file: {path}", source=Source(str(path))) from None
         raise DataError(f"not a readable ONNX model: {e}", source=Source(str(path))) from None
+    return prepare_model(model)
+
+
+def prepare_model(model):
+    """Convert a ModelProto to opset 21 and infer shapes; unknown input dims get names."""
+    from onnx import shape_inference, version_converter
     have = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")),
                default=OPSET)
     if have != OPSET:
@@ -269,6 +277,12 @@ def prepare(path: Path):
 def to_spec(imp: Importer, name: str) -> dict:
     inputs = _inputs(imp)
     run_nodes(imp)
+    outputs = []
+    for o in imp.model.graph.output:
+        try:
+            outputs.append(imp.ref(o.name) if o.name in imp.values else None)
+        except Unsupported as e:
+            imp.failed.append((o.name, "output", str(e)))
     if imp.failed:
         listed = "; ".join(f"'{n}' ({op}): {why}" for n, op, why in imp.failed[:12])
         more = f"; and {len(imp.failed) - 12} more" if len(imp.failed) > 12 else ""
@@ -276,7 +290,6 @@ def to_spec(imp: Importer, name: str) -> dict:
         raise SpecError(f"{len(imp.failed)} ONNX node(s) cannot be imported: {listed}{more}",
                         help=f"operators without a dlgraph rule here: {', '.join(ops)} "
                              "(see docs/onnx.md); nothing was written")
-    outputs = [imp.ref(o.name) for o in imp.model.graph.output]
     prune(imp, outputs)
     doc = imp.model.doc_string or f"Imported from ONNX ({imp.model.producer_name or 'unknown'} "\
         f"{imp.model.producer_version}).".replace(" )", ")")
@@ -317,20 +330,28 @@ def dump_spec(spec: dict, origins: dict[str, list[str]]) -> str:
     return "\n".join(lines)
 
 
-def import_model(path: Path, out_spec: Path, *, name: str | None = None):
-    """See :func:`dlgraph.import_onnx`."""
+def import_proto(model, name: str | None = None, base: Path | None = None):
+    """An in-memory import: (spec text, weights, the loaded Graph, the Importer)."""
     from dlgraph.engine.build import load_graph
-    from dlgraph.engine.checkpoint import atomic_write, save_tensors
-    imp = Importer(prepare(path))
-    spec = to_spec(imp, name or valid_id(imp.model.graph.name or path.stem).replace("_", "-"))
+    imp = Importer(model)
+    spec = to_spec(imp, name or valid_id(model.graph.name or "model").replace("_", "-"))
     text = dump_spec(spec, imp.origin)
-    g = load_graph(text, base=out_spec.parent)
+    g = load_graph(text, base=base or Path.cwd())
     wrong = {k for k in g.params if k not in imp.weights
              or tuple(imp.weights[k].shape) != g.params[k].shape}
     if wrong or set(imp.weights) - set(g.params):
         raise DlgraphError(f"the imported spec and its weights disagree on {sorted(wrong)}",
                            help="this is a bug in dlgraph's ONNX import")
-    weights = out_spec.with_suffix(".safetensors")
-    save_tensors(weights, imp.weights, {"source": str(path.name)})
+    return text, imp.weights, g, imp
+
+
+def import_model(path: Path, out_spec: Path, *, name: str | None = None):
+    """See :func:`dlgraph.import_onnx`."""
+    from dlgraph.engine.checkpoint import atomic_write, save_tensors
+    model = prepare(path)
+    text, weights, _, _ = import_proto(model, name or valid_id(model.graph.name or path.stem)
+                                       .replace("_", "-"), out_spec.parent)
+    wpath = out_spec.with_suffix(".safetensors")
+    save_tensors(wpath, weights, {"source": str(path.name)})
     atomic_write(out_spec, text.encode())
-    return out_spec, weights
+    return out_spec, wpath
