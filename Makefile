@@ -36,3 +36,7 @@ examples: .venv/.installed
 
 clean:
 	rm -rf .venv runs build *.egg-info
+
+.PHONY: onnx-conformance
+onnx-conformance: .venv/.installed-test
+	.venv/bin/python -m dlgraph.engine.onnx.conformance -o docs/onnx.md
