@@ -215,7 +215,7 @@ def _compose(text: str, file: str) -> tuple[Any, dict[tuple, int]]:
         loader.dispose()
 
 
-_NONFINITE = re.compile(r"[-+]?(nan|inf|infinity)", re.IGNORECASE)
+_NONFINITE = re.compile(r"[-+]?(NaN|Infinity)")  # JSON's spellings; YAML's own are floats
 _BAD_CHAR = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ufffd]")
 
 

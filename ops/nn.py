@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import BeforeValidator, Field
 from tinygrad import Tensor
 
 from dlgraph.engine.errors import ShapeError, SpecError, suggest
@@ -205,7 +205,14 @@ register("dropout", doc="zero values with probability p while training", family=
          expand=lambda b, a, x: b.emit("mul", x, b.emit("dropout_mask", x, p=a.p)))
 
 
-_trailing = (list[Annotated[int, Field(ge=1)]],
+def _sizes(v):
+    if not isinstance(v, list) or any(isinstance(d, bool) or not isinstance(d, int) or d < 1
+                                      for d in v):
+        raise ValueError(f"shape is a list of sizes of at least 1; got {v!r}"[:160])
+    return v
+
+
+_trailing = (Annotated[list[int], BeforeValidator(_sizes)],
              Field(description="trailing dims (sizes of at least 1)"))
 
 

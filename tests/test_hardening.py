@@ -402,8 +402,8 @@ def test_every_op_field_with_hostile_values_gives_only_dlgraph_errors():
      "[batch, 3, 8, 8]"),
     ("{op: flatten, in: x, start: 3, end: 1}",
      "flatten start (axis 3) comes after its end (axis 1) in [batch, 3, 8, 8]"),
-    ("{op: noise, in: x, shape: [-8]}", "field 'shape.0': Input should be greater than or "
-                                        "equal to 1"),
+    ("{op: noise, in: x, shape: [-8]}", "field 'shape': shape is a list of sizes of at least 1; "
+                                        "got [-8]"),
     ("{op: layer_norm, in: x, dims: 2147483648}",
      "dims is 2147483648, but the input [batch, 3, 8, 8] has 4 axes"),
     ("{op: [relu], in: x}", "`op` is the name of one op, not ['relu']"),
