@@ -140,7 +140,9 @@ WIDE = {"float64", "uint8", "int8", "uint16", "int16", "uint32", "uint64", "floa
 def _dtype_problem(case: Case) -> str | None:
     for inputs, outputs in case.data[:1]:
         for a in list(inputs) + list(outputs):
-            dt = np.asarray(a).dtype
+            if not isinstance(a, np.ndarray):
+                return f"{type(a).__name__} values (dlgraph has tensors only)"
+            dt = a.dtype
             if dt.name in WIDE or dt.kind in "USO":
                 return f"dtype {dt.name} (dlgraph has float32, int32 and bool)"
     return None

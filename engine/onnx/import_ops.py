@@ -24,6 +24,11 @@ def _s(v):
     return v.decode() if isinstance(v, bytes) else v
 
 
+def _f32(x: float) -> float:
+    """A float32 attribute as the short decimal a person wrote (9.99e-06 -> 1e-05)."""
+    return float(f"{np.float32(x):.7g}")
+
+
 def _norm(axis: int, rank: int) -> int:
     return axis + rank if axis < 0 else axis
 
@@ -178,7 +183,17 @@ def _sym_pads(a, rank):
 
 
 def _one(v):
-    return v[0] if len(v) == 1 else list(v)
+    """[3, 3] -> 3: one int where all dims agree, as a person would write it."""
+    v = [int(d) for d in v]
+    return v[0] if len(set(v)) == 1 else v
+
+
+def _tidy(fields: dict, defaults: dict) -> dict:
+    """Leave out fields at their default value (None is dropped by `add`)."""
+    return {k: None if k in defaults and v == defaults[k] else v for k, v in fields.items()}
+
+
+CONV_DEFAULTS = {"stride": 1, "padding": 0, "dilation": 1, "groups": 1, "output_padding": 0}
 
 
 def conv(imp, node):
@@ -192,7 +207,8 @@ def conv(imp, node):
                   dilation=_one(a.get("dilations", [1] * k)), groups=a.get("group", 1))
     params = {"weight": w, **({"bias": b} if b is not None else {})}
     emit_layer(imp, node, "conv2d" if k == 2 else "conv1d", [imp.ref(node.input[0])], params,
-               bias=None if b is not None else False, activation=None, **fields)
+               bias=None if b is not None else False, activation=None,
+               **_tidy(fields, CONV_DEFAULTS))
 
 
 def conv_transpose(imp, node):
@@ -202,12 +218,14 @@ def conv_transpose(imp, node):
         raise Unsupported("only 2-D transposed convolutions with constant weights and no "
                           "output_shape")
     g = a.get("group", 1)
-    fields = dict(out=w.shape[1] * g, kernel=list(w.shape[2:]), stride=a.get("strides", [1, 1]),
-                  padding=_sym_pads(a, 2), output_padding=a.get("output_padding", [0, 0]),
-                  dilation=a.get("dilations", [1, 1]), groups=g)
+    fields = dict(out=w.shape[1] * g, kernel=_one(w.shape[2:]),
+                  stride=_one(a.get("strides", [1, 1])), padding=_one(_sym_pads(a, 2)),
+                  output_padding=_one(a.get("output_padding", [0, 0])),
+                  dilation=_one(a.get("dilations", [1, 1])), groups=g)
     params = {"weight": w, **({"bias": b} if b is not None else {})}
     emit_layer(imp, node, "conv_transpose2d", [imp.ref(node.input[0])], params,
-               bias=None if b is not None else False, activation=None, **fields)
+               bias=None if b is not None else False, activation=None,
+               **_tidy(fields, CONV_DEFAULTS))
 
 
 def pool(op):
@@ -217,12 +235,15 @@ def pool(op):
                 any(d != 1 for d in a.get("dilations", [1, 1])) or len(node.output) > 1:
             raise Unsupported("only 2-D pooling without ceil_mode, dilation or indices")
         pads = _sym_pads(a, 2)
+        strides = a.get("strides", [1, 1])
         if op == "avg_pool2d" and any(pads) and not a.get("count_include_pad", 0):
             raise Unsupported("average pooling that excludes the padding from the count")
+        # ONNX's strides default to 1, dlgraph's to the kernel
         imp.bind(node.output[0], imp.add(
             hint(node, imp), op, [imp.ref(node.input[0])], [origin(node)],
-            kernel=list(a["kernel_shape"]), stride=list(a.get("strides", a["kernel_shape"])),
-            padding=pads if any(pads) else None))
+            kernel=_one(a["kernel_shape"]),
+            stride=None if list(strides) == list(a["kernel_shape"]) else _one(strides),
+            padding=_one(pads) if any(pads) else None))
     return rule
 
 
@@ -245,7 +266,9 @@ def batch_norm(imp, node):
     params = {"weight": scale, "bias": bias, "running_mean": mean.reshape(keep),
               "running_var": var.reshape(keep)}
     emit_layer(imp, node, "batch_norm", [imp.ref(node.input[0])], params,
-               eps=float(a.get("epsilon", 1e-5)), momentum=round(1 - a.get("momentum", 0.9), 6))
+               **_tidy(dict(eps=_f32(a.get("epsilon", 1e-5)),
+                            momentum=_f32(1 - a.get("momentum", 0.9))),
+                       {"eps": 1e-5, "momentum": 0.1}))
 
 
 def layer_norm(imp, node):
@@ -258,7 +281,8 @@ def layer_norm(imp, node):
     dims = rank - _norm(a.get("axis", -1), rank)
     bias = np.zeros_like(scale) if bias is None else np.broadcast_to(bias, scale.shape)
     emit_layer(imp, node, "layer_norm", [imp.ref(node.input[0])],
-               {"weight": scale, "bias": bias}, eps=float(a.get("epsilon", 1e-5)),
+               {"weight": scale, "bias": bias},
+               **_tidy({"eps": _f32(a.get("epsilon", 1e-5))}, {"eps": 1e-5}),
                dims=dims if dims != 1 else None)
 
 
