@@ -56,6 +56,23 @@ def _load(spec: Path):
     return g
 
 
+def _check_fits(g, batch: int) -> None:
+    """Refuse, before anything is allocated, a graph whose float32 parameters and activations
+    at ``batch`` samples exceed the machine's memory (e.g. `hidden: 1000000000000`)."""
+    import os
+
+    from dlgraph.engine.errors import DeviceError
+    from dlgraph.engine.summary import _bytes, summarize
+    s = summarize(g)
+    need = 4 * (s.params + (s.activation_floats or 0) * batch)
+    have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > have:
+        raise DeviceError(f"this graph needs about {_bytes(need)} at batch {batch} "
+                          f"({_bytes(4 * s.params)} of parameters), more than the "
+                          f"{_bytes(have)} of memory here",
+                          help="use smaller layers or a smaller batch")
+
+
 def _read_inputs(pairs: tuple[str, ...]) -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {}
     for pair in pairs:
@@ -114,6 +131,7 @@ def run(spec, inputs, batch, output, weights, out, resume, epochs, steps, seed, 
     import dlgraph
     g = _load(spec)
     if g.spec.train is not None and weights is None and not inputs:
+        _check_fits(g, g.spec.train.batch)
         if resume and out is None:
             raise click.UsageError("--resume needs --out RUN_DIR")
         res = dlgraph.train(g, out=out, resume=resume, device=device, epochs=epochs,
@@ -122,6 +140,7 @@ def run(spec, inputs, batch, output, weights, out, resume, epochs, steps, seed, 
         if res.target_met is False:
             sys.exit(1)
         return
+    _check_fits(g, batch)
     model = dlgraph.compile(g, weights=weights, seed=seed, device=device)
     arrays = _read_inputs(inputs) if inputs else model.random_inputs(batch, seed)
     outs = model(**arrays)
