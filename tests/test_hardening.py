@@ -495,3 +495,64 @@ def test_fuzzed_examples_raise_only_dlgraph_errors(monkeypatch):
     n = int(os.environ.get("DLGRAPH_FUZZ", "300"))
     bad = fuzz_examples(n, seed=int(os.environ.get("DLGRAPH_FUZZ_SEED", "0")))
     assert not bad, "\n".join(bad[:20])
+
+
+# ------------------------------------------------------------------ B. bombs in data and sizes
+
+def test_gzip_bombed_idx_inflates_no_further_than_its_header_declares(tmp_path):
+    import gzip
+    import struct
+    header = b"\0\0\x08\x03" + struct.pack(">3I", 2, 28, 28)       # declares 1,568 bytes
+    with gzip.open(tmp_path / "bomb.gz", "wb", compresslevel=9) as f:
+        f.write(header)
+        chunk = bytes(2**20)
+        for _ in range(1024):                                        # inflates to 1 GiB
+            f.write(chunk)
+    assert (tmp_path / "bomb.gz").stat().st_size < 2 * 2**20
+    with pytest.raises(DataError) as info:
+        load_data({"source": "idx", "images": "bomb.gz", "labels": "bomb.gz"}, tmp_path, 0)
+    assert str(info.value).startswith(f"{tmp_path / 'bomb.gz'}: oversized IDX file: expected "
+                                      "1584 bytes, found more than that")
+
+
+def test_idx_header_declaring_terabytes_is_refused_unread(tmp_path):
+    import struct
+    (tmp_path / "huge").write_bytes(b"\0\0\x08\x03" + struct.pack(">3I", 2**31, 2**16, 2**16))
+    with pytest.raises(DataError, match=r"the IDX images of shape \[2147483648, 65536, 65536\] "
+                                        r"would take 8192.0 PiB of memory"):
+        load_data({"source": "idx", "images": "huge", "labels": "huge"}, tmp_path, 0)
+
+
+def test_npy_header_declaring_more_than_fits_is_refused(tmp_path):
+    header = np.lib.format.header_data_from_array_1_0(np.zeros(1, np.float32))
+    header["shape"] = (2**20, 2**20)
+    with open(tmp_path / "big.npy", "wb") as f:
+        np.lib.format.write_array_header_1_0(f, header)
+    with pytest.raises(DataError, match=r"the array of shape \[1048576, 1048576\] would take "
+                                        r"4.0 TiB of memory"):
+        load_data({"source": "npy", "path": "big.npy"}, tmp_path, 0)
+
+
+@pytest.mark.parametrize("spec, figure", [
+    ({"source": "sine", "samples": 10**11}, "the 'sine' data would take 387.1 TiB"),
+    ({"source": "images", "samples": 10**7}, "the 'images' data would take 572.2 GiB"),
+    ({"source": "text_tokens", "samples": 10**9, "length": 64}, "the 'text_tokens' data would "
+                                                                "take 726.4 GiB"),
+])
+def test_generated_data_over_the_cap_is_refused_before_generating(spec, figure):
+    with pytest.raises(DataError) as info:
+        load_data(spec, ".", 0)
+    assert str(info.value).startswith(figure + " of memory; at most 4.0 GiB of data are loaded")
+
+
+def test_run_refuses_a_graph_that_cannot_fit_with_the_figure(tmp_path):
+    from click.testing import CliRunner
+
+    from dlgraph.cli.main import main
+    spec = tmp_path / "big.yaml"
+    spec.write_text("dlgraph: 1\nname: big\ninputs:\n  x: {shape: [batch, 4]}\nnodes:\n"
+                    "  h: {op: linear, in: x, out: 1000000000000}\noutputs: [h]\n")
+    result = CliRunner().invoke(main, ["run", str(spec)])
+    assert result.exit_code == 1
+    assert result.stderr.startswith("error: this graph needs about 108033.4 GiB at batch 4 "
+                                    "(18626.5 GiB of parameters), more than the ")

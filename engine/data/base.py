@@ -95,14 +95,14 @@ def size_text(n: float) -> str:
     return f"{n} B"  # pragma: no cover
 
 
-def check_budget(what: str, nbytes: float, where: Path | str | None = None) -> None:
+def check_budget(what: str, nbytes: float, where: Path | str | None = None,
+                 help: str = "use fewer samples or shorter samples") -> None:
     """Refuse data of ``nbytes`` (an estimate, before anything is allocated) over the cap."""
     if not math.isfinite(nbytes) or nbytes > MAX_DATA_BYTES:
         figure = size_text(nbytes) if math.isfinite(nbytes) else "an unbounded amount"
         raise DataError(f"{what} would take {figure} of memory; at most "
                         f"{size_text(MAX_DATA_BYTES)} of data are loaded",
-                        source=Source(file=str(where)) if where else None,
-                        help="use fewer samples or shorter samples")
+                        source=Source(file=str(where)) if where else None, help=help)
 
 
 def fail(path: Path | str, message: str, line: int | None = None,

@@ -191,6 +191,9 @@ class Npy(DataSource):
         return out
 
 
+_DAMAGED = "its header declares more data than can be loaded: a damaged or hostile file"
+
+
 def _check_npy_sizes(path: Path) -> None:
     """Refuse a .npy whose header, or a .npz whose members, declare more than can be loaded
     (a zip member can inflate far beyond its compressed size)."""
@@ -201,7 +204,7 @@ def _check_npy_sizes(path: Path) -> None:
                 declared = sum(i.file_size for i in z.infolist())
         except (zipfile.BadZipFile, OSError, ValueError):
             raise fail(path, "the .npz archive is damaged", help="save it again") from None
-        check_budget("the arrays of this archive", declared, path)
+        check_budget("the arrays of this archive", declared, path, _DAMAGED)
         return
     with open(path, "rb") as f:
         try:
@@ -215,7 +218,7 @@ def _check_npy_sizes(path: Path) -> None:
             return  # np.load says what is wrong with it
     if dtype.itemsize:
         check_budget(f"the array of shape {list(shape)}", math.prod(shape) * dtype.itemsize,
-                     path)
+                     path, _DAMAGED)
 
 
 # ------------------------------------------------------------------ MNIST IDX
@@ -260,7 +263,7 @@ def _read_idx(path: Path, ndim: int, what: str) -> np.ndarray:
             header, dtype = len(raw), np.dtype(_IDX_TYPES[raw[2]])
             dims = struct.unpack(f">{ndim}I", raw[4:]) if len(raw) == 4 + 4 * ndim else ()
             size = header + math.prod(dims) * dtype.itemsize if dims else header
-            check_budget(f"the IDX {what}s of shape {list(dims)}", size, path)
+            check_budget(f"the IDX {what}s of shape {list(dims)}", size, path, _DAMAGED)
             raw += f.read(size - header + 1) if dims else f.read(1)
     except (OSError, EOFError, zlib.error):
         raise fail(path, "the gzip data is damaged or cut short",
