@@ -51,22 +51,29 @@ def _labels(b, logits, labels):
     return c
 
 
-def _nll_of(b, logp, labels, c, smoothing=0.0):
+def _nll_of(b, logp, labels, c, smoothing=0.0, ignore=None):
     target = b.emit("one_hot", labels, depth=c)
     if smoothing:
         target = b.emit("add", b.emit("mul", target, b.const(1 - smoothing)),
                         b.const(smoothing / c))
     per = b.emit("sum", b.emit("mul", target, logp), axes=-1)
-    return b.emit("neg", b.emit("mean", per))
+    if ignore is None:
+        return b.emit("neg", b.emit("mean", per))
+    # PyTorch's ignore_index: those rows count for nothing, the mean is over the others
+    keep = b.emit("cast", b.emit("equal", labels, b.const(ignore, "int32")), dtype="float32")
+    keep = b.emit("sub", b.const(1.0), keep)
+    kept = b.emit("maximum", b.emit("sum", keep), b.const(1.0))
+    return b.emit("neg", b.emit("div", b.emit("sum", b.emit("mul", per, keep)), kept))
 
 
 def _cross_entropy(b, a, logits, labels):
     c = _labels(b, logits, labels)
-    return _nll_of(b, b.emit("log_softmax", logits, axis=-1), labels, c, a.label_smoothing)
+    return _nll_of(b, b.emit("log_softmax", logits, axis=-1), labels, c, a.label_smoothing,
+                   a.ignore_index)
 
 
 def _nll(b, a, logp, labels):
-    return _nll_of(b, logp, labels, _labels(b, logp, labels))
+    return _nll_of(b, logp, labels, _labels(b, logp, labels), ignore=a.ignore_index)
 
 
 def _bce(b, a, x, t):
@@ -76,6 +83,9 @@ def _bce(b, a, x, t):
     return b.emit("mean", loss)
 
 
+_ignore = (int | None, Field(None, description="a label that counts for nothing (PyTorch's "
+                                             "ignore_index, e.g. -100 for padding); every "
+                                             "other label must be a class id"))
 register("mse", doc="mean squared error", family=F, inputs="pred, target", expand=_mse)
 register("l1", doc="mean absolute error", family=F, inputs="pred, target", expand=_l1)
 register("huber", doc="Huber loss: quadratic below delta, linear above", family=F,
@@ -85,9 +95,11 @@ register("huber", doc="Huber loss: quadratic below delta, linear above", family=
 register("cross_entropy", doc="softmax cross-entropy of logits and int class labels",
          family=F, inputs="logits, labels",
          attrs_model=attrs("cross_entropy", label_smoothing=(float, Field(
-             0.0, ge=0, lt=1, description="mix the one-hot target with uniform"))),
+             0.0, ge=0, lt=1, description="mix the one-hot target with uniform")),
+             ignore_index=_ignore),
          expand=_cross_entropy)
 register("nll", doc="negative log-likelihood of log-probabilities and int labels", family=F,
-         inputs="logprobs, labels", expand=_nll)
+         inputs="logprobs, labels", attrs_model=attrs("nll", ignore_index=_ignore),
+         expand=_nll)
 register("binary_cross_entropy", doc="sigmoid cross-entropy of logits and 0/1 targets",
          family=F, inputs="logits, target", expand=_bce)

@@ -9,8 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import evaluate
+from tinygrad import Tensor
 
 import dlgraph
+from dlgraph.engine.autodiff import reverse
 from dlgraph.engine.data import load_data
 from dlgraph.engine.errors import DataError
 
@@ -556,3 +559,60 @@ def test_run_refuses_a_graph_that_cannot_fit_with_the_figure(tmp_path):
     assert result.exit_code == 1
     assert result.stderr.startswith("error: this graph needs about 108033.4 GiB at batch 4 "
                                     "(18626.5 GiB of parameters), more than the ")
+
+
+# ------------------------------------------------------------------ D. silently wrong
+
+CLASSIFIER = {"dlgraph": 1, "name": "c", "inputs": {"x": {"shape": ["batch", 3]},
+                                                   "y": {"shape": ["batch"], "dtype": "int32"}},
+              "nodes": {"z": {"op": "linear", "in": "x", "out": 4},
+                        "loss": {"op": "cross_entropy", "in": ["z", "y"]}},
+              "outputs": ["z"]}
+
+
+def test_labels_out_of_range_are_refused_with_row_and_value():
+    from dlgraph.engine.data.ids import check_ids
+    g = dlgraph.load(CLASSIFIER)
+    x = np.zeros((5, 3), np.float32)
+    check_ids(g, {"x": x, "y": np.array([0, 1, 2, 3, 0], np.int32)})
+    with pytest.raises(DataError) as info:
+        check_ids(g, {"x": x, "y": np.array([0, 1, 4, 3, -100], np.int32)}, "train.csv")
+    assert str(info.value) == (
+        "train.csv: row 2 of 'y' holds the label 4, but node 'loss' (cross_entropy) takes "
+        "labels 0 to 3\n  help: set ignore_index on the loss for a padding label (PyTorch "
+        "uses -100)")
+
+
+def test_embedding_ids_out_of_range_are_refused():
+    from dlgraph.engine.data.ids import check_ids
+    g = dlgraph.load({"dlgraph": 1, "name": "e",
+                      "inputs": {"t": {"shape": ["batch", 3], "dtype": "int32"}},
+                      "nodes": {"e": {"op": "embedding", "in": "t", "num": 5, "dim": 2}},
+                      "outputs": ["e"]})
+    with pytest.raises(DataError, match=r"row 1 of 't' holds the id 5, but node 'e' "
+                                        r"\(embedding\) takes ids 0 to 4"):
+        check_ids(g, {"t": np.array([[0, 1, 2], [4, 5, 0]], np.int32)})
+
+
+def test_cross_entropy_ignore_index_matches_pytorch():
+    import torch
+    spec = {**CLASSIFIER, "nodes": {**CLASSIFIER["nodes"], "loss": {
+        "op": "cross_entropy", "in": ["z", "y"], "ignore_index": -100}}}
+    g = dlgraph.load(spec)
+    tg = reverse(g, "loss")
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((5, 3)).astype(np.float32)
+    y = np.array([0, -100, 3, -100, 1], np.int32)
+    weights = {k: rng.standard_normal(p.shape).astype(np.float32) for k, p in g.params.items()}
+    names = list(tg.grads)
+    outs = evaluate(tg, [tg.objective] + [tg.grads[n] for n in names], {"x": x, "y": y},
+                    {k: Tensor(v) for k, v in weights.items()})
+    w = torch.from_numpy(weights["z.weight"]).requires_grad_()
+    b = torch.from_numpy(weights["z.bias"]).requires_grad_()
+    loss = torch.nn.functional.cross_entropy(torch.from_numpy(x) @ w.T + b,
+                                             torch.from_numpy(y).long(), ignore_index=-100)
+    loss.backward()
+    assert outs[0].numpy() == pytest.approx(loss.item(), rel=1e-5)
+    got = dict(zip(names, outs[1:], strict=True))
+    np.testing.assert_allclose(got["z.weight"].numpy(), w.grad.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got["z.bias"].numpy(), b.grad.numpy(), rtol=1e-5, atol=1e-6)
