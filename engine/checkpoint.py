@@ -52,10 +52,46 @@ def load_tensors(path: Path) -> tuple[dict[str, np.ndarray], dict]:
         with open(path, "rb") as f:
             n = int.from_bytes(f.read(8), "little")
             header = json.loads(f.read(n))
-    except (SafetensorError, ValueError, OSError) as e:
+    except (SafetensorError, ValueError, OSError, MemoryError) as e:
         raise DataError(f"not a readable safetensors file: {e}", source=Source(str(path)),
                         help="the file may be truncated; use another checkpoint") from None
-    meta = json.loads(header.get("__metadata__", {}).get("dlgraph", "{}"))
+    try:
+        meta = json.loads((header.get("__metadata__") or {}).get("dlgraph", "{}"))
+        if not isinstance(meta, dict):
+            raise ValueError
+    except (ValueError, TypeError, AttributeError):
+        raise DataError("the file's dlgraph metadata is damaged", source=Source(str(path)),
+                        help="use another checkpoint, or the weights.safetensors of the run") \
+            from None
+    return arrays, meta
+
+
+def read_checkpoint(path: Path, shapes: dict[str, tuple[int, ...]]) -> tuple[dict, dict]:
+    """A training checkpoint's arrays and metadata, checked against the graph's parameter
+    ``shapes`` (a smaller array is never broadcast into a parameter) and its metadata
+    (``step``, ``epoch`` and ``history`` present and of the right kind)."""
+    from .errors import TrainingError
+    path = Path(path)
+    if not path.is_file():
+        raise TrainingError(f"nothing to resume: {path} does not exist",
+                            help="give --out the run directory of an earlier run")
+    arrays, meta = load_tensors(path)
+    for key, kind in (("step", int), ("epoch", int), ("history", list)):
+        if not isinstance(meta.get(key), kind) or isinstance(meta.get(key), bool):
+            raise TrainingError(f"the checkpoint's metadata has no valid '{key}'",
+                                source=Source(str(path)),
+                                help="the run's checkpoint is damaged; start a new run")
+    for name, shape in shapes.items():
+        a = arrays.get(f"param.{name}")
+        if a is None:
+            raise TrainingError(f"the checkpoint has no parameter '{name}'",
+                                source=Source(str(path)),
+                                help="resume with the spec the run was started with")
+        if tuple(a.shape) != tuple(shape):
+            raise TrainingError(f"parameter '{name}' has shape {list(a.shape)} in the "
+                                f"checkpoint, {list(shape)} in the graph",
+                                source=Source(str(path)),
+                                help="resume with the spec the run was started with")
     return arrays, meta
 
 
@@ -63,6 +99,9 @@ def load_weights(graph: Graph, path: Path) -> dict:
     """Parameter tensors for ``graph`` from a weights or checkpoint file, shapes checked."""
     from tinygrad import Tensor
     arrays, _ = load_tensors(path)
+    if not any(n in arrays for n in graph.params):  # a run's checkpoint: param.<name>
+        arrays = {k.removeprefix("param."): v for k, v in arrays.items()
+                  if k.startswith("param.")} or arrays
     missing = [n for n in graph.params if n not in arrays]
     if missing:
         raise DataError(f"{path} lacks {len(missing)} parameter(s) of this graph: "
@@ -75,5 +114,8 @@ def load_weights(graph: Graph, path: Path) -> dict:
             raise DataError(f"parameter '{name}' has shape {list(a.shape)} in the file, "
                             f"{list(p.shape)} in the graph", source=Source(str(path)),
                             help="were these weights trained from the same spec?")
+        if a.dtype.kind != "f" or not np.isfinite(a).all():
+            raise DataError(f"parameter '{name}' in the file is not all finite floats",
+                            source=Source(str(path)), help="use the weights of a healthy run")
         out[name] = Tensor(a.astype(np.float32)).realize()
     return out

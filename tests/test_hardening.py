@@ -616,3 +616,30 @@ def test_cross_entropy_ignore_index_matches_pytorch():
     got = dict(zip(names, outs[1:], strict=True))
     np.testing.assert_allclose(got["z.weight"].numpy(), w.grad.numpy(), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(got["z.bias"].numpy(), b.grad.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_checkpoints_are_checked_before_use(tmp_path):
+    from dlgraph.engine.checkpoint import load_weights, read_checkpoint, save_tensors
+    from dlgraph.engine.errors import TrainingError
+    g = dlgraph.load(CLASSIFIER)
+    shapes = {k: p.shape for k, p in g.params.items()}
+    good = {f"param.{k}": np.ones(s, np.float32) for k, s in shapes.items()}
+    ckpt = tmp_path / "checkpoint.safetensors"
+    save_tensors(ckpt, good, {"step": 3, "epoch": 1, "history": []})
+    assert read_checkpoint(ckpt, shapes)[1]["step"] == 3
+    # inference straight from a run's checkpoint: the param. prefix is understood
+    assert set(load_weights(g, ckpt)) == set(shapes)
+    save_tensors(ckpt, {**good, "param.z.bias": np.ones(1, np.float32)},
+                 {"step": 3, "epoch": 1, "history": []})
+    with pytest.raises(TrainingError, match=r"parameter 'z.bias' has shape \[1\] in the "
+                                            r"checkpoint, \[4\] in the graph"):
+        read_checkpoint(ckpt, shapes)
+    save_tensors(ckpt, good, {"epoch": 1})
+    with pytest.raises(TrainingError, match="the checkpoint's metadata has no valid 'step'"):
+        read_checkpoint(ckpt, shapes)
+    raw = ckpt.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = raw[8:8 + n].replace(b'"dlgraph":"{', b'"dlgraph":"[')
+    ckpt.write_bytes(raw[:8] + header + raw[8 + n:])
+    with pytest.raises(DataError, match="the file's dlgraph metadata is damaged"):
+        read_checkpoint(ckpt, shapes)
