@@ -73,6 +73,22 @@ def _check_fits(g, batch: int) -> None:
                           help="use smaller layers or a smaller batch")
 
 
+def _check_inputs(g, arrays: dict[str, np.ndarray]) -> None:
+    """--input arrays must name graph inputs and fit their dtype (no 1.7 silently read as 1)."""
+    from dlgraph.engine.data.ids import check_ids
+    for name, a in arrays.items():
+        if name not in g.inputs:
+            raise DataError(f"--input names '{name}', which is not an input of the graph",
+                            help=f"the inputs are: {', '.join(g.inputs)}")
+        if a.dtype.kind not in "fiub":
+            raise DataError(f"input '{name}' holds {a.dtype} values", help="store numbers")
+        if g.inputs[name].dtype == "int32" and a.dtype.kind == "f" and \
+                not np.array_equal(a, np.round(a)):
+            raise DataError(f"input '{name}' is int32 but the array holds fractions",
+                            help="store integer ids or labels")
+    check_ids(g, arrays, "--input")
+
+
 def _read_inputs(pairs: tuple[str, ...]) -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {}
     for pair in pairs:
@@ -85,6 +101,9 @@ def _read_inputs(pairs: tuple[str, ...]) -> dict[str, np.ndarray]:
         p = Path(path)
         if not p.is_file():
             raise DataError(f"no such input file: {p}", source=Source(str(p)))
+        if p.suffix not in (".npy", ".npz"):
+            raise DataError(f"--input reads only .npy and .npz files, not {p.name}",
+                            source=Source(str(p)), help="save the array with np.save")
         try:
             data = np.load(p, allow_pickle=False)
         except (ValueError, OSError) as e:
@@ -140,9 +159,13 @@ def run(spec, inputs, batch, output, weights, out, resume, epochs, steps, seed, 
         if res.target_met is False:
             sys.exit(1)
         return
+    if g.spec.train is not None and weights is None:
+        click.echo("warning: running with untrained (freshly initialised) weights; pass "
+                   "--weights RUN/weights.safetensors for a trained model", err=True)
     _check_fits(g, batch)
     model = dlgraph.compile(g, weights=weights, seed=seed, device=device)
     arrays = _read_inputs(inputs) if inputs else model.random_inputs(batch, seed)
+    _check_inputs(g, arrays)
     outs = model(**arrays)
     for name, a in outs.items():
         stats = (f"mean {a.mean():.4g}  std {a.std():.4g}  min {a.min():.4g}  max {a.max():.4g}"

@@ -643,3 +643,32 @@ def test_checkpoints_are_checked_before_use(tmp_path):
     ckpt.write_bytes(raw[:8] + header + raw[8 + n:])
     with pytest.raises(DataError, match="the file's dlgraph metadata is damaged"):
         read_checkpoint(ckpt, shapes)
+
+
+def test_run_inputs_are_checked_and_untrained_weights_are_announced(tmp_path):
+    from click.testing import CliRunner
+
+    from dlgraph.cli.main import main
+    tiny = str(ROOT / "tests/specs/good/tiny_mlp.yaml")
+    np.save(tmp_path / "x.npy", np.zeros((3, 2), np.float32))
+    np.save(tmp_path / "y.npy", np.array([0, 5, 1], np.int32))
+    np.save(tmp_path / "yf.npy", np.array([0, 1.7, 1], np.float32))
+    (tmp_path / "d.csv").write_text("a\n1\n")
+
+    def run(*args):
+        return CliRunner().invoke(main, ["run", tiny, *args])
+    ok = run("--input", f"x={tmp_path / 'x.npy'}")
+    assert ok.exit_code == 0 and ok.stderr.startswith(
+        "warning: running with untrained (freshly initialised) weights")
+    for args, message in [
+        ([f"x={tmp_path / 'd.csv'}"], "--input reads only .npy and .npz files, not d.csv"),
+        ([f"q={tmp_path / 'x.npy'}"], "--input names 'q', which is not an input of the graph"),
+        ([f"x={tmp_path / 'x.npy'}", "--input", f"y={tmp_path / 'yf.npy'}"],
+         "input 'y' is int32 but the array holds fractions"),
+        ([f"x={tmp_path / 'x.npy'}", "--input", f"y={tmp_path / 'y.npy'}"],
+         "--input: row 1 of 'y' holds the label 5, but node 'loss' (cross_entropy) takes "
+         "labels 0 to 1"),
+    ]:
+        result = run("--input", *args)
+        assert result.exit_code == 1, result.output
+        assert message in result.stderr and "Traceback" not in result.output
