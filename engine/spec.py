@@ -215,6 +215,7 @@ def _compose(text: str, file: str) -> tuple[Any, dict[tuple, int]]:
         loader.dispose()
 
 
+_EXPONENT = re.compile(r"[-+]?[0-9]+(\.[0-9]*)?[eE][-+]?[0-9]+")
 _NONFINITE = re.compile(r"[-+]?(NaN|Infinity)")  # JSON's spellings; YAML's own are floats
 _BAD_CHAR = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ufffd]")
 
@@ -334,6 +335,8 @@ class _Walk:
         v = self.loader.construct_object(node, deep=True)
         if isinstance(v, str) and node.style is None and _NONFINITE.fullmatch(v):
             v = float("nan")  # JSON's NaN/Infinity: YAML reads a string, pydantic a float
+        elif isinstance(v, str) and node.style is None and _EXPONENT.fullmatch(v):
+            v = float(v)  # 1e12 is a number in YAML 1.2 and JSON; PyYAML reads a string
         if isinstance(v, float) and not math.isfinite(v):
             raise self.fail(node, f"{node.value} is not a number a spec can hold",
                             help="write a finite number")

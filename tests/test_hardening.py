@@ -554,7 +554,7 @@ def test_run_refuses_a_graph_that_cannot_fit_with_the_figure(tmp_path):
     from dlgraph.cli.main import main
     spec = tmp_path / "big.yaml"
     spec.write_text("dlgraph: 1\nname: big\ninputs:\n  x: {shape: [batch, 4]}\nnodes:\n"
-                    "  h: {op: linear, in: x, out: 1000000000000}\noutputs: [h]\n")
+                    "  h: {op: linear, in: x, out: 1e12}\noutputs: [h]\n")
     result = CliRunner().invoke(main, ["run", str(spec)])
     assert result.exit_code == 1
     assert result.stderr.startswith("error: this graph needs about 108033.4 GiB at batch 4 "
