@@ -127,7 +127,9 @@ def spec_model() -> type[BaseModel]:
         modules: dict[str, ModuleSpec] = Field(default_factory=dict, description=
                                                "composites defined here, used like ops")
         include: list[str] = Field(default_factory=list, description="spec files whose "
-                                   "`modules:` this spec may use (paths relative to it)")
+                                   "`modules:` this spec may use (paths relative to it, "
+                                   "inside its folder tree; other folders only when listed "
+                                   "in the DLGRAPH_INCLUDE_PATH environment variable)")
         train: TrainSpec | None = Field(None, description="how to train; absent: inference "
                                                           "only")
 
