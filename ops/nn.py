@@ -222,15 +222,22 @@ def _noise_infer(a, ref):
     return TType((ref.shape[0], *a.shape))
 
 
-register("noise", doc="random samples [batch, *shape], batch taken from the input (e.g. a "
-         "GAN's latent code); no gradient", family=F, inputs="like",
+def _noise(c, a, ref):
+    if a.training_only and not c.training:
+        return Tensor.zeros(ref.shape[0], *a.shape)
+    return (Tensor.randn if a.kind == "normal" else Tensor.rand)(ref.shape[0], *a.shape)
+
+
+register("noise", doc="random samples [batch, *shape], batch taken from the input: a GAN's "
+         "latent code, or (training_only) input corruption that inference runs without; "
+         "no gradient", family=F, inputs="like",
          attrs_model=attrs("noise", shape=_trailing,
                            kind=(Literal["normal", "uniform"],
-                                 Field("normal", description="standard normal, or [0, 1)"))),
-         infer=_noise_infer,
-         forward=lambda c, a, ref: (Tensor.randn if a.kind == "normal" else Tensor.rand)(
-             ref.shape[0], *a.shape),
-         vjp=NO_GRAD)
+                                 Field("normal", description="standard normal, or [0, 1)")),
+                           training_only=(bool, Field(False, description=(
+                               "zeros outside training: corruption for a denoising model "
+                               "(add it to the input), so inference sees clean data")))),
+         infer=_noise_infer, forward=_noise, vjp=NO_GRAD)
 
 
 register("zeros", doc="zeros [batch, *shape], batch taken from the input (initial states)",

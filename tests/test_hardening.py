@@ -672,3 +672,16 @@ def test_run_inputs_are_checked_and_untrained_weights_are_announced(tmp_path):
         result = run("--input", *args)
         assert result.exit_code == 1, result.output
         assert message in result.stderr and "Traceback" not in result.output
+
+
+def test_training_only_noise_is_off_at_inference():
+    g = dlgraph.load({"dlgraph": 1, "name": "dn", "inputs": {"x": {"shape": ["batch", 3]}},
+                      "nodes": {"n": {"op": "noise", "in": "x", "shape": [3],
+                                      "training_only": True},
+                                "noisy": {"op": "add", "in": ["x", "n"]}},
+                      "outputs": ["noisy"]})
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    (clean,) = evaluate(g, [g.resolve("noisy")], {"x": x}, {}, training=False)
+    np.testing.assert_array_equal(clean.numpy(), x)
+    (noisy,) = evaluate(g, [g.resolve("noisy")], {"x": x}, {}, training=True)
+    assert np.abs(noisy.numpy() - x).min() > 0
