@@ -15,7 +15,8 @@ from pathlib import Path
 import networkx as nx
 from pydantic import TypeAdapter, ValidationError
 
-from dlgraph.ops import REGISTRY
+from dlgraph.ops import OPS, REGISTRY
+from dlgraph.ops.control import loop_types
 
 from .errors import CycleError, DlgraphError, GraphError, Source, SpecError, suggest
 from .ir import Graph, Node, Param, schedule
@@ -43,8 +44,9 @@ class Builder:
         self.origin: str | None = None
         self._counts: dict[str, int] = {}
         self.modules: dict = {}                       # name -> ModuleDef, for module calls
-        self.shared: set[tuple[str, ...]] = set()     # scan step scopes: params shared across
         self._layers: list = []                       # (scope, attrs) of enclosing layers
+        self.outer: Builder | None = None             # for a loop body: the enclosing builder
+        self.consts: dict[str, str] = {}              # loop body: const input id -> outer id
 
     # -- context -----------------------------------------------------------------------
     @contextlib.contextmanager
@@ -83,7 +85,7 @@ class Builder:
     def emit(self, op: str, *inputs: str, as_: str | None = None, cut: bool = False,
              **fields) -> str:
         """Emit one op on input ids; returns the new node's id (a composite: its first output)."""
-        d = REGISTRY[op]
+        d = OPS[op]
         attrs = fields.pop("_attrs", None) or d.attrs.model_validate({"op": op, **fields})
         if d.composite:
             return next(iter(self.expand(d, attrs, inputs, as_ or op).values()))
@@ -281,13 +283,19 @@ class Builder:
 
         ``init`` is the layer's default; the ``init:`` field of the layer or of any
         composite around it overrides it by relative name (``self_attn.in_proj_weight``),
-        and ``trainable: false`` on any of them freezes it.
+        and ``trainable: false`` on any of them freezes it. In a loop body the parameter
+        lives in the enclosing graph (one for every step) and enters the body as a const.
         """
-        # inside a scan's steps, one parameter serves every step: drop the step scopes
-        own = tuple(p for i, p in enumerate(self.scope) if self.scope[:i + 1] not in self.shared)
+        if self.outer is not None:
+            saved = self.outer.scope, self.outer._layers
+            self.outer.scope, self.outer._layers = self.scope, self._layers
+            try:
+                nid = self.outer.param(name, shape, init, trainable=trainable, fan=fan)
+            finally:
+                self.outer.scope, self.outer._layers = saved
+            return self.const_input(nid)
+        own = self.scope
         nid = "/".join(own + (name,))
-        if own != self.scope and nid in self.graph.nodes:
-            return nid
         for scope, attrs in self._layers:           # outermost first: the user's word wins
             rel = ".".join(own[len(scope):] + (name,))
             if own[:len(scope)] == scope and rel in attrs.init:
@@ -295,16 +303,39 @@ class Builder:
                 break
         trainable = trainable and all(a.trainable for s, a in self._layers
                                       if own[:len(s)] == s)
-        saved, self.scope = self.scope, own
-        try:
-            nid = self.emit("param", as_=name, shape=list(shape), init=init,
-                            trainable=trainable)
-        finally:
-            self.scope = saved
+        nid = self.emit("param", as_=name, shape=list(shape), init=init, trainable=trainable)
         if fan:
             p = self.graph.params[nid.replace("/", ".")]
             p.fan_in, p.fan_out = fan
         return nid
+
+    # -- loops ---------------------------------------------------------------------------
+    def body(self) -> Builder:
+        """A builder for a loop body: a fresh graph in this scope. Parameters and outer
+        values it reads enter it as const inputs (:meth:`const_input`)."""
+        sub = Builder(Graph(name="/".join(self.scope) or "body", source=self.graph.source))
+        sub.outer, sub.scope, sub.source, sub.user = self, self.scope, self.source, self.user
+        sub.role, sub.origin, sub.modules = self.role, self.origin, self.modules
+        sub._layers = list(self._layers)
+        return sub
+
+    def const_input(self, outer_id: str) -> str:
+        """The body input carrying the outer value ``outer_id``, made on first use."""
+        if outer_id not in self.consts:
+            self.input(outer_id, self.outer.graph.nodes[outer_id].type)
+            self.consts[outer_id] = outer_id
+        return outer_id
+
+    def loop(self, body: Builder, seqs, states, *, steps: int, n_out: int = 0,
+             reverse: bool = False, as_: str = "loop") -> list[str]:
+        """Emit a loop over ``body`` (inputs: seq steps, states, then consts; outputs: new
+        states, per-step outputs, sums) and one ``pick`` per output; returns the picks."""
+        nid = self.emit("loop", *seqs, *states, *body.consts.values(), as_=as_,
+                        body=body.graph, steps=steps, reverse=reverse, n_seq=len(seqs),
+                        n_state=len(states), n_out=n_out)
+        types = loop_types(self.graph.nodes[nid].attrs)
+        return [self.emit("pick", nid, as_=f"{nid.split('/')[-1]}_out{k}", index=k, type=t)
+                for k, t in enumerate(types)]
 
 
 @functools.cache

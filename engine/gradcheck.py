@@ -13,10 +13,11 @@ from pathlib import Path
 import numpy as np
 from tinygrad import Tensor, dtypes
 
+from .autodiff import phase_params, training_graph
 from .errors import Source, SpecError
+from .init import init_param, random_inputs
 from .ir import Graph
-from .lower import Ctx, Evaluator, bind, init_param, lower, random_inputs, use_device
-from .summary import phase_params, training_graph
+from .lower import Ctx, Evaluator, bind, lower, use_device
 
 
 def _inputs(g: Graph, batch: int, seed: int) -> dict[str, np.ndarray]:

@@ -8,21 +8,21 @@ call of :func:`evaluate` inside a ``TinyJit`` becomes one compiled program. Node
 from __future__ import annotations
 
 import shutil
-import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
-from tinygrad import Tensor, TinyJit
+from tinygrad import Tensor, TinyJit, Variable
 from tinygrad.helpers import DEV
 
-from dlgraph.ops import REGISTRY
+from dlgraph.ops import OPS
+from dlgraph.ops.control import loop_types
 
 from .errors import DeviceError, ShapeError
-from .ir import Graph, Param
-from .types import fmt
+from .init import init_param, random_inputs
+from .ir import Graph
+from .types import NUMPY_DTYPES, fmt
 
 DEVICES = ("cpu", "cuda", "nv", "amd", "metal", "cl", "webgpu")
-NP_DTYPES = {"float32": np.float32, "int32": np.int32, "bool": np.bool_}
 
 
 @dataclass
@@ -32,6 +32,34 @@ class Ctx:
     training: bool = False
     dims: dict[str, int] = field(default_factory=dict)   # named dim -> size for this call
     updates: list[Tensor] = field(default_factory=list)  # state assignments to realise
+
+    def run_loop(self, a, xs) -> tuple[Tensor, ...]:
+        """A loop run inline: its body traced once per step into the current program
+        (the staged lowering runs loops as compiled steps instead, see :class:`LoopStage`)."""
+        body = Evaluator(a.body, list(a.body.outputs.values()))
+        names = list(a.body.inputs)
+        ns, nst, steps = a.n_seq, a.n_state, a.steps
+        states = list(xs[ns:ns + nst])
+        consts = dict(zip(names[ns + nst:], xs[ns + nst:], strict=True))
+        hist = [[None] * (steps + 1) for _ in range(nst)]
+        for j, s in enumerate(states):
+            hist[j][steps if a.reverse else 0] = s
+        per, acc = None, None
+        for t in (reversed(range(steps)) if a.reverse else range(steps)):
+            feed = {n: x[:, t] for n, x in zip(names[:ns], xs[:ns], strict=True)}
+            feed.update(zip(names[ns:ns + nst], states, strict=True))
+            outs = body(self, {**feed, **consts}, {})
+            states = outs[:nst]
+            for j, s in enumerate(states):
+                hist[j][t if a.reverse else t + 1] = s
+            step_out = outs[nst:nst + a.n_out]
+            per = [[None] * steps for _ in step_out] if per is None else per
+            for j, o in enumerate(step_out):
+                per[j][t] = o
+            inc = outs[nst + a.n_out:]
+            acc = inc if acc is None else [u + v for u, v in zip(acc, inc, strict=True)]
+        return (*[Tensor.stack(*h, dim=1) for h in hist],
+                *[Tensor.stack(*p, dim=1) for p in (per or [])], *(acc or []))
 
 
 def use_device(name: str | None) -> str:
@@ -57,45 +85,6 @@ def use_device(name: str | None) -> str:
 
 
 # -------------------------------------------------------------------------- parameters
-
-
-def init_param(p: Param, seed: int) -> np.ndarray:
-    """The initial value of a parameter: depends only on the seed and the parameter's name.
-
-    >>> from dlgraph.engine.ir import Param
-    >>> init_param(Param("fc.bias", "fc/bias", (3,), "zeros", 3, 3), 0)
-    array([0., 0., 0.], dtype=float32)
-    """
-    rng = np.random.default_rng([seed, zlib.crc32(p.name.encode())])
-    shape, fi, fo, init = p.shape, max(p.fan_in, 1), max(p.fan_out, 1), p.init
-    if isinstance(init, int | float):
-        v = np.full(shape, float(init))
-    elif init == "zeros":
-        v = np.zeros(shape)
-    elif init == "ones":
-        v = np.ones(shape)
-    elif init == "normal":
-        v = rng.standard_normal(shape)
-    elif init == "uniform":
-        v = rng.uniform(-1 / np.sqrt(fi), 1 / np.sqrt(fi), shape)
-    elif init == "glorot_uniform":
-        v = rng.uniform(-np.sqrt(6 / (fi + fo)), np.sqrt(6 / (fi + fo)), shape)
-    elif init == "glorot_normal":
-        v = rng.standard_normal(shape) * np.sqrt(2 / (fi + fo))
-    elif init == "he_uniform":
-        v = rng.uniform(-np.sqrt(6 / fi), np.sqrt(6 / fi), shape)
-    elif init == "he_normal":
-        v = rng.standard_normal(shape) * np.sqrt(2 / fi)
-    elif init == "lecun_normal":
-        v = rng.standard_normal(shape) * np.sqrt(1 / fi)
-    elif init == "orthogonal":
-        flat = rng.standard_normal((shape[0], int(np.prod(shape[1:])) or 1))
-        q, r = np.linalg.qr(flat if flat.shape[0] >= flat.shape[1] else flat.T)
-        q = q * np.sign(np.diag(r))
-        v = (q if flat.shape[0] >= flat.shape[1] else q.T).reshape(shape)
-    else:  # the spec model only lets known names through
-        raise ValueError(f"unknown initialiser {init}")
-    return v.astype(np.float32)
 
 
 def init_params(graph: Graph, seed: int) -> dict[str, Tensor]:
@@ -128,51 +117,41 @@ def bind(graph: Graph, arrays: dict[str, np.ndarray], where: str = "input") -> d
 
 
 def to_tensor(a: np.ndarray, dtype: str) -> Tensor:
-    return Tensor(np.ascontiguousarray(a, dtype=NP_DTYPES[dtype])).realize()
+    return Tensor(np.ascontiguousarray(a, dtype=NUMPY_DTYPES[dtype])).realize()
 
 
 class Evaluator:
-    """Runs a set of nodes of a graph: the schedule and each node's rule resolved once."""
+    """Runs a set of nodes of a graph: the schedule and each node's rule resolved once.
 
-    def __init__(self, graph: Graph, targets: list[str]):
+    ``nodes`` (default: every ancestor of the targets) are computed in schedule order;
+    :meth:`run` takes the values of everything else from its environment.
+    """
+
+    def __init__(self, graph: Graph, targets: list[str], nodes: list[str] | None = None):
         self.graph = graph
-        needed = graph.ancestors(targets)
+        needed = graph.ancestors(targets) if nodes is None else set(nodes)
         self.order = [nid for nid in graph.nodes if nid in needed]
-        self.rules = {nid: REGISTRY[graph[nid].op].forward for nid in self.order
+        self.rules = {nid: OPS[graph[nid].op].forward for nid in self.order
                       if graph[nid].role not in ("input", "param")}
         self.targets = targets
 
     def __call__(self, ctx: Ctx, inputs: dict[str, Tensor], params: dict[str, Tensor]):
-        g = self.graph
-        env: dict[str, Tensor] = {}
-        for nid in self.order:
-            n = g.nodes[nid]
-            if n.role == "input":
-                env[nid] = inputs[nid]
-            elif n.role == "param":
-                env[nid] = params[nid.replace("/", ".")]
-            else:
-                out = self.rules[nid](ctx, n.attrs, *(env[i] for i in n.inputs))
-                env[nid] = out.contiguous() if n.cut else out
+        env = dict(inputs)
+        env.update((n, params[n.replace("/", ".")]) for n in self.order
+                   if self.graph.nodes[n].role == "param")
+        env = self.run(ctx, env)
         return [env[t] for t in self.targets]
 
-
-def random_inputs(graph: Graph, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """Seeded random arrays of the declared input shapes (named dims = ``batch``).
-
-    Integer inputs get ids below the size of the one-hot or embedding that reads them.
-    """
-    rng = np.random.default_rng(seed)
-    out = {}
-    for name, t in graph.inputs.items():
-        shape = tuple(batch if isinstance(d, str) else d for d in t.shape)
-        if t.dtype == "int32":
-            depth = min([n.attrs.depth for n in graph.nodes.values()
-                         if n.op == "one_hot" and name in n.inputs] or [2])
-            out[name] = rng.integers(0, depth, shape).astype(np.int32)
-        else:
-            out[name] = rng.standard_normal(shape).astype(np.float32)
-    return out
+    def run(self, ctx: Ctx, env: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Compute the nodes not yet in ``env``; returns it extended."""
+        g = self.graph
+        for nid in self.order:
+            if nid in env:
+                continue
+            n = g.nodes[nid]
+            out = self.rules[nid](ctx, n.attrs, *(env[i] for i in n.inputs))
+            env[nid] = out.contiguous() if n.cut else out
+        return env
 
 
 class Model:
@@ -189,10 +168,8 @@ class Model:
         self.params = params if params is not None else init_params(graph, seed)
         self.outputs = list(graph.outputs)
         computed = [graph.outputs[o] for o in self.outputs if graph.outputs[o] not in graph.inputs]
-        self._eval = Evaluator(graph, computed)
-        self._computed = computed
-        self._names = [n for n in graph.inputs if n in self._eval.order]
-        self._jits: dict[tuple, TinyJit] = {}      # one compiled program per input shapes
+        self._program = lower(graph, computed, params=self.params)
+        self._names = self._program.input_names
 
     def __call__(self, **arrays: np.ndarray) -> dict[str, np.ndarray]:
         g = self.graph
@@ -201,17 +178,8 @@ class Model:
             raise ShapeError(f"missing input{'s' * (len(missing) > 1)}: {', '.join(missing)}",
                              help=f"inputs: {', '.join(g.inputs)}")
         dims = bind(g, arrays)
-        key = tuple(arrays[n].shape for n in self._names)
-        if key not in self._jits:
-            ctx = Ctx(training=False, dims=dims)
-            # inputs travel flat (tinygrad's 0-d tensors are views, which a JIT refuses)
-            self._jits[key] = TinyJit(lambda *xs: [t.realize() for t in self._eval(
-                ctx, {n: x.reshape(s) for n, x, s in zip(self._names, xs, key, strict=True)},
-                self.params)])
-        outs = self._jits[key](*[to_tensor(np.reshape(arrays[n], -1), g.inputs[n].dtype)
-                                 for n in self._names])
-        got = {nid: t.numpy() for nid, t in zip(self._computed, outs, strict=True)}
-        # a replayed JIT returns its captured buffers, so pass-through inputs come from arrays
+        outs = self._program(feed(g, {n: arrays[n] for n in self._names}), dims)
+        got = {nid: t.numpy() for nid, t in zip(self._program.targets, outs, strict=True)}
         return {name: got[nid] if nid in got else np.asarray(arrays[nid])
                 for name, nid in g.outputs.items()}
 
@@ -220,3 +188,223 @@ class Model:
 
     def state_dict(self) -> dict[str, np.ndarray]:
         return {k: v.numpy() for k, v in self.params.items()}
+
+
+# -------------------------------------------------------------------------- lowering
+
+
+def feed(graph: Graph, arrays: dict[str, np.ndarray]) -> dict[str, Tensor]:
+    """Realised input tensors for a program (a 0-d value travels as [1]: tinygrad's 0-d
+    tensors are views, which a JIT refuses)."""
+    return {n: to_tensor(np.reshape(a, -1) if np.ndim(a) == 0 else a, graph.inputs[n].dtype)
+            for n, a in arrays.items()}
+
+
+def lower(graph: Graph, targets: list[str], *, params: dict[str, Tensor],
+          training: bool = False, finish=None, params_as_inputs: bool = False,
+          inline: bool = False) -> Program:
+    """Lower ``graph`` to a tinygrad program computing ``targets``.
+
+    The program is a few compiled stages: the nodes between loops are one ``TinyJit``
+    each, and every loop runs its body as one compiled step over a symbolic time index,
+    a chunk of steps per call. ``finish(*targets)`` (training: the optimizer update) runs
+    inside the last stage and returns tensors to realise with it. ``params_as_inputs``
+    passes the parameter tensors to every call (gradcheck perturbs them) instead of
+    capturing them; ``inline`` traces loops step by step into one program (any dtype,
+    compile time growing with the steps).
+    """
+    return Program(graph, targets, params, training, finish, params_as_inputs, inline)
+
+
+def _chunk(steps: int, most: int = 8) -> int:
+    """Steps per compiled loop call: the largest divisor of ``steps`` up to ``most``
+    (a chunk amortises the per-call dispatch; bench/ measured the limit)."""
+    return max(k for k in range(1, min(steps, most) + 1) if steps % k == 0)
+
+
+class Program:
+    """Stages run in order over an environment of realised values (see :func:`lower`)."""
+
+    def __init__(self, graph, targets, params, training, finish, params_as_inputs, inline):
+        self.graph, self.targets, self.params = graph, list(targets), params
+        self.training = training
+        needed = graph.ancestors(self.targets)
+        order = [nid for nid in graph.nodes if nid in needed]
+        self.input_names = [n for n in graph.inputs if n in needed]
+        stages: list = []
+        cur: list[str] = []
+        for nid in order:
+            n = graph[nid]
+            if n.role in ("input", "param") or (n.op == "pick" and not inline):
+                continue
+            if n.op == "loop" and not inline:
+                stages += [Segment(self, cur), LoopStage(self, n)]
+                cur = []
+            else:
+                cur.append(nid)
+        stages.append(Segment(self, cur, finish))
+        later: set[str] = set(self.targets)
+        for st in reversed(stages):            # what each stage must hand on
+            st.outputs = [nid for nid in st.made if nid in later]
+            later |= set(st.reads)
+        self.stages = [st for st in stages if st.made or st.finish]
+        self.params_as_inputs = params_as_inputs
+        Tensor.rand(1).realize()   # the RNG state must exist before a capture (fresh noise)
+
+    def value(self, env: dict, nid: str) -> Tensor:
+        n = self.graph.nodes[nid]
+        if n.role == "param":
+            return self.params[nid.replace("/", ".")]
+        return env[nid]
+
+    def __call__(self, inputs: dict[str, Tensor], dims: dict[str, int],
+                 params: dict[str, Tensor] | None = None) -> list[Tensor]:
+        """Run every stage on realised ``inputs``; returns the targets, realised."""
+        if params is not None:
+            self.params = params
+        env = dict(inputs)
+        for st in self.stages:
+            st.run(env, dims)
+        return [env[t] for t in self.targets]
+
+
+class Segment:
+    """Nodes between loops, compiled as one TinyJit per set of dims."""
+
+    def __init__(self, prog: Program, nids: list[str], finish=None):
+        g = prog.graph
+        self.prog, self.made, self.finish = prog, nids, finish
+        mine = set(nids)
+        reads = dict.fromkeys(i for nid in nids for i in g[nid].inputs if i not in mine)
+        if finish is not None:
+            reads.update(dict.fromkeys(t for t in prog.targets if t not in mine))
+        self.reads = list(reads)
+        self.outputs: list[str] = []
+        self.evaluator = Evaluator(g, nids, nids) if nids else None
+        self._jits: dict[tuple, TinyJit] = {}
+
+    def _fn(self, dims):
+        g, prog = self.prog.graph, self.prog
+        names = [r for r in self.reads if g[r].role != "param" or prog.params_as_inputs]
+
+        def step(*xs):
+            ctx = Ctx(training=prog.training, dims=dims)
+            env = {}
+            for r, x in zip(names, xs, strict=True):
+                t = g[r].type
+                env[r] = x.reshape(()) if g[r].role == "input" and t.rank == 0 else x
+            for r in self.reads:
+                if r not in env:
+                    env[r] = prog.value(env, r)
+            outs = self.evaluator.run(ctx, env) if self.evaluator else env
+            res = [outs[o].contiguous() for o in self.outputs]
+            extra = self.finish(*[outs[t] for t in prog.targets]) if self.finish else []
+            Tensor.realize(*res, *extra, *ctx.updates)
+            return res
+        return names, step
+
+    def run(self, env: dict, dims: dict[str, int]) -> None:
+        key = tuple(sorted(dims.items()))
+        if key not in self._jits:
+            names, step = self._fn(dict(dims))
+            jit = TinyJit(step)
+            jit.cnt = 1             # capture on the first call: the step is scheduled once
+            self._jits[key] = (names, jit)
+        names, jit = self._jits[key]
+        outs = jit(*[self.prog.value(env, r) if self.prog.graph[r].role != "param"
+                     else self.prog.params[r.replace("/", ".")] for r in names])
+        env.update(zip(self.outputs, outs, strict=True))
+
+
+class LoopStage:
+    """A loop: its body compiled once as a step of a chunk of time steps over a symbolic
+    index, called ``steps / chunk`` times; states are written into preallocated
+    ``[batch, time + 1, ...]`` buffers, sums accumulate in place."""
+
+    def __init__(self, prog: Program, node):
+        self.prog, self.node, a = prog, node, node.attrs
+        self.made, self.reads, self.finish = [node.id], list(node.inputs), None
+        self.picks = [n.id for n in prog.graph.nodes.values()
+                      if n.op == "pick" and n.inputs[0] == node.id]
+        self.made += self.picks
+        self.outputs: list[str] = []
+        self.chunk = _chunk(a.steps)
+        self.body = Evaluator(a.body, list(a.body.outputs.values()))
+        self._compiled: dict[tuple, tuple] = {}
+
+    def _buffers(self, dims) -> list[Tensor]:
+        return [Tensor.zeros(*resolve_shape(t.shape, dims),
+                             dtype=NP_TG[t.dtype]).contiguous().realize()
+                for t in loop_types(self.node.attrs)]
+
+    def run(self, env: dict, dims: dict[str, int]) -> None:
+        a = self.node.attrs
+        key = tuple(sorted(dims.items()))
+        if key not in self._compiled:
+            self._compiled[key] = (self._buffers(dims), TinyJit(self._prologue),
+                                   TinyJit(self._step_fn(dict(dims))))
+            for j in self._compiled[key][1:]:
+                j.cnt = 1
+        bufs, prologue, step = self._compiled[key]
+        xs = [self.prog.value(env, i) for i in self.node.inputs]
+        ns, nst = a.n_seq, a.n_state
+        prologue(*xs[ns:ns + nst], *bufs)
+        var = Variable("step", 0, a.steps // self.chunk - 1)
+        for s in range(a.steps // self.chunk):
+            step(var.bind(s), *xs[:ns], *xs[ns + nst:], *bufs)
+        env.update(zip([p for p in self.picks], [bufs[self._index(p)] for p in self.picks],
+                       strict=True))
+
+    def _index(self, pick: str) -> int:
+        return self.prog.graph[pick].attrs.index
+
+    def _prologue(self, *xs):
+        a = self.node.attrs
+        nst = a.n_state
+        inits, bufs = xs[:nst], xs[nst:]
+        at = a.steps if a.reverse else 0
+        work = [b[:, at:at + 1].assign(i.unsqueeze(1)) for b, i in zip(bufs, inits, strict=False)]
+        work += [b.assign(b.zeros_like()) for b in bufs[nst + a.n_out:]]
+        Tensor.realize(*work)
+        return bufs[0]
+
+    def _step_fn(self, dims):
+        a, k_steps = self.node.attrs, self.chunk
+        names = list(a.body.inputs)
+        ns, nst, n_out = a.n_seq, a.n_state, a.n_out
+
+        def step(s, *xs):
+            ctx = Ctx(training=self.prog.training, dims=dims)
+            n_c = len(names) - ns - nst
+            seqs, consts, bufs = xs[:ns], xs[ns:ns + n_c], xs[ns + n_c:]
+            consts = dict(zip(names[ns + nst:], consts, strict=True))
+            work, acc = [], None
+            first = s * k_steps
+            t0 = a.steps - 1 - first if a.reverse else first
+            states = [b[:, t0 + int(a.reverse):t0 + int(a.reverse) + 1].squeeze(1)
+                      for b in bufs[:nst]]
+            for k in range(k_steps):
+                t = a.steps - 1 - (first + k) if a.reverse else first + k
+                feed = {n: x[:, t:t + 1].squeeze(1) for n, x in zip(names[:ns], seqs, strict=True)}
+                feed.update(zip(names[ns:ns + nst], states, strict=True))
+                outs = self.body(ctx, {**feed, **consts}, {})
+                states = outs[:nst]
+                after = t if a.reverse else t + 1
+                work += [b[:, after:after + 1].assign(o.unsqueeze(1))
+                         for b, o in zip(bufs[:nst], states, strict=True)]
+                work += [b[:, t:t + 1].assign(o.unsqueeze(1))
+                         for b, o in zip(bufs[nst:nst + n_out], outs[nst:nst + n_out],
+                                         strict=True)]
+                inc = outs[nst + n_out:]
+                acc = inc if acc is None else [u + v for u, v in zip(acc, inc, strict=True)]
+            work += [b.assign(b + v) for b, v in zip(bufs[nst + n_out:], acc or [], strict=True)]
+            Tensor.realize(*work, *ctx.updates)
+            return bufs[0]
+        return step
+
+
+NP_TG = {"float32": "float32", "int32": "int32", "bool": "bool"}
+
+
+def resolve_shape(shape, dims) -> tuple[int, ...]:
+    return tuple(dims[d] if isinstance(d, str) else d for d in shape)

@@ -20,11 +20,11 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dlgraph.ops import REGISTRY
+from dlgraph.ops import OPS
 
-from .errors import DlgraphError
+from .errors import DlgraphError, suggest
 from .ir import Graph, Node
-from .spec import suggest
+from .types import numel
 
 FORMATS = (".dot", ".gv", ".svg", ".png", ".pdf")
 RANKDIRS = ("TB", "LR", "BT", "RL")
@@ -144,7 +144,7 @@ def _training(graph: Graph, backward: bool | str):
             raise DlgraphError(f"graph '{graph.name}' has no training phase '{backward}'",
                                help=suggest(backward, names) or f"phases: {', '.join(names)}")
         phase = phases[names.index(backward)]
-    from .summary import training_graph
+    from .autodiff import training_graph
     tg = training_graph(graph, phase)
     opt = phase.optimizer
     label = f"{opt.type} · lr {opt.lr:g}"
@@ -487,7 +487,7 @@ class _Drawing:
             op = self.user_op.get(path[0].removeprefix(GRAD), "")
         else:
             op = re.sub(r"_\d+$", "", path[-1])
-        d = REGISTRY.get(op)
+        d = OPS.get(op)
         return d.family if d is not None and d.family in PALETTE else ""
 
     def _repeat_note(self, path: tuple[str, ...]) -> str:
@@ -588,7 +588,7 @@ class _Drawing:
 
     def _params(self, user: str) -> tuple[int, bool]:
         ps = [p for p in self.g.params.values() if (p.scope[0] if p.scope else p.node) == user]
-        count = sum(_numel(p.shape) for p in ps)
+        count = sum(numel(p.shape) for p in ps)
         return count, bool(ps) and not any(p.trainable for p in ps)
 
     def _optimizer_attrs(self) -> dict[str, str]:
@@ -613,13 +613,6 @@ def _dims(shape) -> str:
 def _value(n: Node) -> str:
     value = getattr(n.attrs, "value", "?")
     return f"{value:g}" if isinstance(value, float) else str(value)
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def _shape_of_path(path: tuple[str, ...]) -> tuple[str, ...]:

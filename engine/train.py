@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 import yaml
-from tinygrad import Context, Tensor, TinyJit
+from tinygrad import Context, Tensor
 from tinygrad.nn.state import get_state_dict
 
 from .autodiff import phase_graphs, phase_params, training_graph
@@ -30,7 +30,7 @@ from .checkpoint import atomic_write, load_tensors, save_tensors
 from .data import batches, load_data, split
 from .errors import DataError, GraphError, Source, SpecError, TrainingError
 from .ir import Graph
-from .lower import Ctx, Evaluator, bind, init_params, to_tensor, use_device
+from .lower import Ctx, Evaluator, bind, init_params, lower, to_tensor, use_device
 from .summary import summarize
 from .train_spec import METRICS, OPTIMIZERS, SCHEDULES
 
@@ -78,7 +78,7 @@ def lr_at(schedule, base: float, step: int, total: int) -> float:
 
 
 class PhaseStep:
-    """One phase: its training graph, optimizer and jitted step."""
+    """One phase: its training graph, optimizer and compiled step (see :func:`lower`)."""
 
     def __init__(self, graph: Graph, phase, params: dict[str, Tensor], input_names: list[str],
                  training: Graph | None = None):
@@ -88,37 +88,29 @@ class PhaseStep:
         self.tensors = [params[n] for n in self.names]
         self.opt = OPTIMIZERS[phase.optimizer.type](self.tensors, phase.optimizer)
         self.input_names = input_names
-        self.evaluator = Evaluator(self.graph, [self.graph.objective]
-                                   + [self.graph.grads[n] for n in self.names])
         self.params = params
         self.dims: dict[str, int] = {}
-        # capture on the first call (TinyJit's default schedules the step twice); the
-        # optimizer's zero-filled state is realised now so that it is not captured
+        # the optimizer's zero-filled state is realised now so that it is not captured
         Tensor.realize(*get_state_dict(self.opt).values())
-        # ... and tinygrad's random state must exist before the capture: created inside
-        # it, every replay would start from the same seed (the same noise/dropout each step)
-        Tensor.rand(1).realize()
-        self.jit = TinyJit(self._step)
-        self.jit.cnt = 1
+        self.program = lower(self.graph, [self.graph.objective]
+                             + [self.graph.grads[n] for n in self.names], params=params,
+                             training=True, finish=self._update)
 
-    def _step(self, *inputs: Tensor) -> Tensor:
-        ctx = Ctx(training=True, dims=self.dims)
-        loss, *grads = self.evaluator(ctx, dict(zip(self.input_names, inputs, strict=True)),
-                                      self.params)
+    def _update(self, loss: Tensor, *grads: Tensor) -> list[Tensor]:
+        """The optimizer step, inside the last compiled stage."""
         if self.phase.clip:
             norm = Tensor.stack(*[(g * g).sum() for g in grads]).sum().sqrt()
             scale = (self.phase.clip / (norm + 1e-6)).minimum(1.0)
-            grads = [g * scale for g in grads]
+            grads = tuple(g * scale for g in grads)
         for t, g in zip(self.tensors, grads, strict=True):
             t.grad = g
-        Tensor.realize(loss, *self.opt.schedule_step(), *ctx.updates)
-        return loss
+        return [loss, *self.opt.schedule_step()]
 
     def __call__(self, inputs: list[Tensor], lr: float | None) -> Tensor:
         if lr is not None:
             self.opt.lr.assign(Tensor([lr], dtype=self.opt.lr.dtype)).realize()
         with Context(TRAINING=1):
-            return self.jit(*inputs)
+            return self.program(dict(zip(self.input_names, inputs, strict=True)), self.dims)[0]
 
 
 def _run_dir(graph: Graph, out: str | Path | None) -> Path:
@@ -174,27 +166,26 @@ def metric_value(kind: str, pred: np.ndarray, target: np.ndarray) -> float:
 
 
 class Validator:
-    """Evaluates objectives and metrics on the validation set, in eval mode, jitted.
+    """Evaluates objectives and metrics on the validation set, in eval mode, compiled.
 
-    Values that are graph inputs (metric targets) are taken from the data, not the JIT:
-    a replayed JIT hands back the buffers it captured, not this call's inputs.
+    Values that are graph inputs (metric targets) are taken from the data, not the program.
     """
 
     def __init__(self, graph: Graph, objectives: dict[str, str], metrics, names: list[str]):
         self.objectives, self.metrics, self.names = objectives, metrics, names
         wanted = list(objectives.values()) + [n for m in metrics for n in m[2:]]
         self.computed = [t for t in dict.fromkeys(wanted) if t not in graph.inputs]
-        self.evaluator = Evaluator(graph, self.computed)
+        self.graph = graph
         self.dims: dict[str, int] = {}
-        self.params: dict[str, Tensor] = {}
-        self.jit = TinyJit(lambda *xs: [t.realize() for t in self.evaluator(
-            Ctx(False, self.dims), dict(zip(self.names, xs, strict=True)), self.params)])
+        self.program = None
 
     def __call__(self, params, chunks: list[tuple[list[Tensor], dict[str, np.ndarray]]]):
-        self.params = params
+        if self.program is None:
+            self.program = lower(self.graph, self.computed, params=params)
         got: dict[str, list[np.ndarray]] = {}
         for tensors, arrays in chunks:
-            for nid, o in zip(self.computed, self.jit(*tensors), strict=True):
+            outs = self.program(dict(zip(self.names, tensors, strict=True)), self.dims)
+            for nid, o in zip(self.computed, outs, strict=True):
                 got.setdefault(nid, []).append(o.numpy())
             for k, a in arrays.items():
                 got.setdefault(k, []).append(a)

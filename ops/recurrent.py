@@ -1,11 +1,12 @@
 """Recurrent layers: rnn, lstm, gru — a scan over time of a cell written in primitives.
 
 Each cell is a few lines of textbook equations below; copy one to make your own. The scan
-hoists the input projection out of the loop (one matmul over all time steps), unrolls the
-recurrence, and marks each step's state as a kernel boundary (``cut``) so tinygrad never
-recomputes earlier steps inside later ones. Weights use PyTorch's names and layouts
-(``weight_ih_l0`` [gates*hidden, input], ``weight_hh_l0``, ``bias_ih_l0``, ``bias_hh_l0``,
-``..._reverse`` for the backward direction), so PyTorch weights load as they are.
+hoists the input projection out of the loop (one matmul over all time steps) and puts the
+cell into the body of one ``loop`` node (ops/control.py), which the lowering runs step by
+step: the graph holds one copy of the cell whatever the sequence length. Weights use
+PyTorch's names and layouts (``weight_ih_l0`` [gates*hidden, input], ``weight_hh_l0``,
+``bias_ih_l0``, ``bias_hh_l0``, ``..._reverse`` for the backward direction), so PyTorch
+weights load as they are.
 
 Inputs: ``x`` [batch, time, features]; optional ``h0`` (and ``c0`` for lstm) of shape
 [layers * directions, batch, hidden]. Outputs: ``out`` [batch, time, directions * hidden]
@@ -19,10 +20,11 @@ from typing import Any
 
 from pydantic import Field
 
-from dlgraph.engine.errors import ShapeError
+from dlgraph.engine.errors import ShapeError, suggest
 from dlgraph.engine.spec_base import ParamLayer
 from dlgraph.engine.types import fmt
 
+from .control import step_type
 from .linalg import swap_last
 from .registry import attrs, register
 
@@ -47,8 +49,7 @@ def lstm_cell(b, xw, hw, h, c, hidden):
     f = b.emit("sigmoid", _gate(b, z, 1, hidden), as_="forget_gate")
     g = b.emit("tanh", _gate(b, z, 2, hidden), as_="candidate")
     o = b.emit("sigmoid", _gate(b, z, 3, hidden), as_="output_gate")
-    c = b.emit("mul", i, g, as_="c") if c is None else \
-        b.emit("add", b.emit("mul", f, c), b.emit("mul", i, g), as_="c")
+    c = b.emit("add", b.emit("mul", f, c), b.emit("mul", i, g), as_="c")
     return b.emit("mul", o, b.emit("tanh", c), as_="h"), c
 
 
@@ -65,62 +66,64 @@ def gru_cell(b, xw, hw, h, c, hidden):
     n = b.emit("tanh", b.emit("add", _gate(b, xw, 2, hidden),
                               b.emit("mul", r, _gate(b, hw, 2, hidden))), as_="candidate")
     keep_old = b.emit("sub", b.const(1.0), z)
-    if h is None:
-        return b.emit("mul", keep_old, n, as_="h"), None
     return b.emit("add", b.emit("mul", keep_old, n), b.emit("mul", z, h), as_="h"), None
 
 
 CELLS = {"rnn": (rnn_cell, 1), "lstm": (lstm_cell, 4), "gru": (gru_cell, 3)}
 
 
-def scan(kind):
+def _direction(b, kind, a, seq, init, k, sfx, reverse):
+    """One direction of one layer: the input projection over all steps, then a loop."""
     cell, gates = CELLS[kind]
+    hidden, steps = a.hidden, b.shape(seq)[1]
+    fin = b.shape(seq)[-1]
+    fan = (hidden, hidden)
+    w_ih = b.param(f"weight_ih{sfx}", (gates * hidden, fin), "uniform", fan=fan)
+    w_hh = b.param(f"weight_hh{sfx}", (gates * hidden, hidden), "uniform", fan=fan)
+    b_ih = b.param(f"bias_ih{sfx}", (gates * hidden,), "uniform", fan=fan)
+    b_hh = b.param(f"bias_hh{sfx}", (gates * hidden,), "uniform", fan=fan)
+    xw = b.emit("add", b.emit("matmul", seq, swap_last(b, w_ih)), b_ih, as_=f"input_proj{sfx}")
+    w_hh_t = swap_last(b, w_hh)
+    names = ("h", "c") if kind == "lstm" else ("h",)
+    starts = [b.emit("take", init[j], axis=0, index=k) if len(init) > j
+              else b.emit("zeros", seq, shape=[hidden], as_=f"{n}0{sfx}")
+              for j, n in enumerate(names)]
+    body = b.body()
+    with body.within(f"step{sfx}"):
+        xt = body.input("/".join(body.scope + ("x",)), step_type(b.type(xw)))
+        h = body.input("/".join(body.scope + ("h",)), b.type(starts[0]))
+        c = body.input("/".join(body.scope + ("c",)), b.type(starts[1])) \
+            if kind == "lstm" else None
+        hw = body.emit("add", body.emit("matmul", h, body.const_input(w_hh_t)),
+                       body.const_input(b_hh), cut=True)
+        h, c = cell(body, xt, hw, h, c, hidden)
+        body.cut(h, c)
+    body.graph.outputs = {"h": h, **({"c": c} if c is not None else {})}
+    stacks = b.loop(body, [xw], starts, steps=steps, reverse=reverse, as_=f"loop{sfx}")
+    # states are stacked [batch, time + 1, hidden]; the initial one at 0 (or at `time`)
+    lo, hi = (0, steps) if reverse else (1, steps + 1)
+    out = b.emit("slice", stacks[0], axis=1, start=lo, stop=hi)
+    last = [b.emit("take", s, axis=1, index=0 if reverse else steps) for s in stacks]
+    return out, last
 
+
+def scan(kind):
     def expand(b, a, x, *init):
         t = b.type(x)
         if t.rank != 3 or isinstance(t.shape[1], str) or isinstance(t.shape[2], str):
             raise ShapeError(f"{kind} needs [batch, time, features] with a fixed number of "
                              f"steps and features, got {fmt(t.shape)}",
                              help="declare the input like {shape: [batch, 32, 1]}")
-        _, steps, _ = t.shape
         dirs = 2 if a.bidirectional else 1
-        hidden = a.hidden
         seq, last_h, last_c = x, [], []
         for layer in range(a.layers):
             outs_dir = []
             for d in range(dirs):
                 sfx = f"_l{layer}" + ("_reverse" if d else "")
-                fin = b.type(seq).shape[-1]
-                w_ih = b.param(f"weight_ih{sfx}", (gates * hidden, fin), "uniform",
-                               fan=(hidden, hidden))
-                w_hh = b.param(f"weight_hh{sfx}", (gates * hidden, hidden), "uniform",
-                               fan=(hidden, hidden))
-                b_ih = b.param(f"bias_ih{sfx}", (gates * hidden,), "uniform",
-                               fan=(hidden, hidden))
-                b_hh = b.param(f"bias_hh{sfx}", (gates * hidden,), "uniform",
-                               fan=(hidden, hidden))
-                xw = b.emit("add", b.emit("matmul", seq, swap_last(b, w_ih)), b_ih,
-                            as_=f"input_proj{sfx}")
-                w_hh_t = swap_last(b, w_hh)
-                k = layer * dirs + d
-                h = b.emit("take", init[0], axis=0, index=k) if len(init) > 0 else None
-                c = b.emit("take", init[1], axis=0, index=k) if len(init) > 1 else None
-                outs = [None] * steps
-                for step in (reversed(range(steps)) if d else range(steps)):
-                    with b.within(f"l{layer}{'r' if d else ''}t{step}"):
-                        xt = b.emit("take", xw, axis=1, index=step)
-                        hw = b_hh if h is None else b.emit("add", b.emit("matmul", h, w_hh_t),
-                                                           b_hh)
-                        if h is not None:    # reads only h and W_hh: one kernel for all steps
-                            b.cut(hw)
-                        h, c = cell(b, xt, hw, h, c, hidden)
-                        b.cut(h, c)
-                    outs[step] = h
-                outs_dir.append(b.emit("concat", *[b.emit("unsqueeze", o, axis=1)
-                                                   for o in outs], axis=1)
-                                if steps > 1 else b.emit("unsqueeze", outs[0], axis=1))
-                last_h.append(h)
-                last_c.append(c)
+                out, last = _direction(b, kind, a, seq, init, layer * dirs + d, sfx, bool(d))
+                outs_dir.append(out)
+                last_h.append(last[0])
+                last_c.append(last[-1])
             seq = outs_dir[0] if dirs == 1 else b.emit("concat", *outs_dir, axis=-1)
         res = {"out": seq,
                "h": last_h[-1] if dirs == 1 else b.emit("concat", *last_h[-dirs:], axis=-1)}
@@ -156,7 +159,6 @@ def _scan_module(b, a, x, *init):
         raise ShapeError(f"scan needs [batch, time, ...] with a fixed number of steps, got "
                          f"{fmt(t.shape)}")
     if a.body not in b.modules:
-        from dlgraph.engine.errors import suggest
         raise ShapeError(f"no module '{a.body}' to scan",
                          help=suggest(a.body, b.modules) or "define it under `modules:`")
     names = list(a.state)
@@ -165,20 +167,26 @@ def _scan_module(b, a, x, *init):
                          f"({', '.join(names)}), got {len(init)}")
     states = list(init) or [b.emit("zeros", x, shape=[a.state[n]], as_=f"{n}0")
                             for n in names]
-    seq = []
-    for step in range(t.shape[1]):
-        with b.within(f"t{step}"):
-            b.shared.add(b.scope)
-            xt = b.emit("take", x, axis=1, index=step)
-            outs = b.call_module(a.body, [xt, *states], "cell", args=a.args)
-            if len(outs) < len(names):
-                raise ShapeError(f"module '{a.body}' returns {len(outs)} values for "
-                                 f"{len(names)} states ({', '.join(names)})")
-            states = list(outs.values())[:len(names)]
-            b.cut(*states)
-        seq.append(b.emit("unsqueeze", states[0], axis=1))
-    out = b.emit("concat", *seq, axis=1) if len(seq) > 1 else seq[0]
-    return {"out": out, **dict(zip(names, states, strict=True))}
+    body = b.body()
+    xt = body.input("/".join(b.scope + ("x",)), step_type(t))
+    ins = [body.input("/".join(b.scope + (n,)), b.type(s)) for n, s in zip(names, states,
+                                                                             strict=True)]
+    outs = body.call_module(a.body, [xt, *ins], "cell", args=a.args)
+    if len(outs) < len(names):
+        raise ShapeError(f"module '{a.body}' returns {len(outs)} values for "
+                         f"{len(names)} states ({', '.join(names)})")
+    new = list(outs.values())[:len(names)]
+    for n, old, v in zip(names, ins, new, strict=True):
+        if body.graph[v].type.shape != body.graph[old].type.shape:
+            raise ShapeError(f"module '{a.body}' returns state '{n}' of shape "
+                             f"{fmt(body.graph[v].type.shape)}, expected "
+                             f"{fmt(body.graph[old].type.shape)}")
+    body.cut(*new)
+    body.graph.outputs = dict(zip(names, new, strict=True))
+    stacks = b.loop(body, [x], states, steps=t.shape[1])
+    out = b.emit("slice", stacks[0], axis=1, start=1, stop=t.shape[1] + 1)
+    last = [b.emit("take", s, axis=1, index=t.shape[1]) for s in stacks]
+    return {"out": out, **dict(zip(names, last, strict=True))}
 
 
 register("scan", doc="run a module of the spec over time: its inputs are [x_t, *states], its "

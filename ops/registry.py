@@ -18,6 +18,8 @@ from dlgraph.engine.spec_base import NodeSpec
 
 NO_GRAD = "no-grad"
 """``vjp=NO_GRAD``: the op's output carries no gradient (comparisons, argmax, one-hot)."""
+PICK = "pick"
+"""``vjp=PICK``: the cotangent goes to one output of a multi-output node (see ``loop``)."""
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,8 @@ class OpDef:
     vjp: Callable | str | None = None  # (builder, node, cotangent id) -> [id | None per input]
     expand: Callable | None = None   # (builder, attrs, *ids) -> id | {name: id}
     outputs: tuple[str, ...] = ("out",)  # named outputs of a composite; the first is default
+    internal: bool = False           # made by the engine (loop, pick), not written in specs
+    multi: bool = False              # several outputs, read through `pick`; vjp gets a list
 
     @property
     def composite(self) -> bool:
@@ -53,6 +57,9 @@ class OpDef:
 
 
 REGISTRY: dict[str, OpDef] = {}
+"""The ops a spec may name."""
+OPS: dict[str, OpDef] = {}
+"""Every op a graph may hold: REGISTRY plus the engine's internal ones (loop, pick)."""
 
 
 def attrs(name: str, base: type[NodeSpec] = NodeSpec, doc: str = "", **fields) -> type[NodeSpec]:
@@ -79,7 +86,7 @@ def register(name: str, *, doc: str, family: str, inputs: tuple[str, ...] | str,
         inputs = tuple(s.strip() for s in inputs.split(",") if s.strip())
     model = attrs_model or attrs(name, doc=doc)
     d = OpDef(name=name, attrs=model, doc=doc, family=family, inputs=inputs, **rules)
-    if name in REGISTRY:
+    if name in OPS:
         raise RuntimeError(f"op '{name}' registered twice")
     if model.model_fields["op"].annotation != Literal[name]:
         raise RuntimeError(f"op '{name}': its model's `op` is not Literal['{name}']")
@@ -89,5 +96,7 @@ def register(name: str, *, doc: str, family: str, inputs: tuple[str, ...] | str,
     elif not (d.infer and d.forward and d.vjp):
         missing = [r for r in ("infer", "forward", "vjp") if not getattr(d, r)]
         raise RuntimeError(f"primitive op '{name}' lacks {', '.join(missing)}")
-    REGISTRY[name] = d
+    if not d.internal:
+        REGISTRY[name] = d
+    OPS[name] = d
     return d

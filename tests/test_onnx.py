@@ -17,7 +17,7 @@ from click.testing import CliRunner
 
 import dlgraph
 from dlgraph.cli.main import main
-from dlgraph.engine.lower import random_inputs
+from dlgraph.engine.init import random_inputs
 
 GRAPHS = Path(__file__).resolve().parents[1] / "graphs"
 EXAMPLES = sorted(p.stem for p in GRAPHS.glob("*.yaml") if p.stem != "custom_cell")

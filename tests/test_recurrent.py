@@ -7,13 +7,13 @@ import torch
 
 import dlgraph
 from dlgraph.engine.autodiff import reverse
-from dlgraph.engine.lower import Ctx, Evaluator, bind, to_tensor
+from dlgraph.engine.lower import Ctx, Evaluator, bind, feed, lower, to_tensor
 
 B, T, I, H = 3, 5, 4, 6
 TORCH = {"rnn": torch.nn.RNN, "lstm": torch.nn.LSTM, "gru": torch.nn.GRU}
 
 
-def spec(kind, layers, bidir, states):
+def spec(kind, layers, bidir, states, T=T):
     d = 2 if bidir else 1
     inputs = {"x": {"shape": ["batch", T, I]}, "wo": {"shape": ["batch", T, d * H]},
               "wh": {"shape": ["batch", d * H]}}
@@ -34,18 +34,7 @@ CASES = [("rnn", 1, False, ()), ("rnn", 2, True, ("h0",)), ("lstm", 1, False, ()
          ("gru", 2, True, ("h0",))]
 
 
-@pytest.mark.parametrize("kind,layers,bidir,states", CASES)
-def test_matches_torch(kind, layers, bidir, states):
-    g = dlgraph.load(spec(kind, layers, bidir, states))
-    model = dlgraph.compile(g, seed=1)
-    rng = np.random.default_rng(0)
-    d = 2 if bidir else 1
-    arrays = {"x": rng.standard_normal((B, T, I)), "wo": rng.standard_normal((B, T, d * H)),
-              "wh": rng.standard_normal((B, d * H))}
-    for s in states:
-        arrays[s] = rng.standard_normal((layers * d, B, H))
-    arrays = {k: v.astype(np.float32) for k, v in arrays.items()}
-
+def torch_reference(kind, layers, bidir, states, model, arrays):
     net = TORCH[kind](I, H, num_layers=layers, bidirectional=bidir, batch_first=True)
     with torch.no_grad():
         for name, p in net.named_parameters():
@@ -58,33 +47,105 @@ def test_matches_torch(kind, layers, bidir, states):
     loss = (out * torch.from_numpy(arrays["wo"])).sum() + (last * torch.from_numpy(
         arrays["wh"])).sum()
     loss.backward()
+    return out.detach().numpy(), loss.item(), {n: p.grad.numpy() for n, p in
+                                               net.named_parameters()}
 
-    ours = model(**arrays)
-    np.testing.assert_allclose(ours["enc"], out.detach().numpy(), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(ours["loss"], loss.item(), rtol=1e-5)
 
-    tg = reverse(g, "loss")
-    names = list(tg.grads)
-    assert sorted(names) == sorted(f"enc.{n}" for n, _ in net.named_parameters())
-    feeds = {k: to_tensor(v, "float32") for k, v in arrays.items()}
-    grads = Evaluator(tg, [tg.grads[n] for n in names])(
-        Ctx(training=True, dims=bind(g, arrays)), feeds, model.params)
-    torch_grads = dict(net.named_parameters())
+def data(layers, bidir, states, steps=T):
+    rng = np.random.default_rng(0)
+    d = 2 if bidir else 1
+    arrays = {"x": rng.standard_normal((B, steps, I)),
+              "wo": rng.standard_normal((B, steps, d * H)),
+              "wh": rng.standard_normal((B, d * H))}
+    for s in states:
+        arrays[s] = rng.standard_normal((layers * d, B, H))
+    return {k: v.astype(np.float32) for k, v in arrays.items()}
+
+
+def assert_grads(names, grads, ref):
     for n, gr in zip(names, grads, strict=True):
-        ref = torch_grads[n.removeprefix("enc.")].grad.numpy()
-        err = np.abs(gr.numpy() - ref).max() / (np.abs(ref).max() + 1e-12)
+        want = ref[n.removeprefix("enc.")]
+        err = np.abs(gr.numpy() - want).max() / (np.abs(want).max() + 1e-12)
         assert err < 1e-4, f"{n}: relative error {err:.2e}"
 
 
-def test_states_are_kernel_boundaries():
-    g = dlgraph.load(spec("lstm", 1, False, ()))
-    cuts = [n.id for n in g.nodes.values() if n.cut]
-    # h and c of every step, and h @ W_hh^T + b_hh of every step after the first
-    assert len(cuts) == 2 * T + T - 1
-    assert "enc/l0t0/c" in cuts and f"enc/l0t{T - 1}/h" in cuts and "enc/l0t1/add" in cuts
+def staged_grads(tg, names, model, arrays):
+    """The gradients as training computes them: compiled stages, loops as compiled steps."""
+    prog = lower(tg, [tg.grads[n] for n in names], params=model.params, training=True)
+    return prog(feed(tg, arrays), bind(tg, arrays))
+
+
+@pytest.mark.parametrize("kind,layers,bidir,states", CASES)
+def test_matches_torch(kind, layers, bidir, states):
+    g = dlgraph.load(spec(kind, layers, bidir, states))
+    model = dlgraph.compile(g, seed=1)
+    arrays = data(layers, bidir, states)
+    out, loss, ref = torch_reference(kind, layers, bidir, states, model, arrays)
+
+    ours = model(**arrays)
+    np.testing.assert_allclose(ours["enc"], out, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(ours["loss"], loss, rtol=1e-5)
+
     tg = reverse(g, "loss")
-    back = [n for n in tg.nodes.values() if n.cut and n.role == "backward"]
-    assert len(back) >= 2 * (T - 1)                 # their cotangents too
+    names = list(tg.grads)
+    assert sorted(names) == sorted(f"enc.{n}" for n in ref)
+    feeds = {k: to_tensor(v, "float32") for k, v in arrays.items()}
+    inline = Evaluator(tg, [tg.grads[n] for n in names])(
+        Ctx(training=True, dims=bind(g, arrays)), feeds, model.params)
+    assert_grads(names, inline, ref)
+    assert_grads(names, staged_grads(tg, names, model, arrays), ref)
+
+
+@pytest.mark.parametrize("kind,layers,bidir,states,steps", [
+    ("lstm", 1, False, (), 1), ("gru", 1, True, ("h0",), 1), ("lstm", 2, True, ("h0", "c0"), 16),
+    ("lstm", 1, False, (), 200), ("gru", 1, False, (), 200)])
+def test_matches_torch_at_lengths(kind, layers, bidir, states, steps):
+    """Sequence lengths 1, 16 and 200 through the compiled loop, forward and backward."""
+    g = dlgraph.load(spec(kind, layers, bidir, states, T=steps))
+    model = dlgraph.compile(g, seed=2)
+    arrays = data(layers, bidir, states, steps)
+    out, loss, ref = torch_reference(kind, layers, bidir, states, model, arrays)
+    ours = model(**arrays)
+    np.testing.assert_allclose(ours["enc"], out, rtol=1e-4, atol=1e-5)
+    tg = reverse(g, "loss")
+    names = list(tg.grads)
+    assert_grads(names, staged_grads(tg, names, model, arrays), ref)
+    if steps == 1 and not states:     # W_hh only ever sees the zero initial state
+        assert not ref["weight_hh_l0"].any()
+
+
+def test_one_loop_whatever_the_length():
+    """The graph holds one loop per layer and direction; its body (the cell, forward and
+    backward) and the number of graph nodes do not depend on the sequence length."""
+    sizes = []
+    for steps in (3, 50):
+        g = dlgraph.load(spec("lstm", 1, False, (), T=steps))
+        tg = reverse(g, "loss")
+        loops = [n for n in tg.nodes.values() if n.op == "loop"]
+        assert [n.attrs.steps for n in loops] == [steps, steps]     # forward, backward
+        assert loops[0].attrs.reverse is False and loops[1].attrs.reverse is True
+        sizes.append((len(tg.nodes), [len(n.attrs.body.nodes) for n in loops]))
+        cuts = [n.id for n in loops[0].attrs.body.nodes.values() if n.cut]
+        # h and c, and h @ W_hh^T + b_hh: kernel boundaries inside the step
+        assert cuts == ["enc/step_l0/add", "enc/step_l0/c_1", "enc/step_l0/h_1"]
+    assert sizes[0] == sizes[1]
+
+
+def test_compiled_step_is_one_program_for_every_t():
+    """The loop's compiled step runs the same kernels whatever the sequence length."""
+    counts = []
+    for steps in (8, 64):
+        g = dlgraph.load(spec("lstm", 1, False, (), T=steps))
+        tg = reverse(g, "loss")
+        names = list(tg.grads)
+        model = dlgraph.compile(g, seed=0)
+        arrays = data(1, False, (), steps)
+        prog = lower(tg, [tg.grads[n] for n in names], params=model.params, training=True)
+        prog(feed(tg, arrays), bind(tg, arrays))
+        loops = [st for st in prog.stages if hasattr(st, "chunk")]
+        counts.append([(st.chunk, len(next(iter(st._compiled.values()))[2].captured.linear.src))
+                       for st in loops])
+    assert counts[0] == counts[1]
 
 
 def test_recurrent_needs_fixed_time():
