@@ -301,6 +301,7 @@ def gradcheck(spec, batch, seed, device):
     """Check SPEC's derived gradients against finite differences (float64)."""
     from dlgraph.engine.gradcheck import gradcheck as check
     g = _load(spec)
+    _check_fits(g, batch)
     rows = check(g, batch=batch, seed=seed, device=device)
     worst = max(r[1] for r in rows) if rows else 0.0
     for name, err, kinks in rows:
