@@ -275,8 +275,9 @@ def layer_norm(imp, node):
     a, rank = attrs(node), imp.rank(node.input[0])
     scale = imp.const(node.input[1])
     bias = imp.const(node.input[2]) if len(node.input) > 2 and node.input[2] else None
-    if rank is None or scale is None or (len(node.input) > 2 and node.input[2] and bias is None) \
-            or len([o for o in node.output if o]) > 1:
+    if len([o for o in node.output if o]) > 1:
+        raise Unsupported("its Mean and InvStdDev outputs")
+    if rank is None or scale is None or (len(node.input) > 2 and node.input[2] and bias is None):
         raise Unsupported("only LayerNormalization with constant scale and bias")
     dims = rank - _norm(a.get("axis", -1), rank)
     bias = np.zeros_like(scale) if bias is None else np.broadcast_to(bias, scale.shape)
@@ -320,14 +321,21 @@ DEFAULT_ACTS = {"LSTM": ["Sigmoid", "Tanh", "Tanh"], "GRU": ["Sigmoid", "Tanh"],
 def _check_recurrent(imp, node, a) -> int:
     kind = node.op_type
     acts = [_s(x) for x in a.get("activations", [])]
-    dirs = {"forward": 1, "bidirectional": 2}.get(_s(a.get("direction", "forward")))
+    direction = _s(a.get("direction", "forward"))
+    dirs = {"forward": 1, "bidirectional": 2}.get(direction)
     ins = list(node.input) + [""] * 8
-    if (dirs is None or a.get("layout", 0) or "clip" in a or a.get("input_forget", 0)
-            or (acts and acts != DEFAULT_ACTS[kind] * dirs) or ins[4] or ins[7]
-            or (kind == "GRU" and a.get("linear_before_reset", 0) != 1)
-            or (ins[6] and not ins[5])):
-        raise Unsupported("only forward or bidirectional, time-major, default activations, "
-                          "no clip, peepholes or sequence lengths (GRU: linear_before_reset=1)")
+    problems = [
+        (dirs is None, f"direction {direction} (dlgraph: forward or bidirectional)"),
+        (a.get("layout", 0), "layout=1 (batch-major)"),
+        ("clip" in a, "clip"), (a.get("input_forget", 0), "input_forget"),
+        (acts and dirs and acts != DEFAULT_ACTS[kind] * dirs, f"activations {acts}"),
+        (ins[4], "sequence lengths"), (kind == "LSTM" and ins[7], "peepholes"),
+        (kind == "GRU" and a.get("linear_before_reset", 0) != 1,
+         "linear_before_reset=0 (dlgraph's GRU is PyTorch's: linear_before_reset=1)"),
+        (kind == "LSTM" and ins[6] and not ins[5], "initial_c without initial_h")]
+    bad = [why for cond, why in problems if cond]
+    if bad:
+        raise Unsupported("; ".join(bad))
     return dirs
 
 
