@@ -163,7 +163,7 @@ class _Loader(yaml.SafeLoader):
 #: Caps that keep a hostile spec from taking the machine: bytes of a spec file, values built
 #: (YAML aliases can expand a few lines into billions), and nesting depth.
 MAX_SPEC_BYTES = 8 * 2**20
-MAX_SPEC_VALUES = 200_000
+MAX_SPEC_VALUES = 50_000
 MAX_SPEC_DEPTH = 64
 
 
