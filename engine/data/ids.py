@@ -1,4 +1,5 @@
-"""Integer data checked against the graph it feeds: class labels and token ids in range.
+"""Data checked against the graph it feeds: dtypes that fit, class labels and token ids in
+range (:func:`check_feeds`).
 
 A label >= the number of classes (or < 0) makes its row of the cross-entropy silently 0, and
 an id outside an embedding's vocabulary a zero vector; both are refused here, when the data
@@ -35,6 +36,26 @@ def _limits(graph: Any) -> list[tuple[str, str, str, int, int | None]]:
         if isinstance(n, int):
             out.append((ref, nid, nd.op, n, getattr(nd, "ignore_index", None)))
     return out
+
+
+def check_feeds(graph: Any, feeds: dict[str, np.ndarray], where: str | None = None) -> None:
+    """Refuse arrays that a graph input cannot take without changing them: strings, complex
+    numbers, fractions fed to an int32 input (1.7 would be read as 1), and out-of-range
+    labels or ids (:func:`check_ids`). ``feeds`` maps graph input names to arrays."""
+    source = Source(where) if where else None
+    for name, a in feeds.items():
+        if name not in graph.inputs:
+            continue
+        if a.dtype.kind not in "fiub":
+            raise DataError(f"input '{name}' gets {a.dtype} values", source=source,
+                            help="feed numbers (floats, integers or booleans)")
+        if graph.inputs[name].dtype == "int32" and a.dtype.kind == "f" and \
+                not np.array_equal(a, np.round(a)):
+            row = int(np.flatnonzero((a != np.round(a)).reshape(len(a), -1).any(1))[0])
+            raise DataError(f"input '{name}' is int32, but row {row} of its data holds a "
+                            "fraction", source=source,
+                            help="feed integer ids or labels, or declare the input float32")
+    check_ids(graph, feeds, where)
 
 
 def check_ids(graph: Any, feeds: dict[str, np.ndarray], where: str | None = None) -> None:
