@@ -685,3 +685,33 @@ def test_training_only_noise_is_off_at_inference():
     np.testing.assert_array_equal(clean.numpy(), x)
     (noisy,) = evaluate(g, [g.resolve("noisy")], {"x": x}, {}, training=True)
     assert np.abs(noisy.numpy() - x).min() > 0
+
+
+@pytest.mark.parametrize("logits", [
+    [[0.0, 0.0, 0.0], [1.0, 1.0, -1.0], [0.0, 0.0, 0.0], [5.0, 5.0, 5.0]],        # ties
+    [[80.0, -80.0, 0.0], [-1e4, 1e4, 0.0], [1e4, 1e4, -1e4], [-60.0, -60.0, -60.0]],  # extremes
+])
+def test_losses_at_ties_and_extreme_logits_match_pytorch(logits):
+    import torch
+    z = np.array(logits, np.float32)
+    y = np.array([0, 2, 1, 1], np.int32)
+    t = np.array([[1, 0, 1], [0, 0, 1], [1, 1, 0], [0, 1, 0]], np.float32)
+    for op, target, ref in [
+        ("cross_entropy", y, lambda tz: torch.nn.functional.cross_entropy(
+            tz, torch.from_numpy(y).long())),
+        ("binary_cross_entropy", t, lambda tz: torch.nn.functional.
+         binary_cross_entropy_with_logits(tz, torch.from_numpy(t)))]:
+        dtype = {"dtype": "int32"} if target.dtype == np.int32 else {}
+        g = dlgraph.load({"dlgraph": 1, "name": "l",
+                          "inputs": {"t": {"shape": list(target.shape), **dtype}},
+                          "nodes": {"z": {"op": "param", "shape": [4, 3]},
+                                    "loss": {"op": op, "in": ["z", "t"]}},
+                          "outputs": ["loss"]})
+        tg = reverse(g, "loss", wrt=["z"])
+        loss, grad = evaluate(tg, [tg.objective, tg.grads["z"]], {"t": target},
+                              {"z": Tensor(z)})
+        tz = torch.from_numpy(z).requires_grad_()
+        want = ref(tz)
+        want.backward()
+        assert loss.numpy() == pytest.approx(want.item(), rel=1e-5), op
+        np.testing.assert_allclose(grad.numpy(), tz.grad.numpy(), rtol=1e-5, atol=1e-7)
