@@ -715,3 +715,11 @@ def test_losses_at_ties_and_extreme_logits_match_pytorch(logits):
         want.backward()
         assert loss.numpy() == pytest.approx(want.item(), rel=1e-5), op
         np.testing.assert_allclose(grad.numpy(), tz.grad.numpy(), rtol=1e-5, atol=1e-7)
+
+
+def test_nan_and_infinity_in_data_are_refused_with_the_row(tmp_path):
+    (tmp_path / "d.csv").write_text("a,t\n1,2\n3,nan\n4,inf\n")
+    with pytest.raises(DataError) as info:
+        load_data({"source": "csv", "path": "d.csv", "x": ["a"], "y": "t"}, tmp_path, 0)
+    assert str(info.value) == ("d.csv: row 1 of 'y' holds nan\n"
+                               "  help: fill in or drop the rows with missing values")

@@ -19,7 +19,14 @@ import numpy as np
 from pydantic import Field, TypeAdapter, ValidationError
 
 from ..errors import SpecError
-from .base import Arrays, DataSource, check_budget, check_lengths, standard_dtype
+from .base import (
+    Arrays,
+    DataSource,
+    check_budget,
+    check_finite,
+    check_lengths,
+    standard_dtype,
+)
 from .batching import DATA, batches, num_batches, rng_for, split
 from .files import Cifar10, Csv, Idx, Npy
 from .sources import (
@@ -73,6 +80,7 @@ def load_data(spec: DataSource | Mapping[str, Any], base_dir: Path | str,
     rng = rng_for(spec.seed if spec.seed is not None else seed, DATA)
     arrays = {k: standard_dtype(np.asarray(v)) for k, v in spec.load(Path(base_dir), rng).items()}
     check_lengths(arrays)
+    check_finite(arrays, getattr(spec, "path", None) or spec.source)
     return arrays
 
 

@@ -124,6 +124,16 @@ def standard_dtype(a: np.ndarray) -> np.ndarray:
                     help="store numbers (floats or integers)")
 
 
+def check_finite(arrays: Arrays, where: str) -> None:
+    """NaN or infinity in float data poisons every loss it touches; name the array and row."""
+    for name, a in arrays.items():
+        if a.dtype.kind == "f" and a.size and not np.isfinite(a).all():
+            row = int(np.flatnonzero(~np.isfinite(a.reshape(len(a), -1)).all(1))[0])
+            value = a.reshape(len(a), -1)[row][~np.isfinite(a.reshape(len(a), -1)[row])][0]
+            raise DataError(f"row {row} of '{name}' holds {value}", source=Source(file=where),
+                            help="fill in or drop the rows with missing values")
+
+
 def check_lengths(arrays: Arrays, where: str | None = None) -> int:
     """The common first dimension of ``arrays``; DataError naming the culprits otherwise."""
     source = Source(file=where) if where else None
