@@ -276,3 +276,68 @@ def test_cli_export_and_import(work):
     assert r.exit_code == 1
     assert "error: cannot tell the export format from 'cli.onx'\n  help: name the file " \
            "cli.onnx (known suffixes: .onnx)" in r.output
+
+
+# -- conformance against ONNX's own test data ---------------------------------------------
+SUBSET = ["test_add_bcast", "test_gemm_all_attributes", "test_matmul_3d", "test_relu",
+          "test_softmax_axis_1", "test_logsoftmax_axis_2", "test_lstm_defaults",
+          "test_lstm_bidirectional", "test_simple_rnn_defaults", "test_conv_with_strides_padding",
+          "test_maxpool_2d_precomputed_strides", "test_averagepool_2d_default",
+          "test_transpose_all_permutations_3", "test_slice_neg", "test_reduce_sum_keepdims_random",
+          "test_concat_3d_axis_1", "test_sub_bcast", "test_max_example"]
+
+
+@pytest.fixture(scope="module")
+def node_cases():
+    from dlgraph.engine.onnx.conformance import node_cases as collect
+    return {c.name: c for c in collect()}
+
+
+@pytest.mark.parametrize("name", SUBSET)
+def test_onnx_node_cases_pass(name, node_cases):
+    from dlgraph.engine.onnx.conformance import run_case
+    r = run_case(node_cases[name])
+    assert (r.status, r.name) == ("passed", name), r.detail
+
+
+def test_refused_node_cases_say_why(node_cases):
+    from dlgraph.engine.onnx.conformance import run_case
+    r = run_case(node_cases["test_gru_defaults"])
+    assert r.status == "unsupported" and r.operator == "GRU"
+    assert "linear_before_reset=0 (dlgraph's GRU is PyTorch's" in r.detail
+    r = run_case(node_cases["test_add_uint8"])
+    assert (r.status, r.detail) == ("unsupported", "dtype uint8 (dlgraph has float32, int32 and "
+                                                   "bool)")
+
+
+def test_models_shipped_with_onnx_pass():
+    from dlgraph.engine.onnx.conformance import data_cases, run_case
+    cases = {c.name: c for c in data_cases(["pytorch-converted", "pytorch-operator"])}
+    for name in ("test_Conv2d_depthwise_strided", "test_BatchNorm2d_eval", "test_Embedding",
+                 "test_operator_addmm"):
+        r = run_case(cases[name])
+        assert r.status == "passed", (name, r.detail)
+
+
+def test_dlgraph_is_an_onnx_backend(node_cases):
+    from dlgraph.engine.onnx.conformance import backend
+    b = backend()
+    case = node_cases["test_add_bcast"]
+    inputs, expected = case.data[0]
+    assert b.supports_device("CPU") and not b.supports_device("CUDA")
+    got = b.prepare(case.model).run(inputs)
+    np.testing.assert_allclose(got[0], expected[0], rtol=case.rtol, atol=case.atol)
+    got = b.run_model(case.model, inputs)
+    np.testing.assert_allclose(got[0], expected[0], rtol=case.rtol, atol=case.atol)
+
+
+def test_the_report_counts_per_operator():
+    from dlgraph.engine.onnx.conformance import Result, report
+    text = report([Result("test_add", "node", "Add", "passed"),
+                   Result("test_add_int8", "node", "Add", "unsupported", "dtype int8"),
+                   Result("test_x", "simple", "Relu", "failed", "output 0: values differ")],
+                  "make onnx-conformance")
+    assert "| Add | 1 | 0 | 1 |" in text
+    assert "| node (2) | 1 | 0 | 1 |" in text and "| models (1) | 0 | 1 | 0 |" in text
+    assert "| simple | test_x | failed | output 0: values differ |" in text
+    assert "- `test_add_int8` (Add): dtype int8" in text

@@ -73,7 +73,7 @@ def pick_format(path: Path, name: str | None) -> ExportFormat:
 def graph_params(graph: Graph, weights=None, seed: int = 0) -> dict[str, np.ndarray]:
     """The graph's parameters as numpy arrays: from a weights file, a dict, or the seed."""
     if weights is None:
-        from dlgraph.engine.lower import init_param
+        from dlgraph.engine.init import init_param
         return {n: init_param(p, seed) for n, p in graph.params.items()}
     if isinstance(weights, dict):
         return {k: np.asarray(v, np.float32) for k, v in weights.items()}

@@ -53,6 +53,8 @@ NUMPY = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Div": np.divide
 
 def binary(op):
     def rule(imp, node):
+        if node.op_type in ("Max", "Min") and len(node.input) != 2:
+            return _variadic(imp, node, op)
         if len(node.input) != 2:
             raise Unsupported(f"{node.op_type} of {len(node.input)} inputs")
         a, b = (imp.const(i) for i in node.input)
@@ -66,6 +68,17 @@ def binary(op):
         ins = [imp.ref(i) for i in node.input]
         imp.bind(node.output[0], imp.add(hint(node, imp), op, ins, [origin(node)]))
     return rule
+
+
+def _variadic(imp, node, op):
+    """Max/Min of any number of inputs, as a chain of two-input ops."""
+    refs = [imp.ref(i) for i in node.input]
+    out = refs[0] if len(refs) == 1 else None
+    for k, r in enumerate(refs[1:], 1):
+        last = k == len(refs) - 1
+        out = imp.add(hint(node, imp) if last else f"{hint(node)}_{k}", op,
+                      [out or refs[0], r], [origin(node)] if last else [])
+    imp.bind(node.output[0], out)
 
 
 def unary(op):

@@ -322,7 +322,7 @@ def dump_spec(spec: dict, origins: dict[str, list[str]]) -> str:
                                      initial_indent="  ", subsequent_indent="  "),
              "", "inputs:"]
     lines += [f"  {k}: {flow(v)}" for k, v in spec["inputs"].items()]
-    lines += ["", "nodes:"]
+    lines += ["", "nodes:" if spec["nodes"] else "nodes: {}"]
     for nid, nd in spec["nodes"].items():
         where = ", ".join(origins.get(nid, []))
         lines.append(f"  {nid}: {flow(nd)}" + (f"   # onnx: {where}" if where else ""))
