@@ -8,7 +8,6 @@ into one spec layer (Gemm + Relu -> ``linear`` with ``activation: relu``).
 from __future__ import annotations
 
 import numpy as np
-from onnx import helper
 
 from .importer import Importer, Unsupported, Value, hint, origin
 from .recurrent import GATES, reorder
@@ -17,6 +16,7 @@ BIG = 2**62
 
 
 def attrs(node) -> dict:
+    from onnx import helper
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
@@ -679,7 +679,7 @@ def constant_of_shape(imp, node):
 
 
 def constant(imp, node):
-    from onnx import numpy_helper
+    from onnx import helper, numpy_helper
     a = node.attribute[0]
     if a.name != "value":
         value = np.asarray(helper.get_attribute_value(a))
