@@ -341,3 +341,18 @@ def test_the_report_counts_per_operator():
     assert "| node (2) | 1 | 0 | 1 |" in text and "| models (1) | 0 | 1 | 0 |" in text
     assert "| simple | test_x | failed | output 0: values differ |" in text
     assert "- `test_add_int8` (Add): dtype int8" in text
+
+
+def test_an_imported_model_can_be_trained_further(work):
+    from safetensors.numpy import load_file
+
+    from dlgraph.engine.autodiff import reverse
+    spec, weights = dlgraph.import_onnx(example("mlp", work)[1], work / "mlp_tune.yaml")
+    text = spec.read_text().replace("inputs:\n", "inputs:\n  y: {shape: [batch], dtype: int32}\n")
+    text = text.replace("\noutputs:", "  loss: {op: cross_entropy, in: [logits, y]}\n\noutputs:")
+    text += ("train:\n  data: {source: spirals, samples: 64, classes: 3}\n  batch: 32\n"
+             "  epochs: 1\n  objective: loss\n  optimizer: {type: adam, lr: 0.01}\n")
+    g = dlgraph.load(text, base=work)
+    dlgraph.validate(g, backward=True)
+    assert set(reverse(g, "loss").grads) == set(load_file(str(weights))) == {
+        "fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias", "logits.weight", "logits.bias"}
