@@ -356,3 +356,22 @@ def test_an_imported_model_can_be_trained_further(work):
     dlgraph.validate(g, backward=True)
     assert set(reverse(g, "loss").grads) == set(load_file(str(weights))) == {
         "fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias", "logits.weight", "logits.bias"}
+
+
+def test_export_takes_trained_weights_from_a_file(work):
+    from onnx import numpy_helper
+
+    from dlgraph.engine.checkpoint import save_tensors
+    g = dlgraph.load(GRAPHS / "mlp.yaml")
+    rng = np.random.default_rng(7)
+    trained = {n: rng.standard_normal(p.shape).astype(np.float32) for n, p in g.params.items()}
+    save_tensors(work / "trained.safetensors", trained)
+    r = CliRunner().invoke(main, ["export", str(GRAPHS / "mlp.yaml"), "--weights",
+                                  str(work / "trained.safetensors"), "-o",
+                                  str(work / "trained.onnx")])
+    assert r.exit_code == 0, r.output
+    inits = {t.name: numpy_helper.to_array(t)
+             for t in onnx.load(str(work / "trained.onnx")).graph.initializer}
+    assert set(inits) == set(trained)
+    for name, value in trained.items():
+        np.testing.assert_array_equal(inits[name], value)
