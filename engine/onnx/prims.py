@@ -124,6 +124,8 @@ def _filled(w, out, ref, dims, value):
 
 
 def _noise(w, n, ins, ts):
+    if getattr(n.attrs, "training_only", False):      # inference runs without it: zeros
+        return _filled(w, n.id, ins[0], n.attrs.shape, 0.0)
     like = _filled(w, None, ins[0], n.attrs.shape, 0.0)
     op_type = "RandomNormalLike" if n.attrs.kind == "normal" else "RandomUniformLike"
     return w.op(op_type, like, out=n.id)
