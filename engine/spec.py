@@ -162,8 +162,8 @@ class _Loader(yaml.SafeLoader):
 
 #: Caps that keep a hostile spec from taking the machine: bytes of a spec file, values built
 #: (YAML aliases can expand a few lines into billions), and nesting depth.
-MAX_SPEC_BYTES = 8 * 2**20
-MAX_SPEC_VALUES = 50_000
+MAX_SPEC_BYTES = 2**20
+MAX_SPEC_VALUES = 20_000
 MAX_SPEC_DEPTH = 64
 
 
@@ -182,6 +182,7 @@ def parse_text(text: str, file: str) -> tuple[Any, dict[tuple, int]]:
                         source=Source(file), help="a spec is a short text; keep data in files")
     _check_chars(text, file)
     _check_flow_depth(text, file)
+    _check_events(text, file)
     if file.endswith(".json"):
         _check_json(text, file)
     try:
@@ -237,8 +238,17 @@ def _check_chars(text: str, file: str) -> None:
 _OTHER_BYTES = bytes(b for b in range(256) if b not in b"[]{}")
 
 
+_DEEP_INDENT = re.compile(rf"^[ \t]{{{4 * MAX_SPEC_DEPTH},}}\S", re.M)
+
+
 def _check_flow_depth(text: str, file: str) -> None:
-    """Refuse deep [ { nesting before YAML's scanner (quadratic in it) or JSON see it."""
+    """Refuse deep nesting before YAML's scanner (quadratic in [ { depth, slow on deep
+    indentation) or JSON see it."""
+    m = _DEEP_INDENT.search(text)
+    if m:
+        raise SpecError(f"the spec is nested more than {MAX_SPEC_DEPTH} levels deep",
+                        source=Source(file, text.count("\n", 0, m.start()) + 1),
+                        help="flatten the nesting")
     brackets = np.frombuffer(text.encode("utf-8", "replace").translate(None, _OTHER_BYTES),
                              np.uint8)
     if len(brackets) > 2 * MAX_SPEC_DEPTH:
@@ -246,6 +256,35 @@ def _check_flow_depth(text: str, file: str) -> None:
         if np.cumsum(step).max() > 2 * MAX_SPEC_DEPTH:
             raise SpecError(f"the spec is nested more than {MAX_SPEC_DEPTH} levels deep",
                             source=Source(file), help="flatten the nesting")
+
+
+_OPEN = (yaml.MappingStartEvent, yaml.SequenceStartEvent)
+_CLOSE = (yaml.MappingEndEvent, yaml.SequenceEndEvent)
+
+
+def _check_events(text: str, file: str) -> None:
+    """Count values and depth on the event stream before anything is built: the C parser
+    (where PyYAML has it) gets through a megabyte in a fraction of a second, the pure Python
+    composer would take many seconds and hundreds of MB. Syntax errors are left to the
+    parse proper, which words them."""
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)(text)
+    depth = count = 0
+    try:
+        while loader.check_event():
+            event = loader.get_event()
+            count += 1
+            depth += isinstance(event, _OPEN) - isinstance(event, _CLOSE)
+            if count > MAX_SPEC_VALUES or depth > MAX_SPEC_DEPTH:
+                line = event.start_mark.line + 1 if event.start_mark else None
+                raise SpecError(f"the spec has more than {MAX_SPEC_VALUES} values"
+                                if count > MAX_SPEC_VALUES else
+                                f"the spec is nested more than {MAX_SPEC_DEPTH} levels deep",
+                                source=Source(file, line),
+                                help="a spec is a short text; keep data in data files")
+    except yaml.YAMLError:
+        pass
+    finally:
+        loader.dispose()
 
 
 def _check_json(text: str, file: str) -> None:
