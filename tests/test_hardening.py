@@ -733,3 +733,26 @@ def test_nan_and_infinity_in_data_are_refused_with_the_row(tmp_path):
 def test_a_spec_of_many_values_is_refused_before_it_is_built(text):
     with pytest.raises(dlgraph.SpecError, match="the spec has more than 20000 values"):
         dlgraph.load(text)
+
+
+@pytest.mark.parametrize("name, slug", [("../../x", "x"), ("/etc/cron.d", "etc-cron.d"),
+                                        ("..", "run"), ("a b/../c", "a-b-..-c"),
+                                        ("ok_name-1", "ok_name-1")])
+def test_run_directory_is_a_safe_slug_under_runs(tmp_path, monkeypatch, name, slug):
+    from types import SimpleNamespace
+
+    from dlgraph.engine.train import _run_dir
+    monkeypatch.chdir(tmp_path)
+    d = _run_dir(SimpleNamespace(name=name), None)
+    assert d.parts[:2] == ("runs", slug) and len(d.parts) == 3
+    assert (tmp_path / d).resolve().is_relative_to(tmp_path / "runs")
+
+
+def test_out_below_a_file_is_an_error(tmp_path):
+    from types import SimpleNamespace
+
+    from dlgraph.engine.errors import TrainingError
+    from dlgraph.engine.train import _run_dir
+    (tmp_path / "f").write_text("")
+    with pytest.raises(TrainingError, match="is a file"):
+        _run_dir(SimpleNamespace(name="x"), tmp_path / "f" / "run")
