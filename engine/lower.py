@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from tinygrad import Tensor, TinyJit, Variable
+from tinygrad.engine.jit import _prepare_jit_inputs
 from tinygrad.helpers import DEV
 
 from dlgraph.ops import OPS
@@ -216,9 +217,13 @@ def lower(graph: Graph, targets: list[str], *, params: dict[str, Tensor],
     return Program(graph, targets, params, training, finish, params_as_inputs, inline)
 
 
-def _chunk(steps: int, most: int = 8) -> int:
-    """Steps per compiled loop call: the largest divisor of ``steps`` up to ``most``
-    (a chunk amortises the per-call dispatch; bench/ measured the limit)."""
+def _chunk(steps: int, most: int = 1) -> int:
+    """Steps per compiled loop call: the largest divisor of ``steps`` up to ``most``.
+
+    Measured (bench/NOTES.md, LSTM-32, T=16): 4 steps per call cut the steady step by
+    about a quarter but tripled the compile time (each step's kernels differ by their
+    constant offsets), so one step per call keeps start-up flat and short.
+    """
     return max(k for k in range(1, min(steps, most) + 1) if steps % k == 0)
 
 
@@ -350,8 +355,11 @@ class LoopStage:
         ns, nst = a.n_seq, a.n_state
         prologue(*xs[ns:ns + nst], *bufs)
         var = Variable("step", 0, a.steps // self.chunk - 1)
-        for s in range(a.steps // self.chunk):
-            step(var.bind(s), *xs[:ns], *xs[ns + nst:], *bufs)
+        args = (*xs[:ns], *xs[ns + nst:], *bufs)
+        step(var.bind(0), *args)               # captures on the first run, replays later
+        replay = _replayer(step, (var.bind(0), *args))
+        for s in range(1, a.steps // self.chunk):
+            replay({"step": s})
         env.update(zip([p for p in self.picks], [bufs[self._index(p)] for p in self.picks],
                        strict=True))
 
@@ -372,35 +380,52 @@ class LoopStage:
         a, k_steps = self.node.attrs, self.chunk
         names = list(a.body.inputs)
         ns, nst, n_out = a.n_seq, a.n_state, a.n_out
+        rev = a.reverse
 
         def step(s, *xs):
             ctx = Ctx(training=self.prog.training, dims=dims)
             n_c = len(names) - ns - nst
             seqs, consts, bufs = xs[:ns], xs[ns:ns + n_c], xs[ns + n_c:]
             consts = dict(zip(names[ns + nst:], consts, strict=True))
-            work, acc = [], None
-            first = s * k_steps
-            t0 = a.steps - 1 - first if a.reverse else first
-            states = [b[:, t0 + int(a.reverse):t0 + int(a.reverse) + 1].squeeze(1)
-                      for b in bufs[:nst]]
-            for k in range(k_steps):
-                t = a.steps - 1 - (first + k) if a.reverse else first + k
-                feed = {n: x[:, t:t + 1].squeeze(1) for n, x in zip(names[:ns], seqs, strict=True)}
+            # one symbolic slice per buffer and chunk; constant indices inside it
+            lo = (a.steps // k_steps - 1 - s if rev else s) * k_steps
+            chunks = [x[:, lo:lo + k_steps] for x in seqs]
+            at = lo + k_steps if rev else lo
+            states = [b[:, at:at + 1].squeeze(1) for b in bufs[:nst]]
+            hist, per, acc = [[None] * k_steps for _ in range(nst)], \
+                [[None] * k_steps for _ in range(n_out)], None
+            for k in (reversed(range(k_steps)) if rev else range(k_steps)):
+                feed = {n: x[:, k] for n, x in zip(names[:ns], chunks, strict=True)}
                 feed.update(zip(names[ns:ns + nst], states, strict=True))
                 outs = self.body(ctx, {**feed, **consts}, {})
                 states = outs[:nst]
-                after = t if a.reverse else t + 1
-                work += [b[:, after:after + 1].assign(o.unsqueeze(1))
-                         for b, o in zip(bufs[:nst], states, strict=True)]
-                work += [b[:, t:t + 1].assign(o.unsqueeze(1))
-                         for b, o in zip(bufs[nst:nst + n_out], outs[nst:nst + n_out],
-                                         strict=True)]
+                for j in range(nst):
+                    hist[j][k] = states[j]
+                for j in range(n_out):
+                    per[j][k] = outs[nst + j]
                 inc = outs[nst + n_out:]
                 acc = inc if acc is None else [u + v for u, v in zip(acc, inc, strict=True)]
+            w = lo if rev else lo + 1
+            work = [b[:, w:w + k_steps].assign(Tensor.stack(*h, dim=1))
+                    for b, h in zip(bufs[:nst], hist, strict=True)]
+            work += [b[:, lo:lo + k_steps].assign(Tensor.stack(*p, dim=1))
+                     for b, p in zip(bufs[nst:nst + n_out], per, strict=True)]
             work += [b.assign(b + v) for b, v in zip(bufs[nst + n_out:], acc or [], strict=True)]
             Tensor.realize(*work, *ctx.updates)
             return bufs[0]
         return step
+
+
+def _replayer(jit: TinyJit, args: tuple):
+    """Replays a captured step with the same buffers and a new step index, preparing the
+    inputs once (TinyJit re-inspects every input on each call: ~2 ms for a recurrent step,
+    more than its kernels)."""
+    ins, _, names, info = _prepare_jit_inputs(args, {})
+    cap = jit.captured
+    if cap is None or cap.expected_names != names or cap.expected_input_info != info:
+        return lambda var_vals: jit(*(Variable("step", 0, args[0].vmax).bind(var_vals["step"])
+                                      if k == 0 else a for k, a in enumerate(args)))
+    return lambda var_vals: cap(ins, var_vals)
 
 
 NP_TG = {"float32": "float32", "int32": "int32", "bool": "bool"}

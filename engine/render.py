@@ -377,6 +377,15 @@ class _Drawing:
                 # cotangents run against the forward flow: ranked upwards, they mirror it
                 up = n.role == "backward" and not saved and not loop
                 edges[(src, dst, value)] = _Edge(src, dst, attrs, upward=up)
+        for n in self.g.nodes.values():                  # a loop feeds its next step
+            key = self.keys[n.id]
+            if n.op == "loop" and key is not None and self.items[key].kind == "leaf":
+                state = n.attrs.body[next(iter(n.attrs.body.outputs.values()))]
+                color = {"color": GRAD_EDGE, "fontcolor": GRAD_EDGE} \
+                    if n.role == "backward" else {}
+                edges[(key, key, "next step")] = _Edge(key, key, {
+                    "style": "dashed", "constraint": "false", **color,
+                    "label": f"next step\n{self._type_label(state)}"})
         if self.backward:
             self._links(edges)
             self._grads(edges)
@@ -557,6 +566,8 @@ class _Drawing:
 
     def _leaf_label(self, n: Node, notes: list[str]) -> str:
         local = n.id.rsplit("/", 1)[-1]
+        if n.op == "loop":                               # drawn once, with its step count
+            notes = [_loop_note(n)] + notes
         times = [x for x in notes if x.startswith("× ")]
         consts = [x for x in notes if not x.startswith("× ")]
         note = [(" · ".join(times + ([f"with {', '.join(consts)}"] if consts else [])), None, 8)
@@ -603,6 +614,14 @@ class _Drawing:
 
 
 # ----------------------------------------------------------------------------- small helpers
+
+
+def _loop_note(n: Node) -> str:
+    """'× 16 steps (backwards) · 14 ops in its step': a loop's body, summarised."""
+    a = n.attrs
+    ops = sum(1 for b in a.body.nodes.values() if b.role not in ("input", "param"))
+    return (f"× {a.steps} step{'s' * (a.steps != 1)}" + (" backwards" if a.reverse else "")
+            + f" · {ops} ops in its step")
 
 
 def _dims(shape) -> str:
