@@ -48,7 +48,7 @@ UNARY = {"Neg": "neg", "Exp": "exp", "Log": "log", "Sqrt": "sqrt", "Sign": "sign
          "Abs": "abs", "Sin": "sin", "Cos": "cos", "Relu": "relu", "Sigmoid": "sigmoid",
          "Tanh": "tanh"}
 NUMPY = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Div": np.divide,
-         "Max": np.maximum, "Min": np.minimum}
+         "Max": np.maximum, "Min": np.minimum, "Mod": np.mod}
 
 
 def binary(op):
@@ -57,6 +57,8 @@ def binary(op):
             return _variadic(imp, node, op)
         if len(node.input) != 2:
             raise Unsupported(f"{node.op_type} of {len(node.input)} inputs")
+        if _dynamic(imp, node):          # shape arithmetic at run time (batch * heads)
+            return
         a, b = (imp.const(i) for i in node.input)
         if a is not None and b is not None and node.op_type in NUMPY:
             with np.errstate(all="ignore"):
@@ -68,6 +70,14 @@ def binary(op):
         ins = [imp.ref(i) for i in node.input]
         imp.bind(node.output[0], imp.add(hint(node, imp), op, ins, [origin(node)]))
     return rule
+
+
+def shape_only(imp, node):
+    """Ops dlgraph has no tensor form of, met in shape arithmetic: folded or run-time."""
+    fn = NUMPY.get(node.op_type)
+    if (fn and _fold(imp, node, fn)) or _dynamic(imp, node):
+        return
+    raise Unsupported(f"{node.op_type} of tensors (dlgraph has it for shapes only)")
 
 
 def _variadic(imp, node, op):
@@ -775,7 +785,7 @@ OPS = {
     "Identity": identity,
     "Dropout": identity, "Cast": cast, "Where": where,
     "ReduceSum": reduce("sum"), "ReduceMean": reduce("mean"), "ReduceMax": reduce("max"),
-    "ArgMax": argmax, "RandomNormalLike": random_like("normal"),
+    "ArgMax": argmax, "Mod": shape_only, "RandomNormalLike": random_like("normal"),
     "RandomUniformLike": random_like("uniform"),
 }
 """ONNX operator type -> its import rule."""
