@@ -375,3 +375,15 @@ def test_export_takes_trained_weights_from_a_file(work):
     assert set(inits) == set(trained)
     for name, value in trained.items():
         np.testing.assert_array_equal(inits[name], value)
+
+
+def test_cli_import_of_a_missing_or_broken_file_is_one_error(work):
+    r = CliRunner().invoke(main, ["import", str(work / "nope.onnx"), "-o", str(work / "n.yaml")])
+    assert r.exit_code == 1
+    assert r.output == f"error: {work / 'nope.onnx'}: no such ONNX file: {work / 'nope.onnx'}\n"
+    (work / "broken.onnx").write_bytes(b"\x08\x01garbage")
+    r = CliRunner().invoke(main, ["import", str(work / "broken.onnx"), "-o",
+                                  str(work / "b.yaml")])
+    assert r.exit_code == 1 and r.output.startswith(f"error: {work / 'broken.onnx'}: not a "
+                                                    "readable ONNX model")
+    assert not (work / "n.yaml").exists() and not (work / "b.yaml").exists()

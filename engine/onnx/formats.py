@@ -39,6 +39,7 @@ def _write_onnx(graph: Graph, params: dict[str, np.ndarray], path: Path, *,
                              f"(default {OPSET})")
     model = to_onnx(graph, params, opset=opset)
     onnx.checker.check_model(model, full_check=True)
+    onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
     atomic_write(path, model.SerializeToString())
 
 

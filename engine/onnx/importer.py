@@ -236,6 +236,9 @@ def _inputs(imp: Importer) -> dict[str, dict]:
         imp.bind(vi.name, nid)
         imp.input_ids[vi.name] = nid
         entry = {"shape": list(shape)}
+        if imp.dtypes[vi.name] == "bool":
+            imp.failed.append((vi.name, "input", "bool graph inputs (dlgraph's inputs are "
+                                                 "float32 or int32)"))
         if imp.dtypes[vi.name] != "float32":
             entry["dtype"] = imp.dtypes[vi.name]
         out[nid] = entry
