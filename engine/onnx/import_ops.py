@@ -377,7 +377,8 @@ def _recurrent_params(kind, node, imp, dirs) -> dict:
         half = b.shape[1] // 2
         out[f"bias_ih{sfx}"] = reorder(kind, b[d, :half], to_onnx=False)
         out[f"bias_hh{sfx}"] = reorder(kind, b[d, half:], to_onnx=False)
-        assert out[f"weight_ih{sfx}"].shape[0] == g * r.shape[2]
+        if out[f"weight_ih{sfx}"].shape[0] != g * r.shape[2]:
+            raise Unsupported(f"W has {w.shape[1]} rows, not {g} gates x {r.shape[2]} hidden")
     return out
 
 
