@@ -3,6 +3,8 @@
     .venv/bin/python bench/run.py                    # everything; writes docs/benchmarks.md
     .venv/bin/python bench/run.py --quick            # smoke check (mlp, lstm; few steps)
     .venv/bin/python bench/run.py --only lstm,mlp    # a subset (printed; --out to write)
+    .venv/bin/python bench/run.py --scaling          # LSTM/GRU at T = 16..1024: its section
+    .venv/bin/python bench/run.py --scaling --quick  # its smoke check (T = 16, 64)
 
 Every implementation of every workload runs in its own fresh worker process (this file
 with ``--worker``), so time to first step is a true cold start: interpreter, imports,
@@ -12,6 +14,10 @@ asks them for timed steps in rounds, rotating their order each round, so that a 
 machine slows all three alike. Before timing, the parent checks that the three computed
 the same loss on the first step from the same weights (dlgraph's initial weights, copied
 into the peers) and the same batch.
+
+``--scaling`` runs one worker per implementation and sequence length instead, alone, each
+under a time and memory budget (a worker over budget is killed and reported as such), and
+writes only its own section of docs/benchmarks.md; a full run keeps that section.
 
 Workers speak JSON lines on a private pipe (their stdout is sent to stderr, so library
 prints cannot corrupt it).
@@ -62,8 +68,8 @@ def worker(args) -> None:
         import proposals
         proposals.apply(proposals.PROPOSALS)
     import peers
-    from workloads import WORKLOADS
-    wl = WORKLOADS[args.workload]
+    from workloads import workload
+    wl = workload(args.workload)
     data = np.load(args.payload)
     weights = {k[2:]: data[k] for k in data.files if k.startswith("w:")}
     nb = int(data["n_batches"])
@@ -73,6 +79,8 @@ def worker(args) -> None:
     t_built = time.perf_counter()
     first = peer.train_step(bs[0])
     t_first = time.perf_counter()
+    if args.early:                                    # --scaling times the first step alone
+        send(ev="step1", loss=first, first=t_first - t_start)
     second = peer.train_step(bs[1 % nb])
     t_second = time.perf_counter()
     peer.train_step(bs[2 % nb])                       # the first JIT replay
@@ -97,6 +105,8 @@ def worker(args) -> None:
                 fn(b)
                 times.append(time.perf_counter() - t0)
             send(ev=c, times=times)
+        elif c == "rss":
+            send(ev="rss", maxrss_kib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
         elif c == "probe":
             out = {"ev": "probe"}
             if args.impl != "torch":
@@ -114,8 +124,16 @@ def worker(args) -> None:
 # =========================================================================== parent
 
 
+class OverBudget(Exception):
+    """A worker ran past its time or memory budget (and was killed)."""
+
+    def __init__(self, what: str, peak_kib: int):
+        super().__init__(what)
+        self.what, self.peak_kib = what, peak_kib
+
+
 class Worker:
-    def __init__(self, impl: str, workload: str, payload: Path, opts):
+    def __init__(self, impl: str, workload: str, payload: Path, opts, early: bool = False):
         self.impl = impl
         self.t0 = time.perf_counter()
         r, w = os.pipe()
@@ -124,28 +142,59 @@ class Worker:
             env["CACHELEVEL"] = "0"
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", impl,
                "--workload", workload, "--payload", str(payload),
-               "--torch-threads", str(opts.torch_threads)]
+               "--torch-threads", str(opts.torch_threads)] + (["--early"] if early else [])
         self.log = open(payload.parent / f"{workload}-{impl}.log", "w")
         # the worker's fd 1 becomes our pipe; its stderr goes to a log file
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=w, stderr=self.log,
                                      cwd=ROOT, env=env, text=True)
         os.close(w)
-        self.out = os.fdopen(r)
+        self.fd, self.buf = r, b""
         self.logpath = payload.parent / f"{workload}-{impl}.log"
 
-    def recv(self) -> dict:
-        line = self.out.readline()
-        if not line:
-            self.proc.wait()
-            tail = self.logpath.read_text().strip().splitlines()[-15:]
-            raise RuntimeError(f"the {self.impl} worker exited ({self.proc.returncode}):\n    "
-                               + "\n    ".join(tail))
+    def recv(self, timeout: float | None = None, mem_kib: int | None = None) -> dict:
+        """The worker's next message. Past ``timeout`` seconds, or when its peak RSS passes
+        ``mem_kib``, the worker is killed and OverBudget raised."""
+        import select
+        end = None if timeout is None else time.perf_counter() + timeout
+        while b"\n" not in self.buf:
+            left = None if end is None else end - time.perf_counter()
+            peak = self.peak_kib()
+            if (left is not None and left <= 0) or (mem_kib and peak > mem_kib):
+                self.kill()
+                raise OverBudget("time" if left is not None and left <= 0 else "memory", peak)
+            ready, _, _ = select.select([self.fd], [], [], 0.5 if left is None
+                                        else min(left, 0.5))
+            if not ready:
+                continue
+            data = os.read(self.fd, 1 << 16)
+            if not data:
+                self.proc.wait()
+                tail = self.logpath.read_text().strip().splitlines()[-15:]
+                raise RuntimeError(f"the {self.impl} worker exited ({self.proc.returncode}):"
+                                   "\n    " + "\n    ".join(tail))
+            self.buf += data
+        line, self.buf = self.buf.split(b"\n", 1)
         return json.loads(line)
 
-    def ask(self, **cmd) -> dict:
+    def ask(self, timeout: float | None = None, mem_kib: int | None = None, **cmd) -> dict:
         self.proc.stdin.write(json.dumps(cmd) + "\n")
         self.proc.stdin.flush()
-        return self.recv()
+        return self.recv(timeout, mem_kib)
+
+    def peak_kib(self) -> int:
+        """The worker's peak resident memory so far (VmHWM, the ru_maxrss it would report)."""
+        try:
+            for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+        except (OSError, ValueError):
+            pass
+        return 0
+
+    def kill(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
 
     def close(self):
         try:
@@ -155,6 +204,7 @@ class Worker:
                 self.proc.wait(timeout=30)
         except Exception:
             self.proc.kill()
+        os.close(self.fd)
         self.log.close()
 
 
@@ -168,12 +218,27 @@ def rel(a, b):
     return abs(a - b) / max(abs(a), abs(b), 1e-12)
 
 
-def run_workload(name: str, opts, tmp: Path, rotation: int) -> dict:
+def make_payload(wl, tmp: Path, n_batches: int) -> tuple[Path, int]:
+    """The workers' shared start: dlgraph's initial weights (``init_params(g, seed=0)``) and
+    ``n_batches`` seeded batches, in one .npz; returns its path and the parameter count."""
     import numpy as np
-    from workloads import WORKLOADS
 
     import dlgraph
     from dlgraph.engine.lower import init_param
+
+    src = wl.spec_source()
+    g = dlgraph.load(src["source"], base=src["base"])
+    weights = {k: init_param(p, 0) for k, p in g.params.items()}   # = init_params(g, seed=0)
+    payload = tmp / f"{wl.name}.npz"
+    arrays = {f"w:{k}": v for k, v in weights.items()}
+    for i, b in enumerate(wl.batches(n_batches, seed=1)):
+        arrays.update({f"b{i}:{k}": v for k, v in b.items()})
+    np.savez(payload, n_batches=n_batches, **arrays)
+    return payload, int(sum(v.size for v in weights.values()))
+
+
+def run_workload(name: str, opts, tmp: Path, rotation: int) -> dict:
+    from workloads import WORKLOADS
 
     wl = WORKLOADS[name]
     res = {"name": name, "title": wl.title, "spec": str(wl.spec_path.relative_to(ROOT)),
@@ -184,16 +249,7 @@ def run_workload(name: str, opts, tmp: Path, rotation: int) -> dict:
                           f"{res['spec']} does not exist")
         print(f"[{name}] skipped: {res['skipped']}", flush=True)
         return res
-    src = wl.spec_source()
-    g = dlgraph.load(src["source"], base=src["base"])
-    weights = {k: init_param(p, 0) for k, p in g.params.items()}   # = init_params(g, seed=0)
-    batches = wl.batches(8, seed=1)
-    payload = tmp / f"{name}.npz"
-    arrays = {f"w:{k}": v for k, v in weights.items()}
-    for i, b in enumerate(batches):
-        arrays.update({f"b{i}:{k}": v for k, v in b.items()})
-    np.savez(payload, n_batches=len(batches), **arrays)
-    res["params"] = int(sum(v.size for v in weights.values()))
+    payload, res["params"] = make_payload(wl, tmp, 8)
 
     impls = IMPLS + ((PLUS,) if opts.proposals else ())
     k = rotation % len(impls)
@@ -253,6 +309,227 @@ def run_workload(name: str, opts, tmp: Path, rotation: int) -> dict:
         for w in workers.values():
             w.close()
     return res
+
+
+# =========================================================================== scaling
+
+
+def scaling_cell(wl, impl: str, payload: Path, opts) -> dict:
+    """One implementation at one sequence length, alone in a fresh worker: time to the first
+    step, median steady step, peak RSS. A budget passed is recorded and the worker killed."""
+    mem = opts.mem_budget * 1024
+    w = Worker(impl, wl.name, payload, opts, early=True)
+    cell: dict = {}
+    try:
+        m = w.recv(opts.first_budget, mem)
+        cell.update(first_step_s=time.perf_counter() - w.t0, loss1=m["loss"])
+        end = time.perf_counter() + opts.steady_budget
+        m = w.recv(opts.steady_budget, mem)          # second (capture) and third step
+        cell.update(ready_s=time.perf_counter() - w.t0, capture_s=m["second"])
+        m = w.ask(end - time.perf_counter(), mem, cmd="train", seconds=0, min=opts.steps,
+                  max=opts.steps)
+        cell.update(steady_ms=1e3 * median(m["times"]), steady_n=len(m["times"]))
+        cell["maxrss_kib"] = w.ask(60, None, cmd="rss")["maxrss_kib"]
+    except OverBudget as e:
+        cell.update(over="steady" if "first_step_s" in cell else "first", over_what=e.what,
+                    killed_s=time.perf_counter() - w.t0, maxrss_kib=e.peak_kib)
+    except Exception as e:  # one cell's failure must not cost the others
+        cell["failed"] = f"{type(e).__name__}: {e}"
+    finally:
+        w.close()
+    return cell
+
+
+def run_scaling(opts, families, lengths, tmp: Path) -> list[dict]:
+    """The scaling table's rows: every family at every length, the three implementations
+    one after another (each alone on the machine), their order rotating with the length."""
+    from workloads import scaled
+
+    results = []
+    for fam in families:
+        for k, steps in enumerate(lengths):
+            wl = scaled(fam, steps)
+            payload, n_params = make_payload(wl, tmp, 4)
+            res = {"name": wl.name, "family": fam, "steps": steps, "params": n_params,
+                   "impls": {}}
+            for impl in IMPLS[k % 3:] + IMPLS[:k % 3]:
+                res["impls"][impl] = c = scaling_cell(wl, impl, payload, opts)
+                print(f"[{wl.name}] {impl:8s} {scaling_cells(c, opts)}", flush=True)
+            losses = {i: c["loss1"] for i, c in res["impls"].items() if "loss1" in c}
+            if "dlgraph" in losses and len(losses) > 1:
+                res["loss_diff"] = max(rel(losses["dlgraph"], v) for v in losses.values())
+                if res["loss_diff"] > TOL:
+                    res["failed"] = (f"first-step losses differ by {res['loss_diff']:.2e} "
+                                     "relative: " + ", ".join(f"{i} {v:.7f}"
+                                                              for i, v in losses.items()))
+                    print(f"[{wl.name}] FAILED: {res['failed']}", flush=True)
+            results.append({**res, "impls": {i: res["impls"][i] for i in IMPLS}})
+    return results
+
+
+def scaling_cells(c: dict, opts) -> str:
+    """First step, steady step and peak RSS of one cell as table cells."""
+    if "failed" in c:
+        return f"**failed**: {c['failed'].splitlines()[0]} | | "
+    rss = f"{c['maxrss_kib'] / 1024:,.0f}"
+    if c.get("over_what") == "memory":
+        budget = f"killed at {opts.mem_budget:,} MiB RSS"
+        return (f"{budget} | — | ≥ {rss}" if c["over"] == "first" else
+                f"{fmt_s(c['first_step_s'])} | {budget} | ≥ {rss}")
+    if c.get("over") == "first":
+        return f"> {opts.first_budget:g} | — | ≥ {rss}"
+    if c.get("over") == "steady":
+        return f"{fmt_s(c['first_step_s'])} | > budget | ≥ {rss}"
+    return f"{fmt_s(c['first_step_s'])} | {fmt_ms(c['steady_ms'])} | {rss}"
+
+
+def scaling_ratio(a: dict, b: dict, key: str, budget: float | None = None) -> str:
+    """a/b as ``1.23×``; ``< x×`` where b ran over its first-step budget; else ``—``."""
+    if key in a and key in b:
+        return f"{a[key] / b[key]:.2f}×"
+    if key in a and budget and b.get("over") == "first":
+        return f"< {a[key] / budget:.2f}×"
+    return "—"
+
+
+def scaling_table(results: list[dict], opts) -> str:
+    rows = ["| model | T | impl | first step (s) | steady step (ms, median) | peak RSS (MiB) |",
+            "|---|---:|---|---:|---:|---:|"]
+    ratios = ["| model | T | first-step loss max rel diff | first step dl/tg | first step "
+              "dl/torch | first step dl vs T=" + str(results[0]["steps"] if results else "")
+              + " | steady dl/tg | steady dl/torch | RSS dl/tg | RSS dl/torch |",
+              "|---|---:|" + "---:|" * 8]
+    first_of = {}
+    for r in results:
+        fam, t = r["family"].upper(), r["steps"]
+        for impl, c in r["impls"].items():
+            rows.append(f"| {fam}-32 | {t} | {impl} | {scaling_cells(c, opts)} |")
+        d, g, p = (r["impls"][i] for i in IMPLS)
+        first_of.setdefault(fam, d)
+        rss = [{"rss": c["maxrss_kib"]} if "maxrss_kib" in c and "over" not in c else {}
+               for c in (d, g, p)]
+        ratios.append("| " + " | ".join([
+            f"{fam}-32", str(t), f"{r['loss_diff']:.1e}" if "loss_diff" in r else "—",
+            scaling_ratio(d, g, "first_step_s", opts.first_budget),
+            scaling_ratio(d, p, "first_step_s", opts.first_budget),
+            scaling_ratio(d, first_of[fam], "first_step_s"),
+            scaling_ratio(d, g, "steady_ms"), scaling_ratio(d, p, "steady_ms"),
+            scaling_ratio(rss[0], rss[1], "rss"), scaling_ratio(rss[0], rss[2], "rss")])
+            + " |")
+    return "\n".join(rows) + "\n\n" + "\n".join(ratios) + "\n"
+
+
+def _met(ok: bool) -> str:
+    return "met" if ok else "**not met**"
+
+
+def scaling_verdict(fam: str, rows: dict[int, dict]) -> str:
+    """What the table says about issue 9's targets for one family, in a sentence or four."""
+    ts = sorted(rows)
+    lo, hi = ts[0], ts[-1]
+    d = {t: rows[t]["dlgraph"] for t in ts}
+    g = {t: rows[t]["tinygrad"] for t in ts}
+    parts = []
+    if "first_step_s" in d[lo] and "first_step_s" in d[hi] and hi > lo:
+        x = d[hi]["first_step_s"] / d[lo]["first_step_s"]
+        parts.append(f"start-up flat in T (first step at T={hi} within 1.5× of T={lo}): "
+                     f"{x:.2f}×, " + (_met(x <= 1.5) if (lo, hi) == (16, 1024)
+                                      else "T=16 to 1024 not measured in this run"))
+    if lo == 16 and "steady_ms" in d[16] and "steady_ms" in g[16]:
+        x = d[16]["steady_ms"] / g[16]["steady_ms"]
+        parts.append(f"steady step at T=16 within 1.3× of the unrolled one (the hand-written "
+                     f"tinygrad): {x:.2f}×, {_met(x <= 1.3)}")
+    faster, slower, never = [], [], []
+    for t in (t for t in ts if t >= 64):
+        if "steady_ms" in d[t] and "steady_ms" in g[t]:
+            (faster if d[t]["steady_ms"] < g[t]["steady_ms"] else slower).append(str(t))
+        elif "steady_ms" in d[t] and "over" in g[t]:
+            never.append(str(t))
+    if faster or slower or never:
+        notes = ([f"faster at T={', '.join(faster)}"] if faster else []) \
+            + ([f"slower at T={', '.join(slower)}"] if slower else []) \
+            + ([f"at T={', '.join(never)} the unrolled tinygrad did not reach a timed step "
+                "within its budget"] if never else [])
+        parts.append("steady step faster than unrolled from T=64 on: " + _met(not slower)
+                     + f" ({', '.join(notes)})")
+    parts.append(_memory_verdict(fam, d, lo, hi))
+    return f"**{fam.upper()}-32**: " + "; ".join(p for p in parts if p) + "."
+
+
+def _memory_verdict(fam: str, d: dict, lo: int, hi: int) -> str:
+    """Peak RSS growth from the shortest to the longest length against the bytes of the
+    states a loop keeps ([batch, T + 1, 32] float32 each: h and c, or h)."""
+    if hi == lo or any("maxrss_kib" not in d[t] or "over" in d[t] for t in (lo, hi)):
+        return ""
+    grow = (d[hi]["maxrss_kib"] - d[lo]["maxrss_kib"]) * 1024
+    n_states = 2 if fam == "lstm" else 1
+    states = n_states * 64 * (hi - lo) * 32 * 4
+    x = grow / states
+    names = "h and c" if n_states == 2 else "h"
+    return (f"peak memory grows with T only by the saved states: "
+            f"{_met(x <= SAVED_PER_STATE)} (peak RSS grows by {grow / 2**20:.0f} MiB from T={lo} "
+            f"to T={hi}, where the {names} buffers [64, T + 1, 32] float32 alone grow by "
+            f"{states / 2**20:.1f} MiB: {x:.1f}×; read as met up to {SAVED_PER_STATE}×, a step "
+            "keeping a few [64, 32] tensors per state)")
+
+
+SAVED_PER_STATE = 8   # a step's body saves its gates and activations, a few tensors per state
+
+
+def scaling_section(results: list[dict], mach: dict, opts, wall: float, command: str,
+                    load: tuple) -> str:
+    fams = list(dict.fromkeys(r["family"] for r in results))
+    verdicts = [scaling_verdict(f, {r["steps"]: r["impls"] for r in results
+                                    if r["family"] == f}) for f in fams]
+    fmt_load = lambda la: ", ".join(f"{x:.1f}" for x in la or [])   # noqa: E731
+    return "\n".join([
+        SCALING_BEGIN, "## Sequence-length scaling of the recurrent layers", "",
+        f"Reproduce: `{command}` (took {wall / 60:.1f} min on "
+        f"{time.strftime('%Y-%m-%d', time.gmtime())}). `--scaling --quick` is the smoke "
+        "check (T = 16 and 64, two timed steps). The machine must be otherwise idle.", "",
+        f"Machine: {mach['cpu']}, {mach['cores']} cores; load average before the run "
+        f"{fmt_load(load[0])}, after {fmt_load(load[1])}. tinygrad {mach['tinygrad']}, torch "
+        f"{mach['torch']} ({opts.torch_threads} thread{'s' if opts.torch_threads > 1 else ''})"
+        f". On-disk kernel cache: {'off (CACHELEVEL=0)' if opts.cold_cache else 'on'}.", "",
+        scaling_table(results, opts),
+        "- The graphs/lstm.yaml and bench/specs/gru.yaml workloads (hidden 32, batch 64, Adam "
+        "0.01, sine-like windows) with the sequence length T written over the spec. dlgraph "
+        "runs the recurrence as one `loop` node (the cell compiled once, called per step); "
+        "the hand-written tinygrad unrolls it (T cells, as in the table above); PyTorch runs "
+        "`nn.LSTM`/`nn.GRU`.",
+        f"- Each cell is one fresh worker process, alone: **first step** is the wall time "
+        f"from its start to the end of its first training step (budget {opts.first_budget:g} "
+        f"s); **steady step** the median of {opts.steps} timed steps after the third "
+        f"(budget {opts.steady_budget:g} s for steps 2 to the last); **peak RSS** the "
+        f"worker's `ru_maxrss` (budget {opts.mem_budget:,} MiB). A worker over a budget is "
+        "killed: \"> budget\", and its RSS so far as \"≥\". dlgraph's first step at T "
+        "against its first step at the shortest T shows whether start-up is flat in T.",
+        "- The three start from the same weights and batch; their first-step losses agree "
+        f"within {TOL:g} relative or the row fails.", "",
+        "What the table shows, against issue 9's targets:", "",
+        *[f"- {v}" for v in verdicts], "", SCALING_END, ""])
+
+
+SCALING_BEGIN = "<!-- scaling: written by bench/run.py --scaling; begin -->"
+SCALING_END = "<!-- scaling: end -->"
+
+
+def scaling_block(text: str) -> str | None:
+    """The scaling section of a report, markers included, or None."""
+    if SCALING_BEGIN not in text or SCALING_END not in text:
+        return None
+    return SCALING_BEGIN + text.split(SCALING_BEGIN, 1)[1].split(SCALING_END, 1)[0] \
+        + SCALING_END
+
+
+def splice_scaling(text: str, section: str | None) -> str:
+    """``text`` with its scaling section replaced by ``section`` (appended where it has
+    none; removed where ``section`` is None)."""
+    old = scaling_block(text)
+    if old is not None:
+        a, b = text.split(old, 1)
+        text = a.rstrip("\n") + ("\n\n" + b.lstrip("\n") if b.strip() else "\n")
+    return text.rstrip("\n") + "\n\n" + section.strip() + "\n" if section else text
 
 
 # =========================================================================== report
@@ -407,6 +684,87 @@ def report(results, mach, opts, wall: float, command: str) -> str:
     return "\n".join(lines)
 
 
+def write_report(out: Path, md: str) -> None:
+    """Write the main report, keeping the scaling section the file already has."""
+    old = scaling_block(out.read_text()) if out.exists() else None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(splice_scaling(md, old))
+    print(f"wrote {out}")
+
+
+def scaling_options(ap, opts) -> tuple[list[str], list[int]]:
+    """The families and lengths of a --scaling run, its defaults filled in."""
+    from workloads import SCALING_FAMILIES, SCALING_LENGTHS, SCALING_QUICK_LENGTHS
+    fams = opts.only.split(",") if opts.only else list(SCALING_FAMILIES)
+    bad = [f for f in fams if f not in SCALING_FAMILIES]
+    if bad:
+        ap.error(f"--scaling runs {', '.join(SCALING_FAMILIES)}, not {', '.join(bad)}")
+    try:
+        lengths = [int(x) for x in opts.lengths.split(",")] if opts.lengths else \
+            list(SCALING_QUICK_LENGTHS if opts.quick else SCALING_LENGTHS)
+    except ValueError:
+        ap.error(f"--lengths takes comma-separated integers, not {opts.lengths!r}")
+    if any(t < 1 for t in lengths):
+        ap.error("--lengths must be positive")
+    opts.steps = opts.steps or (2 if opts.quick else 5)
+    return fams, lengths
+
+
+def main_scaling(ap, opts, argv) -> int:
+    """--scaling: the sequence-length table, written as its section of docs/benchmarks.md."""
+    fams, lengths = scaling_options(ap, opts)
+    full = not (opts.only or opts.quick or opts.lengths)
+    out = Path(opts.out) if opts.out else (DEFAULT_OUT if full else None)
+    if full and not opts.json:
+        opts.json = str(HERE / "last-scaling.json")   # lets --from-json re-render it
+    load0 = os.getloadavg()
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="dlgraph-scaling-") as tmp:
+        results = run_scaling(opts, fams, lengths, Path(tmp))
+    wall = time.perf_counter() - t0
+    load = (load0, os.getloadavg())
+    command = ".venv/bin/python bench/run.py" + "".join(
+        f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
+    mach = machine()
+    section = scaling_section(results, mach, opts, wall, command, load)
+    print()
+    print(section)
+    print(f"total wall time {wall:.0f} s")
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(splice_scaling(out.read_text() if out.exists() else "", section))
+        print(f"wrote {out}")
+    if opts.json:
+        keep = ("steps", "first_budget", "steady_budget", "mem_budget", "torch_threads",
+                "cold_cache", "quick")
+        Path(opts.json).write_text(json.dumps(
+            {"mode": "scaling", "results": results, "wall_s": wall, "machine": mach,
+             "command": command, "load": load, "opts": {k: getattr(opts, k) for k in keep}},
+            indent=1))
+    failed = [r["name"] for r in results if "failed" in r]
+    if failed:
+        print(f"FAILED: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def from_json(opts) -> int:
+    """--from-json: re-render the report (or the scaling section) of an earlier run."""
+    raw = json.loads(Path(opts.from_json).read_text())
+    for k, v in raw["opts"].items():
+        setattr(opts, k, v)
+    out = Path(opts.out) if opts.out else DEFAULT_OUT
+    if raw.get("mode") == "scaling":
+        section = scaling_section(raw["results"], raw["machine"], opts, raw["wall_s"],
+                                  raw["command"], raw["load"])
+        out.write_text(splice_scaling(out.read_text() if out.exists() else "", section))
+        print(f"wrote {out}")
+        return 0
+    write_report(out, report(raw["results"], raw["machine"], opts, raw["wall_s"],
+                             raw["command"]))
+    return 0
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--only", help="comma-separated workloads (mlp, cnn, lstm, gru, "
@@ -425,6 +783,18 @@ def main(argv=None):
                     help="add dlgraph+ (dlgraph with bench/proposals.py applied) to the rounds")
     ap.add_argument("--cold-cache", action="store_true",
                     help="workers run with tinygrad's on-disk kernel cache off")
+    ap.add_argument("--scaling", action="store_true",
+                    help="the sequence-length table instead: lstm and gru (--only to pick) at "
+                         "T = 16, 64, 256, 1024 (--quick: 16, 64), one worker per cell")
+    ap.add_argument("--lengths", help="--scaling: comma-separated sequence lengths")
+    ap.add_argument("--steps", type=int, help="--scaling: timed steps per cell (default 5, "
+                                              "--quick 2)")
+    ap.add_argument("--first-budget", type=float, default=240,
+                    help="--scaling: seconds a worker may take to its first step")
+    ap.add_argument("--steady-budget", type=float, default=180,
+                    help="--scaling: seconds for the steps after the first, timed ones included")
+    ap.add_argument("--mem-budget", type=int, default=8192,
+                    help="--scaling: MiB of peak RSS a worker may reach")
     ap.add_argument("--out", help=f"markdown report (default: {DEFAULT_OUT.relative_to(ROOT)} "
                                   "for a full run, none otherwise)")
     ap.add_argument("--json", help="also write the raw results here")
@@ -434,20 +804,16 @@ def main(argv=None):
     ap.add_argument("--worker", choices=IMPLS + (PLUS,), help=argparse.SUPPRESS)
     ap.add_argument("--workload", help=argparse.SUPPRESS)
     ap.add_argument("--payload", help=argparse.SUPPRESS)
+    ap.add_argument("--early", action="store_true", help=argparse.SUPPRESS)
     opts = ap.parse_args(argv)
     if opts.worker:
         opts.impl = opts.worker
         return worker(opts)
 
     if opts.from_json:
-        raw = json.loads(Path(opts.from_json).read_text())
-        for k, v in raw["opts"].items():
-            setattr(opts, k, v)
-        md = report(raw["results"], raw["machine"], opts, raw["wall_s"], raw["command"])
-        out = Path(opts.out) if opts.out else DEFAULT_OUT
-        out.write_text(md)
-        print(f"wrote {out}")
-        return 0
+        return from_json(opts)
+    if opts.scaling:
+        return main_scaling(ap, opts, argv)
 
     from workloads import WORKLOADS
     names = opts.only.split(",") if opts.only else (["mlp", "lstm"] if opts.quick
@@ -484,9 +850,7 @@ def main(argv=None):
     print(table(results))
     print(f"total wall time {wall:.0f} s")
     if out:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(md)
-        print(f"wrote {out}")
+        write_report(out, md)
     if opts.json:
         keep = ("rounds", "round_s", "min_steps", "torch_threads", "cold_cache", "quick",
                 "proposals")

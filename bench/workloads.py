@@ -10,6 +10,8 @@ on the values, and the first-step loss check needs only that all three see the s
 from __future__ import annotations
 
 import copy
+import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +37,7 @@ class Workload:
     y_name: str = "y"
     arch: dict[str, int] = field(default_factory=dict)
     needs: tuple[str, ...] = ()                # ops the spec needs (skip with a note if absent)
+    seq: int | None = None                     # sequence length written over the spec's
 
     @property
     def spec_path(self) -> Path:
@@ -49,6 +52,9 @@ class Workload:
         d = copy.deepcopy(d)
         d["train"]["batch"] = self.batch
         d["train"]["optimizer"] = dict(self.optimizer)
+        if self.seq is not None:                   # [batch, time, features]
+            d["inputs"][self.x_name]["shape"][1] = self.seq
+            d["train"]["data"]["length"] = self.seq
         return d
 
     def spec_source(self) -> dict:
@@ -112,3 +118,31 @@ WORKLOADS: dict[str, Workload] = {w.name: w for w in [
              needs=("multi_head_attention", "transformer_encoder_block",
                     "positional_encoding")),
 ]}
+
+
+# The sequence-length scaling table (bench/run.py --scaling): the lstm and gru workloads
+# above at other lengths; the quick setting is the smoke check.
+SCALING_FAMILIES = ("lstm", "gru")
+SCALING_LENGTHS = (16, 64, 256, 1024)
+SCALING_QUICK_LENGTHS = (16, 64)
+
+
+def scaled(family: str, steps: int) -> Workload:
+    """The ``family`` workload (lstm or gru) at sequence length ``steps``: ``lstm-t256``."""
+    base = WORKLOADS[family]
+    cell = family.upper()
+    return dataclasses.replace(
+        base, name=f"{family}-t{steps}", seq=steps,
+        title=f"{cell} 1→32, {steps} steps, batch {base.batch}, Adam",
+        inputs={"x": ((steps, 1), "float32", _sine), "y": ((1,), "float32", _normal)})
+
+
+def workload(name: str) -> Workload:
+    """A workload by name: one of WORKLOADS, or ``lstm-t<T>`` / ``gru-t<T>``."""
+    if name in WORKLOADS:
+        return WORKLOADS[name]
+    m = re.fullmatch(r"(lstm|gru)-t([1-9][0-9]*)", name)
+    if m is None:
+        raise KeyError(f"unknown workload {name!r}; known: {', '.join(WORKLOADS)}, "
+                       "lstm-t<T>, gru-t<T>")
+    return scaled(m[1], int(m[2]))
