@@ -107,7 +107,8 @@ class DlgraphPeer:
         self.step.dims = bind(g, sample)
         self.model = Model(g, self.params)
         self.out_name = self.model.outputs[0]
-        self.infer_inputs = [n for n in self.model._eval.order if g[n].role == "input"]
+        # the model reads the inputs it needs from those it is given, the label among them
+        self.infer_inputs = list(g.inputs)
 
     def train_step(self, batch: dict[str, np.ndarray]) -> float:
         feeds = [self.to_tensor(batch[k], self.dtypes[k]) for k in self.names]

@@ -370,7 +370,7 @@ def run_scaling(opts, families, lengths, tmp: Path) -> list[dict]:
 def scaling_cells(c: dict, opts) -> str:
     """First step, steady step and peak RSS of one cell as table cells."""
     if "failed" in c:
-        return f"**failed**: {c['failed'].splitlines()[0]} | | "
+        return f"**failed**: {c['failed'].strip().splitlines()[-1].strip()} | — | —"
     rss = f"{c['maxrss_kib'] / 1024:,.0f}"
     if c.get("over_what") == "memory":
         budget = f"killed at {opts.mem_budget:,} MiB RSS"
@@ -452,8 +452,9 @@ def scaling_verdict(fam: str, rows: dict[int, dict]) -> str:
                 "within its budget"] if never else [])
         parts.append("steady step faster than unrolled from T=64 on: " + _met(not slower)
                      + f" ({', '.join(notes)})")
-    parts.append(_memory_verdict(fam, d, lo, hi))
-    return f"**{fam.upper()}-32**: " + "; ".join(p for p in parts if p) + "."
+    parts = [p for p in [*parts, _memory_verdict(fam, d, lo, hi)] if p]
+    return f"**{fam.upper()}-32**: " + ("; ".join(parts) if parts else
+                                         "too few cells finished to judge a target") + "."
 
 
 def _memory_verdict(fam: str, d: dict, lo: int, hi: int) -> str:
