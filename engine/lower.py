@@ -8,11 +8,12 @@ call of :func:`evaluate` inside a ``TinyJit`` becomes one compiled program. Node
 from __future__ import annotations
 
 import shutil
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
 from tinygrad import Tensor, TinyJit, Variable
-from tinygrad.engine.jit import _prepare_jit_inputs
+from tinygrad.engine.jit import JitError, _prepare_jit_inputs
 from tinygrad.helpers import DEV
 
 from dlgraph.ops import OPS
@@ -254,7 +255,21 @@ class Program:
             later |= set(st.reads)
         self.stages = [st for st in stages if st.made or st.finish]
         self.params_as_inputs = params_as_inputs
+        self.progress = None        # callable(str): says what is compiled before the first run
+        self.label = "program"
         Tensor.rand(1).realize()   # the RNG state must exist before a capture (fresh noise)
+
+    def announce(self, stage, seconds: float | None = None, kernels: int = 0) -> None:
+        """One progress line as a stage compiles (before) and when it is done (after)."""
+        if self.progress is None:
+            return
+        k = self.stages.index(stage) + 1
+        what = stage.describe()
+        if seconds is None:
+            self.progress(f"compiling {self.label}: stage {k}/{len(self.stages)}, {what} …")
+        else:
+            self.progress(f"compiled {self.label}: stage {k}/{len(self.stages)}, {what}: "
+                          f"{kernels} kernel{'s' * (kernels != 1)} in {seconds:.1f} s")
 
     def value(self, env: dict, nid: str) -> Tensor:
         n = self.graph.nodes[nid]
@@ -270,7 +285,7 @@ class Program:
         env = dict(inputs)
         for st in self.stages:
             st.run(env, dims)
-        return [env[t] for t in self.targets]
+        return [self.value(env, t) for t in self.targets]
 
 
 class Segment:
@@ -308,17 +323,32 @@ class Segment:
             return res
         return names, step
 
+    def describe(self) -> str:
+        return f"{len(self.made)} nodes" + (" and the update" if self.finish else "")
+
     def run(self, env: dict, dims: dict[str, int]) -> None:
         key = tuple(sorted(dims.items()))
-        if key not in self._jits:
+        fresh = key not in self._jits
+        if fresh:
             names, step = self._fn(dict(dims))
             jit = TinyJit(step)
             jit.cnt = 1             # capture on the first call: the step is scheduled once
             self._jits[key] = (names, jit)
+            self.prog.announce(self)
+            t0 = time.perf_counter()
         names, jit = self._jits[key]
-        outs = jit(*[self.prog.value(env, r) if self.prog.graph[r].role != "param"
-                     else self.prog.params[r.replace("/", ".")] for r in names])
+        args = [self.prog.value(env, r) if self.prog.graph[r].role != "param"
+                else self.prog.params[r.replace("/", ".")] for r in names]
+        try:
+            outs = jit(*args)
+        except JitError as e:   # nothing to compile (constants, views): run it as it is
+            if "didn't JIT anything" not in str(e):
+                raise
+            self._jits[key] = names, jit = names, jit.fxn
+            outs = jit(*args)
         env.update(zip(self.outputs, outs, strict=True))
+        if fresh:
+            self.prog.announce(self, time.perf_counter() - t0, _kernels(jit))
 
 
 class LoopStage:
@@ -351,6 +381,10 @@ class LoopStage:
             for j in self._compiled[key][1:]:
                 j.cnt = 1
         bufs, prologue, step = self._compiled[key]
+        fresh = step.captured is None
+        if fresh:
+            self.prog.announce(self)
+            t0 = time.perf_counter()
         xs = [self.prog.value(env, i) for i in self.node.inputs]
         ns, nst = a.n_seq, a.n_state
         prologue(*xs[ns:ns + nst], *bufs)
@@ -358,10 +392,18 @@ class LoopStage:
         args = (*xs[:ns], *xs[ns + nst:], *bufs)
         step(var.bind(0), *args)               # captures on the first run, replays later
         replay = _replayer(step, (var.bind(0), *args))
+        if fresh:
+            self.prog.announce(self, time.perf_counter() - t0, _kernels(step) + _kernels(prologue))
         for s in range(1, a.steps // self.chunk):
             replay({"step": s})
         env.update(zip([p for p in self.picks], [bufs[self._index(p)] for p in self.picks],
                        strict=True))
+
+    def describe(self) -> str:
+        a = self.node.attrs
+        ops = sum(1 for n in a.body.nodes.values() if n.role not in ("input", "param"))
+        return (f"a loop over {a.steps} steps" + (" backwards" if a.reverse else "")
+                + f" ({ops} ops per step)")
 
     def _index(self, pick: str) -> int:
         return self.prog.graph[pick].attrs.index
@@ -414,6 +456,11 @@ class LoopStage:
             Tensor.realize(*work, *ctx.updates)
             return bufs[0]
         return step
+
+
+def _kernels(jit) -> int:
+    captured = getattr(jit, "captured", None)
+    return len(captured.linear.src) if captured is not None else 0
 
 
 def _replayer(jit: TinyJit, args: tuple):

@@ -284,6 +284,9 @@ def _set_up(graph: Graph, *, out, resume: bool, device, epochs, steps, quiet: bo
     runners = [PhaseStep(graph, ph, params, names, graphs[ph.name]) for ph in phases]
     for r in runners:
         r.dims = dims
+        r.program.progress = None if quiet else echo
+        r.program.label = f"the training step of '{r.phase.name}'" if len(runners) > 1 \
+            else "the training step"
     per_epoch = len(train_arrays[names[0]]) // spec.batch
     max_steps = steps or spec.steps
     run = _Run(graph, spec, runners, params, names, dims, train_arrays, run_dir,

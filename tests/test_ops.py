@@ -380,11 +380,12 @@ def test_batch_norm_training_uses_batch_stats_and_updates_running_ones():
     np_params = {k: v.numpy() for k, v in params.items()}
     want = run_ref(case, attrs_of(case), [x], make_ctx(np_params, training=True))
     np.testing.assert_allclose(y.numpy(), want, rtol=1e-5, atol=1e-5)
-    # running = (1 - momentum) * running + momentum * batch statistic (biased variance)
+    # running = (1 - momentum) * running + momentum * batch statistic (unbiased variance,
+    # as PyTorch keeps it)
     np.testing.assert_allclose(np_params["out.running_mean"], 0.2 * x.mean(0, keepdims=True),
                                rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(np_params["out.running_var"],
-                               0.8 + 0.2 * x.var(0, keepdims=True), rtol=1e-5)
+                               0.8 + 0.2 * x.var(0, ddof=1, keepdims=True), rtol=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["normal", "uniform"])
