@@ -479,8 +479,32 @@ def _dynamic(imp, node) -> bool:
         zeros = imp.values[node.input[0]].zeros and node.op_type in ZERO_KEEPING
         for o in node.output:
             imp.values[o] = Value(dynamic=True, zeros=zeros)
+        imp.values[node.output[0]].dims = _dims_of(imp, node)
         return True
     return False
+
+
+def _dims(imp, name):
+    v = imp.values[name]
+    return v.dims if v.dims is not None else (
+        tuple(int(d) for d in np.atleast_1d(v.const)) if v.const is not None
+        and v.const.ndim <= 1 and v.const.dtype.kind in "iu" else None)
+
+
+def _dims_of(imp, node) -> tuple | None:
+    """The dims a piece of shape arithmetic yields, when they can be followed: Concat,
+    Unsqueeze and Squeeze of dims, Gather of one of them, Cast."""
+    ins = [_dims(imp, i) for i in node.input if i]
+    if any(d is None for d in ins[:1]):
+        return None
+    if node.op_type == "Concat" and all(d is not None for d in ins):
+        return tuple(d for part in ins for d in part)
+    if node.op_type in ("Unsqueeze", "Squeeze", "Cast", "Identity"):
+        return ins[0]
+    idx = imp.const(node.input[1]) if node.op_type == "Gather" else None
+    if idx is not None and idx.ndim == 0 and -len(ins[0]) <= int(idx) < len(ins[0]):
+        return (ins[0][int(idx)],)
+    return None
 
 
 def shape_op(imp, node):
@@ -489,10 +513,10 @@ def shape_op(imp, node):
     start, end = a.get("start", 0), a.get("end", None)
     if s is not None and all(isinstance(d, int) for d in s[start:end]):
         imp.values[node.output[0]] = Value(const=np.array(s[start:end], np.int64))
-    elif start == 0 and end is None:
-        imp.values[node.output[0]] = Value(shape_of=node.input[0], dynamic=True)
     else:
-        imp.values[node.output[0]] = Value(dynamic=True)
+        dims = tuple(s[start:end]) if s is not None and None not in s else None
+        imp.values[node.output[0]] = Value(shape_of=node.input[0] if start == 0 and end is None
+                                           else None, dynamic=True, dims=dims)
 
 
 def _target(imp, node, shape):
@@ -503,7 +527,8 @@ def _target(imp, node, shape):
     if shape is None:
         raise Unsupported("a shape computed at run time that shape inference cannot resolve")
     ins = _need(imp, node.input[0])
-    dims = [ins[i] if d == 0 else int(d) for i, d in enumerate(shape)]
+    dims = [ins[i] if d == 0 else d if isinstance(d, str) else int(d)
+            for i, d in enumerate(shape)]
     if sum(1 for d in dims if isinstance(d, str)) != sum(1 for d in ins if isinstance(d, str)):
         raise Unsupported("a reshape that merges named dims")
     return dims
@@ -519,7 +544,7 @@ def reshape(imp, node):
                                          [imp.ref(node.input[0]), imp.ref(v.shape_of)],
                                          [origin(node)]))
         return
-    shape = _target(imp, node, imp.const(node.input[1]))
+    shape = _target(imp, node, _dims(imp, node.input[1]))
     imp.bind(node.output[0], imp.add(hint(node, imp), "reshape", [imp.ref(node.input[0])],
                                      [origin(node)], shape=shape))
 

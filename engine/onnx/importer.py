@@ -38,6 +38,7 @@ class Value:
     shape_of: str | None = None         # the run-time shape of this ONNX value
     dynamic: bool = False               # run-time shape arithmetic (read from inferred types)
     zeros: bool = False                 # zeros of a run-time shape (an initial state, say)
+    dims: tuple | None = None           # a run-time shape's dims, names included ('batch', 8)
 
 
 def valid_id(text: str) -> str:
@@ -262,7 +263,9 @@ def prepare_model(model):
     from onnx import shape_inference, version_converter
     have = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")),
                default=OPSET)
-    if have != OPSET:
+    # the rules read opsets 13 on as they are (axes as attributes or inputs); older models
+    # (Softmax over flattened axes, say) and newer ones go through onnx's converter
+    if not 13 <= have <= OPSET:
         try:
             model = version_converter.convert_version(model, OPSET)
         except Exception:  # the converter lacks some adapters; the model may still import
