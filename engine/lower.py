@@ -218,6 +218,14 @@ def lower(graph: Graph, targets: list[str], *, params: dict[str, Tensor],
     return Program(graph, targets, params, training, finish, params_as_inputs, inline)
 
 
+INLINE_STEPS = 16
+"""Loops of at most this many steps are traced step by step into their stage (one program,
+the fastest steady step); longer ones run as a compiled step per time step, so that
+compile time stays flat in the length. Measured (bench/NOTES.md, LSTM-32, batch 64):
+traced, the first step took 10 s at T=16 and 64 s at T=64; as a compiled step 7-10 s at
+any T, with a steady step about twice the traced one at T=16."""
+
+
 def _chunk(steps: int, most: int = 1) -> int:
     """Steps per compiled loop call: the largest divisor of ``steps`` up to ``most``.
 
@@ -239,11 +247,13 @@ class Program:
         self.input_names = [n for n in graph.inputs if n in needed]
         stages: list = []
         cur: list[str] = []
+        staged = {nid for nid in order if graph[nid].op == "loop" and not inline
+                  and graph[nid].attrs.steps > INLINE_STEPS}
         for nid in order:
             n = graph[nid]
-            if n.role in ("input", "param") or (n.op == "pick" and not inline):
+            if n.role in ("input", "param") or (n.op == "pick" and n.inputs[0] in staged):
                 continue
-            if n.op == "loop" and not inline:
+            if nid in staged:
                 stages += [Segment(self, cur), LoopStage(self, n)]
                 cur = []
             else:
