@@ -218,12 +218,12 @@ def lower(graph: Graph, targets: list[str], *, params: dict[str, Tensor],
     return Program(graph, targets, params, training, finish, params_as_inputs, inline)
 
 
-INLINE_STEPS = 16
-"""Loops of at most this many steps are traced step by step into their stage (one program,
-the fastest steady step); longer ones run as a compiled step per time step, so that
-compile time stays flat in the length. Measured (bench/NOTES.md, LSTM-32, batch 64):
-traced, the first step took 10 s at T=16 and 64 s at T=64; as a compiled step 7-10 s at
-any T, with a steady step about twice the traced one at T=16."""
+INLINE_STEPS = 1
+"""Loops of at most this many steps are traced step by step into their stage; longer ones
+run as a compiled step per time step, so that compile time stays flat in the length.
+Measured (LSTM-32 training step, batch 64, 2 loaded cores, warm kernel cache): traced, the
+first step took 19.5 s at T=4 and 32 s at T=16; as a compiled step 14 s and 8-13 s. The
+traced steady step is faster (22-32 ms against 41-100 ms at T=4-16): start-up wins."""
 
 
 def _chunk(steps: int, most: int = 1) -> int:
