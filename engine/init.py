@@ -68,7 +68,7 @@ def init_param(p: Param, seed: int) -> np.ndarray:
     >>> init_param(Param("fc.bias", "fc/bias", (3,), "zeros", 3, 3), 0)
     array([0., 0., 0.], dtype=float32)
     """
-    rng = np.random.default_rng([seed, zlib.crc32(p.name.encode())])
+    rng = np.random.default_rng([int(seed) & (2**64 - 1), zlib.crc32(p.name.encode())])
     if isinstance(p.init, int | float):
         v = np.full(p.shape, float(p.init))
     else:  # the spec model only lets names of the table through
@@ -81,7 +81,7 @@ def random_inputs(graph: Graph, batch: int, seed: int = 0) -> dict[str, np.ndarr
 
     Integer inputs get ids below the size of the one-hot or embedding that reads them.
     """
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(int(seed) & (2**64 - 1))
     out = {}
     for name, t in graph.inputs.items():
         shape = tuple(batch if isinstance(d, str) else d for d in t.shape)

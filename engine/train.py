@@ -10,6 +10,9 @@ optimizers apply them. Everything a run produces goes to its run directory::
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import fnmatch
 import json
 import math
 import re
@@ -26,9 +29,12 @@ from tinygrad import Context, Tensor
 from tinygrad.nn.state import get_state_dict
 
 from .autodiff import phase_graphs, phase_params, training_graph
-from .checkpoint import atomic_write, load_tensors, save_tensors
+from .callbacks import make_callbacks
+from .checkpoint import atomic_write, load_tensors, read_checkpoint, save_tensors
 from .data import batches, load_data, split
-from .errors import DataError, GraphError, Source, SpecError, TrainingError
+from .data.base import check_finite, check_lengths, standard_dtype
+from .data.ids import check_feeds
+from .errors import DataError, Source, SpecError, TrainingError
 from .ir import Graph
 from .lower import Ctx, Evaluator, bind, init_params, lower, to_tensor, use_device
 from .summary import summarize
@@ -47,15 +53,25 @@ class TrainResult:
     first_step_seconds: float
     history: list[dict] = field(default_factory=list)
     params: dict[str, Tensor] = field(default_factory=dict, repr=False)  # the trained tensors
+    best: dict | None = None             # best.safetensors: file, epoch, metric, value
 
     def line(self) -> str:
         shown = ", ".join(f"{k} {_fmt(v)}" for k, v in self.metrics.items())
         goal = ""
         if self.target:
             goal = f"; target {self.target}: {'met' if self.target_met else 'NOT met'}"
-        return (f"done: {shown}{goal} — {self.epochs} epochs, {self.steps:,} steps in "
-                f"{self.seconds:.1f} s (first step after {self.first_step_seconds:.1f} s); "
-                f"run dir {self.run_dir}")
+        best = ""
+        if self.best:
+            best = (f"; best {self.best['metric']} {_fmt(self.best['value'])} at epoch "
+                    f"{self.best['epoch']} in {self.best['file']}")
+        return (f"done: {shown}{goal}{best} — {_count(self.epochs, 'epoch')}, "
+                f"{_count(self.steps, 'step')} in {self.seconds:.1f} s (first step after "
+                f"{self.first_step_seconds:.1f} s); run dir {self.run_dir}")
+
+
+def _count(n: int, what: str) -> str:
+    """'1 epoch', '2 epochs', '1,000 steps'."""
+    return f"{n:,} {what}{'s' * (n != 1)}"
 
 
 def _fmt(v: float) -> str:
@@ -133,18 +149,42 @@ def _run_dir(graph: Graph, out: str | Path | None) -> Path:
     return d
 
 
-def feed_arrays(graph: Graph, spec, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def feed_arrays(graph: Graph, spec, arrays: dict[str, np.ndarray],
+                what: str | None = None) -> dict[str, np.ndarray]:
     """Graph input name -> data array, by name or through ``feed:``."""
+    what = what or f"the data source '{spec.data.source}'"
     out = {}
     for name in graph.inputs:
         key = spec.feed.get(name, name)
         if key not in arrays:
-            raise DataError(f"the data source '{spec.data.source}' has no array '{key}' for "
-                            f"input '{name}'; it gives: {', '.join(arrays)}",
+            raise DataError(f"{what} has no array '{key}' for input '{name}'; it gives: "
+                            f"{', '.join(arrays)}",
                             source=Source(graph.source, graph.lines.get(("train", "data"))),
                             help=f"map it with `feed: {{{name}: <one of {', '.join(arrays)}>}}`")
         out[name] = arrays[key]
     return out
+
+
+def data_arrays(graph: Graph, spec, data: dict | None = None) -> dict[str, np.ndarray]:
+    """The samples a run trains on, by graph input: from the spec's data source, or from
+    in-memory ``data`` (name -> numpy array, checked as a file source's arrays are); label
+    and id ranges checked against the graph."""
+    if data is None:
+        if spec.data is None:
+            raise SpecError("the `train:` section has no `data:`", source=Source(
+                graph.source, graph.lines.get(("train",))),
+                help="add `data: {source: ...}`, or pass arrays: dlgraph.train(g, data={...})")
+        where = getattr(spec.data, "path", None) or f"the '{spec.data.source}' data"
+        arrays = load_data(spec.data, graph.base or Path.cwd(), spec.seed)
+        fed = feed_arrays(graph, spec, arrays)
+    else:
+        where = "data="
+        arrays = {k: standard_dtype(np.asarray(v)) for k, v in data.items()}
+        check_lengths(arrays, where)
+        check_finite(arrays, where)
+        fed = feed_arrays(graph, spec, arrays, "the data= arrays")
+    check_feeds(graph, fed, where)
+    return fed
 
 
 def _metric_refs(graph: Graph, spec) -> list[tuple[str, str, str, str]]:
@@ -233,6 +273,9 @@ class _Run:
     start_epoch: int = 0
     history: list[dict] = field(default_factory=list)
     first_step: float | None = None
+    stop: bool = False                    # set by a callback (early stopping)
+    lr_scale: dict[str, float] = field(default_factory=dict)   # phase -> factor (plateau)
+    best: dict | None = None              # what best.safetensors holds (BestCheckpoint)
 
     @property
     def ckpt(self) -> Path:
@@ -244,43 +287,58 @@ class _Run:
 
 def train(graph: Graph, *, out=None, resume: bool = False, device: str | None = None,
           epochs: int | None = None, steps: int | None = None, quiet: bool = False,
-          debug: bool = False, log=None) -> TrainResult:
-    """Train ``graph`` by its ``train:`` section; see the module docstring for outputs."""
+          debug: bool = False, log=None, data: dict | None = None,
+          init_from: str | Path | None = None) -> TrainResult:
+    """Train ``graph`` by its ``train:`` section; see the module docstring for outputs.
+
+    ``data``: numpy arrays by name (``{"x": X, "y": y}``) instead of the spec's data source,
+    split and batched the same way. ``init_from``: a weights file whose parameters of the
+    same name and shape seed this graph (as ``init_from:`` in the spec).
+    """
     t_start = time.perf_counter()
     echo = log or (lambda s: None if quiet else print(s, file=sys.stderr, flush=True))
     run = _set_up(graph, out=out, resume=resume, device=device, epochs=epochs, steps=steps,
-                  quiet=quiet, debug=debug, echo=echo, t_start=t_start)
+                  quiet=quiet, debug=debug, echo=echo, t_start=t_start, data=data,
+                  init_from=init_from)
+    callbacks = make_callbacks(run.spec, run.spec.all_phases())
+    for cb in callbacks:
+        cb.on_train_begin(run)
     met, last, epoch = None, {}, run.start_epoch
     with open(run.run_dir / "metrics.jsonl", "a") as mf:
         for epoch in range(run.start_epoch, run.epochs):
             last = _epoch(run, epoch, mf)
             met, stop = _end_of_epoch(run, epoch, last, met)
-            if stop:
+            for cb in callbacks:
+                cb.on_epoch_end(run, epoch, last)
+            if stop or run.stop:
                 break
-    return _finish(run, epoch, last, met)
+    return _finish(run, epoch, last, met, callbacks)
 
 
 # ------------------------------------------------------------------------------ set-up
 
 
 def _set_up(graph: Graph, *, out, resume: bool, device, epochs, steps, quiet: bool,
-            debug: bool, echo, t_start: float) -> _Run:
+            debug: bool, echo, t_start: float, data=None, init_from=None) -> _Run:
     """Everything before the first step: checks, data, parameters, phases, run directory."""
     spec = graph.spec.train if graph.spec is not None else None
     if spec is None:
         raise SpecError("this spec has no `train:` section", source=Source(graph.source),
                         help="`dlgraph run` without one runs the forward pass only")
     use_device(device)
+    graph = frozen(graph, spec.freeze)
     graphs = phase_graphs(graph)            # every phase reversed once, here
     summarize(graph, graphs)
     phases = spec.all_phases()
     epochs = epochs or spec.epochs
     metrics = _metric_refs(graph, spec)
-    train_arrays, val_arrays, n, n_val = _split_data(graph, spec)
+    train_arrays, val_arrays, note = split_data(graph, spec, data)
     names = list(graph.inputs)
     dims = bind(graph, {k: v[:spec.batch] for k, v in train_arrays.items()}, where="data for")
     run_dir = _run_dir(graph, out)
     params = init_params(graph, spec.seed)
+    if not resume and (init_from or spec.init_from):
+        _init_from(graph, params, init_from or spec.init_from, echo)
     runners = [PhaseStep(graph, ph, params, names, graphs[ph.name]) for ph in phases]
     for r in runners:
         r.dims = dims
@@ -289,6 +347,8 @@ def _set_up(graph: Graph, *, out, resume: bool, device, epochs, steps, quiet: bo
             else "the training step"
     per_epoch = len(train_arrays[names[0]]) // spec.batch
     max_steps = steps or spec.steps
+    if max_steps:                            # an epoch count that --steps can reach
+        epochs = min(epochs, -(-max_steps // per_epoch))
     run = _Run(graph, spec, runners, params, names, dims, train_arrays, run_dir,
                epochs, max_steps, per_epoch,
                min(epochs * per_epoch, max_steps or epochs * per_epoch), _goal(spec.target),
@@ -299,21 +359,95 @@ def _set_up(graph: Graph, *, out, resume: bool, device, epochs, steps, quiet: bo
     _start_run_dir(run)
     if val_arrays:
         _set_up_validation(run, phases, metrics, val_arrays)
-    echo(f"training {graph.name}: {n - n_val:,} samples ({n_val:,} for validation), "
-         f"batch {spec.batch}, {per_epoch} steps per epoch, up to {epochs} epochs"
-         + (f", target {run.goal}" if run.goal else ""))
+    echo(_header(run, len(next(iter(val_arrays.values()))) if val_arrays else 0, note))
     return run
 
 
-def _split_data(graph: Graph, spec):
-    """(train arrays, validation arrays, samples, validation samples): whole batches each."""
-    arrays = feed_arrays(graph, spec, load_data(spec.data, graph.base or Path.cwd(), spec.seed))
+def _header(run: _Run, n_val: int, note: str) -> str:
+    """'training x: 1,029 training + 384 validation samples (...), batch 32, ...'."""
+    n_train = len(run.train_arrays[run.names[0]])
+    samples = f"{n_train:,} training + {n_val:,} validation samples" if n_val else \
+        f"{n_train:,} training samples (no validation)"
+    if note:
+        samples += f" ({note.removeprefix('; ')})"
+    length = f"{_count(run.max_steps, 'step')} ({_count(run.epochs, 'epoch')})" \
+        if run.max_steps and run.max_steps < run.epochs * run.per_epoch \
+        else _count(run.epochs, "epoch")
+    return (f"training {run.graph.name}: {samples}, batch {run.spec.batch}, "
+            f"{_count(run.per_epoch, 'step')} per epoch, up to {length}"
+            + (f", target {run.goal}" if run.goal else ""))
+
+
+def frozen(graph: Graph, patterns: list[str]) -> Graph:
+    """``graph`` with the parameters that match ``patterns`` untrainable (a copy)."""
+    if not patterns:
+        return graph
+    hit = [n for n in graph.params if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+    if not hit:
+        raise SpecError(f"freeze: no parameter matches {patterns}",
+                        source=Source(graph.source, graph.lines.get(("train", "freeze"))),
+                        help="parameter names: " + ", ".join(list(graph.params)[:12]))
+    out = copy.copy(graph)
+    out.params = {n: dataclasses.replace(p, trainable=False) if n in hit else p
+                  for n, p in graph.params.items()}
+    return out
+
+
+def _init_from(graph: Graph, params: dict[str, Tensor], spec, echo) -> None:
+    """Copy the parameters that ``spec`` (a path, or an InitFromSpec) selects from a weights
+    file; names mapped by ``rename``, shapes checked; at least one must be found."""
+    from .train_spec import InitFromSpec
+    if not isinstance(spec, InitFromSpec):
+        spec = InitFromSpec(path=str(spec))
+    path = Path(spec.path)
+    if not path.is_absolute() and graph.base is not None and not path.exists():
+        path = Path(graph.base) / path
+    arrays, _ = load_tensors(path)
+    if not any(k in arrays for k in params):        # a run's checkpoint: param.<name>
+        arrays = {k.removeprefix("param."): v for k, v in arrays.items()} or arrays
+    copied = []
+    for name, t in params.items():
+        if not any(fnmatch.fnmatchcase(name, p) for p in spec.params):
+            continue
+        theirs = name
+        for mine, other in spec.rename.items():
+            if name.startswith(mine + "."):
+                theirs = other + name[len(mine):]
+        if theirs not in arrays:
+            continue
+        if tuple(arrays[theirs].shape) != tuple(t.shape):
+            raise DataError(f"parameter '{theirs}' has shape {list(arrays[theirs].shape)} in "
+                            f"the file, '{name}' has {list(t.shape)} here",
+                            source=Source(str(path)),
+                            help="leave it out of init_from.params, or map it with rename")
+        t.assign(Tensor(arrays[theirs].astype(np.float32))).realize()
+        copied.append(name)
+    if not copied:
+        raise DataError(f"no parameter of this graph is in the file; it holds: "
+                        f"{', '.join(list(arrays)[:8])}", source=Source(str(path)),
+                        help="map renamed scopes with init_from.rename, e.g. {enc: encoder}")
+    echo(f"initialised {_count(len(copied), 'parameter')} from {path}")
+
+
+def split_data(graph: Graph, spec, data: dict | None = None):
+    """(train arrays, validation arrays, how the split was made): the validation set is
+    a whole number of batches, as the validation step runs whole batches."""
+    arrays = data_arrays(graph, spec, data)
     n = len(next(iter(arrays.values())))
     frac = spec.validation.split
-    n_val = min(max(round(n * frac / spec.batch), 1), n // spec.batch - 1) * spec.batch \
-        if frac > 0 else 0
-    train_arrays, val_arrays = split(arrays, n_val / n, spec.seed) if n_val else (arrays, {})
-    return train_arrays, val_arrays, n, n_val
+    if frac <= 0:
+        return arrays, {}, ""
+    if n < 2 * spec.batch:
+        raise DataError(f"{n:,} samples cannot make a training batch and a validation batch "
+                        f"of {spec.batch}", source=Source(graph.source,
+                                                          graph.lines.get(("train", "batch"))),
+                        help="use more samples, a smaller batch, or `validation: {split: 0}`")
+    n_val = min(max(round(n * frac / spec.batch), 1), n // spec.batch - 1) * spec.batch
+    note = "" if n_val == round(n * frac) else \
+        f"; split {frac:g} of {n:,} is {n * frac:,.1f}, made {n_val // spec.batch} whole " \
+        f"batch{'es' * (n_val != spec.batch)}"
+    train_arrays, val_arrays = split(arrays, n_val / n, spec.seed)
+    return train_arrays, val_arrays, note
 
 
 def _goal(target) -> str | None:
@@ -356,14 +490,19 @@ def _epoch(run: _Run, epoch: int, mf) -> dict[str, float]:
     bar = tqdm(batches(run.train_arrays, run.spec.batch, run.spec.seed, epoch),
                total=run.per_epoch, desc=f"epoch {epoch + 1}/{run.epochs}", leave=False,
                disable=True if run.quiet else None, file=sys.stderr, unit="step")
-    for batch in bar:
+    said = time.perf_counter()
+    for k, batch in enumerate(bar):
         _step(run, batch, epoch, losses)
-        row = {"kind": "step", "epoch": epoch + 1, "step": run.steps_done}
+        row = {"kind": "step", "epoch": epoch + 1, "step": run.steps_done,
+               "time": round(time.time(), 3)}
         row.update({_loss_key(k, run.runners): v[-1] for k, v in losses.items()})
         mf.write(json.dumps(row) + "\n")
         if not run.quiet:
             bar.set_postfix_str(" ".join(f"{_loss_key(k, run.runners)} {v[-1]:.4g}"
                                          for k, v in losses.items()))
+            if bar.disable and time.perf_counter() - said >= PROGRESS_EVERY:
+                said = time.perf_counter()
+                run.echo(_progress(run, epoch, k + 1, t0, losses))
         if run.out_of_steps():
             break
     last = {_loss_key(k, run.runners): float(np.mean(v)) for k, v in losses.items() if v}
@@ -371,7 +510,8 @@ def _epoch(run: _Run, epoch: int, mf) -> dict[str, float]:
                           or epoch + 1 == run.epochs or run.out_of_steps()):
         last.update(run.validator(run.params, run.val_chunks))
     row = {"kind": "epoch", "epoch": epoch + 1, "step": run.steps_done,
-           "seconds": round(time.perf_counter() - run.t_start, 3), **last}
+           "seconds": round(time.perf_counter() - run.t_start, 3),
+           "time": round(time.time(), 3), **last}
     run.history.append(row)
     mf.write(json.dumps(row) + "\n")
     mf.flush()
@@ -380,13 +520,31 @@ def _epoch(run: _Run, epoch: int, mf) -> dict[str, float]:
     return last
 
 
+#: seconds between progress lines within an epoch when stderr is not a terminal (no bar)
+PROGRESS_EVERY = 10.0
+
+
+def _progress(run: _Run, epoch: int, done: int, t0: float, losses) -> str:
+    """'epoch 1/4  step 120/500  loss 0.53  3.2 steps/s  ETA 1 min 58 s'."""
+    dt = time.perf_counter() - t0
+    rate = done / dt if dt > 0 else 0.0
+    total = min(run.per_epoch, (run.max_steps or run.per_epoch * run.epochs)
+                - run.steps_done + done)
+    eta = (total - done) / rate if rate else 0.0
+    shown = "  ".join(f"{_loss_key(k, run.runners)} {_fmt(v[-1])}" for k, v in losses.items()
+                      if v)
+    when = f"{int(eta // 60)} min {int(eta % 60)} s" if eta >= 60 else f"{eta:.0f} s"
+    return (f"epoch {epoch + 1}/{run.epochs}  step {done}/{total}  {shown}  "
+            f"{rate:.3g} steps/s  ETA {when}")
+
+
 def _step(run: _Run, batch: dict[str, np.ndarray], epoch: int, losses) -> None:
     """One training step: every phase, ``repeat`` times each, on one batch."""
     feeds = [to_tensor(batch[k], run.graph.inputs[k].dtype) for k in run.names]
     for r in run.runners:
         for _ in range(r.phase.repeat):
             lr = lr_at(r.phase.schedule, r.phase.optimizer.lr, run.steps_done, run.total) \
-                if r.phase.schedule else None
+                * run.lr_scale.get(r.phase.name, 1.0) if r.phase.schedule else None
             value = r(feeds, lr).item()
             if not math.isfinite(value):
                 raise _diverged(run, r, feeds, value, epoch)
@@ -426,9 +584,12 @@ def _end_of_epoch(run: _Run, epoch: int, last: dict[str, float], met):
     return met, run.out_of_steps()
 
 
-def _finish(run: _Run, epoch: int, last: dict[str, float], met) -> TrainResult:
-    """The last checkpoint, the weights and the curves; the result."""
+def _finish(run: _Run, epoch: int, last: dict[str, float], met, callbacks=()) -> TrainResult:
+    """The last checkpoint (the state to resume from), the callbacks' last word (e.g. the
+    best epoch's weights restored), the weights and the curves; the result."""
     _checkpoint(run.ckpt, run.params, run.runners, epoch + 1, run.steps_done, run.history)
+    for cb in callbacks:
+        cb.on_train_end(run)
     save_tensors(run.run_dir / "weights.safetensors",
                  {k: v.numpy() for k, v in run.params.items()},
                  {"spec": run.graph.name, "epochs": epoch + 1, "steps": run.steps_done})
@@ -439,7 +600,7 @@ def _finish(run: _Run, epoch: int, last: dict[str, float], met) -> TrainResult:
         run.echo(f"warning: could not draw the training curves: {e}")
     return TrainResult(run.run_dir, last, run.goal, met, epoch + 1, run.steps_done,
                        time.perf_counter() - run.t_start, run.first_step or 0.0, run.history,
-                       run.params)
+                       run.params, run.best)
 
 
 def _loss_key(phase: str, runners) -> str:
@@ -456,18 +617,19 @@ def _checkpoint(path: Path, params, runners, epoch: int, step: int, history) -> 
 
 
 def _restore(path: Path, params, runners) -> tuple[int, int, list]:
-    if not path.is_file():
-        raise TrainingError(f"nothing to resume: {path} does not exist",
-                            help="give --out the run directory of an earlier run")
-    arrays, meta = load_tensors(path)
+    """Parameters and optimizer state from a run's checkpoint; a damaged file, or one of
+    another spec (a missing or other-shaped parameter), is a located TrainingError."""
+    arrays, meta = read_checkpoint(path, {k: tuple(t.shape) for k, t in params.items()})
     for k, t in params.items():
-        if f"param.{k}" not in arrays:
-            raise GraphError(f"the checkpoint {path} has no parameter '{k}'",
-                             help="resume with the spec the run was started with")
-        t.assign(Tensor(arrays[f"param.{k}"])).realize()
+        t.assign(Tensor(arrays[f"param.{k}"].astype(np.float32))).realize()
     for r in runners:
         for k, v in get_state_dict(r.opt).items():
             key = f"optim.{r.phase.name}.{k}"
             if key in arrays:
+                if arrays[key].size != math.prod(v.shape):
+                    raise TrainingError(f"optimizer state '{key}' has shape "
+                                        f"{list(arrays[key].shape)} in the checkpoint, "
+                                        f"{list(v.shape)} here", source=Source(str(path)),
+                                        help="resume with the spec the run was started with")
                 v.assign(Tensor(arrays[key]).cast(v.dtype).reshape(v.shape)).realize()
-    return int(meta["step"]), int(meta["epoch"]), list(meta.get("history", []))
+    return meta["step"], meta["epoch"], list(meta["history"])

@@ -115,6 +115,9 @@ SCHEDULES: dict[str, ScheduleDef] = {d.name: d for d in [
                 * (1 + math.cos(math.pi * min(t / span, 1)))),
     ScheduleDef("linear", "to min_lr",
                 lambda s, base, t, span: base + (s.min_lr - base) * min(t / span, 1)),
+    # the cut itself is made between epochs by engine/callbacks.py's ReduceOnPlateau
+    ScheduleDef("plateau", "times gamma when `metric` has not improved for `patience` epochs, "
+                "down to min_lr (reduce-on-plateau)", lambda s, base, t, span: base),
 ]}
 
 
@@ -129,8 +132,17 @@ class ScheduleSpec(Strict):
         "constant", description=_table_doc(SCHEDULES))
     warmup: int = Field(0, ge=0, description="steps of linear warm-up from 0")
     step_size: int = Field(1000, gt=0, description="for step: steps between decays")
-    gamma: float = Field(0.1, gt=0, description="for step: decay factor")
-    min_lr: float = Field(0.0, ge=0, description="for cosine and linear: final lr")
+    gamma: float = Field(0.1, gt=0, description="for step and plateau: decay factor")
+    min_lr: float = Field(0.0, ge=0, description="for cosine and linear: final lr; for "
+                                                 "plateau: the floor")
+    metric: str = Field("val_loss", description="for plateau: the logged value watched")
+    mode: Literal["auto", "min", "max"] = Field("auto", description="for plateau: whether "
+                                                "lower or higher is better (auto: max for "
+                                                "accuracies, else min)")
+    min_delta: float = Field(0.0, ge=0, description="for plateau: the least change that "
+                                                    "counts as an improvement")
+    patience: int = Field(3, ge=1, description="for plateau: epochs without improvement "
+                                               "before the lr is cut")
 
 # ---------------------------------------------------------------------------- metrics
 
@@ -206,10 +218,40 @@ class TargetSpec(Strict):
         return value < self.below if self.below is not None else value > self.above
 
 
+class MonitorSpec(Strict):
+    """A logged value to watch, e.g. `{metric: val_accuracy}`."""
+
+    metric: str = Field("val_loss", description="a logged name, e.g. `val_loss`, "
+                                                "`val_accuracy` or `loss`")
+    mode: Literal["auto", "min", "max"] = Field("auto", description="whether lower or higher "
+                                                "is better (auto: max for accuracies, else min)")
+    min_delta: float = Field(0.0, ge=0, description="the least change that counts as an "
+                                                    "improvement")
+
+
+class EarlyStoppingSpec(MonitorSpec):
+    """Stop when the watched value has stopped improving."""
+
+    patience: int = Field(5, ge=1, description="epochs without improvement before stopping")
+    restore_best: bool = Field(True, description="end with the weights of the best epoch")
+
+
+class InitFromSpec(Strict):
+    """Parameters copied from a weights file before training (transfer learning)."""
+
+    path: str = Field(description="a weights.safetensors or checkpoint; relative to the spec")
+    params: list[str] = Field(["*"], description="glob patterns over this graph's parameter "
+                                                 "names to copy")
+    rename: dict[str, str] = Field(default_factory=dict, description="this graph's name "
+                                   "prefix -> the file's, for renamed scopes (e.g. "
+                                   "{enc: encoder})")
+
+
 class TrainSpec(Strict):
     """How a spec is trained; a single objective, or several alternating phases."""
 
-    data: DataSpec = Field(description="where the samples come from")
+    data: DataSpec | None = Field(None, description="where the samples come from (leave out "
+                                  "when arrays are passed: dlgraph.train(g, data={...}))")
     feed: dict[str, str] = Field(default_factory=dict, description="graph input -> data "
                                  "array name, where they differ (default: same names)")
     batch: int = Field(32, gt=0, description="samples per step")
@@ -226,6 +268,13 @@ class TrainSpec(Strict):
     target: TargetSpec | None = None
     seed: int = Field(0, description="seeds parameter init, data order and dropout")
     checkpoint_every: int = Field(1, ge=1, description="write a checkpoint every N epochs")
+    early_stopping: EarlyStoppingSpec | None = None
+    best_checkpoint: MonitorSpec | None = Field(
+        None, description="what best.safetensors is chosen by (default: what early_stopping "
+                          "watches, else val_loss when logged)")
+    init_from: InitFromSpec | None = None
+    freeze: list[str] = Field(default_factory=list, description="glob patterns over parameter "
+                              "names that are not trained (as `trainable: false`)")
 
     @model_validator(mode="after")
     def _phases(self):

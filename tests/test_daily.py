@@ -1,0 +1,224 @@
+"""Daily use, as a user meets it: early stopping, the best checkpoint, reduce-on-plateau,
+in-memory data, transfer (init_from, freeze), evaluate, predict, honest headers, resume and
+data checks that name the file."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from click.testing import CliRunner
+
+import dlgraph
+from dlgraph.cli.main import main
+from dlgraph.engine.checkpoint import load_tensors, save_tensors
+from dlgraph.engine.init import init_param, random_inputs
+from dlgraph.engine.ir import Param
+
+SPEC = """\
+dlgraph: 1
+name: daily
+inputs:
+  x: {shape: [batch, 2]}
+  y: {shape: [batch], dtype: int32}
+nodes:
+  h: {op: linear, in: x, out: 16, activation: tanh}
+  logits: {op: linear, in: h, out: 2}
+  loss: {op: cross_entropy, in: [logits, y]}
+outputs: [logits]
+train:
+  data: {source: xor, samples: 300}
+  batch: 32
+  epochs: 3
+  objective: loss
+  optimizer: {type: sgd, lr: 0.5, momentum: 0.9}
+  metrics:
+    - {type: accuracy, in: [logits, y]}
+  validation: {split: 0.25}
+"""
+
+
+def spec_file(tmp_path: Path, name: str = "daily.yaml", text: str = SPEC, **train) -> Path:
+    """SPEC with ``train`` fields replaced or added (None removes one)."""
+    doc = yaml.safe_load(text)
+    for k, v in train.items():
+        if v is None:
+            doc["train"].pop(k, None)
+        else:
+            doc["train"][k] = v
+    p = tmp_path / name
+    p.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return p
+
+
+def weights(path: Path) -> dict[str, np.ndarray]:
+    return load_tensors(path)[0]
+
+
+def epoch_rows(run_dir: Path) -> list[dict]:
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if r["kind"] == "epoch"]
+
+
+# ---------------------------------------------------------------- callbacks
+
+
+def test_early_stopping_restores_the_best_epoch(tmp_path):
+    # val_loss falls every epoch, so watched with mode max epoch 1 stays the best: with
+    # patience 1 the run stops after epoch 2 and ends with epoch 1's weights
+    p = spec_file(tmp_path, epochs=10, early_stopping={"metric": "val_loss", "mode": "max",
+                                                       "patience": 1})
+    said: list[str] = []
+    res = dlgraph.train(dlgraph.load(p), out=tmp_path / "run", log=said.append)
+    one = dlgraph.train(dlgraph.load(spec_file(tmp_path, "one.yaml", epochs=1)),
+                        out=tmp_path / "one", quiet=True)
+    assert res.epochs == 2 and [r["epoch"] for r in epoch_rows(res.run_dir)] == [1, 2]
+    assert any(s.startswith("early stopping at epoch 2: val_loss has not improved for "
+                            "1 epoch (best ") for s in said)
+    assert "restored the weights of epoch 1" in said
+    final, best, ref = (weights(res.run_dir / "weights.safetensors"),
+                        weights(res.run_dir / "best.safetensors"),
+                        weights(one.run_dir / "weights.safetensors"))
+    for k in ref:
+        np.testing.assert_array_equal(final[k], ref[k], err_msg=k)
+        np.testing.assert_array_equal(best[k], ref[k], err_msg=k)
+    assert res.best == {"file": "best.safetensors", "epoch": 1, "metric": "val_loss",
+                        "value": epoch_rows(res.run_dir)[0]["val_loss"]}
+    assert "best val_loss " in res.line() and " at epoch 1 in best.safetensors" in res.line()
+    assert load_tensors(res.run_dir / "best.safetensors")[1]["epoch"] == 1
+
+
+def test_best_checkpoint_is_the_epoch_with_the_lowest_val_loss(tmp_path):
+    res = dlgraph.train(dlgraph.load(spec_file(tmp_path)), out=tmp_path / "run", quiet=True)
+    rows = epoch_rows(res.run_dir)
+    best = min(rows, key=lambda r: r["val_loss"])
+    assert res.best["epoch"] == best["epoch"] and res.best["value"] == best["val_loss"]
+    assert load_tensors(res.run_dir / "best.safetensors")[1]["value"] == best["val_loss"]
+
+
+def test_plateau_schedule_cuts_the_learning_rate(tmp_path):
+    p = spec_file(tmp_path, epochs=4, schedule={"type": "plateau", "metric": "val_loss",
+                                                "mode": "max", "patience": 1, "gamma": 0.5,
+                                                "min_lr": 0.2})
+    said: list[str] = []
+    dlgraph.train(dlgraph.load(p), out=tmp_path / "run", log=said.append)
+    cuts = [s for s in said if "lr of 'train'" in s]
+    assert cuts == ["val_loss has not improved for 1 epoch: lr of 'train' 0.5 -> 0.25",
+                    "val_loss has not improved for 1 epoch: lr of 'train' 0.25 -> 0.2"]
+
+
+def test_watching_a_name_that_is_not_logged_is_located(tmp_path):
+    p = spec_file(tmp_path, early_stopping={"metric": "val_acc"})
+    r = CliRunner().invoke(main, ["run", str(p), "--out", str(tmp_path / "run"), "-q"])
+    assert r.exit_code == 1, r.output
+    assert f"{p}:" in r.output and "'val_acc' is not logged; logged: loss, val_loss, " \
+        "val_accuracy" in r.output and "Traceback" not in r.output
+
+
+# ---------------------------------------------------------------- data and transfer
+
+
+def test_in_memory_data_trains_as_the_same_arrays_in_a_file(tmp_path):
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((256, 2)).astype(np.float32)
+    y = (x[:, 0] * x[:, 1] > 0).astype(np.int64)
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    from_file = dlgraph.train(dlgraph.load(spec_file(tmp_path, data={
+        "source": "npy", "path": "d.npz"})), out=tmp_path / "a", quiet=True)
+    g = dlgraph.load(spec_file(tmp_path, "mem.yaml", data=None))
+    in_memory = dlgraph.train(g, data={"x": x, "y": y}, out=tmp_path / "b", quiet=True)
+    a, b = (weights(r.run_dir / "weights.safetensors") for r in (from_file, in_memory))
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    assert in_memory.metrics == from_file.metrics
+    with pytest.raises(dlgraph.DataError, match="the data= arrays has no array 'y'"):
+        dlgraph.train(g, data={"x": x}, out=tmp_path / "c", quiet=True)
+    with pytest.raises(dlgraph.SpecError, match="no `data:`"):
+        dlgraph.train(g, out=tmp_path / "d", quiet=True)
+
+
+def test_init_from_and_freeze(tmp_path):
+    first = dlgraph.train(dlgraph.load(spec_file(tmp_path, epochs=1)), out=tmp_path / "a",
+                          quiet=True)
+    src = first.run_dir / "weights.safetensors"
+    renamed = SPEC.replace("  h: {", "  enc: {").replace("in: h,", "in: enc,")
+    p = spec_file(tmp_path, "b.yaml", renamed, epochs=1, seed=7, freeze=["enc.*"],
+                  init_from={"path": str(src), "params": ["enc.*"], "rename": {"enc": "h"}})
+    said: list[str] = []
+    second = dlgraph.train(dlgraph.load(p), out=tmp_path / "b", log=said.append)
+    a, b = weights(src), weights(second.run_dir / "weights.safetensors")
+    np.testing.assert_array_equal(b["enc.weight"], a["h.weight"])    # copied, then frozen
+    np.testing.assert_array_equal(b["enc.bias"], a["h.bias"])
+    fresh = init_param(Param("logits.weight", "", (2, 16), "glorot_uniform", 16, 2), 7)
+    assert not np.allclose(b["logits.weight"], fresh)                 # trained
+    assert f"initialised 2 parameters from {src}" in said
+    bad = spec_file(tmp_path, "c.yaml", renamed, init_from={"path": str(src),
+                                                            "params": ["enc.*"]})
+    r = CliRunner().invoke(main, ["run", str(bad), "--out", str(tmp_path / "c"), "-q"])
+    assert r.exit_code == 1 and f"error: {src}: no parameter of this graph is in the file" \
+        in r.output and "help: map renamed scopes" in r.output
+
+
+def test_training_labels_out_of_range_name_the_file(tmp_path):
+    x = np.zeros((128, 2), np.float32)
+    y = np.zeros(128, np.int64)
+    y[70] = 5
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    p = spec_file(tmp_path, data={"source": "npy", "path": "d.npz"})
+    r = CliRunner().invoke(main, ["run", str(p), "--out", str(tmp_path / "r"), "-q"])
+    assert r.exit_code == 1, r.output
+    assert "error: d.npz: row 70 of 'y' holds the label 5, but node 'loss' (cross_entropy) " \
+        "takes labels 0 to 1" in r.output and "Traceback" not in r.output
+
+
+def test_negative_seeds_work(tmp_path):
+    p = Param("w", "w", (3,), "normal", 3, 3)
+    assert not np.array_equal(init_param(p, -1), init_param(p, 1))
+    g = dlgraph.load(spec_file(tmp_path, seed=-3, epochs=1))
+    assert random_inputs(g, 2, -5)["x"].shape == (2, 2)
+    assert dlgraph.train(g, out=tmp_path / "r", quiet=True).epochs == 1
+
+
+# ---------------------------------------------------------------- resume and wording
+
+
+def test_resume_from_another_spec_or_a_damaged_checkpoint(tmp_path):
+    dlgraph.train(dlgraph.load(spec_file(tmp_path, epochs=1)), out=tmp_path / "r", quiet=True)
+    ckpt = tmp_path / "r" / "checkpoint.safetensors"
+    wider = spec_file(tmp_path, "wide.yaml", SPEC.replace("out: 16", "out: 8"))
+    r = CliRunner().invoke(main, ["run", str(wider), "--out", str(tmp_path / "r"), "--resume"])
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    assert f"error: {ckpt}: parameter 'h.weight' has shape [16, 2] in the checkpoint, " \
+        "[8, 2] in the graph" in r.output
+    arrays, meta = load_tensors(ckpt)
+    save_tensors(ckpt, arrays, {**meta, "step": "two"})
+    r = CliRunner().invoke(main, ["run", str(spec_file(tmp_path)), "--out",
+                                  str(tmp_path / "r"), "--resume"])
+    assert r.exit_code == 1 and f"error: {ckpt}: the checkpoint's metadata has no valid " \
+        "'step'" in r.output
+
+
+def test_header_and_final_line_say_what_happens(tmp_path):
+    r = CliRunner().invoke(main, ["run", str(spec_file(tmp_path)), "--out",
+                                  str(tmp_path / "r"), "--steps", "2"])
+    assert r.exit_code == 0, r.output
+    assert "training daily: 236 training + 64 validation samples (split 0.25 of 300 is " \
+        "75.0, made 2 whole batches), batch 32, 7 steps per epoch, up to 2 steps (1 epoch)" \
+        in r.output
+    assert "— 1 epoch, 2 steps in " in r.output
+    rows = [json.loads(x) for x in (tmp_path / "r/metrics.jsonl").read_text().splitlines()]
+    assert all(isinstance(row["time"], float) and row["time"] > 1.7e9 for row in rows)
+    assert [row["step"] for row in rows] == [1, 2, 2]
+
+
+def test_progress_lines_without_a_terminal(tmp_path, monkeypatch):
+    import dlgraph.engine.train as train_module
+    monkeypatch.setattr(train_module, "PROGRESS_EVERY", 0.0)
+    said: list[str] = []
+    dlgraph.train(dlgraph.load(spec_file(tmp_path, epochs=1)), out=tmp_path / "r",
+                  log=said.append)
+    steps = [s for s in said if s.startswith("epoch 1/1  step ")]
+    assert [s.split()[3] for s in steps] == [f"{k}/7" for k in range(1, 8)]
+    assert all(" steps/s  ETA " in s and "loss " in s for s in steps)
+
