@@ -314,7 +314,7 @@ def run_workload(name: str, opts, tmp: Path, rotation: int) -> dict:
 # =========================================================================== scaling
 
 
-def scaling_cell(wl, impl: str, payload: Path, opts) -> dict:
+def scaling_cell(wl, impl: str, payload: Path, opts, first_only: bool = False) -> dict:
     """One implementation at one sequence length, alone in a fresh worker: time to the first
     step, median steady step, peak RSS. A budget passed is recorded and the worker killed."""
     mem = opts.mem_budget * 1024
@@ -323,6 +323,9 @@ def scaling_cell(wl, impl: str, payload: Path, opts) -> dict:
     try:
         m = w.recv(opts.first_budget, mem)
         cell.update(first_step_s=time.perf_counter() - w.t0, loss1=m["loss"])
+        if first_only:
+            w.kill()
+            return cell
         end = time.perf_counter() + opts.steady_budget
         m = w.recv(opts.steady_budget, mem)          # second (capture) and third step
         cell.update(ready_s=time.perf_counter() - w.t0, capture_s=m["second"])
@@ -340,31 +343,44 @@ def scaling_cell(wl, impl: str, payload: Path, opts) -> dict:
     return cell
 
 
-def run_scaling(opts, families, lengths, tmp: Path) -> list[dict]:
-    """The scaling table's rows: every family at every length, the three implementations
-    one after another (each alone on the machine), their order rotating with the length."""
+def run_scaling(opts, families, lengths, tmp: Path) -> tuple[list[dict], dict]:
+    """The scaling table's rows, every family at every length, and the warm-up's first steps
+    (each implementation once at the shortest length, untimed, unless --no-warm-up)."""
     from workloads import scaled
 
-    results = []
+    results, warm = [], {}
     for fam in families:
-        for k, steps in enumerate(lengths):
-            wl = scaled(fam, steps)
-            payload, n_params = make_payload(wl, tmp, 4)
-            res = {"name": wl.name, "family": fam, "steps": steps, "params": n_params,
-                   "impls": {}}
-            for impl in IMPLS[k % 3:] + IMPLS[:k % 3]:
-                res["impls"][impl] = c = scaling_cell(wl, impl, payload, opts)
-                print(f"[{wl.name}] {impl:8s} {scaling_cells(c, opts)}", flush=True)
-            losses = {i: c["loss1"] for i, c in res["impls"].items() if "loss1" in c}
-            if "dlgraph" in losses and len(losses) > 1:
-                res["loss_diff"] = max(rel(losses["dlgraph"], v) for v in losses.values())
-                if res["loss_diff"] > TOL:
-                    res["failed"] = (f"first-step losses differ by {res['loss_diff']:.2e} "
-                                     "relative: " + ", ".join(f"{i} {v:.7f}"
-                                                              for i, v in losses.items()))
-                    print(f"[{wl.name}] FAILED: {res['failed']}", flush=True)
-            results.append({**res, "impls": {i: res["impls"][i] for i in IMPLS}})
-    return results
+        if opts.warm_up:
+            wl = scaled(fam, lengths[0])
+            payload, _ = make_payload(wl, tmp, 4)
+            warm[fam] = {i: scaling_cell(wl, i, payload, opts, first_only=True) for i in IMPLS}
+            print(f"[{wl.name}] warm-up, first steps: " + "  ".join(
+                f"{i} {c['first_step_s']:.1f} s" if "first_step_s" in c else f"{i} —"
+                for i, c in warm[fam].items()), flush=True)
+        results += [scaling_row(scaled(fam, steps), k, opts, tmp)
+                    for k, steps in enumerate(lengths)]
+    return results, warm
+
+
+def scaling_row(wl, rotation: int, opts, tmp: Path) -> dict:
+    """One length of one family: the three implementations one after another, each alone on
+    the machine, in an order that rotates with the length; their first-step losses compared."""
+    payload, n_params = make_payload(wl, tmp, 4)
+    res = {"name": wl.name, "family": wl.family, "steps": wl.seq, "params": n_params,
+           "impls": {}}
+    k = rotation % len(IMPLS)
+    for impl in IMPLS[k:] + IMPLS[:k]:
+        res["impls"][impl] = c = scaling_cell(wl, impl, payload, opts)
+        print(f"[{wl.name}] {impl:8s} {scaling_cells(c, opts)}", flush=True)
+    res["impls"] = {i: res["impls"][i] for i in IMPLS}
+    losses = {i: c["loss1"] for i, c in res["impls"].items() if "loss1" in c}
+    if "dlgraph" in losses and len(losses) > 1:
+        res["loss_diff"] = max(rel(losses["dlgraph"], v) for v in losses.values())
+        if res["loss_diff"] > TOL:
+            res["failed"] = (f"first-step losses differ by {res['loss_diff']:.2e} relative: "
+                             + ", ".join(f"{i} {v:.7f}" for i, v in losses.items()))
+            print(f"[{wl.name}] FAILED: {res['failed']}", flush=True)
+    return res
 
 
 def scaling_cells(c: dict, opts) -> str:
@@ -462,37 +478,58 @@ def _memory_verdict(fam: str, d: dict, lo: int, hi: int) -> str:
     states a loop keeps ([batch, T + 1, 32] float32 each: h and c, or h)."""
     if hi == lo or any("maxrss_kib" not in d[t] or "over" in d[t] for t in (lo, hi)):
         return ""
-    grow = (d[hi]["maxrss_kib"] - d[lo]["maxrss_kib"]) * 1024
+    a, b = d[lo]["maxrss_kib"] / 1024, d[hi]["maxrss_kib"] / 1024
     n_states = 2 if fam == "lstm" else 1
-    states = n_states * 64 * (hi - lo) * 32 * 4
-    x = grow / states
-    names = "h and c" if n_states == 2 else "h"
-    return (f"peak memory grows with T only by the saved states: "
-            f"{_met(x <= SAVED_PER_STATE)} (peak RSS grows by {grow / 2**20:.0f} MiB from T={lo} "
-            f"to T={hi}, where the {names} buffers [64, T + 1, 32] float32 alone grow by "
-            f"{states / 2**20:.1f} MiB: {x:.1f}×; read as met up to {SAVED_PER_STATE}×, a step "
-            "keeping a few [64, 32] tensors per state)")
+    states = n_states * 64 * (hi - lo) * 32 * 4 / 2**20
+    head = "peak memory grows with T only by the saved states: "
+    seen = (f"peak RSS {a:.0f} MiB at T={lo}, {b:.0f} MiB at T={hi}, where the "
+            f"{'h and c' if n_states == 2 else 'h'} buffers [64, T + 1, 32] float32 alone "
+            f"grow by {states:.1f} MiB")
+    if (lo, hi) != (16, 1024):
+        return head + f"not judged: T=16 to 1024 not measured in this run ({seen})"
+    x = (b - a) / states
+    return head + (f"{_met(x <= SAVED_PER_STATE)} ({seen}: {x:.1f}×; read as met up to "
+                   f"{SAVED_PER_STATE}×, a step keeping a few [64, 32] tensors per state)"
+                   if b > a else f"met ({seen}; the RSS did not grow)")
 
 
 SAVED_PER_STATE = 8   # a step's body saves its gates and activations, a few tensors per state
 
 
-def scaling_section(results: list[dict], mach: dict, opts, wall: float, command: str,
-                    load: tuple) -> str:
+def scaling_section(results: list[dict], mach: dict, opts, run: dict) -> str:
+    """The markdown section of a --scaling run; ``run`` holds its command, wall_s, date,
+    load (before, after) and warm_up (family -> implementation -> cell)."""
+    from workloads import SCALING_LENGTHS
     fams = list(dict.fromkeys(r["family"] for r in results))
     verdicts = [scaling_verdict(f, {r["steps"]: r["impls"] for r in results
                                     if r["family"] == f}) for f in fams]
+    lengths = sorted({r["steps"] for r in results})
+    smoke = [] if lengths == list(SCALING_LENGTHS) and set(fams) == {"lstm", "gru"} else [
+        f"**A partial run** (T = {', '.join(map(str, lengths))}; {opts.steps} timed "
+        f"step{'s' * (opts.steps > 1)}): not the table of issue 9, which "
+        "`.venv/bin/python bench/run.py --scaling` measures.", ""]
     fmt_load = lambda la: ", ".join(f"{x:.1f}" for x in la or [])   # noqa: E731
     return "\n".join([
-        SCALING_BEGIN, "## Sequence-length scaling of the recurrent layers", "",
-        f"Reproduce: `{command}` (took {wall / 60:.1f} min on "
-        f"{time.strftime('%Y-%m-%d', time.gmtime())}). `--scaling --quick` is the smoke "
-        "check (T = 16 and 64, two timed steps). The machine must be otherwise idle.", "",
+        SCALING_BEGIN, "## Sequence-length scaling of the recurrent layers", "", *smoke,
+        f"Reproduce: `{run['command']}` (took {run['wall_s'] / 60:.1f} min on "
+        f"{run['date']}). `--scaling --quick` is the smoke check (T = 16 and 64, two timed "
+        "steps). The machine must be otherwise idle.", "",
         f"Machine: {mach['cpu']}, {mach['cores']} cores; load average before the run "
-        f"{fmt_load(load[0])}, after {fmt_load(load[1])}. tinygrad {mach['tinygrad']}, torch "
-        f"{mach['torch']} ({opts.torch_threads} thread{'s' if opts.torch_threads > 1 else ''})"
-        f". On-disk kernel cache: {'off (CACHELEVEL=0)' if opts.cold_cache else 'on'}.", "",
-        scaling_table(results, opts),
+        f"{fmt_load(run['load'][0])}, after {fmt_load(run['load'][1])}. tinygrad "
+        f"{mach['tinygrad']}, torch {mach['torch']} ({opts.torch_threads} "
+        f"thread{'s' if opts.torch_threads > 1 else ''}). On-disk kernel cache: "
+        f"{'off (CACHELEVEL=0)' if opts.cold_cache else 'on'}.", "",
+        scaling_table(results, opts), *scaling_method(opts, run.get("warm_up") or {}), "",
+        "What the table shows, against issue 9's targets:", "",
+        *[f"- {v}" for v in verdicts], "", SCALING_END, ""])
+
+
+def scaling_method(opts, warm: dict) -> list[str]:
+    """The bullet points under the scaling table: what each column measures."""
+    done = [f"{f.upper()} " + ", ".join(f"{i} {c['first_step_s']:.1f} s" if "first_step_s"
+                                         in c else f"{i} —" for i, c in cells.items())
+            for f, cells in warm.items()]
+    return [
         "- The graphs/lstm.yaml and bench/specs/gru.yaml workloads (hidden 32, batch 64, Adam "
         "0.01, sine-like windows) with the sequence length T written over the spec. dlgraph "
         "runs the recurrence as one `loop` node (the cell compiled once, called per step); "
@@ -505,10 +542,13 @@ def scaling_section(results: list[dict], mach: dict, opts, wall: float, command:
         f"worker's `ru_maxrss` (budget {opts.mem_budget:,} MiB). A worker over a budget is "
         "killed: \"> budget\", and its RSS so far as \"≥\". dlgraph's first step at T "
         "against its first step at the shortest T shows whether start-up is flat in T.",
+        ("- Warm-up: before the table, each implementation ran once to its first step at the "
+         "shortest T, untimed, so that the first row finds tinygrad's kernel cache warm, as "
+         "a user's second run does (those first steps: " + "; ".join(done) + ")."
+         if done else "- No warm-up (`--no-warm-up`): the first row may include compiling "
+         "kernels that tinygrad's cache did not hold yet."),
         "- The three start from the same weights and batch; their first-step losses agree "
-        f"within {TOL:g} relative or the row fails.", "",
-        "What the table shows, against issue 9's targets:", "",
-        *[f"- {v}" for v in verdicts], "", SCALING_END, ""])
+        f"within {TOL:g} relative or the row fails."]
 
 
 SCALING_BEGIN = "<!-- scaling: written by bench/run.py --scaling; begin -->"
@@ -685,6 +725,20 @@ def report(results, mach, opts, wall: float, command: str) -> str:
     return "\n".join(lines)
 
 
+def reproduce(args: list[str]) -> str:
+    """The command line of a run as the report shows it: where it wrote its files is left
+    out (those are the reader's choice, and may be private paths)."""
+    keep, skip = [], False
+    for a in args:
+        if skip:
+            skip = False
+        elif a in ("--out", "--json"):
+            skip = True
+        elif not a.startswith(("--out=", "--json=")):
+            keep.append(a)
+    return " ".join([".venv/bin/python bench/run.py", *keep])
+
+
 def write_report(out: Path, md: str) -> None:
     """Write the main report, keeping the scaling section the file already has."""
     old = scaling_block(out.read_text()) if out.exists() else None
@@ -721,13 +775,14 @@ def main_scaling(ap, opts, argv) -> int:
     load0 = os.getloadavg()
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="dlgraph-scaling-") as tmp:
-        results = run_scaling(opts, fams, lengths, Path(tmp))
+        results, warm = run_scaling(opts, fams, lengths, Path(tmp))
     wall = time.perf_counter() - t0
     load = (load0, os.getloadavg())
-    command = ".venv/bin/python bench/run.py" + "".join(
-        f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
+    command = reproduce(argv if argv is not None else sys.argv[1:])
     mach = machine()
-    section = scaling_section(results, mach, opts, wall, command, load)
+    run = {"command": command, "wall_s": wall, "load": load, "warm_up": warm,
+           "date": time.strftime("%Y-%m-%d", time.gmtime())}
+    section = scaling_section(results, mach, opts, run)
     print()
     print(section)
     print(f"total wall time {wall:.0f} s")
@@ -737,11 +792,10 @@ def main_scaling(ap, opts, argv) -> int:
         print(f"wrote {out}")
     if opts.json:
         keep = ("steps", "first_budget", "steady_budget", "mem_budget", "torch_threads",
-                "cold_cache", "quick")
+                "cold_cache", "quick", "warm_up")
         Path(opts.json).write_text(json.dumps(
-            {"mode": "scaling", "results": results, "wall_s": wall, "machine": mach,
-             "command": command, "load": load, "opts": {k: getattr(opts, k) for k in keep}},
-            indent=1))
+            {"mode": "scaling", "results": results, "machine": mach, "run": run,
+             "opts": {k: getattr(opts, k) for k in keep}}, indent=1))
     failed = [r["name"] for r in results if "failed" in r]
     if failed:
         print(f"FAILED: {', '.join(failed)}", file=sys.stderr)
@@ -756,8 +810,7 @@ def from_json(opts) -> int:
         setattr(opts, k, v)
     out = Path(opts.out) if opts.out else DEFAULT_OUT
     if raw.get("mode") == "scaling":
-        section = scaling_section(raw["results"], raw["machine"], opts, raw["wall_s"],
-                                  raw["command"], raw["load"])
+        section = scaling_section(raw["results"], raw["machine"], opts, raw["run"])
         out.write_text(splice_scaling(out.read_text() if out.exists() else "", section))
         print(f"wrote {out}")
         return 0
@@ -794,6 +847,9 @@ def main(argv=None):
                     help="--scaling: seconds a worker may take to its first step")
     ap.add_argument("--steady-budget", type=float, default=180,
                     help="--scaling: seconds for the steps after the first, timed ones included")
+    ap.add_argument("--no-warm-up", dest="warm_up", action="store_false",
+                    help="--scaling: skip the untimed first step of each implementation at the "
+                         "shortest length that warms tinygrad's kernel cache before the table")
     ap.add_argument("--mem-budget", type=int, default=8192,
                     help="--scaling: MiB of peak RSS a worker may reach")
     ap.add_argument("--out", help=f"markdown report (default: {DEFAULT_OUT.relative_to(ROOT)} "
@@ -843,8 +899,7 @@ def main(argv=None):
                       f"{opts.round_s} s from here on)", flush=True)
             results.append(run_workload(name, opts, Path(tmp), k))
     wall = time.perf_counter() - t0
-    command = ".venv/bin/python bench/run.py" + "".join(
-        f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
+    command = reproduce(argv if argv is not None else sys.argv[1:])
     mach = machine()
     md = report(results, mach, opts, wall, command)
     print()
