@@ -349,7 +349,6 @@ def _check_recurrent(imp, node, a) -> int:
     ins = list(node.input) + [""] * 8
     problems = [
         (dirs is None, f"direction {direction} (dlgraph: forward or bidirectional)"),
-        (a.get("layout", 0), "layout=1 (batch-major)"),
         ("clip" in a, "clip"), (a.get("input_forget", 0), "input_forget"),
         (acts and dirs and acts != DEFAULT_ACTS[kind] * dirs, f"activations {acts}"),
         (ins[4], "sequence lengths"), (kind == "LSTM" and ins[7], "peepholes"),
@@ -430,27 +429,41 @@ def _bind_seq(imp, nid, name, steps, dirs, hidden, batch):
     imp.bind(name, imp.add(f"{nid}_out_onnx", "transpose", [r], [], axes=[1, 2, 0, 3]))
 
 
+def _bind_batch_major(imp, nid, outs, steps, dirs, hidden, batch):
+    """layout=1: Y [B, T, dirs, H] and Y_h/Y_c [B, dirs, H] are reshapes of out, h, c."""
+    for part, name, shape in (("out", outs[0], [batch, steps, dirs, hidden]),
+                              ("h", outs[1], [batch, dirs, hidden]),
+                              ("c", outs[2], [batch, dirs, hidden])):
+        if name:
+            imp.bind(name, imp.add(f"{nid}_{part}_onnx", "reshape", [f"{nid}.{part}"], [],
+                                   shape=shape))
+
+
 def recurrent(op):
     def rule(imp, node):
         a = attrs(node)
         dirs = _check_recurrent(imp, node, a)
         kind = op
         params = _recurrent_params(kind, node, imp, dirs)
+        layout = a.get("layout", 0)                      # 1: batch-major X, Y and states
         shape = imp.shape(node.input[0]) or (None, None, None)
-        steps, batch = shape[0], shape[1]
+        steps, batch = (shape[1], shape[0]) if layout else (shape[0], shape[1])
         if not isinstance(steps, int) or batch is None:
             raise Unsupported("the number of time steps must be fixed")
         hidden = a["hidden_size"]
-        ins = [_batch_first(imp, node.input[0])]
+        ins = [imp.ref(node.input[0]) if layout else _batch_first(imp, node.input[0])]
         states = [i for i in node.input[5:7] if i and not imp.values[i].zeros]
         if len(states) < len([i for i in node.input[5:7] if i]) and states:
             raise Unsupported("one initial state is zeros, the other is not")
-        ins += [imp.ref(i) for i in states]
+        ins += [imp.add(f"{imp.ref(i)}_dirs_first", "transpose", [imp.ref(i)], [],
+                        axes=[1, 0, 2]) if layout else imp.ref(i) for i in states]
         nid = imp.add(hint(node, imp), kind, ins, [origin(node)], hidden=hidden,
                       bidirectional=True if dirs == 2 else None)
         for k, v in params.items():
             imp.weights[f"{nid}.{k}"] = np.ascontiguousarray(v, np.float32)
         outs = list(node.output) + [""] * 3
+        if layout:
+            return _bind_batch_major(imp, nid, outs, steps, dirs, hidden, batch)
         if outs[0]:
             _bind_seq(imp, nid, outs[0], steps, dirs, hidden, batch)
         for part, name in (("h", outs[1]), ("c", outs[2])):
