@@ -57,8 +57,6 @@ def worker(args) -> None:
     def send(**msg):
         proto.write(json.dumps(msg) + "\n")
 
-    import resource
-
     import numpy as np
 
     if args.impl == "torch":
@@ -88,7 +86,14 @@ def worker(args) -> None:
     send(ev="first", loss=first, loss2=second, built=t_built - t_start,
          first=t_first - t_start, second=t_second - t_first, ready=t_ready - t_start)
 
-    i = 3
+    serve(args, peer, bs, send)
+
+
+def serve(args, peer, bs: list, send) -> None:
+    """The worker's command loop: timed steps, memory and kernel counts, until quit."""
+    import resource
+
+    i, nb = 3, len(bs)
     for line in sys.stdin:
         cmd = json.loads(line)
         c = cmd["cmd"]
@@ -819,7 +824,7 @@ def from_json(opts) -> int:
     return 0
 
 
-def main(argv=None):
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--only", help="comma-separated workloads (mlp, cnn, lstm, gru, "
                                    "transformer)")
@@ -862,6 +867,11 @@ def main(argv=None):
     ap.add_argument("--workload", help=argparse.SUPPRESS)
     ap.add_argument("--payload", help=argparse.SUPPRESS)
     ap.add_argument("--early", action="store_true", help=argparse.SUPPRESS)
+    return ap
+
+
+def main(argv=None):
+    ap = parser()
     opts = ap.parse_args(argv)
     if opts.worker:
         opts.impl = opts.worker
