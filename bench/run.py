@@ -150,8 +150,11 @@ class Worker:
                "--torch-threads", str(opts.torch_threads)] + (["--early"] if early else [])
         self.log = open(payload.parent / f"{workload}-{impl}.log", "w")
         # the worker's fd 1 becomes our pipe; its stderr goes to a log file
+        # a --scaling worker leads a process group of its own, so that killing it at its
+        # budget also ends the compiler processes it started
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=w, stderr=self.log,
-                                     cwd=ROOT, env=env, text=True)
+                                     cwd=ROOT, env=env, text=True, start_new_session=early)
+        self.group = early
         os.close(w)
         self.fd, self.buf = r, b""
         self.logpath = payload.parent / f"{workload}-{impl}.log"
@@ -198,7 +201,11 @@ class Worker:
 
     def kill(self):
         if self.proc.poll() is None:
-            self.proc.kill()
+            if self.group:
+                import signal
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            else:
+                self.proc.kill()
             self.proc.wait()
 
     def close(self):
@@ -208,7 +215,7 @@ class Worker:
                 self.proc.stdin.flush()
                 self.proc.wait(timeout=30)
         except Exception:
-            self.proc.kill()
+            self.kill()
         os.close(self.fd)
         self.log.close()
 
