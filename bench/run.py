@@ -411,12 +411,13 @@ def scaling_cells(c: dict, opts) -> str:
     return f"{fmt_s(c['first_step_s'])} | {fmt_ms(c['steady_ms'])} | {rss}"
 
 
-def scaling_ratio(a: dict, b: dict, key: str, budget: float | None = None) -> str:
-    """a/b as ``1.23×``; ``< x×`` where b ran over its first-step budget; else ``—``."""
+def scaling_ratio(a: dict, b: dict, key: str) -> str:
+    """a/b as ``1.23×``; for a first step that b never reached, ``< x×`` against the time
+    it was killed at; else ``—``."""
     if key in a and key in b:
         return f"{a[key] / b[key]:.2f}×"
-    if key in a and budget and b.get("over") == "first":
-        return f"< {a[key] / budget:.2f}×"
+    if key == "first_step_s" and key in a and b.get("over") == "first":
+        return f"< {a[key] / b['killed_s']:.2f}×"
     return "—"
 
 
@@ -438,8 +439,7 @@ def scaling_table(results: list[dict], opts) -> str:
                for c in (d, g, p)]
         ratios.append("| " + " | ".join([
             f"{fam}-32", str(t), f"{r['loss_diff']:.1e}" if "loss_diff" in r else "—",
-            scaling_ratio(d, g, "first_step_s", opts.first_budget),
-            scaling_ratio(d, p, "first_step_s", opts.first_budget),
+            scaling_ratio(d, g, "first_step_s"), scaling_ratio(d, p, "first_step_s"),
             scaling_ratio(d, first_of[fam], "first_step_s"),
             scaling_ratio(d, g, "steady_ms"), scaling_ratio(d, p, "steady_ms"),
             scaling_ratio(rss[0], rss[1], "rss"), scaling_ratio(rss[0], rss[2], "rss")])
@@ -479,7 +479,7 @@ def scaling_verdict(fam: str, rows: dict[int, dict]) -> str:
             + ([f"at T={', '.join(never)} the unrolled tinygrad did not reach a timed step "
                 "within its budget"] if never else [])
         parts.append("steady step faster than unrolled from T=64 on: " + _met(not slower)
-                     + f" ({', '.join(notes)})")
+                     + f" ({'; '.join(notes)})")
     parts = [p for p in [*parts, _memory_verdict(fam, d, lo, hi)] if p]
     return f"**{fam.upper()}-32**: " + ("; ".join(parts) if parts else
                                          "too few cells finished to judge a target") + "."
