@@ -134,12 +134,15 @@ def _read_inputs(pairs: tuple[str, ...]) -> dict[str, np.ndarray]:
 @click.option("--steps", type=click.IntRange(min=1), help="training: stop after N steps")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="inference: parameter init and random inputs")
+@click.option("--init-from", type=click.Path(dir_okay=False, path_type=Path),
+              help="training: start from the parameters of this weights file that match by "
+                   "name and shape (transfer; see `init_from:` in the spec)")
 @click.option("--quiet", "-q", is_flag=True, help="no progress output")
 @click.option("--debug", is_flag=True, help="on a NaN loss, find the first non-finite node")
 @DEVICE
 @errors
-def run(spec, inputs, batch, output, weights, out, resume, epochs, steps, seed, quiet, debug,
-        device):
+def run(spec, inputs, batch, output, weights, out, resume, epochs, steps, init_from, seed,
+        quiet, debug, device):
     """Train SPEC by its `train:` section, or run it forward (no `train:`, or --weights)."""
     import dlgraph
     g = _load(spec)
@@ -148,7 +151,7 @@ def run(spec, inputs, batch, output, weights, out, resume, epochs, steps, seed, 
         if resume and out is None:
             raise click.UsageError("--resume needs --out RUN_DIR")
         res = dlgraph.train(g, out=out, resume=resume, device=device, epochs=epochs,
-                            steps=steps, quiet=quiet, debug=debug)
+                            steps=steps, quiet=quiet, debug=debug, init_from=init_from)
         click.echo(res.line())
         if res.target_met is False:
             sys.exit(1)
@@ -173,6 +176,58 @@ def run(spec, inputs, batch, output, weights, out, resume, epochs, steps, seed, 
         np.savez(buf, **outs)
         atomic_write(output, buf.getvalue())
         click.echo(f"wrote {output}")
+
+
+WEIGHTS = click.option("--weights", type=click.Path(dir_okay=False, path_type=Path),
+                       required=True, help="weights.safetensors (or best.safetensors) of a run")
+
+
+@main.command()
+@SPEC
+@WEIGHTS
+@click.option("--data", metavar="FILE|SOURCE",
+              help="a .csv/.npy/.npz file, or a data source: a name or a mapping like "
+                   "'{source: spirals, samples: 500}' (default: the spec's validation split)")
+@click.option("--batch", type=click.IntRange(min=1), help="samples per batch (default: the "
+                                                          "spec's)")
+@click.option("--json", "as_json", is_flag=True, help="print the results as JSON")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
+              help="draw the confusion matrix to this picture (.png, .svg, .pdf)")
+@click.option("--quiet", "-q", is_flag=True, help="no progress bar")
+@DEVICE
+@errors
+def evaluate(spec, weights, data, batch, as_json, output, quiet, device):
+    """Score trained weights: the spec's metrics, per-class precision/recall/F1 and a
+    confusion matrix for a classifier, MSE/MAE/R² for a regression."""
+    import json
+
+    import dlgraph
+    g = _load(spec)
+    ev = dlgraph.evaluate(g, weights, data, batch=batch, device=device, quiet=quiet)
+    click.echo(json.dumps(ev.to_json(), indent=2) if as_json else ev.table())
+    if output:
+        from dlgraph.engine.evaluate import confusion_picture
+        click.echo(f"wrote {confusion_picture(ev, output)}", err=as_json)
+
+
+@main.command()
+@SPEC
+@WEIGHTS
+@click.option("--data", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="the rows to predict: .csv (the spec's csv columns), .npy or .npz")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="file to write: .csv or .npz")
+@click.option("--batch", type=click.IntRange(min=1), help="samples per batch (default: the "
+                                                          "spec's)")
+@click.option("--quiet", "-q", is_flag=True, help="no progress bar")
+@DEVICE
+@errors
+def predict(spec, weights, data, output, batch, quiet, device):
+    """Predict every row of a data file; a classifier also gets probabilities and classes."""
+    import dlgraph
+    g = _load(spec)
+    click.echo(dlgraph.predict(g, weights, data, output, batch=batch, device=device,
+                               quiet=quiet).line())
 
 
 @main.command()

@@ -6,7 +6,7 @@
 >>> model = dlgraph.compile(g)                                       # doctest: +SKIP
 """
 
-from dlgraph.api import compile, load, render, schema, train, validate
+from dlgraph.api import compile, evaluate, load, predict, render, schema, train, validate
 from dlgraph.engine.errors import (
     CycleError,
     DataError,
@@ -21,6 +21,7 @@ from dlgraph.engine.errors import (
 from dlgraph.engine.onnx import export, import_onnx
 
 __version__ = "0.1.0"
-__all__ = ["load", "validate", "compile", "train", "render", "schema", "export", "import_onnx",
+__all__ = ["load", "validate", "compile", "train", "evaluate", "predict", "render", "schema",
+           "export", "import_onnx",
            "DlgraphError", "SpecError", "GraphError", "CycleError", "ShapeError",
            "GradientError", "DataError", "DeviceError", "TrainingError"]

@@ -55,10 +55,41 @@ def train(graph: Graph, **options):
     """Train a graph by its ``train:`` section; returns the :class:`TrainResult`.
 
     Options: ``out`` (run directory), ``resume``, ``device``, ``epochs``, ``steps``,
-    ``quiet``, ``debug``.
+    ``quiet``, ``debug``, ``data`` (numpy arrays by name instead of the spec's data source,
+    split and batched the same way), ``init_from`` (a weights file to start from).
+
+    >>> res = dlgraph.train(g, data={"x": X, "y": y}, epochs=5)          # doctest: +SKIP
     """
     from dlgraph.engine.train import train as _train
     return _train(graph, **options)
+
+
+def evaluate(graph: Graph, weights: str | Path, data=None, *, batch: int | None = None,
+             device: str | None = None, quiet: bool = True):
+    """Score trained ``weights``: an :class:`~dlgraph.engine.evaluate.Evaluation` with the
+    spec's metrics (and per-class scores and a confusion matrix for a classifier, MSE, MAE
+    and R² for a regression). ``data``: a .csv/.npy/.npz file, a data source (a name or a
+    mapping with ``source``), or numpy arrays by name; default the spec's validation split.
+
+    >>> print(dlgraph.evaluate(g, "runs/x/weights.safetensors").table())  # doctest: +SKIP
+    """
+    from dlgraph.engine.evaluate import evaluate as _evaluate
+    from dlgraph.engine.lower import use_device
+    use_device(device)
+    return _evaluate(graph, weights, data, batch=batch, quiet=quiet)
+
+
+def predict(graph: Graph, weights: str | Path, data: str | Path, out: str | Path, *,
+            batch: int | None = None, device: str | None = None, quiet: bool = True):
+    """Write ``graph``'s outputs for every row of a .csv/.npy/.npz ``data`` file to ``out``
+    (.csv or .npz), with class probabilities and the argmax for a classifier.
+
+    >>> dlgraph.predict(g, "runs/x/weights.safetensors", "new.csv", "pred.csv")  # doctest: +SKIP
+    """
+    from dlgraph.engine.lower import use_device
+    from dlgraph.engine.predict import predict as _predict
+    use_device(device)
+    return _predict(graph, weights, data, out, batch=batch, quiet=quiet)
 
 
 def render(graph: Graph, path: str | Path | None = None, **options) -> str:

@@ -165,10 +165,11 @@ def feed_arrays(graph: Graph, spec, arrays: dict[str, np.ndarray],
     return out
 
 
-def data_arrays(graph: Graph, spec, data: dict | None = None) -> dict[str, np.ndarray]:
+def data_arrays(graph: Graph, spec, data: dict | None = None,
+                where: str = "data=") -> dict[str, np.ndarray]:
     """The samples a run trains on, by graph input: from the spec's data source, or from
     in-memory ``data`` (name -> numpy array, checked as a file source's arrays are); label
-    and id ranges checked against the graph."""
+    and id ranges checked against the graph. ``where`` names in-memory data in errors."""
     if data is None:
         if spec.data is None:
             raise SpecError("the `train:` section has no `data:`", source=Source(
@@ -178,11 +179,11 @@ def data_arrays(graph: Graph, spec, data: dict | None = None) -> dict[str, np.nd
         arrays = load_data(spec.data, graph.base or Path.cwd(), spec.seed)
         fed = feed_arrays(graph, spec, arrays)
     else:
-        where = "data="
         arrays = {k: standard_dtype(np.asarray(v)) for k, v in data.items()}
         check_lengths(arrays, where)
         check_finite(arrays, where)
-        fed = feed_arrays(graph, spec, arrays, "the data= arrays")
+        fed = feed_arrays(graph, spec, arrays, "the data= arrays" if where == "data=" else
+                          where)
     check_feeds(graph, fed, where)
     return fed
 

@@ -222,3 +222,164 @@ def test_progress_lines_without_a_terminal(tmp_path, monkeypatch):
     assert [s.split()[3] for s in steps] == [f"{k}/7" for k in range(1, 8)]
     assert all(" steps/s  ETA " in s and "loss " in s for s in steps)
 
+
+
+# ---------------------------------------------------------------- evaluate and predict
+
+SPIRALS = SPEC.replace("out: 2}", "out: 3}").replace(
+    "{source: xor, samples: 300}", "{source: spirals, samples: 400, classes: 3}")
+
+REGRESSION = """\
+dlgraph: 1
+name: reg
+inputs:
+  x: {shape: [batch, 3]}
+  y: {shape: [batch, 2]}
+nodes:
+  pred: {op: linear, in: x, out: 2}
+  loss: {op: mse, in: [pred, y]}
+outputs: [pred]
+train:
+  data: {source: npy, path: reg.npz}
+  batch: 16
+  epochs: 2
+  objective: loss
+  optimizer: {type: sgd, lr: 0.05}
+  metrics:
+    - {type: mae, in: [pred, y]}
+"""
+
+
+def mlp_logits(w: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:
+    """The spec's MLP in numpy float64, from the saved weights ([out, in], as PyTorch)."""
+    h = np.tanh(x.astype(np.float64) @ w["h.weight"].T + w["h.bias"])
+    return h @ w["logits.weight"].T + w["logits.bias"]
+
+
+@pytest.fixture(scope="module")
+def classifier(tmp_path_factory):
+    """A 3-class spirals MLP trained one epoch (so its mistakes are many), and 100 samples
+    of held-out data in a .npz."""
+    d = tmp_path_factory.mktemp("clf")
+    p = spec_file(d, text=SPIRALS, epochs=1)
+    res = dlgraph.train(dlgraph.load(p), out=d / "run", quiet=True)
+    rng = np.random.default_rng(3)
+    x = rng.uniform(-1, 1, (100, 2)).astype(np.float32)
+    y = rng.integers(0, 3, 100)
+    np.savez(d / "test.npz", x=x, y=y)
+    return p, res.run_dir / "weights.safetensors", d / "test.npz", x, y
+
+
+def test_evaluate_a_classifier_against_scikit_learn(classifier):
+    from sklearn.metrics import accuracy_score, confusion_matrix, log_loss
+    from sklearn.metrics import precision_recall_fscore_support as prfs
+    p, w, data, x, y = classifier
+    ev = dlgraph.evaluate(dlgraph.load(p), w, data)
+    logits = mlp_logits(weights(w), x)
+    prob = np.exp(logits - logits.max(1, keepdims=True))
+    prob /= prob.sum(1, keepdims=True)
+    pred = logits.argmax(1)
+    assert ev.samples == 100 and ev.task == "classification"
+    assert ev.metrics["accuracy"] == pytest.approx(accuracy_score(y, pred), abs=1e-12)
+    assert ev.metrics["loss"] == pytest.approx(log_loss(y, prob, labels=[0, 1, 2]), rel=1e-4)
+    np.testing.assert_array_equal(ev.confusion, confusion_matrix(y, pred, labels=[0, 1, 2]))
+    pr, rc, f1, sup = prfs(y, pred, labels=[0, 1, 2], zero_division=0)
+    for c, row in enumerate(ev.classes):
+        assert row == pytest.approx({"class": c, "precision": pr[c], "recall": rc[c],
+                                     "f1": f1[c], "support": sup[c]}, abs=1e-12)
+    assert 0 < ev.metrics["accuracy"] < 1 and (ev.confusion != np.diag(np.diag(ev.confusion))).any()
+
+
+def test_evaluate_defaults_to_the_validation_split(classifier):
+    p, w, *_ = classifier
+    run = w.parent
+    val = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()][-1]
+    ev = dlgraph.evaluate(dlgraph.load(p), w)
+    assert ev.samples == 96 and ev.data == "the validation split of the spec's data"
+    assert ev.metrics["accuracy"] == val["val_accuracy"]
+    assert ev.metrics["loss"] == pytest.approx(val["val_loss"], rel=1e-5)
+
+
+def test_evaluate_cli_table_json_and_picture(classifier, tmp_path):
+    p, w, data, x, y = classifier
+    cm = tmp_path / "cm.png"
+    r = CliRunner().invoke(main, ["evaluate", str(p), "--weights", str(w), "--data",
+                                  str(data), "--json", "-o", str(cm), "-q"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert out["samples"] == 100 and len(out["confusion"]) == 3 and out["data"] == str(data)
+    assert sum(map(sum, out["confusion"])) == 100
+    assert cm.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    r = CliRunner().invoke(main, ["evaluate", str(p), "--weights", str(w), "--data",
+                                  "{source: spirals, samples: 64, classes: 3}", "-q"])
+    assert r.exit_code == 0, r.output
+    lines = r.output.splitlines()
+    assert lines[0] == "evaluated daily on 64 samples (the 'spirals' source)"
+    assert "confusion matrix (rows: true class, columns: predicted class):" in lines
+    assert any(ln.split()[:1] == ["macro"] for ln in lines)
+    r = CliRunner().invoke(main, ["evaluate", str(p), "--weights", str(w), "--data",
+                                  "nope.txt"])
+    assert r.exit_code == 1 and "error: --data 'nope.txt' is neither a data file (.csv, " \
+        ".npy, .npz) nor a data source\n  help: give a file, a source name" in r.output
+
+
+def test_evaluate_a_regression_against_scikit_learn(tmp_path):
+    from sklearn.metrics import mean_absolute_error, mean_squared_error, r2_score
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((160, 3)).astype(np.float32)
+    y = (x @ rng.standard_normal((3, 2)) + 0.3).astype(np.float32)
+    np.savez(tmp_path / "reg.npz", x=x, y=y)
+    p = tmp_path / "reg.yaml"
+    p.write_text(REGRESSION)
+    res = dlgraph.train(dlgraph.load(p), out=tmp_path / "run", quiet=True)
+    w = weights(res.run_dir / "weights.safetensors")
+    np.savez(tmp_path / "test.npz", x=x[:50], y=y[:50])
+    ev = dlgraph.evaluate(dlgraph.load(p), res.run_dir / "weights.safetensors",
+                          str(tmp_path / "test.npz"), batch=16)   # 16, 16, 16 and 2 rows
+    pred = x[:50].astype(np.float64) @ w["pred.weight"].T + w["pred.bias"]
+    assert ev.task == "regression" and ev.samples == 50
+    assert ev.metrics["mse"] == pytest.approx(mean_squared_error(y[:50], pred), rel=1e-5)
+    assert ev.metrics["mae"] == pytest.approx(mean_absolute_error(y[:50], pred), rel=1e-5)
+    assert ev.metrics["r2"] == pytest.approx(r2_score(y[:50], pred), rel=1e-5)
+    assert ev.metrics["loss"] == pytest.approx(mean_squared_error(y[:50], pred), rel=1e-5)
+
+
+def test_predict_csv_and_npz(classifier, tmp_path):
+    p, w, data, x, y = classifier
+    csv_in = tmp_path / "new.csv"
+    csv_in.write_text("a,b\n" + "".join(f"{u!r},{v!r}\n" for u, v in x[:70].tolist()))
+    r = CliRunner().invoke(main, ["predict", str(p), "--weights", str(w), "--data",
+                                  str(csv_in), "-o", str(tmp_path / "p.csv"), "--batch", "32"])
+    assert r.exit_code == 0, r.output
+    assert f"wrote {tmp_path / 'p.csv'}: 70 rows (logits [70, 3], logits_prob [70, 3], " \
+        "logits_class [70])" in r.output
+    rows = (tmp_path / "p.csv").read_text().splitlines()
+    assert rows[0] == "logits_class,logits_p0,logits_p1,logits_p2" and len(rows) == 71
+    got = np.array([[float(c) for c in row.split(",")] for row in rows[1:]])
+    logits = mlp_logits(weights(w), x[:70])
+    prob = np.exp(logits - logits.max(1, keepdims=True))
+    prob /= prob.sum(1, keepdims=True)
+    np.testing.assert_array_equal(got[:, 0], logits.argmax(1))
+    np.testing.assert_allclose(got[:, 1:], prob, atol=1e-5)
+    dlgraph.predict(dlgraph.load(p), w, data, tmp_path / "p.npz")
+    with np.load(tmp_path / "p.npz") as z:
+        assert sorted(z.files) == ["logits", "logits_class", "logits_prob"]
+        np.testing.assert_allclose(z["logits"], mlp_logits(weights(w), x), atol=1e-4)
+
+
+def test_predict_writes_nothing_on_error(classifier, tmp_path):
+    p, w, *_ = classifier
+    out = tmp_path / "p.csv"
+    out.write_text("old\n")
+    bad = tmp_path / "bad.npy"
+    np.save(bad, np.array([[0.1, 0.2], [np.nan, 0.0]], np.float32))
+    r = CliRunner().invoke(main, ["predict", str(p), "--weights", str(w), "--data", str(bad),
+                                  "-o", str(out)])
+    assert r.exit_code == 1 and f"error: {bad}: row 1 of 'x' holds nan" in r.output
+    wrong = tmp_path / "wrong.npy"
+    np.save(wrong, np.zeros((4, 5), np.float32))
+    r = CliRunner().invoke(main, ["predict", str(p), "--weights", str(w), "--data",
+                                  str(wrong), "-o", str(out)])
+    assert r.exit_code == 1 and "input 'x' has shape [4, 5]" in r.output, r.output
+    assert out.read_text() == "old\n" and sorted(f.name for f in tmp_path.iterdir()) == \
+        ["bad.npy", "p.csv", "wrong.npy"]
