@@ -334,8 +334,9 @@ class Builder:
                         body=body.graph, steps=steps, reverse=reverse, n_seq=len(seqs),
                         n_state=len(states), n_out=n_out)
         types = loop_types(self.graph.nodes[nid].attrs)
-        return [self.emit("pick", nid, as_=f"{nid.split('/')[-1]}_out{k}", index=k, type=t)
-                for k, t in enumerate(types)]
+        names = [o.replace(":", "_").split("/")[-1] for o in body.graph.outputs]
+        return [self.emit("pick", nid, as_=f"{nid.split('/')[-1]}_{name}", index=k, type=t)
+                for k, (name, t) in enumerate(zip(names, types, strict=True))]
 
 
 @functools.cache

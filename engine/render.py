@@ -76,6 +76,7 @@ def render(graph: Graph, path: str | Path | None = None, *, expand: bool | list[
         raise DlgraphError(f"depth must be 0 or more, got {depth}")
     suffix = _check_path(path) if path is not None else None
     g, objectives, optimizer = _training(graph, backward)
+    g = _splice_loops(g)
     drawing = _Drawing(g, expand=expand, backward=bool(backward), depth=depth, shapes=shapes,
                        dtypes=dtypes, objectives=objectives, optimizer=optimizer)
     text = drawing.dot(rankdir)
@@ -160,6 +161,49 @@ def _forward_only(graph: Graph) -> Graph:
     g = copy.copy(graph)
     g.nodes = {k: n for k, n in graph.nodes.items() if n.role != "backward"}
     return g
+
+
+def _splice_loops(graph: Graph) -> Graph:
+    """A copy to draw, with each loop's body drawn in the loop's place: the body's nodes in
+    their own scope (``enc/step_l0``), wired to the loop's inputs, each new state fed back
+    to the step that reads it (``loop_edges``). A backward loop's body recomputes the
+    forward step: those nodes are the forward loop's, drawn once."""
+    if not any(n.op == "loop" for n in graph.nodes.values()):
+        return graph
+    import copy
+    import dataclasses
+    g = copy.copy(graph)
+    nodes: dict[str, Node] = {}
+    outs_of: dict[str, list[str]] = {}
+    g.loop_edges, g.loop_notes = set(), {}
+    for nid, n in graph.nodes.items():
+        if n.op != "loop":
+            nodes[nid] = n if not (n.op == "pick" and n.inputs[0] in outs_of) else \
+                dataclasses.replace(n, inputs=(outs_of[n.inputs[0]][n.attrs.index],))
+            continue
+        a = n.attrs
+        names, outs = list(a.body.inputs), list(a.body.outputs.values())
+        wire = dict(zip(names, n.inputs, strict=True))
+        for bid, bn in a.body.nodes.items():
+            if bn.role != "input" and bid not in nodes:
+                nodes[bid] = dataclasses.replace(bn, inputs=tuple(wire.get(i, i)
+                                                                  for i in bn.inputs))
+                if bn.scope:
+                    g.loop_notes.setdefault(bn.scope, _loop_note(a))
+        for j in range(a.n_state):                       # the carried state: next step
+            state = names[a.n_seq + j]
+            for bid, bn in a.body.nodes.items():
+                if state in bn.inputs and bid in nodes and bn.role == n.role:
+                    nodes[bid] = dataclasses.replace(nodes[bid],
+                                                     inputs=nodes[bid].inputs + (outs[j],))
+                    g.loop_edges.add((outs[j], bid))
+        outs_of[nid] = outs
+    g.nodes = nodes
+    return g
+
+
+def _loop_note(a) -> str:
+    return f"× {a.steps} step{'s' * (a.steps != 1)}" + (" backwards" if a.reverse else "")
 
 
 # ----------------------------------------------------------------------------- the drawing
@@ -377,21 +421,14 @@ class _Drawing:
                 # cotangents run against the forward flow: ranked upwards, they mirror it
                 up = n.role == "backward" and not saved and not loop
                 edges[(src, dst, value)] = _Edge(src, dst, attrs, upward=up)
-        for n in self.g.nodes.values():                  # a loop feeds its next step
-            key = self.keys[n.id]
-            if n.op == "loop" and key is not None and self.items[key].kind == "leaf":
-                state = n.attrs.body[next(iter(n.attrs.body.outputs.values()))]
-                color = {"color": GRAD_EDGE, "fontcolor": GRAD_EDGE} \
-                    if n.role == "backward" else {}
-                edges[(key, key, "next step")] = _Edge(key, key, {
-                    "style": "dashed", "constraint": "false", **color,
-                    "label": f"next step\n{self._type_label(state)}"})
         if self.backward:
             self._links(edges)
             self._grads(edges)
         return list(edges.values())
 
     def _recurrent(self, src: str, dst: str) -> bool:
+        if (src, dst) in getattr(self.g, "loop_edges", ()):
+            return True
         a, b = self.steps.get(src), self.steps.get(dst)
         return a is not None and b is not None and a[0] == b[0] and a[1] != b[1]
 
@@ -500,6 +537,10 @@ class _Drawing:
         return d.family if d is not None and d.family in PALETTE else ""
 
     def _repeat_note(self, path: tuple[str, ...]) -> str:
+        loops = getattr(self.g, "loop_notes", {})
+        fwd = (path[0].removeprefix(GRAD),) + path[1:]
+        if fwd in loops:
+            return f"{path[-1]} {loops[fwd]}"
         if path in self.repeats:
             times, last = self.repeats[path]
             return f"{path[-1]} … {last} × {times}"
@@ -566,8 +607,6 @@ class _Drawing:
 
     def _leaf_label(self, n: Node, notes: list[str]) -> str:
         local = n.id.rsplit("/", 1)[-1]
-        if n.op == "loop":                               # drawn once, with its step count
-            notes = [_loop_note(n)] + notes
         times = [x for x in notes if x.startswith("× ")]
         consts = [x for x in notes if not x.startswith("× ")]
         note = [(" · ".join(times + ([f"with {', '.join(consts)}"] if consts else [])), None, 8)
@@ -614,14 +653,6 @@ class _Drawing:
 
 
 # ----------------------------------------------------------------------------- small helpers
-
-
-def _loop_note(n: Node) -> str:
-    """'× 16 steps (backwards) · 14 ops in its step': a loop's body, summarised."""
-    a = n.attrs
-    ops = sum(1 for b in a.body.nodes.values() if b.role not in ("input", "param"))
-    return (f"× {a.steps} step{'s' * (a.steps != 1)}" + (" backwards" if a.reverse else "")
-            + f" · {ops} ops in its step")
 
 
 def _dims(shape) -> str:

@@ -143,6 +143,12 @@ def test_examples_draw(path, expand, backward):
         for n in g.nodes.values():
             if hidden_const(n):
                 continue
+            if n.op == "loop":      # a loop is drawn as its body, once
+                body = [b for b in n.attrs.body.nodes.values() if b.role != "input"]
+                assert {b.id for b in body if not hidden_const(b)} <= names, n.id
+                assert any(c.get("label", "").endswith(f"× {n.attrs.steps} steps")
+                           for c in got["clusters"].values()), n.id
+                continue
             if n.id not in names:   # only the repeated steps of a folded loop hide
                 assert twin(g, n) in drawn, n.id
                 continue
@@ -162,7 +168,10 @@ def test_examples_draw(path, expand, backward):
         else:
             drawn = {twin(tg, tg[nid]) for nid in names if nid in tg.nodes}
             for n in back:
-                if not hidden_const(n) and n.id not in names:
+                if n.op == "loop":  # drawn as its body: the cotangent step, once
+                    steps = [b.id for b in n.attrs.body.nodes.values() if b.role == "backward"]
+                    assert any(b in names for b in steps), n.id
+                elif not hidden_const(n) and n.id not in names:
                     assert twin(tg, n) in drawn, n.id
             assert any(c.startswith("cluster_grad:") for c in got["clusters"])
 
