@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from tinygrad import Tensor
 
-from .checkpoint import save_tensors
+from .checkpoint import load_tensors, save_tensors
 from .errors import Source, SpecError
 
 
@@ -85,6 +85,14 @@ class EarlyStopping(Monitored):
         super().__init__(spec.metric, spec.mode, spec.min_delta, ("train", "early_stopping"))
         self.patience, self.restore_best = spec.patience, spec.restore_best
         self.weights: dict[str, np.ndarray] | None = None
+
+    def on_train_begin(self, run):
+        super().on_train_begin(run)
+        best = run.run_dir / "best.safetensors"
+        if self.restore_best and self.best_epoch and best.is_file():  # a resumed run
+            arrays, meta = load_tensors(best)
+            if meta.get("epoch") == self.best_epoch and meta.get("metric") == self.metric:
+                self.weights = arrays
 
     def on_epoch_end(self, run, epoch, logs):
         value = self.value(run, logs)

@@ -383,3 +383,35 @@ def test_predict_writes_nothing_on_error(classifier, tmp_path):
     assert r.exit_code == 1 and "input 'x' has shape [4, 5]" in r.output, r.output
     assert out.read_text() == "old\n" and sorted(f.name for f in tmp_path.iterdir()) == \
         ["bad.npy", "p.csv", "wrong.npy"]
+
+
+def test_trainable_false_and_init_from_on_the_command_line(tmp_path):
+    first = dlgraph.train(dlgraph.load(spec_file(tmp_path, epochs=1)), out=tmp_path / "a",
+                          quiet=True)
+    src = first.run_dir / "weights.safetensors"
+    frozen = SPEC.replace("activation: tanh}", "activation: tanh, trainable: false}")
+    p = spec_file(tmp_path, "b.yaml", frozen, epochs=1, seed=5)
+    r = CliRunner().invoke(main, ["run", str(p), "--out", str(tmp_path / "b"),
+                                  "--init-from", str(src)])
+    assert r.exit_code == 0, r.output
+    assert f"initialised 4 parameters from {src}" in r.output
+    a, b = weights(src), weights(tmp_path / "b" / "weights.safetensors")
+    np.testing.assert_array_equal(b["h.weight"], a["h.weight"])       # frozen by the layer
+    assert not np.array_equal(b["logits.weight"], a["logits.weight"])  # trained on
+
+
+def test_resumed_early_stopping_keeps_counting(tmp_path):
+    # mode max on a falling val_loss: epoch 1 stays the best; patience 2 stops after epoch 3,
+    # also when the run is cut after epoch 2 and resumed
+    es = {"metric": "val_loss", "mode": "max", "patience": 2}
+    p = spec_file(tmp_path, epochs=8, early_stopping=es)
+    dlgraph.train(dlgraph.load(p), out=tmp_path / "r", epochs=2, quiet=True)
+    said: list[str] = []
+    res = dlgraph.train(dlgraph.load(p), out=tmp_path / "r", resume=True, log=said.append)
+    assert res.epochs == 3 and any(s.startswith("early stopping at epoch 3: val_loss has not "
+                                                "improved for 2 epochs") for s in said)
+    assert res.best["epoch"] == 1 and "restored the weights of epoch 1" in said
+    final, best = (weights(tmp_path / "r" / f) for f in ("weights.safetensors",
+                                                          "best.safetensors"))
+    for k in best:
+        np.testing.assert_array_equal(final[k], best[k], err_msg=k)
