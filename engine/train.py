@@ -445,8 +445,8 @@ def split_data(graph: Graph, spec, data: dict | None = None):
                         help="use more samples, a smaller batch, or `validation: {split: 0}`")
     n_val = min(max(round(n * frac / spec.batch), 1), n // spec.batch - 1) * spec.batch
     note = "" if n_val == round(n * frac) else \
-        f"; split {frac:g} of {n:,} is {n * frac:,.1f}, made {n_val // spec.batch} whole " \
-        f"batch{'es' * (n_val != spec.batch)}"
+        f"; split {frac:g} × {n:,} = {n * frac:,.6g}, rounded to {n_val // spec.batch} whole " \
+        f"batch{'es' * (n_val != spec.batch)} of {spec.batch}"
     train_arrays, val_arrays = split(arrays, n_val / n, spec.seed)
     return train_arrays, val_arrays, note
 

@@ -203,9 +203,9 @@ def test_header_and_final_line_say_what_happens(tmp_path):
     r = CliRunner().invoke(main, ["run", str(spec_file(tmp_path)), "--out",
                                   str(tmp_path / "r"), "--steps", "2"])
     assert r.exit_code == 0, r.output
-    assert "training daily: 236 training + 64 validation samples (split 0.25 of 300 is " \
-        "75.0, made 2 whole batches), batch 32, 7 steps per epoch, up to 2 steps (1 epoch)" \
-        in r.output
+    assert "training daily: 236 training + 64 validation samples (split 0.25 × 300 = 75, " \
+        "rounded to 2 whole batches of 32), batch 32, 7 steps per epoch, up to 2 steps " \
+        "(1 epoch)" in r.output
     assert "— 1 epoch, 2 steps in " in r.output
     rows = [json.loads(x) for x in (tmp_path / "r/metrics.jsonl").read_text().splitlines()]
     assert all(isinstance(row["time"], float) and row["time"] > 1.7e9 for row in rows)
