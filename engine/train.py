@@ -398,11 +398,11 @@ def _init_from(graph: Graph, params: dict[str, Tensor], spec, echo) -> None:
     """Copy the parameters that ``spec`` (a path, or an InitFromSpec) selects from a weights
     file; names mapped by ``rename``, shapes checked; at least one must be found."""
     from .train_spec import InitFromSpec
-    if not isinstance(spec, InitFromSpec):
+    path = Path(spec.path if isinstance(spec, InitFromSpec) else spec)
+    if isinstance(spec, InitFromSpec):          # the spec's path starts at the spec's folder
+        path = Path(graph.base or Path.cwd()) / path
+    else:
         spec = InitFromSpec(path=str(spec))
-    path = Path(spec.path)
-    if not path.is_absolute() and graph.base is not None and not path.exists():
-        path = Path(graph.base) / path
     arrays, _ = load_tensors(path)
     if not any(k in arrays for k in params):        # a run's checkpoint: param.<name>
         arrays = {k.removeprefix("param."): v for k, v in arrays.items()} or arrays
