@@ -108,6 +108,19 @@ def test_plateau_schedule_cuts_the_learning_rate(tmp_path):
                     "val_loss has not improved for 1 epoch: lr of 'train' 0.25 -> 0.2"]
 
 
+def test_plateau_cut_trains_as_the_same_cut_on_a_step_schedule(tmp_path):
+    # epoch 2 does not beat epoch 1 (mode max on a falling loss): the cut comes after
+    # epoch 2, i.e. at step 14 of 7-step epochs, as a step schedule of step_size 14 makes it
+    plateau = dlgraph.train(dlgraph.load(spec_file(tmp_path, "a.yaml", epochs=3, schedule={
+        "type": "plateau", "metric": "val_loss", "mode": "max", "patience": 1,
+        "gamma": 0.5})), out=tmp_path / "a", quiet=True)
+    step = dlgraph.train(dlgraph.load(spec_file(tmp_path, "b.yaml", epochs=3, schedule={
+        "type": "step", "step_size": 14, "gamma": 0.5})), out=tmp_path / "b", quiet=True)
+    a, b = (weights(r.run_dir / "weights.safetensors") for r in (plateau, step))
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
 def test_watching_a_name_that_is_not_logged_is_located(tmp_path):
     p = spec_file(tmp_path, early_stopping={"metric": "val_acc"})
     r = CliRunner().invoke(main, ["run", str(p), "--out", str(tmp_path / "run"), "-q"])
