@@ -43,6 +43,8 @@ def main():
 
     \b
     dlgraph run graphs/lstm.yaml          train it (or run it forward without `train:`)
+    dlgraph evaluate graphs/mlp.yaml --weights runs/mlp/weights.safetensors
+    dlgraph predict graphs/mlp.yaml --weights W --data new.csv -o pred.csv
     dlgraph validate graphs/mlp.yaml      check a spec and summarise it
     dlgraph render graphs/cnn.yaml -o cnn.svg
     """

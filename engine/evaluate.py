@@ -289,6 +289,10 @@ def confusion_picture(ev: Evaluation, path: str | Path) -> Path:
     if ev.task != "classification":
         raise DataError("-o draws a confusion matrix, and this model is not a classifier",
                         help="a classifier has an accuracy metric or a cross_entropy loss")
+    path = Path(path)
+    if path.suffix.lower() not in (".png", ".svg", ".pdf"):
+        raise DataError(f"cannot draw {path.name}: pictures are .png, .svg or .pdf",
+                        source=Source(str(path)), help="name it cm.png")
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -306,8 +310,7 @@ def confusion_picture(ev: Evaluation, path: str | Path) -> Path:
                 ax.text(j, i, str(int(cm[i, j])), ha="center", va="center", fontsize=8,
                         color="white" if cm[i, j] > cm.max() / 2 else "black")
     buf = io.BytesIO()
-    path = Path(path)
-    fig.savefig(buf, format=path.suffix.lstrip(".") or "png", bbox_inches="tight", dpi=120)
+    fig.savefig(buf, format=path.suffix.lower().lstrip("."), bbox_inches="tight", dpi=120)
     plt.close(fig)
     atomic_write(path, buf.getvalue())
     return path

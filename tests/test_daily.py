@@ -323,6 +323,10 @@ def test_evaluate_cli_table_json_and_picture(classifier, tmp_path):
     assert out["samples"] == 100 and len(out["confusion"]) == 3 and out["data"] == str(data)
     assert sum(map(sum, out["confusion"])) == 100
     assert cm.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    r = CliRunner().invoke(main, ["evaluate", str(p), "--weights", str(w), "-o",
+                                  str(tmp_path / "cm.jpg"), "-q"])
+    assert r.exit_code == 1 and "cm.jpg: cannot draw cm.jpg: pictures are .png, .svg or " \
+        ".pdf" in r.output and not (tmp_path / "cm.jpg").exists()
     r = CliRunner().invoke(main, ["evaluate", str(p), "--weights", str(w), "--data",
                                   "{source: spirals, samples: 64, classes: 3}", "-q"])
     assert r.exit_code == 0, r.output
