@@ -18,7 +18,7 @@ import math
 import re
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -179,6 +179,9 @@ def data_arrays(graph: Graph, spec, data: dict | None = None,
         arrays = load_data(spec.data, graph.base or Path.cwd(), spec.seed)
         fed = feed_arrays(graph, spec, arrays)
     else:
+        if not isinstance(data, Mapping):
+            raise DataError(f"data= takes numpy arrays by name, not a {type(data).__name__}",
+                            help='pass data={"x": X, "y": y}')
         arrays = {k: standard_dtype(np.asarray(v)) for k, v in data.items()}
         check_lengths(arrays, where)
         check_finite(arrays, where)

@@ -149,6 +149,15 @@ def test_in_memory_data_trains_as_the_same_arrays_in_a_file(tmp_path):
         dlgraph.train(g, data={"x": x}, out=tmp_path / "c", quiet=True)
     with pytest.raises(dlgraph.SpecError, match="no `data:`"):
         dlgraph.train(g, out=tmp_path / "d", quiet=True)
+    with pytest.raises(dlgraph.DataError, match="data= takes numpy arrays by name, not a "
+                                                "ndarray"):
+        dlgraph.train(g, data=x, out=tmp_path / "e", quiet=True)
+    w = in_memory.run_dir / "weights.safetensors"
+    np.savez(tmp_path / "part.npz", x=x[:40], y=y[:40])
+    by_arrays = dlgraph.evaluate(g, w, {"x": x[:40], "y": y[:40]})
+    by_file = dlgraph.evaluate(g, w, str(tmp_path / "part.npz"))
+    assert by_arrays.samples == 40 and by_arrays.metrics == by_file.metrics
+    np.testing.assert_array_equal(by_arrays.confusion, by_file.confusion)
 
 
 def test_init_from_and_freeze(tmp_path):
