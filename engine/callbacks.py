@@ -127,6 +127,11 @@ class BestCheckpoint(Monitored):
         super().__init__(metric, mode, min_delta, ("train", "best_checkpoint"))
         self.explicit = explicit
 
+    def on_train_begin(self, run):
+        super().on_train_begin(run)
+        if self.best is not None and (run.run_dir / "best.safetensors").is_file():
+            self._tell(run)
+
     def on_epoch_end(self, run, epoch, logs):
         if not self.explicit and self.metric not in logs:
             return
@@ -138,8 +143,11 @@ class BestCheckpoint(Monitored):
                          {"spec": run.graph.name, "epoch": epoch + 1, "metric": self.metric,
                           "value": value})
         if self.best is not None:
-            run.best = {"file": "best.safetensors", "epoch": self.best_epoch,
-                        "metric": self.metric, "value": self.best}
+            self._tell(run)
+
+    def _tell(self, run) -> None:
+        run.best = {"file": "best.safetensors", "epoch": self.best_epoch,
+                    "metric": self.metric, "value": self.best}
 
 
 class ReduceOnPlateau(Monitored):
