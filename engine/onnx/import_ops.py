@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .importer import Importer, Unsupported, Value, hint, origin
+from .import_base import Importer, Unsupported, Value, hint, origin
 from .recurrent import GATES, reorder
 
 BIG = 2**62
