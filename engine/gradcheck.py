@@ -23,7 +23,7 @@ from .lower import Ctx, Evaluator, bind, lower, use_device
 def _inputs(g: Graph, batch: int, seed: int) -> dict[str, np.ndarray]:
     """A batch from the spec's own data when it has any, else seeded random inputs."""
     train = g.spec.train
-    if train is not None:
+    if train is not None and train.data is not None:
         from .data import load_data
         from .train import feed_arrays
         arrays = feed_arrays(g, train, load_data(train.data, g.base or Path.cwd(), seed))

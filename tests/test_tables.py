@@ -99,7 +99,8 @@ def test_every_optimizer_record_steps_like_pytorch(name):
 def test_every_schedule_starts_at_the_base_rate_and_ends_where_its_doc_says(name):
     s = ScheduleSpec(type=name, min_lr=0.1, step_size=50, gamma=0.5)
     assert lr_at(s, 1.0, 0, 100) == pytest.approx(1.0)
-    end = {"constant": 1.0, "step": 0.25, "cosine": 0.1, "linear": 0.1}[name]   # 0.5 ** 2
+    # step: 0.5 ** 2; plateau: only its callback cuts the rate, never the step count
+    end = {"constant": 1.0, "step": 0.25, "cosine": 0.1, "linear": 0.1, "plateau": 1.0}[name]
     assert lr_at(s, 1.0, 100, 100) == pytest.approx(end)
 
 
