@@ -63,8 +63,12 @@ def test_every_source_is_documented_and_strict():
         assert model.model_config["extra"] == "forbid"
     with pytest.raises(SpecError, match="Extra inputs are not permitted"):
         parse_data_spec({"source": "sine", "lenght": 3})
-    with pytest.raises(SpecError, match="sources are: sine, series"):
+    with pytest.raises(SpecError) as e:
         parse_data_spec({"source": "nope"})
+    assert str(e.value) == ("unknown data source 'nope'\n  help: sources are: "
+                            + ", ".join(SOURCES))
+    with pytest.raises(SpecError, match="did you mean 'sine'"):
+        parse_data_spec({"source": "sin"})
     with pytest.raises(SpecError, match="label: true needs y to name exactly one column"):
         parse_data_spec({"source": "csv", "path": "a.csv", "x": ["a"], "label": True})
 

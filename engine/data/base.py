@@ -20,10 +20,24 @@ MAX_DATA_BYTES = 4 * 2**30
 MAX_TEXT_BYTES = 64 * 2**20
 
 
+SOURCE_TABLE: dict[str, type[DataSource]] = {}
+"""source name -> its model: every subclass of :class:`DataSource` that names its source
+(``source: Literal["name"] = source_field("name")``) enters it by being defined."""
+
+
 class DataSource(BaseModel):
     """Base of every data spec: ``load`` turns the spec into named arrays."""
 
     model_config = ConfigDict(extra="forbid")
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        name = cls.model_fields["source"].default
+        if isinstance(name, str):
+            if name in SOURCE_TABLE:
+                raise RuntimeError(f"data source '{name}' defined twice")
+            SOURCE_TABLE[name] = cls
 
     source: str = Field(description="Which data source.")  # each source narrows it to a Literal
     seed: int | None = Field(
