@@ -58,7 +58,16 @@ def _pow_vjp(b, n, g):
     return [dx, dy]
 
 
-binary("pow", Tensor.pow, _pow_vjp, "x ** y (the gradient in y needs x > 0)")
+def _pow(x: Tensor, y: Tensor) -> Tensor:
+    """x ** y; integers through float32 (tinygrad 0.14 emits C for an integer pow that
+    clang rejects, and fuses the float pow with the cast back wrongly: 2 ** 3 gave 1)."""
+    if dtypes.is_float(x.dtype) or dtypes.is_float(y.dtype):
+        return x.pow(y)
+    out = x.cast(dtypes.float32).pow(y.cast(dtypes.float32)).contiguous()
+    return out.round().cast(x.dtype)
+
+
+binary("pow", _pow, _pow_vjp, "x ** y (the gradient in y needs x > 0)")
 
 
 def _minmax_vjp(cmp):

@@ -428,3 +428,15 @@ def test_infer_matches_declared_types_for_named_dims():
                                 "l": {"op": "linear", "in": "f", "out": 4},
                                 "s": {"op": "softmax", "in": "l"}}, "outputs": ["s"]})
     assert g[g.resolve("s")].type == TType(("batch", 4))
+
+
+def test_integer_pow_matches_numpy():
+    """tinygrad compiles no integer pow and fuses a float pow with the cast back wrongly:
+    integer powers go through float32 and come back exact."""
+    g = dlgraph.load({"dlgraph": 1, "name": "p", "inputs": {
+        "a": {"shape": [5], "dtype": "int32"}, "b": {"shape": [5], "dtype": "int32"}},
+        "nodes": {"p": {"op": "pow", "in": ["a", "b"]}}, "outputs": ["p"]})
+    a, b = np.array([2, 3, -2, 0, 7], np.int32), np.array([3, 2, 3, 0, 5], np.int32)
+    got = dlgraph.compile(g)(a=a, b=b)["p"]
+    assert got.dtype == np.int32
+    np.testing.assert_array_equal(got, a.astype(np.int64) ** b)
