@@ -6,8 +6,7 @@
 - ``transformer_encoder_block`` / ``transformer_decoder_block``: PyTorch's
   ``nn.TransformerEncoderLayer`` / ``nn.TransformerDecoderLayer`` (batch first, no dropout).
 
-One primitive lives here: ``arange`` (0, 1, ..., n-1, no gradient), from which the
-sinusoids and causal masks are made in the graph.
+The sinusoids and causal masks are made in the graph from ``arange`` (ops/shape.py).
 
 Weights use PyTorch's names and layouts, so a PyTorch ``state_dict`` loads as it is, with
 the node id as prefix (``<id>.<torch name>``):
@@ -47,42 +46,17 @@ import math
 from typing import Literal
 
 from pydantic import Field
-from tinygrad import Tensor
 
 from dlgraph.engine.errors import ShapeError
 from dlgraph.engine.spec_base import ParamLayer
-from dlgraph.engine.types import TType, broadcast, fmt
+from dlgraph.engine.types import broadcast, fmt
 
 from .linalg import swap_last
-from .registry import NO_GRAD, attrs, register
+from .registry import attrs, register
 
 F = "attention"
 NEG = -1e9
 """The score of a masked (query, key) pair: exp(NEG - max) is 0 in float32."""
-
-
-# -- arange: the one primitive ------------------------------------------------------------
-def _arange_infer(a):
-    if isinstance(a.size, int) and a.size < 1:
-        raise ShapeError(f"arange needs a positive size, got {a.size}")
-    return TType((a.size,))
-
-
-def _arange_fwd(c, a):
-    n = a.size
-    if isinstance(n, str):
-        if n not in c.dims:
-            raise ShapeError(f"the named dim '{n}' is not bound by any input",
-                             help="name a dim of one of the graph's inputs")
-        n = c.dims[n]
-    return Tensor.arange(n).float()
-
-
-register("arange", doc="0, 1, ..., size-1 as float32 along one axis (no gradient): positions "
-         "for encodings and masks", family="shape", inputs=(),
-         attrs_model=attrs("arange", size=(int | str, Field(
-             description="how many: a size, or a named dim such as time"))),
-         infer=_arange_infer, forward=_arange_fwd, vjp=NO_GRAD)
 
 
 # -- scaled dot-product attention -----------------------------------------------------------

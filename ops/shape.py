@@ -6,6 +6,7 @@ import math
 from typing import Annotated
 
 from pydantic import BeforeValidator, Field
+from tinygrad import Tensor
 
 from dlgraph.engine.errors import ShapeError
 from dlgraph.engine.types import TType, broadcast, fmt, norm_axis
@@ -363,3 +364,27 @@ register("one_hot", doc="int ids -> float one-hot vectors along a new last axis"
          inputs="ids", attrs_model=attrs("one_hot", depth=(int, Field(
              gt=0, description="number of classes"))), infer=_one_hot_infer,
          forward=lambda c, a, x: x.one_hot(a.depth).float(), vjp=NO_GRAD)
+
+
+# -- arange: positions (for encodings and masks) ------------------------------------------
+def _arange_infer(a):
+    if isinstance(a.size, int) and a.size < 1:
+        raise ShapeError(f"arange needs a positive size, got {a.size}")
+    return TType((a.size,))
+
+
+def _arange_fwd(c, a):
+    n = a.size
+    if isinstance(n, str):
+        if n not in c.dims:
+            raise ShapeError(f"the named dim '{n}' is not bound by any input",
+                             help="name a dim of one of the graph's inputs")
+        n = c.dims[n]
+    return Tensor.arange(n).float()
+
+
+register("arange", doc="0, 1, ..., size-1 as float32 along one axis (no gradient): positions "
+         "for encodings and masks", family="shape", inputs=(),
+         attrs_model=attrs("arange", size=(int | str, Field(
+             description="how many: a size, or a named dim such as time"))),
+         infer=_arange_infer, forward=_arange_fwd, vjp=NO_GRAD)
