@@ -12,6 +12,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from .autodiff import phase_graphs, phase_params, training_graph
+from .checks import check_training
 from .ir import Graph
 from .types import TType, fmt, numel
 
@@ -126,6 +127,7 @@ def summarize(g: Graph, graphs: dict[str, Graph] | None = None,
     >>> summarize(dlgraph.load("graphs/mlp.yaml")).backward              # doctest: +SKIP
     {'train': 39}
     """
+    check_training(g)
     graphs = phase_graphs(g) if graphs is None else graphs
     counts: dict[str, int] = {}
     for p in g.params.values():

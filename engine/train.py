@@ -192,16 +192,10 @@ def data_arrays(graph: Graph, spec, data: dict | None = None,
 
 
 def _metric_refs(graph: Graph, spec) -> list[tuple[str, str, str, str]]:
-    """(name, type, prediction node, target node) per metric; refs checked."""
-    out = []
-    for k, m in enumerate(spec.metrics):
-        for ref in m.in_:
-            if ref not in graph.aliases and ref not in graph.inputs:
-                raise SpecError(f"metric '{m.name or m.type}': '{ref}' is not a node or input",
-                                source=Source(graph.source,
-                                              graph.lines.get(("train", "metrics", k))))
-        out.append((m.name or m.type, m.type, graph.resolve(m.in_[0]), graph.resolve(m.in_[1])))
-    return out
+    """(name, type, prediction node, target node) per metric (checked by
+    :func:`~.checks.check_training` when the graph was summarised)."""
+    return [(m.name or m.type, m.type, graph.resolve(m.in_[0]), graph.resolve(m.in_[1]))
+            for m in spec.metrics]
 
 
 def metric_value(kind: str, pred: np.ndarray, target: np.ndarray) -> float:

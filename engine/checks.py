@@ -1,0 +1,106 @@
+"""What `validate` checks in a `train:` section beyond its models, so that it catches what
+`run` would only find later (after loading data, compiling, or a whole epoch): metric
+references and their shapes, the target's metric being logged at all, `feed:` keys,
+phase names, data files that are not there.
+
+Every problem is a located :class:`SpecError` or :class:`DataError` with a ``help:`` line.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .errors import DataError, Source, SpecError, suggest
+from .ir import Graph
+from .types import fmt
+
+
+def check_training(g: Graph) -> None:
+    """Raise the first problem of ``g``'s `train:` section (nothing without one)."""
+    spec = g.spec.train if g.spec is not None else None
+    if spec is None:
+        return
+    _phases(g, spec)
+    _feed(g, spec)
+    for k, m in enumerate(spec.metrics):
+        _metric(g, m, k)
+    _target(g, spec)
+    _data_file(g, spec)
+
+
+def _at(g: Graph, *path) -> Source:
+    while path and g.lines.get(("train",) + path) is None:
+        path = path[:-1]
+    return Source(g.source, g.lines.get(("train",) + path) or g.lines.get(("train",)))
+
+
+def _phases(g: Graph, spec) -> None:
+    seen: set[str] = set()
+    for k, ph in enumerate(spec.phases or []):
+        if ph.name in seen:
+            raise SpecError(f"two phases are named '{ph.name}'", source=_at(g, "phases", k),
+                            help="give every phase its own `name:`")
+        seen.add(ph.name)
+
+
+def _feed(g: Graph, spec) -> None:
+    for name in spec.feed:
+        if name not in g.inputs:
+            raise SpecError(f"`feed:` names '{name}', which is not an input of the graph",
+                            source=_at(g, "feed", name),
+                            help=suggest(name, g.inputs) or f"inputs: {', '.join(g.inputs)}")
+
+
+def _metric(g: Graph, m, k: int) -> None:
+    names = [n for n in g.aliases if "." not in n] + list(g.inputs)
+    for ref in m.in_:
+        if ref not in g.aliases and ref not in g.inputs:
+            raise SpecError(f"metric '{m.name or m.type}': '{ref}' is not a node or input",
+                            source=_at(g, "metrics", k),
+                            help=suggest(ref.split(".")[0], names) or f"nodes: {', '.join(names)}")
+    pred, target = (g[g.resolve(r)].type for r in m.in_)
+    if m.type == "accuracy":
+        ok = pred.rank == target.rank + 1 and pred.shape[:-1] == target.shape
+        want = "scores [..., classes] and integer labels [...]"
+    else:
+        ok = pred.shape == target.shape
+        want = "two values of the same shape"
+    if not ok:
+        raise SpecError(f"metric '{m.name or m.type}' compares {m.in_[0]} {fmt(pred.shape)} "
+                        f"with {m.in_[1]} {fmt(target.shape)}", source=_at(g, "metrics", k),
+                        help=f"{m.type} takes {want}")
+
+
+def logged_names(spec) -> list[str]:
+    """The names an epoch row of this `train:` section carries (training losses, and the
+    validation values when there is a validation split)."""
+    phases = spec.all_phases()
+    losses = ["loss"] if len(phases) == 1 else [f"loss_{p.name}" for p in phases]
+    val = [f"val_{n}" for n in losses] + [f"val_{m.name or m.type}" for m in spec.metrics]
+    return losses + (val if spec.validation.split > 0 else [])
+
+
+def _target(g: Graph, spec) -> None:
+    if spec.target is None:
+        return
+    logged = logged_names(spec)
+    if spec.target.metric not in logged:
+        hint = suggest(spec.target.metric, logged) or (
+            f"did you mean 'val_{spec.target.metric}'?" if f"val_{spec.target.metric}" in logged
+            else None)
+        raise SpecError(f"target metric '{spec.target.metric}' is never logged; logged: "
+                        f"{', '.join(logged)}", source=_at(g, "target", "metric"),
+                        help=hint or "name one of the logged values, or add the metric "
+                                     "under `metrics:` (validation needs `validation.split`)")
+
+
+def _data_file(g: Graph, spec) -> None:
+    path = getattr(spec.data, "path", None)
+    if path is None:
+        return
+    full = Path(g.base or Path.cwd()) / path
+    if not full.exists():
+        where = "the current folder" if str(full.parent) == "." else str(full.parent)
+        raise DataError(f"data file {path} does not exist (looked in {where})",
+                        source=_at(g, "data", "path"),
+                        help="fix `data.path`; relative paths start in the spec's folder")
