@@ -378,6 +378,8 @@ class _Walk:
             v = float("nan")  # JSON's NaN/Infinity: YAML reads a string, pydantic a float
         elif isinstance(v, str) and node.style is None and _EXPONENT.fullmatch(v):
             v = float(v)  # 1e12 is a number in YAML 1.2 and JSON; PyYAML reads a string
+            if "." not in node.value and v.is_integer():
+                v = int(v)    # written without a point, it is a count: hidden: 1e3
         if isinstance(v, float) and not math.isfinite(v):
             raise self.fail(node, f"{node.value} is not a number a spec can hold",
                             help="write a finite number")

@@ -20,7 +20,8 @@ Init = Literal[tuple(INITIALISERS)]          # the names of the initialiser tabl
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, strict=True,
+                              allow_inf_nan=False)
 
 
 class NodeSpec(Strict):

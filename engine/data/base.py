@@ -28,7 +28,7 @@ SOURCE_TABLE: dict[str, type[DataSource]] = {}
 class DataSource(BaseModel):
     """Base of every data spec: ``load`` turns the spec into named arrays."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
     @classmethod
     def __pydantic_init_subclass__(cls, **kwargs) -> None:
