@@ -573,10 +573,27 @@ def _value_loc(loc, data) -> tuple:
             cur = cur[p]
         elif isinstance(p, str) and _MEMBER.match(p):
             continue
+        elif isinstance(cur, dict) and p == cur.get("type"):
+            continue        # the tag of a union told apart by `type:` (optimizer: adam)
         else:
             cur = None
         out.append(p)
     return tuple(out)
+
+
+def _yaml(v) -> str:
+    """A value as the spec wrote it: true, 'text', 3."""
+    return {True: "true", False: "false", None: "null"}.get(v, repr(v)) \
+        if isinstance(v, bool | None) else repr(v)
+
+
+#: pydantic error type -> what a person reads ("must be a whole number, got true")
+PLAIN = {"int_type": "must be a whole number", "int_parsing": "must be a whole number",
+         "int_from_float": "must be a whole number", "float_type": "must be a number",
+         "float_parsing": "must be a number", "finite_number": "must be a finite number",
+         "bool_type": "must be true or false", "bool_parsing": "must be true or false",
+         "string_type": "must be text", "list_type": "must be a list",
+         "dict_type": "must be a mapping of names to values"}
 
 
 def _spec_error(err: dict, data: dict, lines: dict, file: str, registry) -> SpecError:
@@ -614,6 +631,8 @@ def _spec_error(err: dict, data: dict, lines: dict, file: str, registry) -> Spec
         fields = [f.alias or k for k, f in model.model_fields.items() if k != "op"]
         msg = f"unknown field '{name}'"
         help = suggest(name, fields) or f"known fields: {', '.join(sorted(fields))}"
+    elif kind in PLAIN:
+        msg = f"field '{field}' {PLAIN[kind]}, got {_yaml(err.get('input'))}"
     else:
         text = err["msg"].removeprefix("Value error, ")
         msg = f"field '{field}': {text}" if field else text
