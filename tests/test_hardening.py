@@ -558,7 +558,8 @@ def test_run_refuses_a_graph_that_cannot_fit_with_the_figure(tmp_path):
                     "  h: {op: linear, in: x, out: 1e12}\noutputs: [h]\n")
     result = CliRunner().invoke(main, ["run", str(spec)])
     assert result.exit_code == 1
-    assert result.stderr.startswith("error: this graph needs about 108033.4 GiB at batch 4 "
+    # 1e12 weights (18626.5 GiB) + two [4, 1e12] values (29802.3 GiB)
+    assert result.stderr.startswith("error: this graph needs about 48428.8 GiB at batch 4 "
                                     "(18626.5 GiB of parameters), more than the ")
 
 
