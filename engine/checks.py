@@ -26,6 +26,7 @@ def check_training(g: Graph) -> None:
         _metric(g, m, k)
     _target(g, spec)
     _data_file(g, spec)
+    _batch_statistics(g, spec)
 
 
 def _at(g: Graph, *path) -> Source:
@@ -104,3 +105,15 @@ def _data_file(g: Graph, spec) -> None:
         raise DataError(f"data file {path} does not exist (looked in {where})",
                         source=_at(g, "data", "path"),
                         help="fix `data.path`; relative paths start in the spec's folder")
+
+
+def _batch_statistics(g: Graph, spec) -> None:
+    """batch_norm normalises by the batch's own statistics while training: one sample has
+    none (its output would be all zeros; PyTorch refuses it too)."""
+    if spec.batch > 1:
+        return
+    users = sorted({n.user_id for n in g.nodes.values() if n.op == "moving_average"})
+    if users:
+        raise SpecError(f"batch 1 cannot train {', '.join(users)}: batch_norm needs more than "
+                        "one sample per batch to compute its statistics",
+                        source=_at(g, "batch"), help="use a batch of 2 or more, or layer_norm")
