@@ -413,8 +413,7 @@ def load_graph(source, *, base: Path | None = None) -> Graph:
     ``base`` is the folder that relative paths (data, `include:`) of a string or dict spec
     start in; a file's own folder otherwise.
     """
-    if isinstance(source, str | Path) and "\n" not in str(source) \
-            and str(source).endswith((".yaml", ".yml", ".json")):
+    if _names_a_file(source):
         spec, lines = read_spec(source)
         file, folder = str(source), Path(source).parent
     elif isinstance(source, dict | str):
@@ -427,6 +426,20 @@ def load_graph(source, *, base: Path | None = None) -> Graph:
     g = build(spec, lines, file, folder)
     g.base = folder
     return g
+
+
+def _names_a_file(source) -> bool:
+    """A Path, or a one-line string that is a spec file's name (any extension: the content
+    is read as YAML, of which JSON is a part) rather than YAML text."""
+    if isinstance(source, Path):
+        return True
+    if not isinstance(source, str) or "\n" in source:
+        return False
+    try:
+        exists = Path(source).is_file()
+    except (OSError, ValueError):
+        exists = False
+    return exists or source.endswith((".yaml", ".yml", ".json")) or ":" not in source
 
 
 __all__ = ["Builder", "build", "load_graph", "fans"]

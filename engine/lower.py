@@ -177,6 +177,11 @@ class Model:
 
     def __call__(self, **arrays: np.ndarray) -> dict[str, np.ndarray]:
         g = self.graph
+        unknown = [n for n in arrays if n not in g.inputs]
+        if unknown:
+            raise ShapeError(f"unknown input{'s' * (len(unknown) > 1)}: {', '.join(unknown)}",
+                             help=f"inputs: {', '.join(g.inputs)}")
+        arrays = {k: _array(k, v, g.inputs[k].dtype) for k, v in arrays.items()}
         missing = [n for n in self._names if n not in arrays]
         if missing:
             raise ShapeError(f"missing input{'s' * (len(missing) > 1)}: {', '.join(missing)}",
@@ -192,6 +197,18 @@ class Model:
 
     def state_dict(self) -> dict[str, np.ndarray]:
         return {k: v.numpy() for k, v in self.params.items()}
+
+
+def _array(name: str, value, dtype: str) -> np.ndarray:
+    """An input as a numpy array (lists welcome); numbers only, whole for int inputs."""
+    a = np.asarray(value)
+    if a.dtype.kind not in "biuf":
+        raise ShapeError(f"input '{name}' holds {a.dtype} values, not numbers",
+                         help="pass numbers (a numpy array or nested lists)")
+    if dtype != "float32" and a.dtype.kind == "f" and not np.array_equal(a, np.round(a)):
+        raise ShapeError(f"input '{name}' is {dtype} but holds fractions",
+                         help="pass whole numbers (labels, token ids)")
+    return a
 
 
 # -------------------------------------------------------------------------- lowering
