@@ -15,7 +15,7 @@ import fnmatch
 from dlgraph.ops import NO_GRAD, OPS
 
 from .build import Builder
-from .errors import GradientError, ShapeError, Source, SpecError
+from .errors import GradientError, ShapeError, Source, SpecError, suggest
 from .ir import Graph
 from .types import fmt
 
@@ -240,7 +240,8 @@ def training_graph(g: Graph, phase) -> Graph:
         raise SpecError(f"objective '{ref}' is not a node",
                         source=Source(g.source, g.lines.get(("train", "objective"))
                                       or g.lines.get(("train",))),
-                        help="set `objective:` to the id of the loss node")
+                        help=suggest(ref, [n for n in g.aliases if "." not in n])
+                        or "set `objective:` to the id of the loss node")
     try:
         return reverse(g, ref, phase_params(g, phase))
     except GradientError as e:

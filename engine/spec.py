@@ -14,6 +14,8 @@ import math
 import os
 import re
 import stat
+import types
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -573,12 +575,71 @@ def _value_loc(loc, data) -> tuple:
             cur = cur[p]
         elif isinstance(p, str) and _MEMBER.match(p):
             continue
-        elif isinstance(cur, dict) and p == cur.get("type"):
-            continue        # the tag of a union told apart by `type:` (optimizer: adam)
+        elif isinstance(cur, dict) and p in (cur.get("type"), cur.get("source")):
+            continue        # the tag of a union told apart by `type:`/`source:` (adam)
         else:
             cur = None
         out.append(p)
     return tuple(out)
+
+
+#: names other libraries use -> dlgraph's (Keras, PyTorch): where a did-you-mean by spelling
+#: would point at the wrong field (`units` is not `init`)
+SYNONYMS = {"units": "out", "out_features": "out", "filters": "out", "out_channels": "out",
+            "hidden_size": "hidden", "num_layers": "layers", "kernel_size": "kernel",
+            "num_heads": "heads", "rate": "p", "dropout": "p", "axes": "axis"}
+#: (op, field) that does not exist on purpose, and what to say instead
+NOT_SUPPORTED = {("slice", "step"): "slice takes no step: strided slices are not supported; "
+                                    "reshape and take, or slice then pool"}
+
+
+def _field_help(op, name: str, fields: list[str]) -> str:
+    if (op, name) in NOT_SUPPORTED:
+        return NOT_SUPPORTED[(op, name)]
+    if SYNONYMS.get(name) in fields:
+        return f"did you mean '{SYNONYMS[name]}'? (dlgraph's name for {name})"
+    return suggest(name, fields) or f"known fields: {', '.join(sorted(fields))}"
+
+
+def _model_at(model, path: tuple, data):
+    """The pydantic model that holds the value at ``path`` of ``data`` (a union told apart
+    by ``type``/``source``/``op`` resolved by the data); None where it cannot be told."""
+    ann = model
+    for p in path:
+        ann, data = _member(ann, data), data
+        if ann is None:
+            return None
+        if isinstance(p, int):
+            args = typing.get_args(ann)
+            ann, data = (args[0] if args else None), (data[p] if isinstance(data, list)
+                                                     and p < len(data) else None)
+        elif isinstance(ann, type) and issubclass(ann, BaseModel):
+            f = next((f for k, f in ann.model_fields.items() if p in (k, f.alias)), None)
+            ann, data = (f.annotation if f else None), (data.get(p) if isinstance(data, dict)
+                                                        else None)
+        else:
+            args = typing.get_args(ann)
+            ann, data = (args[-1] if args else None), (data.get(p) if isinstance(data, dict)
+                                                       else None)
+    ann = _member(ann, data)
+    return ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+
+
+def _member(ann, data):
+    """Unwrap Annotated/Optional/Union to the member ``data`` belongs to."""
+    while typing.get_origin(ann) is Annotated:
+        ann = typing.get_args(ann)[0]
+    if typing.get_origin(ann) not in (Union, types.UnionType):
+        return ann
+    members = [_member(m, data) for m in typing.get_args(ann) if m is not type(None)]
+    models = [m for m in members if isinstance(m, type) and issubclass(m, BaseModel)]
+    for m in models:
+        for key in ("type", "source", "op"):
+            f = m.model_fields.get(key)
+            if f is not None and isinstance(data, dict) and \
+                    data.get(key) in typing.get_args(f.annotation):
+                return m
+    return models[0] if len(models) == 1 else (members[0] if len(members) == 1 else None)
 
 
 def _yaml(v) -> str:
@@ -628,9 +689,11 @@ def _spec_error(err: dict, data: dict, lines: dict, file: str, registry) -> Spec
         help = suggest(err["input"], names)
     elif kind == "extra_forbidden":
         name = str(field_path[-1])
-        fields = [f.alias or k for k, f in model.model_fields.items() if k != "op"]
+        here = _model_at(model, field_path[:-1], data["nodes"][node] if node else data)
+        fields = [f.alias or k for k, f in here.model_fields.items() if k != "op"] \
+            if here is not None else []
         msg = f"unknown field '{name}'"
-        help = suggest(name, fields) or f"known fields: {', '.join(sorted(fields))}"
+        help = _field_help(op, name, fields)
     elif kind in PLAIN:
         msg = f"field '{field}' {PLAIN[kind]}, got {_yaml(err.get('input'))}"
     else:

@@ -52,8 +52,10 @@ def _activate(b, a, y):
         return y
     unary = [n for n, d in REGISTRY.items() if d.family == "activation"]
     if act not in unary:
+        same = [u for u in unary if u.lower() == act.lower()]
         raise SpecError(f"unknown activation '{act}'",
-                        help=suggest(act, unary) or f"activations: {', '.join(sorted(unary))}")
+                        help=f"did you mean '{same[0]}'? (op names are lower case)" if same
+                        else suggest(act, unary) or f"activations: {', '.join(sorted(unary))}")
     return b.emit(act, y)
 
 
