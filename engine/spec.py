@@ -441,6 +441,14 @@ def _precheck_nodes(data: dict, lines: dict, file: str, base: Path | None = None
                 raise SpecError(f"{what} '{k}' is not a valid name",
                                 source=Source(file, lines.get((section, k))),
                                 help="use letters, digits and _, not starting with a digit")
+    inputs, nodes = data.get("inputs"), data.get("nodes")
+    if isinstance(inputs, dict) and isinstance(nodes, dict):
+        for k in nodes:
+            if k in inputs:
+                raise SpecError(f"'{k}' is both an input and a node id",
+                                source=Source(file, lines.get(("nodes", k))),
+                                help=f"rename the node (or the input on line "
+                                     f"{lines.get(('inputs', k))}): a name means one value")
     modules = set(library(data, file, lines, base))
     _check_ops(data.get("nodes"), ("nodes",), modules, lines, file)
     for name, m in (data.get("modules") or {}).items():
@@ -676,6 +684,7 @@ def _spec_error(err: dict, data: dict, lines: dict, file: str, registry) -> Spec
     kind, help = err["type"], None
     if kind == "missing":
         msg = f"missing required field '{field}'"
+        src = src if src.line else Source(file, line_of(lines, loc[:-1]) or 1)
         info = model.model_fields.get(str(field_path[-1])) if field_path else None
         help = info.description if info is not None and info.description else None
     elif kind == "union_tag_invalid":
