@@ -13,7 +13,6 @@ import tomllib
 from pathlib import Path
 
 import networkx as nx
-import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 MAX_LINES = 60

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import dlgraph
-from dlgraph.engine.autodiff import reverse
 from dlgraph.engine import lower as lower_mod
+from dlgraph.engine.autodiff import reverse
 from dlgraph.engine.lower import Ctx, Evaluator, bind, feed, lower, to_tensor
 
 B, T, I, H = 3, 5, 4, 6
