@@ -19,6 +19,7 @@ from tinygrad.helpers import DEV, to_tuple
 from tinygrad.uop.ops import Ops
 
 from dlgraph.ops import OPS
+from dlgraph.ops.common import resolve
 from dlgraph.ops.control import loop_types
 
 from .errors import DeviceError, ShapeError
@@ -397,8 +398,8 @@ class LoopStage:
         self._compiled: dict[tuple, tuple] = {}
 
     def _buffers(self, dims) -> list[Tensor]:
-        return [Tensor.zeros(*resolve_shape(t.shape, dims),
-                             dtype=NP_TG[t.dtype]).contiguous().realize()
+        return [Tensor.zeros(*resolve(Ctx(dims=dims), t.shape),
+                             dtype=t.dtype).contiguous().realize()
                 for t in loop_types(self.node.attrs)]
 
     def run(self, env: dict, dims: dict[str, int]) -> None:
@@ -543,10 +544,3 @@ def _plan(cap, ins) -> list | None:
 def _rebind(args: tuple, var_vals: dict) -> tuple:
     var = args[0].unbind()[0]
     return (var.bind(var_vals["step"]), *args[1:])
-
-
-NP_TG = {"float32": "float32", "int32": "int32", "bool": "bool"}
-
-
-def resolve_shape(shape, dims) -> tuple[int, ...]:
-    return tuple(dims[d] if isinstance(d, str) else d for d in shape)
