@@ -802,12 +802,17 @@ def main_scaling(ap, opts, argv) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(splice_scaling(out.read_text() if out.exists() else "", section))
         print(f"wrote {out}")
+    return _finish(opts, results, {"mode": "scaling", "results": results, "machine": mach,
+                                   "run": run},
+                   ("steps", "first_budget", "steady_budget", "mem_budget", "torch_threads",
+                    "cold_cache", "quick", "warm_up"))
+
+
+def _finish(opts, results, payload: dict, keep: tuple) -> int:
+    """Write the raw results (--json) with the options that shaped them; 1 if any failed."""
     if opts.json:
-        keep = ("steps", "first_budget", "steady_budget", "mem_budget", "torch_threads",
-                "cold_cache", "quick", "warm_up")
         Path(opts.json).write_text(json.dumps(
-            {"mode": "scaling", "results": results, "machine": mach, "run": run,
-             "opts": {k: getattr(opts, k) for k in keep}}, indent=1))
+            {**payload, "opts": {k: getattr(opts, k) for k in keep}}, indent=1))
     failed = [r["name"] for r in results if "failed" in r]
     if failed:
         print(f"FAILED: {', '.join(failed)}", file=sys.stderr)
@@ -924,17 +929,10 @@ def main(argv=None):
     print(f"total wall time {wall:.0f} s")
     if out:
         write_report(out, md)
-    if opts.json:
-        keep = ("rounds", "round_s", "min_steps", "torch_threads", "cold_cache", "quick",
-                "proposals")
-        Path(opts.json).write_text(json.dumps(
-            {"results": results, "wall_s": wall, "machine": mach, "command": command,
-             "opts": {k: getattr(opts, k) for k in keep}}, indent=1))
-    failed = [r["name"] for r in results if "failed" in r]
-    if failed:
-        print(f"FAILED: {', '.join(failed)}", file=sys.stderr)
-        return 1
-    return 0
+    return _finish(opts, results, {"results": results, "wall_s": wall, "machine": mach,
+                                   "command": command},
+                   ("rounds", "round_s", "min_steps", "torch_threads", "cold_cache", "quick",
+                    "proposals"))
 
 
 if __name__ == "__main__":
