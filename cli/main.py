@@ -344,6 +344,47 @@ def plot(runs, output):
 
 @main.command()
 @SPEC
+@click.option("--param", "params", multiple=True, metavar="PATH=V1,V2,...",
+              help="a field to vary by dotted path, with its values (YAML scalars), or a range "
+                   "LOW:HIGH / log:LOW:HIGH for random and optuna search; repeatable")
+@click.option("--search", type=click.Choice(["grid", "random", "optuna"]),
+              help="grid (default), random, or optuna (needs optuna)")
+@click.option("--samples", type=click.IntRange(min=1), help="random/optuna: trials "
+              "(default 8); grid: times the grid is run (default 1)")
+@click.option("--metric", help="the logged value that ranks trials (default: the target's "
+                               "metric, else val_loss)")
+@click.option("--mode", type=click.Choice(["min", "max"]), help="lower or higher is better")
+@click.option("--address", metavar="HOST:PORT", help="a Ray cluster to run on (default: a "
+                                                     "local Ray sized to this machine)")
+@click.option("--cpus-per-trial", type=click.FloatRange(min=0, min_open=True),
+              help="CPUs each trial reserves (default 1)")
+@click.option("--gpus-per-trial", type=click.FloatRange(min=0), help="GPUs each trial "
+                                                                     "reserves (default 0)")
+@click.option("--concurrency", type=click.IntRange(min=1), help="trials at once (default: "
+                                                                "as many as fit)")
+@click.option("--time-budget", type=click.FloatRange(min=0, min_open=True), metavar="SECONDS",
+              help="stop the sweep's trials after this many seconds")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
+              help="the sweep directory (default runs/<name>-sweep/<time>)")
+@DEVICE
+@errors
+def sweep(spec, params, search, samples, metric, mode, address, cpus_per_trial,
+          gpus_per_trial, concurrency, time_budget, out, device):
+    """Train SPEC once per combination of --param values (or the spec's `sweep:` section)
+    on Ray Tune; print the results table and the best trial, write sweep.csv."""
+    from dlgraph.engine.sweep import plan_sweep, run_sweep
+    plan = plan_sweep(spec, params, out=out, device=device, address=address, search=search,
+                      samples=samples, metric=metric, mode=mode, concurrency=concurrency,
+                      cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial,
+                      time_budget=time_budget)
+    res = run_sweep(plan, echo=lambda s: click.echo(s, err=True))
+    click.echo(res.table())
+    if res.best is None:
+        sys.exit(1)
+
+
+@main.command()
+@SPEC
 @click.option("--batch", type=click.IntRange(min=1), default=4, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @DEVICE

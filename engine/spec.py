@@ -37,6 +37,7 @@ from dlgraph.ops import REGISTRY
 
 from .errors import Source, SpecError, suggest
 from .spec_base import IDENT, NodeSpec, Strict
+from .sweep_spec import SweepSpec
 from .train_spec import TrainSpec
 
 Dim = Annotated[int | str, Field(description="a size, or a symbolic name such as `batch`")]
@@ -134,6 +135,8 @@ def spec_model() -> type[BaseModel]:
                                    "in the DLGRAPH_INCLUDE_PATH environment variable)")
         train: TrainSpec | None = Field(None, description="how to train; absent: inference "
                                                           "only")
+        sweep: SweepSpec | None = Field(None, description="a hyperparameter sweep over this "
+                                        "spec (`dlgraph sweep`); ignored by `dlgraph run`")
 
         @field_validator("inputs")
         @classmethod
