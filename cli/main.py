@@ -59,20 +59,10 @@ def _load(spec: Path):
 
 
 def _check_fits(g, batch: int) -> None:
-    """Refuse, before anything is allocated, a graph whose float32 parameters and activations
-    at ``batch`` samples exceed the machine's memory (e.g. `hidden: 1000000000000`)."""
-    import os
-
-    from dlgraph.engine.errors import DeviceError
-    from dlgraph.engine.summary import _bytes, summarize
-    s = summarize(g)
-    need = 4 * (s.params + (s.activation_floats or 0) * batch)
-    have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    if need > have:
-        raise DeviceError(f"this graph needs about {_bytes(need)} at batch {batch} "
-                          f"({_bytes(4 * s.params)} of parameters), more than the "
-                          f"{_bytes(have)} of memory here",
-                          help="use smaller layers or a smaller batch")
+    """Refuse a graph that cannot fit in memory at ``batch`` samples, with the figure (train
+    and compile check too; this covers the batch of random inputs and gradcheck)."""
+    from dlgraph.engine.checks import check_fits
+    check_fits(g, batch)
 
 
 def _check_inputs(g, arrays: dict[str, np.ndarray]) -> None:
@@ -149,7 +139,6 @@ def run(spec, inputs, batch, output, weights, out, resume, epochs, steps, init_f
     import dlgraph
     g = _load(spec)
     if g.spec.train is not None and weights is None and not inputs:
-        _check_fits(g, g.spec.train.batch)
         if resume and out is None:
             raise click.UsageError("--resume needs --out RUN_DIR")
         res = dlgraph.train(g, out=out, resume=resume, device=device, epochs=epochs,

@@ -8,11 +8,13 @@ Every problem is a located :class:`SpecError` or :class:`DataError` with a ``hel
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-from .errors import DataError, Source, SpecError, suggest
+from .data.base import size_text
+from .errors import DataError, DeviceError, Source, SpecError, suggest
 from .ir import Graph
-from .types import fmt
+from .types import fmt, numel
 
 
 def check_training(g: Graph) -> None:
@@ -117,3 +119,26 @@ def _batch_statistics(g: Graph, spec) -> None:
         raise SpecError(f"batch 1 cannot train {', '.join(users)}: batch_norm needs more than "
                         "one sample per batch to compute its statistics",
                         source=_at(g, "batch"), help="use a batch of 2 or more, or layer_norm")
+
+
+def activation_floats(g: Graph) -> int:
+    """Floats of forward values per sample: those that carry a named (batch) dim, with every
+    named dim at 1; weight-sized values do not grow with the batch."""
+    named = {d: 1 for t in g.inputs.values() for d in t.shape if isinstance(d, str)}
+    act = [numel(n.type.shape, named) for n in g.nodes.values() if n.role == "forward"
+           and any(isinstance(d, str) for d in n.type.shape)]
+    return sum(a for a in act if a is not None)
+
+
+def check_fits(g: Graph, batch: int) -> None:
+    """Refuse, before anything is allocated, a graph whose float32 parameters and activations
+    at ``batch`` samples exceed the machine's memory (e.g. `hidden: 1000000000000`): train,
+    compile and the commands over them call it."""
+    params = sum(numel(p.shape) or 0 for p in g.params.values())
+    need = 4 * (params + activation_floats(g) * batch)
+    have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > have:
+        raise DeviceError(f"this graph needs about {size_text(need)} at batch {batch:,} "
+                          f"({size_text(4 * params)} of parameters), more than the "
+                          f"{size_text(have)} of memory here", source=Source(g.source),
+                          help="use smaller layers or a smaller batch")

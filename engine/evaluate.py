@@ -7,6 +7,9 @@ on), a data file read as the data sources read it, or another data source::
     dlgraph evaluate graphs/mlp.yaml --weights runs/mlp/<time>/weights.safetensors
     dlgraph evaluate graphs/mlp.yaml --weights W --data test.csv --json
     dlgraph evaluate graphs/mlp.yaml --weights W --data "{source: spirals, samples: 500}"
+
+Data is given raw: when the run standardised inputs (``standardize:`` in its data source),
+the mean and std it saved beside the weights (``standardize.json``) are applied here.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from .checkpoint import atomic_write, load_weights
-from .data import SOURCES, load_data, parse_data_spec
+from .data import SOURCES, load_data, parse_data_spec, scaling
 from .data.files import Csv, Npy
 from .errors import DataError, Source, SpecError
 from .ir import Graph
@@ -83,7 +86,7 @@ class Evaluation:
 
 
 def read_file(graph: Graph, path: str | Path, targets: bool = True) -> dict[str, np.ndarray]:
-    """Arrays from a .csv, .npy or .npz file, read as the spec's data source reads its file:
+    """Raw arrays from a .csv, .npy or .npz file, read as the spec's data source reads it:
     a CSV by the spec's csv columns (or every column as x, when the spec has no csv source),
     a .npy as ``x`` (or the spec's ``key``), a .npz by its names (or the spec's ``keys``).
     Without ``targets`` a CSV's y column is not read (files to predict on have none)."""
@@ -124,7 +127,7 @@ def evaluation_data(graph: Graph, data: str | Path | None = None):
     a data source given by name or as a YAML/JSON mapping, or numpy arrays by name."""
     spec = _train(graph)
     if data is None:
-        _, val, _ = split_data(graph, spec)
+        _, val, _, _ = split_data(graph, spec, standardize=False)   # raw, as files are
         if not val:
             raise SpecError("the spec keeps no validation split to evaluate on",
                             source=Source(graph.source, graph.lines.get(("train",
@@ -220,7 +223,9 @@ def evaluate(graph: Graph, weights: str | Path, data: str | Path | None = None, 
     """
     spec = _train(graph)
     params = load_weights(graph, weights)
+    stats = scaling.stats_for(graph, weights)
     arrays, where = evaluation_data(graph, data)
+    arrays = scaling.apply(arrays, stats)       # the training split's mean and std
     phases = spec.all_phases()
     losses = {("loss" if len(phases) == 1 else f"loss_{p.name}"): graph.resolve(p.objective)
               for p in phases}

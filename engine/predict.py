@@ -8,7 +8,8 @@ cross-entropy loss) also gets its class probabilities (softmax) and the argmax::
     pred.npz:  logits [N, 3], logits_prob [N, 3], logits_class [N]
 
 The file is written in one piece (:func:`~.checkpoint.atomic_write`) after every batch has
-run, so an error leaves no half-written file behind.
+run, so an error leaves no half-written file behind. The rows are read raw; a run's
+``standardize.json`` (beside its weights) standardises them as training did.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from .checkpoint import atomic_write, load_weights
+from .data import scaling
 from .data.ids import check_feeds
 from .errors import DataError, Source
 from .evaluate import read_file, run_batches, task_of
@@ -77,7 +79,8 @@ def predict(graph: Graph, weights: str | Path, data: str | Path, out: str | Path
                         source=Source(str(out)), help="name the output file pred.csv or "
                                                       "pred.npz")
     params = load_weights(graph, weights)
-    fed = _inputs_for(graph, read_file(graph, data, targets=False), data)
+    stats = scaling.stats_for(graph, weights)   # the training split's mean and std
+    fed = scaling.apply(_inputs_for(graph, read_file(graph, data, targets=False), data), stats)
     n = len(next(iter(fed.values())))
     spec = graph.spec.train if graph.spec is not None else None
     wanted = list(graph.outputs.values())

@@ -35,6 +35,7 @@ from pydantic import (
 
 from dlgraph.ops import REGISTRY
 
+from .data.text import bind_vocab
 from .errors import Source, SpecError, suggest
 from .spec_base import IDENT, NodeSpec, Strict
 from .sweep_spec import SweepSpec
@@ -421,6 +422,7 @@ def validate_data(data: dict, lines: dict[tuple, int], file: str, base: Path | N
     """
     _precheck_nodes(data, lines, file, base)
     try:
+    data = bind_vocab(data, lines, file, base)      # `num: vocab`: a text source's size
         return spec_model().model_validate(data)
     except ValidationError as exc:
         errs = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")

@@ -12,7 +12,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from .autodiff import phase_graphs, phase_params, training_graph
-from .checks import check_training
+from .checks import activation_floats, check_training
 from .ir import Graph
 from .types import TType, fmt, numel
 
@@ -137,17 +137,13 @@ def summarize(g: Graph, graphs: dict[str, Graph] | None = None,
     for nid, nd in (g.spec.nodes.items() if g.spec else []):
         t = g[g.aliases[nid]].type
         rows.append(Row(nid, nd.op, str(t), counts.get(nid, 0)))
-    # per sample: the values that carry a named (batch) dim; weight-sized ones do not grow
-    named = {d: 1 for t in g.inputs.values() for d in t.shape if isinstance(d, str)}
-    act = [numel(n.type.shape, named) for n in g.nodes.values() if n.role == "forward"
-           and any(isinstance(d, str) for d in n.type.shape)]
     return Summary(
         g.name, g.source, rows, dict(g.inputs), {k: g[v].type for k, v in g.outputs.items()},
         sum(numel(p.shape) for p in g.params.values()),
         sum(numel(p.shape) for p in g.params.values() if p.trainable),
         sum(1 for n in g.nodes.values() if n.role == "forward"),
         phases=[_phase(name, tg) for name, tg in graphs.items()],
-        warnings=list(g.warnings), activation_floats=sum(a for a in act if a is not None),
+        warnings=list(g.warnings), activation_floats=activation_floats(g),
         detail=backward)
 
 

@@ -31,10 +31,12 @@ from tinygrad.nn.state import get_state_dict
 from .autodiff import phase_graphs, phase_params, training_graph
 from .callbacks import make_callbacks
 from .checkpoint import atomic_write, load_tensors, read_checkpoint, save_tensors
-from .data import batches, load_data, split
+from .checks import check_fits
+from .data import batches, load_data, scaling, split
 from .data.base import check_finite, check_lengths, standard_dtype
 from .data.ids import check_feeds
-from .errors import DataError, Source, SpecError, TrainingError
+from .data.scaling import inputs_to_standardize
+from .errors import DataError, Source, SpecError, TrainingError, suggest
 from .ir import Graph
 from .lower import Ctx, Evaluator, bind, init_params, lower, to_tensor, use_device
 from .summary import summarize
@@ -330,10 +332,11 @@ def _set_up(graph: Graph, *, out, resume: bool, device, epochs, steps, quiet: bo
     phases = spec.all_phases()
     epochs = epochs or spec.epochs
     metrics = _metric_refs(graph, spec)
-    train_arrays, val_arrays, note = split_data(graph, spec, data)
+    train_arrays, val_arrays, note, stats = split_data(graph, spec, data)
     names = list(graph.inputs)
     dims = bind(graph, {k: v[:spec.batch] for k, v in train_arrays.items()}, where="data for")
     run_dir = _run_dir(graph, out)
+    check_fits(graph, spec.batch)           # before a parameter is allocated
     params = init_params(graph, spec.seed)
     if not resume and (init_from or spec.init_from):
         _init_from(graph, params, init_from or spec.init_from, echo)
@@ -363,6 +366,9 @@ def _set_up(graph: Graph, *, out, resume: bool, device, epochs, steps, quiet: bo
 
 def _header(run: _Run, n_val: int, note: str) -> str:
     """'training x: 1,029 training + 384 validation samples (...), batch 32, ...'."""
+    if stats:                                # evaluate and predict apply them to raw data
+        atomic_write(run.run_dir / scaling.STATS_FILE,
+                     scaling.to_json(stats, len(train_arrays[names[0]])))
     n_train = len(run.train_arrays[run.names[0]])
     samples = f"{n_train:,} training + {n_val:,} validation samples" if n_val else \
         f"{n_train:,} training samples (no validation)"
@@ -427,25 +433,51 @@ def _init_from(graph: Graph, params: dict[str, Tensor], spec, echo) -> None:
     echo(f"initialised {_count(len(copied), 'parameter')} from {path}")
 
 
-def split_data(graph: Graph, spec, data: dict | None = None):
-    """(train arrays, validation arrays, how the split was made): the validation set is
-    a whole number of batches, as the validation step runs whole batches."""
+def split_data(graph: Graph, spec, data: dict | None = None, standardize: bool = True):
+    """(train arrays, validation arrays, how the split was made, standardisation stats):
+    the validation set is a whole number of batches, as the validation step runs whole
+    batches; ``validation.stratify`` keeps each class's share in both. Inputs the data
+    source standardises get the mean and std of the training split (``standardize=False``:
+    the raw arrays, and no stats)."""
     arrays = data_arrays(graph, spec, data)
     n = len(next(iter(arrays.values())))
     frac = spec.validation.split
     if frac <= 0:
-        return arrays, {}, ""
+        stats = scaling.fit(arrays, names, where)
+        return scaling.apply(arrays, stats), {}, "", stats
     if n < 2 * spec.batch:
         raise DataError(f"{n:,} samples cannot make a training batch and a validation batch "
                         f"of {spec.batch}", source=Source(graph.source,
                                                           graph.lines.get(("train", "batch"))),
                         help="use more samples, a smaller batch, or `validation: {split: 0}`")
     n_val = min(max(round(n * frac / spec.batch), 1), n // spec.batch - 1) * spec.batch
+    names = inputs_to_standardize(graph, spec) if standardize else []
+    where = Source(graph.source, graph.lines.get(("train", "data", "standardize")))
     note = "" if n_val == round(n * frac) else \
         f"; split {frac:g} × {n:,} = {n * frac:,.6g}, rounded to {n_val // spec.batch} whole " \
         f"batch{'es' * (n_val != spec.batch)} of {spec.batch}"
-    train_arrays, val_arrays = split(arrays, n_val / n, spec.seed)
-    return train_arrays, val_arrays, note
+    labels = _stratify_labels(graph, spec, arrays)
+    train_arrays, val_arrays = split(arrays, n_val / n, spec.seed, labels)
+    stats = scaling.fit(train_arrays, names, where)
+    return scaling.apply(train_arrays, stats), scaling.apply(val_arrays, stats), note, stats
+
+
+def _stratify_labels(graph: Graph, spec, arrays: dict[str, np.ndarray]) -> np.ndarray | None:
+    """The class labels ``validation.stratify`` names (one integer per sample), or None."""
+    name = spec.validation.stratify
+    if name is None:
+        return None
+    where = Source(graph.source, graph.lines.get(("train", "validation", "stratify")))
+    if name not in arrays:
+        raise SpecError(f"validation.stratify names '{name}', which is not an input of the "
+                        "graph", source=where,
+                        help=suggest(name, arrays) or f"inputs: {', '.join(arrays)}")
+    a = arrays[name]
+    if a.dtype.kind not in "iu" or a.size != len(a):
+        raise DataError(f"validation.stratify needs one integer class label per sample; "
+                        f"'{name}' is {a.dtype} of shape {list(a.shape)}", source=where,
+                        help="name the input that holds the class labels (e.g. y)")
+    return a
 
 
 def _goal(target) -> str | None:

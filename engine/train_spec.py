@@ -199,6 +199,8 @@ class MetricSpec(Strict):
 class ValidationSpec(Strict):
     split: float = Field(0.1, ge=0, lt=1, description="fraction of the data held out")
     every: int = Field(1, ge=1, description="evaluate every N epochs")
+    stratify: str | None = Field(None, description="a graph input of class labels (e.g. "
+                                 "`y`): each class keeps its share in both splits")
 
 
 class TargetSpec(Strict):

@@ -558,9 +558,9 @@ def test_run_refuses_a_graph_that_cannot_fit_with_the_figure(tmp_path):
                     "  h: {op: linear, in: x, out: 1e12}\noutputs: [h]\n")
     result = CliRunner().invoke(main, ["run", str(spec)])
     assert result.exit_code == 1
-    # 1e12 weights (18626.5 GiB) + two [4, 1e12] values (29802.3 GiB)
-    assert result.stderr.startswith("error: this graph needs about 48428.8 GiB at batch 4 "
-                                    "(18626.5 GiB of parameters), more than the ")
+    # 1e12 weights (18.2 TiB) + two [4, 1e12] values (29.1 TiB)
+    assert result.stderr.startswith(f"error: {spec}: this graph needs about 47.3 TiB at "
+                                    "batch 4 (18.2 TiB of parameters), more than the ")
 
 
 # ------------------------------------------------------------------ D. silently wrong

@@ -69,6 +69,20 @@ def path_field(what: str = "File path; relative paths are resolved against the s
     return Field(default, description=what)
 
 
+def standardize_field() -> Any:
+    return Field(False, description=(
+        "Standardise features to mean 0 and std 1: true for the array x, or a list of the "
+        "source's array names. Mean and std come from the training split only, per feature "
+        "(each position after the sample axis; a constant one is only centred), are saved "
+        "in the run directory (standardize.json) and applied by `evaluate` and `predict`."))
+
+
+def standardized(spec: DataSource) -> list[str]:
+    """The arrays ``spec`` asks to standardise (its ``standardize`` field: true means x)."""
+    value = getattr(spec, "standardize", False)
+    return ["x"] if value is True else list(value or [])
+
+
 def resolve(base_dir: Path, path: str | Path, *, folder: bool = False) -> Path:
     """``path`` against ``base_dir`` (the spec's folder), checked to be a regular file (or a
     folder, where ``folder`` allows it): a FIFO or device would block or never end."""

@@ -19,9 +19,14 @@ def rng_for(seed: int, *tags: int) -> np.random.Generator:
     return np.random.default_rng([int(s) & (2**64 - 1) for s in (seed, *tags)])
 
 
-def split(arrays: Arrays, val_fraction: float, seed: int) -> tuple[Arrays, Arrays]:
+def split(arrays: Arrays, val_fraction: float, seed: int,
+          stratify: np.ndarray | None = None) -> tuple[Arrays, Arrays]:
     """Shuffle under ``seed`` and cut off ``val_fraction`` of the samples (at least one when
-    the fraction is above 0) as the validation set; returns ``(train, val)``."""
+    the fraction is above 0) as the validation set; returns ``(train, val)``.
+
+    With ``stratify`` (one integer class label per sample) each class keeps its share in
+    both sets: its validation count is its share of the validation size, rounded so that
+    the counts add up (largest remainders first, ties to the lower label)."""
     n = check_lengths(arrays)
     if not 0 <= val_fraction < 1:
         raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}",
@@ -31,8 +36,27 @@ def split(arrays: Arrays, val_fraction: float, seed: int) -> tuple[Arrays, Array
         raise DataError(f"cannot keep {n_val} of {n} samples for validation and still train",
                         help="use more samples or a smaller val_fraction")
     order = rng_for(seed, SPLIT).permutation(n)
+    if stratify is not None:
+        order = _stratified(order, np.asarray(stratify).reshape(n), n_val)
     train, val = np.sort(order[n_val:]), np.sort(order[:n_val])
     return {k: v[train] for k, v in arrays.items()}, {k: v[val] for k, v in arrays.items()}
+
+
+def _stratified(order: np.ndarray, labels: np.ndarray, n_val: int) -> np.ndarray:
+    """``order`` rearranged so that its first ``n_val`` samples hold each class's share: the
+    first samples of each class in the shuffled order go to validation."""
+    classes, counts = np.unique(labels, return_counts=True)
+    quota = n_val * counts / len(labels)
+    take = np.floor(quota).astype(np.int64)
+    extra = np.argsort(-(quota - take), kind="stable")[:n_val - take.sum()]
+    take[extra] += 1
+    rank = np.empty(len(order), np.int64)       # a sample's place among its class, in order
+    shuffled = labels[order]
+    for c in classes:
+        rank[np.flatnonzero(shuffled == c)] = np.arange(int((shuffled == c).sum()))
+    limit = take[np.searchsorted(classes, shuffled)]
+    val = rank < limit
+    return np.concatenate([order[val], order[~val]])
 
 
 def num_batches(arrays: Arrays, batch_size: int, drop_last: bool = True) -> int:

@@ -43,6 +43,7 @@ from .base import (
     resolve,
     source_field,
     standard_dtype,
+    standardize_field,
 )
 
 
@@ -67,6 +68,7 @@ class Csv(DataSource):
     delimiter: str = Field(",", min_length=1, max_length=1, description="Cell separator.")
     header: bool = Field(True, description="The first row names the columns; without a header "
                                            "columns are named by index: '0', '1', ...")
+    standardize: bool | list[str] = standardize_field()
 
     @model_validator(mode="after")
     def _one_label_column(self) -> Csv:
@@ -156,6 +158,7 @@ class Npy(DataSource):
     keys: dict[str, str] | None = Field(
         None, description="For a .npz archive: output name -> array name in the archive, "
                           "e.g. {x: arr_0, y: labels}. Default: every array by its own name.")
+    standardize: bool | list[str] = standardize_field()
 
     def load(self, base_dir: Path, rng: np.random.Generator) -> Arrays:
         path = resolve(base_dir, self.path)

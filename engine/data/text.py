@@ -2,8 +2,10 @@
 
 Keys: x [N, length] int32 and y [N, length] int32 (y[:, t] is the token after x[:, t]).
 Token ids index the vocabulary, the sorted unique tokens of the whole text; map ids back to
-text with :func:`vocabulary`. ``level: char`` makes every character a token; ``level: word``
-makes every word (``\\w+``) and every punctuation mark a token (whitespace is dropped).
+text with :func:`vocabulary`; a spec writes its size as ``vocab`` (``num: vocab``, ``out:
+vocab``), counted when the spec is loaded (:func:`bind_vocab`). ``level: char`` makes every
+character a token; ``level: word`` makes every word (``\\w+``) and every punctuation mark a
+token (whitespace is dropped).
 
 The built-in corpus (``corpus.txt``) is the opening of Shakespeare's *Coriolanus* (public
 domain), as in the well-known "tiny shakespeare" data set.
@@ -11,14 +13,15 @@ domain), as in the well-known "tiny shakespeare" data set.
 
 from __future__ import annotations
 
+import copy
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, ValidationError
 
-from ..errors import DataError
+from ..errors import DataError, Source, SpecError
 from .base import (
     MAX_TEXT_BYTES,
     Arrays,
@@ -88,3 +91,71 @@ def _tokenize(spec: TextTokens, base_dir: Path) -> tuple[Path, np.ndarray, list[
         raise fail(path, "the text is empty", help="point path at a file with some text")
     vocab, ids = np.unique(np.array(tokens), return_inverse=True)
     return path, ids.astype(np.int32), vocab.tolist()
+
+
+#: the word a spec writes for the vocabulary size of its text source (``num: vocab``)
+VOCAB = "vocab"
+_REFERENCES = ("in", "op", "as", "share", "body")     # fields that name nodes, not sizes
+
+
+def bind_vocab(data: Any, lines: dict, file: str, base: Path | None = None) -> Any:
+    """``data`` (a spec as plain data) with every ``vocab`` in its nodes' fields and its
+    inputs' shapes replaced by the vocabulary size of its ``text``/``text_tokens`` source,
+    so that ``{op: embedding, num: vocab}`` and ``{op: linear, out: vocab}`` need no count.
+
+    The text is read only when the spec says ``vocab``; a spec that says it without a text
+    source gets a located SpecError."""
+    if not isinstance(data, dict) or not isinstance(data.get("nodes"), dict):
+        return data
+    found = [(("nodes", nid) + path) for nid, nd in data["nodes"].items()
+             for path in _vocab_paths(nd, ())]
+    found += [("inputs", name, "shape", k) for name, t in (data.get("inputs") or {}).items()
+              if isinstance(t, dict) and isinstance(t.get("shape"), list)
+              for k, d in enumerate(t["shape"]) if d == VOCAB]
+    if not found:
+        return data
+    size = _vocab_size(data, lines, file, base, found[0])
+    out = copy.deepcopy(data)
+    for path in found:
+        parent = out
+        for key in path[:-1]:
+            parent = parent[key]
+        parent[path[-1]] = size
+    return out
+
+
+def _vocab_paths(value: Any, path: tuple) -> list[tuple]:
+    if value == VOCAB and path and path[-1] not in _REFERENCES:
+        return [path]
+    if isinstance(value, dict):
+        return [p for k, v in value.items() if k not in _REFERENCES
+                for p in _vocab_paths(v, path + (k,))]
+    if isinstance(value, list):
+        return [p for k, v in enumerate(value) for p in _vocab_paths(v, path + (k,))]
+    return []
+
+
+def _vocab_size(data: dict, lines: dict, file: str, base: Path | None, first: tuple) -> int:
+    src = (data.get("train") or {}).get("data") if isinstance(data.get("train"), dict) else None
+    name = src.get("source") if isinstance(src, dict) else None
+    if name not in ("text", "text_tokens"):
+        raise SpecError(f"'{VOCAB}' is the vocabulary size of a text data source, and this "
+                        f"spec's data is {repr(name) if name else 'not given'}",
+                        source=Source(file, _line(lines, first)),
+                        help="write the size as a number, or train on `source: text` / "
+                             "`text_tokens`")
+    try:
+        spec = (Text if name == "text" else TextTokens).model_validate(src)
+    except ValidationError as e:
+        raise SpecError(f"bad data spec: {e.errors()[0]['msg']}",
+                        source=Source(file, _line(lines, ("train", "data")))) from None
+    folder = base if base is not None else (
+        Path(file).parent if not file.startswith("<") else Path.cwd())
+    return len(_tokenize(spec, folder)[2])
+
+
+def _line(lines: dict, path: tuple) -> int | None:
+    for n in range(len(path), 0, -1):
+        if path[:n] in lines:
+            return lines[path[:n]]
+    return None
