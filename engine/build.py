@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import networkx as nx
@@ -47,6 +48,9 @@ class Builder:
         self._layers: list = []                       # (scope, attrs) of enclosing layers
         self.outer: Builder | None = None             # for a loop body: the enclosing builder
         self.consts: dict[str, str] = {}              # loop body: const input id -> outer id
+        self._shares: list[_Share] = []               # enclosing `share:` redirections
+        self.owners: dict[tuple, tuple] = {}          # sharing scope -> the scope owning them
+        graph.shared = getattr(graph, "shared", {})   # sharing spec node -> owner (drawings)
 
     # -- context -----------------------------------------------------------------------
     @contextlib.contextmanager
@@ -171,6 +175,8 @@ class Builder:
                                      or f"known names: {', '.join(sorted(names))}")
                 if base in nodes:
                     dg.add_edge(base, nid)
+            if getattr(nd, "share", None) is not None:
+                dg.add_edge(self._share_target(nodes, nid, nd, where), nid)
         try:
             order = schedule(dg)
         except CycleError as e:
@@ -190,18 +196,97 @@ class Builder:
                                      + (f"; {suggest(part, outs)}" if suggest(part, outs)
                                         else ""))
                 ins.append(env[ref])
-            if nd.op not in REGISTRY:
-                try:
-                    outs = self.call_module(nd.op, ins, nid, call=nd, stack=stack)
-                except DlgraphError as e:
-                    raise e.located(node=self.user[0], op=nd.op) from None
-            elif REGISTRY[nd.op].composite:
-                outs = self.expand(REGISTRY[nd.op], nd, ins, nid)
-            else:
-                outs = {"out": self.emit(nd.op, *ins, as_=nid, _attrs=nd)}
+            with self._sharing(nid, nd):
+                outs = self._emit_spec_node(nid, nd, ins, stack)
             env[nid] = next(iter(outs.values()))
             env.update({f"{nid}.{k}": v for k, v in outs.items()})
         return env
+
+    def _emit_spec_node(self, nid: str, nd, ins: list[str], stack) -> dict[str, str]:
+        if nd.op not in REGISTRY:
+            try:
+                return self.call_module(nd.op, ins, nid, call=nd, stack=stack)
+            except DlgraphError as e:
+                raise e.located(node=self.user[0], op=nd.op) from None
+        if REGISTRY[nd.op].composite:
+            return self.expand(REGISTRY[nd.op], nd, ins, nid)
+        return {"out": self.emit(nd.op, *ins, as_=nid, _attrs=nd)}
+
+    # -- weight sharing ------------------------------------------------------------------
+    def _share_target(self, nodes: dict, nid: str, nd, where) -> str:
+        """The node whose parameters ``nid`` uses (``share:``), checked: one of this block's
+        nodes, not itself, of the same op, and the sharer sets no ``init``/``trainable``."""
+        ref, src = nd.share, where(nid, "share")
+        if ref not in nodes or ref == nid:
+            others = [k for k in nodes if k != nid and nodes[k].op == nd.op]
+            raise GraphError(f"`share: {ref}` names no other node" if ref == nid else
+                             f"`share: {ref}`: '{ref}' is not a node", node=nid, op=nd.op,
+                             source=src, help=suggest(ref, others) or
+                             (f"nodes of op {nd.op}: {', '.join(others)}" if others else
+                              f"no other node is a {nd.op}; share names one to reuse its "
+                              "parameters"))
+        if nodes[ref].op != nd.op:
+            raise GraphError(f"`share: {ref}`: '{ref}' is a {nodes[ref].op}, this node a "
+                             f"{nd.op}", node=nid, op=nd.op, source=src,
+                             help="parameters are shared between nodes of the same op (or "
+                                  "calls of the same module)")
+        own = sorted({"init", "trainable"} & nd.model_fields_set)
+        if own:
+            raise SpecError(f"a node that shares the parameters of '{ref}' takes their "
+                            f"{' and '.join(own)} from it", node=nid, op=nd.op,
+                            source=where(nid, own[0]),
+                            help=f"set {' and '.join(own)} on '{ref}', or remove `share:`")
+        return ref
+
+    @contextlib.contextmanager
+    def _sharing(self, nid: str, nd):
+        """While a sharing node is emitted, :meth:`param` answers with the parameters of the
+        node it shares (``to``) instead of making new ones; all of them must be used."""
+        if getattr(nd, "share", None) is None:
+            yield
+            return
+        frm, ref = self.scope + (nid,), self.scope + (nd.share,)
+        share = _Share(frm, self.owners.get(ref, ref), "/".join(ref), self.source,
+                       self.user)
+        self._shares.append(share)
+        try:
+            yield
+        finally:
+            self._shares.pop()
+        prefix = ".".join(share.to) + "."
+        owned = {p for p in self.graph.params if p.startswith(prefix)}
+        if not owned or owned - share.used:
+            missing = sorted(p.removeprefix(prefix) for p in owned - share.used)
+            raise share.error(f"'{share.name}' has no parameters to share" if not owned else
+                              f"this node does not use {', '.join(missing)} of "
+                              f"'{share.name}'", "shared nodes need the same fields (sizes, "
+                                                 "bias, layers) and inputs of the same size")
+        self.owners[frm] = share.to
+        self.graph.shared["/".join(frm)] = "/".join(share.to)
+
+    def _shared_param(self, name: str, shape: tuple[int, ...]) -> str | None:
+        """The id of the shared parameter standing for ``<scope>/name``; None if not shared."""
+        path, hit = self.scope + (name,), []
+        for share in reversed(self._shares):
+            if path[:len(share.frm)] == share.frm:
+                path = share.to + path[len(share.frm):]
+                hit.append(share)
+        if not hit:
+            return None
+        nid, outer = "/".join(path), hit[-1]
+        rel = ".".join(self.scope[len(hit[0].frm):] + (name,))
+        p = self.graph.params.get(nid.replace("/", "."))
+        if p is None:
+            raise outer.error(f"'{outer.name}' has no parameter {rel}",
+                              "shared nodes need the same fields (sizes, bias, layers)")
+        if tuple(p.shape) != tuple(shape):
+            raise outer.error(f"parameter {rel} of '{outer.name}' is {list(p.shape)}, here it "
+                              f"would be {list(shape)}", "a node that shares parameters must "
+                              f"have the same sizes and see inputs of the same size as "
+                              f"'{outer.name}'")
+        for share in hit:
+            share.used.add(nid.replace("/", "."))
+        return nid
 
     def _outputs_of(self, op: str) -> tuple[str, ...]:
         if op in REGISTRY:
@@ -294,8 +379,10 @@ class Builder:
             finally:
                 self.outer.scope, self.outer._layers = saved
             return self.const_input(nid)
+        shared = self._shared_param(name, tuple(shape))
+        if shared is not None:
+            return shared
         own = self.scope
-        nid = "/".join(own + (name,))
         for scope, attrs in self._layers:           # outermost first: the user's word wins
             rel = ".".join(own[len(scope):] + (name,))
             if own[:len(scope)] == scope and rel in attrs.init:
@@ -337,6 +424,23 @@ class Builder:
         names = [o.replace(":", "_").split("/")[-1] for o in body.graph.outputs]
         return [self.emit("pick", nid, as_=f"{nid.split('/')[-1]}_{name}", index=k, type=t)
                 for k, (name, t) in enumerate(zip(names, types, strict=True))]
+
+
+@dataclass
+class _Share:
+    """One `share:` being emitted: parameters under ``frm`` are those under ``to``."""
+
+    frm: tuple[str, ...]
+    to: tuple[str, ...]
+    name: str                          # the node named by `share:`, as written in its block
+    source: Source | None
+    user: tuple[str, str] | None
+    used: set[str] = field(default_factory=set)
+
+    def error(self, message: str, help: str) -> GraphError:
+        node, op = self.user or (None, None)
+        return GraphError(f"`share: {self.name.rsplit('/', 1)[-1]}`: {message}", node=node,
+                          op=op, source=self.source, help=help)
 
 
 @functools.cache

@@ -398,8 +398,9 @@ class _Drawing:
                 loop = self._recurrent(src_id, n.id)
                 s = self.g.nodes[src_id]
                 saved = n.role == "backward" and s.role != "backward"
-                if saved:           # one dashed edge per pair of drawn nodes, however many values
-                    value = ""
+                shared = s.role == "param" and not saved and s.user_id != n.user_id
+                if saved or shared:  # one dashed edge per pair of drawn nodes
+                    value = "shared" if shared else ""
                 if (src == dst and not loop) or (src, dst, value) in edges:
                     if saved and src != dst:
                         edges[(src, dst, value)].attrs["tooltip"] += f", {src_id}"
@@ -408,6 +409,10 @@ class _Drawing:
                 if saved:
                     attrs = {"style": "dashed", "color": SAVED_EDGE, "arrowhead": "empty",
                              "arrowsize": "0.5", "tooltip": f"saved for the backward: {src_id}"}
+                elif shared:           # weight sharing: the parameters of another node
+                    attrs = {"style": "dashed", "color": PARAM_EDGE, "fontcolor": PARAM_EDGE,
+                             "arrowhead": "empty", "label": "shared parameters",
+                             "tooltip": f"{n.user_id} uses the parameters of {s.user_id}"}
                 else:
                     label = self._type_label(s) if s.role != "param" or src != src_id else ""
                     if label:
@@ -630,6 +635,8 @@ class _Drawing:
             else:
                 count, frozen = self._params(user)
                 params = f"{count:,} param{'s' * (count != 1)}" + " (frozen)" * frozen
+                if user in getattr(self.g, "shared", {}):
+                    params, count = f"shares the parameters of {self.g.shared[user]}", 1
                 detail = " · ".join(p for p in (op, params if count else "") if p)
         else:
             title = ("∇ " if grad else "") + self._repeat_note(path)

@@ -75,6 +75,8 @@ class ModuleCall(NodeSpec):
 
     model_config = ConfigDict(extra="allow", populate_by_name=True)
     op: str = Field(description="the name of a module defined in `modules:` or included")
+    share: str | None = Field(None, description="the id of another call of the same module "
+                              "whose parameters this one uses (weight sharing)")
 
     def args(self) -> dict[str, Any]:
         return dict(self.model_extra or {})
@@ -420,9 +422,9 @@ def validate_data(data: dict, lines: dict[tuple, int], file: str, base: Path | N
 
     ``base`` is where `include:` paths start (default: the file's folder, or the cwd).
     """
+    data = bind_vocab(data, lines, file, base)      # `num: vocab`: a text source's size
     _precheck_nodes(data, lines, file, base)
     try:
-    data = bind_vocab(data, lines, file, base)      # `num: vocab`: a text source's size
         return spec_model().model_validate(data)
     except ValidationError as exc:
         errs = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")

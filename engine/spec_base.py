@@ -53,6 +53,9 @@ class ParamLayer(NodeSpec):
         default_factory=dict,
         description="initialiser per parameter name, e.g. `{weight: he_normal, bias: 0.1}`")
     trainable: bool = Field(True, description="false freezes this layer's parameters")
+    share: str | None = Field(None, description="the id of another node of the same op whose "
+                              "parameters this one uses (weight sharing: one set, gradients "
+                              "summed over the uses)")
 
 
 __all__ = ["IDENT", "REF", "Init", "Strict", "NodeSpec", "ParamLayer"]
