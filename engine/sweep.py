@@ -287,7 +287,10 @@ def _ranking(train, sweep: SweepSpec, src: Source) -> tuple[str, str]:
 
 
 def _check_search(plan: Plan) -> None:
-    """What the search cannot do: a grid over a range, optuna over non-scalar values."""
+    """What the search cannot do: a grid over a range, optuna over non-scalar values (or
+    without optuna)."""
+    if plan.sweep.search == "optuna":
+        _need_optuna()
     for p in plan.params:
         if plan.sweep.search == "grid" and isinstance(p.values, RangeSpec):
             raise SpecError(f"{p.label()}: a grid needs listed values, not a range",
@@ -398,14 +401,17 @@ def search_space(plan: Plan, tune) -> dict[str, Any]:
     return space
 
 
+def _need_optuna() -> None:
+    try:
+        import optuna  # noqa: F401
+    except ImportError:
+        raise DlgraphError(OPTUNA_MISSING) from None
+
+
 def _searcher(plan: Plan):
     if plan.sweep.search != "optuna":
         return None
-    try:
-        import optuna  # noqa: F401
-        from ray.tune.search.optuna import OptunaSearch
-    except ImportError:
-        raise DlgraphError(OPTUNA_MISSING) from None
+    from ray.tune.search.optuna import OptunaSearch
     return OptunaSearch(metric=plan.metric, mode=plan.mode, seed=0)
 
 

@@ -1,0 +1,267 @@
+"""`dlgraph sweep`: overrides checked before anything starts, trials on a local Ray Tune,
+the results table against each trial's own metrics.jsonl, the best trial re-run alone."""
+
+from __future__ import annotations
+
+import builtins
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from click.testing import CliRunner
+
+import dlgraph
+from dlgraph.cli.main import main
+from dlgraph.engine.errors import DlgraphError
+from dlgraph.engine.sweep import (
+    RAY_MISSING,
+    parse_param,
+    plan_sweep,
+    search_space,
+    split_values,
+    with_override,
+)
+
+TINY = """\
+dlgraph: 1
+name: tiny-mlp
+inputs:
+  x: {shape: [batch, 2]}
+  y: {shape: [batch], dtype: int32}
+nodes:
+  fc1:    {op: linear, in: x, out: 8, activation: relu}
+  logits: {op: linear, in: fc1, out: 3}
+  loss:   {op: cross_entropy, in: [logits, y]}
+outputs: [logits]
+train:
+  data: {source: spirals, samples: 384, classes: 3}
+  batch: 64
+  epochs: 2
+  objective: loss
+  optimizer: {type: adam, lr: 0.01}
+  metrics:
+    - {type: accuracy, in: [logits, y]}
+  validation: {split: 0.25}
+"""
+
+SECTION = """\
+sweep:
+  parameters:
+    train.optimizer.lr: [0.1, 0.003]
+  search: grid
+  concurrency: 2
+"""
+
+
+def write(tmp_path: Path, text: str, name: str = "tiny.yaml") -> Path:
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def cli(*args: str):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+# ------------------------------------------------------------------ before anything starts
+
+
+@pytest.mark.parametrize("param, text", [
+    ("nodes.fc9.out=3", "--param nodes.fc9.out=3: nodes has no 'fc9'\n"
+                        "  help: did you mean 'fc1'?"),
+    ("train.optimizer.lrr=0.1", "--param train.optimizer.lrr=0.1: unknown field 'lrr'\n"
+                                "  help: did you mean 'lr'?"),
+    ("train.optimizer.lr=0.1,abc", "--param train.optimizer.lr=abc: field "
+                                   "'train.optimizer.lr' must be a number, got 'abc'"),
+    ("nodes.fc1.out=8,0", "--param nodes.fc1.out=0: node 'fc1' (linear): field 'out': "),
+    ("train.metrics.3.type=mse", "--param train.metrics.3.type=mse: 'train.metrics' is a "
+                                 "list of 1; '3' is not a position in it\n  help: use 0 to 0"),
+])
+def test_a_bad_path_or_value_is_one_error_naming_it(tmp_path, param, text):
+    spec = write(tmp_path, TINY)
+    r = cli("sweep", spec, "--param", param, "--out", tmp_path / "sw")
+    assert r.exit_code == 1
+    assert r.output.startswith(f"error: {spec}: {text}")
+    assert "Traceback" not in r.output
+    assert not (tmp_path / "sw").exists()           # nothing started
+
+
+def test_a_bad_value_in_the_sweep_section_names_its_line(tmp_path):
+    spec = write(tmp_path, TINY + "sweep:\n  parameters:\n    nodes.fc1.out: [4, -2]\n")
+    with pytest.raises(DlgraphError) as e:
+        plan_sweep(spec)
+    assert str(e.value).startswith(f"{spec}:22: sweep parameter nodes.fc1.out: value -2: "
+                                   "node 'fc1' (linear): field 'out'")
+
+
+def test_the_sweep_section_is_validated_by_its_models(tmp_path):
+    spec = write(tmp_path, TINY + "sweep:\n  parameters: {train.optimizer.lr: [0.1]}\n"
+                                  "  serach: random\n")
+    r = cli("validate", spec)
+    assert r.exit_code == 1
+    assert r.output.startswith(f"error: {spec}:22: unknown field 'serach'")
+    assert "did you mean 'search'?" in r.output
+
+
+def test_a_grid_over_a_range_and_an_unlogged_metric_are_refused(tmp_path):
+    spec = write(tmp_path, TINY)
+    r = cli("sweep", spec, "--param", "train.optimizer.lr=log:0.001:0.1")
+    assert r.output == (f"error: {spec}: --param train.optimizer.lr=log:0.001:0.1: a grid "
+                        "needs listed values, not a range\n  help: use --search random or "
+                        "optuna, or list the values\n")
+    r = cli("sweep", spec, "--param", "train.optimizer.lr=0.1", "--metric", "val_acuracy")
+    assert r.exit_code == 1
+    assert "sweep metric 'val_acuracy' is never logged; logged: loss, val_loss, " \
+           "val_accuracy\n  help: did you mean 'val_accuracy'?" in r.output
+
+
+def test_values_parse_as_yaml_and_ranges_as_ranges():
+    assert parse_param("train.optimizer.lr=1e-3,0.1").values == [0.001, 0.1]
+    assert parse_param("train.optimizer.type=adam,sgd").values == ["adam", "sgd"]
+    assert parse_param("train.schedule={type: cosine},null").values == [{"type": "cosine"},
+                                                                        None]
+    r = parse_param("nodes.fc1.out=8:64").values
+    assert (r.low, r.high, r.log, r.whole) == (8, 64, False, True)
+    assert split_values("a, [1, 2],{x: 1, y: 2}") == ["a", "[1, 2]", "{x: 1, y: 2}"]
+    with pytest.raises(DlgraphError, match="needs low < high, got 3 and 1"):
+        parse_param("nodes.fc1.out=3:1")
+
+
+def test_an_override_sets_one_field_and_leaves_the_rest():
+    data = yaml.safe_load(TINY)
+    out = with_override(data, "train.metrics.0.type", "mse")
+    assert out["train"]["metrics"][0] == {"type": "mse", "in": ["logits", "y"]}
+    assert data["train"]["metrics"][0]["type"] == "accuracy"      # a copy
+    assert with_override(data, "train.seed", 7)["train"]["seed"] == 7      # a default field
+
+
+def test_random_search_samples_inside_the_ranges(tmp_path):
+    tune = pytest.importorskip("ray.tune")
+    spec = write(tmp_path, TINY)
+    plan = plan_sweep(spec, ["train.optimizer.lr=log:0.0001:0.1", "nodes.fc1.out=4:6",
+                             "train.optimizer.type=adam,sgd"], search="random")
+    assert plan.samples == 8
+    space = search_space(plan, tune)
+    lrs = [space["train.optimizer.lr"].sample() for _ in range(200)]
+    outs = {space["nodes.fc1.out"].sample() for _ in range(200)}
+    kinds = {space["train.optimizer.type"].sample() for _ in range(200)}
+    assert 1e-4 <= min(lrs) and max(lrs) <= 0.1 and min(lrs) < 1e-3 < max(lrs)
+    assert outs == {4, 5, 6} and kinds == {"adam", "sgd"}
+
+
+def test_missing_ray_is_one_line(tmp_path, monkeypatch):
+    real = builtins.__import__
+
+    def no_ray(name, *a, **kw):
+        if name == "ray" or name.startswith("ray."):
+            raise ImportError(f"No module named '{name}'")
+        return real(name, *a, **kw)
+
+    monkeypatch.setattr(builtins, "__import__", no_ray)
+    spec = write(tmp_path, TINY)
+    r = cli("sweep", spec, "--param", "train.optimizer.lr=0.1", "--out", tmp_path / "sw")
+    assert r.exit_code == 1
+    assert r.output == f"error: {RAY_MISSING}\n"
+    assert "pip install 'dlgraph[ray]'" in RAY_MISSING
+
+
+def test_missing_optuna_is_one_line(tmp_path, monkeypatch):
+    real = builtins.__import__
+
+    def no_optuna(name, *a, **kw):
+        if name == "optuna" or name.startswith("optuna."):
+            raise ImportError(f"No module named '{name}'")
+        return real(name, *a, **kw)
+
+    monkeypatch.setattr(builtins, "__import__", no_optuna)
+    spec = write(tmp_path, TINY)
+    r = cli("sweep", spec, "--param", "train.optimizer.lr=0.1,0.01", "--search", "optuna")
+    assert r.exit_code == 1
+    assert r.output == "error: --search optuna needs Optuna, which is not installed: " \
+                       "pip install optuna\n"
+
+
+# ------------------------------------------------------------------ trials on Ray Tune
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def swept(ray_local, tmp_path_factory):
+    """One sweep of two trials, from the spec's `sweep:` section with a flag over it."""
+    tmp = tmp_path_factory.mktemp("sweep")
+    spec = write(tmp, TINY + SECTION)
+    out = tmp / "sw"
+    r = cli("sweep", spec, "--param", "nodes.fc1.out=12", "--out", out)
+    assert r.exit_code == 0, r.output
+    return spec, out, r.output
+
+
+def _last_epoch(run_dir: Path) -> dict:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [row for row in rows if row["kind"] == "epoch"][-1]
+
+
+def test_the_csv_rows_are_each_trials_own_metrics(swept):
+    _, out, _ = swept
+    rows = list(csv.DictReader(open(out / "sweep.csv")))
+    assert [r["trial"] for r in rows] == ["0", "1"]
+    assert sorted(float(r["train.optimizer.lr"]) for r in rows) == [0.003, 0.1]
+    for r in rows:
+        assert r["status"] == "ok" and r["nodes.fc1.out"] == "12"
+        last = _last_epoch(Path(r["run_dir"]))
+        for k in ("loss", "val_loss", "val_accuracy"):
+            assert math.isclose(float(r[k]), last[k], rel_tol=1e-12), k
+        assert int(r["epochs"]) == last["epoch"] == 2
+        trial = json.loads((Path(r["run_dir"]) / "trial.json").read_text())
+        assert trial["overrides"] == {"train.optimizer.lr": float(r["train.optimizer.lr"]),
+                                      "nodes.fc1.out": 12}
+        assert trial["seed"] == 0
+        copy = yaml.safe_load((Path(r["run_dir"]) / "spec.yaml").read_text())
+        assert copy["train"]["optimizer"]["lr"] == float(r["train.optimizer.lr"])
+        assert copy["nodes"]["fc1"]["out"] == 12 and "sweep" not in copy
+
+
+def test_the_best_trial_is_the_argmin_and_is_named(swept):
+    _, out, output = swept
+    rows = list(csv.DictReader(open(out / "sweep.csv")))
+    best = min(rows, key=lambda r: float(r["val_loss"]))
+    assert f"best: trial {best['trial']} (train.optimizer.lr={best['train.optimizer.lr']}, " \
+           f"nodes.fc1.out=12): val_loss" in output
+    assert f"run dir {best['run_dir']}" in output
+    assert any(line.startswith(f"*{best['trial']} ") for line in output.splitlines())
+
+
+def test_the_trials_curves_are_drawn(swept):
+    import matplotlib.image
+    _, out, _ = swept
+    img = matplotlib.image.imread(out / "curves.png")
+    assert img.shape[0] > 200 and img.shape[1] > 300 and img[..., :3].std() > 0.01
+
+
+def test_a_trial_is_an_ordinary_run_and_rerunning_it_alone_gives_the_same_result(
+        swept, tmp_path):
+    _, out, _ = swept
+    rows = list(csv.DictReader(open(out / "sweep.csv")))
+    best = min(rows, key=lambda r: float(r["val_loss"]))
+    run_dir = Path(best["run_dir"])
+    g = dlgraph.load(run_dir / "spec.yaml")
+    ev = dlgraph.evaluate(g, run_dir / "weights.safetensors")
+    assert math.isclose(ev.metrics["loss"], float(best["val_loss"]), rel_tol=1e-5)
+    again = dlgraph.train(g, out=tmp_path / "again", quiet=True)
+    for k in ("loss", "val_loss", "val_accuracy"):
+        assert math.isclose(again.metrics[k], float(best[k]), rel_tol=1e-6), k
+    a = dlgraph.compile(g, weights=run_dir / "weights.safetensors")
+    b = dlgraph.compile(g, weights=tmp_path / "again" / "weights.safetensors")
+    x = np.random.default_rng(0).normal(size=(16, 2)).astype(np.float32)
+    np.testing.assert_allclose(a(x=x)["logits"], b(x=x)["logits"], rtol=1e-5, atol=1e-6)
