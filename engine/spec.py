@@ -37,7 +37,7 @@ from dlgraph.ops import REGISTRY
 
 from .data.text import bind_vocab
 from .errors import Source, SpecError, suggest
-from .spec_base import IDENT, NodeSpec, Strict
+from .spec_base import IDENT, REF, NodeSpec, Strict
 from .sweep_spec import SweepSpec
 from .train_spec import TrainSpec
 
@@ -526,11 +526,79 @@ def library(data: dict, file: str, lines: dict | None = None,
             except ValidationError as exc:
                 e = exc.errors()[0]
                 loc = ("modules", name) + tuple(e["loc"])
-                raise SpecError(f"module '{name}': {'.'.join(map(str, e['loc']))}: "
-                                f"{e['msg']}", source=Source(src_file, line_of(ls, loc))) \
+                field = ".".join(map(str, e["loc"]))
+                msg = PLAIN.get(e["type"]) and f"field '{field}' {PLAIN[e['type']]}, got " \
+                    f"{_yaml(e.get('input'))}" or f"{field}: " + e["msg"].removeprefix(
+                        "Value error, ")
+                raise SpecError(f"module '{name}': {msg}", source=Source(
+                    src_file, line_of(ls, loc)), help=_MODULE_HELP.get(str(e["loc"][0]))) \
                     from None
             out[name] = ModuleDef(name, m, src_file, ls, ("modules", name))
+            check_module(out[name])
     return out
+
+
+_MODULE_HELP = {
+    "inputs": "inputs are names (letters, digits and _, not starting with a digit), e.g. "
+              "`inputs: [x]`",
+    "nodes": "nodes are written as in the top-level `nodes:`: `id: {op: relu, in: x}`",
+    "outputs": "list the node ids the module returns, e.g. `outputs: [out]`",
+}
+
+
+def check_module(mdef: ModuleDef) -> None:
+    """A module's names and references, checked as the top level's are: valid and distinct
+    input names and node ids, every `in:` naming one of its inputs or nodes, every output
+    one of its nodes. Errors point at the module's own file and line."""
+    m, name = mdef.spec, mdef.name
+
+    def at(*path) -> Source:
+        return Source(mdef.file, line_of(mdef.lines, mdef.prefix + path))
+    for k, inp in enumerate(m.inputs):
+        if inp in m.inputs[:k]:
+            raise SpecError(f"module '{name}' lists input '{inp}' twice", source=at("inputs", k),
+                            help="each input of a module has its own name")
+    for nid, nd in m.nodes.items():
+        op = nd.get("op") if isinstance(nd, dict) else None
+        op = op if isinstance(op, str) else None
+        if not IDENT.match(str(nid)):
+            raise SpecError(f"node id '{nid}' of module '{name}' is not a valid name",
+                            source=at("nodes", nid), help="use letters, digits and _, not "
+                                                          "starting with a digit")
+        if nid in m.inputs:
+            raise SpecError(f"'{nid}' is both an input and a node id of module '{name}'",
+                            node=nid, op=op, source=at("nodes", nid),
+                            help="rename the node (or the input): a name means one value")
+        _check_module_refs(mdef, nid, nd, op, at)
+    for k, ref in enumerate(m.outputs):
+        if str(ref).split(".")[0] not in m.nodes:
+            raise SpecError(f"module '{name}' output '{ref}' is not one of its nodes",
+                            source=at("outputs", k), help=suggest(str(ref), m.nodes) or
+                            f"its nodes: {', '.join(m.nodes) or 'none'}")
+
+
+def _check_module_refs(mdef: ModuleDef, nid, nd, op, at) -> None:
+    refs = nd.get("in", []) if isinstance(nd, dict) else []
+    refs = [refs] if isinstance(refs, str) else refs if isinstance(refs, list) else []
+    names = list(mdef.spec.inputs) + [k for k in mdef.spec.nodes if k != nid]
+    for k, ref in enumerate(refs):
+        if not isinstance(ref, str) or ref.startswith("$"):      # `$arg`: given by the call
+            continue
+        where = at("nodes", nid, "in", k) if len(refs) > 1 else at("nodes", nid, "in")
+        if not REF.match(ref):
+            raise SpecError(f"'{ref}' is not a node id or input name", node=nid, op=op,
+                            source=where, help="a reference is a name of letters, digits and "
+                                               "_, or `id.output`")
+        base = ref.split(".")[0]
+        if base == nid:
+            raise SpecError(f"node '{nid}' of module '{mdef.name}' reads its own output",
+                            node=nid, op=op, source=where, help="a node cannot depend on "
+                            "its own output; use `scan` over a module for a recurrence")
+        if base not in names:
+            raise SpecError(f"'{ref}' is not an input or a node of module '{mdef.name}'",
+                            node=nid, op=op, source=where, help=suggest(base, names) or
+                            f"its inputs: {', '.join(mdef.spec.inputs) or 'none'}; its nodes: "
+                            f"{', '.join(k for k in mdef.spec.nodes if k != nid) or 'none'}")
 
 
 #: Folders besides the spec's own tree that `include:` may read from, separated like PATH

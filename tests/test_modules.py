@@ -109,3 +109,31 @@ def test_scan_of_module_cell_equals_builtin_lstm():
         mb.params[name] = Tensor(value.astype(np.float32)).realize()
     x = np.random.default_rng(0).standard_normal((3, 16, 1)).astype(np.float32)
     np.testing.assert_allclose(mc(x=x)["pred"], mb(x=x)["pred"], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("module,message", [
+    ("    inputs: [v]\n    nodes:\n      a: {op: relu, in: w}\n    outputs: [a]\n",
+     "lib.yaml:7: node 'a' (relu): 'w' is not an input or a node of module 'm1'\n"
+     "  help: its inputs: v; its nodes: none"),
+    ("    inputs: [v]\n    nodes:\n      9a: {op: relu, in: v}\n    outputs: [a]\n",
+     "lib.yaml:7: node id '9a' of module 'm1' is not a valid name\n"
+     "  help: use letters, digits and _, not starting with a digit"),
+    ("    inputs: [v]\n    nodes:\n      v: {op: relu, in: v}\n    outputs: [v]\n",
+     "lib.yaml:7: node 'v' (relu): 'v' is both an input and a node id of module 'm1'\n"
+     "  help: rename the node (or the input): a name means one value"),
+    ("    inputs: [v, v]\n    nodes:\n      a: {op: relu, in: v}\n    outputs: [a]\n",
+     "lib.yaml:5: module 'm1' lists input 'v' twice\n"
+     "  help: each input of a module has its own name"),
+    ("    inputs: [v]\n    nodes:\n      a: {op: relu, in: v}\n    outputs: [b]\n",
+     "lib.yaml:8: module 'm1' output 'b' is not one of its nodes\n  help: its nodes: a"),
+])
+def test_included_module_is_checked_where_it_is_written(tmp_path, module, message):
+    """An included module's names are checked when the spec is loaded, even when no node
+    calls it, and the error names the module's own file and line."""
+    (tmp_path / "lib.yaml").write_text("dlgraph: 1\nname: lib\nmodules:\n  m1:\n" + module)
+    p = tmp_path / "spec.yaml"
+    p.write_text("dlgraph: 1\nname: s\ninclude: [lib.yaml]\ninputs:\n  x: {shape: [batch, 4]}\n"
+                 "nodes:\n  out: {op: relu, in: x}\noutputs: [out]\n")
+    with pytest.raises(dlgraph.DlgraphError) as e:
+        dlgraph.load(p)
+    assert str(e.value).replace(str(tmp_path) + "/", "") == message
