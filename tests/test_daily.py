@@ -441,3 +441,121 @@ def test_resumed_early_stopping_keeps_counting(tmp_path):
                                                           "best.safetensors"))
     for k in best:
         np.testing.assert_array_equal(final[k], best[k], err_msg=k)
+
+
+# ---------------------------------------------------------------- standardized features
+
+SCALED = """\
+dlgraph: 1
+name: scaled
+inputs:
+  x: {shape: [batch, 2]}
+  y: {shape: [batch], dtype: int32}
+nodes:
+  logits: {op: linear, in: x, out: 2}
+  loss: {op: cross_entropy, in: [logits, y]}
+outputs: [logits]
+train:
+  data: {source: csv, path: d.csv, x: [age, income], y: y, label: true, standardize: true}
+  batch: 32
+  epochs: 4
+  objective: loss
+  optimizer: {type: adam, lr: 0.05}
+  metrics:
+    - {type: accuracy, in: [logits, y]}
+  validation: {split: 0.2, stratify: y}
+"""
+
+
+def _scaled_data(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    x = np.stack([rng.normal(40, 12, n), rng.normal(50_000, 15_000, n)], 1)
+    y = ((x[:, 0] - 40) / 12 + (x[:, 1] - 50_000) / 15_000 > 0).astype(int)
+    return x, y
+
+
+def _write_csv(path: Path, x: np.ndarray, y: np.ndarray | None = None) -> None:
+    rows = [f"{a!r},{b!r}" for a, b in x.tolist()]
+    if y is not None:
+        rows = [f"{r},{k}" for r, k in zip(rows, y.tolist(), strict=True)]
+    path.write_text("age,income" + (",y" if y is not None else "") + "\n" +
+                    "".join(r + "\n" for r in rows))
+
+
+@pytest.fixture(scope="module")
+def scaled_run(tmp_path_factory):
+    d = tmp_path_factory.mktemp("scaled")
+    x, y = _scaled_data(400, 0)
+    _write_csv(d / "d.csv", x, y)
+    (d / "scaled.yaml").write_text(SCALED)
+    res = dlgraph.train(dlgraph.load(d / "scaled.yaml"), out=d / "run", quiet=True)
+    return d, res
+
+
+def test_standardize_is_saved_and_applied_by_evaluate_and_predict(scaled_run):
+    from sklearn.metrics import accuracy_score
+    d, res = scaled_run
+    saved = json.loads((res.run_dir / "standardize.json").read_text())["inputs"]["x"]
+    mean, std = np.array(saved["mean"]), np.array(saved["std"])
+    assert saved["shape"] == [2] and 35 < mean[0] < 45 and 10_000 < std[1] < 20_000
+    assert res.metrics["val_accuracy"] > 0.9              # unscaled, adam at 0.05 stalls
+    x, y = _scaled_data(100, 1)                           # new rows, raw units
+    _write_csv(d / "test.csv", x, y)
+    w = res.run_dir / "weights.safetensors"
+    g = dlgraph.load(d / "scaled.yaml")
+    p = weights(w)
+    logits = ((x - mean) / std) @ p["logits.weight"].T.astype(np.float64) + p["logits.bias"]
+    ev = dlgraph.evaluate(g, w, str(d / "test.csv"))
+    assert ev.metrics["accuracy"] == pytest.approx(accuracy_score(y, logits.argmax(1)),
+                                                   abs=1e-12)
+    assert ev.metrics["accuracy"] > 0.9
+    _write_csv(d / "new.csv", x)
+    dlgraph.predict(g, w, d / "new.csv", d / "pred.npz")
+    with np.load(d / "pred.npz") as z:
+        np.testing.assert_allclose(z["logits"], logits, atol=1e-4)
+    # the default data (the validation split) is standardised once, as training saw it
+    val = dlgraph.evaluate(g, w)
+    assert val.metrics["accuracy"] == res.metrics["val_accuracy"]
+
+
+def test_weights_without_their_statistics_are_refused(scaled_run, tmp_path):
+    d, res = scaled_run
+    lone = tmp_path / "weights.safetensors"
+    lone.write_bytes((res.run_dir / "weights.safetensors").read_bytes())
+    r = CliRunner().invoke(main, ["predict", str(d / "scaled.yaml"), "--weights", str(lone),
+                                  "--data", str(d / "test.csv"), "-o", str(tmp_path / "p.csv")])
+    assert r.exit_code == 1 and not (tmp_path / "p.csv").exists()
+    assert r.output == (
+        f"error: {tmp_path / 'standardize.json'}: the spec standardizes x, but there is no "
+        f"standardize.json beside {lone}\n  help: use the weights of a run of this spec (its "
+        "run directory keeps the training split's mean and std)\n")
+
+
+# ---------------------------------------------------------------- memory, from the API
+
+BIG = {"dlgraph": 1, "name": "big", "inputs": {"x": {"shape": ["batch", 4]},
+                                              "y": {"shape": ["batch", 1]}},
+       "nodes": {"h": {"op": "linear", "in": "x", "out": 10**11},
+                 "p": {"op": "linear", "in": "h", "out": 1},
+                 "loss": {"op": "mse", "in": ["p", "y"]}},
+       "outputs": ["p"],
+       "train": {"data": {"source": "sine", "samples": 64, "length": 4}, "batch": 16,
+                 "objective": "loss", "optimizer": {"type": "sgd", "lr": 0.1}}}
+
+
+def test_train_and_compile_refuse_a_graph_that_cannot_fit(tmp_path):
+    from dlgraph.engine.errors import DeviceError
+    g = dlgraph.load(BIG)
+    # parameters: 4e11 + 1e11 + 1e11 + 1 floats; per sample two [1e11] values (the matmul
+    # and the bias added to it) and a few scalars; float32
+    params, act = 6e11 + 1, 2e11
+    tib = lambda floats: f"{4 * floats / 2**40:.1f} TiB"     # noqa: E731
+    assert tib(params) == "2.2 TiB"
+    with pytest.raises(DeviceError, match=rf"^<dict>: this graph needs about "
+                                          rf"{tib(params + 16 * act)} at batch 16 \(2.2 TiB "
+                                          r"of parameters\), more than the "):
+        dlgraph.train(g, out=tmp_path / "run", quiet=True)
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(DeviceError, match=rf"needs about {tib(params + act)} at batch 1 "
+                                          r"\(2.2 TiB of parameters\)"):
+        dlgraph.compile(g)

@@ -376,3 +376,149 @@ def test_generation_is_fast():
     for source in GENERATED:
         gen(source, samples=3000)
     assert time.perf_counter() - start < 3.0
+
+
+# ------------------------------------------------------------------ standardize, stratify, vocab
+
+TABLE_SPEC = """\
+dlgraph: 1
+name: table
+inputs:
+  x: {{shape: [batch, 3]}}
+  y: {{shape: [batch], dtype: int32}}
+nodes:
+  logits: {{op: linear, in: x, out: 3}}
+  loss: {{op: cross_entropy, in: [logits, y]}}
+outputs: [logits]
+train:
+  data: {{source: csv, path: t.csv, x: [a, b, c], y: label, label: true{extra}}}
+  batch: 16
+  epochs: 1
+  objective: loss
+  optimizer: {{type: sgd, lr: 0.1}}
+  validation: {{split: 0.25{validation}}}
+"""
+
+
+def _table(tmp_path: Path, n: int = 320, extra: str = ", standardize: true",
+           validation: str = "", labels: np.ndarray | None = None):
+    """A CSV of three features of very different scales (one constant) and 3 classes,
+    and the graph of a spec that reads it."""
+    import dlgraph
+    rng = np.random.default_rng(7)
+    x = np.stack([rng.normal(5, 2, n), rng.normal(-300, 80, n), np.full(n, 4.5)], 1)
+    x[:8, 0] = 1e4                          # outliers: wherever they land, they move the mean
+    y = rng.integers(0, 3, n) if labels is None else labels
+    (tmp_path / "t.csv").write_text("a,b,c,label\n" + "".join(
+        f"{r[0]!r},{r[1]!r},{r[2]!r},{k}\n" for r, k in zip(x.tolist(), y.tolist(), strict=True)))
+    (tmp_path / "t.yaml").write_text(TABLE_SPEC.format(extra=extra, validation=validation))
+    return dlgraph.load(tmp_path / "t.yaml"), x, y
+
+
+def test_standardize_uses_the_training_split_only(tmp_path):
+    from sklearn.preprocessing import StandardScaler
+
+    from dlgraph.engine.train import split_data
+    g, x, _ = _table(tmp_path)
+    raw_train, raw_val, _, none = split_data(g, g.spec.train, standardize=False)
+    train, val, _, stats = split_data(g, g.spec.train)
+    assert none == {} and list(stats) == ["x"] and len(val["x"]) == 80
+    ref = StandardScaler().fit(raw_train["x"].astype(np.float64))
+    np.testing.assert_allclose(stats["x"][0], ref.mean_, rtol=1e-12)
+    np.testing.assert_allclose(stats["x"][1], ref.scale_, rtol=1e-12)   # constant column: 1
+    np.testing.assert_allclose(train["x"], ref.transform(raw_train["x"]), atol=1e-5)
+    np.testing.assert_allclose(val["x"], ref.transform(raw_val["x"]), atol=1e-5)
+    assert train["x"].dtype == np.float32 and np.array_equal(train["y"], raw_train["y"])
+    # the validation rows stayed out: the statistics of all rows are not these
+    assert not np.allclose(stats["x"][0], x.mean(0)) and not np.allclose(stats["x"][1][:2],
+                                                                          x.std(0)[:2])
+
+
+def test_standardize_errors_are_located(tmp_path):
+    from dlgraph.engine.train import split_data
+    g, *_ = _table(tmp_path, extra=", standardize: [y]")
+    with pytest.raises(DataError, match="cannot standardize 'y': it holds int32 values") as e:
+        split_data(g, g.spec.train)
+    assert e.value.source.line == 11
+    g, *_ = _table(tmp_path, extra=", standardize: [xx]")
+    with pytest.raises(SpecError, match="standardize names 'xx', which feeds no input") as e:
+        split_data(g, g.spec.train)
+    assert "did you mean 'x'?" in str(e.value)
+
+
+def test_stratified_split_keeps_each_class_share(tmp_path):
+    from sklearn.model_selection import train_test_split
+
+    from dlgraph.engine.train import split_data
+    labels = np.repeat([0, 1, 2], [224, 64, 32])          # 70%, 20%, 10% of 320
+    g, x, y = _table(tmp_path, extra="", validation=", stratify: y", labels=labels)
+    train, val, _, _ = split_data(g, g.spec.train)
+    _, y_ref = train_test_split(labels, test_size=len(val["y"]), stratify=labels,
+                                random_state=0)
+    assert len(val["y"]) == 80
+    assert np.bincount(val["y"]).tolist() == np.bincount(y_ref).tolist() == [56, 16, 8]
+    assert np.bincount(train["y"]).tolist() == [168, 48, 24]
+    rows = np.concatenate([train["x"][:, 1], val["x"][:, 1]])      # column b is unique
+    assert sorted(rows.tolist()) == sorted(x[:, 1].astype(np.float32).tolist())
+    # uneven shares: the rounding hands the leftover rows to the largest remainders
+    from dlgraph.engine.data import split
+    lab = np.repeat([0, 1, 2], [5, 3, 2])
+    _, v = split({"y": lab}, 0.3, 0, stratify=lab)
+    # shares 1.5, 0.9, 0.6: floors 1, 0, 0, and the two rows left go to 0.9 and 0.6
+    assert np.bincount(v["y"], minlength=3).tolist() == [1, 1, 1]
+
+
+def test_stratify_errors(tmp_path):
+    from dlgraph.engine.train import split_data
+    g, *_ = _table(tmp_path, validation=", stratify: lable")
+    with pytest.raises(SpecError, match="validation.stratify names 'lable', which is not an "
+                                        "input") as e:
+        split_data(g, g.spec.train)
+    assert e.value.source.line == 16
+    g, *_ = _table(tmp_path, validation=", stratify: x")
+    with pytest.raises(DataError, match=r"one integer class label per sample; 'x' is float32 "
+                                        r"of shape \[320, 3\]"):
+        split_data(g, g.spec.train)
+
+
+VOCAB_SPEC = """\
+dlgraph: 1
+name: lm
+inputs:
+  x: {{shape: [batch, 4], dtype: int32}}
+  y: {{shape: [batch, 4], dtype: int32}}
+nodes:
+  emb: {{op: embedding, in: x, num: vocab, dim: 8}}
+  logits: {{op: linear, in: emb, out: vocab}}
+  loss: {{op: cross_entropy, in: [logits, y]}}
+outputs: [logits]
+train:
+  data: {data}
+  batch: 8
+  objective: loss
+  optimizer: {{type: adam, lr: 0.01}}
+"""
+
+
+def test_vocab_is_the_text_sources_vocabulary_size(tmp_path):
+    import dlgraph
+    (tmp_path / "t.txt").write_text("abracadabra, cab!")
+    g = dlgraph.load(VOCAB_SPEC.format(data="{source: text, path: t.txt, length: 4}"),
+                     base=tmp_path)
+    size = len(set("abracadabra, cab!"))                       # a b r c d , space ! = 8
+    assert size == 8 and g.params["emb.weight"].shape == (8, 8)
+    assert g.params["logits.weight"].shape == (8, 8)
+    assert g.spec.nodes["emb"].num == 8 and g.spec.nodes["logits"].out == 8
+    g = dlgraph.load(VOCAB_SPEC.format(data="{source: text_tokens, length: 4, level: word}"))
+    assert g.spec.nodes["emb"].num == len(vocabulary(parse_data_spec(
+        {"source": "text_tokens", "level": "word"})))
+
+
+def test_vocab_without_a_text_source_is_a_located_error():
+    import dlgraph
+    with pytest.raises(SpecError) as e:
+        dlgraph.load(VOCAB_SPEC.format(data="{source: sequence_task, length: 4}"))
+    assert str(e.value) == (
+        "<string>:7: 'vocab' is the vocabulary size of a text data source, and this spec's "
+        "data is 'sequence_task'\n  help: write the size as a number, or train on "
+        "`source: text` / `text_tokens`")
