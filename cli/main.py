@@ -131,18 +131,32 @@ def _read_inputs(pairs: tuple[str, ...]) -> dict[str, np.ndarray]:
                    "name and shape (transfer; see `init_from:` in the spec)")
 @click.option("--quiet", "-q", is_flag=True, help="no progress output")
 @click.option("--debug", is_flag=True, help="on a NaN loss, find the first non-finite node")
+@click.option("--no-cache", is_flag=True,
+              help="compile afresh: neither read nor write the program cache "
+                   "($DLGRAPH_CACHE_DIR, default ~/.cache/dlgraph/programs)")
+@click.option("--devices", metavar="D1,D2,...",
+              help="training: split each batch over these devices of this machine "
+                   "(e.g. cpu:0,cpu:1 or cuda:0,cuda:1), parameters replicated")
+@click.option("--workers", type=click.IntRange(min=1),
+              help="training: data parallel over N Ray Train workers (needs dlgraph[ray])")
+@click.option("--address", metavar="ADDR",
+              help="with --workers: the Ray cluster to join (default: a local Ray)")
 @DEVICE
 @errors
 def run(spec, inputs, batch, output, weights, out, resume, epochs, steps, init_from, seed,
-        quiet, debug, device):
+        quiet, debug, no_cache, devices, workers, address, device):
     """Train SPEC by its `train:` section, or run it forward (no `train:`, or --weights)."""
     import dlgraph
     g = _load(spec)
     if g.spec.train is not None and weights is None and not inputs:
         if resume and out is None:
             raise click.UsageError("--resume needs --out RUN_DIR")
+        if address and not workers:
+            raise click.UsageError("--address needs --workers N")
+        more = {"workers": workers, "address": address} if workers else {}
         res = dlgraph.train(g, out=out, resume=resume, device=device, epochs=epochs,
-                            steps=steps, quiet=quiet, debug=debug, init_from=init_from)
+                            steps=steps, quiet=quiet, debug=debug, init_from=init_from,
+                            cache=not no_cache, devices=devices, **more)
         click.echo(res.line())
         if res.target_met is False:
             sys.exit(1)
@@ -151,7 +165,7 @@ def run(spec, inputs, batch, output, weights, out, resume, epochs, steps, init_f
         click.echo("warning: running with untrained (freshly initialised) weights; pass "
                    "--weights RUN/weights.safetensors for a trained model", err=True)
     _check_fits(g, batch)
-    model = dlgraph.compile(g, weights=weights, seed=seed, device=device)
+    model = dlgraph.compile(g, weights=weights, seed=seed, device=device, cache=not no_cache)
     arrays = _read_inputs(inputs) if inputs else model.random_inputs(batch, seed)
     _check_inputs(g, arrays)
     outs = model(**arrays)

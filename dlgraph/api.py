@@ -37,21 +37,23 @@ def validate(source, backward: bool = False):
 
 
 def compile(graph: Graph, *, weights: str | Path | None = None, seed: int = 0,
-            device: str | None = None):
+            device: str | None = None, cache: bool = True):
     """A callable model on numpy arrays: ``model(x=...) -> {output: array}``.
 
     Parameters are initialised under ``seed``, or read from a safetensors ``weights`` file;
     a graph whose parameters (and one sample's activations) cannot fit in memory is refused.
+    ``cache``: keep the compiled program across processes (see ``dlgraph run --no-cache``).
     """
     from dlgraph.engine.checks import check_fits
     from dlgraph.engine.lower import Model, use_device
+    from dlgraph.engine.program_cache import default_cache
     check_fits(graph, 1)
     use_device(device)
     params = None
     if weights is not None:
         from dlgraph.engine.checkpoint import load_weights
         params = load_weights(graph, weights)
-    return Model(graph, params, seed=seed)
+    return Model(graph, params, seed=seed, cache=default_cache() if cache else None)
 
 
 def train(graph: Graph, **options):

@@ -25,6 +25,7 @@ from dlgraph.ops.control import loop_types
 from .errors import DeviceError, ShapeError
 from .init import init_param, random_inputs
 from .ir import Graph
+from .program_cache import ProgramCache, digest, freeze, thaw
 from .types import NUMPY_DTYPES, fmt
 
 DEVICES = ("cpu", "cuda", "nv", "amd", "metal", "cl", "webgpu")
@@ -168,12 +169,13 @@ class Model:
     (4, 3)
     """
 
-    def __init__(self, graph: Graph, params: dict[str, Tensor] | None = None, seed: int = 0):
+    def __init__(self, graph: Graph, params: dict[str, Tensor] | None = None, seed: int = 0,
+                 cache: ProgramCache | None = None):
         self.graph = graph
         self.params = params if params is not None else init_params(graph, seed)
         self.outputs = list(graph.outputs)
         computed = [graph.outputs[o] for o in self.outputs if graph.outputs[o] not in graph.inputs]
-        self._program = lower(graph, computed, params=self.params)
+        self._program = lower(graph, computed, params=self.params, cache=cache)
         self._names = self._program.input_names
 
     def __call__(self, **arrays: np.ndarray) -> dict[str, np.ndarray]:
@@ -224,7 +226,8 @@ def feed(graph: Graph, arrays: dict[str, np.ndarray]) -> dict[str, Tensor]:
 
 def lower(graph: Graph, targets: list[str], *, params: dict[str, Tensor],
           training: bool = False, finish=None, params_as_inputs: bool = False,
-          inline: bool = False) -> Program:
+          inline: bool = False, cache: ProgramCache | None = None,
+          state: dict[str, Tensor] | None = None, tag=None) -> Program:
     """Lower ``graph`` to a tinygrad program computing ``targets``.
 
     The program is a few compiled stages: the nodes between loops are one ``TinyJit``
@@ -234,8 +237,15 @@ def lower(graph: Graph, targets: list[str], *, params: dict[str, Tensor],
     passes the parameter tensors to every call (gradcheck perturbs them) instead of
     capturing them; ``inline`` traces loops step by step into one program (any dtype,
     compile time growing with the steps).
+
+    ``cache`` keeps each stage's compiled program across processes (engine/program_cache.py):
+    ``state`` names the live tensors ``finish`` reads and writes besides the parameters (the
+    optimizer's), ``tag`` describes what ``finish`` does (the optimizer's settings) for the key.
     """
-    return Program(graph, targets, params, training, finish, params_as_inputs, inline)
+    prog = Program(graph, targets, params, training, finish, params_as_inputs, inline)
+    if cache is not None and not params_as_inputs:
+        prog.use_cache(cache, state or {}, tag)
+    return prog
 
 
 INLINE_STEPS = 1
@@ -287,19 +297,65 @@ class Program:
         self.params_as_inputs = params_as_inputs
         self.progress = None        # callable(str): says what is compiled before the first run
         self.label = "program"
+        self.cache, self.state, self.tag, self._key = None, {}, None, None
         Tensor.rand(1).realize()   # the RNG state must exist before a capture (fresh noise)
 
-    def announce(self, stage, seconds: float | None = None, kernels: int = 0) -> None:
-        """One progress line as a stage compiles (before) and when it is done (after)."""
+    def use_cache(self, cache: ProgramCache, state: dict[str, Tensor], tag) -> None:
+        """Load and store compiled stages in ``cache`` (see :func:`lower`)."""
+        self.cache, self.tag = cache, tag
+        self.state = {f"param.{k}": t for k, t in self.params.items()}
+        self.state.update((f"state.{k}", t) for k, t in state.items())
+
+    def _live(self) -> dict[str, Tensor]:
+        """Every live tensor a capture may touch: ours and tinygrad's random generator."""
+        rng = {f"rng.{k}.{d}": t for k, ts in (("seed", Tensor._device_seeds),
+                                              ("counter", Tensor._device_rng_counters))
+               for d, t in ts.items()}
+        return {**self.state, **rng}
+
+    def cached(self, stage, dims: dict[str, int]):
+        """The stage's compiled TinyJits from the cache, or None (then :meth:`keep` them)."""
+        if self.cache is None:
+            return None
+        key = self._stage_key(stage, dims)
+        payload = self.cache.load(key)
+        if payload is None:
+            return None
+        try:
+            return thaw(payload, self._live())
+        except Exception:   # an entry that checks but does not load: made elsewhere, rebuild
+            self.cache.discard(key)
+            return None
+
+    def keep(self, stage, dims: dict[str, int], jits: list) -> None:
+        """Store a stage's freshly captured TinyJits in the cache."""
+        if self.cache is not None and all(getattr(j, "captured", None) for j in jits):
+            payload = freeze(jits, self._live())
+            if payload is not None:
+                self.cache.store(self._stage_key(stage, dims), payload)
+
+    def _stage_key(self, stage, dims: dict[str, int]) -> str:
+        if self._key is None:
+            self._key = digest(self.graph, self.targets, self.training, self.tag,
+                               sorted(self._live()), [st.finish is not None for st in self.stages])
+        return digest(self._key, self.stages.index(stage), type(stage).__name__, stage.made,
+                      stage.outputs, sorted(dims.items()))
+
+    def announce(self, stage, seconds: float | None = None, kernels: int = 0,
+                 cached: bool = False) -> None:
+        """One progress line as a stage compiles (before) and when it is done (after), or
+        when it was loaded from the program cache."""
         if self.progress is None:
             return
         k = self.stages.index(stage) + 1
-        what = stage.describe()
-        if seconds is None:
-            self.progress(f"compiling {self.label}: stage {k}/{len(self.stages)}, {what} …")
+        what = f"{self.label}: stage {k}/{len(self.stages)}, {stage.describe()}"
+        n = f"{kernels} kernel{'s' * (kernels != 1)}"
+        if cached:
+            self.progress(f"loaded {what} from the program cache: {n} in {seconds:.1f} s")
+        elif seconds is None:
+            self.progress(f"compiling {what} …")
         else:
-            self.progress(f"compiled {self.label}: stage {k}/{len(self.stages)}, {what}: "
-                          f"{kernels} kernel{'s' * (kernels != 1)} in {seconds:.1f} s")
+            self.progress(f"compiled {what}: {n} in {seconds:.1f} s")
 
     def value(self, env: dict, nid: str) -> Tensor:
         n = self.graph.nodes[nid]
@@ -360,12 +416,17 @@ class Segment:
         key = tuple(sorted(dims.items()))
         fresh = key not in self._jits
         if fresh:
-            names, step = self._fn(dict(dims))
-            jit = TinyJit(step)
-            jit.cnt = 1             # capture on the first call: the step is scheduled once
-            self._jits[key] = (names, jit)
-            self.prog.announce(self)
             t0 = time.perf_counter()
+            names, step = self._fn(dict(dims))
+            loaded = self.prog.cached(self, dims)
+            jit = loaded[0] if loaded else TinyJit(step)
+            jit.cnt = max(jit.cnt, 1)   # capture on the first call: scheduled once
+            self._jits[key] = (names, jit)
+            if loaded:
+                self.prog.announce(self, time.perf_counter() - t0, _kernels(jit), cached=True)
+                fresh = False
+            else:
+                self.prog.announce(self)
         names, jit = self._jits[key]
         args = [self.prog.value(env, r) if self.prog.graph[r].role != "param"
                 else self.prog.params[r.replace("/", ".")] for r in names]
@@ -379,6 +440,7 @@ class Segment:
         env.update(zip(self.outputs, outs, strict=True))
         if fresh:
             self.prog.announce(self, time.perf_counter() - t0, _kernels(jit))
+            self.prog.keep(self, dims, [jit])
 
 
 class LoopStage:
@@ -398,23 +460,38 @@ class LoopStage:
         self._compiled: dict[tuple, tuple] = {}
 
     def _buffers(self, dims) -> list[Tensor]:
-        return [Tensor.zeros(*resolve(Ctx(dims=dims), t.shape),
-                             dtype=t.dtype).contiguous().realize()
-                for t in loop_types(self.node.attrs)]
+        """Zeroed state buffers. With parameters replicated over several devices (data
+        parallel), a buffer that starts with the batch dim is split along it like the
+        batch, any other (a parameter's gradient sum) is replicated like the parameters."""
+        devices = next((p.device for p in self.prog.params.values()
+                        if isinstance(p.device, tuple)), None)
+        batch = {t.shape[0] for t in self.prog.graph.inputs.values()
+                 if t.rank and isinstance(t.shape[0], str)}
+        out = []
+        for t in loop_types(self.node.attrs):
+            b = Tensor.zeros(*resolve(Ctx(dims=dims), t.shape), dtype=t.dtype)
+            if devices:
+                b = b.shard(devices, axis=0 if t.rank and t.shape[0] in batch else None)
+            out.append(b.contiguous().realize())
+        return out
 
     def run(self, env: dict, dims: dict[str, int]) -> None:
         a = self.node.attrs
         key = tuple(sorted(dims.items()))
+        t0 = time.perf_counter()
         if key not in self._compiled:
-            self._compiled[key] = (self._buffers(dims), TinyJit(self._prologue),
-                                   TinyJit(self._step_fn(dict(dims))))
-            for j in self._compiled[key][1:]:
-                j.cnt = 1
+            jits = self.prog.cached(self, dims) or [TinyJit(self._prologue),
+                                                    TinyJit(self._step_fn(dict(dims)))]
+            for j in jits:
+                j.cnt = max(j.cnt, 1)
+            self._compiled[key] = (self._buffers(dims), *jits)
+            if jits[1].captured is not None:
+                self.prog.announce(self, time.perf_counter() - t0,
+                                   _kernels(jits[0]) + _kernels(jits[1]), cached=True)
         bufs, prologue, step = self._compiled[key]
         fresh = step.captured is None
         if fresh:
             self.prog.announce(self)
-            t0 = time.perf_counter()
         xs = [self.prog.value(env, i) for i in self.node.inputs]
         ns, nst = a.n_seq, a.n_state
         prologue(*xs[ns:ns + nst], *bufs)
@@ -424,6 +501,7 @@ class LoopStage:
         replay = _replayer(step, (var.bind(0), *args))
         if fresh:
             self.prog.announce(self, time.perf_counter() - t0, _kernels(step) + _kernels(prologue))
+            self.prog.keep(self, dims, [prologue, step])
         for s in range(1, a.steps // self.chunk):
             replay({"step": s})
         env.update(zip([p for p in self.picks], [bufs[self._index(p)] for p in self.picks],

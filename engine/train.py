@@ -38,7 +38,9 @@ from .data.ids import check_feeds
 from .data.scaling import inputs_to_standardize
 from .errors import DataError, Source, SpecError, TrainingError, suggest
 from .ir import Graph
-from .lower import Ctx, Evaluator, bind, init_params, lower, to_tensor, use_device
+from .lower import Ctx, Evaluator, bind, init_params, lower, to_tensor
+from .program_cache import default_cache
+from .shard import data_parallel, replicate, split_batch
 from .summary import summarize
 from .train_spec import METRICS, OPTIMIZERS, SCHEDULES
 
@@ -99,7 +101,7 @@ class PhaseStep:
     """One phase: its training graph, optimizer and compiled step (see :func:`lower`)."""
 
     def __init__(self, graph: Graph, phase, params: dict[str, Tensor], input_names: list[str],
-                 training: Graph | None = None):
+                 training: Graph | None = None, cache=None):
         self.phase = phase
         self.graph = training or training_graph(graph, phase)
         self.names = phase_params(graph, phase)
@@ -109,10 +111,12 @@ class PhaseStep:
         self.params = params
         self.dims: dict[str, int] = {}
         # the optimizer's zero-filled state is realised now so that it is not captured
-        Tensor.realize(*get_state_dict(self.opt).values())
+        state = {k: v for k, v in get_state_dict(self.opt).items() if not k.startswith("params.")}
+        Tensor.realize(*state.values())
         self.program = lower(self.graph, [self.graph.objective]
                              + [self.graph.grads[n] for n in self.names], params=params,
-                             training=True, finish=self._update)
+                             training=True, finish=self._update, cache=cache, state=state,
+                             tag=[phase.optimizer, phase.clip, self.names])
 
     def _update(self, loss: Tensor, *grads: Tensor) -> list[Tensor]:
         """The optimizer step, inside the last compiled stage."""
@@ -211,8 +215,10 @@ class Validator:
     Values that are graph inputs (metric targets) are taken from the data, not the program.
     """
 
-    def __init__(self, graph: Graph, objectives: dict[str, str], metrics, names: list[str]):
+    def __init__(self, graph: Graph, objectives: dict[str, str], metrics, names: list[str],
+                 cache=None):
         self.objectives, self.metrics, self.names = objectives, metrics, names
+        self.cache = cache
         wanted = list(objectives.values()) + [n for m in metrics for n in m[2:]]
         self.computed = [t for t in dict.fromkeys(wanted) if t not in graph.inputs]
         self.graph = graph
@@ -221,7 +227,7 @@ class Validator:
 
     def __call__(self, params, chunks: list[tuple[list[Tensor], dict[str, np.ndarray]]]):
         if self.program is None:
-            self.program = lower(self.graph, self.computed, params=params)
+            self.program = lower(self.graph, self.computed, params=params, cache=self.cache)
         got: dict[str, list[np.ndarray]] = {}
         for tensors, arrays in chunks:
             outs = self.program(dict(zip(self.names, tensors, strict=True)), self.dims)
@@ -276,6 +282,7 @@ class _Run:
     stop: bool = False                    # set by a callback (early stopping)
     lr_scale: dict[str, float] = field(default_factory=dict)   # phase -> factor (plateau)
     best: dict | None = None              # what best.safetensors holds (BestCheckpoint)
+    devices: tuple[str, ...] = ()         # data parallel: the devices a batch is split over
 
     @property
     def ckpt(self) -> Path:
@@ -288,18 +295,23 @@ class _Run:
 def train(graph: Graph, *, out=None, resume: bool = False, device: str | None = None,
           epochs: int | None = None, steps: int | None = None, quiet: bool = False,
           debug: bool = False, log=None, data: dict | None = None,
-          init_from: str | Path | None = None) -> TrainResult:
+          init_from: str | Path | None = None, cache: bool = True,
+          devices=None) -> TrainResult:
     """Train ``graph`` by its ``train:`` section; see the module docstring for outputs.
 
     ``data``: numpy arrays by name (``{"x": X, "y": y}``) instead of the spec's data source,
     split and batched the same way. ``init_from``: a weights file whose parameters of the
-    same name and shape seed this graph (as ``init_from:`` in the spec).
+    same name and shape seed this graph (as ``init_from:`` in the spec). ``cache``: keep
+    compiled programs across processes (engine/program_cache.py); False compiles afresh.
+    ``devices``: data parallel on the devices of this machine (``["cpu:0", "cpu:1"]`` or
+    ``"cuda:0,cuda:1"``): each batch split over them, the parameters replicated, the update
+    the one a single device makes on the whole batch (engine/shard.py).
     """
     t_start = time.perf_counter()
     echo = log or (lambda s: None if quiet else print(s, file=sys.stderr, flush=True))
     run = _set_up(graph, out=out, resume=resume, device=device, epochs=epochs, steps=steps,
                   quiet=quiet, debug=debug, echo=echo, t_start=t_start, data=data,
-                  init_from=init_from)
+                  init_from=init_from, cache=cache, devices=devices)
     callbacks = make_callbacks(run.spec, run.spec.all_phases())
     for cb in callbacks:
         cb.on_train_begin(run)
@@ -319,16 +331,19 @@ def train(graph: Graph, *, out=None, resume: bool = False, device: str | None = 
 
 
 def _set_up(graph: Graph, *, out, resume: bool, device, epochs, steps, quiet: bool,
-            debug: bool, echo, t_start: float, data=None, init_from=None) -> _Run:
+            debug: bool, echo, t_start: float, data=None, init_from=None,
+            cache: bool = True, devices=None) -> _Run:
     """Everything before the first step: checks, data, parameters, phases, run directory."""
     spec = graph.spec.train if graph.spec is not None else None
     if spec is None:
         raise SpecError("this spec has no `train:` section", source=Source(graph.source),
                         help="`dlgraph run` without one runs the forward pass only")
-    use_device(device)
+    devs = data_parallel(graph, spec.batch, device, devices)
+    Tensor.manual_seed(spec.seed)       # dropout and noise: the same run twice in a process
     graph = frozen(graph, spec.freeze)
     graphs = phase_graphs(graph)            # every phase reversed once, here
     summarize(graph, graphs)
+    check_fits(graph, spec.batch)           # before a parameter is allocated
     phases = spec.all_phases()
     epochs = epochs or spec.epochs
     metrics = _metric_refs(graph, spec)
@@ -336,11 +351,12 @@ def _set_up(graph: Graph, *, out, resume: bool, device, epochs, steps, quiet: bo
     names = list(graph.inputs)
     dims = bind(graph, {k: v[:spec.batch] for k, v in train_arrays.items()}, where="data for")
     run_dir = _run_dir(graph, out)
-    check_fits(graph, spec.batch)           # before a parameter is allocated
     params = init_params(graph, spec.seed)
     if not resume and (init_from or spec.init_from):
         _init_from(graph, params, init_from or spec.init_from, echo)
-    runners = [PhaseStep(graph, ph, params, names, graphs[ph.name]) for ph in phases]
+    replicate(params.values(), devs)         # data parallel: a copy on every device
+    store = default_cache(lambda s: echo(f"warning: {s}")) if cache and not devs else None
+    runners = [PhaseStep(graph, ph, params, names, graphs[ph.name], store) for ph in phases]
     for r in runners:
         r.dims = dims
         r.program.progress = None if quiet else echo
@@ -353,22 +369,23 @@ def _set_up(graph: Graph, *, out, resume: bool, device, epochs, steps, quiet: bo
     run = _Run(graph, spec, runners, params, names, dims, train_arrays, run_dir,
                epochs, max_steps, per_epoch,
                min(epochs * per_epoch, max_steps or epochs * per_epoch), _goal(spec.target),
-               echo, quiet, debug, t_start)
+               echo, quiet, debug, t_start, devices=devs)
     if resume:
         run.steps_done, run.start_epoch, run.history = _restore(run.ckpt, params, runners)
         echo(f"resuming {run.run_dir} at epoch {run.start_epoch + 1}, step {run.steps_done}")
     _start_run_dir(run)
+    if stats:                                # evaluate and predict apply them to raw data
+        atomic_write(run.run_dir / scaling.STATS_FILE,
+                     scaling.to_json(stats, len(train_arrays[names[0]])))
     if val_arrays:
         _set_up_validation(run, phases, metrics, val_arrays)
+        run.val_chunks = [(split_batch(ts, devs), b) for ts, b in run.val_chunks]
     echo(_header(run, len(next(iter(val_arrays.values()))) if val_arrays else 0, note))
     return run
 
 
 def _header(run: _Run, n_val: int, note: str) -> str:
     """'training x: 1,029 training + 384 validation samples (...), batch 32, ...'."""
-    if stats:                                # evaluate and predict apply them to raw data
-        atomic_write(run.run_dir / scaling.STATS_FILE,
-                     scaling.to_json(stats, len(train_arrays[names[0]])))
     n_train = len(run.train_arrays[run.names[0]])
     samples = f"{n_train:,} training + {n_val:,} validation samples" if n_val else \
         f"{n_train:,} training samples (no validation)"
@@ -442,6 +459,8 @@ def split_data(graph: Graph, spec, data: dict | None = None, standardize: bool =
     arrays = data_arrays(graph, spec, data)
     n = len(next(iter(arrays.values())))
     frac = spec.validation.split
+    names = inputs_to_standardize(graph, spec) if standardize else []
+    where = Source(graph.source, graph.lines.get(("train", "data", "standardize")))
     if frac <= 0:
         stats = scaling.fit(arrays, names, where)
         return scaling.apply(arrays, stats), {}, "", stats
@@ -451,8 +470,6 @@ def split_data(graph: Graph, spec, data: dict | None = None, standardize: bool =
                                                           graph.lines.get(("train", "batch"))),
                         help="use more samples, a smaller batch, or `validation: {split: 0}`")
     n_val = min(max(round(n * frac / spec.batch), 1), n // spec.batch - 1) * spec.batch
-    names = inputs_to_standardize(graph, spec) if standardize else []
-    where = Source(graph.source, graph.lines.get(("train", "data", "standardize")))
     note = "" if n_val == round(n * frac) else \
         f"; split {frac:g} × {n:,} = {n * frac:,.6g}, rounded to {n_val // spec.batch} whole " \
         f"batch{'es' * (n_val != spec.batch)} of {spec.batch}"
@@ -502,7 +519,8 @@ def _set_up_validation(run: _Run, phases, metrics, val_arrays) -> None:
     graph, spec, names = run.graph, run.spec, run.names
     objectives = {("loss" if len(phases) == 1 else f"loss_{p.name}"): graph.resolve(
         p.objective) for p in phases}
-    run.validator = Validator(graph, objectives, metrics, names)
+    run.validator = Validator(graph, objectives, metrics, names,
+                              cache=run.runners[0].program.cache)
     run.validator.dims = dict(run.dims)
     run.val_chunks = [([to_tensor(b[k], graph.inputs[k].dtype) for k in names], b)
                       for b in batches(val_arrays, spec.batch, spec.seed, 0, shuffle=False)]
@@ -570,11 +588,15 @@ def _progress(run: _Run, epoch: int, done: int, t0: float, losses) -> str:
 
 def _step(run: _Run, batch: dict[str, np.ndarray], epoch: int, losses) -> None:
     """One training step: every phase, ``repeat`` times each, on one batch."""
-    feeds = [to_tensor(batch[k], run.graph.inputs[k].dtype) for k in run.names]
+    feeds = split_batch([to_tensor(batch[k], run.graph.inputs[k].dtype) for k in run.names],
+                        run.devices)
     for r in run.runners:
         for _ in range(r.phase.repeat):
             lr = lr_at(r.phase.schedule, r.phase.optimizer.lr, run.steps_done, run.total) \
                 * run.lr_scale.get(r.phase.name, 1.0) if r.phase.schedule else None
+            if lr is not None and run.devices:   # the rate lives on every device
+                r.opt.lr.assign(Tensor([lr], dtype=r.opt.lr.dtype).to(r.opt.lr.device)).realize()
+                lr = None
             value = r(feeds, lr).item()
             if not math.isfinite(value):
                 raise _diverged(run, r, feeds, value, epoch)
@@ -646,7 +668,7 @@ def _restore(path: Path, params, runners) -> tuple[int, int, list]:
     another spec (a missing or other-shaped parameter), is a located TrainingError."""
     arrays, meta = read_checkpoint(path, {k: tuple(t.shape) for k, t in params.items()})
     for k, t in params.items():
-        t.assign(Tensor(arrays[f"param.{k}"].astype(np.float32))).realize()
+        t.assign(Tensor(arrays[f"param.{k}"].astype(np.float32)).to(t.device)).realize()
     for r in runners:
         for k, v in get_state_dict(r.opt).items():
             key = f"optim.{r.phase.name}.{k}"
@@ -656,5 +678,6 @@ def _restore(path: Path, params, runners) -> tuple[int, int, list]:
                                         f"{list(arrays[key].shape)} in the checkpoint, "
                                         f"{list(v.shape)} here", source=Source(str(path)),
                                         help="resume with the spec the run was started with")
-                v.assign(Tensor(arrays[key]).cast(v.dtype).reshape(v.shape)).realize()
+                v.assign(Tensor(arrays[key]).cast(v.dtype).reshape(v.shape).to(v.device)
+                         ).realize()
     return meta["step"], meta["epoch"], list(meta["history"])

@@ -1,0 +1,222 @@
+"""The program cache as a user meets it: a second run loads every compiled stage instead of
+compiling it, trains exactly as a fresh compile does, and never trusts a bad entry.
+
+Each test has its own cache directory. The state a capture touches (parameters, Adam's
+moments, batch-norm statistics, dropout's random generator) must be this run's: the cached
+and the uncached run are compared bit for bit.
+"""
+
+import os
+import pickle
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import dlgraph
+from dlgraph.cli.main import main
+from dlgraph.engine.checkpoint import load_tensors
+from dlgraph.engine.program_cache import FORMAT, ProgramCache
+
+ROOT = Path(__file__).resolve().parent.parent
+
+SPEC = """\
+dlgraph: 1
+name: cache-mlp
+inputs:
+  x: {shape: [batch, 2]}
+  y: {shape: [batch], dtype: int32}
+nodes:
+  h: {op: linear, in: x, out: 16, activation: tanh}
+  bn: {op: batch_norm, in: h}
+  d: {op: dropout, in: bn, p: 0.2}
+  logits: {op: linear, in: d, out: 2}
+  loss: {op: cross_entropy, in: [logits, y]}
+outputs: [logits]
+train:
+  data: {source: xor, samples: 256}
+  batch: 32
+  epochs: 2
+  objective: loss
+  optimizer: {type: adam, lr: 0.02}
+  metrics:
+    - {type: accuracy, in: [logits, y]}
+  validation: {split: 0.25}
+"""
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch):
+    d = tmp_path / "cache"
+    monkeypatch.setenv("DLGRAPH_CACHE_DIR", str(d))
+    return d
+
+
+def _spec(tmp_path, text=SPEC, name="spec.yaml"):
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def _train(spec, out, **kw):
+    said = []
+    res = dlgraph.train(dlgraph.load(spec), out=out, log=said.append, **kw)
+    weights = load_tensors(res.run_dir / "weights.safetensors")[0]
+    return res, weights, said
+
+
+def _same(a, b):
+    drop = ("seconds", "time")
+    assert [{k: v for k, v in h.items() if k not in drop} for h in a[0].history] == \
+        [{k: v for k, v in h.items() if k not in drop} for h in b[0].history]
+    assert a[1].keys() == b[1].keys()
+    for k in a[1]:
+        np.testing.assert_array_equal(a[1][k], b[1][k], err_msg=k)
+
+
+def test_second_run_loads_every_stage_and_trains_the_same(tmp_path, cache_dir):
+    spec = _spec(tmp_path)
+    fresh = _train(spec, tmp_path / "r0", cache=False)
+    assert not cache_dir.exists() or not list(cache_dir.glob("*.prog"))
+    first = _train(spec, tmp_path / "r1")
+    stored = sorted(cache_dir.glob("*.prog"))
+    assert stored, "the first run stored nothing"
+    assert not any("program cache" in s for s in first[2])
+    second = _train(spec, tmp_path / "r2")
+    loaded = [s for s in second[2] if s.startswith("loaded ")]
+    assert loaded and not any(s.startswith("compiling") for s in second[2])
+    assert sorted(cache_dir.glob("*.prog")) == stored
+    _same(fresh, first)
+    _same(fresh, second)            # weights, Adam state, running stats, dropout noise
+
+
+def test_recurrent_loops_load_in_a_new_process(tmp_path, cache_dir):
+    """A real second process: nothing of the first one's tinygrad state is alive."""
+    spec = _spec(tmp_path, textwrap.dedent("""\
+        dlgraph: 1
+        name: cache-lstm
+        inputs:
+          x: {shape: [batch, 6, 1]}
+          y: {shape: [batch, 1]}
+        nodes:
+          enc: {op: lstm, in: x, hidden: 8}
+          pred: {op: linear, in: enc.h, out: 1}
+          loss: {op: mse, in: [pred, y]}
+        outputs: [pred]
+        train:
+          data: {source: sine, samples: 128, length: 6}
+          batch: 16
+          epochs: 1
+          steps: 3
+          objective: loss
+          optimizer: {type: adam, lr: 0.01}
+        """))
+    code = ("import sys, dlgraph; r = dlgraph.train(dlgraph.load(sys.argv[1]), out=sys.argv[2]); "
+            "print([(h['loss'], h.get('val_loss')) for h in r.history])")
+    runs = [subprocess.run([sys.executable, "-c", code, str(spec), str(tmp_path / f"p{i}")],
+                           capture_output=True, text=True, env=os.environ, timeout=300)
+            for i in range(2)]
+    assert all(r.returncode == 0 for r in runs), runs[-1].stderr
+    assert "loaded" not in runs[0].stderr and "compiling" in runs[0].stderr
+    assert "a loop over 6 steps backwards" in runs[1].stderr
+    assert "compiling" not in runs[1].stderr and "from the program cache" in runs[1].stderr
+    assert runs[0].stdout == runs[1].stdout
+    w = [load_tensors(tmp_path / f"p{i}" / "weights.safetensors")[0] for i in range(2)]
+    for k in w[0]:
+        np.testing.assert_array_equal(w[0][k], w[1][k], err_msg=k)
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "empty", "other-key"])
+def test_a_damaged_entry_is_rebuilt_not_trusted(tmp_path, cache_dir, damage):
+    spec = _spec(tmp_path)
+    good = _train(spec, tmp_path / "r1", epochs=1)
+    for p in cache_dir.glob("*.prog"):
+        blob = p.read_bytes()
+        if damage == "flip":
+            blob = blob[:-100] + bytes([blob[-100] ^ 1]) + blob[-99:]
+        elif damage == "truncate":
+            blob = blob[: len(blob) // 2]
+        elif damage == "empty":
+            blob = b""
+        else:   # a well-formed entry signed with someone else's key
+            other = ProgramCache(tmp_path / "elsewhere")
+            payload = blob[len(FORMAT) + 32:]
+            blob = FORMAT + other._sign(payload) + payload
+        p.write_bytes(blob)
+    again = _train(spec, tmp_path / "r2", epochs=1)
+    assert not any(s.startswith("loaded ") for s in again[2])
+    _same(good, again)
+    third = _train(spec, tmp_path / "r3", epochs=1)       # rebuilt entries load again
+    assert any(s.startswith("loaded ") for s in third[2])
+    _same(good, third)
+
+
+def test_a_signed_entry_naming_other_code_is_never_run(tmp_path, cache_dir):
+    """Defence in depth: even an entry with a valid signature may only build tinygrad's
+    own objects; a pickle that would call os.system is discarded, and the run compiles."""
+    spec = _spec(tmp_path)
+    _train(spec, tmp_path / "r1", epochs=1)
+    marker = tmp_path / "marker"
+
+    class Evil:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    cache = ProgramCache(cache_dir)
+    entries = list(cache_dir.glob("*.prog"))
+    for p in entries:
+        cache.store(p.stem, pickle.dumps(Evil()))
+    again = _train(spec, tmp_path / "r2", epochs=1)
+    assert not marker.exists()
+    assert not any(s.startswith("loaded ") for s in again[2])
+
+
+def test_a_changed_spec_never_reuses_another_specs_program(tmp_path, cache_dir):
+    spec = _spec(tmp_path)
+    _train(spec, tmp_path / "r1", epochs=1)
+    n = len(list(cache_dir.glob("*.prog")))
+    for i, change in enumerate([("out: 16", "out: 12"), ("lr: 0.02", "lr: 0.03"),
+                                ("p: 0.2", "p: 0.3"), ("batch: 32", "batch: 16")]):
+        other = _spec(tmp_path, SPEC.replace(*change), f"other{i}.yaml")
+        res = _train(other, tmp_path / f"o{i}", epochs=1)
+        assert not any(s.startswith("loaded ") for s in res[2]), change
+        fresh = _train(other, tmp_path / f"f{i}", epochs=1, cache=False)
+        _same(fresh, res)
+        assert len(list(cache_dir.glob("*.prog"))) > n, change
+        n = len(list(cache_dir.glob("*.prog")))
+
+
+def test_no_cache_flag_and_off_switch(tmp_path, cache_dir, monkeypatch):
+    spec = _spec(tmp_path)
+    r = CliRunner().invoke(main, ["run", str(spec), "--no-cache", "--steps", "2",
+                                  "--out", str(tmp_path / "r1")])
+    assert r.exit_code == 0, r.output
+    assert not cache_dir.exists() or not list(cache_dir.glob("*.prog"))
+    monkeypatch.setenv("DLGRAPH_CACHE_DIR", "off")
+    _train(spec, tmp_path / "r2", steps=2)
+    assert not cache_dir.exists() or not list(cache_dir.glob("*.prog"))
+
+
+def test_a_cache_others_may_write_is_not_used(tmp_path, cache_dir):
+    cache_dir.mkdir(mode=0o700)
+    os.chmod(cache_dir, 0o777)
+    res = _train(_spec(tmp_path), tmp_path / "r1", steps=2)
+    assert any("is not private to this user" in s and "running without it" in s
+               for s in res[2])
+    assert not list(cache_dir.glob("*.prog"))
+
+
+def test_compiled_models_use_the_cache_too(tmp_path, cache_dir):
+    g = dlgraph.load(ROOT / "graphs/mlp.yaml")
+    x = np.random.default_rng(0).normal(size=(5, 2)).astype(np.float32)
+    a = dlgraph.compile(g, seed=3)(x=x)
+    assert list(cache_dir.glob("*.prog"))
+    b = dlgraph.compile(g, seed=3)(x=x)
+    c = dlgraph.compile(g, seed=3, cache=False)(x=x)
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
+        np.testing.assert_array_equal(a[k], c[k])
