@@ -111,7 +111,7 @@ class EarlyStopping(Monitored):
     def on_train_end(self, run):
         if self.restore_best and self.weights is not None and self.wait > 0:
             for k, t in run.params.items():
-                t.assign(Tensor(self.weights[k])).realize()
+                t.assign(Tensor(self.weights[k]).to(t.device)).realize()
             run.echo(f"restored the weights of epoch {self.best_epoch}")
 
 

@@ -194,8 +194,8 @@ register("embedding", doc="int ids -> learned vectors (a row of weight per id)",
 
 def _dropout_mask(c, a, x):
     if not c.training or a.p == 0:
-        return Tensor.ones(*x.shape)
-    return (Tensor.rand(*x.shape) >= a.p).float() / (1 - a.p)
+        return Tensor.ones(*x.shape).shard_like(x)
+    return ((Tensor.rand(*x.shape) >= a.p).float() / (1 - a.p)).shard_like(x)
 
 
 _p_field = (float, Field(0.5, ge=0, lt=1, description="probability of dropping a value"))
@@ -226,8 +226,10 @@ def _noise_infer(a, ref):
 
 def _noise(c, a, ref):
     if a.training_only and not c.training:
-        return Tensor.zeros(ref.shape[0], *a.shape)
-    return (Tensor.randn if a.kind == "normal" else Tensor.rand)(ref.shape[0], *a.shape)
+        return Tensor.zeros(ref.shape[0], *a.shape).shard_like(ref)
+    # made whole and split like the batch: data-parallel runs draw the same numbers
+    return (Tensor.randn if a.kind == "normal" else Tensor.rand)(ref.shape[0],
+                                                                 *a.shape).shard_like(ref)
 
 
 register("noise", doc="random samples [batch, *shape], batch taken from the input: a GAN's "
@@ -245,7 +247,8 @@ register("noise", doc="random samples [batch, *shape], batch taken from the inpu
 register("zeros", doc="zeros [batch, *shape], batch taken from the input (initial states)",
          family=F, inputs="like",
          attrs_model=attrs("zeros", shape=_trailing),
-         infer=_noise_infer, forward=lambda c, a, ref: Tensor.zeros(ref.shape[0], *a.shape),
+         infer=_noise_infer,
+         forward=lambda c, a, ref: Tensor.zeros(ref.shape[0], *a.shape).shard_like(ref),
          vjp=NO_GRAD)
 
 

@@ -1,0 +1,174 @@
+"""Data-parallel training as a user meets it.
+
+On the devices of one machine (``devices=["cpu:0", "cpu:1"]``, tinygrad's sharding): the
+losses, validation metrics and weights after N steps equal those of training on one device
+with the same global batch. Across processes (Ray Train workers, when Ray is installed):
+every rank ends with the same weights, and they and the losses match one process.
+"""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import dlgraph
+from dlgraph.cli.main import main
+from dlgraph.engine.checkpoint import load_tensors
+
+DEVICES = ["cpu:0", "cpu:1"]
+STEPS = 6
+TOL = 1e-5
+
+
+def step_losses(run_dir: Path) -> list[float]:
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if r["kind"] == "step"]
+
+
+def spec(inputs: dict, nodes: dict, **train) -> dict:
+    t = {"batch": 32, "epochs": 1, "objective": "loss", "seed": 3,
+         "optimizer": {"type": "sgd", "lr": 0.1, "momentum": 0.9},
+         "validation": {"split": 0}}
+    t.update(train)
+    return {"dlgraph": 1, "name": "dp", "inputs": inputs, "nodes": nodes,
+            "outputs": [n for n in nodes if n in ("logits", "pred")], "train": t}
+
+
+def one_and_two(tmp_path, s: dict, data: dict, steps: int = STEPS):
+    """The same training on one device and split over two."""
+    one = dlgraph.train(dlgraph.load(s), data=data, steps=steps, quiet=True, cache=False,
+                        out=tmp_path / "one")
+    two = dlgraph.train(dlgraph.load(s), data=data, steps=steps, quiet=True, cache=False,
+                        out=tmp_path / "two", devices=DEVICES)
+    # the run really was split: its parameters live on both devices
+    assert all(isinstance(t.device, tuple) and len(t.device) == 2
+               for t in two.params.values())
+    assert all(isinstance(t.device, str) for t in one.params.values())
+    return one, two
+
+
+def assert_same_training(one, two):
+    a, b = step_losses(one.run_dir), step_losses(two.run_dir)
+    assert len(a) == len(b) == STEPS
+    np.testing.assert_allclose(b, a, rtol=TOL, atol=TOL)
+    wa, _ = load_tensors(one.run_dir / "weights.safetensors")
+    wb, _ = load_tensors(two.run_dir / "weights.safetensors")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        np.testing.assert_allclose(wb[k], wa[k], rtol=TOL, atol=TOL, err_msg=k)
+        # the weights moved: equality is not that of two untouched initialisations
+    moved = load_tensors(one.run_dir / "checkpoint.safetensors")[0]
+    assert moved.keys() >= {f"param.{k}" for k in wa}
+    for k, v in one.metrics.items():
+        np.testing.assert_allclose(two.metrics[k], v, rtol=TOL, atol=TOL, err_msg=k)
+
+
+def blobs(n: int, d: int, classes: int, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, classes, n).astype(np.int32)
+    x = (rng.normal(size=(n, d)) + 2 * np.eye(classes, d)[y]).astype(np.float32)
+    return {"x": x, "y": y}
+
+
+def test_mlp_two_cpu_devices_equal_one(tmp_path):
+    # adam, a warm-up + cosine schedule (the rate is set on both devices), clipping,
+    # dropout (its mask drawn whole and split like the batch) and validation
+    s = spec({"x": {"shape": ["batch", 6]}, "y": {"shape": ["batch"], "dtype": "int32"}},
+             {"h": {"op": "linear", "in": "x", "out": 16, "activation": "relu"},
+              "d": {"op": "dropout", "in": "h", "p": 0.2},
+              "logits": {"op": "linear", "in": "d", "out": 3},
+              "loss": {"op": "cross_entropy", "in": ["logits", "y"]}},
+             optimizer={"type": "adam", "lr": 0.01}, clip=1.0,
+             schedule={"type": "cosine", "warmup": 2},
+             metrics=[{"type": "accuracy", "in": ["logits", "y"]}],
+             validation={"split": 0.2})
+    one, two = one_and_two(tmp_path, s, blobs(320, 6, 3))
+    assert "val_accuracy" in one.metrics and "val_loss" in one.metrics
+    assert_same_training(one, two)
+    w0 = dlgraph.train(dlgraph.load(s), data=blobs(320, 6, 3), steps=1, quiet=True,
+                       cache=False, out=tmp_path / "first").params["h.weight"].numpy()
+    assert np.abs(two.params["h.weight"].numpy() - w0).max() > 1e-3   # it did train
+
+
+def test_cnn_with_batch_norm_two_cpu_devices_equal_one(tmp_path):
+    # batch_norm's batch statistics are over the whole batch, not each device's half
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 2, 128).astype(np.int32)
+    x = (rng.normal(size=(128, 1, 8, 8)) + y[:, None, None, None]).astype(np.float32)
+    s = spec({"x": {"shape": ["batch", 1, 8, 8]}, "y": {"shape": ["batch"], "dtype": "int32"}},
+             {"c": {"op": "conv2d", "in": "x", "out": 4, "kernel": 3},
+              "bn": {"op": "batch_norm", "in": "c"},
+              "r": {"op": "relu", "in": "bn"},
+              "p": {"op": "max_pool2d", "in": "r", "kernel": 2},
+              "f": {"op": "flatten", "in": "p"},
+              "logits": {"op": "linear", "in": "f", "out": 2},
+              "loss": {"op": "cross_entropy", "in": ["logits", "y"]}},
+             batch=16)
+    one, two = one_and_two(tmp_path, s, {"x": x, "y": y})
+    assert_same_training(one, two)
+
+
+def test_lstm_two_cpu_devices_equal_one(tmp_path):
+    # the loop's state buffers are split like the batch, its gradient sums replicated
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(256, 5, 2)).astype(np.float32)
+    y = x[:, :, :1].sum(1).astype(np.float32)
+    s = spec({"x": {"shape": ["batch", 5, 2]}, "y": {"shape": ["batch", 1]}},
+             {"enc": {"op": "lstm", "in": "x", "hidden": 8},
+              "pred": {"op": "linear", "in": "enc.h", "out": 1},
+              "loss": {"op": "mse", "in": ["pred", "y"]}})
+    one, two = one_and_two(tmp_path, s, {"x": x, "y": y})
+    assert_same_training(one, two)
+
+
+def test_resume_on_two_devices(tmp_path):
+    s = spec({"x": {"shape": ["batch", 6]}, "y": {"shape": ["batch"], "dtype": "int32"}},
+             {"logits": {"op": "linear", "in": "x", "out": 3},
+              "loss": {"op": "cross_entropy", "in": ["logits", "y"]}},
+             optimizer={"type": "adam", "lr": 0.01}, epochs=2)
+    data = blobs(64, 6, 3)
+    full = dlgraph.train(dlgraph.load(s), data=data, quiet=True, cache=False,
+                         out=tmp_path / "full")
+    dlgraph.train(dlgraph.load(s), data=data, quiet=True, cache=False, epochs=1,
+                  out=tmp_path / "part", devices=DEVICES)
+    res = dlgraph.train(dlgraph.load(s), data=data, quiet=True, cache=False, resume=True,
+                        out=tmp_path / "part", devices=DEVICES)
+    a, _ = load_tensors(full.run_dir / "weights.safetensors")
+    b, _ = load_tensors(res.run_dir / "weights.safetensors")
+    for k in a:
+        np.testing.assert_allclose(b[k], a[k], rtol=TOL, atol=TOL, err_msg=k)
+
+
+@pytest.mark.parametrize("devices, text, hint", [
+    ("cpu:0,cpu:1,cpu:2", "batch 32 does not divide over 3 devices", "multiple of 3"),
+    ("cpu:0,cpu:0", "device cpu:0 is listed twice", "list each device once"),
+    ("cpu:0", "names one device", "--device NAME"),
+    ("cpu:0,gpu:1", "unknown device 'gpu:1'", "KIND:INDEX"),
+    ("cpu:0,cuda:0", "mixes kinds of device", "one kind"),
+])
+def test_device_mistakes_are_one_clear_error(tmp_path, devices, text, hint):
+    path = tmp_path / "s.yaml"
+    import yaml
+    path.write_text(yaml.safe_dump(spec(
+        {"x": {"shape": ["batch", 2]}, "y": {"shape": ["batch"], "dtype": "int32"}},
+        {"logits": {"op": "linear", "in": "x", "out": 2},
+         "loss": {"op": "cross_entropy", "in": ["logits", "y"]}},
+        data={"source": "xor", "samples": 128})))
+    r = CliRunner().invoke(main, ["run", str(path), "--devices", devices, "--no-cache",
+                                  "--out", str(tmp_path / "run")])
+    assert r.exit_code == 1, r.output
+    assert text in r.output and "help: " in r.output and hint in r.output
+    assert "Traceback" not in r.output
+
+
+def test_fixed_batch_axis_cannot_be_split(tmp_path):
+    s = spec({"x": {"shape": [32, 2]}, "y": {"shape": [32], "dtype": "int32"}},
+             {"logits": {"op": "linear", "in": "x", "out": 2},
+              "loss": {"op": "cross_entropy", "in": ["logits", "y"]}})
+    with pytest.raises(dlgraph.DlgraphError) as e:
+        dlgraph.train(dlgraph.load(s), data=blobs(64, 2, 2), devices=DEVICES, quiet=True,
+                      out=tmp_path / "run")
+    assert "not a named batch dim" in str(e.value)
+    assert "shape: [batch, ...]" in e.value.help
