@@ -32,6 +32,7 @@ bench: .venv/.installed-test
 	.venv/bin/python bench/run.py
 
 examples: .venv/.installed
+	-.venv/bin/python scripts/export_digits.py   # graphs/digits.yaml's data, if scikit-learn is there
 	.venv/bin/python bench/examples.py
 
 clean:

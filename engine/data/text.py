@@ -109,7 +109,8 @@ def bind_vocab(data: Any, lines: dict, file: str, base: Path | None = None) -> A
         return data
     found = [(("nodes", nid) + path) for nid, nd in data["nodes"].items()
              for path in _vocab_paths(nd, ())]
-    found += [("inputs", name, "shape", k) for name, t in (data.get("inputs") or {}).items()
+    inputs = data.get("inputs") if isinstance(data.get("inputs"), dict) else {}
+    found += [("inputs", name, "shape", k) for name, t in inputs.items()
               if isinstance(t, dict) and isinstance(t.get("shape"), list)
               for k, d in enumerate(t["shape"]) if d == VOCAB]
     if not found:
