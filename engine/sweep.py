@@ -77,6 +77,11 @@ class Plan:
     def samples(self) -> int:
         return self.sweep.samples or (1 if self.sweep.search == "grid" else DEFAULT_SAMPLES)
 
+    @property
+    def trials(self) -> int:
+        """How many trials the search makes (a grid: every combination, ``samples`` times)."""
+        return self.samples * (len(grid(self.params)) if self.sweep.search == "grid" else 1)
+
 
 def show(v: Any) -> str:
     """A value as it would be written on the command line: 0.01, adam, {type: cosine}."""
@@ -264,6 +269,9 @@ def plan_sweep(spec: str | Path, flags: tuple[str, ...] | list[str] = (), *,
                         source=Source(file), help="e.g. --param train.optimizer.lr=0.1,0.01")
     base = {k: v for k, v in data.items() if k != "sweep"}
     metric, mode = _ranking(parsed.train, merged, Source(file, line_of(lines, ("sweep",))))
+    if out is not None and (Path(out) / "sweep.csv").exists():
+        raise SpecError(f"{out} already holds a sweep (its sweep.csv)", source=Source(file),
+                        help="pass a new --out folder, or remove that one")
     plan = Plan(file, base, Path(spec).parent, list(params.values()), merged, metric, mode,
                 Path(out) if out else _sweep_dir(parsed.name), device, address)
     _check_search(plan)
@@ -344,7 +352,7 @@ def run_trial(config: dict, *, plan_data: dict, paths: list[str], base: str, swe
 
     from .build import load_graph
     from .train import train
-    k = trial_number(tune.get_context().get_trial_id())
+    k = trial_number(tune.get_context().get_trial_name())
     run_dir = Path(sweep_dir) / f"trial-{k:03d}"
     overrides = {p: config[p] for p in paths}
     report: dict[str, Any] = {"trial": k, "run_dir": str(run_dir)}
@@ -364,10 +372,24 @@ def run_trial(config: dict, *, plan_data: dict, paths: list[str], base: str, swe
     tune.report(report)
 
 
-def trial_number(trial_id: str) -> int:
-    """Tune's trial id 'a1b2c_00003' -> 3."""
-    tail = str(trial_id).rsplit("_", 1)[-1]
-    return int(tail) if tail.isdigit() else abs(hash(trial_id)) % 1000
+def trial_number(name: str) -> int:
+    """The number of a trial named by :class:`Numbering`: 'trial-003' -> 3 (-1: unknown)."""
+    m = re.fullmatch(r"trial-(\d+)", str(name))
+    return int(m.group(1)) if m else -1
+
+
+@dataclass(frozen=True)
+class Numbering:
+    """Names Tune's trials trial-000, trial-001, ... in the order the search makes them,
+    from the count that starts each trial's experiment tag ('3_lr=0.1'): 0-based for grid
+    and random search, 1-based for a search algorithm such as Optuna."""
+
+    first: int = 0
+
+    def __call__(self, trial) -> str:
+        count = str(trial.experiment_tag).split("_", 1)[0]
+        return f"trial-{int(count) - self.first:03d}" if count.isdigit() else \
+            f"trial-{trial.trial_id}"
 
 
 # ------------------------------------------------------------------------------ Ray Tune
@@ -411,7 +433,9 @@ def _need_optuna() -> None:
 def _searcher(plan: Plan):
     if plan.sweep.search != "optuna":
         return None
+    import optuna
     from ray.tune.search.optuna import OptunaSearch
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     return OptunaSearch(metric=plan.metric, mode=plan.mode, seed=0)
 
 
@@ -451,12 +475,15 @@ def _tuner(plan: Plan, tune, sweep_dir: Path, echo):
                               sweep_dir=str(sweep_dir), metric=plan.metric, device=plan.device)
     resources = {"cpu": s.cpus_per_trial, **({"gpu": s.gpus_per_trial} if s.gpus_per_trial
                                               else {})}
+    numbering = Numbering(first=1 if plan.sweep.search == "optuna" else 0)
     return tune.Tuner(
         tune.with_resources(fn, resources), param_space=search_space(plan, tune),
         tune_config=tune.TuneConfig(metric=plan.metric, mode=plan.mode,
                                     num_samples=plan.samples, search_alg=_searcher(plan),
                                     max_concurrent_trials=s.concurrency,
-                                    time_budget_s=s.time_budget),
+                                    time_budget_s=s.time_budget,
+                                    trial_name_creator=numbering,
+                                    trial_dirname_creator=numbering),
         run_config=tune.RunConfig(name="ray", storage_path=str(sweep_dir), verbose=0,
                                   callbacks=[_progress(tune, echo, plan.metric)]))
 
@@ -476,6 +503,8 @@ class SweepResult:
     rows: list[dict]
     seconds: float
     best: dict | None = None
+    planned: int = 0                     # trials the search would make
+    budget: float | None = None          # the time budget, seconds
     csv: Path | None = None
     picture: Path | None = None
     columns: list[str] = field(default_factory=list)
@@ -493,8 +522,11 @@ class SweepResult:
 
     def line(self) -> str:
         ok = sum(r["status"] == "ok" for r in self.rows)
-        head = f"{len(self.rows)} trials ({ok} finished) in {self.seconds:.1f} s; " \
-            f"wrote {self.csv} and {self.picture}"
+        cut = self.planned - len(self.rows) + sum(r["status"] in ("stopped", "not started")
+                                                   for r in self.rows)
+        head = f"{len(self.rows)} trials ({ok} finished) in {self.seconds:.1f} s" + (
+            f" (time budget of {self.budget:g} s reached: {cut} stopped or never started)"
+            if cut > 0 and self.budget else "") + f"; wrote {self.csv} and {self.picture}"
         if self.best is None:
             return f"{head}\nno trial reached a {self.metric}"
         b = self.best
@@ -518,11 +550,11 @@ def collect(grid_result, plan: Plan, sweep_dir: Path, seconds: float) -> SweepRe
     paths = [p.path for p in plan.params]
     rows = []
     for r in grid_result:
-        m = r.metrics or {}
-        k = m.get("trial", trial_number(m.get("trial_id", getattr(r, "path", ""))))
-        row = {"trial": k, "status": m.get("status", "stopped" if r.error is None else
-                                           "failed")}
-        row.update({p: r.config.get(p) for p in paths})
+        m, config = r.metrics or {}, r.config or {}
+        k = m.get("trial", trial_number(Path(str(getattr(r, "path", "") or "")).name))
+        row = {"trial": k, "status": m.get("status", "failed" if r.error else "stopped"
+                                           if config else "not started")}
+        row.update({p: config.get(p) for p in paths})
         row.update({n: m.get(n, math.nan) for n in logged})
         row.update({"epochs": m.get("epochs"), "wall_s": m.get("wall_s"),
                     "run_dir": m.get("run_dir", str(sweep_dir / f"trial-{k:03d}")),
@@ -531,6 +563,7 @@ def collect(grid_result, plan: Plan, sweep_dir: Path, seconds: float) -> SweepRe
         rows.append(row)
     rows.sort(key=lambda r: r["trial"])
     res = SweepResult(sweep_dir, paths, plan.metric, plan.mode, rows, seconds,
+                      planned=plan.trials, budget=plan.sweep.time_budget,
                       columns=["trial", "status", *paths, *logged, "epochs", "wall_s",
                                "run_dir", "error"])
     done = [r for r in rows if r["status"] == "ok" and _finite(r.get(plan.metric))]
