@@ -243,6 +243,9 @@ class _Drawing:
         spec_nodes = g.spec.nodes if g.spec is not None else {}
         self.user_op = {nid: nd.op for nid, nd in spec_nodes.items()}
         self.user_doc = {nid: nd.doc for nid, nd in spec_nodes.items() if nd.doc}
+        # a layer's fused activation (`activation: relu`) is part of what the box says it is
+        self.user_act = {nid: nd.activation for nid, nd in spec_nodes.items()
+                         if getattr(nd, "activation", None) and _fused(nd)}
         users = list(dict.fromkeys(n.user_id for n in g.nodes.values() if n.role != "backward"))
         if expand is True:
             self.expanded = set(users)
@@ -312,13 +315,15 @@ class _Drawing:
                 same: dict[tuple, list[tuple[str, list[str]]]] = {}
                 for seg in segs:
                     m = [n for n in children[container][seg] if n not in canon]
-                    sig = tuple((_shape_of_path(self.paths[n][depth:]), self.g.nodes[n].op)
-                                for n in m)
+                    sig = tuple((_shape_of_path(self.paths[n][depth:]), self.g.nodes[n].op,
+                                 self.g.nodes[n].type.shape) for n in m)
                     same.setdefault(sig, []).append((seg, m))
                 # the boundary steps of a loop may differ (no incoming state, no summed
-                # cotangent): each run of identical steps folds on its own
-                for sig, run in same.items():
-                    if len(run) < 2 or not sig:
+                # cotangent): each run of identical steps folds on its own; and only a
+                # chain is a loop (norm1 and norm2 of a block, or two gates side by side,
+                # share a name pattern and ops but are not steps of one another)
+                for run in (c for sig, r in same.items() if sig for c in self._chains(r)):
+                    if len(run) < 2:
                         continue
                     loop = container + (stem, run[0][0])
                     repeats[container + (run[0][0],)] = (len(run), run[-1][0])
@@ -328,6 +333,23 @@ class _Drawing:
                             if j:
                                 canon[nid] = first
         return canon, steps, repeats
+
+    def _chains(self, run: list[tuple[str, list[str]]]) -> list[list[tuple[str, list[str]]]]:
+        """Split same-looking scopes (in index order) into chains of steps: each step reads
+        a value of the one before it (or, backwards, the one before reads it)."""
+        chains: list[list[tuple[str, list[str]]]] = []
+        for seg, nodes in run:
+            if chains and self._reads(nodes, chains[-1][-1][1]):
+                chains[-1].append((seg, nodes))
+            else:
+                chains.append([(seg, nodes)])
+        return chains
+
+    def _reads(self, a: list[str], b: list[str]) -> bool:
+        """Does a node of ``a`` read one of ``b``, or one of ``b`` read one of ``a``?"""
+        sa, sb = set(a), set(b)
+        return any(i in sb for n in a for i in self.g.nodes[n].inputs) or \
+            any(i in sa for n in b for i in self.g.nodes[n].inputs)
 
     def _merge_per_step(self) -> dict[str, int]:
         """Merge the per-step copies of an op outside a folded loop (its outputs' gathering).
@@ -556,7 +578,7 @@ class _Drawing:
         fill, border = PALETTE[self._family(path, None, "box")]
         if len(path) == 1:
             user = path[0].removeprefix(GRAD)
-            op = self.user_op.get(user)
+            op = self._op_text(user)
             label = ("∇ " if grad else "") + user + (f" ({op})" if op else "")
         else:
             label = ("∇ " if grad else "") + self._repeat_note(path)
@@ -628,7 +650,7 @@ class _Drawing:
         grad = path[0].startswith(GRAD)
         if len(path) == 1:
             user = path[0].removeprefix(GRAD)
-            op = self.user_op.get(user, "")
+            op = self._op_text(user)
             title = ("∇ " if grad else "") + user
             if grad:
                 detail = f"{item.count} op{'s' * (item.count != 1)}"
@@ -642,6 +664,11 @@ class _Drawing:
             title = ("∇ " if grad else "") + self._repeat_note(path)
             detail = f"{item.count} op{'s' * (item.count != 1)}"
         return _html([(title, "b", None)] + ([(detail, None, 9)] if detail else []))
+
+    def _op_text(self, user: str) -> str:
+        """``linear``, or ``linear + relu`` for a layer with a fused activation."""
+        op = self.user_op.get(user, "")
+        return f"{op} + {self.user_act[user]}" if user in self.user_act else op
 
     def _params(self, user: str) -> tuple[int, bool]:
         ps = [p for p in self.g.params.values() if (p.scope[0] if p.scope else p.node) == user]
@@ -670,6 +697,14 @@ def _dims(shape) -> str:
 def _value(n: Node) -> str:
     value = getattr(n.attrs, "value", "?")
     return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _fused(nd) -> bool:
+    """Is the node's ``activation`` applied to its output (linear, conv), rather than inside
+    it (a transformer block's feed-forward)?"""
+    f = type(nd).model_fields.get("activation")
+    return f is not None and (f.description or "").startswith("an activation op applied to "
+                                                                "the output")
 
 
 def _shape_of_path(path: tuple[str, ...]) -> tuple[str, ...]:

@@ -137,7 +137,8 @@ def test_examples_draw(path, expand, backward):
                 if any(value in n.inputs for n in g.nodes.values() if n.user_id == nid):
                     assert dims(g[value].type) in labels[(ref.split(".")[0], nid)], (ref, nid)
     else:
-        composites = {nid for nid, nd in spec.nodes.items() if REGISTRY[nd.op].composite}
+        composites = {nid for nid, nd in spec.nodes.items()        # module calls too
+                      if nd.op not in REGISTRY or REGISTRY[nd.op].composite}
         assert {f"cluster_{c}" for c in composites} <= set(got["clusters"])
         drawn = {twin(g, g[nid]) for nid in names if nid in g.nodes}
         for n in g.nodes.values():
@@ -186,7 +187,7 @@ def mlp() -> Graph:
 
 def test_folded_boxes_show_op_and_parameter_count(mlp):
     text = render(mlp)
-    assert "<b>fc1</b>" in text and "linear · 192 params" in text
+    assert "<b>fc1</b>" in text and "linear + relu · 192 params" in text   # fused relu shown
     assert '"fc1" -> "fc2" [label="batch×64"]' in text
     assert '"y" -> "loss" [label="batch int32"]' in text       # non-float dtype always shown
     assert "fc1/weight" not in text                            # parameters live in the box
@@ -205,7 +206,7 @@ def test_expand_some_and_depth(mlp):
     assert "cluster_fc2" not in got["clusters"]
     assert {"fc2", "fc1/matmul", "fc1/weight", "loss/log_softmax"} <= set(got["nodes"])
     assert "cluster_loss/log_softmax" not in got["clusters"]
-    assert got["clusters"]["cluster_fc1"]["label"] == "fc1 (linear)"
+    assert got["clusters"]["cluster_fc1"]["label"] == "fc1 (linear + relu)"
 
 
 @needs_dot
@@ -318,6 +319,70 @@ def test_unrolled_backward_folds_too():
     got = layout(text)
     folded = [c["label"] for c in got["clusters"].values() if "×" in c["label"]]
     assert "t1 … t5 × 5" in folded and any(lbl.startswith("∇ ") for lbl in folded)
+
+
+REPEATS = """dlgraph: 1
+name: repeats
+modules:
+  gate:
+    inputs: [v]
+    nodes:
+      l: {op: linear, in: v, out: 4, activation: sigmoid}
+    outputs: [l]
+  cell:                        # two gates side by side, as a GRU's reset and update gates
+    inputs: [v]
+    nodes:
+      gate1: {op: gate, in: v}
+      gate2: {op: gate, in: v}
+      m: {op: mul, in: [gate1, gate2]}
+    outputs: [m]
+  chain:                       # the same step three times, each on the one before
+    inputs: [v]
+    nodes:
+      step1: {op: gate, in: v}
+      step2: {op: gate, in: step1}
+      step3: {op: gate, in: step2}
+    outputs: [step3]
+inputs:
+  x: {shape: [batch, 4]}
+nodes:
+  c: {op: cell, in: x}
+  r: {op: chain, in: c}
+outputs: [r]
+"""
+
+
+@needs_dot
+def test_only_chains_of_identical_steps_fold():
+    got = layout(render(dlgraph.load(REPEATS), expand=True))
+    labels = {c["label"] for c in got["clusters"].values()}
+    assert {"gate1", "gate2"} <= labels                   # parallel gates: drawn apart
+    assert "step1 … step3 × 3" in labels                   # a chain of the same step: folded
+    assert not any("gate1 …" in lbl for lbl in labels)
+    assert "r/step2/l/matmul" not in got["nodes"]
+
+
+@needs_dot
+def test_transformer_block_norms_are_drawn_apart():
+    g = dlgraph.load(ROOT / "graphs" / "transformer.yaml")
+    got = layout(render(g, expand=["block1"]))
+    labels = [c["label"] for c in got["clusters"].values()]
+    assert "norm1" in labels and "norm2" in labels
+    assert not any("×" in lbl for lbl in labels)
+    # every primitive of both norms is drawn: none hides behind the other
+    drawn = set(got["nodes"])
+    for n in g.nodes.values():
+        if n.scope[:2] in (("block1", "norm1"), ("block1", "norm2")) and not hidden_const(n) \
+                and n.role != "param":
+            assert n.id in drawn, n.id
+
+
+def test_fused_activation_is_shown():
+    text = render(dlgraph.load(ROOT / "graphs" / "mlp.yaml"), expand=["fc1"])
+    assert 'label="fc1 (linear + relu)"' in text
+    assert "linear + relu · 4,160 params" in text          # fc2, still folded
+    # a transformer block's `activation` is its feed-forward's, not applied to its output
+    assert "+ relu" not in render(dlgraph.load(ROOT / "graphs" / "transformer.yaml"))
 
 
 # ----------------------------------------------------------------------------- size
