@@ -119,6 +119,15 @@ def test_a_grid_over_a_range_and_an_unlogged_metric_are_refused(tmp_path):
            "val_accuracy\n  help: did you mean 'val_accuracy'?" in r.output
 
 
+def test_an_out_folder_holding_a_sweep_is_refused(tmp_path):
+    spec = write(tmp_path, TINY)
+    (tmp_path / "sw").mkdir()
+    (tmp_path / "sw" / "sweep.csv").write_text("trial\n")
+    r = cli("sweep", spec, "--param", "train.optimizer.lr=0.1", "--out", tmp_path / "sw")
+    assert r.output == (f"error: {spec}: {tmp_path / 'sw'} already holds a sweep (its "
+                        "sweep.csv)\n  help: pass a new --out folder, or remove that one\n")
+
+
 def test_values_parse_as_yaml_and_ranges_as_ranges():
     assert parse_param("train.optimizer.lr=1e-3,0.1").values == [0.001, 0.1]
     assert parse_param("train.optimizer.type=adam,sgd").values == ["adam", "sgd"]
