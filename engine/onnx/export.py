@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from dlgraph.engine.errors import GraphError, Source
+from dlgraph.engine.errors import GraphError
 from dlgraph.engine.ir import Graph
 
 from . import layers as L
 from .prims import PRIMITIVES
 from .recurrent import recurrent
+from .scan import export_loop
 from .writer import Writer, value_info
 
 OPSET = 21
@@ -48,17 +49,6 @@ def named_dims(graph: Graph) -> dict[str, tuple[str, int]]:
     return out
 
 
-def _check_exportable(graph: Graph) -> None:
-    spec = graph.spec
-    for sid, nd in (spec.nodes.items() if spec is not None else ()):
-        if nd.op == "scan":
-            raise GraphError(f"a scan over the module '{nd.body}' has no ONNX export yet",
-                             node=sid, op="scan",
-                             source=Source(graph.source, graph.lines.get(("nodes", sid))),
-                             help="use rnn, lstm or gru, which export as ONNX's own "
-                                  "operators, or export a spec without the scan")
-
-
 class _Export:
     """The state of one export: the writer, the value of each node, what was skipped."""
 
@@ -72,6 +62,7 @@ class _Export:
         self.done: set[str] = set()
         self.fallback: set[str] = set()
         self.missing: list[tuple[str, str]] = []
+        self.multi: dict[str, list[str]] = {}      # a loop -> its outputs, read by picks
 
     def value(self, nid: str) -> str:
         n = self.g[nid]
@@ -117,6 +108,14 @@ class _Export:
             return
         if n.scope and n.scope[0] in self.layer_of and self.layer(n.scope[0]):
             return
+        if n.op == "loop":                  # a scan over a module: ONNX Scan (see .scan)
+            self.multi[nid] = export_loop(self, n, _Export)
+            return
+        if n.op == "pick":
+            outs = self.multi.get(n.inputs[0])
+            if outs:
+                self.env[nid] = outs[n.attrs.index]
+            return
         rule = PRIMITIVES.get(n.op)
         if rule is None:
             self.missing.append((nid, n.op))
@@ -130,7 +129,6 @@ def to_onnx(graph: Graph, params: dict[str, np.ndarray], *, opset: int = OPSET):
 
     >>> m = to_onnx(dlgraph.load("graphs/mlp.yaml"), params)          # doctest: +SKIP
     """
-    _check_exportable(graph)
     ex = _Export(graph, params)
     targets = [nid for nid in graph.outputs.values()]
     needed = graph.ancestors(targets)

@@ -27,6 +27,7 @@ class Value:
     dynamic: bool = False               # run-time shape arithmetic (read from inferred types)
     zeros: bool = False                 # zeros of a run-time shape (an initial state, say)
     dims: tuple | None = None           # a run-time shape's dims, names included ('batch', 8)
+    view: object = None                 # a regrouped spec tensor (views.View), made on use
 
 
 def valid_id(text: str) -> str:
@@ -106,6 +107,9 @@ class Importer:
         """The spec ref of an ONNX value; a constant becomes a const or frozen param node."""
         v = self.values[name]
         if v.ref is not None:
+            return v.ref
+        if v.view is not None:
+            v.ref = v.view.materialize(self)
             return v.ref
         if v.const is None:
             raise Unsupported(f"'{name}' is computed from shapes at run time")

@@ -91,8 +91,15 @@ def _variadic(imp, node, op):
     imp.bind(node.output[0], out)
 
 
+FOLD_UNARY = {"Neg": np.negative, "Exp": np.exp, "Log": np.log, "Sqrt": np.sqrt,
+              "Sign": np.sign, "Abs": np.abs, "Sin": np.sin, "Cos": np.cos}
+
+
 def unary(op):
     def rule(imp, node):
+        fn = FOLD_UNARY.get(node.op_type)
+        if fn is not None and _fold(imp, node, lambda x: fn(x).astype(x.dtype)):
+            return
         imp.bind(node.output[0], imp.add(hint(node, imp), op, [imp.ref(node.input[0])],
                                          [origin(node)]))
     return rule
@@ -492,7 +499,14 @@ def _dynamic(imp, node) -> bool:
         zeros = imp.values[node.input[0]].zeros and node.op_type in ZERO_KEEPING
         for o in node.output:
             imp.values[o] = Value(dynamic=True, zeros=zeros)
-        imp.values[node.output[0]].dims = _dims_of(imp, node)
+        dims = _dims_of(imp, node)
+        if dims is not None and not zeros and all(isinstance(d, int | np.integer) for d in dims):
+            # the named dims cancelled out (a slice of a shape, say): a constant after all
+            rank = imp.rank(node.output[0])
+            c = np.array(dims, np.int64)
+            imp.values[node.output[0]] = Value(const=c.reshape(()) if rank == 0 else c)
+        else:
+            imp.values[node.output[0]].dims = dims
         return True
     return False
 
@@ -512,12 +526,51 @@ def _dims_of(imp, node) -> tuple | None:
         return None
     if node.op_type == "Concat" and all(d is not None for d in ins):
         return tuple(d for part in ins for d in part)
-    if node.op_type in ("Unsqueeze", "Squeeze", "Cast", "Identity"):
+    if node.op_type in ("Unsqueeze", "Squeeze", "Cast", "Identity", "Reshape"):
         return ins[0]
+    if node.op_type in DIM_ARITHMETIC and len(ins) == 2 and None not in ins:
+        return _dim_arithmetic(node.op_type, *ins)
+    if node.op_type == "Slice":
+        cs = [imp.const(i) if i else None for i in node.input[1:]]
+        if all(c is not None for c in cs) and all(int(a) in (0, -1) for a in
+                                                  (cs[2] if len(cs) > 2 else [0])):
+            step = int(cs[3][0]) if len(cs) > 3 else 1
+            return ins[0][slice(int(cs[0][0]), min(int(cs[1][0]), BIG), step)]
+        return None
     idx = imp.const(node.input[1]) if node.op_type == "Gather" else None
     if idx is not None and idx.ndim == 0 and -len(ins[0]) <= int(idx) < len(ins[0]):
         return (ins[0][int(idx)],)
+    if idx is not None and idx.ndim == 1 and all(-len(ins[0]) <= int(i) < len(ins[0])
+                                                 for i in idx):
+        return tuple(ins[0][int(i)] for i in idx)
     return None
+
+
+DIM_ARITHMETIC = ("Mul", "Div", "Add", "Sub")
+
+
+def _dim_arithmetic(op, a: tuple, b: tuple) -> tuple | None:
+    """Shape arithmetic on dims (batch * 4, 16 / 4), broadcasting a single dim."""
+    from .views import ddiv, dmul
+    if len(a) != len(b) and 1 not in (len(a), len(b)):
+        return None
+    n = max(len(a), len(b))
+    a, b = (a * n if len(a) == 1 else a), (b * n if len(b) == 1 else b)
+    out = []
+    for x, y in zip(a, b, strict=True):
+        ints = isinstance(x, int | np.integer) and isinstance(y, int | np.integer)
+        if op == "Mul":
+            r = dmul(x, y)
+        elif op == "Div":
+            r = int(x) // int(y) if ints and y else ddiv(x, y)
+        elif ints:
+            r = int(x) + int(y) if op == "Add" else int(x) - int(y)
+        else:
+            r = x if y == 0 else None
+        if r is None:
+            return None
+        out.append(r)
+    return tuple(out)
 
 
 def shape_op(imp, node):

@@ -19,7 +19,7 @@ from dlgraph.engine.errors import DataError, DlgraphError, Source, SpecError
 
 from .formats import require_onnx
 from .import_base import OPSET, Importer, Unsupported, valid_id
-from .import_ops import OPS
+from .import_views import OPS, infer_missing
 
 
 def run_nodes(imp: Importer) -> None:
@@ -34,6 +34,7 @@ def run_nodes(imp: Importer) -> None:
             if missing:
                 continue            # an input failed already; that node is listed
             rule(imp, node)
+            infer_missing(imp, node)
         except Unsupported as e:
             label = node.name or next((o for o in node.output if o), node.op_type)
             imp.failed.append((label, node.op_type, str(e)))
