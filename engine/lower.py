@@ -25,7 +25,7 @@ from dlgraph.ops.control import loop_types
 from .errors import DeviceError, ShapeError
 from .init import init_param, random_inputs
 from .ir import Graph
-from .program_cache import ProgramCache, digest, freeze, thaw
+from .program_cache import ProgramCache, cacheable, digest, freeze, thaw
 from .types import NUMPY_DTYPES, fmt
 
 DEVICES = ("cpu", "cuda", "nv", "amd", "metal", "cl", "webgpu")
@@ -315,7 +315,7 @@ class Program:
 
     def cached(self, stage, dims: dict[str, int]):
         """The stage's compiled TinyJits from the cache, or None (then :meth:`keep` them)."""
-        if self.cache is None:
+        if self.cache is None or not cacheable(self._live()):
             return None
         key = self._stage_key(stage, dims)
         payload = self.cache.load(key)
@@ -337,7 +337,8 @@ class Program:
     def _stage_key(self, stage, dims: dict[str, int]) -> str:
         if self._key is None:
             self._key = digest(self.graph, self.targets, self.training, self.tag,
-                               sorted(self._live()), [st.finish is not None for st in self.stages])
+                               [(k, str(t.device)) for k, t in sorted(self._live().items())],
+                               [st.finish is not None for st in self.stages])
         return digest(self._key, self.stages.index(stage), type(stage).__name__, stage.made,
                       stage.outputs, sorted(dims.items()))
 

@@ -230,12 +230,22 @@ def _cpu_flags() -> str:
 # ------------------------------------------------------------------ captures to bytes
 
 
+def cacheable(state: dict) -> bool:
+    """Whether every state tensor is one plain realised buffer (not sharded over devices):
+    only those are swapped for placeholders, so only then may a capture be kept."""
+    from tinygrad.uop.ops import Ops
+    return all(t.uop.base.op is Ops.BUFFER and t.uop.base.is_realized for t in state.values())
+
+
 def freeze(jits: list, state: dict) -> bytes | None:
     """Captured TinyJits as bytes, the ``state`` tensors (name -> Tensor) swapped for
-    placeholders; None when a capture returns live state (it could not be restored)."""
+    placeholders; None when that cannot be done faithfully (state that is not a plain
+    buffer, or a capture that returns live state)."""
     from tinygrad.engine.jit import CapturedJit
-    from tinygrad.uop.ops import Ops, UOp
-    live = {k: t.uop.base for k, t in state.items() if t.uop.base.op is Ops.BUFFER}
+    from tinygrad.uop.ops import UOp
+    if not cacheable(state):
+        return None
+    live = {k: t.uop.base for k, t in state.items()}
     held = set(live.values())
     if any(r.uop.base in held for j in jits for r in _tensors(j.captured.ret)):
         return None
@@ -250,6 +260,8 @@ def thaw(payload: bytes, state: dict) -> list:
     """TinyJits from :func:`freeze`'s bytes, running on this process's ``state`` tensors.
     Raises ValueError when the entry does not fit (other state names, sizes or dtypes)."""
     from tinygrad.engine.jit import CapturedJit, _TinyJit
+    if not cacheable(state):
+        raise ValueError("the state is not plain buffers")
     fmt, caps, ph = _Unpickler(io.BytesIO(payload)).load()
     if fmt != FORMAT or set(ph) != set(state):
         raise ValueError("the entry was made for other state")

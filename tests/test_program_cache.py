@@ -220,3 +220,13 @@ def test_compiled_models_use_the_cache_too(tmp_path, cache_dir):
     for k in a:
         np.testing.assert_array_equal(a[k], b[k])
         np.testing.assert_array_equal(a[k], c[k])
+
+
+def test_sharded_training_is_never_cached(tmp_path, cache_dir):
+    """State split over devices cannot be swapped for placeholders: such runs compile."""
+    spec = _spec(tmp_path)
+    devs = ["cpu:0", "cpu:1"]
+    a = _train(spec, tmp_path / "r1", epochs=1, devices=devs)
+    b = _train(spec, tmp_path / "r2", epochs=1, devices=devs)
+    assert not any(s.startswith("loaded ") for s in b[2])
+    _same(a, b)
