@@ -141,16 +141,22 @@ def _read_inputs(pairs: tuple[str, ...]) -> dict[str, np.ndarray]:
               help="training: data parallel over N Ray Train workers (needs dlgraph[ray])")
 @click.option("--address", metavar="ADDR",
               help="with --workers: the Ray cluster to join (default: a local Ray)")
+@click.option("--tensorboard", is_flag=False, flag_value="", default=None, metavar="[DIR]",
+              help="training: write TensorBoard event files to DIR (default RUN_DIR/tensorboard;"
+                   " needs tensorboardX), as `train: {log: {tensorboard: ...}}`")
 @DEVICE
 @errors
 def run(spec, inputs, batch, output, weights, out, resume, epochs, steps, init_from, seed,
-        quiet, debug, no_cache, devices, workers, address, device):
+        quiet, debug, no_cache, devices, workers, address, tensorboard, device):
     """Train SPEC by its `train:` section, or run it forward (no `train:`, or --weights)."""
     import dlgraph
     g = _load(spec)
     if g.spec.train is not None and weights is None and not inputs:
         if resume and out is None:
             raise click.UsageError("--resume needs --out RUN_DIR")
+        if tensorboard is not None:
+            from dlgraph.engine.train_spec import LogSpec
+            g.spec.train.log = LogSpec(tensorboard=tensorboard or True)
         if address and not workers:
             raise click.UsageError("--address needs --workers N")
         more = {"workers": workers, "address": address} if workers else {}

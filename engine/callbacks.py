@@ -1,5 +1,6 @@
 """Small objects that hook the training loop's events (as Keras callbacks do): early stopping,
-the best checkpoint, reduce-on-plateau. The loop calls, on each callback in order::
+the best checkpoint, reduce-on-plateau, TensorBoard logging. The loop calls, on each callback
+in order::
 
     on_train_begin(run)                  after set-up (a resumed run's history is in run.history)
     on_epoch_end(run, epoch, logs)       after each epoch's metrics and checkpoint
@@ -7,18 +8,21 @@ the best checkpoint, reduce-on-plateau. The loop calls, on each callback in orde
 
 A callback asks the loop to stop by setting ``run.stop``; it changes a phase's learning rate
 through ``run.lr_scale[phase name]``. The spec fields that make them are in
-:mod:`.train_spec` (``early_stopping``, ``best_checkpoint``, ``schedule: {type: plateau}``).
+:mod:`.train_spec` (``early_stopping``, ``best_checkpoint``, ``schedule: {type: plateau}``,
+``log: {tensorboard: true}``).
 """
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from tinygrad import Tensor
 
 from .checkpoint import load_tensors, save_tensors
-from .errors import Source, SpecError
+from .errors import DlgraphError, Source, SpecError
 
 
 class Callback:
@@ -177,6 +181,71 @@ class ReduceOnPlateau(Monitored):
         self.wait = 0
 
 
+class TensorBoard(Callback):
+    """Writes what ``metrics.jsonl`` records to TensorBoard event files (tensorboardX): each
+    step's losses as ``step/<name>``, each epoch's losses and metrics as ``epoch/<name>``
+    (both at the global step, with the rows' wall time), and each phase's learning rate as
+    ``lr/<phase>``. The rows are read back from the file the loop writes, so the two never
+    disagree; ``dir`` None is ``<run dir>/tensorboard``."""
+
+    def __init__(self, dir: str | Path | None = None):
+        try:
+            import tensorboardX
+        except ImportError:
+            raise DlgraphError("TensorBoard logging needs the tensorboardX package",
+                               help="pip install 'dlgraph[tensorboard]' (or tensorboardX)") \
+                from None
+        self._module, self.dir = tensorboardX, dir
+        self.writer: Any = None
+        self._offset = 0
+
+    def on_train_begin(self, run):
+        self.dir = Path(self.dir) if self.dir is not None else run.run_dir / "tensorboard"
+        try:
+            self.writer = self._module.SummaryWriter(logdir=str(self.dir), flush_secs=30)
+        except OSError as e:
+            raise DlgraphError(f"cannot write TensorBoard files to {self.dir}: "
+                               f"{e.strerror or e}", help="give a folder you can write") \
+                from None
+        f = run.run_dir / "metrics.jsonl"
+        self._offset = f.stat().st_size if f.is_file() else 0   # a resumed run: what is new
+
+    def on_epoch_end(self, run, epoch, logs):
+        for row in self._new_rows(run.run_dir / "metrics.jsonl"):
+            kind, step = row.get("kind"), row.get("step", 0)
+            for k, v in row.items():
+                if k not in _NOT_SCALARS and isinstance(v, int | float):
+                    self.writer.add_scalar(f"{kind}/{k}", v, step, walltime=row.get("time"))
+        for r in getattr(run, "runners", ()):
+            lr = getattr(getattr(r, "opt", None), "lr", None)
+            if lr is not None:
+                self.writer.add_scalar(f"lr/{r.phase.name}", float(lr.numpy().reshape(-1)[0]),
+                                       run.steps_done)
+        self.writer.flush()
+
+    def on_train_end(self, run):
+        if self.writer is not None:
+            self.writer.close()
+            run.echo(f"TensorBoard event files in {self.dir} (tensorboard --logdir {self.dir})")
+
+    def _new_rows(self, path: Path) -> list[dict]:
+        with open(path, "rb") as f:
+            f.seek(self._offset)
+            data = f.read()
+        end = data.rfind(b"\n") + 1                       # a line still being written waits
+        self._offset += end
+        rows = []
+        for line in data[:end].splitlines():
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                continue
+        return rows
+
+
+_NOT_SCALARS = {"kind", "epoch", "step", "time", "seconds"}
+
+
 def _epochs(n: int) -> str:
     return f"{n} epoch{'s' * (n != 1)}"
 
@@ -192,7 +261,11 @@ def make_callbacks(spec, phases) -> list[Callback]:
                else BestCheckpoint("val_loss", "min", 0.0, False))
     if spec.early_stopping is not None:
         out.append(EarlyStopping(spec.early_stopping))
+    tb = spec.log.tensorboard if spec.log is not None else False
+    if tb is not False:
+        out.append(TensorBoard(None if tb is True else tb))
     return out
 
 
-__all__ = ["BestCheckpoint", "Callback", "EarlyStopping", "ReduceOnPlateau", "make_callbacks"]
+__all__ = ["BestCheckpoint", "Callback", "EarlyStopping", "ReduceOnPlateau", "TensorBoard",
+           "make_callbacks"]

@@ -220,6 +220,15 @@ class TargetSpec(Strict):
         return value < self.below if self.below is not None else value > self.above
 
 
+class LogSpec(Strict):
+    """Where else the metrics go, e.g. `{tensorboard: true}`."""
+
+    tensorboard: bool | str = Field(False, description="write TensorBoard event files (needs "
+                                    "tensorboardX): true for `<run dir>/tensorboard`, or a "
+                                    "folder (relative to the current one, as --out); scalars "
+                                    "per step and per epoch, and each phase's lr")
+
+
 class MonitorSpec(Strict):
     """A logged value to watch, e.g. `{metric: val_accuracy}`."""
 
@@ -277,6 +286,7 @@ class TrainSpec(Strict):
     init_from: InitFromSpec | None = None
     freeze: list[str] = Field(default_factory=list, description="glob patterns over parameter "
                               "names that are not trained (as `trainable: false`)")
+    log: LogSpec | None = None
 
     @model_validator(mode="after")
     def _phases(self):
