@@ -61,10 +61,19 @@ def train(graph: Graph, **options):
 
     Options: ``out`` (run directory), ``resume``, ``device``, ``epochs``, ``steps``,
     ``quiet``, ``debug``, ``data`` (numpy arrays by name instead of the spec's data source,
-    split and batched the same way), ``init_from`` (a weights file to start from).
+    split and batched the same way), ``init_from`` (a weights file to start from),
+    ``devices`` (split each batch over devices of this machine: ``["cpu:0", "cpu:1"]``),
+    ``workers`` and ``address`` (data parallel on Ray Train workers, a local Ray or a
+    cluster; ``reduce``: the all-reduce, ``auto``, ``gloo`` or ``actor``).
 
     >>> res = dlgraph.train(g, data={"x": X, "y": y}, epochs=5)          # doctest: +SKIP
     """
+    if options.get("workers"):      # data parallel on Ray Train (engine/parallel.py)
+        from dlgraph.engine.parallel import train_workers
+        options.pop("cache", None)
+        return train_workers(graph, **options)
+    for key in ("workers", "address", "reduce"):   # meaningful with workers only
+        options.pop(key, None)
     from dlgraph.engine.train import train as _train
     return _train(graph, **options)
 
