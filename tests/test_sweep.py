@@ -51,7 +51,7 @@ train:
 SECTION = """\
 sweep:
   parameters:
-    train.optimizer.lr: [0.1, 0.003]
+    train.optimizer.lr: [0.1, 0.003, 1.0e+30]
   search: grid
   concurrency: 2
 """
@@ -207,13 +207,15 @@ def ray_local():
 
 @pytest.fixture(scope="module")
 def swept(ray_local, tmp_path_factory):
-    """One sweep of two trials, from the spec's `sweep:` section with a flag over it."""
+    """One sweep of three trials (the last diverges), from the spec's `sweep:` section with
+    a flag over it."""
     tmp = tmp_path_factory.mktemp("sweep")
     spec = write(tmp, TINY + SECTION)
     out = tmp / "sw"
     r = cli("sweep", spec, "--param", "nodes.fc1.out=12", "--out", out)
     assert r.exit_code == 0, r.output
-    return spec, out, r.output
+    rows = list(csv.DictReader(open(out / "sweep.csv")))
+    return spec, out, r.output, [r for r in rows if r["status"] == "ok"], rows
 
 
 def _last_epoch(run_dir: Path) -> dict:
@@ -222,11 +224,15 @@ def _last_epoch(run_dir: Path) -> dict:
 
 
 def test_the_csv_rows_are_each_trials_own_metrics(swept):
-    _, out, _ = swept
-    rows = list(csv.DictReader(open(out / "sweep.csv")))
-    assert [r["trial"] for r in rows] == ["0", "1"]
-    assert sorted(float(r["train.optimizer.lr"]) for r in rows) == [0.003, 0.1]
-    for r in rows:
+    _, out, output, ok, rows = swept
+    assert [r["trial"] for r in rows] == ["0", "1", "2"]
+    assert [float(r["train.optimizer.lr"]) for r in rows] == [0.1, 0.003, 1e30]
+    assert [r["status"] for r in rows] == ["ok", "ok", "failed"]
+    failed = rows[2]
+    assert failed["error"] == "the loss of phase 'train' became nan at step 2 (epoch 1)"
+    assert failed["loss"] == failed["val_loss"] == failed["epochs"] == ""
+    assert f"trial 2 failed: {failed['error']}" in output
+    for r in ok:
         assert r["status"] == "ok" and r["nodes.fc1.out"] == "12"
         last = _last_epoch(Path(r["run_dir"]))
         for k in ("loss", "val_loss", "val_accuracy"):
@@ -242,9 +248,8 @@ def test_the_csv_rows_are_each_trials_own_metrics(swept):
 
 
 def test_the_best_trial_is_the_argmin_and_is_named(swept):
-    _, out, output = swept
-    rows = list(csv.DictReader(open(out / "sweep.csv")))
-    best = min(rows, key=lambda r: float(r["val_loss"]))
+    _, out, output, ok, _ = swept
+    best = min(ok, key=lambda r: float(r["val_loss"]))
     assert f"best: trial {best['trial']} (train.optimizer.lr={best['train.optimizer.lr']}, " \
            f"nodes.fc1.out=12): val_loss" in output
     assert f"run dir {best['run_dir']}" in output
@@ -253,16 +258,14 @@ def test_the_best_trial_is_the_argmin_and_is_named(swept):
 
 def test_the_trials_curves_are_drawn(swept):
     import matplotlib.image
-    _, out, _ = swept
+    out = swept[1]
     img = matplotlib.image.imread(out / "curves.png")
     assert img.shape[0] > 200 and img.shape[1] > 300 and img[..., :3].std() > 0.01
 
 
 def test_a_trial_is_an_ordinary_run_and_rerunning_it_alone_gives_the_same_result(
         swept, tmp_path):
-    _, out, _ = swept
-    rows = list(csv.DictReader(open(out / "sweep.csv")))
-    best = min(rows, key=lambda r: float(r["val_loss"]))
+    best = min(swept[3], key=lambda r: float(r["val_loss"]))
     run_dir = Path(best["run_dir"])
     g = dlgraph.load(run_dir / "spec.yaml")
     ev = dlgraph.evaluate(g, run_dir / "weights.safetensors")
