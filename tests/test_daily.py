@@ -559,3 +559,43 @@ def test_train_and_compile_refuse_a_graph_that_cannot_fit(tmp_path):
     with pytest.raises(DeviceError, match=rf"needs about {tib(params + act)} at batch 1 "
                                           r"\(2.2 TiB of parameters\)"):
         dlgraph.compile(g)
+
+
+# ------------------------------------------------------ the transfer and denoising examples
+
+GRAPHS = Path(__file__).resolve().parent.parent / "graphs"
+
+
+def test_the_transfer_pair_pretrains_then_classifies_on_the_frozen_encoder(tmp_path):
+    folder = tmp_path / "graphs" / "transfer"        # classify.yaml finds the pretrained
+    folder.mkdir(parents=True)                        # weights at ../../runs/transfer/pretrain
+    for name in ("pretrain.yaml", "classify.yaml"):
+        (folder / name).write_text((GRAPHS / "transfer" / name).read_text())
+    pre = dlgraph.train(dlgraph.load(folder / "pretrain.yaml"), steps=20, quiet=True,
+                        out=tmp_path / "runs" / "transfer" / "pretrain")
+    said: list[str] = []
+    g = dlgraph.load(folder / "classify.yaml")
+    res = dlgraph.train(g, steps=20, out=tmp_path / "cls", log=said.append)
+    src = pre.run_dir / "weights.safetensors"
+    assert f"initialised 4 parameters from {folder / '../../runs/transfer/pretrain'}" \
+        f"/weights.safetensors" in said
+    theirs, mine = weights(src), weights(res.run_dir / "weights.safetensors")
+    for name in ("enc1.weight", "enc1.bias", "code.weight", "code.bias"):
+        np.testing.assert_array_equal(mine[name], theirs[name])     # copied, then frozen
+    fresh = dlgraph.compile(g, seed=g.spec.train.seed).state_dict()
+    assert not np.allclose(mine["head.weight"], fresh["head.weight"])  # the head trained
+    assert res.steps == 20
+
+
+def test_denoising_noise_is_off_at_inference():
+    g = dlgraph.load(GRAPHS / "denoising.yaml")
+    model = dlgraph.compile(g, seed=3)
+    x = np.random.default_rng(0).uniform(0, 1, (5, 1, 16, 16)).astype(np.float32)
+    a, b = model(x=x)["recon"], model(x=x)["recon"]
+    np.testing.assert_array_equal(a, b)
+    w = {k: v.astype(np.float64) for k, v in model.state_dict().items()}
+    h = x.reshape(5, -1).astype(np.float64)                      # clean: no noise added
+    for layer, act in (("enc1", "relu"), ("code", None), ("dec1", "relu"), ("dec2", "sig")):
+        h = h @ w[f"{layer}.weight"].T + w[f"{layer}.bias"]
+        h = np.maximum(h, 0) if act == "relu" else 1 / (1 + np.exp(-h)) if act else h
+    np.testing.assert_allclose(a.reshape(5, -1), h, atol=1e-5)
