@@ -271,6 +271,8 @@ class _Worker:
                 for _ in range(st.phase.repeat):
                     losses[st.phase.name].append(self._step(st, feeds, epoch))
             self.done += 1
+            if self.rank == 0 and self.done == 1:
+                self.board.post.remote("first", time.time())
             if self.rank == 0:
                 self.board.post.remote("row", {"kind": "step", "epoch": epoch + 1,
                                                "step": self.done, "time": round(time.time(), 3),
@@ -320,7 +322,7 @@ def train_workers(graph: Graph, *, workers: int, address: str | None = None, out
 
     >>> res = dlgraph.train(g, workers=2)                               # doctest: +SKIP
     """
-    t_start = time.perf_counter()
+    t_start, wall = time.perf_counter(), time.time()
     echo = log or (lambda s: None if quiet else print(s, file=sys.stderr, flush=True))
     spec = _check_request(graph, workers, others)
     ray, trainer_cls = _import_ray()
@@ -348,6 +350,7 @@ def train_workers(graph: Graph, *, workers: int, address: str | None = None, out
     finally:
         if started:
             ray.shutdown()
+    posts["started"] = [wall]
     return _finish(graph, spec, run_dir, posts, workers, kind, t_start, echo)
 
 
@@ -438,6 +441,9 @@ def _finish(graph: Graph, spec, run_dir: Path, posts: dict, workers: int, kind: 
                             f"over {len(digests)} of {workers} ranks)",
                             help="a bug in dlgraph: please report it with the spec")
     weights = posts["weights"][0]
+    atomic_write(run_dir / "workers.json", json.dumps(
+        {"workers": workers, "allreduce": kind,
+         "weights_sha256": [digests[r] for r in sorted(digests)]}, indent=1).encode())
     atomic_write(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode())
     history = [r for r in rows if r["kind"] == "epoch"]
     last = {k: v for k, v in (history[-1] if history else {}).items()
@@ -451,9 +457,11 @@ def _finish(graph: Graph, spec, run_dir: Path, posts: dict, workers: int, kind: 
         plot_run(run_dir)
     except Exception as e:  # a picture must never cost a finished run
         echo(f"warning: could not draw the training curves: {e}")
+    wall = posts["started"][0]
     t = spec.target
     met = t.met(last[t.metric]) if t and t.metric in last else None
     echo(f"{workers} workers ({kind} all-reduce): the same weights on every rank")
     return TrainResult(run_dir, last, _goal(t), met, len(history), n_steps,
-                       time.perf_counter() - t_start, 0.0, history,
+                       time.perf_counter() - t_start,
+                       posts.get("first", [wall])[0] - wall, history,
                        {k: Tensor(v) for k, v in weights.items()})

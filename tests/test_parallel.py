@@ -172,3 +172,61 @@ def test_fixed_batch_axis_cannot_be_split(tmp_path):
                       out=tmp_path / "run")
     assert "not a named batch dim" in str(e.value)
     assert "shape: [batch, ...]" in e.value.help
+
+
+# ------------------------------------------------------------------- Ray Train workers
+
+
+def weights_digest(path: Path) -> str:
+    import hashlib
+    w, _ = load_tensors(path)
+    h = hashlib.sha256()
+    for k in sorted(w):
+        h.update(k.encode() + np.ascontiguousarray(w[k], np.float32).tobytes())
+    return h.hexdigest()
+
+
+def test_two_ray_workers_equal_one_process(tmp_path):
+    pytest.importorskip("ray.train")
+    s = spec({"x": {"shape": ["batch", 6]}, "y": {"shape": ["batch"], "dtype": "int32"}},
+             {"h": {"op": "linear", "in": "x", "out": 16, "activation": "tanh"},
+              "logits": {"op": "linear", "in": "h", "out": 3},
+              "loss": {"op": "cross_entropy", "in": ["logits", "y"]}},
+             optimizer={"type": "adam", "lr": 0.01}, clip=1.0,
+             schedule={"type": "cosine", "warmup": 2},
+             metrics=[{"type": "accuracy", "in": ["logits", "y"]}], validation={"split": 0.2})
+    data = blobs(320, 6, 3)
+    one = dlgraph.train(dlgraph.load(s), data=data, steps=STEPS, quiet=True, cache=False,
+                        out=tmp_path / "one")
+    two = dlgraph.train(dlgraph.load(s), data=data, steps=STEPS, quiet=True,
+                        out=tmp_path / "two", workers=2)
+    ranks = json.loads((two.run_dir / "workers.json").read_text())
+    assert ranks["workers"] == 2 and len(ranks["weights_sha256"]) == 2
+    # every rank ends with the weights the run directory holds
+    assert set(ranks["weights_sha256"]) == {weights_digest(two.run_dir / "weights.safetensors")}
+    assert_same_training(one, two)
+    assert set(one.metrics) == set(two.metrics) >= {"loss", "val_loss", "val_accuracy"}
+
+
+def test_workers_without_ray_is_one_line(tmp_path, monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, "ray", None)
+    s = spec({"x": {"shape": ["batch", 2]}, "y": {"shape": ["batch"], "dtype": "int32"}},
+             {"logits": {"op": "linear", "in": "x", "out": 2},
+              "loss": {"op": "cross_entropy", "in": ["logits", "y"]}})
+    with pytest.raises(dlgraph.DlgraphError) as e:
+        dlgraph.train(dlgraph.load(s), data=blobs(64, 2, 2), workers=2, out=tmp_path / "r")
+    assert str(e.value) == ("--workers trains on Ray Train, which is not installed: "
+                            "pip install 'dlgraph[ray]'")
+
+
+def test_workers_need_a_divisible_batch(tmp_path):
+    s = spec({"x": {"shape": ["batch", 2]}, "y": {"shape": ["batch"], "dtype": "int32"}},
+             {"logits": {"op": "linear", "in": "x", "out": 2},
+              "loss": {"op": "cross_entropy", "in": ["logits", "y"]}})
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps(s))
+    r = CliRunner().invoke(main, ["run", str(path), "--workers", "3"])
+    assert r.exit_code == 1, r.output
+    assert "batch 32 does not divide over 3 workers" in r.output
+    assert "help: use a batch that is a multiple of 3" in r.output
