@@ -28,6 +28,7 @@ def check_training(g: Graph) -> None:
         _metric(g, m, k)
     _target(g, spec)
     _data_file(g, spec)
+    _data_names(g, spec)
     _batch_statistics(g, spec)
 
 
@@ -107,6 +108,28 @@ def _data_file(g: Graph, spec) -> None:
         raise DataError(f"data file {path} does not exist (looked in {where})",
                         source=_at(g, "data", "path"),
                         help="fix `data.path`; relative paths start in the spec's folder")
+
+
+def _data_names(g: Graph, spec) -> None:
+    """`standardize:` must name arrays that feed float inputs, `validation.stratify` an input
+    of integer class labels."""
+    from .data.scaling import inputs_to_standardize
+    for name in inputs_to_standardize(g, spec):
+        if g.inputs[name].dtype != "float32":
+            raise DataError(f"cannot standardize '{name}': the input is {g.inputs[name].dtype} "
+                            "(class labels or token ids)", source=_at(g, "data", "standardize"),
+                            help="standardize only float features, e.g. `standardize: [x]`")
+    name = spec.validation.stratify
+    if name is not None and name not in g.inputs:
+        raise SpecError(f"validation.stratify names '{name}', which is not an input of the "
+                        "graph", source=_at(g, "validation", "stratify"),
+                        help=suggest(name, g.inputs) or f"inputs: {', '.join(g.inputs)}")
+    if name is not None and (g.inputs[name].dtype == "float32"
+                             or any(d != 1 for d in g.inputs[name].shape[1:])):
+        raise SpecError(f"validation.stratify needs one integer class label per sample; "
+                        f"'{name}' is {g.inputs[name].dtype} of shape "
+                        f"{fmt(g.inputs[name].shape)}", source=_at(g, "validation", "stratify"),
+                        help="name the input that holds the class labels (e.g. y)")
 
 
 def _batch_statistics(g: Graph, spec) -> None:

@@ -481,6 +481,21 @@ def test_stratify_errors(tmp_path):
         split_data(g, g.spec.train)
 
 
+def test_validate_catches_bad_standardize_and_stratify_names(tmp_path):
+    import dlgraph
+    for extra, validation, message in [
+            (", standardize: [y]", "", "t.yaml:11: cannot standardize 'y': the input is int32"),
+            (", standardize: [z]", "", "t.yaml:11: standardize names 'z', which feeds no input"),
+            ("", ", stratify: yy", "t.yaml:16: validation.stratify names 'yy', which is not "
+                                   "an input of the graph\n  help: did you mean 'y'?"),
+            ("", ", stratify: x", "t.yaml:16: validation.stratify needs one integer class label "
+                                  "per sample; 'x' is float32 of shape [batch, 3]")]:
+        _table(tmp_path, 40, extra=extra, validation=validation)
+        with pytest.raises(dlgraph.DlgraphError) as e:
+            dlgraph.validate(tmp_path / "t.yaml")
+        assert str(e.value).startswith(f"{tmp_path}/{message}"), str(e.value)
+
+
 VOCAB_SPEC = """\
 dlgraph: 1
 name: lm
