@@ -72,6 +72,7 @@ class Plan:
     out: Path
     device: str | None = None
     address: str | None = None
+    logged: list[str] = field(default_factory=list)    # the values an epoch row carries
 
     @property
     def samples(self) -> int:
@@ -274,6 +275,8 @@ def plan_sweep(spec: str | Path, flags: tuple[str, ...] | list[str] = (), *,
                         help="pass a new --out folder, or remove that one")
     plan = Plan(file, base, Path(spec).parent, list(params.values()), merged, metric, mode,
                 Path(out) if out else _sweep_dir(parsed.name), device, address)
+    from .checks import logged_names
+    plan.logged = logged_names(parsed.train)
     _check_search(plan)
     check_values(plan)
     return plan
@@ -445,6 +448,7 @@ def _start_ray(ray, plan: Plan) -> bool:
     if ray.is_initialized():
         return False
     import logging
+    _reachable(plan.address)
     try:
         ray.init(address=plan.address, include_dashboard=False, log_to_driver=False,
                  logging_level=logging.ERROR)
@@ -454,6 +458,23 @@ def _start_ray(ray, plan: Plan) -> bool:
                            help="start the cluster with `ray start --head` and pass its "
                                 "address (host:6379), or leave --address out") from None
     return True
+
+
+def _reachable(address: str | None) -> None:
+    """A HOST:PORT (or ray://HOST:PORT) that takes no connection is one clear error now,
+    not minutes of Ray retrying."""
+    import socket
+    m = re.fullmatch(r"(?:ray://)?\[?([^\]]+?)\]?:(\d+)", address or "")
+    if not m:
+        return                                   # no address, or 'auto' / 'local'
+    try:
+        socket.create_connection((m.group(1), int(m.group(2))), timeout=5).close()
+    except OSError as e:
+        raise DlgraphError(f"cannot reach the Ray cluster at {address}: "
+                           f"{e.strerror or e.__class__.__name__}",
+                           help="start it with `ray start --head` on that machine (it prints "
+                                "the address), or leave --address out for a local Ray") \
+            from None
 
 
 def _progress(tune, echo, metric: str):
@@ -544,9 +565,7 @@ def _cell(v) -> str:
 
 def collect(grid_result, plan: Plan, sweep_dir: Path, seconds: float) -> SweepResult:
     """The rows of a Tune ResultGrid, in trial order; the best by the plan's metric."""
-    from .checks import logged_names
-    from .spec import spec_model
-    logged = logged_names(spec_model().model_validate(plan.data).train)
+    logged = plan.logged
     paths = [p.path for p in plan.params]
     rows = []
     for r in grid_result:
@@ -633,14 +652,14 @@ def run_sweep(plan: Plan, echo=None) -> SweepResult:
     echo = echo or (lambda s: print(s, file=sys.stderr, flush=True))
     ray, tune = import_ray()
     sweep_dir = plan.out.resolve()
-    sweep_dir.mkdir(parents=True, exist_ok=True)
     started = _start_ray(ray, plan)
-    echo(f"sweeping {len(plan.params)} parameter{'s' * (len(plan.params) > 1)} of "
-         f"{plan.file} ({plan.sweep.search}, {plan.samples} sample"
-         f"{'s' * (plan.samples > 1)}), ranking by {plan.metric} ({plan.mode}); "
-         f"Ray has {ray.cluster_resources().get('CPU', 0):g} CPUs; sweep dir {sweep_dir}")
-    t0 = time.perf_counter()
     try:
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        echo(f"sweeping {len(plan.params)} parameter{'s' * (len(plan.params) > 1)} of "
+             f"{plan.file} ({plan.sweep.search}, {plan.trials} trial"
+             f"{'s' * (plan.trials > 1)}), ranking by {plan.metric} ({plan.mode}); Ray has "
+             f"{ray.cluster_resources().get('CPU', 0):g} CPUs; sweep dir {sweep_dir}")
+        t0 = time.perf_counter()
         results = _tuner(plan, tune, sweep_dir, echo).fit()
     finally:
         if started:
