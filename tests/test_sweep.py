@@ -194,6 +194,20 @@ def test_missing_optuna_is_one_line(tmp_path, monkeypatch):
                        "pip install optuna\n"
 
 
+def test_an_unreachable_cluster_is_one_error_within_seconds(tmp_path):
+    import socket
+    with socket.socket() as s:                  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    spec = write(tmp_path, TINY)
+    r = cli("sweep", spec, "--param", "train.optimizer.lr=0.1", "--address",
+            f"127.0.0.1:{port}", "--out", tmp_path / "sw")
+    assert r.exit_code == 1
+    assert r.output.startswith(f"error: cannot reach the Ray cluster at 127.0.0.1:{port}: "
+                               "Connection refused\n  help: start it with `ray start --head`")
+    assert not (tmp_path / "sw").exists()
+
+
 # ------------------------------------------------------------------ trials on Ray Tune
 
 
