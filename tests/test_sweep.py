@@ -7,6 +7,7 @@ import builtins
 import csv
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -126,6 +127,34 @@ def test_an_out_folder_holding_a_sweep_is_refused(tmp_path):
     r = cli("sweep", spec, "--param", "train.optimizer.lr=0.1", "--out", tmp_path / "sw")
     assert r.output == (f"error: {spec}: {tmp_path / 'sw'} already holds a sweep (its "
                         "sweep.csv)\n  help: pass a new --out folder, or remove that one\n")
+
+
+SCALE = Path(__file__).resolve().parent.parent / "docs" / "scale.md"
+
+
+def _doc_blocks() -> list[str]:
+    return re.findall(r"```[a-z]*\n(.*?)```", SCALE.read_text(), re.S)
+
+
+def test_the_documented_errors_are_what_the_command_says(monkeypatch):
+    monkeypatch.chdir(SCALE.parent.parent)
+    shown = next(b for b in _doc_blocks() if b.startswith("$ dlgraph sweep") and "error:" in b)
+    runs = re.findall(r"^\$ dlgraph (sweep .*)\n((?:(?!\$ ).*\n)+)", shown, re.M)
+    assert len(runs) == 3
+    for command, text in runs:
+        r = cli(*command.split())
+        assert r.exit_code == 1 and r.output == text, command
+
+
+def test_the_documented_sweep_section_is_a_valid_plan(tmp_path):
+    section = next(b for b in _doc_blocks() if b.startswith("sweep:"))
+    plan = plan_sweep(write(tmp_path, TINY + section))
+    assert (plan.sweep.search, plan.samples, plan.metric, plan.mode) == \
+        ("random", 8, "val_accuracy", "max")
+    lr = plan.params[0].values
+    assert (plan.params[0].path, lr.low, lr.high, lr.log) == ("train.optimizer.lr", 1e-4, 0.1,
+                                                              True)
+    assert plan.params[1].values == [16, 32, 64]
 
 
 def test_values_parse_as_yaml_and_ranges_as_ranges():
