@@ -186,7 +186,7 @@ def test_opsets(work):
 
 
 # -- import ------------------------------------------------------------------------------------
-RUN_IMPORTED = ("mlp", "cnn", "lstm", "gru", "transformer")
+RUN_IMPORTED = ("mlp", "cnn", "lstm", "gru", "transformer", "custom_cell")
 
 
 @pytest.mark.parametrize("name", EXAMPLES)
@@ -217,6 +217,18 @@ def test_import_folds_layers_back_with_their_origin(work):
     text = spec.read_text()
     assert "  enc: {op: lstm, in: x, hidden: 32}   # onnx: LSTM 'enc/LSTM_l0_0'" in text
     assert "pred: {op: linear, in: enc.h, out: 1}" in text
+
+
+def test_an_onnx_scan_imports_as_a_scan_over_a_module(work):
+    spec, _ = dlgraph.import_onnx(example("custom_cell", work)[1], work / "cell_read.yaml")
+    text = spec.read_text()
+    assert "  enc_loop: {op: scan, in: x, body: enc_loop_body, state: {h: 32, c: 32}}" in text
+    assert "  pred: {op: linear, in: enc_loop.h, out: 1}" in text
+    g = dlgraph.load(spec)
+    module = g.spec.modules["enc_loop_body"]
+    assert module.inputs == ["x", "h", "c"] and module.outputs == ["h_new", "c_new"]
+    assert sum(nd["op"] == "linear" for nd in module.nodes.values()) == 8
+    assert "xi" in module.nodes and module.nodes["hi"]["bias"] is False
 
 
 def test_unsupported_operators_are_listed_in_one_error_and_nothing_is_written(work):
@@ -357,7 +369,8 @@ SUBSET = ["test_add_bcast", "test_gemm_all_attributes", "test_matmul_3d", "test_
           "test_conv_with_strides_padding",
           "test_maxpool_2d_precomputed_strides", "test_averagepool_2d_default",
           "test_transpose_all_permutations_3", "test_slice_neg", "test_reduce_sum_keepdims_random",
-          "test_concat_3d_axis_1", "test_sub_bcast", "test_max_example"]
+          "test_concat_3d_axis_1", "test_sub_bcast", "test_max_example", "test_scan9_sum",
+          "test_scan9_multi_state"]
 
 
 @pytest.fixture(scope="module")
@@ -378,6 +391,8 @@ def test_refused_node_cases_say_why(node_cases):
     r = run_case(node_cases["test_gru_defaults"])
     assert r.status == "unsupported" and r.operator == "GRU"
     assert "linear_before_reset=0 (dlgraph's GRU is PyTorch's" in r.detail
+    r = run_case(node_cases["test_scan_sum"])
+    assert r.status == "unsupported" and "Scan of opset 8" in r.detail
     r = run_case(node_cases["test_add_uint8"])
     assert (r.status, r.detail) == ("unsupported", "dtype uint8 (dlgraph has float32, int32 and "
                                                    "bool)")

@@ -63,6 +63,7 @@ class _Export:
         self.fallback: set[str] = set()
         self.missing: list[tuple[str, str]] = []
         self.multi: dict[str, list[str]] = {}      # a loop -> its outputs, read by picks
+        self.needed: set[str] = set(graph.nodes)
 
     def value(self, nid: str) -> str:
         n = self.g[nid]
@@ -104,7 +105,7 @@ class _Export:
         if n.role == "input":
             self.env[nid] = nid
             return
-        if n.role == "param":
+        if n.role == "param" or nid in self.env:       # (a loop wrote some of its readers)
             return
         if n.scope and n.scope[0] in self.layer_of and self.layer(n.scope[0]):
             return
@@ -113,7 +114,7 @@ class _Export:
             return
         if n.op == "pick":
             outs = self.multi.get(n.inputs[0])
-            if outs:
+            if outs and outs[n.attrs.index]:
                 self.env[nid] = outs[n.attrs.index]
             return
         rule = PRIMITIVES.get(n.op)
@@ -132,6 +133,7 @@ def to_onnx(graph: Graph, params: dict[str, np.ndarray], *, opset: int = OPSET):
     ex = _Export(graph, params)
     targets = [nid for nid in graph.outputs.values()]
     needed = graph.ancestors(targets)
+    ex.needed = needed
     for nid in graph.nodes:
         if nid in needed:
             ex.node(nid)

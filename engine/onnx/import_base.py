@@ -80,6 +80,8 @@ class Importer:
         self.absorbed: set[int] = set()
         self.failed: list[tuple[str, str, str]] = []
         self.input_ids: dict[str, str] = {}          # ONNX graph input -> spec input
+        self.modules: dict[str, dict] = {}             # a Scan's body -> its module
+        self.module_origins: dict[str, dict[str, list[str]]] = {}
 
     # -- values -----------------------------------------------------------------------
     def const(self, name: str) -> np.ndarray | None:
@@ -179,6 +181,24 @@ class Importer:
 
     def absorb(self, node) -> None:
         self.absorbed.add(id(node))
+
+    def prune(self, outputs: list[str]) -> None:
+        """Drop spec nodes no output depends on (shape helpers folded away, say)."""
+        keep, stack = set(), [r.split(".")[0] for r in outputs]
+        while stack:
+            nid = stack.pop()
+            if nid in keep or nid not in self.nodes:
+                continue
+            keep.add(nid)
+            ins = self.nodes[nid].get("in", [])
+            stack.extend(r.split(".")[0] for r in ([ins] if isinstance(ins, str) else ins))
+        for nid in [n for n in self.nodes if n not in keep]:
+            del self.nodes[nid]
+            for k in [k for k in self.weights if k == nid or k.startswith(nid + ".")]:
+                del self.weights[k]
+        used = {nd.get("body") for nd in self.nodes.values() if nd["op"] == "scan"}
+        for name in [m for m in self.modules if m not in used]:
+            del self.modules[name]
 
 
 def hint(node, imp: Importer | None = None) -> str:

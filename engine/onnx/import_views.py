@@ -97,10 +97,21 @@ def squeeze(imp, node):
     axes = [i for i, d in enumerate(view.shape) if d == 1] if axes is None else \
         [_norm(a, rank) for a in axes]
     groups = [list(g) for g in view.groups]
+    ref, dshape = view.ref, view.dshape
     for a in sorted(axes, reverse=True):
-        gone = groups.pop(a)
-        groups[max(a - 1, 0)].extend(gone)       # size-1 axes of D ride along a neighbour
-    bind_view(imp, node, View(view.ref, view.dshape, groups))
+        for d in sorted(groups.pop(a), reverse=True):      # size-1 axes of D: squeezed
+            ref = imp.add(hint(node, imp), "squeeze", [ref], [origin(node)], axis=d)
+            groups, dshape = renumber(groups, d), dshape[:d] + dshape[d + 1:]
+    bind_view(imp, node, View(ref, dshape, groups))
+
+
+def identity(imp, node):
+    """A graph output made by Identity (or Dropout) of a view: made under its name."""
+    view = _lazy(imp, node.input[0])
+    if view is not None and node.output[0] in imp.outputs:
+        view.hint = "=" + node.output[0]
+        imp.ref(node.input[0])
+    return BASE[node.op_type](imp, node)
 
 
 def gather(imp, node):
@@ -190,7 +201,7 @@ def linear(imp, node):
 RULES = {
     "Transpose": transpose, "Reshape": reshape, "Unsqueeze": unsqueeze, "Squeeze": squeeze,
     "Gather": gather, "Softmax": softmax, "LogSoftmax": softmax, "MatMul": linear,
-    "Gemm": linear,
+    "Gemm": linear, "Identity": identity, "Dropout": identity,
     **{t: elementwise for t in ("Add", "Sub", "Mul", "Div", "Neg", "Exp", "Sqrt", "Relu",
                                 "Sigmoid", "Tanh", "Abs")},
 }

@@ -19,25 +19,7 @@ from dlgraph.engine.errors import DataError, DlgraphError, Source, SpecError
 
 from .formats import require_onnx
 from .import_base import OPSET, Importer, Unsupported, valid_id
-from .import_views import OPS, infer_missing
-
-
-def run_nodes(imp: Importer) -> None:
-    for node in imp.model.graph.node:
-        if id(node) in imp.absorbed:
-            continue
-        rule = OPS.get(node.op_type)
-        try:
-            if rule is None:
-                raise Unsupported("no dlgraph rule for this operator")
-            missing = [i for i in node.input if i and i not in imp.values]
-            if missing:
-                continue            # an input failed already; that node is listed
-            rule(imp, node)
-            infer_missing(imp, node)
-        except Unsupported as e:
-            label = node.name or next((o for o in node.output if o), node.op_type)
-            imp.failed.append((label, node.op_type, str(e)))
+from .import_scan import run_nodes
 
 
 def _inputs(imp: Importer) -> dict[str, dict]:
@@ -86,6 +68,11 @@ def prepare_model(model):
             model = version_converter.convert_version(model, OPSET)
         except Exception:  # the converter lacks some adapters; the model may still import
             pass
+    if have < 9 and any(n.op_type == "Scan" for n in model.graph.node):
+        # opset 8's Scan has a batch axis and sequence lengths; the converter drops both
+        # from the graph's declared inputs, so its Scan cannot be trusted after conversion
+        from onnx import helper
+        helper.set_model_props(model, {"dlgraph_scan_opset": str(have)})
     inits = {t.name for t in model.graph.initializer}
     for vi in model.graph.input:
         if vi.name in inits:
@@ -112,31 +99,25 @@ def to_spec(imp: Importer, name: str) -> dict:
         raise SpecError(f"{len(imp.failed)} ONNX node(s) cannot be imported: {listed}{more}",
                         help=f"operators without a dlgraph rule here: {', '.join(ops)} "
                              "(see docs/onnx.md); nothing was written")
-    prune(imp, outputs)
+    imp.prune(outputs)
     doc = imp.model.doc_string or f"Imported from ONNX ({imp.model.producer_name or 'unknown'} "\
         f"{imp.model.producer_version}).".replace(" )", ")")
     return {"dlgraph": 1, "name": name, "doc": doc.strip(), "inputs": inputs,
-            "nodes": imp.nodes, "outputs": outputs}
+            "modules": imp.modules, "nodes": imp.nodes, "outputs": outputs}
 
 
-def prune(imp: Importer, outputs: list[str]) -> None:
-    """Drop spec nodes no output depends on (shape helpers folded away, say)."""
-    keep, stack = set(), [r.split(".")[0] for r in outputs]
-    while stack:
-        nid = stack.pop()
-        if nid in keep or nid not in imp.nodes:
-            continue
-        keep.add(nid)
-        ins = imp.nodes[nid].get("in", [])
-        stack.extend(r.split(".")[0] for r in ([ins] if isinstance(ins, str) else ins))
-    for nid in [n for n in imp.nodes if n not in keep]:
-        del imp.nodes[nid]
-        for k in [k for k in imp.weights if k == nid or k.startswith(nid + ".")]:
-            del imp.weights[k]
+def _node_lines(nodes: dict, origins: dict, indent: str, flow) -> list[str]:
+    out = []
+    for nid, nd in nodes.items():
+        where = ", ".join(origins.get(nid, []))
+        out.append(f"{indent}{nid}: {flow(nd)}" + (f"   # onnx: {where}" if where else ""))
+    return out
 
 
-def dump_spec(spec: dict, origins: dict[str, list[str]]) -> str:
+def dump_spec(spec: dict, origins: dict[str, list[str]],
+              module_origins: dict | None = None) -> str:
     """The spec as YAML: one line per node, with a comment naming its ONNX origin."""
+    module_origins = module_origins or {}
     flow = lambda v: yaml.safe_dump(v, default_flow_style=True, sort_keys=False,
                                     width=10**6).strip().removesuffix("...").strip()
     lines = ["dlgraph: 1", f"name: {flow(spec['name'])}",
@@ -144,10 +125,14 @@ def dump_spec(spec: dict, origins: dict[str, list[str]]) -> str:
                                      initial_indent="  ", subsequent_indent="  "),
              "", "inputs:"]
     lines += [f"  {k}: {flow(v)}" for k, v in spec["inputs"].items()]
+    if spec.get("modules"):
+        lines += ["", "modules:"]
+        for name, m in spec["modules"].items():
+            lines += [f"  {name}:", f"    inputs: {flow(m['inputs'])}", "    nodes:"]
+            lines += _node_lines(m["nodes"], module_origins.get(name, {}), "      ", flow)
+            lines.append(f"    outputs: {flow(m['outputs'])}")
     lines += ["", "nodes:" if spec["nodes"] else "nodes: {}"]
-    for nid, nd in spec["nodes"].items():
-        where = ", ".join(origins.get(nid, []))
-        lines.append(f"  {nid}: {flow(nd)}" + (f"   # onnx: {where}" if where else ""))
+    lines += _node_lines(spec["nodes"], origins, "  ", flow)
     lines += ["", f"outputs: {flow(spec['outputs'])}", ""]
     return "\n".join(lines)
 
@@ -157,7 +142,7 @@ def import_proto(model, name: str | None = None, base: Path | None = None):
     from dlgraph.engine.build import load_graph
     imp = Importer(model)
     spec = to_spec(imp, name or valid_id(model.graph.name or "model").replace("_", "-"))
-    text = dump_spec(spec, imp.origin)
+    text = dump_spec(spec, imp.origin, imp.module_origins)
     g = load_graph(text, base=base or Path.cwd())
     wrong = {k for k in g.params if k not in imp.weights
              or tuple(imp.weights[k].shape) != g.params[k].shape}

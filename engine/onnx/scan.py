@@ -35,8 +35,9 @@ def _renamed(body: Graph, prefix: str, keep: set[str]) -> Graph:
                  source=body.source)
 
 
-def _body(ex, n, make_export):
-    """Export the loop body; returns (GraphProto, its input names for states then seqs)."""
+def _body(ex, n, make_export, stacked: list[int]):
+    """Export the loop body (with a per-step copy of the states in `stacked`); returns
+    (GraphProto, []) or (None, the primitives that have no ONNX rule)."""
     from onnx import helper
     a = n.attrs
     names = list(a.body.inputs)
@@ -54,7 +55,8 @@ def _body(ex, n, make_export):
     if sub.missing:
         return None, sub.missing
     outs = []
-    state_outs = list(body.outputs.values())[:a.n_state]
+    state_outs = [o for k, o in enumerate(list(body.outputs.values())[:a.n_state])
+                  if k in stacked]
     for k, oid in enumerate(list(body.outputs.values()) + state_outs):
         name = f"{n.id}/step/out_{k}"
         sub.w.op("Identity", sub.value(oid), out=name)
@@ -64,31 +66,66 @@ def _body(ex, n, make_export):
     return helper.make_graph(sub.w.nodes, f"{n.id}_step", inputs, outs), []
 
 
+def _use(c, steps: int, reverse: bool) -> str:
+    """How node `c` reads a state stacked over time: 'final' (the last state alone, as a
+    slice of one), 'steps' (the state after each step) or 'stack' (anything else)."""
+    if c.op != "slice" or c.attrs.axis not in (1, -c.type.rank):
+        return "stack"
+    lo = c.attrs.start + (steps + 1 if c.attrs.start < 0 else 0)
+    hi = steps + 1 if c.attrs.stop is None else c.attrs.stop + (steps + 1 if c.attrs.stop < 0
+                                                                else 0)
+    final, each = ((0, 1), (0, steps)) if reverse else ((steps, steps + 1), (1, steps + 1))
+    return "final" if (lo, hi) == final else "steps" if (lo, hi) == each else "stack"
+
+
+def _state_uses(ex, n) -> dict[int, dict[str, str]]:
+    """For each state of loop `n` read downstream: reader node id -> its use."""
+    out: dict[int, dict[str, str]] = {}
+    for p in ex.g.nodes.values():
+        if p.op == "pick" and p.inputs[0] == n.id and p.id in ex.needed \
+                and p.attrs.index < n.attrs.n_state:
+            readers = [c for c in ex.g.nodes.values() if p.id in c.inputs and c.id in ex.needed]
+            out[p.attrs.index] = {c.id: _use(c, n.attrs.steps, n.attrs.reverse)
+                                  for c in readers}
+    return out
+
+
 def export_loop(ex, n, make_export) -> list[str]:
-    """Write loop node `n` as one Scan; returns the ONNX names of the loop's outputs in
-    pick order (stacked states, then per-step outputs)."""
+    """Write loop node `n` as one Scan. Returns the ONNX names of the loop's outputs in
+    pick order ('' for a state only read as its final value or per step: the readers
+    of those find their value in ``ex.env`` already)."""
     a, w = n.attrs, ex.w
     if len(a.body.outputs) != a.n_state + a.n_out:
         raise GraphError("a loop that sums over its steps has no ONNX export", node=n.user_id,
                          op="loop", help="export the inference graph, not a backward one")
-    graph, missing = _body(ex, n, make_export)
+    uses = _state_uses(ex, n)
+    stacked = [k for k, u in sorted(uses.items()) if set(u.values()) - {"final"}]
+    graph, missing = _body(ex, n, make_export, stacked)
     if graph is None:
         ex.missing.extend(missing)
         return []
     seqs = [ex.value(i) for i in n.inputs[:a.n_seq]]
     inits = [ex.value(i) for i in n.inputs[a.n_seq:a.n_seq + a.n_state]]
-    k_out = a.n_out + a.n_state
+    k_out = a.n_out + len(stacked)
     rev = int(a.reverse)
+    per_out = dict(scan_output_axes=[1] * k_out, scan_output_directions=[rev] * k_out) \
+        if k_out else {}
     outs = w.op("Scan", *inits, *seqs, outputs=a.n_state + k_out, out=f"{n.id}/scan",
                 body=graph, num_scan_inputs=a.n_seq, scan_input_axes=[1] * a.n_seq,
-                scan_input_directions=[rev] * a.n_seq, scan_output_axes=[1] * k_out,
-                scan_output_directions=[rev] * k_out)
+                scan_input_directions=[rev] * a.n_seq, **per_out)
     if a.n_state + k_out == 1:
         outs = [outs]
     per_step = outs[a.n_state:a.n_state + a.n_out]
-    stacks = []
-    for init, steps in zip(inits, outs[a.n_state + a.n_out:], strict=True):
-        first = w.op("Unsqueeze", init, w.const([1]))
-        parts = [steps, first] if a.reverse else [first, steps]
-        stacks.append(w.op("Concat", *parts, axis=1))
+    each = dict(zip(stacked, outs[a.n_state + a.n_out:], strict=True))
+    stacks = [""] * a.n_state
+    for k, readers in uses.items():
+        for rid, use in readers.items():
+            if use == "final":                   # x[:, T:T+1] of the stack
+                ex.env[rid] = w.op("Unsqueeze", outs[k], w.const([1]), out=rid)
+            elif use == "steps":                 # x[:, 1:T+1]: the scan output itself
+                ex.env[rid] = w.op("Identity", each[k], out=rid)
+        if "stack" in readers.values():
+            first = w.op("Unsqueeze", inits[k], w.const([1]))
+            parts = [each[k], first] if a.reverse else [first, each[k]]
+            stacks[k] = w.op("Concat", *parts, axis=1)
     return stacks + per_step

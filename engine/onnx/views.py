@@ -105,6 +105,11 @@ class View:
         ref = self.ref
         if order != list(range(len(self.dshape))):
             ref = imp.add(self.hint, "transpose", [ref], list(self.origins), axes=order)
+        if all(len(g) <= 1 for g in self.groups):          # new axes of size 1 only
+            for k, g in enumerate(self.groups):
+                if not g:
+                    ref = imp.add(self.hint, "unsqueeze", [ref], list(self.origins), axis=k)
+            return ref
         if any(len(g) != 1 for g in self.groups):
             for g in self.groups:
                 big = [self.dshape[a] for a in g if self.dshape[a] != 1]
