@@ -359,7 +359,7 @@ def plot(runs, output):
 @click.option("--search", type=click.Choice(["grid", "random", "optuna"]),
               help="grid (default), random, or optuna (needs optuna)")
 @click.option("--samples", type=click.IntRange(min=1), help="random/optuna: trials "
-              "(default 8); grid: times the grid is run (default 1)")
+              "(default 8); grid: times the grid is run, with the next seed each time (default 1)")
 @click.option("--metric", help="the logged value that ranks trials (default: the target's "
                                "metric, else val_loss)")
 @click.option("--mode", type=click.Choice(["min", "max"]), help="lower or higher is better")

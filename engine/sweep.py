@@ -79,6 +79,15 @@ class Plan:
         return self.sweep.samples or (1 if self.sweep.search == "grid" else DEFAULT_SAMPLES)
 
     @property
+    def seed_every(self) -> int:
+        """A grid run several times takes the next seed each time (unless it varies
+        train.seed itself): the grid's size, else 0."""
+        if self.sweep.search != "grid" or self.samples == 1 or any(
+                p.path == "train.seed" for p in self.params):
+            return 0
+        return len(grid(self.params))
+
+    @property
     def trials(self) -> int:
         """How many trials the search makes (a grid: every combination, ``samples`` times)."""
         return self.samples * (len(grid(self.params)) if self.sweep.search == "grid" else 1)
@@ -328,9 +337,11 @@ def _sweep_dir(name: str) -> Path:
 
 
 def trial_data(plan_data: dict, overrides: dict[str, Any], k: int, base: Path,
-               sweep_dir: Path) -> tuple[dict, int]:
+               sweep_dir: Path, seed_every: int = 0) -> tuple[dict, int]:
     """The spec data of trial ``k`` and its seed: the overrides applied, a relative data
-    file made absolute (so the spec copy runs from anywhere), the trial noted in `doc`."""
+    file made absolute (so the spec copy runs from anywhere), the trial noted in `doc`.
+    ``seed_every``: a grid of that many trials run several times, each time with the next
+    seed (trial k has the spec's seed + k // seed_every)."""
     data = plan_data
     for path, v in overrides.items():
         data = with_override(data, path, v)
@@ -341,6 +352,8 @@ def trial_data(plan_data: dict, overrides: dict[str, Any], k: int, base: Path,
             not Path(src["path"]).is_absolute():
         src["path"] = str((base / src["path"]).resolve())
     seed = train.get("seed", 0)
+    if seed_every and k // seed_every:
+        seed = train["seed"] = seed + k // seed_every
     note = (f"Trial {k} of the sweep in {sweep_dir}: " + ", ".join(
         f"{p}={show(v)}" for p, v in overrides.items()) + f"; seed {seed}.")
     data["doc"] = f"{data['doc'].rstrip()}\n{note}" if data.get("doc") else note
@@ -348,7 +361,7 @@ def trial_data(plan_data: dict, overrides: dict[str, Any], k: int, base: Path,
 
 
 def run_trial(config: dict, *, plan_data: dict, paths: list[str], base: str, sweep_dir: str,
-              metric: str, device: str | None) -> None:
+              metric: str, device: str | None, seed_every: int = 0) -> None:
     """The function Ray Tune runs for each trial (in a worker process): one ordinary
     training run into ``<sweep_dir>/trial-NNN``, its final metrics reported to Tune."""
     from ray import tune
@@ -361,7 +374,9 @@ def run_trial(config: dict, *, plan_data: dict, paths: list[str], base: str, swe
     report: dict[str, Any] = {"trial": k, "run_dir": str(run_dir)}
     t0 = time.perf_counter()
     try:
-        data, seed = trial_data(plan_data, overrides, k, Path(base), Path(sweep_dir))
+        data, seed = trial_data(plan_data, overrides, k, Path(base), Path(sweep_dir),
+                                seed_every)
+        report["seed"] = seed
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "trial.json").write_text(json.dumps(
             {"trial": k, "overrides": overrides, "seed": seed, "sweep": sweep_dir}, indent=2))
@@ -434,12 +449,16 @@ def _need_optuna() -> None:
 
 
 def _searcher(plan: Plan):
+    """Tune's search algorithm, seeded by the spec's seed so that a sweep draws the same
+    trials again: its default generator for grid and random, Optuna's TPE for optuna."""
+    seed = plan.data["train"].get("seed", 0)
     if plan.sweep.search != "optuna":
-        return None
+        from ray.tune.search.basic_variant import BasicVariantGenerator
+        return BasicVariantGenerator(random_state=seed)
     import optuna
     from ray.tune.search.optuna import OptunaSearch
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    return OptunaSearch(metric=plan.metric, mode=plan.mode, seed=0)
+    return OptunaSearch(metric=plan.metric, mode=plan.mode, seed=seed)
 
 
 def _start_ray(ray, plan: Plan) -> bool:
@@ -493,7 +512,8 @@ def _tuner(plan: Plan, tune, sweep_dir: Path, echo):
     s = plan.sweep
     fn = tune.with_parameters(run_trial, plan_data=plan.data, paths=[p.path for p in
                               plan.params], base=str(plan.base.resolve()),
-                              sweep_dir=str(sweep_dir), metric=plan.metric, device=plan.device)
+                              sweep_dir=str(sweep_dir), metric=plan.metric, device=plan.device,
+                              seed_every=plan.seed_every)
     resources = {"cpu": s.cpus_per_trial, **({"gpu": s.gpus_per_trial} if s.gpus_per_trial
                                               else {})}
     numbering = Numbering(first=1 if plan.sweep.search == "optuna" else 0)
@@ -574,6 +594,7 @@ def collect(grid_result, plan: Plan, sweep_dir: Path, seconds: float) -> SweepRe
         row = {"trial": k, "status": m.get("status", "failed" if r.error else "stopped"
                                            if config else "not started")}
         row.update({p: config.get(p) for p in paths})
+        row["seed"] = m.get("seed")
         row.update({n: m.get(n, math.nan) for n in logged})
         row.update({"epochs": m.get("epochs"), "wall_s": m.get("wall_s"),
                     "run_dir": m.get("run_dir", str(sweep_dir / f"trial-{k:03d}")),
@@ -583,7 +604,7 @@ def collect(grid_result, plan: Plan, sweep_dir: Path, seconds: float) -> SweepRe
     rows.sort(key=lambda r: r["trial"])
     res = SweepResult(sweep_dir, paths, plan.metric, plan.mode, rows, seconds,
                       planned=plan.trials, budget=plan.sweep.time_budget,
-                      columns=["trial", "status", *paths, *logged, "epochs", "wall_s",
+                      columns=["trial", "status", *paths, "seed", *logged, "epochs", "wall_s",
                                "run_dir", "error"])
     done = [r for r in rows if r["status"] == "ok" and _finite(r.get(plan.metric))]
     if done:

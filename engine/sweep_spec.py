@@ -60,9 +60,11 @@ class SweepSpec(Strict):
         "`nodes.fc1.out`) -> the values to try, or a range `{low, high, log}`")
     search: Literal["grid", "random", "optuna"] = Field(
         "grid", description="grid: every combination of the listed values; random: `samples` "
-        "draws; optuna: `samples` trials chosen by Optuna's sampler (needs optuna)")
-    samples: int | None = Field(None, ge=1, description="grid: times the grid is run "
-                                "(default 1); random and optuna: trials (default 8)")
+        "draws (seeded by `train.seed`); optuna: `samples` trials chosen by Optuna's sampler "
+        "(needs optuna)")
+    samples: int | None = Field(None, ge=1, description="grid: times the grid is run, each "
+                                "time with the next seed (default 1); random and optuna: "
+                                "trials (default 8)")
     metric: str | None = Field(None, description="the logged value that ranks trials "
                                "(default: the target's metric, else val_loss)")
     mode: Literal["min", "max"] | None = Field(None, description="whether lower or higher is "

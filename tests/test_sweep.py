@@ -24,6 +24,7 @@ from dlgraph.engine.sweep import (
     plan_sweep,
     search_space,
     split_values,
+    trial_data,
     with_override,
 )
 
@@ -175,6 +176,22 @@ def test_an_override_sets_one_field_and_leaves_the_rest():
     assert out["train"]["metrics"][0] == {"type": "mse", "in": ["logits", "y"]}
     assert data["train"]["metrics"][0]["type"] == "accuracy"      # a copy
     assert with_override(data, "train.seed", 7)["train"]["seed"] == 7      # a default field
+
+
+def test_a_grid_run_again_takes_the_next_seed(tmp_path):
+    spec = write(tmp_path, TINY)
+    plan = plan_sweep(spec, ["train.optimizer.lr=0.1,0.01"], samples=3)
+    assert (plan.trials, plan.seed_every) == (6, 2)
+    seeds = [trial_data(plan.data, {"train.optimizer.lr": 0.1}, k, tmp_path, tmp_path / "sw",
+                        plan.seed_every)[1] for k in range(6)]
+    assert seeds == [0, 0, 1, 1, 2, 2]
+    data, _ = trial_data(plan.data, {"train.optimizer.lr": 0.1}, 5, tmp_path, tmp_path / "sw",
+                         plan.seed_every)
+    assert data["train"]["seed"] == 2 and data["train"]["optimizer"]["lr"] == 0.1
+    assert data["doc"] == f"Trial 5 of the sweep in {tmp_path / 'sw'}: " \
+                          "train.optimizer.lr=0.1; seed 2."
+    assert plan_sweep(spec, ["train.seed=0,1"], samples=2).seed_every == 0   # varied itself
+    assert plan_sweep(spec, ["train.optimizer.lr=0.1"], search="random").seed_every == 0
 
 
 def test_random_search_samples_inside_the_ranges(tmp_path):
