@@ -51,6 +51,7 @@ class Builder:
         self._shares: list[_Share] = []               # enclosing `share:` redirections
         self.owners: dict[tuple, tuple] = {}          # sharing scope -> the scope owning them
         graph.shared = getattr(graph, "shared", {})   # sharing spec node -> owner (drawings)
+        graph.layers = getattr(graph, "layers", {})   # module node scope path -> its spec
 
     # -- context -----------------------------------------------------------------------
     @contextlib.contextmanager
@@ -196,6 +197,8 @@ class Builder:
                                      + (f"; {suggest(part, outs)}" if suggest(part, outs)
                                         else ""))
                 ins.append(env[ref])
+            if prefix:
+                self.graph.layers[self.user[0]] = nd
             with self._sharing(nid, nd):
                 outs = self._emit_spec_node(nid, nd, ins, stack)
             env[nid] = next(iter(outs.values()))

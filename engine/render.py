@@ -244,7 +244,10 @@ class _Drawing:
         self.user_op = {nid: nd.op for nid, nd in spec_nodes.items()}
         self.user_doc = {nid: nd.doc for nid, nd in spec_nodes.items() if nd.doc}
         # a layer's fused activation (`activation: relu`) is part of what the box says it is
-        self.user_act = {nid: nd.activation for nid, nd in spec_nodes.items()
+        # and the same for the layers inside modules, by scope path (``disc/h1``)
+        layers = {**getattr(g, "layers", {}), **spec_nodes}
+        self.user_op.update({k: nd.op for k, nd in layers.items() if k not in self.user_op})
+        self.user_act = {k: nd.activation for k, nd in layers.items()
                          if getattr(nd, "activation", None) and _fused(nd)}
         users = list(dict.fromkeys(n.user_id for n in g.nodes.values() if n.role != "backward"))
         if expand is True:
@@ -559,7 +562,8 @@ class _Drawing:
         elif len(path) == 1:
             op = self.user_op.get(path[0].removeprefix(GRAD), "")
         else:
-            op = re.sub(r"_\d+$", "", path[-1])
+            op = self.user_op.get("/".join((path[0].removeprefix(GRAD),) + path[1:])) or \
+                re.sub(r"_\d+$", "", path[-1])
         d = OPS.get(op)
         return d.family if d is not None and d.family in PALETTE else ""
 
@@ -581,7 +585,8 @@ class _Drawing:
             op = self._op_text(user)
             label = ("∇ " if grad else "") + user + (f" ({op})" if op else "")
         else:
-            label = ("∇ " if grad else "") + self._repeat_note(path)
+            op = "" if grad else self._op_text("/".join(path))
+            label = ("∇ " if grad else "") + self._repeat_note(path) + (f" ({op})" if op else "")
         attrs = {"label": label, "labeljust": "l", "fontsize": "11", "color": border,
                  "fillcolor": _tint(fill), "style": "rounded,filled" + (",dashed" * grad),
                  "fontcolor": "#333333"}
@@ -662,7 +667,9 @@ class _Drawing:
                 detail = " · ".join(p for p in (op, params if count else "") if p)
         else:
             title = ("∇ " if grad else "") + self._repeat_note(path)
-            detail = f"{item.count} op{'s' * (item.count != 1)}"
+            op = "" if grad else self._op_text("/".join(path))
+            detail = " · ".join(p for p in (op, f"{item.count} op{'s' * (item.count != 1)}")
+                                if p)
         return _html([(title, "b", None)] + ([(detail, None, 9)] if detail else []))
 
     def _op_text(self, user: str) -> str:

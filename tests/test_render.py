@@ -356,10 +356,11 @@ outputs: [r]
 def test_only_chains_of_identical_steps_fold():
     got = layout(render(dlgraph.load(REPEATS), expand=True))
     labels = {c["label"] for c in got["clusters"].values()}
-    assert {"gate1", "gate2"} <= labels                   # parallel gates: drawn apart
-    assert "step1 … step3 × 3" in labels                   # a chain of the same step: folded
+    assert {"gate1 (gate)", "gate2 (gate)"} <= labels      # parallel gates: drawn apart
+    assert "step1 … step3 × 3 (gate)" in labels            # a chain of the same step: folded
     assert not any("gate1 …" in lbl for lbl in labels)
     assert "r/step2/l/matmul" not in got["nodes"]
+    assert "l (linear + sigmoid)" in labels                # a module's layer says what it is
 
 
 @needs_dot
