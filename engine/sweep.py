@@ -272,8 +272,7 @@ def plan_sweep(spec: str | Path, flags: tuple[str, ...] | list[str] = (), *,
     params = {p: Param(p, v, line=line_of(lines, ("sweep", "parameters", p)))
               for p, v in section.parameters.items()}
     params.update({p.path: p for p in map(parse_param, flags)})
-    merged = SweepSpec.model_validate({**section.model_dump(exclude={"parameters"}),
-                                       **{k: v for k, v in settings.items() if v is not None}})
+    merged = _merge(section, settings, Source(file))
     if not params:
         raise SpecError("nothing to sweep: no --param and no `sweep.parameters`",
                         source=Source(file), help="e.g. --param train.optimizer.lr=0.1,0.01")
@@ -289,6 +288,21 @@ def plan_sweep(spec: str | Path, flags: tuple[str, ...] | list[str] = (), *,
     _check_search(plan)
     check_values(plan)
     return plan
+
+
+def _merge(section: SweepSpec, settings: dict, src: Source) -> SweepSpec:
+    """The spec's `sweep:` settings with the flags (those not None) over them."""
+    given = {k: v for k, v in settings.items() if v is not None}
+    try:
+        return SweepSpec.model_validate({**section.model_dump(exclude={"parameters"}),
+                                         **given})
+    except ValidationError as e:
+        err = e.errors()[0]
+        name = ".".join(map(str, err["loc"])) or "sweep"
+        raise SpecError(f"sweep setting '{name}': {err['msg'].removeprefix('Value error, ')}",
+                        source=src, help="the settings are those of the `sweep:` section: "
+                        + ", ".join(k for k in SweepSpec.model_fields if k != "parameters")) \
+            from None
 
 
 def _ranking(train, sweep: SweepSpec, src: Source) -> tuple[str, str]:
