@@ -556,6 +556,12 @@ class LoopStage:
                     per[j][k] = outs[nst + j]
                 inc = outs[nst + n_out:]
                 acc = inc if acc is None else [u + v for u, v in zip(acc, inc, strict=True)]
+            # the step's values first, then the writes into the buffers: tinygrad cannot tell
+            # that slot t (read) and slot t + 1 (written) are apart, and scheduled together it
+            # recomputed the step around the writes (LSTM-32: 13 and 25 kernels a step
+            # forward and backward; realised first, 5 and 14)
+            Tensor.realize(*[x for h in hist for x in h], *[x for p in per for x in p],
+                           *(acc or []), *ctx.updates)
             w = lo if rev else lo + 1
             work = [b[:, w:w + k_steps].assign(Tensor.stack(*h, dim=1))
                     for b, h in zip(bufs[:nst], hist, strict=True)]
