@@ -568,7 +568,8 @@ class SweepResult:
         """The results table, the best trial marked with '*', and the best named."""
         cols = [c for c in self.columns if c != "error"]
         cells = [[("*" if r is self.best else "") + _cell(r.get(c)) if c == "trial" else
-                  _cell(r.get(c)) for c in cols] for r in self.rows]
+                  _short(r[c]) if c == "run_dir" else _cell(r.get(c)) for c in cols]
+                 for r in self.rows]
         widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
         out = ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip()
                for row in [cols, *cells]]
@@ -581,14 +582,24 @@ class SweepResult:
                                                    for r in self.rows)
         head = f"{len(self.rows)} trials ({ok} finished) in {self.seconds:.1f} s" + (
             f" (time budget of {self.budget:g} s reached: {cut} stopped or never started)"
-            if cut > 0 and self.budget else "") + f"; wrote {self.csv} and {self.picture}"
+            if cut > 0 and self.budget else "") + \
+            f"; wrote {_short(self.csv)} and {_short(self.picture)}"
         if self.best is None:
             return f"{head}\nno trial reached a {self.metric}"
         b = self.best
         shown = ", ".join(f"{p}={show(b[p])}" for p in self.params)
         return (f"{head}\nbest: trial {b['trial']} ({shown}): {self.metric} "
-                f"{_cell(b[self.metric])} ({self.mode} is best); run dir {b['run_dir']}\n"
-                f"  re-run it alone: dlgraph run {b['run_dir']}/spec.yaml")
+                f"{_cell(b[self.metric])} ({self.mode} is best); run dir "
+                f"{_short(b['run_dir'])}\n  re-run it alone: dlgraph run "
+                f"{_short(b['run_dir'])}/spec.yaml")
+
+
+def _short(path) -> str:
+    """A path under the working folder as relative (runs/...), others as they are."""
+    try:
+        return str(Path(path).relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
 
 
 def _cell(v) -> str:
