@@ -174,6 +174,9 @@ def run(spec, inputs, batch, output, weights, out, resume, epochs, steps, init_f
     model = dlgraph.compile(g, weights=weights, seed=seed, device=device, cache=not no_cache)
     arrays = _read_inputs(inputs) if inputs else model.random_inputs(batch, seed)
     _check_inputs(g, arrays)
+    if inputs and weights is not None:      # raw data: the run's standardize.json applies
+        from dlgraph.engine.data import scaling
+        arrays = scaling.apply(arrays, scaling.stats_for(g, weights))
     outs = model(**arrays)
     for name, a in outs.items():
         stats = (f"mean {a.mean():.4g}  std {a.std():.4g}  min {a.min():.4g}  max {a.max():.4g}"

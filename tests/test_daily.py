@@ -518,6 +518,23 @@ def test_standardize_is_saved_and_applied_by_evaluate_and_predict(scaled_run):
     assert val.metrics["accuracy"] == res.metrics["val_accuracy"]
 
 
+def test_run_with_weights_standardizes_raw_inputs_too(scaled_run, tmp_path):
+    d, res = scaled_run
+    w = res.run_dir / "weights.safetensors"
+    saved = json.loads((res.run_dir / "standardize.json").read_text())["inputs"]["x"]
+    x, _ = _scaled_data(20, 2)
+    np.save(tmp_path / "x.npy", x.astype(np.float32))
+    r = CliRunner().invoke(main, ["run", str(d / "scaled.yaml"), "--weights", str(w),
+                                  "--input", f"x={tmp_path / 'x.npy'}", "--output",
+                                  str(tmp_path / "out.npz")])
+    assert r.exit_code == 0, r.output
+    p = weights(w)
+    z = (x.astype(np.float32).astype(np.float64) - saved["mean"]) / saved["std"]
+    with np.load(tmp_path / "out.npz") as out:
+        np.testing.assert_allclose(out["logits"], z @ p["logits.weight"].T + p["logits.bias"],
+                                   atol=1e-4)
+
+
 def test_weights_without_their_statistics_are_refused(scaled_run, tmp_path):
     d, res = scaled_run
     lone = tmp_path / "weights.safetensors"
