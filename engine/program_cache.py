@@ -205,10 +205,10 @@ def _dist_version(name: str) -> str:
 
 def _source_digest() -> str:
     """A hash of dlgraph's own source files: an edited dlgraph never reuses old programs."""
-    import dlgraph
-    from dlgraph import ops
-    files = sorted(Path(dlgraph.__file__).parent.glob("*.py"))
-    for d in (Path(__file__).parent, Path(ops.__file__).parent):
+    from importlib.util import find_spec
+    top, ops = (Path(find_spec(m).origin).parent for m in ("dlgraph", "dlgraph.ops"))
+    files = sorted(top.glob("*.py"))
+    for d in (Path(__file__).parent, ops):
         files += sorted(d.rglob("*.py"))
     h = hashlib.sha256()
     for p in files:
