@@ -230,3 +230,24 @@ def test_workers_need_a_divisible_batch(tmp_path):
     assert r.exit_code == 1, r.output
     assert "batch 32 does not divide over 3 workers" in r.output
     assert "help: use a batch that is a multiple of 3" in r.output
+
+
+def test_the_actor_all_reduce_is_the_mean_of_every_rank():
+    # the Board actor's method as plain asyncio: three ranks, two steps in flight at once
+    import asyncio
+
+    from dlgraph.engine.parallel import Board
+    rng = np.random.default_rng(4)
+    parts = {(s, r): rng.normal(size=1000).astype(np.float32) for s in (0, 1) for r in range(3)}
+
+    async def run():
+        b = Board(3)
+        got = await asyncio.gather(*[b.allreduce(s, r, parts[s, r])
+                                     for r in (2, 0, 1) for s in (1, 0)])
+        return b, got
+    board, got = asyncio.run(run())
+    order = [(s, r) for r in (2, 0, 1) for s in (1, 0)]
+    for (s, _), mean in zip(order, got, strict=True):
+        want = np.mean([parts[s, r].astype(np.float64) for r in range(3)], axis=0)
+        np.testing.assert_allclose(mean, want, rtol=1e-6, atol=1e-7)
+    assert not board.parts and not board.means      # nothing kept after a step is done
