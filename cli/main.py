@@ -304,6 +304,29 @@ def render(spec, output, expand, expand_all, backward, rankdir, depth, phase, dt
 
 
 @main.command()
+@click.option("--clear", is_flag=True, help="remove every compiled program kept")
+@errors
+def cache(clear):
+    """Where compiled programs are kept between runs, how many and how big (or --clear)."""
+    from dlgraph.engine.program_cache import default_cache
+    said: list[str] = []
+    store = default_cache(said.append)
+    if store is None:
+        click.echo(said[0] if said else "the program cache is off (DLGRAPH_CACHE_DIR=off)")
+        return
+    if clear:
+        n, size = store.clear()
+        click.echo(f"removed {n} compiled program{'s' * (n != 1)} ({size / 2**20:.1f} MiB) "
+                   f"from {store.root}")
+        return
+    found = store.entries()
+    size = sum(p.stat().st_size for p in found)
+    click.echo(f"program cache {store.root}: {len(found)} compiled program"
+               f"{'s' * (len(found) != 1)}, {size / 2**20:.1f} MiB (newest kept within "
+               f"1 GiB; `dlgraph cache --clear` empties it, `run --no-cache` bypasses it)")
+
+
+@main.command()
 @errors
 def schema():
     """Print the JSON Schema of the spec format."""

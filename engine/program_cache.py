@@ -112,6 +112,17 @@ class ProgramCache:
             tmp.unlink(missing_ok=True)
             self.warn(f"could not write to the program cache {self.root}: {e.strerror}")
 
+    def entries(self) -> list[Path]:
+        return sorted(self.root.glob("*.prog")) if self.root.is_dir() else []
+
+    def clear(self) -> tuple[int, int]:
+        """Remove every entry (the key stays); returns (entries, bytes) removed."""
+        found = self.entries()
+        size = sum(p.stat().st_size for p in found)
+        for p in found:
+            p.unlink(missing_ok=True)
+        return len(found), size
+
     def _sign(self, payload: bytes) -> bytes:
         return hmac.new(self.secret, payload, hashlib.sha256).digest()
 

@@ -230,3 +230,16 @@ def test_sharded_training_is_never_cached(tmp_path, cache_dir):
     b = _train(spec, tmp_path / "r2", epochs=1, devices=devs)
     assert not any(s.startswith("loaded ") for s in b[2])
     _same(a, b)
+
+
+def test_cache_command_reports_and_clears(tmp_path, cache_dir):
+    _train(_spec(tmp_path), tmp_path / "r1", steps=2)
+    n = len(list(cache_dir.glob("*.prog")))
+    size = sum(p.stat().st_size for p in cache_dir.glob("*.prog")) / 2**20
+    r = CliRunner().invoke(main, ["cache"])
+    assert r.exit_code == 0
+    assert r.output.startswith(f"program cache {cache_dir}: {n} compiled programs, "
+                               f"{size:.1f} MiB")
+    r = CliRunner().invoke(main, ["cache", "--clear"])
+    assert r.output == f"removed {n} compiled programs ({size:.1f} MiB) from {cache_dir}\n"
+    assert not list(cache_dir.glob("*.prog")) and (cache_dir / "key").is_file()
