@@ -217,6 +217,14 @@ def test_import_folds_layers_back_with_their_origin(work):
     text = spec.read_text()
     assert "  enc: {op: lstm, in: x, hidden: 32}   # onnx: LSTM 'enc/LSTM_l0_0'" in text
     assert "pred: {op: linear, in: enc.h, out: 1}" in text
+    # the transformer's blocks export as primitives (ReduceMean ... for its layer norms,
+    # ReduceMax/Exp/ReduceSum for softmax, reshapes for the heads) and come back as layers
+    spec, _ = dlgraph.import_onnx(example("transformer", work)[1], work / "tr_read.yaml")
+    ops = [nd.op for nd in dlgraph.load(spec).spec.nodes.values()]
+    assert ops.count("multi_head_attention") == 2 and ops.count("layer_norm") == 5
+    assert not {"softmax", "mean", "matmul", "reshape", "transpose"} & set(ops)
+    assert "  block1_self_attn: {op: multi_head_attention, in: block1_norm1, heads: 4}" in \
+        spec.read_text()
 
 
 def test_an_onnx_scan_imports_as_a_scan_over_a_module(work):
@@ -304,6 +312,15 @@ def test_models_exported_by_pytorch_import_and_match(name, work):
     np.testing.assert_allclose(got, ref, **TOL)
 
 
+def load_weights_file(path) -> dict:
+    from safetensors.numpy import load_file
+    return load_file(str(path))
+
+
+def mha_id(g) -> str:
+    return next(k for k, nd in g.spec.nodes.items() if nd.op == "multi_head_attention")
+
+
 class _Call:
     """Calls a module with its input alone (the legacy exporter would otherwise bake the
     defaults of TransformerEncoderLayer.forward, is_causal among them, into tensors)."""
@@ -321,21 +338,29 @@ class _Call:
         return Call()
 
 
-@pytest.mark.parametrize("batch_first", [True, False])
-def test_a_pytorch_transformer_encoder_layer_imports_and_matches(batch_first, work):
+@pytest.mark.parametrize("batch_first, opset", [(True, 17), (False, 17), (True, 14)])
+def test_a_pytorch_transformer_encoder_layer_imports_and_matches(batch_first, opset, work):
     import torch
     torch.manual_seed(1)
     layer = torch.nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=batch_first)
     m = _Call(layer).eval()
     shape, axis = ((2, 5, 16), 0) if batch_first else ((5, 2, 16), 1)
-    path = work / f"torch_encoder_{batch_first}.onnx"
-    torch.onnx.export(m, (torch.randn(*shape),), str(path), dynamo=False, opset_version=17,
+    path = work / f"torch_encoder_{batch_first}_{opset}.onnx"
+    torch.onnx.export(m, (torch.randn(*shape),), str(path), dynamo=False, opset_version=opset,
                       input_names=["x"], output_names=["y"], dynamic_axes={"x": {axis: "batch"}})
-    spec, weights = dlgraph.import_onnx(path, work / f"torch_encoder_{batch_first}.yaml")
+    spec, weights = dlgraph.import_onnx(path, work / f"torch_encoder_{batch_first}_{opset}.yaml")
     g = dlgraph.load(spec)
     dlgraph.validate(g)
     assert "digraph" in dlgraph.render(g)
-    assert len(g.spec.nodes) <= 30        # readable: the shape arithmetic is folded away
+    # readable: the shape arithmetic is gone, attention and the norms are layers again
+    # (below opset 17 PyTorch writes each layer norm as nine primitives)
+    ops = [nd.op for nd in g.spec.nodes.values()]
+    assert ops.count("multi_head_attention") == 1 and ops.count("layer_norm") == 2
+    assert ops.count("transpose") == (0 if batch_first else 2) and len(ops) <= 9
+    mha = next(nd for nd in g.spec.nodes.values() if nd.op == "multi_head_attention")
+    assert mha.heads == 4
+    np.testing.assert_array_equal(load_weights_file(weights)[f"{mha_id(g)}.in_proj_weight"],
+                                  layer.self_attn.in_proj_weight.detach().numpy())
     # another batch size than the exported one: the batch stays a named dim
     x = torch.randn(*(shape[:axis] + (3,) + shape[axis + 1:]))
     with torch.no_grad():

@@ -133,7 +133,7 @@ def act_rule(op):
     return rule
 
 
-def emit_layer(imp, node, op, ins, params: dict, out_name=None, **fields) -> str:
+def emit_layer(imp, node, op, ins, params: dict, out_name=None, name=None, **fields) -> str:
     """A layer node with its parameters; a following activation is folded into it."""
     out_name = out_name or node.output[0]
     origins = [origin(node)]
@@ -143,7 +143,7 @@ def emit_layer(imp, node, op, ins, params: dict, out_name=None, **fields) -> str
         imp.absorb(act)
         origins.append(origin(act))
         out_name = act.output[0]
-    nid = imp.add("=" + out_name if out_name in imp.outputs else hint(node, imp), op, ins,
+    nid = imp.add("=" + out_name if out_name in imp.outputs else name or hint(node, imp), op, ins,
                   origins, **fields)
     for k, v in params.items():
         imp.weights[f"{nid}.{k}"] = np.ascontiguousarray(v, np.float32)

@@ -15,8 +15,8 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 from .import_base import Importer, Unsupported, Value, hint, origin, valid_id
+from .import_fold import OPS as FOLD_OPS
 from .import_ops import attrs
-from .import_views import OPS as VIEW_OPS
 from .import_views import infer_missing
 
 
@@ -171,6 +171,6 @@ def scan(imp, node):
             imp.bind(out, ref)
 
 
-OPS = {**VIEW_OPS, "Scan": scan}
+OPS = {**FOLD_OPS, "Scan": scan}
 """ONNX operator type -> its import rule: every rule of :mod:`.import_ops`, those of
-:mod:`.import_views` over them, and Scan."""
+:mod:`.import_views` and :mod:`.import_fold` over them, and Scan."""

@@ -17,6 +17,7 @@ import yaml
 
 from dlgraph.engine.errors import DataError, DlgraphError, Source, SpecError
 
+from .fold_attention import fold_attention
 from .formats import require_onnx
 from .import_base import OPSET, Importer, Unsupported, valid_id
 from .import_scan import run_nodes
@@ -144,6 +145,11 @@ def import_proto(model, name: str | None = None, base: Path | None = None):
     spec = to_spec(imp, name or valid_id(model.graph.name or "model").replace("_", "-"))
     text = dump_spec(spec, imp.origin, imp.module_origins)
     g = load_graph(text, base=base or Path.cwd())
+    if fold_attention(imp, g, spec["outputs"]):
+        imp.prune(spec["outputs"])
+        spec["nodes"] = imp.nodes
+        text = dump_spec(spec, imp.origin, imp.module_origins)
+        g = load_graph(text, base=base or Path.cwd())
     wrong = {k for k in g.params if k not in imp.weights
              or tuple(imp.weights[k].shape) != g.params[k].shape}
     if wrong or set(imp.weights) - set(g.params):
