@@ -50,7 +50,15 @@ NETWORK = {
     "transformer": "embedding 64 + learned positions, 2 encoder blocks (4 heads), linear",
     "char_lm": "embedding 32, LSTM 128, linear 58",
     "digits": "MLP 64-128-10, ReLU, standardised pixels (scikit-learn's 8x8 digits)",
+    "denoising": "dense 256-128-32-128-256, input noise while training only",
+    "transfer/pretrain": "autoencoder 256-128-16-128-256 (the encoder for the next row)",
+    "transfer/classify": "the frozen encoder (init_from, freeze), dense 16-64-4",
 }
+
+#: examples in subfolders, run after the others in this order: a later one starts from an
+#: earlier one's weights, in the run directory named here (the path its spec reads)
+PIPELINE = {"transfer/pretrain": ROOT / "runs" / "transfer" / "pretrain",
+            "transfer/classify": None}
 
 # GAN check tolerances (see graphs/gan.yaml's doc)
 GAN_SAMPLES = 4096
@@ -160,7 +168,7 @@ def worker(path: Path, out: Path, steps: int | None = None) -> dict:
     if steps:
         return {"first_step_s": res.first_step_seconds}
     row = {
-        "spec": path.stem,
+        "spec": name_of(path),
         "name": g.name,
         "metrics": res.metrics,
         "target": res.target,
@@ -171,7 +179,7 @@ def worker(path: Path, out: Path, steps: int | None = None) -> dict:
         "first_step_s": res.first_step_seconds,
         "ops": [n.op for n in g.spec.nodes.values()],
     }
-    check = CHECKS.get(path.stem)
+    check = CHECKS.get(name_of(path))
     if check is not None:
         row["check"] = check(g, res)
     row["process_s"] = time.perf_counter() - t0
@@ -195,9 +203,11 @@ def run_one(path: Path, opts, tmp: Path, again: bool = False) -> dict:
     env = dict(os.environ, DLGRAPH_CACHE_DIR=str(tmp / "programs"))
     if opts.cold_cache:
         env["CACHELEVEL"] = "0"
-    result = tmp / f"{path.stem}{'-again' * again}.json"
+    stem = name_of(path).replace("/", "-") + "-again" * again
+    result = tmp / f"{stem}.json"
+    run_dir = PIPELINE.get(name_of(path)) if not again else None
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", str(path),
-           "--run-dir", str(tmp / f"{path.stem}{'-again' * again}"), "--result", str(result)]
+           "--run-dir", str(run_dir or tmp / stem), "--result", str(result)]
     cmd += ["--steps", "1"] if again else []
     t0 = time.perf_counter()
     try:
@@ -208,10 +218,15 @@ def run_one(path: Path, opts, tmp: Path, again: bool = False) -> dict:
         err = f"timed out after {opts.timeout:.0f} s"
     wall = time.perf_counter() - t0
     if err is not None or not result.exists():
-        return {"spec": path.stem, "error": err or "no result", "wall_s": wall}
+        return {"spec": name_of(path), "error": err or "no result", "wall_s": wall}
     row = json.loads(result.read_text())
     row["wall_s"] = wall
     return row
+
+
+def name_of(spec: Path) -> str:
+    """'mlp' for graphs/mlp.yaml, 'transfer/classify' for graphs/transfer/classify.yaml."""
+    return spec.resolve().relative_to(GRAPHS).with_suffix("").as_posix()
 
 
 def dlgraph_data_path(spec: Path) -> Path | None:
@@ -323,7 +338,8 @@ def report(rows: list[dict], mach: dict, opts, wall: float, command: str) -> str
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--only", help="comma-separated spec names (file stems), e.g. gan,cnn")
+    ap.add_argument("--only", help="comma-separated spec names (paths under graphs/ without "
+                    ".yaml), e.g. gan,cnn,transfer/pretrain")
     ap.add_argument("--out", type=Path, help=f"markdown file to write (default: "
                     f"{DEFAULT_OUT.relative_to(ROOT)} when running every example)")
     ap.add_argument("--cold-cache", action="store_true",
@@ -340,13 +356,13 @@ def main() -> int:
         opts.result.write_text(json.dumps(row))
         return 0
 
-    paths = sorted(GRAPHS.glob("*.yaml"))
+    paths = sorted(GRAPHS.glob("*.yaml")) + [GRAPHS / f"{n}.yaml" for n in PIPELINE]
     if opts.only:
         wanted = opts.only.split(",")
-        unknown = set(wanted) - {p.stem for p in paths}
+        unknown = set(wanted) - {name_of(p) for p in paths}
         if unknown:
             ap.error(f"no such example: {', '.join(sorted(unknown))}")
-        paths = [p for p in paths if p.stem in wanted]
+        paths = [p for p in paths if name_of(p) in wanted]
     out = opts.out or (None if opts.only else DEFAULT_OUT)
     command = " ".join(["python", "bench/examples.py"] + sys.argv[1:])
     t0 = time.perf_counter()
@@ -355,10 +371,10 @@ def main() -> int:
         for path in paths:
             data = dlgraph_data_path(path)
             if data is not None and not data.exists():     # e.g. scripts/export_digits.py
-                print(f"{path.stem}: skipped, {data.relative_to(ROOT)} is missing (the spec's "
+                print(f"{name_of(path)}: skipped, {data.relative_to(ROOT)} is missing (the spec's "
                       "doc names the script that makes it)", file=sys.stderr, flush=True)
                 continue
-            print(f"{path.stem} ...", file=sys.stderr, flush=True)
+            print(f"{name_of(path)} ...", file=sys.stderr, flush=True)
             row = run_one(path, opts, Path(tmp))
             if "error" not in row:
                 again = run_one(path, opts, Path(tmp), again=True)
