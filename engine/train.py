@@ -474,6 +474,7 @@ def split_data(graph: Graph, spec, data: dict | None = None, standardize: bool =
         f"; split {frac:g} × {n:,} = {n * frac:,.6g}, rounded to {n_val // spec.batch} whole " \
         f"batch{'es' * (n_val != spec.batch)} of {spec.batch}"
     labels = _stratify_labels(graph, spec, arrays)
+    note += f"; stratified by {spec.validation.stratify}" if labels is not None else ""
     train_arrays, val_arrays = split(arrays, n_val / n, spec.seed, labels)
     stats = scaling.fit(train_arrays, names, where)
     return scaling.apply(train_arrays, stats), scaling.apply(val_arrays, stats), note, stats
