@@ -49,6 +49,7 @@ from .summary import summarize
 from .train import (
     TrainResult,
     Validator,
+    _count,
     _goal,
     _metric_refs,
     _run_dir,
@@ -339,9 +340,11 @@ def train_workers(graph: Graph, *, workers: int, address: str | None = None, out
     epochs = epochs or spec.epochs
     echo(f"training {graph.name} on {workers} Ray Train workers ({kind} all-reduce): "
          f"{len(next(iter(train_arrays.values()))):,} training samples{note}, batch "
-         f"{spec.batch} ({spec.batch // workers} per worker), up to {epochs} epochs")
+         f"{spec.batch} ({spec.batch // workers} per worker), up to {_count(epochs, 'epoch')}")
     started = _start_ray(ray, address)
     try:
+        if address is None:
+            _check_resources(ray, workers, _gpu(device))
         posts = _fit(ray, trainer_cls, run_dir, workers, kind, {
             "spec": graph.spec.model_dump(mode="json", by_alias=True, exclude_none=True),
             "base": str(Path(graph.base or Path.cwd()).resolve()), "device": device,
@@ -399,6 +402,21 @@ def _start_ray(ray, address: str | None) -> bool:
     return True
 
 
+def _gpu(device: str | None) -> bool:
+    return (device or "").lower() in ("cuda", "nv", "amd")
+
+
+def _check_resources(ray, workers: int, gpu: bool) -> None:
+    """A local Ray must hold one CPU (or GPU) per worker: Ray Train would wait forever."""
+    kind = "GPU" if gpu else "CPU"
+    have = int(ray.cluster_resources().get(kind, 0))
+    if have < workers:
+        raise DlgraphError(f"this machine's Ray has {have} {kind}{'s' * (have != 1)}; "
+                           f"{workers} workers need one each",
+                           help=f"use --workers {have} or fewer, or join a larger cluster with "
+                                "--address" if have else "join a cluster with --address")
+
+
 def _fit(ray, trainer_cls, run_dir: Path, workers: int, kind: str, config: dict) -> dict:
     """Run the workers; returns what they posted on the board."""
     from ray.train import RunConfig, ScalingConfig
@@ -410,9 +428,9 @@ def _fit(ray, trainer_cls, run_dir: Path, workers: int, kind: str, config: dict)
     if kind == "gloo":
         from ray.train.torch import TorchConfig
         more["backend_config"] = TorchConfig(backend="gloo")
-    gpu = (config["device"] or "").lower() in ("cuda", "nv", "amd")
     trainer = trainer_cls(_worker, train_loop_config=config,
-                          scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpu),
+                          scaling_config=ScalingConfig(num_workers=workers,
+                                                       use_gpu=_gpu(config["device"])),
                           run_config=RunConfig(name="train",
                                                storage_path=str((run_dir / "ray").resolve())),
                           **more)
