@@ -11,6 +11,9 @@ eps a scalar constant, weight and bias constants of the normalised shape) and wr
 
 ``softmax``: ``e = Exp(x - ReduceMax(x)); e / ReduceSum(e)`` over one axis (kept dims), as
 dlgraph itself exports a softmax nested in a block, becomes one ``softmax``.
+
+ONNX ``Attention`` (opset 23) is dlgraph's ``attention`` (3-D inputs split into heads and
+merged again around it), where it has no cache, no grouped heads, softcap or window.
 """
 
 from __future__ import annotations
@@ -171,5 +174,58 @@ def reduce_max(imp, node):
     imp.bind(out, nid)
 
 
-OPS = {**VIEW_OPS, "ReduceMean": reduce_mean, "ReduceMax": reduce_max}
+def _attention_problems(imp, node, a) -> list[str]:
+    ins = list(node.input) + [""] * 7
+    used = [o for o in node.output[1:] if o and (o in imp.consumers or o in imp.outputs)]
+    ranks = [imp.rank(i) for i in node.input[:3]]
+    heads = (a.get("q_num_heads"), a.get("kv_num_heads"))
+    shapes = [imp.shape(i) for i in node.input[:3]]
+    problems = [
+        (ins[4] or ins[5], "past key and value (a cache)"), (ins[6], "padded key lengths"),
+        (used, "its present key/value or scores outputs"),
+        (a.get("softcap", 0.0), "softcap"),
+        (a.get("left_window_size", -1) != -1 or a.get("right_window_size", -1) != -1,
+         "a sliding window"),
+        (len(set(ranks)) != 1 or ranks[0] not in (3, 4), "inputs of ranks {ranks}"),
+        (ranks[0] == 3 and (None in heads or heads[0] != heads[1]),
+         "grouped query heads" if None not in heads else "3-D inputs without head counts"),
+        (ranks[0] == 4 and None not in shapes and shapes[0][1] != shapes[1][1],
+         "grouped query heads")]
+    return [why for cond, why in problems if cond]
+
+
+def _heads(imp, ref, shape, h, name):
+    """[B, S, H*d] -> [B, H, S, d]."""
+    b, t, e = shape
+    r = imp.add(f"{name}_heads", "reshape", [ref], [], shape=[b, t, h, e // h])
+    return imp.add(f"{name}_heads", "transpose", [r], [], axes=[0, 2, 1, 3])
+
+
+def attention_op(imp, node):
+    """ONNX Attention (opset 23): dlgraph's attention, heads split for 3-D inputs."""
+    from .import_base import Unsupported
+    a = attrs(node)
+    bad = _attention_problems(imp, node, a)
+    if bad:
+        raise Unsupported("; ".join(bad))
+    refs = [imp.ref(i) for i in node.input[:3]]
+    three = imp.rank(node.input[0]) == 3
+    if three:
+        h = a["q_num_heads"]
+        refs = [_heads(imp, r, imp.shape(i), h, hint(node)) for r, i in
+                zip(refs, node.input[:3], strict=True)]
+    mask = [imp.ref(node.input[3])] if len(node.input) > 3 and node.input[3] else []
+    y = imp.add(hint(node) if three else hint(node, imp), "attention", refs + mask,
+                [origin(node)], causal=True if a.get("is_causal", 0) else None,
+                scale=_f32(a["scale"]) if "scale" in a else None)
+    if three:
+        b, t = imp.shape(node.input[0])[:2]
+        y = imp.add(hint(node, imp), "reshape",
+                    [imp.add(hint(node), "transpose", [y], [], axes=[0, 2, 1, 3])], [],
+                    shape=[b, t, -1])
+    imp.bind(node.output[0], y)
+
+
+OPS = {**VIEW_OPS, "ReduceMean": reduce_mean, "ReduceMax": reduce_max,
+       "Attention": attention_op}
 """ONNX operator type -> its import rule (the folds here over :mod:`.import_views`)."""

@@ -305,8 +305,6 @@ def layer_norm(imp, node):
     a, rank = attrs(node), imp.rank(node.input[0])
     scale = imp.const(node.input[1])
     bias = imp.const(node.input[2]) if len(node.input) > 2 and node.input[2] else None
-    if len([o for o in node.output if o]) > 1:
-        raise Unsupported("its Mean and InvStdDev outputs")
     if rank is None or scale is None or (len(node.input) > 2 and node.input[2] and bias is None):
         raise Unsupported("only LayerNormalization with constant scale and bias")
     dims = rank - _norm(a.get("axis", -1), rank)
@@ -315,6 +313,23 @@ def layer_norm(imp, node):
                {"weight": scale, "bias": bias},
                **_tidy({"eps": _f32(a.get("epsilon", 1e-5))}, {"eps": 1e-5}),
                dims=dims if dims != 1 else None)
+    if any(node.output[1:]):
+        _norm_statistics(imp, node, list(range(rank - dims, rank)), a.get("epsilon", 1e-5))
+
+
+def _norm_statistics(imp, node, axes, eps):
+    """LayerNormalization's Mean and InvStdDev outputs, as primitives beside the layer."""
+    h, x = hint(node), imp.ref(node.input[0])
+    mean = imp.add(f"{h}_mean", "mean", [x], [origin(node)], axes=axes, keepdims=True)
+    d = imp.add(h, "sub", [x, mean], [])
+    var = imp.add(h, "mean", [imp.add(h, "mul", [d, d], [])], [], axes=axes, keepdims=True)
+    std = imp.add(h, "sqrt", [imp.add(h, "add", [var, imp.add(h, "const", [], [],
+                                                             value=float(eps))], [])], [])
+    inv = imp.add(f"{h}_inv_std", "div", [imp.add(h, "const", [], [], value=1.0), std],
+                  [origin(node)])
+    for name, ref in zip(node.output[1:3], (mean, inv), strict=False):
+        if name:
+            imp.bind(name, ref)
 
 
 def softmax(op):
