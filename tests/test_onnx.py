@@ -239,6 +239,58 @@ def test_an_onnx_scan_imports_as_a_scan_over_a_module(work):
     assert "xi" in module.nodes and module.nodes["hi"]["bias"] is False
 
 
+def _merged_batch_model(tail: str):
+    """x [batch, 5, 6] -> Reshape [batch * 5, 6] (shape computed from Shape(x)) -> Gemm ->
+    then `tail`: 'back' reshapes to [batch, 5, 4]; 'sum' reduces over the merged axis."""
+    from onnx import TensorProto, helper, numpy_helper
+    rng = np.random.default_rng(3)
+    w = numpy_helper.from_array(rng.standard_normal((4, 6)).astype(np.float32), "w")
+    b = numpy_helper.from_array(rng.standard_normal(4).astype(np.float32), "b")
+    c = lambda name, v: numpy_helper.from_array(np.array(v, np.int64), name)
+    nodes = [helper.make_node("Shape", ["x"], ["s"]),
+             helper.make_node("Gather", ["s", "i0"], ["bt"], axis=0),
+             helper.make_node("Mul", ["bt", "five"], ["bt5"]),
+             helper.make_node("Unsqueeze", ["bt5", "ax0"], ["bt5u"]),
+             helper.make_node("Concat", ["bt5u", "six"], ["flat"], axis=0),
+             helper.make_node("Reshape", ["x", "flat"], ["x2"]),
+             helper.make_node("Gemm", ["x2", "w", "b"], ["y2"], transB=1)]
+    if tail == "back":
+        nodes += [helper.make_node("Unsqueeze", ["bt", "ax0"], ["btu"]),
+                  helper.make_node("Concat", ["btu", "five4"], ["back"], axis=0),
+                  helper.make_node("Reshape", ["y2", "back"], ["y"])]
+        out = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 5, 4])
+    else:
+        nodes += [helper.make_node("ReduceSum", ["y2", "ax0"], ["y"], keepdims=0)]
+        out = helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 5, 6])
+    inits = [w, b, c("i0", 0), c("five", 5), c("ax0", [0]), c("six", [6]), c("five4", [5, 4])]
+    model = helper.make_model(helper.make_graph(nodes, "merged", [x], [out], inits),
+                              opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    return model
+
+
+def test_a_reshape_merging_the_batch_is_followed_without_writing_it(work):
+    path = work / "merged.onnx"
+    onnx.save(_merged_batch_model("back"), str(path))
+    spec, weights = dlgraph.import_onnx(path, work / "merged.yaml")
+    g = dlgraph.load(spec)
+    assert [nd.op for nd in g.spec.nodes.values()] == ["linear"]       # no [batch * 5, 6]
+    x = np.random.default_rng(4).standard_normal((3, 5, 6)).astype(np.float32)
+    got = dlgraph.compile(g, weights=weights)(x=x)["y"]
+    np.testing.assert_allclose(got, run_ort(path, {"x": x})["y"], **TOL)
+
+
+def test_a_value_that_needs_the_merged_batch_is_refused_with_the_dims(work):
+    path = work / "merged_sum.onnx"
+    onnx.save(_merged_batch_model("sum"), str(path))
+    with pytest.raises(dlgraph.SpecError) as e:
+        dlgraph.import_onnx(path, work / "merged_sum.yaml")
+    assert "merges the named dim of [batch, 5] with others (dlgraph keeps named dims " \
+           "apart)" in str(e.value)
+    assert not (work / "merged_sum.yaml").exists()
+
+
 def test_unsupported_operators_are_listed_in_one_error_and_nothing_is_written(work):
     from onnx import TensorProto, helper
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])

@@ -265,19 +265,47 @@ def report(results: list[Result], command: str) -> str:
 def _tables() -> list[str]:
     """What export and import cover, generated from their tables."""
     from .export import LAYERS
-    from .import_ops import OPS
+    from .import_scan import OPS
     from .prims import PRIMITIVES
     return ["", "## What dlgraph exports and imports", "",
             "Export writes these spec layers as ONNX operators of their own (from the spec "
             "node): " + ", ".join(f"`{k}`" for k in sorted(LAYERS)) + "; and these "
             "primitives one by one: " + ", ".join(f"`{k}`" for k in sorted(PRIMITIVES)) +
-            ". A `scan` over a user module has no export yet.", "",
+            ". A `scan` over a module of the spec is one ONNX `Scan` (batch-first, its body "
+            "the module's primitives reading the weights from the outer graph; a state read "
+            "at every step is a Scan output, a state read at the end its final value). "
+            "Layers nested in another composite (the norms, attention and softmax of a "
+            "transformer block) are written as their primitives.", "",
             "Import reads these ONNX operators: " + ", ".join(f"`{k}`" for k in sorted(OPS)) +
             ". Gemm, MatMul (+ Add), Conv, ConvTranspose, BatchNormalization, "
             "LayerNormalization, Gather of a table, LSTM, GRU and RNN with constant weights "
             "become layers (linear, conv2d/conv1d, conv_transpose2d, batch_norm, layer_norm, "
             "embedding, lstm, gru, rnn), with a following activation folded in; shape "
-            "arithmetic is read from ONNX's shape inference."]
+            "arithmetic is read from ONNX's shape inference and followed symbolically "
+            "(`batch * 4`, slices of shapes).", "",
+            "Patterns folded back into one layer, where they are unambiguous:", "",
+            "- `layer_norm`: ReduceMean, Sub, Pow (or Mul), ReduceMean, Add eps, Sqrt, Div "
+            "[, Mul weight, Add bias] over trailing axes, each step read only by the next "
+            "(PyTorch below opset 17; dlgraph's own nested norms).",
+            "- `softmax`: Exp(x - ReduceMax x) / ReduceSum over one axis.",
+            "- `multi_head_attention`: self-attention written out (one projection to 3E "
+            "features split into q, k, v; heads split by Reshape/Transpose; "
+            "Softmax(q k^T s) v; heads merged; a projection to E), when nothing else reads "
+            "the nodes in between and the candidate layer reproduces them on a random input "
+            "in float64 (heads, batch- or time-first input and output are found that way). "
+            "PyTorch's TransformerEncoderLayer (opset 14 or 17, batch_first or not) imports "
+            "as 7 nodes.",
+            "- `scan` over a module: ONNX Scan with one scan input, running forwards, "
+            "whose scan outputs read downstream copy one state and whose body reads only "
+            "constants of the outer graph; the body becomes a module under `modules:`.",
+            "- `attention`: ONNX Attention (opset 23) without a cache, grouped heads, "
+            "softcap or sliding window (3-D inputs are split into heads around it).", "",
+            "What stays primitive: attention with a mask, causal masking or two sources "
+            "written as primitives (a Where or Add before the Softmax), a scale other than "
+            "1/sqrt(d), norms over leading axes or whose intermediates are read elsewhere. "
+            "Reshapes that fold a named dim into another (PyTorch's batch * heads) are "
+            "followed as regrouped views of a tensor and never written; an operator that "
+            "needs such a value itself is refused, naming the merged dims."]
 
 
 def _details(results: list[Result]) -> list[str]:

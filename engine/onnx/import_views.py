@@ -43,7 +43,7 @@ def _run_on(imp: Importer, node, subs: dict[str, tuple[Value, tuple]]) -> list[s
 
 def transpose(imp, node):
     view = view_of(imp, node.input[0])
-    if view is None or imp.const(node.input[0]) is not None or _eager(imp, node):
+    if view is None or imp.const(node.input[0]) is not None:
         return BASE["Transpose"](imp, node)
     perm = attrs(node).get("perm")
     perm = list(perm) if perm is not None else list(reversed(range(len(view.groups))))
@@ -70,7 +70,7 @@ def _reshape_target(imp, node, view: View) -> tuple | None:
 def reshape(imp, node):
     view = view_of(imp, node.input[0])
     target = None if view is None else _reshape_target(imp, node, view)
-    if target is None or imp.const(node.input[0]) is not None or _eager(imp, node):
+    if target is None or imp.const(node.input[0]) is not None:
         return BASE["Reshape"](imp, node)
     bind_view(imp, node, regroup(imp, node, view, target))
 

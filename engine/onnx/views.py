@@ -143,7 +143,11 @@ def bind_view(imp: Importer, node, view: View, out: str | None = None) -> None:
     out = out or node.output[0]
     imp.shapes[out] = view.shape
     if view.plain():
-        imp.bind(out, view.ref)
+        ref = view.ref
+        if out in imp.outputs and ref in imp.nodes and ref not in {
+                imp.values[o].ref for o in imp.outputs if o in imp.values}:
+            ref = imp.rename(ref, out)          # the node making an output carries its name
+        imp.bind(out, ref)
         return
     view.hint, view.origins = hint(node, imp), (origin(node),)
     imp.values[out] = Value(view=view)
