@@ -256,8 +256,10 @@ class Builder:
             yield
         finally:
             self._shares.pop()
-        prefix = ".".join(share.to) + "."
-        owned = {p for p in self.graph.params if p.startswith(prefix)}
+        prefix, root = ".".join(share.to) + ".", self
+        while root.outer is not None:                  # a loop body's parameters live outside
+            root = root.outer
+        owned = {p for p in root.graph.params if p.startswith(prefix)}
         if not owned or owned - share.used:
             missing = sorted(p.removeprefix(prefix) for p in owned - share.used)
             raise share.error(f"'{share.name}' has no parameters to share" if not owned else
@@ -407,6 +409,8 @@ class Builder:
         sub.outer, sub.scope, sub.source, sub.user = self, self.scope, self.source, self.user
         sub.role, sub.origin, sub.modules = self.role, self.origin, self.modules
         sub._layers = list(self._layers)
+        sub.graph.layers, sub.graph.shared = self.graph.layers, self.graph.shared  # one record
+        sub._shares, sub.owners = self._shares, self.owners
         return sub
 
     def const_input(self, outer_id: str) -> str:

@@ -188,8 +188,8 @@ def _splice_loops(graph: Graph) -> Graph:
             if bn.role != "input" and bid not in nodes:
                 nodes[bid] = dataclasses.replace(bn, inputs=tuple(wire.get(i, i)
                                                                   for i in bn.inputs))
-                if bn.scope:
-                    g.loop_notes.setdefault(bn.scope, _loop_note(a))
+                if len(bn.scope) > len(n.scope):      # the step's own scope, not those in it
+                    g.loop_notes.setdefault(bn.scope[:len(n.scope) + 1], _loop_note(a))
         for j in range(a.n_state):                       # the carried state: next step
             state = names[a.n_seq + j]
             for bid, bn in a.body.nodes.items():

@@ -486,3 +486,13 @@ def test_a_line_still_being_written_is_skipped(tmp_path):
     with open(run / "metrics.jsonl", "a") as f:
         f.write('{"kind": "step", "epo')
     assert len(read_metrics(run / "metrics.jsonl")) == len(good_lines())
+
+
+@needs_dot
+def test_a_scanned_module_cell_is_marked_once():
+    """The loop note sits on the step's own cluster, not on every layer inside the cell."""
+    got = layout(render(dlgraph.load(ROOT / "graphs" / "custom_cell.yaml"), expand=True))
+    noted = [c["label"] for c in got["clusters"].values() if "steps" in c["label"]]
+    assert noted == ["cell × 16 steps"]
+    labels = {c["label"] for c in got["clusters"].values()}
+    assert {"hf (linear)", "xf (linear)"} <= labels          # the gates, each drawn, once
