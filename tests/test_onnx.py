@@ -377,7 +377,7 @@ class _Call:
     """Calls a module with its input alone (the legacy exporter would otherwise bake the
     defaults of TransformerEncoderLayer.forward, is_causal among them, into tensors)."""
 
-    def __new__(cls, inner):
+    def __new__(cls, inner, mask=None):
         import torch
 
         class Call(torch.nn.Module):
@@ -386,21 +386,24 @@ class _Call:
                 self.inner = inner
 
             def forward(self, x):
-                return self.inner(x)
+                return self.inner(x) if mask is None else self.inner(x, src_mask=mask)
         return Call()
 
 
-@pytest.mark.parametrize("batch_first, opset", [(True, 17), (False, 17), (True, 14)])
-def test_a_pytorch_transformer_encoder_layer_imports_and_matches(batch_first, opset, work):
+@pytest.mark.parametrize("batch_first, opset, causal", [(True, 17, False), (False, 17, False),
+                                                        (True, 14, False), (False, 17, True)])
+def test_a_pytorch_transformer_encoder_layer_imports_and_matches(batch_first, opset, causal,
+                                                                 work):
     import torch
     torch.manual_seed(1)
     layer = torch.nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=batch_first)
-    m = _Call(layer).eval()
+    mask = torch.nn.Transformer.generate_square_subsequent_mask(5) if causal else None
+    m = _Call(layer, mask).eval()
     shape, axis = ((2, 5, 16), 0) if batch_first else ((5, 2, 16), 1)
-    path = work / f"torch_encoder_{batch_first}_{opset}.onnx"
+    path = work / f"torch_encoder_{batch_first}_{opset}_{causal}.onnx"
     torch.onnx.export(m, (torch.randn(*shape),), str(path), dynamo=False, opset_version=opset,
                       input_names=["x"], output_names=["y"], dynamic_axes={"x": {axis: "batch"}})
-    spec, weights = dlgraph.import_onnx(path, work / f"torch_encoder_{batch_first}_{opset}.yaml")
+    spec, weights = dlgraph.import_onnx(path, work / f"{path.stem}.yaml")
     g = dlgraph.load(spec)
     dlgraph.validate(g)
     assert "digraph" in dlgraph.render(g)
@@ -408,9 +411,9 @@ def test_a_pytorch_transformer_encoder_layer_imports_and_matches(batch_first, op
     # (below opset 17 PyTorch writes each layer norm as nine primitives)
     ops = [nd.op for nd in g.spec.nodes.values()]
     assert ops.count("multi_head_attention") == 1 and ops.count("layer_norm") == 2
-    assert ops.count("transpose") == (0 if batch_first else 2) and len(ops) <= 9
+    assert ops.count("transpose") == (0 if batch_first else 2) and len(ops) <= 10
     mha = next(nd for nd in g.spec.nodes.values() if nd.op == "multi_head_attention")
-    assert mha.heads == 4
+    assert mha.heads == 4 and len(mha.in_) == (3 if causal else 1)   # the mask: an input
     np.testing.assert_array_equal(load_weights_file(weights)[f"{mha_id(g)}.in_proj_weight"],
                                   layer.self_attn.in_proj_weight.detach().numpy())
     # another batch size than the exported one: the batch stays a named dim

@@ -10,8 +10,9 @@ reshapes) the spec holds these as primitives. This pass finds each ``softmax`` b
 A match is folded only where it is unambiguous: the nodes in between are read by nothing
 else, and the candidate ``multi_head_attention`` (heads from the reshapes seen, batch-first
 or time-first input and output) gives the same numbers as the primitives it replaces, on a
-random input in float64. Masked or causal attention (a ``where`` or ``add`` before the
-softmax), cross-attention and dropout stay primitive.
+random input in float64. An additive constant mask before the softmax (PyTorch's
+``attn_mask``, a causal mask say) becomes the layer's mask input; a ``where`` mask,
+cross-attention and dropout stay primitive.
 """
 
 from __future__ import annotations
@@ -73,15 +74,26 @@ def _down(nodes, readers, ref: str, seen: set[str]) -> str | None:
         seen.add(ref)
 
 
+def _mask(nodes, ref: str) -> tuple[str, str | None, set[str]]:
+    """The scores before an additive constant mask (PyTorch's attn_mask): (scores, mask)."""
+    nd = nodes.get(ref, {})
+    if nd.get("op") == "add":
+        a, b = _ins(nd)
+        for s, m in ((a, b), (b, a)):
+            if nodes.get(m, {}).get("op") == "param" and nodes.get(s, {}).get("op") == "matmul":
+                return s, m, {ref}
+    return ref, None, set()
+
+
 def _match(nodes, readers, sid: str):
-    """(L, O, the nodes between them) around softmax `sid`, or None."""
-    m1 = _ins(nodes[sid])[0]
+    """(L, O, the nodes between them, an additive mask or None) around softmax `sid`."""
+    m1, mask, extra = _mask(nodes, _ins(nodes[sid])[0])
     rs = readers.get(sid, [])
     if nodes[sid].get("axis", -1) != -1 or nodes.get(m1, {}).get("op") != "matmul" or \
             len(rs) != 1 or nodes[rs[0]]["op"] != "matmul" or _ins(nodes[rs[0]])[0] != sid:
         return None
     m2 = rs[0]
-    seen = {sid, m1, m2}
+    seen = {sid, m1, m2} | extra
     tops = {_up(nodes, r, seen) for r in _ins(nodes[m1]) + _ins(nodes[m2])[1:]}
     if len(tops) != 1 or None in tops:
         return None
@@ -94,7 +106,7 @@ def _match(nodes, readers, sid: str):
     inner = seen | {lin}
     if any(r not in inner and r != out for n in inner for r in readers.get(n, [])):
         return None
-    return lin, out, seen
+    return lin, out, seen, mask
 
 
 # -- checking a candidate in float64 ----------------------------------------------------------
@@ -118,27 +130,28 @@ def _eval(imp: Importer, nd, nid: str, xs: list, dims: dict):
         "squeeze": lambda: np.squeeze(xs[0], a["axis"]),
         "unsqueeze": lambda: np.expand_dims(xs[0], a["axis"]),
         "mul": lambda: xs[0] * xs[1], "matmul": lambda: xs[0] @ xs[1],
+        "add": lambda: xs[0] + xs[1],
         "softmax": lambda: _softmax(xs[0], a.get("axis", -1)),
         "const": lambda: np.float64(a["value"]),
     }
     return table[op]()
 
 
-def _run(imp, order, x_ref, x, dims):
-    vals = {x_ref: x}
+def _run(imp, order, x_ref, x, dims, mask=None):
+    vals = {x_ref: x, **({mask: imp.weights[mask].astype(np.float64)} if mask else {})}
     for nid in order:
         nd = imp.nodes[nid]
         vals[nid] = _eval(imp, nd, nid, [vals[r] for r in _ins(nd)], dims)
     return vals
 
 
-def _reference(w_in, b_in, w_out, b_out, x, heads):
-    """PyTorch's nn.MultiheadAttention (batch first), in float64."""
+def _reference(w_in, b_in, w_out, b_out, x, heads, mask=0.0):
+    """PyTorch's nn.MultiheadAttention (batch first, float mask added), in float64."""
     b, t, e = x.shape
     q, k, v = np.split(x @ w_in.T + b_in, 3, axis=-1)
     split = lambda z: z.reshape(b, t, heads, e // heads).transpose(0, 2, 1, 3)
     q, k, v = split(q), split(k), split(v)
-    o = _softmax(q @ k.transpose(0, 1, 3, 2) / np.sqrt(e // heads)) @ v
+    o = _softmax(q @ k.transpose(0, 1, 3, 2) / np.sqrt(e // heads) + mask) @ v
     return o.transpose(0, 2, 1, 3).reshape(b, t, e) @ w_out.T + b_out
 
 
@@ -151,8 +164,9 @@ def _params(imp, lin, out):
     return {k: v for k, v in p.items() if v is not None}
 
 
-def _candidate(imp, graph, lin, out, seen):
-    """(heads, input time-first, output time-first) that reproduce the primitives."""
+def _candidate(imp, graph, lin, out, seen, mask):
+    """(heads, input time-first, output time-first, weights) that reproduce the
+    primitives."""
     x_ref = imp.nodes[lin]["in"]
     shape = graph.inputs[x_ref].shape if x_ref in graph.inputs else \
         graph[graph.resolve(x_ref)].type.shape
@@ -164,7 +178,7 @@ def _candidate(imp, graph, lin, out, seen):
     x = np.random.default_rng(0).standard_normal([dims.get(d, d) for d in shape])
     order = [n for n in imp.nodes if n in seen or n in (lin, out)]
     try:
-        got = _run(imp, order, x_ref, x, dims)[out]
+        got = _run(imp, order, x_ref, x, dims, mask)[out]
     except (KeyError, ValueError, IndexError, TypeError):
         return None
     e = imp.nodes[out]["out"]
@@ -176,8 +190,12 @@ def _candidate(imp, graph, lin, out, seen):
     for h in sorted(heads):
         for t_in in (False, True):
             xb = x.transpose(1, 0, 2) if t_in else x
-            ref = _reference(f64["in_proj_weight"], f64.get("in_proj_bias", 0 * zero.repeat(3)),
-                             f64["out_proj.weight"], f64.get("out_proj.bias", zero), xb, h)
+            try:
+                ref = _reference(f64["in_proj_weight"], f64.get("in_proj_bias", 0 * zero.repeat(
+                    3)), f64["out_proj.weight"], f64.get("out_proj.bias", zero), xb, h,
+                    imp.weights[mask].astype(np.float64) if mask else 0.0)
+            except ValueError:                  # a mask that does not fit this layout
+                continue
             for t_out in (False, True):
                 want = ref.transpose(1, 0, 2) if t_out else ref
                 if want.shape == got.shape and np.allclose(got, want, rtol=1e-5, atol=1e-8):
@@ -185,7 +203,7 @@ def _candidate(imp, graph, lin, out, seen):
     return None
 
 
-def _replace(imp, lin, out, seen, found, outputs: list[str]) -> None:
+def _replace(imp, lin, out, seen, mask, found, outputs: list[str]) -> None:
     heads, t_in, t_out, p = found
     x = imp.nodes[lin]["in"]
     origins = [o for n in imp.nodes if n in seen | {lin, out} for o in imp.origin.get(n, [])]
@@ -194,7 +212,7 @@ def _replace(imp, lin, out, seen, found, outputs: list[str]) -> None:
     if t_in:
         x = f"{nid}_batch_first"
         new[x] = ({"op": "transpose", "in": imp.nodes[lin]["in"], "axes": [1, 0, 2]}, [])
-    fields = {"op": "multi_head_attention", "in": x, "heads": heads}
+    fields = {"op": "multi_head_attention", "in": [x, x, mask] if mask else x, "heads": heads}
     if "in_proj_bias" not in p:
         fields["bias"] = False
     new[nid] = (fields, origins[:2] + (["..."] if len(origins) > 3 else []) + origins[-1:])

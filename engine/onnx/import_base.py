@@ -123,7 +123,10 @@ class Importer:
         elif c.dtype.kind == "f":
             v.ref = self.add(name, "param", [], [name], shape=list(c.shape), init="zeros",
                              trainable=False)
-            self.weights[v.ref] = c.astype(np.float32)
+            # weights files hold finite floats: an additive mask's -inf is dlgraph's -1e9
+            # (exp(-1e9 - max) is 0 in float32 as well)
+            self.weights[v.ref] = np.clip(c, -1e9, 1e9).astype(np.float32) \
+                if np.isinf(c).any() else c.astype(np.float32)
         else:
             raise Unsupported(f"the {c.dtype} tensor '{name}' cannot be a value of the graph")
         return v.ref
