@@ -168,3 +168,20 @@ def test_module_without_parameters_cannot_share(tmp_path):
         load(tmp_path, text)
     assert "`share: a`: 'a' has no parameters to share" in str(e.value)
     assert "help:" in str(e.value)
+
+
+
+def test_sharing_a_sharer_uses_the_first_nodes_parameters(tmp_path):
+    g = load(tmp_path, spec_text("  fa: {op: linear, in: x, out: 3, activation: tanh}\n"
+                                 "  fb: {op: linear, in: fa, out: 3, activation: tanh, "
+                                 "share: fa}\n"
+                                 "  obj: {op: linear, in: fb, out: 3, activation: tanh, "
+                                 "share: fb}\n"))
+    assert sorted(g.params) == ["fa.bias", "fa.weight"]
+    m = dlgraph.compile(g, seed=0)
+    w, b = (m.params[k].numpy().astype(np.float64) for k in ("fa.weight", "fa.bias"))
+    x = np.random.default_rng(2).standard_normal((5, 3)).astype(np.float32)
+    ref = x.astype(np.float64)
+    for _ in range(3):                                      # the same layer, three times
+        ref = np.tanh(ref @ w.T + b)
+    np.testing.assert_allclose(m(x=x, y=x)["obj"], ref, rtol=1e-5, atol=1e-6)
