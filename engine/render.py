@@ -583,6 +583,8 @@ class _Drawing:
         if len(path) == 1:
             user = path[0].removeprefix(GRAD)
             op = self._op_text(user)
+            owner = getattr(self.g, "shared", {}).get(user)
+            op += f"; the parameters of {owner}" if owner and not grad else ""
             label = ("∇ " if grad else "") + user + (f" ({op})" if op else "")
         else:
             op = "" if grad else self._op_text("/".join(path))

@@ -123,6 +123,13 @@ def test_drawn_as_linked_boxes(tmp_path):
     assert "32 params" in a_line
     shared = [ln for ln in dot.splitlines() if ln.strip().startswith('"a" -> "b"')]
     assert len(shared) == 1 and "shared parameters" in shared[0] and "dashed" in shared[0]
+    # opened, the second use's layers read the first's parameters across the clusters
+    dot = dlgraph.render(load(tmp_path, spec_text(TWO_USES)), expand=True)
+    assert 'label="b (mlp; the parameters of a)"' in dot
+    edges = [ln for ln in dot.splitlines() if "shared parameters" in ln]
+    assert {ln.split(" -> ")[0].strip() for ln in edges} == {
+        '"a/h/weight"', '"a/h/bias"', '"a/o/weight"', '"a/o/bias"'}
+    assert all(ln.split(" -> ")[1].startswith('"b/') for ln in edges)
 
 
 @pytest.mark.parametrize("nodes,message", [
