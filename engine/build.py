@@ -499,8 +499,25 @@ def build(spec, lines: dict | None = None, file: str = "<spec>",
         g.outputs[ref] = env[ref]
     used = {ref.split(".")[0] for nd in spec.nodes.values() for ref in nd.in_}
     g.warnings = [f"{Source(file, lines.get(('inputs', n)))}: input '{n}' is not used by any "
-                  "node" for n in spec.inputs if n not in used]
+                  "node" for n in spec.inputs if n not in used] + _unused_module_inputs(b.modules)
     return g
+
+
+def _unused_module_inputs(modules: dict) -> list[str]:
+    """A warning per module input that none of the module's nodes reads."""
+    out = []
+    for name, mdef in modules.items():
+        read = set()
+        for nd in mdef.spec.nodes.values():
+            refs = nd.get("in", []) if isinstance(nd, dict) else []
+            read |= {r.split(".")[0] for r in ([refs] if isinstance(refs, str) else refs)
+                     if isinstance(r, str)}
+        if any(r.startswith("$") for r in read):     # `in: $arg`: known only at a call
+            continue
+        out += [f"{Source(mdef.file, mdef.lines.get(mdef.prefix + ('inputs', k)))}: input "
+                f"'{i}' of module '{name}' is not used by any of its nodes"
+                for k, i in enumerate(mdef.spec.inputs) if i not in read]
+    return out
 
 
 def _substitute(value, args: dict, module: str):

@@ -137,3 +137,11 @@ def test_included_module_is_checked_where_it_is_written(tmp_path, module, messag
     with pytest.raises(dlgraph.DlgraphError) as e:
         dlgraph.load(p)
     assert str(e.value).replace(str(tmp_path) + "/", "") == message
+
+
+def test_unused_module_input_is_a_warning(tmp_path):
+    extra = ("modules:\n  pair:\n    inputs: [v, w]\n    nodes:\n      d: {op: relu, in: v}\n"
+             "    outputs: [d]\n")
+    g = load(tmp_path, "  out: {op: pair, in: [x, x]}\n", extra)
+    assert [w.replace(str(tmp_path) + "/", "") for w in g.warnings] == [
+        "spec.yaml:6: input 'w' of module 'pair' is not used by any of its nodes"]
