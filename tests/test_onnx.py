@@ -165,6 +165,28 @@ def test_stacked_bidirectional_recurrent_layers_with_initial_states(work):
     assert kinds == ["LSTM", "LSTM", "GRU", "RNN", "RNN"]
 
 
+def test_every_loop_exports_as_a_scan_backwards_ones_too(monkeypatch, work):
+    """Recurrent layers written as their primitives (as if ONNX had no GRU or LSTM): each
+    direction is a loop, the reverse ones Scans running backwards."""
+    import importlib
+    exporter = importlib.import_module("dlgraph.engine.onnx.export")
+    monkeypatch.delitem(exporter.LAYERS, "gru")
+    monkeypatch.delitem(exporter.LAYERS, "lstm")
+    g = dlgraph.load(RECURRENT.replace("  rnn: {op: rnn, in: x, hidden: 6, layers: 2}\n", "")
+                     .replace(", rnn.out, rnn.h", ""))
+    path = dlgraph.export(g, work / "loops.onnx", seed=3)
+    m = onnx.load(str(path))
+    scans = [n for n in m.graph.node if n.op_type == "Scan"]
+    assert len(scans) == 6 and not {"LSTM", "GRU"} & {n.op_type for n in m.graph.node}
+    backwards = [a.ints for n in scans for a in n.attribute if a.name == "scan_input_directions"]
+    assert sorted(list(d) for d in backwards) == [[0]] * 3 + [[1]] * 3
+    x = random_inputs(g, 2, seed=4)
+    ref = dlgraph.compile(g, seed=3)(**x)
+    got = run_ort(path, x)
+    for k in ref:
+        np.testing.assert_allclose(got[k], ref[k], **TOL, err_msg=k)
+
+
 def test_without_onnx_export_and_import_say_what_to_install(monkeypatch, work):
     monkeypatch.setitem(sys.modules, "onnx", None)
     g = dlgraph.load(GRAPHS / "mlp.yaml")

@@ -293,16 +293,18 @@ def _tables() -> list[str]:
             "Softmax(q k^T s) v; heads merged; a projection to E), when nothing else reads "
             "the nodes in between and the candidate layer reproduces them on a random input "
             "in float64 (heads, batch- or time-first input and output are found that way). "
-            "PyTorch's TransformerEncoderLayer (opset 14 or 17, batch_first or not) imports "
-            "as 7 nodes.",
+            "An additive constant mask before the Softmax (PyTorch's src_mask, a causal "
+            "mask) becomes the layer's mask input. PyTorch's TransformerEncoderLayer (opset "
+            "14 or 17, batch_first or not) imports as 7 nodes.",
             "- `scan` over a module: ONNX Scan with one scan input, running forwards, "
             "whose scan outputs read downstream copy one state and whose body reads only "
             "constants of the outer graph; the body becomes a module under `modules:`.",
             "- `attention`: ONNX Attention (opset 23) without a cache, grouped heads, "
             "softcap or sliding window (3-D inputs are split into heads around it).", "",
-            "What stays primitive: attention with a mask, causal masking or two sources "
-            "written as primitives (a Where or Add before the Softmax), a scale other than "
-            "1/sqrt(d), norms over leading axes or whose intermediates are read elsewhere. "
+            "What stays primitive: attention with a Where mask, a mask computed at run "
+            "time or two sources (cross-attention), a scale other than 1/sqrt(d), attention "
+            "whose weights are read elsewhere, norms over leading axes or whose "
+            "intermediates are read elsewhere. "
             "Reshapes that fold a named dim into another (PyTorch's batch * heads) are "
             "followed as regrouped views of a tensor and never written; an operator that "
             "needs such a value itself is refused, naming the merged dims."]

@@ -9,7 +9,7 @@ lets PyTorch's attention (heads folded into the batch) import as plain spec node
 
 from __future__ import annotations
 
-from .import_base import Importer, Value, hint, origin
+from .import_base import Importer, Unsupported, Value, hint, origin
 from .import_ops import OPS as BASE
 from .import_ops import _axes_input, _dims, _norm, attrs
 from .views import View, bind_view, ddiv, dprod, last_plain, regroup, renumber, view_of
@@ -70,9 +70,14 @@ def _reshape_target(imp, node, view: View) -> tuple | None:
 def reshape(imp, node):
     view = view_of(imp, node.input[0])
     target = None if view is None else _reshape_target(imp, node, view)
-    if target is None or imp.const(node.input[0]) is not None:
+    if target is None or imp.const(node.input[0]) is not None or 0 in target or \
+            0 in view.shape:
         return BASE["Reshape"](imp, node)
-    bind_view(imp, node, regroup(imp, node, view, target))
+    try:
+        regrouped = regroup(imp, node, view, target)
+    except Unsupported:        # not a regrouping of axes: an ordinary reshape, if it can be
+        return BASE["Reshape"](imp, node)
+    bind_view(imp, node, regrouped)
 
 
 def unsqueeze(imp, node):
