@@ -26,7 +26,15 @@ from dlgraph.ops.control import loop_types
 from .errors import DeviceError, ShapeError
 from .init import init_param, random_inputs
 from .ir import Graph
-from .program_cache import ProgramCache, cacheable, digest, freeze, thaw
+from .program_cache import (
+    ProgramCache,
+    cacheable,
+    digest,
+    freeze,
+    remember_device,
+    remembered_device,
+    thaw,
+)
 from .types import NUMPY_DTYPES, fmt
 
 DEVICES = ("cpu", "cuda", "nv", "amd", "metal", "cl", "webgpu")
@@ -81,6 +89,21 @@ def use_device(name: str | None) -> str:
     """Select and probe a tinygrad device; a :class:`DeviceError` says how to fix a failure."""
     if "PARALLEL" not in os.environ and (os.cpu_count() or 1) <= SERIAL_COMPILE_CORES:
         PARALLEL.value = 0
+    auto = not name and not os.environ.get("DEV")
+    if auto and (known := remembered_device()) is not None:
+        try:
+            return _probe(known)
+        except DeviceError:             # the hardware changed under the same fingerprint
+            remember_device(None)
+            DEV.value = ""
+    dev = _probe(name)
+    if auto:
+        remember_device(dev)
+    return dev
+
+
+def _probe(name: str | None) -> str:
+    """Select ``name`` (None: tinygrad's choice) and run one kernel on it."""
     if name:
         if name.lower() not in DEVICES:
             raise DeviceError(f"unknown device '{name}'",

@@ -41,7 +41,9 @@ from .ir import Graph
 
 FORMAT = b"dlgraph-program-1\n"
 MAX_BYTES = 1 << 30            # the cache keeps its newest entries within this size
-COSMETIC = {"DEBUG", "VIZ", "PROFILE", "PARALLEL", "TRACK_MATCH_STATS", "CAPTURE_PROCESS_REPLAY"}
+# tinygrad settings that do not change a program (DEV: the device itself is in the key)
+NOT_IN_KEY = {"DEBUG", "VIZ", "PROFILE", "PARALLEL", "TRACK_MATCH_STATS", "CAPTURE_PROCESS_REPLAY",
+              "DEV"}
 
 
 class ProgramCache:
@@ -162,6 +164,49 @@ def default_cache(warn=None) -> ProgramCache | None:
     return cache if cache.enabled else None
 
 
+# --------------------------------------------------------------------- the device chosen
+
+
+def _hardware() -> str:
+    """What decides tinygrad's choice of device: accelerator nodes, OS, tinygrad, settings."""
+    found = sorted(str(p) for pat in ("nvidia*", "kfd", "dri/renderD*", "accel/*")
+                   for p in Path("/dev").glob(pat))
+    keys = ("CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES")
+    return hashlib.sha256(json.dumps([found, platform.system(), platform.machine(),
+                                      _dist_version("tinygrad"),
+                                      [os.environ.get(k) for k in keys]]).encode()).hexdigest()
+
+
+def remembered_device() -> str | None:
+    """The device tinygrad chose last time on this hardware (probing every backend takes
+    about a second), or None."""
+    cache = default_cache(warn=lambda s: None)
+    try:
+        data = json.loads((cache.root / "device.json").read_text()) if cache else {}
+    except (OSError, ValueError):
+        return None
+    dev = data.get("device") if isinstance(data, dict) else None
+    ok = isinstance(dev, str) and dev.replace(":", "").isalnum() and len(dev) < 32
+    return dev if ok and data.get("hardware") == _hardware() else None
+
+
+def remember_device(device: str | None) -> None:
+    """Keep (or with None forget) the device tinygrad chose on this hardware."""
+    cache = default_cache(warn=lambda s: None)
+    if cache is None:
+        return
+    path = cache.root / "device.json"
+    try:
+        if device is None:
+            path.unlink(missing_ok=True)
+        else:
+            tmp = cache.root / f".device.{secrets.token_hex(4)}.tmp"
+            tmp.write_text(json.dumps({"device": device, "hardware": _hardware()}))
+            os.replace(tmp, path)
+    except OSError:
+        pass
+
+
 # -------------------------------------------------------------------------------- keys
 
 
@@ -199,10 +244,13 @@ def canon(x):
 @lru_cache(maxsize=1)
 def _environment() -> dict:
     import tinygrad
-    from tinygrad import Device
+    from tinygrad import Device, helpers
     from tinygrad.helpers import ContextVar
+    # tinygrad's core settings, and any other set in the environment (backends define
+    # their own only once imported, so "every setting" would depend on what was probed)
+    core = {v.key for v in vars(helpers).values() if isinstance(v, ContextVar)}
     settings = {k: repr(v.value) for k, v in sorted(ContextVar._cache.items())
-                if k not in COSMETIC}
+                if (k in core or k in os.environ) and k not in NOT_IN_KEY}
     return {"python": sys.version, "numpy": np.__version__,
             "tinygrad": getattr(tinygrad, "__version__", _dist_version("tinygrad")),
             "dlgraph": _source_digest(), "device": Device.DEFAULT, "machine": platform.machine(),

@@ -6,6 +6,7 @@ moments, batch-norm statistics, dropout's random generator) must be this run's: 
 and the uncached run are compared bit for bit.
 """
 
+import json
 import os
 import pickle
 import subprocess
@@ -243,3 +244,28 @@ def test_cache_command_reports_and_clears(tmp_path, cache_dir):
     r = CliRunner().invoke(main, ["cache", "--clear"])
     assert r.output == f"removed {n} compiled programs ({size:.1f} MiB) from {cache_dir}\n"
     assert not list(cache_dir.glob("*.prog")) and (cache_dir / "key").is_file()
+
+
+def test_the_chosen_device_is_remembered_and_a_stale_choice_reprobed(cache_dir, monkeypatch):
+    from tinygrad.helpers import DEV
+
+    from dlgraph.engine.lower import use_device
+    from dlgraph.engine.program_cache import remembered_device
+
+    def fresh():
+        monkeypatch.delenv("DEV", raising=False)
+        DEV.value = ""
+
+    fresh()
+    first = use_device(None)
+    assert remembered_device() == first == json.loads(
+        (cache_dir / "device.json").read_text())["device"]
+    fresh()
+    assert use_device(None) == first
+    for bad in ['{"device": "NOPE", "hardware": "%s"}', "not json", '["CPU"]']:
+        hw = json.loads((cache_dir / "device.json").read_text()).get("hardware", "")
+        (cache_dir / "device.json").write_text(bad.replace("%s", hw) if "%s" in bad else bad)
+        fresh()
+        assert use_device(None) == first
+        assert remembered_device() == first
+    fresh()
