@@ -518,6 +518,8 @@ def _dynamic(imp, node) -> bool:
         if dims is not None and not zeros and all(isinstance(d, int | np.integer) for d in dims):
             # the named dims cancelled out (a slice of a shape, say): a constant after all
             rank = imp.rank(node.output[0])
+            idx = imp.const(node.input[1]) if node.op_type == "Gather" else None
+            rank = 0 if rank is None and idx is not None and idx.ndim == 0 else rank
             c = np.array(dims, np.int64)
             imp.values[node.output[0]] = Value(const=c.reshape(()) if rank == 0 else c)
         else:
