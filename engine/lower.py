@@ -337,15 +337,16 @@ class Program:
     def use_cache(self, cache: ProgramCache, state: dict[str, Tensor], tag) -> None:
         """Load and store compiled stages in ``cache`` (see :func:`lower`)."""
         self.cache, self.tag = cache, tag
-        self.state = {f"param.{k}": t for k, t in self.params.items()}
-        self.state.update((f"state.{k}", t) for k, t in state.items())
+        self.state = {f"state.{k}": t for k, t in state.items()}
 
     def _live(self) -> dict[str, Tensor]:
-        """Every live tensor a capture may touch: ours and tinygrad's random generator."""
+        """Every live tensor a capture may touch: the parameters as they are now (a caller
+        may have replaced some since lowering), the rest of the state and tinygrad's random
+        generator."""
         rng = {f"rng.{k}.{d}": t for k, ts in (("seed", Tensor._device_seeds),
                                               ("counter", Tensor._device_rng_counters))
                for d, t in ts.items()}
-        return {**self.state, **rng}
+        return {**{f"param.{k}": t for k, t in self.params.items()}, **self.state, **rng}
 
     def cached(self, stage, dims: dict[str, int]):
         """The stage's compiled TinyJits from the cache, or None (then :meth:`keep` them)."""

@@ -298,15 +298,17 @@ def cacheable(state: dict) -> bool:
 
 def freeze(jits: list, state: dict) -> bytes | None:
     """Captured TinyJits as bytes, the ``state`` tensors (name -> Tensor) swapped for
-    placeholders; None when that cannot be done faithfully (state that is not a plain
-    buffer, or a capture that returns live state)."""
+    placeholders; None when that cannot be done faithfully: state that is not a plain
+    buffer, a capture that returns live state, or one that holds the buffer of any other
+    live tensor (its values would be stored and later read as constants)."""
     from tinygrad.engine.jit import CapturedJit
     from tinygrad.uop.ops import UOp
     if not cacheable(state):
         return None
     live = {k: t.uop.base for k, t in state.items()}
     held = set(live.values())
-    if any(r.uop.base in held for j in jits for r in _tensors(j.captured.ret)):
+    rets = {r.uop.base for j in jits for r in _tensors(j.captured.ret)}
+    if rets & held or _holds_other_tensors(jits, held | rets):
         return None
     ph = {k: UOp.new_buffer(u.device, u.max_numel(), u.dtype) for k, u in live.items()}
     sub = {live[k]: ph[k] for k in live}
@@ -332,6 +334,18 @@ def thaw(payload: bytes, state: dict) -> list:
         sub[u] = base
     return [_TinyJit(None, CapturedJit(c.ret, c._linear.substitute(sub, walk=True),
                                        c.expected_names, c.expected_input_info)) for c in caps]
+
+
+def _holds_other_tensors(jits: list, allowed: set) -> bool:
+    """Whether a capture uses the buffer of a live tensor that is not ``allowed``."""
+    from tinygrad.tensor import all_tensors
+    from tinygrad.uop.ops import Ops
+    used = {u for j in jits for u in j.captured._linear.toposort() if u.op is Ops.BUFFER}
+    for ref in list(all_tensors):
+        t = ref()
+        if t is not None and (u := t.uop.base) in used and u not in allowed:
+            return True
+    return False
 
 
 def _tensors(ret) -> list:

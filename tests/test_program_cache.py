@@ -269,3 +269,29 @@ def test_the_chosen_device_is_remembered_and_a_stale_choice_reprobed(cache_dir, 
         assert use_device(None) == first
         assert remembered_device() == first
     fresh()
+
+
+@pytest.mark.parametrize("spec", ["mlp", "lstm"])
+def test_parameters_replaced_after_compiling_are_the_ones_used_and_stored(cache_dir, spec):
+    """Tests and users swap tensors in `model.params` before the first call; the stored
+    program must take them as parameters, never as constants baked into the entry."""
+    from tinygrad import Tensor
+    g = dlgraph.load(ROOT / "graphs" / f"{spec}.yaml")
+    rng = np.random.default_rng(0)
+    x = dlgraph.compile(g, cache=False).random_inputs(3, 1)
+
+    def swapped(**kw):
+        m = dlgraph.compile(g, seed=0, **kw)
+        for k, v in m.params.items():
+            m.params[k] = Tensor(rng.normal(size=v.shape).astype(np.float32)).realize()
+        return m
+
+    first = swapped()(**x)
+    assert list(cache_dir.glob("*.prog"))
+    rng = np.random.default_rng(1)
+    again, fresh = swapped()(**x), None
+    rng = np.random.default_rng(1)
+    fresh = swapped(cache=False)(**x)
+    for k in fresh:
+        np.testing.assert_array_equal(again[k], fresh[k])
+        assert np.abs(first[k] - fresh[k]).max() > 1e-3       # other weights, other outputs
