@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from dlgraph.ops import OPS
+
 from .data.base import size_text
 from .errors import DataError, DeviceError, Source, SpecError, suggest
 from .ir import Graph
@@ -145,12 +147,38 @@ def _batch_statistics(g: Graph, spec) -> None:
 
 
 def activation_floats(g: Graph) -> int:
-    """Floats of forward values per sample: those that carry a named (batch) dim, with every
-    named dim at 1; weight-sized values do not grow with the batch."""
+    """Floats per sample alive at once in the forward pass, as tinygrad runs it: only values
+    a kernel writes are in memory (reductions, matmuls, loop buffers, `cut` values and the
+    outputs; elementwise and shape ops fuse into the kernel that reads them), each until the
+    last node that reads it, directly or through fused ops. Named dims count as 1; values
+    without one (weight-sized) do not grow with the batch. Within 1.3x of what tinygrad
+    allocates for the examples (tests/test_summary.py)."""
     named = {d: 1 for t in g.inputs.values() for d in t.shape if isinstance(d, str)}
-    act = [numel(n.type.shape, named) for n in g.nodes.values() if n.role == "forward"
-           and any(isinstance(d, str) for d in n.type.shape)]
-    return sum(a for a in act if a is not None)
+    outs = set(g.outputs.values())
+    written = {n.id for n in g.nodes.values() if n.role == "forward"
+               and any(isinstance(d, str) for d in n.type.shape)
+               and (n.cut or n.id in outs or OPS[n.op].family in WRITTEN)}
+    reads: dict[str, set[str]] = {}             # node -> the written values it reads
+    last: dict[str, int] = {}
+    for k, n in enumerate(g.nodes.values()):
+        got = set().union(*(reads.get(i, set()) for i in n.inputs))
+        last.update(dict.fromkeys(got, k))
+        reads[n.id] = {n.id} if n.id in written else got
+    at = {nid: k for k, nid in enumerate(g.nodes)}
+    ends: dict[int, list[str]] = {}
+    for m in written:
+        ends.setdefault(len(g.nodes) if m in outs else last.get(m, at[m]), []).append(m)
+    size = {m: numel(g.nodes[m].type.shape, named) or 0 for m in written}
+    alive = peak = 0
+    for k, nid in enumerate(g.nodes):
+        alive += size.get(nid, 0)
+        peak = max(peak, alive)
+        alive -= sum(size[m] for m in ends.get(k, []))
+    return peak
+
+
+WRITTEN = ("reduce", "linalg", "control")
+"""Op families whose results tinygrad writes to memory (the rest fuse into their reader)."""
 
 
 def check_fits(g: Graph, batch: int) -> None:
