@@ -199,8 +199,9 @@ def machine() -> dict:
 
 def run_one(path: Path, opts, tmp: Path, again: bool = False) -> dict:
     """One example in a fresh process; ``again``: one step more, with the program cache
-    the first run filled (a fresh cache directory per bench run)."""
-    env = dict(os.environ, DLGRAPH_CACHE_DIR=str(tmp / "programs"))
+    the first run filled (an empty cache directory per example, so that no example starts
+    from programs another one compiled)."""
+    env = dict(os.environ, DLGRAPH_CACHE_DIR=str(tmp / "programs" / path.stem))
     if opts.cold_cache:
         env["CACHELEVEL"] = "0"
     stem = name_of(path).replace("/", "-") + "-again" * again
