@@ -7,6 +7,7 @@ run: .venv/.installed
 	.venv/bin/dlgraph run graphs/lstm.yaml
 
 test: .venv/.installed-test
+	.venv/bin/python scripts/export_digits.py   # graphs/digits.yaml's data (scikit-learn is a test extra)
 	.venv/bin/python -m pytest
 
 setup: .venv/.installed
