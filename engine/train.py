@@ -15,6 +15,7 @@ import dataclasses
 import fnmatch
 import json
 import math
+import os
 import re
 import sys
 import time
@@ -447,7 +448,7 @@ def _init_from(graph: Graph, params: dict[str, Tensor], spec, echo) -> None:
         raise DataError(f"no parameter of this graph is in the file; it holds: "
                         f"{', '.join(list(arrays)[:8])}", source=Source(str(path)),
                         help="map renamed scopes with init_from.rename, e.g. {enc: encoder}")
-    echo(f"initialised {_count(len(copied), 'parameter')} from {path}")
+    echo(f"initialised {_count(len(copied), 'parameter')} from {os.path.normpath(path)}")
 
 
 def split_data(graph: Graph, spec, data: dict | None = None, standardize: bool = True):

@@ -594,8 +594,8 @@ def test_the_transfer_pair_pretrains_then_classifies_on_the_frozen_encoder(tmp_p
     g = dlgraph.load(folder / "classify.yaml")
     res = dlgraph.train(g, steps=20, out=tmp_path / "cls", log=said.append)
     src = pre.run_dir / "weights.safetensors"
-    assert f"initialised 4 parameters from {folder / '../../runs/transfer/pretrain'}" \
-        f"/weights.safetensors" in said
+    assert f"initialised 4 parameters from {tmp_path / 'runs/transfer/pretrain'}" \
+        f"/weights.safetensors" in said               # the spec's ../.. resolved
     theirs, mine = weights(src), weights(res.run_dir / "weights.safetensors")
     for name in ("enc1.weight", "enc1.bias", "code.weight", "code.bias"):
         np.testing.assert_array_equal(mine[name], theirs[name])     # copied, then frozen
