@@ -130,8 +130,9 @@ class PhaseStep:
         return [loss, *self.opt.schedule_step()]
 
     def __call__(self, inputs: list[Tensor], lr: float | None) -> Tensor:
-        if lr is not None:
-            self.opt.lr.assign(Tensor([lr], dtype=self.opt.lr.dtype)).realize()
+        if lr is not None:           # .to: with data parallel the rate lives on every device
+            lr_t = self.opt.lr
+            lr_t.assign(Tensor([lr], dtype=lr_t.dtype).to(lr_t.device)).realize()
         with Context(TRAINING=1):
             return self.program(dict(zip(self.input_names, inputs, strict=True)), self.dims)[0]
 
@@ -596,9 +597,6 @@ def _step(run: _Run, batch: dict[str, np.ndarray], epoch: int, losses) -> None:
         for _ in range(r.phase.repeat):
             lr = lr_at(r.phase.schedule, r.phase.optimizer.lr, run.steps_done, run.total) \
                 * run.lr_scale.get(r.phase.name, 1.0) if r.phase.schedule else None
-            if lr is not None and run.devices:   # the rate lives on every device
-                r.opt.lr.assign(Tensor([lr], dtype=r.opt.lr.dtype).to(r.opt.lr.device)).realize()
-                lr = None
             value = r(feeds, lr).item()
             if not math.isfinite(value):
                 raise _diverged(run, r, feeds, value, epoch)
