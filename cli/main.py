@@ -319,10 +319,9 @@ def cache(clear):
         click.echo(f"removed {n} compiled program{'s' * (n != 1)} ({size / 2**20:.1f} MiB) "
                    f"from {store.root}")
         return
-    found = store.entries()
-    size = sum(p.stat().st_size for p in found)
-    click.echo(f"program cache {store.root}: {len(found)} compiled program"
-               f"{'s' * (len(found) != 1)}, {size / 2**20:.1f} MiB (newest kept within "
+    n, size = store.usage()
+    click.echo(f"program cache {store.root}: {n} compiled program"
+               f"{'s' * (n != 1)}, {size / 2**20:.1f} MiB (newest kept within "
                f"1 GiB; `dlgraph cache --clear` empties it, `run --no-cache` bypasses it)")
 
 

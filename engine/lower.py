@@ -350,14 +350,17 @@ class Program:
 
     def cached(self, stage, dims: dict[str, int]):
         """The stage's compiled TinyJits from the cache, or None (then :meth:`keep` them)."""
-        if self.cache is None or not cacheable(self._live()):
+        if self.cache is None:
+            return None
+        live = self._live()
+        if not cacheable(live):
             return None
         key = self._stage_key(stage, dims)
         payload = self.cache.load(key)
         if payload is None:
             return None
         try:
-            return thaw(payload, self._live())
+            return thaw(payload, live)
         except Exception:   # an entry that checks but does not load: made elsewhere, rebuild
             self.cache.discard(key)
             return None

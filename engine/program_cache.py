@@ -117,13 +117,17 @@ class ProgramCache:
     def entries(self) -> list[Path]:
         return sorted(self.root.glob("*.prog")) if self.root.is_dir() else []
 
+    def usage(self) -> tuple[int, int]:
+        """(entries, bytes) kept."""
+        found = self.entries()
+        return len(found), sum(p.stat().st_size for p in found)
+
     def clear(self) -> tuple[int, int]:
         """Remove every entry (the key stays); returns (entries, bytes) removed."""
-        found = self.entries()
-        size = sum(p.stat().st_size for p in found)
-        for p in found:
+        kept = self.usage()
+        for p in self.entries():
             p.unlink(missing_ok=True)
-        return len(found), size
+        return kept
 
     def _sign(self, payload: bytes) -> bytes:
         return hmac.new(self.secret, payload, hashlib.sha256).digest()
@@ -243,7 +247,6 @@ def canon(x):
 
 @lru_cache(maxsize=1)
 def _environment() -> dict:
-    import tinygrad
     from tinygrad import Device, helpers
     from tinygrad.helpers import ContextVar
     # tinygrad's core settings, and any other set in the environment (backends define
@@ -252,7 +255,7 @@ def _environment() -> dict:
     settings = {k: repr(v.value) for k, v in sorted(ContextVar._cache.items())
                 if (k in core or k in os.environ) and k not in NOT_IN_KEY}
     return {"python": sys.version, "numpy": np.__version__,
-            "tinygrad": getattr(tinygrad, "__version__", _dist_version("tinygrad")),
+            "tinygrad": _dist_version("tinygrad"),
             "dlgraph": _source_digest(), "device": Device.DEFAULT, "machine": platform.machine(),
             "cpu": _cpu_flags(), "settings": settings}
 
@@ -318,11 +321,10 @@ def freeze(jits: list, state: dict) -> bytes | None:
 
 
 def thaw(payload: bytes, state: dict) -> list:
-    """TinyJits from :func:`freeze`'s bytes, running on this process's ``state`` tensors.
+    """TinyJits from :func:`freeze`'s bytes, running on this process's ``state`` tensors
+    (plain buffers: see :func:`cacheable`).
     Raises ValueError when the entry does not fit (other state names, sizes or dtypes)."""
     from tinygrad.engine.jit import CapturedJit, _TinyJit
-    if not cacheable(state):
-        raise ValueError("the state is not plain buffers")
     fmt, caps, ph = _Unpickler(io.BytesIO(payload)).load()
     if fmt != FORMAT or set(ph) != set(state):
         raise ValueError("the entry was made for other state")
