@@ -56,6 +56,8 @@ from .train import (
     _start_run_dir,
     frozen,
     lr_at,
+    optimizer_step,
+    set_lr,
     split_data,
 )
 from .train_spec import OPTIMIZERS
@@ -90,8 +92,7 @@ class GradStep:
 
     def update(self, grads: np.ndarray, lr: float | None) -> None:
         """Apply the optimizer to flat (averaged) gradients."""
-        if lr is not None:
-            self.opt.lr.assign(Tensor([lr], dtype=self.opt.lr.dtype)).realize()
+        set_lr(self.opt, lr)
         with Context(TRAINING=1):
             self._update(Tensor(np.ascontiguousarray(grads, np.float32)).realize())
 
@@ -100,13 +101,7 @@ class GradStep:
         for t, n in zip(self.tensors, self.sizes, strict=True):
             grads.append(flat[at:at + n].reshape(t.shape))
             at += n
-        if self.phase.clip:                      # as the one-process step: the global norm
-            norm = Tensor.stack(*[(g * g).sum() for g in grads]).sum().sqrt()
-            scale = (self.phase.clip / (norm + 1e-6)).minimum(1.0)
-            grads = [g * scale for g in grads]
-        for t, g in zip(self.tensors, grads, strict=True):
-            t.grad = g
-        Tensor.realize(*self.opt.schedule_step())
+        Tensor.realize(*optimizer_step(self.phase, self.opt, self.tensors, grads))
 
 
 # ---------------------------------------------------------------------- the all-reduce

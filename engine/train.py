@@ -121,20 +121,31 @@ class PhaseStep:
 
     def _update(self, loss: Tensor, *grads: Tensor) -> list[Tensor]:
         """The optimizer step, inside the last compiled stage."""
-        if self.phase.clip:
-            norm = Tensor.stack(*[(g * g).sum() for g in grads]).sum().sqrt()
-            scale = (self.phase.clip / (norm + 1e-6)).minimum(1.0)
-            grads = tuple(g * scale for g in grads)
-        for t, g in zip(self.tensors, grads, strict=True):
-            t.grad = g
-        return [loss, *self.opt.schedule_step()]
+        return [loss, *optimizer_step(self.phase, self.opt, self.tensors, grads)]
 
     def __call__(self, inputs: list[Tensor], lr: float | None) -> Tensor:
-        if lr is not None:           # .to: with data parallel the rate lives on every device
-            lr_t = self.opt.lr
-            lr_t.assign(Tensor([lr], dtype=lr_t.dtype).to(lr_t.device)).realize()
+        set_lr(self.opt, lr)
         with Context(TRAINING=1):
             return self.program(dict(zip(self.input_names, inputs, strict=True)), self.dims)[0]
+
+
+def optimizer_step(phase, opt, tensors: list[Tensor], grads) -> list[Tensor]:
+    """The update of ``tensors`` by ``grads`` (clipped to the global norm ``phase.clip``),
+    lazy: the tensors to realise."""
+    if phase.clip:
+        norm = Tensor.stack(*[(g * g).sum() for g in grads]).sum().sqrt()
+        scale = (phase.clip / (norm + 1e-6)).minimum(1.0)
+        grads = [g * scale for g in grads]
+    for t, g in zip(tensors, grads, strict=True):
+        t.grad = g
+    return opt.schedule_step()
+
+
+def set_lr(opt, lr: float | None) -> None:
+    """Set the optimizer's rate (None: leave it); with data parallel it lives on every
+    device."""
+    if lr is not None:
+        opt.lr.assign(Tensor([lr], dtype=opt.lr.dtype).to(opt.lr.device)).realize()
 
 
 def _run_dir(graph: Graph, out: str | Path | None) -> Path:
