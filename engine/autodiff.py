@@ -130,16 +130,17 @@ def reverse_loop(b: Builder, n, cts: list, needs: set[str], picks: list[str]) ->
     ct_st, ct_per = cts[:nst], cts[nst:nst + a.n_out]
     bb, wanted = _backward_body(b, n, ct_st, ct_per, needs)
     # the outer graph: saved states before each step, cotangents after it, zero carries
-    span = (0, steps) if fwd else (1, steps + 1)
+    before, after = ((0, -1), (1, None)) if fwd else ((1, None), (0, -1))
     seqs = list(n.inputs[:ns])
-    seqs += [b.emit("slice", picks[j], axis=1, start=span[0], stop=span[1]) for j in range(nst)]
-    seqs += [b.emit("slice", c, axis=1, start=1 - span[0], stop=steps + 1 - span[0])
+    seqs += [b.emit("slice", picks[j], axis=1, start=before[0], stop=before[1])
+             for j in range(nst)]
+    seqs += [b.emit("slice", c, axis=1, start=after[0], stop=after[1])
              for c in ct_st if c is not None]
     seqs += [c for c in ct_per if c is not None]
     inits = n.inputs[ns:ns + nst]
     zeros = [b.emit("zeros", i, shape=list(b.shape(i)[1:]), as_="carry0") for i in inits]
     got = b.loop(bb, seqs, zeros, steps=steps, n_out=len(wanted["seq"]), reverse=fwd)
-    first = 0 if fwd else steps
+    first = 0 if fwd else -1
     out: list = [None] * len(n.inputs)
     for j in range(nst):
         c = b.emit("take", got[j], axis=1, index=first)

@@ -35,7 +35,7 @@ from .program_cache import (
     remembered_device,
     thaw,
 )
-from .types import NUMPY_DTYPES, fmt
+from .types import NUMPY_DTYPES, dim_parts, dim_value, fmt
 
 DEVICES = ("cpu", "cuda", "nv", "amd", "metal", "cl", "webgpu")
 
@@ -53,7 +53,7 @@ class Ctx:
         (the staged lowering runs loops as compiled steps instead, see :class:`LoopStage`)."""
         body = Evaluator(a.body, list(a.body.outputs.values()))
         names = list(a.body.inputs)
-        ns, nst, steps = a.n_seq, a.n_state, a.steps
+        ns, nst, steps = a.n_seq, a.n_state, dim_value(a.steps, self.dims)
         states = list(xs[ns:ns + nst])
         consts = dict(zip(names[ns + nst:], xs[ns + nst:], strict=True))
         hist = [[None] * (steps + 1) for _ in range(nst)]
@@ -224,8 +224,8 @@ class Model:
             raise ShapeError(f"missing input{'s' * (len(missing) > 1)}: {', '.join(missing)}",
                              help=f"inputs: {', '.join(g.inputs)}")
         dims = bind(g, arrays)
-        outs = self._program(feed(g, {n: arrays[n] for n in self._names}), dims)
-        got = {nid: t.numpy() for nid, t in zip(self._program.targets, outs, strict=True)}
+        outs = self._program.arrays(feed(g, {n: arrays[n] for n in self._names}), dims)
+        got = dict(zip(self._program.targets, outs, strict=True))
         return {name: got[nid] if nid in got else np.asarray(arrays[nid])
                 for name, nid in g.outputs.items()}
 
@@ -290,14 +290,77 @@ first step took 19.5 s at T=4 and 32 s at T=16; as a compiled step 14 s and 8-13
 traced steady step is faster (22-32 ms against 41-100 ms at T=4-16): start-up wins."""
 
 
-def _chunk(steps: int, most: int = 1) -> int:
-    """Steps per compiled loop call: the largest divisor of ``steps`` up to ``most``.
+class Lengths:
+    """The sequence lengths a program leaves symbolic: the named numbers of steps of its
+    loops (``shape: [batch, time, 1]``). One compiled program serves every length up to
+    ``most``: values cross stages padded to it, and each stage cuts them to this call's
+    length, a bound tinygrad ``Variable``, so no kernel depends on the length itself.
 
-    Measured (bench/NOTES.md, LSTM-32, T=16): 4 steps per call cut the steady step by
-    about a quarter but tripled the compile time (each step's kernels differ by their
-    constant offsets), so one step per call keeps start-up flat and short.
+    ``most`` is the spec's ``dims: {time: {max: N}}``, or else the longest length seen so
+    far; a longer one doubles it (and compiles once more).
     """
-    return max(k for k in range(1, min(steps, most) + 1) if steps % k == 0)
+
+    def __init__(self, graph: Graph, names: set[str]):
+        self.names = sorted(names)
+        declared = getattr(graph.spec, "dims", None) or {}
+        self.declared = {n: declared[n].max for n in self.names if n in declared}
+        self.most: dict[str, int] = dict(self.declared)
+        self.now: dict[str, int] = {}
+        self.source = graph.source
+
+    def bind(self, dims: dict[str, int], prog) -> tuple[dict[str, int], dict]:
+        """The dims to compile for (lengths at their most) and the bound lengths."""
+        if not self.names:
+            return dims, {}
+        out, syms = dict(dims), {}
+        for n in self.names:
+            t = dims.get(n)
+            if t is None:
+                raise ShapeError(f"no input gives the length '{n}' (a bug in dlgraph)")
+            most = self.most.get(n, 0)
+            if t > most:
+                if n in self.declared:
+                    raise ShapeError(f"a sequence of {t} steps is longer than the spec's "
+                                     f"`dims: {{{n}: {{max: {most}}}}}`",
+                                     help=f"raise dims.{n}.max, or cut the sequences")
+                self.most[n] = most = t if not most else max(t, 2 * most)
+            self.now[n] = t
+            out[n] = most
+            syms[n] = Variable(n, 1, most).bind(t)
+        return out, syms
+
+    def pad(self, t, x: Tensor, dims: dict[str, int]) -> Tensor:
+        """A graph input padded with zeros to the compiled lengths."""
+        want = tuple(dim_value(d, dims) for d in t.shape)
+        if not self.names or tuple(x.shape) == want or len(want) != x.ndim:
+            return x
+        a = x.numpy()       # padded on the host: a pad kernel would compile per length
+        pads = [(0, w - s) for w, s in zip(want, a.shape, strict=True)]
+        return Tensor(np.pad(a, pads)).realize()
+
+    @staticmethod
+    def cut(t, x: Tensor, dims: dict) -> Tensor:
+        """A value as this call's lengths: padded axes shrunk to their symbolic size."""
+        sizes = [dim_value(d, dims) for d in t.shape] if len(t.shape) == x.ndim else []
+        if all(isinstance(v, int) for v in sizes):
+            return x
+        return x.shrink(tuple(None if isinstance(v, int) else (0, v) for v in sizes))
+
+    @staticmethod
+    def fill(t, x: Tensor, dims: dict[str, int], syms: dict) -> Tensor:
+        """A value as it leaves a stage: padded with zeros to the compiled lengths."""
+        if not syms or not any(dim_parts(d)[0] in syms for d in t.shape):
+            return x
+        full = {**dims, **syms}
+        return x.pad(tuple((0, dim_value(d, dims) - dim_value(d, full))
+                           if dim_parts(d)[0] in syms else None for d in t.shape))
+
+    def trim(self, t, a: np.ndarray, dims: dict[str, int]) -> np.ndarray:
+        """A target's array cut to this call's lengths."""
+        if not self.names or a.ndim != len(t.shape):
+            return a
+        return a[tuple(slice(0, dim_value(d, dims)) if dim_parts(d)[0] in self.names
+                       else slice(None) for d in t.shape)]
 
 
 class Program:
@@ -311,8 +374,12 @@ class Program:
         self.input_names = [n for n in graph.inputs if n in needed]
         stages: list = []
         cur: list[str] = []
+        loops = [graph[nid].attrs.steps for nid in order if graph[nid].op == "loop"]
+        self.lengths = Lengths(graph, {s for s in loops if isinstance(s, str)} - (
+            set() if not inline else {s for s in loops if isinstance(s, str)}))
         staged = {nid for nid in order if graph[nid].op == "loop" and not inline
-                  and graph[nid].attrs.steps > INLINE_STEPS}
+                  and (isinstance(graph[nid].attrs.steps, str)
+                       or graph[nid].attrs.steps > INLINE_STEPS)}
         for nid in order:
             n = graph[nid]
             if n.role in ("input", "param") or (n.op == "pick" and n.inputs[0] in staged):
@@ -404,13 +471,23 @@ class Program:
 
     def __call__(self, inputs: dict[str, Tensor], dims: dict[str, int],
                  params: dict[str, Tensor] | None = None) -> list[Tensor]:
-        """Run every stage on realised ``inputs``; returns the targets, realised."""
+        """Run every stage on realised ``inputs``; returns the targets, realised (a target
+        with a sequence length of its own comes padded to the program's longest: see
+        :meth:`arrays`)."""
         if params is not None:
             self.params = params
-        env = dict(inputs)
+        dims, syms = self.lengths.bind(dims, self)
+        env = {k: self.lengths.pad(self.graph.inputs[k], v, dims) for k, v in inputs.items()}
         for st in self.stages:
-            st.run(env, dims)
+            st.run(env, dims, syms)
         return [self.value(env, t) for t in self.targets]
+
+    def arrays(self, inputs: dict[str, Tensor], dims: dict[str, int],
+               params: dict[str, Tensor] | None = None) -> list[np.ndarray]:
+        """The targets as numpy arrays, each cut to this call's sequence lengths."""
+        outs = self(inputs, dims, params)
+        return [self.lengths.trim(self.graph[t].type, o.numpy(), dims)
+                for t, o in zip(self.targets, outs, strict=True)]
 
 
 class Segment:
@@ -431,27 +508,34 @@ class Segment:
     def _fn(self, dims):
         g, prog = self.prog.graph, self.prog
         names = [r for r in self.reads if g[r].role != "param" or prog.params_as_inputs]
+        seq = prog.lengths.names
 
-        def step(*xs):
-            ctx = Ctx(training=prog.training, dims=dims)
+        def step(*args):
+            syms, xs = dict(zip(seq, args[:len(seq)], strict=True)), args[len(seq):]
+            ctx = Ctx(training=prog.training, dims={**dims, **syms})
             env = {}
             for r, x in zip(names, xs, strict=True):
                 t = g[r].type
-                env[r] = x.reshape(()) if g[r].role == "input" and t.rank == 0 else x
+                x = x.reshape(()) if g[r].role == "input" and t.rank == 0 else x
+                env[r] = Lengths.cut(t, x, ctx.dims)
             for r in self.reads:
                 if r not in env:
                     env[r] = prog.value(env, r)
             outs = self.evaluator.run(ctx, env) if self.evaluator else env
-            res = [outs[o].contiguous() for o in self.outputs]
+            res = [Lengths.fill(g[o].type, outs[o], dims, syms).contiguous()
+                   for o in self.outputs]
             extra = self.finish(*[outs[t] for t in prog.targets]) if self.finish else []
             Tensor.realize(*res, *extra, *ctx.updates)
-            return res
+            # an output that is only a view of an input (h0[k] of an initial state) would
+            # come back from every replay as the first call's input: copy it
+            given = {_storage(x) for x in xs} - {None}
+            return [r.clone().realize() if _storage(r) in given else r for r in res]
         return names, step
 
     def describe(self) -> str:
         return f"{len(self.made)} nodes" + (" and the update" if self.finish else "")
 
-    def run(self, env: dict, dims: dict[str, int]) -> None:
+    def run(self, env: dict, dims: dict[str, int], syms: dict) -> None:
         key = tuple(sorted(dims.items()))
         fresh = key not in self._jits
         if fresh:
@@ -467,8 +551,7 @@ class Segment:
             else:
                 self.prog.announce(self)
         names, jit = self._jits[key]
-        args = [self.prog.value(env, r) if self.prog.graph[r].role != "param"
-                else self.prog.params[r.replace("/", ".")] for r in names]
+        args = [*syms.values()] + [self.prog.value(env, r) for r in names]
         try:
             outs = jit(*args)
         except JitError as e:   # nothing to compile (constants, views): run it as it is
@@ -483,20 +566,22 @@ class Segment:
 
 
 class LoopStage:
-    """A loop: its body compiled once as a step of a chunk of time steps over a symbolic
-    index, called ``steps / chunk`` times; states are written into preallocated
-    ``[batch, time + 1, ...]`` buffers, sums accumulate in place."""
+    """A loop: its body compiled once as one time step over a symbolic index, called once
+    per step; states are written into preallocated ``[batch, time + 1, ...]`` buffers, sums
+    accumulate in place. A named number of steps runs the same program for every length up
+    to the program's longest (the buffers' size)."""
 
     def __init__(self, prog: Program, node):
-        self.prog, self.node, a = prog, node, node.attrs
+        self.prog, self.node = prog, node
         self.made, self.reads, self.finish = [node.id], list(node.inputs), None
         self.picks = [n.id for n in prog.graph.nodes.values()
                       if n.op == "pick" and n.inputs[0] == node.id]
         self.made += self.picks
         self.outputs: list[str] = []
-        self.chunk = _chunk(a.steps)
-        self.body = Evaluator(a.body, list(a.body.outputs.values()))
+        self.body = Evaluator(node.attrs.body, list(node.attrs.body.outputs.values()))
         self._compiled: dict[tuple, tuple] = {}
+        steps = node.attrs.steps
+        self.length = [steps] if isinstance(steps, str) else []   # the prologue's sym arg
 
     def _buffers(self, dims) -> list[Tensor]:
         """Zeroed state buffers. With parameters replicated over several devices (data
@@ -514,7 +599,7 @@ class LoopStage:
             out.append(b.contiguous().realize())
         return out
 
-    def run(self, env: dict, dims: dict[str, int]) -> None:
+    def run(self, env: dict, dims: dict[str, int], syms: dict) -> None:
         a = self.node.attrs
         key = tuple(sorted(dims.items()))
         t0 = time.perf_counter()
@@ -533,23 +618,27 @@ class LoopStage:
             self.prog.announce(self)
         xs = [self.prog.value(env, i) for i in self.node.inputs]
         ns, nst = a.n_seq, a.n_state
-        prologue(*xs[ns:ns + nst], *bufs)
-        var = Variable("step", 0, a.steps // self.chunk - 1)
+        prologue(*[syms[n] for n in self.length], *xs[ns:ns + nst], *bufs)
+        steps = dim_value(a.steps, self.prog.lengths.now)
+        order = range(steps - 1, -1, -1) if a.reverse else range(steps)
+        var = Variable("step", 0, dim_value(a.steps, dims) - 1)
         args = (*xs[:ns], *xs[ns + nst:], *bufs)
-        step(var.bind(0), *args)               # captures on the first run, replays later
-        replay = _replayer(step, (var.bind(0), *args))
+        step(var.bind(order[0]), *args)        # captures on the first run, replays later
+        replay = _replayer(step, (var.bind(order[0]), *args))
         if fresh:
             self.prog.announce(self, time.perf_counter() - t0, _kernels(step) + _kernels(prologue))
             self.prog.keep(self, dims, [prologue, step])
-        for s in range(1, a.steps // self.chunk):
-            replay({"step": s})
+        for t in order[1:]:
+            replay({"step": t})
         env.update(zip([p for p in self.picks], [bufs[self._index(p)] for p in self.picks],
                        strict=True))
 
     def describe(self) -> str:
         a = self.node.attrs
         ops = sum(1 for n in a.body.nodes.values() if n.role not in ("input", "param"))
-        return (f"a loop over {a.steps} steps" + (" backwards" if a.reverse else "")
+        steps = f"up to {dim_value(a.steps, self.prog.lengths.most)} (`{a.steps}`)" \
+            if isinstance(a.steps, str) else a.steps
+        return (f"a loop over {steps} steps" + (" backwards" if a.reverse else "")
                 + f" ({ops} ops per step)")
 
     def _index(self, pick: str) -> int:
@@ -557,58 +646,53 @@ class LoopStage:
 
     def _prologue(self, *xs):
         a = self.node.attrs
-        nst = a.n_state
-        inits, bufs = xs[:nst], xs[nst:]
-        at = a.steps if a.reverse else 0
+        nst, n = a.n_state, len(self.length)
+        at = (xs[0] if n else a.steps) if a.reverse else 0
+        inits, bufs = xs[n:n + nst], xs[n + nst:]
         work = [b[:, at:at + 1].assign(i.unsqueeze(1)) for b, i in zip(bufs, inits, strict=False)]
         work += [b.assign(b.zeros_like()) for b in bufs[nst + a.n_out:]]
         Tensor.realize(*work)
         return bufs[0]
 
     def _step_fn(self, dims):
-        a, k_steps = self.node.attrs, self.chunk
+        a = self.node.attrs
         names = list(a.body.inputs)
         ns, nst, n_out = a.n_seq, a.n_state, a.n_out
-        rev = a.reverse
 
-        def step(s, *xs):
+        def step(t, *xs):
             ctx = Ctx(training=self.prog.training, dims=dims)
             n_c = len(names) - ns - nst
             seqs, consts, bufs = xs[:ns], xs[ns:ns + n_c], xs[ns + n_c:]
-            consts = dict(zip(names[ns + nst:], consts, strict=True))
-            # one symbolic slice per buffer and chunk; constant indices inside it
-            lo = (a.steps // k_steps - 1 - s if rev else s) * k_steps
-            chunks = [x[:, lo:lo + k_steps] for x in seqs]
-            at = lo + k_steps if rev else lo
-            states = [b[:, at:at + 1].squeeze(1) for b in bufs[:nst]]
-            hist, per, acc = [[None] * k_steps for _ in range(nst)], \
-                [[None] * k_steps for _ in range(n_out)], None
-            for k in (reversed(range(k_steps)) if rev else range(k_steps)):
-                feed = {n: x[:, k] for n, x in zip(names[:ns], chunks, strict=True)}
-                feed.update(zip(names[ns:ns + nst], states, strict=True))
-                outs = self.body(ctx, {**feed, **consts}, {})
-                states = outs[:nst]
-                for j in range(nst):
-                    hist[j][k] = states[j]
-                for j in range(n_out):
-                    per[j][k] = outs[nst + j]
-                inc = outs[nst + n_out:]
-                acc = inc if acc is None else [u + v for u, v in zip(acc, inc, strict=True)]
+            feed = {n: x[:, t] for n, x in zip(names[:ns], seqs, strict=True)}
+            read = t + 1 if a.reverse else t
+            feed.update((n, b[:, read]) for n, b in zip(names[ns:ns + nst], bufs, strict=False))
+            feed.update(zip(names[ns + nst:], consts, strict=True))
+            outs = self.body(ctx, feed, {})
             # the step's values first, then the writes into the buffers: tinygrad cannot tell
             # that slot t (read) and slot t + 1 (written) are apart, and scheduled together it
             # recomputed the step around the writes (LSTM-32: 13 and 25 kernels a step
             # forward and backward; realised first, 5 and 14)
-            Tensor.realize(*[x for h in hist for x in h], *[x for p in per for x in p],
-                           *(acc or []), *ctx.updates)
-            w = lo if rev else lo + 1
-            work = [b[:, w:w + k_steps].assign(Tensor.stack(*h, dim=1))
-                    for b, h in zip(bufs[:nst], hist, strict=True)]
-            work += [b[:, lo:lo + k_steps].assign(Tensor.stack(*p, dim=1))
-                     for b, p in zip(bufs[nst:nst + n_out], per, strict=True)]
-            work += [b.assign(b + v) for b, v in zip(bufs[nst + n_out:], acc or [], strict=True)]
+            Tensor.realize(*outs, *ctx.updates)
+            w = t if a.reverse else t + 1
+            work = [b[:, w:w + 1].assign(v.unsqueeze(1))
+                    for b, v in zip(bufs[:nst], outs[:nst], strict=True)]
+            work += [b[:, t:t + 1].assign(v.unsqueeze(1))
+                     for b, v in zip(bufs[nst:nst + n_out], outs[nst:nst + n_out], strict=True)]
+            work += [b.assign(b + v) for b, v in zip(bufs[nst + n_out:], outs[nst + n_out:],
+                                                      strict=True)]
             Tensor.realize(*work, *ctx.updates)
             return bufs[0]
         return step
+
+
+def _storage(t: Tensor):
+    """The device buffer holding a realised tensor's values (a view's base buffer), or None
+    (sharded over devices)."""
+    try:
+        b = t.uop.base.buffer
+    except (AttributeError, RuntimeError, AssertionError):
+        return None
+    return getattr(b, "_base", None) or b
 
 
 def _kernels(jit) -> int:

@@ -61,6 +61,13 @@ class TensorSpec(Strict):
         return v
 
 
+class DimSpec(Strict):
+    """A named dim's bounds: a sequence length that varies from call to call."""
+
+    max: int = Field(ge=1, le=1_000_000, description="the longest length: the compiled "
+                     "program and its buffers are made for it, shorter sequences reuse them")
+
+
 def _check_ids(d: dict, what: str) -> dict:
     for k in d:
         if not IDENT.match(k):
@@ -128,6 +135,10 @@ def spec_model() -> type[BaseModel]:
         doc: str | None = Field(None, description="what the network learns and the result "
                                                   "it reaches")
         inputs: dict[str, TensorSpec] = Field(description="graph inputs by name")
+        dims: dict[str, DimSpec] = Field(default_factory=dict, description="bounds of named "
+                                         "dims, e.g. `time: {max: 256}` for a sequence "
+                                         "length left symbolic (`shape: [batch, time, 1]`); "
+                                         "without one the longest length seen is used")
         nodes: dict[str, Node] = Field(description="node id to node, in file order")
         outputs: list[str] = Field(description="node ids whose values `run` returns")
         modules: dict[str, ModuleSpec] = Field(default_factory=dict, description=
@@ -156,6 +167,12 @@ def spec_model() -> type[BaseModel]:
             for k in self.nodes:
                 if k in self.inputs:
                     raise ValueError(f"'{k}' is both an input and a node id")
+            named = {d for t in self.inputs.values() for d in t.shape if isinstance(d, str)}
+            for k in self.dims:
+                if k not in named:
+                    raise ValueError(f"dims names '{k}', which no input's shape uses"
+                                     + (f" (inputs use {', '.join(sorted(named))})"
+                                        if named else ""))
             return self
 
     return GraphSpec

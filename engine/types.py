@@ -1,6 +1,7 @@
 """Tensor types with symbolic dimensions, and the broadcasting rule over them.
 
-A dimension is an ``int`` or a name such as ``"batch"``. Two names agree only when they
+A dimension is an ``int`` or a name such as ``"batch"``, possibly with an offset
+(``"time+1"``: a loop's states, the initial one included). Two names agree only when they
 are the same name; a name meets an int only when the int is 1 (broadcast).
 """
 
@@ -56,15 +57,54 @@ def broadcast(*shapes: tuple[Dim, ...]) -> tuple[Dim, ...] | None:
     return tuple(out)
 
 
+def dim_parts(d: Dim) -> tuple[str | None, int]:
+    """A dim as (name, offset): ``"time+1"`` is ``("time", 1)``, ``7`` is ``(None, 7)``."""
+    if isinstance(d, int):
+        return None, d
+    name, sign, k = d.partition("+") if "+" in d else d.partition("-")
+    return name, (int(k) if sign == "+" else -int(k)) if sign else 0
+
+
+def dim_add(d: Dim, k: int) -> Dim:
+    """``d + k`` for a size or a named dim.
+
+    >>> dim_add("time", 1), dim_add("time+1", -1), dim_add(3, 2)
+    ('time+1', 'time', 5)
+    """
+    name, off = dim_parts(d)
+    if name is None:
+        return off + k
+    off += k
+    return name if off == 0 else f"{name}{off:+d}"
+
+
+def dim_sub(a: Dim, b: Dim) -> Dim | None:
+    """``a - b`` where it is known: a size, a named dim minus a size, or the difference of
+    two offsets of the same name; None otherwise.
+
+    >>> dim_sub("time+1", 1), dim_sub("time+1", "time"), dim_sub(5, "time")
+    ('time', 1, None)
+    """
+    (na, oa), (nb, ob) = dim_parts(a), dim_parts(b)
+    if nb is None:
+        return dim_add(a, -ob)
+    return oa - ob if na == nb else None
+
+
+def dim_value(d: Dim, dims: dict):
+    """A dim's size from the bindings of its name (an int, or a symbolic tinygrad value)."""
+    name, off = dim_parts(d)
+    return off if name is None else dims[name] + off
+
+
 def numel(shape: tuple[Dim, ...], dims: dict[str, int] | None = None) -> int | None:
     """Number of elements, resolving names through ``dims``; None if a name is unbound."""
     n = 1
     for d in shape:
-        if isinstance(d, str):
-            if not dims or d not in dims:
-                return None
-            d = dims[d]
-        n *= d
+        name, _ = dim_parts(d)
+        if name is not None and (not dims or name not in dims):
+            return None
+        n *= dim_value(d, dims or {})
     return n
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dlgraph.engine.errors import ShapeError
-from dlgraph.engine.types import TType, broadcast, fmt, norm_axis
+from dlgraph.engine.types import TType, broadcast, dim_value, fmt, norm_axis
 
 
 def same(a, x: TType) -> TType:
@@ -52,4 +52,4 @@ def reduced(shape: tuple, axes: tuple[int, ...], keepdims: bool) -> tuple:
 
 def resolve(ctx, shape) -> tuple[int, ...]:
     """Concrete ints for a shape with named dims, from the run's bindings."""
-    return tuple(ctx.dims[d] if isinstance(d, str) else d for d in shape)
+    return tuple(dim_value(d, ctx.dims) for d in shape)

@@ -26,7 +26,7 @@ from pydantic import ConfigDict, Field
 
 from dlgraph.engine.errors import ShapeError
 from dlgraph.engine.spec_base import NodeSpec
-from dlgraph.engine.types import TType, fmt
+from dlgraph.engine.types import TType, dim_add, fmt
 
 from .registry import PICK, attrs, register
 
@@ -51,7 +51,7 @@ def loop_types(a) -> list[TType]:
     outs = [a.body[o].type for o in a.body.outputs.values()]
     st, per, acc = outs[:a.n_state], outs[a.n_state:a.n_state + a.n_out], \
         outs[a.n_state + a.n_out:]
-    return [stacked(t, a.steps + 1) for t in st] + [stacked(t, a.steps) for t in per] + acc
+    return [stacked(t, dim_add(a.steps, 1)) for t in st] + [stacked(t, a.steps) for t in per] + acc
 
 
 def _loop_infer(a, *ts: TType) -> TType:
@@ -78,7 +78,8 @@ register("loop", doc="run a body subgraph over the time axis (internal: rnn/lstm
          "lower to it)", family=F, inputs="xs*", internal=True, multi=True,
          attrs_model=attrs("loop", base=LoopBase,
                            body=(Any, Field(description="the step graph")),
-                           steps=(int, Field(description="time steps")),
+                           steps=(int | str, Field(description="time steps: a number, or a named dim "
+                                                              "(a length known at run time)")),
                            reverse=(bool, Field(False, description="run from the last step")),
                            n_seq=(int, 0), n_state=(int, 0), n_out=(int, 0)),
          infer=_loop_infer, forward=lambda c, a, *xs: c.run_loop(a, xs), vjp=_loop_vjp)

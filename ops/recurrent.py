@@ -100,20 +100,20 @@ def _direction(b, kind, a, seq, init, k, sfx, reverse):
         body.cut(h, c)
     body.graph.outputs = {"h": h, **({"c": c} if c is not None else {})}
     stacks = b.loop(body, [xw], starts, steps=steps, reverse=reverse, as_=f"loop{sfx}")
-    # states are stacked [batch, time + 1, hidden]; the initial one at 0 (or at `time`)
-    lo, hi = (0, steps) if reverse else (1, steps + 1)
+    # states are stacked [batch, time + 1, hidden]; the initial one first (or last)
+    lo, hi = (0, -1) if reverse else (1, None)
     out = b.emit("slice", stacks[0], axis=1, start=lo, stop=hi)
-    last = [b.emit("take", s, axis=1, index=0 if reverse else steps) for s in stacks]
+    last = [b.emit("take", s, axis=1, index=0 if reverse else -1) for s in stacks]
     return out, last
 
 
 def scan(kind):
     def expand(b, a, x, *init):
         t = b.type(x)
-        if t.rank != 3 or isinstance(t.shape[1], str) or isinstance(t.shape[2], str):
+        if t.rank != 3 or isinstance(t.shape[2], str):
             raise ShapeError(f"{kind} needs [batch, time, features] with a fixed number of "
-                             f"steps and features, got {fmt(t.shape)}",
-                             help="declare the input like {shape: [batch, 32, 1]}")
+                             f"features, got {fmt(t.shape)}",
+                             help="declare the input like {shape: [batch, time, 1]}")
         dirs = 2 if a.bidirectional else 1
         seq, last_h, last_c = x, [], []
         for layer in range(a.layers):
@@ -155,9 +155,8 @@ def _scan_module(b, a, x, *init):
     """A scan whose cell is a module of the spec: inputs [x_t, *states], outputs the new
     states in the same order. Its parameters are shared by every step."""
     t = b.type(x)
-    if t.rank < 2 or isinstance(t.shape[1], str):
-        raise ShapeError(f"scan needs [batch, time, ...] with a fixed number of steps, got "
-                         f"{fmt(t.shape)}")
+    if t.rank < 2:
+        raise ShapeError(f"scan needs [batch, time, ...], got {fmt(t.shape)}")
     if a.body not in b.modules:
         raise ShapeError(f"no module '{a.body}' to scan",
                          help=suggest(a.body, b.modules) or "define it under `modules:`")
@@ -184,8 +183,8 @@ def _scan_module(b, a, x, *init):
     body.cut(*new)
     body.graph.outputs = dict(zip(names, new, strict=True))
     stacks = b.loop(body, [x], states, steps=t.shape[1])
-    out = b.emit("slice", stacks[0], axis=1, start=1, stop=t.shape[1] + 1)
-    last = [b.emit("take", s, axis=1, index=t.shape[1]) for s in stacks]
+    out = b.emit("slice", stacks[0], axis=1, start=1, stop=None)
+    last = [b.emit("take", s, axis=1, index=-1) for s in stacks]
     return {"out": out, **dict(zip(names, last, strict=True))}
 
 

@@ -9,7 +9,7 @@ from pydantic import BeforeValidator, Field
 from tinygrad import Tensor
 
 from dlgraph.engine.errors import ShapeError
-from dlgraph.engine.types import TType, broadcast, fmt, norm_axis
+from dlgraph.engine.types import TType, broadcast, dim_add, dim_sub, fmt, norm_axis
 
 from .common import axes_of, resolve
 from .registry import NO_GRAD, attrs, register
@@ -134,40 +134,74 @@ register("unsqueeze", doc="insert an axis of size 1", family=F, inputs="x",
 
 # -- slicing and concatenation -------------------------------------------------------------
 def _slice_bounds(a, dim):
+    """(start, stop) of a slice of a dim: ints for a size; for a named dim such as ``time``
+    dims relative to it (``stop: -1`` is ``time-1``), so that the length stays known."""
     if isinstance(dim, str):
-        if a.start >= 0 and a.stop is not None and a.stop >= 0:
-            return a.start, a.stop
-        raise ShapeError(f"cannot slice the named dim '{dim}' with negative bounds",
-                         help="use non-negative start and stop")
+        start = a.start if a.start >= 0 else dim_add(dim, a.start)
+        stop = dim if a.stop is None else a.stop if a.stop >= 0 else dim_add(dim, a.stop)
+        size = dim_sub(stop, start)
+        if size is None or (isinstance(size, int) and size <= 0):
+            raise ShapeError(f"cannot slice the named dim '{dim}' as [{a.start}:{a.stop}]",
+                             help="slice from a fixed start to the end or to a negative "
+                                  "stop, or between two fixed indices")
+        return start, stop
     start, stop, _ = slice(a.start, a.stop).indices(dim)
     if stop <= start:
         raise ShapeError(f"slice [{a.start}:{a.stop}] of a dim of size {dim} is empty")
     return start, stop
 
 
+def _runtime_bounds(a, size):
+    """The bounds of a slice of a dim of ``size`` (an int, or a symbolic sequence length)."""
+    if isinstance(size, int):
+        return slice(a.start, a.stop).indices(size)[:2]
+    start = a.start if a.start >= 0 else size + a.start
+    return start, size if a.stop is None else a.stop if a.stop >= 0 else size + a.stop
+
+
 def _slice_infer(a, x):
     ax = _axis(a.axis, x.rank)
     s, e = _slice_bounds(a, x.shape[ax])
-    return TType(x.shape[:ax] + (e - s,) + x.shape[ax + 1:], x.dtype)
+    return TType(x.shape[:ax] + (dim_sub(e, s),) + x.shape[ax + 1:], x.dtype)
 
 
 def _slice_fwd(c, a, x):
     ax = a.axis % x.ndim
-    s, e = _slice_bounds(a, x.shape[ax])
+    s, e = _runtime_bounds(a, x.shape[ax])
     return x.shrink(tuple((s, e) if i == ax else None for i in range(x.ndim)))
 
 
 def _slice_vjp(b, n, g):
     t = b.type(n.inputs[0])
     ax = _axis(n.attrs.axis, t.rank)
+    if isinstance(t.shape[ax], str):
+        return [b.emit("unslice", g, n.inputs[0], axis=ax, start=n.attrs.start,
+                       stop=n.attrs.stop)]
     s, e = _slice_bounds(n.attrs, t.shape[ax])
     return [b.emit("pad", g, axis=ax, before=s, after=t.shape[ax] - e)]
 
 
+_bounds = dict(axis=_ax, start=(int, Field(0, description="first index; negative counts "
+                                             "from the end")),
+               stop=(int | None, Field(None, description="end (exclusive); negative counts "
+                                                         "from the end, null is the end")))
 register("slice", doc="x[start:stop] along one axis", family=F, inputs="x",
-         attrs_model=attrs("slice", axis=_ax, start=(int, Field(0, description="first index")),
-                           stop=(int | None, Field(None, description="end (exclusive)"))),
-         infer=_slice_infer, forward=_slice_fwd, vjp=_slice_vjp)
+         attrs_model=attrs("slice", **_bounds), infer=_slice_infer, forward=_slice_fwd,
+         vjp=_slice_vjp)
+
+
+def _unslice_fwd(c, a, g, x):
+    ax = a.axis % x.ndim
+    s, e = _runtime_bounds(a, x.shape[ax])
+    return g.pad(tuple((s, x.shape[ax] - e) if i == ax else None for i in range(x.ndim)))
+
+
+register("unslice", doc="g zero-padded to the shape of x, where x[start:stop] was taken "
+         "(internal: the VJP of a slice of a named dim)", family=F, inputs="g, x",
+         internal=True, attrs_model=attrs("unslice", **_bounds),
+         infer=lambda a, g, x: TType(x.shape, g.dtype), forward=_unslice_fwd,
+         vjp=lambda b, n, g: [b.emit("slice", g, axis=n.attrs.axis, start=n.attrs.start,
+                                     stop=n.attrs.stop), None])
 
 
 def _pad_infer(a, x):
@@ -225,10 +259,13 @@ register("concat", doc="join inputs along an axis", family=F, inputs="x, more*",
 def _take(b, a, x):
     t = b.type(x)
     ax = _axis(a.axis, t.rank)
-    i = a.index + t.shape[ax] if a.index < 0 and isinstance(t.shape[ax], int) else a.index
-    if isinstance(t.shape[ax], int) and not 0 <= i < t.shape[ax]:
-        raise ShapeError(f"index {a.index} is out of range for axis {a.axis} of size "
-                         f"{t.shape[ax]}")
+    d, i = t.shape[ax], a.index
+    if isinstance(d, str):          # a named dim: count from the end with a negative index
+        stop = None if i == -1 else i + 1
+        return b.emit("squeeze", b.emit("slice", x, axis=ax, start=i, stop=stop), axis=ax)
+    i = i + d if i < 0 else i
+    if not 0 <= i < d:
+        raise ShapeError(f"index {a.index} is out of range for axis {a.axis} of size {d}")
     return b.emit("squeeze", b.emit("slice", x, axis=ax, start=i, stop=i + 1), axis=ax)
 
 
