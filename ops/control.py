@@ -78,8 +78,8 @@ register("loop", doc="run a body subgraph over the time axis (internal: rnn/lstm
          "lower to it)", family=F, inputs="xs*", internal=True, multi=True,
          attrs_model=attrs("loop", base=LoopBase,
                            body=(Any, Field(description="the step graph")),
-                           steps=(int | str, Field(description="time steps: a number, or a named dim "
-                                                              "(a length known at run time)")),
+                           steps=(int | str, Field(description="time steps: a number, or a "
+                                                   "named dim (a length known at run time)")),
                            reverse=(bool, Field(False, description="run from the last step")),
                            n_seq=(int, 0), n_state=(int, 0), n_out=(int, 0)),
          infer=_loop_infer, forward=lambda c, a, *xs: c.run_loop(a, xs), vjp=_loop_vjp)
