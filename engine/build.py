@@ -166,12 +166,12 @@ class Builder:
         for i, nid in enumerate(nodes):
             dg.add_node(nid, pos=i)
         for nid, nd in nodes.items():
-            for k, ref in enumerate(nd.in_):
+            for k, (field, ref) in enumerate(nd.refs()):
                 base = ref.split(".")[0]
                 if base not in names:
                     raise GraphError(f"'{ref}' is not an input or a node", node=nid, op=nd.op,
-                                     source=where(nid, "in", k) if len(nd.in_) > 1
-                                     else where(nid, "in"),
+                                     source=where(nid, "in", k) if field == "in" and len(
+                                         nd.in_) > 1 else where(nid, field),
                                      help=suggest(base, sorted(names))
                                      or f"known names: {', '.join(sorted(names))}")
                 if base in nodes:
@@ -186,17 +186,21 @@ class Builder:
         for nid in order:
             nd = nodes[nid]
             self.source, self.user = where(nid), (f"{prefix}/{nid}" if prefix else nid, nd.op)
-            ins = []
-            for ref in nd.in_:
+            ins, resolved = [], {}
+            for field, ref in nd.refs():
                 if ref not in env:
                     base, _, part = ref.partition(".")
                     outs = self._outputs_of(nodes[base].op) if base in nodes else ()
                     raise GraphError(f"'{base}' has no output '{part}'", node=nid, op=nd.op,
-                                     source=where(nid, "in"),
+                                     source=where(nid, field),
                                      help=f"outputs of '{base}': {', '.join(outs) or 'one'}"
                                      + (f"; {suggest(part, outs)}" if suggest(part, outs)
                                         else ""))
-                ins.append(env[ref])
+                if field == "in":
+                    ins.append(env[ref])
+                else:
+                    resolved[field] = env[ref]
+            nd = nd.model_copy(update=resolved) if resolved else nd
             if prefix:
                 self.graph.layers[self.user[0]] = nd
             with self._sharing(nid, nd):
@@ -497,7 +501,7 @@ def build(spec, lines: dict | None = None, file: str = "<spec>",
             raise GraphError(f"output '{ref}' does not exist",
                              source=Source(file, lines.get(("outputs", k))))
         g.outputs[ref] = env[ref]
-    used = {ref.split(".")[0] for nd in spec.nodes.values() for ref in nd.in_}
+    used = {ref.split(".")[0] for nd in spec.nodes.values() for _, ref in nd.refs()}
     g.warnings = [f"{Source(file, lines.get(('inputs', n)))}: input '{n}' is not used by any "
                   "node" for n in spec.inputs if n not in used] + _unused_module_inputs(b.modules)
     return g

@@ -203,10 +203,11 @@ def run_batches(graph: Graph, params, arrays: dict[str, np.ndarray], wanted: lis
     for b in tqdm(batches(arrays, min(batch, n), 0, 0, shuffle=False, drop_last=False),
                   total=-(-n // min(batch, n)), desc=desc, leave=False, unit="batch",
                   disable=True if quiet else None, file=sys.stderr):
-        outs = program(feed(graph, {k: b[k] for k in program.input_names}), bind(graph, b))
+        outs = program.arrays(feed(graph, {k: b[k] for k in program.input_names}),
+                              bind(graph, b))
         sizes.append(len(next(iter(b.values()))))
         for nid, o in zip(computed, outs, strict=True):
-            got[nid].append(o.numpy())
+            got[nid].append(o)
         for w in wanted:
             if w in graph.inputs:
                 got[w].append(b[w])

@@ -229,6 +229,11 @@ class Model:
         return {name: got[nid] if nid in got else np.asarray(arrays[nid])
                 for name, nid in g.outputs.items()}
 
+    def reserve(self, **lengths: int) -> None:
+        """Compile for sequences up to these lengths at the first call (``time=64``), where
+        the spec declares no ``dims:`` maximum; longer ones still work (and compile again)."""
+        self._program.lengths.reserve(lengths)
+
     def random_inputs(self, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
         return random_inputs(self.graph, batch, seed)
 
@@ -328,6 +333,12 @@ class Lengths:
             out[n] = most
             syms[n] = Variable(n, 1, most).bind(t)
         return out, syms
+
+    def reserve(self, lengths: dict[str, int]) -> None:
+        """Compile for at least these longest lengths (fewer recompiles as lengths grow)."""
+        for n, k in lengths.items():
+            if n in self.names and n not in self.declared:
+                self.most[n] = max(self.most.get(n, 0), k)
 
     def pad(self, t, x: Tensor, dims: dict[str, int]) -> Tensor:
         """A graph input padded with zeros to the compiled lengths."""

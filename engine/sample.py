@@ -19,6 +19,9 @@ def sample(graph: Graph, model: Model, *, prompt: str = "", length: int = 200,
 
     The spec's input is a window of token ids [batch, T] and its first output the logits
     [batch, T, vocab] (an LSTM or a causal transformer): the window slides over the text.
+    With a symbolic length ([batch, time]) each step feeds the context as long as it is
+    (up to ``dims: {time: {max: N}}``, else the training windows' length): one compiled
+    program serves every step.
     """
     train = graph.spec.train if graph.spec is not None else None
     if train is None or not isinstance(train.data, TextTokens):
@@ -28,10 +31,14 @@ def sample(graph: Graph, model: Model, *, prompt: str = "", length: int = 200,
     level = train.data.level
     (name, t), = [(k, v) for k, v in graph.inputs.items() if v.dtype == "int32"][:1] or [
         (None, None)]
-    if name is None or t.rank != 2 or not isinstance(t.shape[1], int):
-        raise SpecError("sample needs one int32 input of shape [batch, T]",
+    if name is None or t.rank != 2:
+        raise SpecError("sample needs one int32 input of shape [batch, T] or [batch, time]",
                         source=Source(graph.source))
-    window = t.shape[1]
+    symbolic = isinstance(t.shape[1], str)     # then each step feeds the context as it is
+    window = t.shape[1] if not symbolic else graph.spec.dims[t.shape[1]].max \
+        if t.shape[1] in graph.spec.dims else train.data.length
+    if symbolic:
+        model.reserve(**{t.shape[1]: window})
     out = next(iter(graph.outputs))
     index = {tok: i for i, tok in enumerate(vocab)}
     tokens = list(prompt) if level == "char" else prompt.split()
@@ -45,7 +52,7 @@ def sample(graph: Graph, model: Model, *, prompt: str = "", length: int = 200,
     for _ in range(length):
         ctx = ids[-window:]
         pos = len(ctx) - 1
-        x = np.zeros((1, window), np.int32)
+        x = np.zeros((1, len(ctx) if symbolic else window), np.int32)
         x[0, :len(ctx)] = ctx           # causal models ignore what follows position `pos`
         logits = model(**{name: x})[out][0, pos].astype(np.float64)
         if logits.shape[-1] != len(vocab):

@@ -7,9 +7,9 @@ Nothing here knows the registry: ``NodeSpec`` holds what every node has (``in``,
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .init import INITIALISERS
 
@@ -26,6 +26,10 @@ class Strict(BaseModel):
 
 class NodeSpec(Strict):
     """Fields every node has; each op's model adds its own and fixes ``op``."""
+
+    ref_fields: ClassVar[tuple[str, ...]] = ()
+    """Fields besides ``in`` that name a value (an input or node id): the builder orders
+    nodes by them too and hands the op the node id each resolves to."""
 
     in_: list[str] = Field(default_factory=list, alias="in",
                            description="inputs: graph input names or node ids (`id.name` for "
@@ -44,6 +48,19 @@ class NodeSpec(Strict):
             if not REF.match(ref):
                 raise ValueError(f"'{ref}' is not a node id or input name (letters, digits, _)")
         return v
+
+    @model_validator(mode="after")
+    def _ref_fields(self):
+        for f in self.ref_fields:
+            ref = getattr(self, f)
+            if ref is not None and not REF.match(ref):
+                raise ValueError(f"{f}: '{ref}' is not a node id or input name")
+        return self
+
+    def refs(self) -> list[tuple[str, str]]:
+        """(field, reference) for every value this node reads: ``in`` first."""
+        return [("in", r) for r in self.in_] + [(f, getattr(self, f)) for f in self.ref_fields
+                                                if getattr(self, f) is not None]
 
 
 class ParamLayer(NodeSpec):

@@ -243,9 +243,9 @@ class Validator:
             self.program = lower(self.graph, self.computed, params=params, cache=self.cache)
         got: dict[str, list[np.ndarray]] = {}
         for tensors, arrays in chunks:
-            outs = self.program(dict(zip(self.names, tensors, strict=True)), self.dims)
+            outs = self.program.arrays(dict(zip(self.names, tensors, strict=True)), self.dims)
             for nid, o in zip(self.computed, outs, strict=True):
-                got.setdefault(nid, []).append(o.numpy())
+                got.setdefault(nid, []).append(o)
             for k, a in arrays.items():
                 got.setdefault(k, []).append(a)
         res = {f"val_{k}": float(np.mean(got[nid])) for k, nid in self.objectives.items()}

@@ -16,7 +16,7 @@ layer) and, for lstm, ``c``.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 from pydantic import Field
 
@@ -72,7 +72,12 @@ def gru_cell(b, xw, hw, h, c, hidden):
 CELLS = {"rnn": (rnn_cell, 1), "lstm": (lstm_cell, 4), "gru": (gru_cell, 3)}
 
 
-def _direction(b, kind, a, seq, init, k, sfx, reverse):
+def _keep(b, m, new, old):
+    """``new`` where the step is real (m = 1), ``old`` where it is padding (m = 0)."""
+    return b.emit("add", old, b.emit("mul", m, b.emit("sub", new, old)))
+
+
+def _direction(b, kind, a, seq, init, k, sfx, reverse, mask=None):
     """One direction of one layer: the input projection over all steps, then a loop."""
     cell, gates = CELLS[kind]
     hidden, steps = a.hidden, b.shape(seq)[1]
@@ -91,20 +96,42 @@ def _direction(b, kind, a, seq, init, k, sfx, reverse):
     body = b.body()
     with body.within(f"step{sfx}"):
         xt = body.input("/".join(body.scope + ("x",)), step_type(b.type(xw)))
+        mt = body.input("/".join(body.scope + ("mask",)), step_type(b.type(mask))) \
+            if mask else None     # seq inputs first, then states
         h = body.input("/".join(body.scope + ("h",)), b.type(starts[0]))
         c = body.input("/".join(body.scope + ("c",)), b.type(starts[1])) \
             if kind == "lstm" else None
         hw = body.emit("add", body.emit("matmul", h, body.const_input(w_hh_t)),
                        body.const_input(b_hh), cut=True)
-        h, c = cell(body, xt, hw, h, c, hidden)
+        h_new, c_new = cell(body, xt, hw, h, c, hidden)
+        if mt:                  # past a sequence's end its state stays as it was
+            h_new = _keep(body, mt, h_new, h)
+            c_new = _keep(body, mt, c_new, c) if c is not None else None
+        h, c = h_new, c_new
         body.cut(h, c)
     body.graph.outputs = {"h": h, **({"c": c} if c is not None else {})}
-    stacks = b.loop(body, [xw], starts, steps=steps, reverse=reverse, as_=f"loop{sfx}")
+    stacks = b.loop(body, [xw] + ([mask] if mask else []), starts, steps=steps,
+                    reverse=reverse, as_=f"loop{sfx}")
     # states are stacked [batch, time + 1, hidden]; the initial one first (or last)
     lo, hi = (0, -1) if reverse else (1, None)
     out = b.emit("slice", stacks[0], axis=1, start=lo, stop=hi)
+    if mask:                    # zeros past each sequence's end, as PyTorch's packed outputs
+        out = b.emit("mul", out, mask, as_=f"masked{sfx}")
     last = [b.emit("take", s, axis=1, index=0 if reverse else -1) for s in stacks]
     return out, last
+
+
+def _mask(b, kind, a, x):
+    """The `mask:` [batch, time] as [batch, time, 1], checked against the sequence."""
+    if a.mask is None:
+        return None
+    t, m = b.type(x), b.type(a.mask)
+    if m.dtype != "float32" or m.shape != t.shape[:2]:
+        raise ShapeError(f"{kind} mask has type {m}, expected {fmt(t.shape[:2])} float32: "
+                         f"1 for each real step, 0 for padding",
+                         help="give one float per sequence step, e.g. an input "
+                              f"{{shape: {fmt(t.shape[:2])}}}")
+    return b.emit("unsqueeze", a.mask, axis=-1, as_="mask")
 
 
 def scan(kind):
@@ -116,11 +143,13 @@ def scan(kind):
                              help="declare the input like {shape: [batch, time, 1]}")
         dirs = 2 if a.bidirectional else 1
         seq, last_h, last_c = x, [], []
+        mask = _mask(b, kind, a, x)
         for layer in range(a.layers):
             outs_dir = []
             for d in range(dirs):
                 sfx = f"_l{layer}" + ("_reverse" if d else "")
-                out, last = _direction(b, kind, a, seq, init, layer * dirs + d, sfx, bool(d))
+                out, last = _direction(b, kind, a, seq, init, layer * dirs + d, sfx, bool(d),
+                                       mask)
                 outs_dir.append(out)
                 last_h.append(last[0])
                 last_c.append(last[-1])
@@ -133,20 +162,28 @@ def scan(kind):
     return expand
 
 
+class Recurrent(ParamLayer):
+    ref_fields: ClassVar[tuple[str, ...]] = ("mask",)
+
+
 _fields = dict(
     hidden=(int, Field(gt=0, description="state size")),
     layers=(int, Field(1, ge=1, description="stacked layers")),
     bidirectional=(bool, Field(False, description="also run backwards in time and "
-                                                  "concatenate the features")))
+                                                  "concatenate the features")),
+    mask=(str | None, Field(None, description="an input or node [batch, time] of 1 for each "
+                            "real step and 0 for padding: padded steps leave the state as it "
+                            "is (so `h` is each sequence's last real state, and the backward "
+                            "direction starts at each one's end) and give zero outputs")))
 register("rnn", doc="Elman RNN with tanh over [batch, time, features]", family="recurrent",
-         inputs="x, h0*", attrs_model=attrs("rnn", base=ParamLayer, **_fields),
+         inputs="x, h0*", attrs_model=attrs("rnn", base=Recurrent, **_fields),
          expand=scan("rnn"), outputs=("out", "h"))
 register("lstm", doc="LSTM (input, forget, output gates; cell state) over [batch, time, "
          "features]", family="recurrent", inputs="x, states*",
-         attrs_model=attrs("lstm", base=ParamLayer, **_fields), expand=scan("lstm"),
+         attrs_model=attrs("lstm", base=Recurrent, **_fields), expand=scan("lstm"),
          outputs=("out", "h", "c"))
 register("gru", doc="GRU (reset and update gates) over [batch, time, features]",
-         family="recurrent", inputs="x, h0*", attrs_model=attrs("gru", base=ParamLayer,
+         family="recurrent", inputs="x, h0*", attrs_model=attrs("gru", base=Recurrent,
                                                                 **_fields),
          expand=scan("gru"), outputs=("out", "h"))
 

@@ -50,3 +50,23 @@ def test_sample_rejects_unknown_prompt_tokens(tmp_path):
     r = CliRunner().invoke(main, ["sample", path, "--weights", weights, "--prompt", "€"])
     assert r.exit_code == 1
     assert "the prompt has tokens the model never saw: ['€']" in r.stderr
+
+
+def test_a_symbolic_length_samples_step_by_step_with_one_program(tmp_path):
+    """With `x: [batch, time]` each step feeds the context as it is: one compiled program
+    serves every length, and a causal model gives the text the fixed-window spec gives with
+    the same weights (which feeds zero-padded windows of 8)."""
+    from dlgraph.engine.sample import sample
+    path, weights, vocab = trained(tmp_path, 3)
+    fixed = dlgraph.load(path)
+    text = open(path).read().replace("[batch, 8]", "[batch, time]")
+    (tmp_path / "sym.yaml").write_text(text)
+    sym = dlgraph.load(tmp_path / "sym.yaml")
+    model = dlgraph.compile(sym, weights=weights)
+    got = sample(sym, model, prompt="Fi", length=20, seed=3)
+    want = sample(fixed, dlgraph.compile(fixed, weights=weights), prompt="Fi", length=20, seed=3)
+    assert got == want and len(got) == 22
+    prog = model._program
+    assert prog.lengths.most == {"time": 8}      # the training windows' length
+    assert all(len(st._compiled if hasattr(st, "_compiled") else st._jits) == 1
+               for st in prog.stages)

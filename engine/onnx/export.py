@@ -84,7 +84,8 @@ class _Export:
         nd = self.g.spec.nodes[sid]
         refs = [self.g.resolve(r) for r in nd.in_]
         lay = L.Layer(self.w, sid, nd, [self.value(r) for r in refs],
-                      [self.g[r].type for r in refs], self.params)
+                      [self.g[r].type for r in refs], self.params,
+                      {f: self.value(self.g.resolve(r)) for f, r in nd.refs() if f != "in"})
         self.w.prefix = sid
         try:
             outs = LAYERS[nd.op](lay)

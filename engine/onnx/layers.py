@@ -8,7 +8,7 @@ its primitives (an activation ONNX lacks, say).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -30,6 +30,7 @@ class Layer:
     ins: list[str]                  # ONNX names of its inputs
     types: list[TType]
     params: dict[str, np.ndarray]   # every parameter of the graph, by checkpoint name
+    refs: dict = field(default_factory=dict)  # ONNX names of other values it reads (`mask:`)
 
     def p(self, name: str) -> np.ndarray:
         return self.params[f"{self.sid}.{name}"]

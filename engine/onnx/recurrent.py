@@ -57,6 +57,11 @@ def _last(w, y_h: str) -> str:
     return w.op("Reshape", w.op("Transpose", y_h, perm=[1, 0, 2]), w.const([0, -1]))
 
 
+def _lengths(w, mask: str) -> str:
+    """ONNX's sequence_lens [B] int32 from a `mask:` of 1s then 0s per sequence."""
+    return w.op("Cast", w.op("ReduceSum", mask, w.const([1]), keepdims=0), to=6)
+
+
 def recurrent(kind: str):
     def rule(lay: Layer):
         a, w = lay.attrs, lay.w
@@ -65,12 +70,13 @@ def recurrent(kind: str):
         seq = w.op("Transpose", lay.ins[0], perm=[1, 0, 2],
                    out=f"{lay.sid}/time_major")                       # [T, B, F]
         n_out = 3 if kind == "lstm" else 2
+        lengths = _lengths(w, lay.refs["mask"]) if "mask" in lay.refs else ""
         for layer in range(a.layers):
             W, R, B = _weights(lay, kind, layer, dirs)
             states = [_initial(lay, 0, layer, dirs)]
             if kind == "lstm":
                 states.append(_initial(lay, 1, layer, dirs))
-            ins = [seq, W, R, B, "", *states]
+            ins = [seq, W, R, B, lengths, *states]
             while ins[-1] == "":
                 ins.pop()
             outs = w.op(ONNX_OP[kind], *ins, outputs=n_out, hidden_size=a.hidden,
