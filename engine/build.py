@@ -166,12 +166,12 @@ class Builder:
         for i, nid in enumerate(nodes):
             dg.add_node(nid, pos=i)
         for nid, nd in nodes.items():
-            for k, (field, ref) in enumerate(nd.refs()):
+            for k, (key, ref) in enumerate(nd.refs()):
                 base = ref.split(".")[0]
                 if base not in names:
                     raise GraphError(f"'{ref}' is not an input or a node", node=nid, op=nd.op,
-                                     source=where(nid, "in", k) if field == "in" and len(
-                                         nd.in_) > 1 else where(nid, field),
+                                     source=where(nid, "in", k) if key == "in" and len(
+                                         nd.in_) > 1 else where(nid, key),
                                      help=suggest(base, sorted(names))
                                      or f"known names: {', '.join(sorted(names))}")
                 if base in nodes:
@@ -187,19 +187,19 @@ class Builder:
             nd = nodes[nid]
             self.source, self.user = where(nid), (f"{prefix}/{nid}" if prefix else nid, nd.op)
             ins, resolved = [], {}
-            for field, ref in nd.refs():
+            for key, ref in nd.refs():
                 if ref not in env:
                     base, _, part = ref.partition(".")
                     outs = self._outputs_of(nodes[base].op) if base in nodes else ()
                     raise GraphError(f"'{base}' has no output '{part}'", node=nid, op=nd.op,
-                                     source=where(nid, field),
+                                     source=where(nid, key),
                                      help=f"outputs of '{base}': {', '.join(outs) or 'one'}"
                                      + (f"; {suggest(part, outs)}" if suggest(part, outs)
                                         else ""))
-                if field == "in":
+                if key == "in":
                     ins.append(env[ref])
                 else:
-                    resolved[field] = env[ref]
+                    resolved[key] = env[ref]
             nd = nd.model_copy(update=resolved) if resolved else nd
             if prefix:
                 self.graph.layers[self.user[0]] = nd

@@ -8,7 +8,7 @@ from test_recurrent import CASES, assert_grads, data, spec, torch_reference
 
 import dlgraph
 from dlgraph.engine.autodiff import reverse
-from dlgraph.engine.lower import LoopStage, Segment, bind, feed, lower
+from dlgraph.engine.lower import LoopStage, bind, feed, lower
 
 B, I, H = 4, 3, 5
 TORCH = {"rnn": torch.nn.RNN, "lstm": torch.nn.LSTM, "gru": torch.nn.GRU}
