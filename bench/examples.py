@@ -49,6 +49,7 @@ NETWORK = {
     "gan": "G: 8-128-128-2, D: 2-128-128-1, two phases",
     "transformer": "embedding 64 + learned positions, 2 encoder blocks (4 heads), linear",
     "char_lm": "embedding 32, LSTM 128, linear 58",
+    "adding_varlen": "LSTM 32 over 5-40 steps, padded and masked, symbolic length",
     "digits": "MLP 64-128-10, ReLU, standardised pixels (scikit-learn's 8x8 digits)",
     "denoising": "dense 256-128-32-128-256, input noise while training only",
     "transfer/pretrain": "autoencoder 256-128-16-128-256 (the encoder for the next row)",

@@ -150,10 +150,12 @@ def activation_floats(g: Graph) -> int:
     """Floats per sample alive at once in the forward pass, as tinygrad runs it: only values
     a kernel writes are in memory (reductions, matmuls, loop buffers, `cut` values and the
     outputs; elementwise and shape ops fuse into the kernel that reads them), each until the
-    last node that reads it, directly or through fused ops. Named dims count as 1; values
+    last node that reads it, directly or through fused ops. Named dims count as 1 (a
+    sequence length as its `dims:` maximum where declared); values
     without one (weight-sized) do not grow with the batch. Within 1.3x of what tinygrad
     allocates for the examples (tests/test_summary.py)."""
     named = {d: 1 for t in g.inputs.values() for d in t.shape if isinstance(d, str)}
+    named.update((k, v.max) for k, v in (getattr(g.spec, "dims", None) or {}).items())
     outs = set(g.outputs.values())
     written = {n.id for n in g.nodes.values() if n.role == "forward"
                and any(isinstance(d, str) for d in n.type.shape)

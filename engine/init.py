@@ -79,13 +79,19 @@ def init_param(p: Param, seed: int) -> np.ndarray:
 def random_inputs(graph: Graph, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
     """Seeded random arrays of the declared input shapes (named dims = ``batch``).
 
-    Integer inputs get ids below the size of the one-hot or embedding that reads them.
+    Integer inputs get ids below the size of the one-hot or embedding that reads them; an
+    input that is a recurrent layer's `mask:` gets 1s then 0s, each row of a random length.
     """
     rng = np.random.default_rng(int(seed) & (2**64 - 1))
+    nodes = graph.spec.nodes.values() if graph.spec is not None else ()
+    masks = {r for nd in nodes for f, r in nd.refs() if f == "mask"}
     out = {}
     for name, t in graph.inputs.items():
         shape = tuple(batch if isinstance(d, str) else d for d in t.shape)
-        if t.dtype == "int32":
+        if name in masks and len(shape) == 2:
+            ends = rng.integers(1, shape[1] + 1, shape[0])
+            out[name] = (np.arange(shape[1])[None] < ends[:, None]).astype(np.float32)
+        elif t.dtype == "int32":
             depth = min([n.attrs.depth for n in graph.nodes.values()
                          if n.op == "one_hot" and name in n.inputs] or [2])
             out[name] = rng.integers(0, depth, shape).astype(NUMPY_DTYPES[t.dtype])

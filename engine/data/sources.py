@@ -8,7 +8,8 @@ source             x                                 y
 sine, series       [N, length, 1] float32            [N, 1] float32 (value horizon ahead)
 spirals, xor       [N, 2] float32                    [N] int32 class
 gaussian_mixture   [N, 2] float32                    (none)
-adding             [N, length, 2] float32            [N, 1] float32 (sum of marked values)
+adding             [N, length, 2] float32            [N, 1] float32 (sum of marked values);
+                                                      with min_length also mask [N, length]
 parity             [N, length, 1] float32 bits       [N] int32 parity
 sequence_task      [N, length] int32 tokens          [N, length] int32 tokens
 images             [N, channels, size, size] float32 [N] int32 class
@@ -189,19 +190,37 @@ class Adding(DataSource):
 
     source: Literal["adding"] = source_field("adding")
     samples: int = samples_field()
-    length: int = Field(10, ge=2, description="Sequence length (time steps).")
+    length: int = Field(10, ge=2, description="Sequence length (time steps); with "
+                        "`min_length`, the longest.")
+    min_length: int | None = Field(None, ge=2, description="Sequences of random lengths "
+                                   "from this to `length`, zero-padded to `length`, with a "
+                                   "`mask` array [N, length]: 1 for real steps, 0 for padding.")
+
+    @model_validator(mode="after")
+    def _lengths(self):
+        if self.min_length is not None and self.min_length > self.length:
+            raise ValueError(f"min_length {self.min_length} is over length {self.length}")
+        return self
 
     def scratch_bytes(self) -> float:
-        return 8.0 * 6 * self.samples * self.length
+        return 8.0 * 7 * self.samples * self.length
 
     def load(self, base_dir: Path, rng: np.random.Generator) -> Arrays:
         n, length = self.samples, self.length
         values = rng.uniform(0, 1, size=(n, length))
-        marked = np.argsort(rng.uniform(size=(n, length)), axis=1)[:, :2]  # two distinct steps
+        keys = rng.uniform(size=(n, length))
+        mask = np.ones((n, length))
+        if self.min_length is not None:
+            real = rng.integers(self.min_length, length + 1, size=n)
+            mask = (np.arange(length)[None] < real[:, None]).astype(float)
+            values *= mask
+            keys = np.where(mask > 0, keys, 2.0)       # never mark a padded step
+        marked = np.argsort(keys, axis=1)[:, :2]        # two distinct (real) steps
         markers = np.zeros((n, length))
         np.put_along_axis(markers, marked, 1.0, axis=1)
         y = (values * markers).sum(1, keepdims=True)
-        return {"x": np.stack([values, markers], -1).astype(F32), "y": y.astype(F32)}
+        out = {"x": np.stack([values, markers], -1).astype(F32), "y": y.astype(F32)}
+        return out if self.min_length is None else {**out, "mask": mask.astype(F32)}
 
 
 class Parity(DataSource):
