@@ -295,3 +295,42 @@ def test_parameters_replaced_after_compiling_are_the_ones_used_and_stored(cache_
     for k in fresh:
         np.testing.assert_array_equal(again[k], fresh[k])
         assert np.abs(first[k] - fresh[k]).max() > 1e-3       # other weights, other outputs
+
+
+def test_a_symbolic_length_program_loads_in_a_new_process(tmp_path, cache_dir):
+    """A program compiled for every length up to dims.time.max is stored once and a second
+    process loads it and runs lengths the first never ran, matching a fresh compile."""
+    spec = _spec(tmp_path, textwrap.dedent("""\
+        dlgraph: 1
+        name: cache-varlen
+        inputs:
+          x: {shape: [batch, time, 2]}
+          m: {shape: [batch, time]}
+        dims:
+          time: {max: 12}
+        nodes:
+          enc: {op: gru, in: x, mask: m, hidden: 8, bidirectional: true}
+        outputs: [enc, enc.h]
+        """))
+    code = ("import sys, numpy as np, dlgraph; m = dlgraph.compile(dlgraph.load(sys.argv[1])); "
+            "rng = np.random.default_rng(0); out = []\n"
+            "for t in [int(a) for a in sys.argv[2:]]:\n"
+            "    x = rng.standard_normal((3, t, 2)).astype(np.float32)\n"
+            "    mask = (np.arange(t)[None] < np.array([[t], [1], [t // 2 + 1]])).astype("
+            "np.float32)\n"
+            "    out.append(round(float(np.abs(m(x=x, m=mask)['enc.h']).sum()), 4))\n"
+            "print(out)")
+
+    def run(*lengths, env=os.environ):
+        r = subprocess.run([sys.executable, "-c", code, str(spec), *map(str, lengths)],
+                           capture_output=True, text=True, env=env, timeout=300)
+        assert r.returncode == 0, r.stderr
+        return r
+
+    first = run(12)
+    stored = [p.name for p in ProgramCache(cache_dir).entries()]
+    assert stored
+    second = run(12, 5, 9)      # loads; nothing new is compiled, so nothing new is stored
+    assert [p.name for p in ProgramCache(cache_dir).entries()] == stored
+    fresh = run(12, 5, 9, env={**os.environ, "DLGRAPH_CACHE_DIR": "off"})
+    assert second.stdout == fresh.stdout and first.stdout.strip("[]\n") in second.stdout
