@@ -565,20 +565,22 @@ def scaling_method(opts, warm: dict) -> list[str]:
 
 SCALING_BEGIN = "<!-- scaling: written by bench/run.py --scaling; begin -->"
 SCALING_END = "<!-- scaling: end -->"
+LENGTHS = ("<!-- lengths: written by bench/lengths.py; begin -->", "<!-- lengths: end -->")
 
 
-def scaling_block(text: str) -> str | None:
-    """The scaling section of a report, markers included, or None."""
-    if SCALING_BEGIN not in text or SCALING_END not in text:
+def scaling_block(text: str, begin: str = SCALING_BEGIN, end: str = SCALING_END) -> str | None:
+    """The scaling section of a report (or another between ``begin`` and ``end``), markers
+    included, or None."""
+    if begin not in text or end not in text:
         return None
-    return SCALING_BEGIN + text.split(SCALING_BEGIN, 1)[1].split(SCALING_END, 1)[0] \
-        + SCALING_END
+    return begin + text.split(begin, 1)[1].split(end, 1)[0] + end
 
 
-def splice_scaling(text: str, section: str | None) -> str:
-    """``text`` with its scaling section replaced by ``section`` (appended where it has
-    none; removed where ``section`` is None)."""
-    old = scaling_block(text)
+def splice_scaling(text: str, section: str | None, begin: str = SCALING_BEGIN,
+                   end: str = SCALING_END) -> str:
+    """``text`` with its scaling section (or another between ``begin`` and ``end``) replaced
+    by ``section`` (appended where it has none; removed where ``section`` is None)."""
+    old = scaling_block(text, begin, end)
     if old is not None:
         a, b = text.split(old, 1)
         text = a.rstrip("\n") + ("\n\n" + b.lstrip("\n") if b.strip() else "\n")
@@ -752,10 +754,12 @@ def reproduce(args: list[str]) -> str:
 
 
 def write_report(out: Path, md: str) -> None:
-    """Write the main report, keeping the scaling section the file already has."""
-    old = scaling_block(out.read_text()) if out.exists() else None
+    """Write the main report, keeping the sections other runs wrote (--scaling, and
+    bench/lengths.py's)."""
+    text = out.read_text() if out.exists() else ""
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(splice_scaling(md, old))
+    md = splice_scaling(md, scaling_block(text))
+    out.write_text(splice_scaling(md, scaling_block(text, *LENGTHS), *LENGTHS))
     print(f"wrote {out}")
 
 
