@@ -358,13 +358,12 @@ class Lengths:
         return x.shrink(tuple(None if isinstance(v, int) else (0, v) for v in sizes))
 
     @staticmethod
-    def fill(t, x: Tensor, dims: dict[str, int], syms: dict) -> Tensor:
-        """A value as it leaves a stage: padded with zeros to the compiled lengths."""
-        if not syms or not any(dim_parts(d)[0] in syms for d in t.shape):
-            return x
-        full = {**dims, **syms}
-        return x.pad(tuple((0, dim_value(d, dims) - dim_value(d, full))
-                           if dim_parts(d)[0] in syms else None for d in t.shape))
+    def into(t, buf: Tensor, x: Tensor, dims: dict) -> Tensor:
+        """The write of ``x`` into ``buf`` (made for the longest lengths) at this call's
+        lengths: what lies past them is stale, and every reader cuts it off."""
+        sizes = [dim_value(d, dims) for d in t.shape]
+        return buf.shrink(tuple(None if isinstance(v, int) else (0, v) for v in sizes)) \
+            .assign(x)
 
     def trim(self, t, a: np.ndarray, dims: dict[str, int]) -> np.ndarray:
         """A target's array cut to this call's lengths."""
@@ -520,9 +519,11 @@ class Segment:
         g, prog = self.prog.graph, self.prog
         names = [r for r in self.reads if g[r].role != "param" or prog.params_as_inputs]
         seq = prog.lengths.names
+        held = self._held(dims) if seq else {}
 
         def step(*args):
             syms, xs = dict(zip(seq, args[:len(seq)], strict=True)), args[len(seq):]
+            xs, into = xs[:len(names)], dict(zip(held, xs[len(names):], strict=True))
             ctx = Ctx(training=prog.training, dims={**dims, **syms})
             env = {}
             for r, x in zip(names, xs, strict=True):
@@ -533,15 +534,26 @@ class Segment:
                 if r not in env:
                     env[r] = prog.value(env, r)
             outs = self.evaluator.run(ctx, env) if self.evaluator else env
-            res = [Lengths.fill(g[o].type, outs[o], dims, syms).contiguous()
-                   for o in self.outputs]
+            # a value with a sequence length is written, at this call's length, into a
+            # buffer made for the longest (padding it would write the whole buffer)
+            res = [Lengths.into(g[o].type, into[o], outs[o], ctx.dims) if o in into
+                   else outs[o].contiguous() for o in self.outputs]
             extra = self.finish(*[outs[t] for t in prog.targets]) if self.finish else []
             Tensor.realize(*res, *extra, *ctx.updates)
             # an output that is only a view of an input (h0[k] of an initial state) would
             # come back from every replay as the first call's input: copy it
             given = {_storage(x) for x in xs} - {None}
-            return [r.clone().realize() if _storage(r) in given else r for r in res]
-        return names, step
+            return [into[o] if o in into else r.clone().realize() if _storage(r) in given
+                    else r for o, r in zip(self.outputs, res, strict=True)]
+        return names, step, held
+
+    def _held(self, dims) -> dict[str, Tensor]:
+        """Buffers for the outputs whose type has a sequence length, made for the longest."""
+        g, names = self.prog.graph, self.prog.lengths.names
+        return {o: Tensor.zeros(*resolve(Ctx(dims=dims), g[o].type.shape),
+                                dtype=g[o].type.dtype).contiguous().realize()
+                for o in self.outputs
+                if any(dim_parts(d)[0] in names for d in g[o].type.shape)}
 
     def describe(self) -> str:
         return f"{len(self.made)} nodes" + (" and the update" if self.finish else "")
@@ -551,26 +563,28 @@ class Segment:
         fresh = key not in self._jits
         if fresh:
             t0 = time.perf_counter()
-            names, step = self._fn(dict(dims))
+            names, step, held = self._fn(dict(dims))
             loaded = self.prog.cached(self, dims)
             jit = loaded[0] if loaded else TinyJit(step)
             jit.cnt = max(jit.cnt, 1)   # capture on the first call: scheduled once
-            self._jits[key] = (names, jit)
+            self._jits[key] = (names, jit, held)
             if loaded:
                 self.prog.announce(self, time.perf_counter() - t0, _kernels(jit), cached=True)
                 fresh = False
             else:
                 self.prog.announce(self)
-        names, jit = self._jits[key]
-        args = [*syms.values()] + [self.prog.value(env, r) for r in names]
+        names, jit, held = self._jits[key]
+        args = [*syms.values()] + [self.prog.value(env, r) for r in names] + [*held.values()]
         try:
             outs = jit(*args)
         except JitError as e:   # nothing to compile (constants, views): run it as it is
             if "didn't JIT anything" not in str(e):
                 raise
-            self._jits[key] = names, jit = names, jit.fxn
+            self._jits[key] = names, jit, held = names, jit.fxn, held
             outs = jit(*args)
-        env.update(zip(self.outputs, outs, strict=True))
+        # the buffers themselves, not what the capture returned (a program loaded from the
+        # cache returns its own copies of them)
+        env.update((o, held.get(o, r)) for o, r in zip(self.outputs, outs, strict=True))
         if fresh:
             self.prog.announce(self, time.perf_counter() - t0, _kernels(jit))
             self.prog.keep(self, dims, [jit])
