@@ -298,8 +298,9 @@ traced steady step is faster (22-32 ms against 41-100 ms at T=4-16): start-up wi
 class Lengths:
     """The sequence lengths a program leaves symbolic: the named numbers of steps of its
     loops (``shape: [batch, time, 1]``). One compiled program serves every length up to
-    ``most``: values cross stages padded to it, and each stage cuts them to this call's
-    length, a bound tinygrad ``Variable``, so no kernel depends on the length itself.
+    ``most``: values cross stages in buffers made for it, and each stage reads and writes
+    them at this call's length, a bound tinygrad ``Variable``, so no kernel depends on the
+    length itself.
 
     ``most`` is the spec's ``dims: {time: {max: N}}``, or else the longest length seen so
     far; a longer one doubles it (and compiles once more).
@@ -311,9 +312,8 @@ class Lengths:
         self.declared = {n: declared[n].max for n in self.names if n in declared}
         self.most: dict[str, int] = dict(self.declared)
         self.now: dict[str, int] = {}
-        self.source = graph.source
 
-    def bind(self, dims: dict[str, int], prog) -> tuple[dict[str, int], dict]:
+    def bind(self, dims: dict[str, int]) -> tuple[dict[str, int], dict]:
         """The dims to compile for (lengths at their most) and the bound lengths."""
         if not self.names:
             return dims, {}
@@ -385,8 +385,8 @@ class Program:
         stages: list = []
         cur: list[str] = []
         loops = [graph[nid].attrs.steps for nid in order if graph[nid].op == "loop"]
-        self.lengths = Lengths(graph, {s for s in loops if isinstance(s, str)} - (
-            set() if not inline else {s for s in loops if isinstance(s, str)}))
+        self.lengths = Lengths(graph, set() if inline else {s for s in loops
+                                                             if isinstance(s, str)})
         staged = {nid for nid in order if graph[nid].op == "loop" and not inline
                   and (isinstance(graph[nid].attrs.steps, str)
                        or graph[nid].attrs.steps > INLINE_STEPS)}
@@ -486,7 +486,7 @@ class Program:
         :meth:`arrays`)."""
         if params is not None:
             self.params = params
-        dims, syms = self.lengths.bind(dims, self)
+        dims, syms = self.lengths.bind(dims)
         env = {k: self.lengths.pad(self.graph.inputs[k], v, dims) for k, v in inputs.items()}
         for st in self.stages:
             st.run(env, dims, syms)
