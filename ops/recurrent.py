@@ -11,7 +11,9 @@ weights load as they are.
 Inputs: ``x`` [batch, time, features]; optional ``h0`` (and ``c0`` for lstm) of shape
 [layers * directions, batch, hidden]. Outputs: ``out`` [batch, time, directions * hidden]
 (every step of the last layer), ``h`` [batch, directions * hidden] (last state of the last
-layer) and, for lstm, ``c``.
+layer) and, for lstm, ``c``. The number of steps may be a named dim (``[batch, time,
+features]``: one compiled program for every length); ``mask:`` names a [batch, time] value
+of 1s for real steps and 0s for padding, over which the state is kept as it was.
 """
 
 from __future__ import annotations
@@ -163,6 +165,8 @@ def scan(kind):
 
 
 class Recurrent(ParamLayer):
+    """rnn, lstm and gru: a layer with parameters whose `mask:` names a value."""
+
     ref_fields: ClassVar[tuple[str, ...]] = ("mask",)
 
 

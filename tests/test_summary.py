@@ -36,7 +36,7 @@ def _allocated_per_sample(g, small=16, large=64) -> float:
         mine = {t.uop.base for t in m.params.values()}
         seen, total = set(), 0
         for st in m._program.stages:
-            jits = [j for _, j in st._jits.values()] if not isinstance(st, LoopStage) \
+            jits = [j for _, j, _ in st._jits.values()] if not isinstance(st, LoopStage) \
                 else list(st._compiled.values())[0][1:]
             for j in jits:
                 for u in getattr(j, "captured", None) and j.captured.linear.toposort() or []:
