@@ -350,20 +350,25 @@ class Lengths:
         return Tensor(np.pad(a, pads)).realize()
 
     @staticmethod
+    def _span(t, dims: dict) -> tuple | None:
+        """The shrink that cuts a buffer of type ``t`` to this call's lengths (``dims`` with
+        each length a bound variable), or None where ``t`` has none."""
+        sizes = [dim_value(d, dims) for d in t.shape]
+        if all(isinstance(v, int) for v in sizes):
+            return None
+        return tuple(None if isinstance(v, int) else (0, v) for v in sizes)
+
+    @staticmethod
     def cut(t, x: Tensor, dims: dict) -> Tensor:
         """A value as this call's lengths: padded axes shrunk to their symbolic size."""
-        sizes = [dim_value(d, dims) for d in t.shape] if len(t.shape) == x.ndim else []
-        if all(isinstance(v, int) for v in sizes):
-            return x
-        return x.shrink(tuple(None if isinstance(v, int) else (0, v) for v in sizes))
+        span = Lengths._span(t, dims) if len(t.shape) == x.ndim else None
+        return x if span is None else x.shrink(span)
 
     @staticmethod
     def into(t, buf: Tensor, x: Tensor, dims: dict) -> Tensor:
         """The write of ``x`` into ``buf`` (made for the longest lengths) at this call's
         lengths: what lies past them is stale, and every reader cuts it off."""
-        sizes = [dim_value(d, dims) for d in t.shape]
-        return buf.shrink(tuple(None if isinstance(v, int) else (0, v) for v in sizes)) \
-            .assign(x)
+        return buf.shrink(Lengths._span(t, dims)).assign(x)
 
     def trim(self, t, a: np.ndarray, dims: dict[str, int]) -> np.ndarray:
         """A target's array cut to this call's lengths."""
@@ -482,8 +487,8 @@ class Program:
     def __call__(self, inputs: dict[str, Tensor], dims: dict[str, int],
                  params: dict[str, Tensor] | None = None) -> list[Tensor]:
         """Run every stage on realised ``inputs``; returns the targets, realised (a target
-        with a sequence length of its own comes padded to the program's longest: see
-        :meth:`arrays`)."""
+        with a sequence length comes in a buffer made for the program's longest, stale past
+        this call's length: :meth:`arrays` cuts it)."""
         if params is not None:
             self.params = params
         dims, syms = self.lengths.bind(dims)
