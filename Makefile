@@ -41,4 +41,4 @@ clean:
 
 .PHONY: onnx-conformance
 onnx-conformance: .venv/.installed-test
-	.venv/bin/python -m dlgraph.engine.onnx.conformance -o docs/onnx.md
+	.venv/bin/python -m dlgraph.engine.io.onnx.conformance -o docs/onnx.md

@@ -77,7 +77,7 @@ AE_FRACTION = 1 / 3
 
 def _val_split(g, arrays):
     """The same train/validation split as dlgraph.train makes."""
-    from dlgraph.engine.data import split
+    from dlgraph.engine.io.data import split
     spec = g.spec.train
     n = len(next(iter(arrays.values())))
     n_val = min(max(round(n * spec.validation.split / spec.batch), 1),
@@ -90,7 +90,7 @@ def check_gan(g, res) -> dict:
     import numpy as np
 
     import dlgraph
-    from dlgraph.engine.data import gaussian_mixture_centers
+    from dlgraph.engine.io.data import gaussian_mixture_centers
     data = g.spec.train.data
     model = dlgraph.compile(g, weights=res.run_dir / "weights.safetensors")
     out = next(o for o in g.outputs if o.startswith("gen"))
@@ -122,7 +122,7 @@ def check_char_lm(g, res) -> dict:
     """Validation perplexity vs the unigram baseline of the text."""
     import numpy as np
 
-    from dlgraph.engine.data.text import _tokenize
+    from dlgraph.engine.io.data.text import _tokenize
     _, ids, vocab = _tokenize(g.spec.train.data, g.base)
     p = np.bincount(ids, minlength=len(vocab)) / len(ids)
     p = p[p > 0]
@@ -138,7 +138,7 @@ def check_char_lm(g, res) -> dict:
 
 def check_autoencoder(g, res) -> dict:
     """Validation MSE vs predicting the mean training image for every input."""
-    from dlgraph.engine.data import load_data
+    from dlgraph.engine.io.data import load_data
     arrays = load_data(g.spec.train.data, g.base, g.spec.train.seed)
     train, val = _val_split(g, arrays)
     x_tr, x_val = train["x"].astype("float64"), val["x"].astype("float64")

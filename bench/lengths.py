@@ -46,8 +46,8 @@ def worker(time_dim, lengths: list[int]) -> list[dict]:
     import numpy as np
 
     import dlgraph
-    from dlgraph.engine.lower import bind, init_params, to_tensor, use_device
-    from dlgraph.engine.train import PhaseStep
+    from dlgraph.engine.compile.lower import bind, init_params, to_tensor, use_device
+    from dlgraph.engine.train.loop import PhaseStep
     t0 = time.perf_counter()
     use_device(None)
     g = dlgraph.load(spec(time_dim))

@@ -90,8 +90,8 @@ class DlgraphPeer:
         from tinygrad import Tensor
 
         import dlgraph
-        from dlgraph.engine.lower import Model, bind, to_tensor, use_device
-        from dlgraph.engine.train import PhaseStep
+        from dlgraph.engine.compile.lower import Model, bind, to_tensor, use_device
+        from dlgraph.engine.train.loop import PhaseStep
 
         self.to_tensor = to_tensor
         g = dlgraph.load(spec["source"], base=spec.get("base"))

@@ -23,7 +23,7 @@ def jit_infer():
     """dlgraph.compile's Model runs its forward in a TinyJit (per input shape)."""
     from tinygrad import Tensor, TinyJit
 
-    from dlgraph.engine import lower
+    from dlgraph.engine.compile import lower
 
     orig_init = lower.Model.__init__
 
@@ -212,7 +212,7 @@ def capture_first():
     from tinygrad import Tensor
     from tinygrad.nn.state import get_state_dict
 
-    from dlgraph.engine import train
+    from dlgraph.engine.train import loop as train
     orig = train.PhaseStep.__init__
 
     def init(self, *a, **k):
@@ -225,7 +225,7 @@ def capture_first():
 @experiment
 def no_cut():
     """Ignore every `cut` mark (kernel boundaries left to tinygrad)."""
-    from dlgraph.engine import lower
+    from dlgraph.engine.compile import lower
     orig = lower.Evaluator.__init__
 
     def init(self, graph, targets):

@@ -61,13 +61,13 @@ def _load(spec: Path):
 def _check_fits(g, batch: int) -> None:
     """Refuse a graph that cannot fit in memory at ``batch`` samples, with the figure (train
     and compile check too; this covers the batch of random inputs and gradcheck)."""
-    from dlgraph.engine.checks import check_fits
+    from dlgraph.engine.spec.checks import check_fits
     check_fits(g, batch)
 
 
 def _check_inputs(g, arrays: dict[str, np.ndarray]) -> None:
     """--input arrays must name graph inputs and fit them (no 1.7 silently read as 1)."""
-    from dlgraph.engine.data.ids import check_feeds
+    from dlgraph.engine.io.data.ids import check_feeds
     for name in arrays:
         if name not in g.inputs:
             raise DataError(f"--input names '{name}', which is not an input of the graph",
@@ -155,7 +155,7 @@ def run(spec, inputs, batch, output, weights, out, resume, epochs, steps, init_f
         if resume and out is None:
             raise click.UsageError("--resume needs --out RUN_DIR")
         if tensorboard is not None:
-            from dlgraph.engine.train_spec import LogSpec
+            from dlgraph.engine.spec.train import LogSpec
             g.spec.train.log = LogSpec(tensorboard=tensorboard or True)
         if address and not workers:
             raise click.UsageError("--address needs --workers N")
@@ -175,7 +175,7 @@ def run(spec, inputs, batch, output, weights, out, resume, epochs, steps, init_f
     arrays = _read_inputs(inputs) if inputs else model.random_inputs(batch, seed)
     _check_inputs(g, arrays)
     if inputs and weights is not None:      # raw data: the run's standardize.json applies
-        from dlgraph.engine.data import scaling
+        from dlgraph.engine.io.data import scaling
         arrays = scaling.apply(arrays, scaling.stats_for(g, weights))
     outs = model(**arrays)
     for name, a in outs.items():
@@ -185,7 +185,7 @@ def run(spec, inputs, batch, output, weights, out, resume, epochs, steps, init_f
     if output:
         import io
 
-        from dlgraph.engine.checkpoint import atomic_write
+        from dlgraph.engine.train.checkpoint import atomic_write
         buf = io.BytesIO()
         np.savez(buf, **outs)
         atomic_write(output, buf.getvalue())
@@ -220,7 +220,7 @@ def evaluate(spec, weights, data, batch, as_json, output, quiet, device):
     ev = dlgraph.evaluate(g, weights, data, batch=batch, device=device, quiet=quiet)
     click.echo(json.dumps(ev.to_json(), indent=2) if as_json else ev.table())
     if output:
-        from dlgraph.engine.evaluate import confusion_picture
+        from dlgraph.engine.report.evaluate import confusion_picture
         click.echo(f"wrote {confusion_picture(ev, output)}", err=as_json)
 
 
@@ -269,7 +269,7 @@ def summary(spec, batch):
     s = dlgraph.validate(g)
     click.echo(s)
     if s.activation_floats is not None and batch > 1:
-        from dlgraph.engine.summary import _bytes
+        from dlgraph.engine.report.summary import _bytes
         click.echo(f"activations at batch {batch}: {_bytes(s.activation_floats * 4 * batch)}")
 
 
@@ -308,7 +308,7 @@ def render(spec, output, expand, expand_all, backward, rankdir, depth, phase, dt
 @errors
 def cache(clear):
     """Where compiled programs are kept between runs, how many and how big (or --clear)."""
-    from dlgraph.engine.program_cache import default_cache
+    from dlgraph.engine.compile.cache import default_cache
     said: list[str] = []
     store = default_cache(said.append)
     if store is None:
@@ -372,7 +372,7 @@ def ops(name):
 @errors
 def plot(runs, output):
     """Draw the training curves of one or more run directories."""
-    from dlgraph.engine.plot import plot_runs
+    from dlgraph.engine.report.plot import plot_runs
     click.echo(f"wrote {plot_runs(list(runs), output)}")
 
 
@@ -406,7 +406,7 @@ def sweep(spec, params, search, samples, metric, mode, address, cpus_per_trial,
           gpus_per_trial, concurrency, time_budget, out, device):
     """Train SPEC once per combination of --param values (or the spec's `sweep:` section)
     on Ray Tune; print the results table and the best trial, write sweep.csv."""
-    from dlgraph.engine.sweep import plan_sweep, run_sweep
+    from dlgraph.engine.train.sweep import plan_sweep, run_sweep
     plan = plan_sweep(spec, params, out=out, device=device, address=address, search=search,
                       samples=samples, metric=metric, mode=mode, concurrency=concurrency,
                       cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial,
@@ -425,7 +425,7 @@ def sweep(spec, params, search, samples, metric, mode, address, cpus_per_trial,
 @errors
 def gradcheck(spec, batch, seed, device):
     """Check SPEC's derived gradients against finite differences (float64)."""
-    from dlgraph.engine.gradcheck import gradcheck as check
+    from dlgraph.engine.report.gradcheck import gradcheck as check
     g = _load(spec)
     _check_fits(g, batch)
     rows = check(g, batch=batch, seed=seed, device=device)
@@ -452,7 +452,7 @@ def gradcheck(spec, batch, seed, device):
 def sample(spec, weights, prompt, length, temperature, seed, device):
     """Generate text from a language model trained on a text source."""
     import dlgraph
-    from dlgraph.engine.sample import sample as generate
+    from dlgraph.engine.report.sample import sample as generate
     g = _load(spec)
     model = dlgraph.compile(g, weights=weights, device=device)
     click.echo(generate(g, model, prompt=prompt, length=length, temperature=temperature,

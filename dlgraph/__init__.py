@@ -18,7 +18,7 @@ from dlgraph.engine.errors import (
     SpecError,
     TrainingError,
 )
-from dlgraph.engine.onnx import export, import_onnx
+from dlgraph.engine.io.onnx import export, import_onnx
 
 __version__ = "0.1.0"
 __all__ = ["load", "validate", "compile", "train", "evaluate", "predict", "render", "schema",

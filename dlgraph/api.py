@@ -12,8 +12,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from dlgraph.engine.build import load_graph
-from dlgraph.engine.ir import Graph
+from dlgraph.engine.graph.build import load_graph
+from dlgraph.engine.graph.ir import Graph
 
 
 def load(source: str | Path | dict, *, base: str | Path | None = None) -> Graph:
@@ -31,7 +31,7 @@ def validate(source, backward: bool = False):
 
     >>> print(dlgraph.validate("graphs/mlp.yaml", backward=True))       # doctest: +SKIP
     """
-    from dlgraph.engine.summary import summarize
+    from dlgraph.engine.report.summary import summarize
     g = source if isinstance(source, Graph) else load(source)
     return summarize(g, backward=backward)
 
@@ -44,14 +44,14 @@ def compile(graph: Graph, *, weights: str | Path | None = None, seed: int = 0,
     a graph whose parameters (and one sample's activations) cannot fit in memory is refused.
     ``cache``: keep the compiled program across processes (see ``dlgraph run --no-cache``).
     """
-    from dlgraph.engine.checks import check_fits
-    from dlgraph.engine.lower import Model, use_device
-    from dlgraph.engine.program_cache import default_cache
+    from dlgraph.engine.compile.cache import default_cache
+    from dlgraph.engine.compile.lower import Model, use_device
+    from dlgraph.engine.spec.checks import check_fits
     check_fits(graph, 1)
     use_device(device)
     params = None
     if weights is not None:
-        from dlgraph.engine.checkpoint import load_weights
+        from dlgraph.engine.train.checkpoint import load_weights
         params = load_weights(graph, weights)
     return Model(graph, params, seed=seed, cache=default_cache() if cache else None)
 
@@ -68,27 +68,27 @@ def train(graph: Graph, **options):
 
     >>> res = dlgraph.train(g, data={"x": X, "y": y}, epochs=5)          # doctest: +SKIP
     """
-    if options.get("workers"):      # data parallel on Ray Train (engine/parallel.py)
-        from dlgraph.engine.parallel import train_workers
+    if options.get("workers"):      # data parallel on Ray Train (engine/train/parallel.py)
+        from dlgraph.engine.train.parallel import train_workers
         options.pop("cache", None)
         return train_workers(graph, **options)
     for key in ("workers", "address", "reduce"):   # meaningful with workers only
         options.pop(key, None)
-    from dlgraph.engine.train import train as _train
+    from dlgraph.engine.train.loop import train as _train
     return _train(graph, **options)
 
 
 def evaluate(graph: Graph, weights: str | Path, data=None, *, batch: int | None = None,
              device: str | None = None, quiet: bool = True):
-    """Score trained ``weights``: an :class:`~dlgraph.engine.evaluate.Evaluation` with the
+    """Score trained ``weights``: an :class:`~dlgraph.engine.report.evaluate.Evaluation` with the
     spec's metrics (and per-class scores and a confusion matrix for a classifier, MSE, MAE
     and R² for a regression). ``data``: a .csv/.npy/.npz file, a data source (a name or a
     mapping with ``source``), or numpy arrays by name; default the spec's validation split.
 
     >>> print(dlgraph.evaluate(g, "runs/x/weights.safetensors").table())  # doctest: +SKIP
     """
-    from dlgraph.engine.evaluate import evaluate as _evaluate
-    from dlgraph.engine.lower import use_device
+    from dlgraph.engine.compile.lower import use_device
+    from dlgraph.engine.report.evaluate import evaluate as _evaluate
     use_device(device)
     return _evaluate(graph, weights, data, batch=batch, quiet=quiet)
 
@@ -100,21 +100,21 @@ def predict(graph: Graph, weights: str | Path, data: str | Path, out: str | Path
 
     >>> dlgraph.predict(g, "runs/x/weights.safetensors", "new.csv", "pred.csv")  # doctest: +SKIP
     """
-    from dlgraph.engine.lower import use_device
-    from dlgraph.engine.predict import predict as _predict
+    from dlgraph.engine.compile.lower import use_device
+    from dlgraph.engine.report.predict import predict as _predict
     use_device(device)
     return _predict(graph, weights, data, out, batch=batch, quiet=quiet)
 
 
 def render(graph: Graph, path: str | Path | None = None, **options) -> str:
     """The DOT text of a graph; written to ``path`` (.dot, .svg, .png, .pdf) when given."""
-    from dlgraph.engine.render import render as _render
+    from dlgraph.engine.report.render import render as _render
     return _render(graph, path, **options)
 
 
 def schema() -> dict:
     """The JSON Schema of the spec format, generated from the same models that validate."""
-    from dlgraph.engine.spec import spec_model
+    from dlgraph.engine.spec.models import spec_model
     s = spec_model().model_json_schema(by_alias=True)
     s["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     s["title"] = "dlgraph spec, version 1"

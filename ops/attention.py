@@ -48,11 +48,10 @@ from typing import Literal
 from pydantic import Field
 
 from dlgraph.engine.errors import ShapeError
-from dlgraph.engine.spec_base import ParamLayer
+from dlgraph.engine.spec.base import ParamLayer
 from dlgraph.engine.types import broadcast, fmt
-
-from .linalg import swap_last
-from .registry import attrs, register
+from dlgraph.ops.linalg import swap_last
+from dlgraph.ops.registry import attrs, register
 
 F = "attention"
 NEG = -1e9

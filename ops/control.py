@@ -25,10 +25,9 @@ from typing import Any
 from pydantic import ConfigDict, Field
 
 from dlgraph.engine.errors import ShapeError
-from dlgraph.engine.spec_base import NodeSpec
+from dlgraph.engine.spec.base import NodeSpec
 from dlgraph.engine.types import TType, dim_add, fmt
-
-from .registry import PICK, attrs, register
+from dlgraph.ops.registry import PICK, attrs, register
 
 F = "control"
 

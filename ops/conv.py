@@ -18,13 +18,12 @@ from __future__ import annotations
 from pydantic import Field
 
 from dlgraph.engine.errors import ShapeError
-from dlgraph.engine.spec_base import ParamLayer
+from dlgraph.engine.spec.base import ParamLayer
 from dlgraph.engine.types import fmt
-
-from .linalg import swap_last
-from .nn import _act, _activate, _add_bias, _features, _groups, conv_core
-from .registry import attrs, register
-from .shape import _pair, pair_field
+from dlgraph.ops.linalg import swap_last
+from dlgraph.ops.nn import _act, _activate, _add_bias, _features, _groups, conv_core
+from dlgraph.ops.registry import attrs, register
+from dlgraph.ops.shape import _pair, pair_field
 
 F = "nn"
 

@@ -13,9 +13,8 @@ from pydantic import Field
 from tinygrad import Tensor, dtypes
 
 from dlgraph.engine.types import TType
-
-from .common import bcast, floats, same
-from .registry import NO_GRAD, attrs, register
+from dlgraph.ops.common import bcast, floats, same
+from dlgraph.ops.registry import NO_GRAD, attrs, register
 
 TG_DTYPES = {"float32": dtypes.float32, "int32": dtypes.int32, "bool": dtypes.bool}
 

@@ -5,11 +5,10 @@ from __future__ import annotations
 from pydantic import Field
 
 from dlgraph.engine.errors import ShapeError
-from dlgraph.engine.spec_base import Init
+from dlgraph.engine.spec.base import Init
 from dlgraph.engine.types import TType, broadcast, fmt
-
-from .common import floats
-from .registry import NO_GRAD, attrs, register
+from dlgraph.ops.common import floats
+from dlgraph.ops.registry import NO_GRAD, attrs, register
 
 
 def _matmul_infer(a, x, y):

@@ -6,8 +6,7 @@ from pydantic import Field
 
 from dlgraph.engine.errors import ShapeError
 from dlgraph.engine.types import fmt
-
-from .registry import attrs, register
+from dlgraph.ops.registry import attrs, register
 
 F = "loss"
 

@@ -13,14 +13,13 @@ from pydantic import BeforeValidator, Field
 from tinygrad import Tensor
 
 from dlgraph.engine.errors import ShapeError, SpecError, suggest
-from dlgraph.engine.spec_base import ParamLayer
+from dlgraph.engine.spec.base import ParamLayer
 from dlgraph.engine.types import TType, fmt
-
-from .common import same
-from .elementwise import composite
-from .linalg import swap_last
-from .registry import NO_GRAD, REGISTRY, attrs, register
-from .shape import _pair, pair_field
+from dlgraph.ops.common import same
+from dlgraph.ops.elementwise import composite
+from dlgraph.ops.linalg import swap_last
+from dlgraph.ops.registry import NO_GRAD, REGISTRY, attrs, register
+from dlgraph.ops.shape import _pair, pair_field
 
 F = "nn"
 

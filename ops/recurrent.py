@@ -23,12 +23,11 @@ from typing import Any, ClassVar
 from pydantic import Field
 
 from dlgraph.engine.errors import ShapeError, suggest
-from dlgraph.engine.spec_base import ParamLayer
+from dlgraph.engine.spec.base import ParamLayer
 from dlgraph.engine.types import fmt
-
-from .control import step_type
-from .linalg import swap_last
-from .registry import attrs, register
+from dlgraph.ops.control import step_type
+from dlgraph.ops.linalg import swap_last
+from dlgraph.ops.registry import attrs, register
 
 
 def _gate(b, v, k, hidden):

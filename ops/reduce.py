@@ -8,9 +8,8 @@ from pydantic import Field
 from tinygrad import Tensor
 
 from dlgraph.engine.types import TType
-
-from .common import axes_of, floats, reduced
-from .registry import NO_GRAD, attrs, register
+from dlgraph.ops.common import axes_of, floats, reduced
+from dlgraph.ops.registry import NO_GRAD, attrs, register
 
 F = "reduce"
 _fields = dict(axes=(int | list[int] | None, Field(None, description="axes to reduce; "

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import Field, create_model
 
-from dlgraph.engine.spec_base import NodeSpec
+from dlgraph.engine.spec.base import NodeSpec
 
 NO_GRAD = "no-grad"
 """``vjp=NO_GRAD``: the op's output carries no gradient (comparisons, argmax, one-hot)."""

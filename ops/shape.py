@@ -10,9 +10,8 @@ from tinygrad import Tensor
 
 from dlgraph.engine.errors import ShapeError
 from dlgraph.engine.types import TType, broadcast, dim_add, dim_sub, fmt, norm_axis
-
-from .common import axes_of, resolve
-from .registry import NO_GRAD, attrs, register
+from dlgraph.ops.common import axes_of, resolve
+from dlgraph.ops.registry import NO_GRAD, attrs, register
 
 F = "shape"
 

@@ -64,7 +64,7 @@ def _is_model(t: Any) -> bool:
 
 
 def _init_names() -> tuple[str, ...]:
-    from dlgraph.engine.spec_base import Init
+    from dlgraph.engine.spec.base import Init
     return typing.get_args(Init)
 
 
@@ -345,8 +345,8 @@ def probe_params(d) -> list[tuple[str, str, bool]] | None:
     The op is expanded on small probe inputs (float of rank 2-4, int ids); required fields get
     small values. None where no probe builds.
     """
-    from dlgraph.engine.build import Builder
-    from dlgraph.engine.ir import Graph
+    from dlgraph.engine.graph.build import Builder
+    from dlgraph.engine.graph.ir import Graph
     from dlgraph.engine.types import TType
 
     fields: dict[str, Any] = {"op": d.name}
@@ -401,7 +401,7 @@ def family_title(family: str) -> str:
 
 
 def op_entry(d, links: Links) -> str:
-    from dlgraph.engine.spec_base import NodeSpec, ParamLayer
+    from dlgraph.engine.spec.base import NodeSpec, ParamLayer
     out = [f"#### {d.name}", "", cell(d.doc)]
     extra = docstring(d.attrs)
     if extra and " ".join(extra.split()) != " ".join(d.doc.split()):
@@ -434,8 +434,8 @@ def op_entry(d, links: Links) -> str:
 
 
 def _fixed_links() -> dict[Callable[[type], bool], tuple[str, str]]:
-    from dlgraph.engine.data import DataSource
-    from dlgraph.engine.spec_base import NodeSpec
+    from dlgraph.engine.io.data import DataSource
+    from dlgraph.engine.spec.base import NodeSpec
     return {
         (lambda m: issubclass(m, DataSource)): ("data source", "data-sources"),
         (lambda m: issubclass(m, NodeSpec)): ("node", "nodes"),
@@ -490,8 +490,8 @@ IN_TYPE = "`str | list[str]`"   # a node's `in:` takes one name or a list (a bef
 
 
 def gen_layout() -> str:
-    from dlgraph.engine.spec import spec_model
-    from dlgraph.engine.spec_base import NodeSpec, ParamLayer
+    from dlgraph.engine.spec.base import NodeSpec, ParamLayer
+    from dlgraph.engine.spec.models import spec_model
     links = Links({**_fixed_links(), (lambda m: m.__name__ == "TrainSpec"): ("`train`", "train")})
     top = model_sections(spec_model(), "", links, "###", heading="Top level")
     node = NodeSpec.model_fields
@@ -512,13 +512,13 @@ def gen_layout() -> str:
 
 
 def gen_train() -> str:
-    from dlgraph.engine.train_spec import TrainSpec
+    from dlgraph.engine.spec.train import TrainSpec
     links = Links(_fixed_links())
     return model_sections(TrainSpec, "train", links, "###")
 
 
 def gen_data() -> str:
-    from dlgraph.engine.data import SOURCES
+    from dlgraph.engine.io.data import SOURCES
     by_module: dict[str, list] = {}
     for name, m in SOURCES.items():
         by_module.setdefault(m.__module__, []).append((name, m))
@@ -580,10 +580,10 @@ def _arrays_line(name: str, table: list[list[str]] | None, keys: str | None,
 
 
 def gen_initialisers() -> str:
-    """The initialiser table of engine/init.py (fan_in/fan_out as PyTorch: weight
+    """The initialiser table of engine/spec/init.py (fan_in/fan_out as PyTorch: weight
     [out, in, *kernel] -> in * kernel, out * kernel)."""
     rows = ["| `init:` value | initial value |", "|---|---|"]
-    from dlgraph.engine.init import INITIALISERS
+    from dlgraph.engine.spec.init import INITIALISERS
     for d in INITIALISERS.values():
         rows.append(f"| `{d.name}` | {d.formula} |")
     rows.append("| a number, e.g. `0.1` | that value everywhere |")

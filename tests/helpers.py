@@ -25,8 +25,8 @@ import torch.nn.functional as TF
 from tinygrad import Context, Tensor
 
 import dlgraph
-from dlgraph.engine.autodiff import reverse
-from dlgraph.engine.lower import Ctx, Evaluator, bind, to_tensor
+from dlgraph.engine.compile.lower import Ctx, Evaluator, bind, to_tensor
+from dlgraph.engine.graph.autodiff import reverse
 from dlgraph.ops import REGISTRY
 
 torch.set_num_threads(1)   # the references are tiny: threads only cost time

@@ -107,29 +107,29 @@ def test_the_import_graph_has_no_cycle():
 def test_the_import_graph_is_read_from_the_sources():
     g = import_graph()
     # a top-level import, a relative one, a function-level one, a package import
-    assert g.has_edge("dlgraph.engine.spec", "dlgraph.ops")
-    assert g.has_edge("dlgraph.engine.train", "dlgraph.engine.autodiff")
-    assert g.has_edge("dlgraph.api", "dlgraph.engine.train")        # inside train()
-    assert g.has_edge("dlgraph.ops.nn", "dlgraph.engine.spec_base")
+    assert g.has_edge("dlgraph.engine.spec.models", "dlgraph.ops")
+    assert g.has_edge("dlgraph.engine.train.loop", "dlgraph.engine.graph.autodiff")
+    assert g.has_edge("dlgraph.api", "dlgraph.engine.train.loop")        # inside train()
+    assert g.has_edge("dlgraph.ops.nn", "dlgraph.engine.spec.base")
     assert g.has_edge("dlgraph.cli.main", "dlgraph.engine.errors")
-    assert "dlgraph.engine.data.base" in g and "dlgraph.engine.onnx" in g
+    assert "dlgraph.engine.io.data.base" in g and "dlgraph.engine.io.onnx" in g
 
 
 def test_the_leaves_import_nothing_above_them():
     g = import_graph()
-    for leaf in ("dlgraph.engine.errors", "dlgraph.engine.types", "dlgraph.engine.ir",
-                 "dlgraph.engine.spec_base"):
+    for leaf in ("dlgraph.engine.errors", "dlgraph.engine.types", "dlgraph.engine.graph.ir",
+                 "dlgraph.engine.spec.base"):
         above = {m for m in nx.descendants(g, leaf)
                  if m.startswith(("dlgraph.ops", "dlgraph.cli", "dlgraph.api"))
-                 or m in ("dlgraph.engine.spec", "dlgraph.engine.build",
-                          "dlgraph.engine.autodiff", "dlgraph.engine.summary")}
+                 or m in ("dlgraph.engine.spec.models", "dlgraph.engine.graph.build",
+                          "dlgraph.engine.graph.autodiff", "dlgraph.engine.report.summary")}
         assert not above, f"{leaf} reaches up to {sorted(above)}"
     ops = {m for m in g if m.startswith("dlgraph.ops")}
     up = {(m, t) for m in ops for t in g.successors(m)
           if t.startswith("dlgraph.") and not t.startswith("dlgraph.ops")
           and t not in ("dlgraph.engine.errors", "dlgraph.engine.types",
-                        "dlgraph.engine.spec_base", "dlgraph.engine.init",
-                        "dlgraph.engine.ir")}
+                        "dlgraph.engine.spec.base", "dlgraph.engine.spec.init",
+                        "dlgraph.engine.graph.ir")}
     assert not up, f"ops/ imports above the leaves: {sorted(up)}"
 
 

@@ -15,8 +15,8 @@ from helpers import evaluate, random_params, rel_err
 from tinygrad import Tensor
 
 import dlgraph
-from dlgraph.engine.autodiff import reverse
 from dlgraph.engine.errors import ShapeError
+from dlgraph.engine.graph.autodiff import reverse
 
 B, T, E, H, FF = 2, 5, 16, 4, 24
 

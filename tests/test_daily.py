@@ -12,9 +12,9 @@ from click.testing import CliRunner
 
 import dlgraph
 from dlgraph.cli.main import main
-from dlgraph.engine.checkpoint import load_tensors, save_tensors
-from dlgraph.engine.init import init_param, random_inputs
-from dlgraph.engine.ir import Param
+from dlgraph.engine.graph.ir import Param
+from dlgraph.engine.spec.init import init_param, random_inputs
+from dlgraph.engine.train.checkpoint import load_tensors, save_tensors
 
 SPEC = """\
 dlgraph: 1
@@ -235,7 +235,7 @@ def test_header_and_final_line_say_what_happens(tmp_path):
 
 
 def test_progress_lines_without_a_terminal(tmp_path, monkeypatch):
-    import dlgraph.engine.train as train_module
+    import dlgraph.engine.train.loop as train_module
     monkeypatch.setattr(train_module, "PROGRESS_EVERY", 0.0)
     said: list[str] = []
     dlgraph.train(dlgraph.load(spec_file(tmp_path, epochs=1)), out=tmp_path / "r",

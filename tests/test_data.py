@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from pydantic import TypeAdapter
 
-from dlgraph.engine.data import (
+from dlgraph.engine.errors import DataError, Source, SpecError
+from dlgraph.engine.io.data import (
     SOURCES,
     DataSpec,
     batches,
@@ -22,8 +23,7 @@ from dlgraph.engine.data import (
     split,
     vocabulary,
 )
-from dlgraph.engine.data.text import CORPUS
-from dlgraph.engine.errors import DataError, Source, SpecError
+from dlgraph.engine.io.data.text import CORPUS
 
 GENERATED = {  # source -> (spec, expected shapes of each key for N = 60)
     "sine": ({"length": 16}, {"x": (60, 16, 1), "y": (60, 1)}),
@@ -418,7 +418,7 @@ def _table(tmp_path: Path, n: int = 320, extra: str = ", standardize: true",
 def test_standardize_uses_the_training_split_only(tmp_path):
     from sklearn.preprocessing import StandardScaler
 
-    from dlgraph.engine.train import split_data
+    from dlgraph.engine.train.loop import split_data
     g, x, _ = _table(tmp_path)
     raw_train, raw_val, _, none = split_data(g, g.spec.train, standardize=False)
     train, val, _, stats = split_data(g, g.spec.train)
@@ -435,7 +435,7 @@ def test_standardize_uses_the_training_split_only(tmp_path):
 
 
 def test_standardize_errors_are_located(tmp_path):
-    from dlgraph.engine.train import split_data
+    from dlgraph.engine.train.loop import split_data
     g, *_ = _table(tmp_path, extra=", standardize: [y]")
     with pytest.raises(DataError, match="cannot standardize 'y': it holds int32 values") as e:
         split_data(g, g.spec.train)
@@ -449,7 +449,7 @@ def test_standardize_errors_are_located(tmp_path):
 def test_stratified_split_keeps_each_class_share(tmp_path):
     from sklearn.model_selection import train_test_split
 
-    from dlgraph.engine.train import split_data
+    from dlgraph.engine.train.loop import split_data
     labels = np.repeat([0, 1, 2], [224, 64, 32])          # 70%, 20%, 10% of 320
     g, x, y = _table(tmp_path, extra="", validation=", stratify: y", labels=labels)
     train, val, _, _ = split_data(g, g.spec.train)
@@ -461,7 +461,7 @@ def test_stratified_split_keeps_each_class_share(tmp_path):
     rows = np.concatenate([train["x"][:, 1], val["x"][:, 1]])      # column b is unique
     assert sorted(rows.tolist()) == sorted(x[:, 1].astype(np.float32).tolist())
     # uneven shares: the rounding hands the leftover rows to the largest remainders
-    from dlgraph.engine.data import split
+    from dlgraph.engine.io.data import split
     lab = np.repeat([0, 1, 2], [5, 3, 2])
     _, v = split({"y": lab}, 0.3, 0, stratify=lab)
     # shares 1.5, 0.9, 0.6: floors 1, 0, 0, and the two rows left go to 0.9 and 0.6
@@ -469,7 +469,7 @@ def test_stratified_split_keeps_each_class_share(tmp_path):
 
 
 def test_stratify_errors(tmp_path):
-    from dlgraph.engine.train import split_data
+    from dlgraph.engine.train.loop import split_data
     g, *_ = _table(tmp_path, validation=", stratify: lable")
     with pytest.raises(SpecError, match="validation.stratify names 'lable', which is not an "
                                         "input") as e:

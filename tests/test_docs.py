@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 import dlgraph
-from dlgraph.engine.data import SOURCES
+from dlgraph.engine.io.data import SOURCES
 from dlgraph.ops import REGISTRY
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -95,8 +95,8 @@ def test_internal_links_resolve():
 
 
 def test_every_initialiser_of_the_table_is_documented_with_its_formula():
-    from dlgraph.engine.init import INITIALISERS
-    from dlgraph.engine.spec_base import Init
+    from dlgraph.engine.spec.base import Init
+    from dlgraph.engine.spec.init import INITIALISERS
     assert typing.get_args(Init) == tuple(INITIALISERS)
     section = TEXT.split("<!-- generated: initialisers -->")[1].split("<!-- end generated -->")[0]
     for d in INITIALISERS.values():
@@ -104,7 +104,7 @@ def test_every_initialiser_of_the_table_is_documented_with_its_formula():
 
 
 def test_schedules_and_metrics_are_documented_from_their_tables():
-    from dlgraph.engine.train_spec import METRICS, SCHEDULES
+    from dlgraph.engine.spec.train import METRICS, SCHEDULES
     for table in (SCHEDULES, METRICS):
         assert all(f"{d.name}: {d.doc}" in TEXT for d in table.values())
 
@@ -143,7 +143,7 @@ def test_example_loads(body):
             dlgraph.load(body, base=ROOT)
         assert expected in str(e.value)
     elif first.startswith("train:"):
-        from dlgraph.engine.train_spec import TrainSpec
+        from dlgraph.engine.spec.train import TrainSpec
         TrainSpec.model_validate(yaml.safe_load(body)["train"])
     else:
         g = dlgraph.load(body, base=ROOT)

@@ -44,7 +44,7 @@ from helpers import (
 from tinygrad import Tensor
 
 import dlgraph
-from dlgraph.engine.autodiff import reverse
+from dlgraph.engine.graph.autodiff import reverse
 from dlgraph.ops import NO_GRAD, REGISTRY
 
 C = Case

@@ -13,9 +13,9 @@ from helpers import evaluate
 from tinygrad import Tensor
 
 import dlgraph
-from dlgraph.engine.autodiff import reverse
-from dlgraph.engine.data import load_data
 from dlgraph.engine.errors import DataError
+from dlgraph.engine.graph.autodiff import reverse
+from dlgraph.engine.io.data import load_data
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -207,7 +207,7 @@ def test_non_utf8_spec_names_line_and_column(tmp_path):
 
 def _param_graph(op: str, shape: tuple, attrs: dict | None = None, extra_nodes=None):
     """x0 (a param) -> op -> out; obj = sum(out * w): the graph, its reversal and its params."""
-    from dlgraph.engine.autodiff import reverse
+    from dlgraph.engine.graph.autodiff import reverse
     nodes = {"x0": {"op": "param", "shape": list(shape)},
              "out": {"op": op, "in": "x0", **(attrs or {})},
              "w": {"op": "param", "shape": list(shape), "trainable": False},
@@ -302,7 +302,7 @@ def test_bce_at_a_zero_logit_matches_pytorch():
     from helpers import evaluate
     from tinygrad import Tensor
 
-    from dlgraph.engine.autodiff import reverse
+    from dlgraph.engine.graph.autodiff import reverse
     spec = {"dlgraph": 1, "name": "b", "inputs": {"x": {"shape": [4, 2]}, "y": {"shape": [4, 1]}},
             "nodes": {"z": {"op": "linear", "in": "x", "out": 1},
                       "loss": {"op": "binary_cross_entropy", "in": ["z", "y"]}},
@@ -346,7 +346,7 @@ train:
 def test_gradcheck_skips_kinks_instead_of_false_alarms():
     """h's zero bias on a black (all-zero) input sits exactly on relu's kink: every
     coordinate of h.bias is skipped, the smooth parameters are still checked and pass."""
-    from dlgraph.engine.gradcheck import gradcheck
+    from dlgraph.engine.report.gradcheck import gradcheck
     rows = {name: (err, kinks) for name, err, kinks in gradcheck(dlgraph.load(KINKY))}
     assert rows["h.bias"] == (0.0, 3)
     assert all(err < 1e-6 for err, _ in rows.values()), rows
@@ -573,7 +573,7 @@ CLASSIFIER = {"dlgraph": 1, "name": "c", "inputs": {"x": {"shape": ["batch", 3]}
 
 
 def test_labels_out_of_range_are_refused_with_row_and_value():
-    from dlgraph.engine.data.ids import check_ids
+    from dlgraph.engine.io.data.ids import check_ids
     g = dlgraph.load(CLASSIFIER)
     x = np.zeros((5, 3), np.float32)
     check_ids(g, {"x": x, "y": np.array([0, 1, 2, 3, 0], np.int32)})
@@ -586,7 +586,7 @@ def test_labels_out_of_range_are_refused_with_row_and_value():
 
 
 def test_embedding_ids_out_of_range_are_refused():
-    from dlgraph.engine.data.ids import check_ids
+    from dlgraph.engine.io.data.ids import check_ids
     g = dlgraph.load({"dlgraph": 1, "name": "e",
                       "inputs": {"t": {"shape": ["batch", 3], "dtype": "int32"}},
                       "nodes": {"e": {"op": "embedding", "in": "t", "num": 5, "dim": 2}},
@@ -621,8 +621,8 @@ def test_cross_entropy_ignore_index_matches_pytorch():
 
 
 def test_checkpoints_are_checked_before_use(tmp_path):
-    from dlgraph.engine.checkpoint import load_weights, read_checkpoint, save_tensors
     from dlgraph.engine.errors import TrainingError
+    from dlgraph.engine.train.checkpoint import load_weights, read_checkpoint, save_tensors
     g = dlgraph.load(CLASSIFIER)
     shapes = {k: p.shape for k, p in g.params.items()}
     good = {f"param.{k}": np.ones(s, np.float32) for k, s in shapes.items()}
@@ -742,7 +742,7 @@ def test_a_spec_of_many_values_is_refused_before_it_is_built(text):
 def test_run_directory_is_a_safe_slug_under_runs(tmp_path, monkeypatch, name, slug):
     from types import SimpleNamespace
 
-    from dlgraph.engine.train import _run_dir
+    from dlgraph.engine.train.loop import _run_dir
     monkeypatch.chdir(tmp_path)
     d = _run_dir(SimpleNamespace(name=name), None)
     assert d.parts[:2] == ("runs", slug) and len(d.parts) == 3
@@ -753,7 +753,7 @@ def test_out_below_a_file_is_an_error(tmp_path):
     from types import SimpleNamespace
 
     from dlgraph.engine.errors import TrainingError
-    from dlgraph.engine.train import _run_dir
+    from dlgraph.engine.train.loop import _run_dir
     (tmp_path / "f").write_text("")
     with pytest.raises(TrainingError, match="is a file"):
         _run_dir(SimpleNamespace(name="x"), tmp_path / "f" / "run")

@@ -7,8 +7,8 @@ import torch
 from test_recurrent import CASES, assert_grads, data, spec, torch_reference
 
 import dlgraph
-from dlgraph.engine.autodiff import reverse
-from dlgraph.engine.lower import LoopStage, bind, feed, lower
+from dlgraph.engine.compile.lower import LoopStage, bind, feed, lower
+from dlgraph.engine.graph.autodiff import reverse
 
 B, I, H = 4, 3, 5
 TORCH = {"rnn": torch.nn.RNN, "lstm": torch.nn.LSTM, "gru": torch.nn.GRU}

@@ -18,7 +18,7 @@ from click.testing import CliRunner
 
 import dlgraph
 from dlgraph.cli.main import main
-from dlgraph.engine.init import random_inputs
+from dlgraph.engine.spec.init import random_inputs
 
 GRAPHS = Path(__file__).resolve().parents[1] / "graphs"
 EXAMPLES = sorted(p.stem for p in GRAPHS.glob("*.yaml"))
@@ -170,7 +170,7 @@ def test_every_loop_exports_as_a_scan_backwards_ones_too(monkeypatch, work):
     """Recurrent layers written as their primitives (as if ONNX had no GRU or LSTM): each
     direction is a loop, the reverse ones Scans running backwards."""
     import importlib
-    exporter = importlib.import_module("dlgraph.engine.onnx.export")
+    exporter = importlib.import_module("dlgraph.engine.io.onnx.export")
     monkeypatch.delitem(exporter.LAYERS, "gru")
     monkeypatch.delitem(exporter.LAYERS, "lstm")
     g = dlgraph.load(RECURRENT.replace("  rnn: {op: rnn, in: x, hidden: 6, layers: 2}\n", "")
@@ -490,19 +490,19 @@ SUBSET = ["test_add_bcast", "test_gemm_all_attributes", "test_matmul_3d", "test_
 
 @pytest.fixture(scope="module")
 def node_cases():
-    from dlgraph.engine.onnx.conformance import node_cases as collect
+    from dlgraph.engine.io.onnx.conformance import node_cases as collect
     return {c.name: c for c in collect()}
 
 
 @pytest.mark.parametrize("name", SUBSET)
 def test_onnx_node_cases_pass(name, node_cases):
-    from dlgraph.engine.onnx.conformance import run_case
+    from dlgraph.engine.io.onnx.conformance import run_case
     r = run_case(node_cases[name])
     assert (r.status, r.name) == ("passed", name), r.detail
 
 
 def test_refused_node_cases_say_why(node_cases):
-    from dlgraph.engine.onnx.conformance import run_case
+    from dlgraph.engine.io.onnx.conformance import run_case
     r = run_case(node_cases["test_gru_defaults"])
     assert r.status == "unsupported" and r.operator == "GRU"
     assert "linear_before_reset=0 (dlgraph's GRU is PyTorch's" in r.detail
@@ -516,7 +516,7 @@ def test_refused_node_cases_say_why(node_cases):
 
 
 def test_models_shipped_with_onnx_pass():
-    from dlgraph.engine.onnx.conformance import data_cases, run_case
+    from dlgraph.engine.io.onnx.conformance import data_cases, run_case
     cases = {c.name: c for c in data_cases(["pytorch-converted", "pytorch-operator"])}
     for name in ("test_Conv2d_depthwise_strided", "test_BatchNorm2d_eval", "test_Embedding",
                  "test_operator_addmm"):
@@ -525,7 +525,7 @@ def test_models_shipped_with_onnx_pass():
 
 
 def test_dlgraph_is_an_onnx_backend(node_cases):
-    from dlgraph.engine.onnx.conformance import backend
+    from dlgraph.engine.io.onnx.conformance import backend
     b = backend()
     case = node_cases["test_add_bcast"]
     inputs, expected = case.data[0]
@@ -537,7 +537,7 @@ def test_dlgraph_is_an_onnx_backend(node_cases):
 
 
 def test_the_report_counts_per_operator():
-    from dlgraph.engine.onnx.conformance import Result, report
+    from dlgraph.engine.io.onnx.conformance import Result, report
     text = report([Result("test_add", "node", "Add", "passed"),
                    Result("test_add_int8", "node", "Add", "unsupported", "dtype int8"),
                    Result("test_x", "simple", "Relu", "failed", "output 0: values differ")],
@@ -551,7 +551,7 @@ def test_the_report_counts_per_operator():
 def test_an_imported_model_can_be_trained_further(work):
     from safetensors.numpy import load_file
 
-    from dlgraph.engine.autodiff import reverse
+    from dlgraph.engine.graph.autodiff import reverse
     spec, weights = dlgraph.import_onnx(example("mlp", work)[1], work / "mlp_tune.yaml")
     text = spec.read_text().replace("inputs:\n", "inputs:\n  y: {shape: [batch], dtype: int32}\n")
     text = text.replace("\noutputs:", "  loss: {op: cross_entropy, in: [logits, y]}\n\noutputs:")
@@ -566,7 +566,7 @@ def test_an_imported_model_can_be_trained_further(work):
 def test_export_takes_trained_weights_from_a_file(work):
     from onnx import numpy_helper
 
-    from dlgraph.engine.checkpoint import save_tensors
+    from dlgraph.engine.train.checkpoint import save_tensors
     g = dlgraph.load(GRAPHS / "mlp.yaml")
     rng = np.random.default_rng(7)
     trained = {n: rng.standard_normal(p.shape).astype(np.float32) for n, p in g.params.items()}

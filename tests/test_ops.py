@@ -28,7 +28,7 @@ from helpers import (
 from tinygrad import Context, Tensor
 
 import dlgraph
-from dlgraph.engine.lower import Ctx, Evaluator, bind, to_tensor
+from dlgraph.engine.compile.lower import Ctx, Evaluator, bind, to_tensor
 from dlgraph.engine.types import NUMPY_DTYPES as NP_DTYPES
 from dlgraph.engine.types import TType
 from dlgraph.ops import NO_GRAD, REGISTRY

@@ -16,7 +16,7 @@ from click.testing import CliRunner
 
 import dlgraph
 from dlgraph.cli.main import main
-from dlgraph.engine.checkpoint import load_tensors
+from dlgraph.engine.train.checkpoint import load_tensors
 
 DEVICES = ["cpu:0", "cpu:1"]
 STEPS = 6
@@ -239,7 +239,7 @@ def test_the_actor_all_reduce_is_the_mean_of_every_rank():
     # the Board actor's method as plain asyncio: three ranks, two steps in flight at once
     import asyncio
 
-    from dlgraph.engine.parallel import Board
+    from dlgraph.engine.train.parallel import Board
     rng = np.random.default_rng(4)
     parts = {(s, r): rng.normal(size=1000).astype(np.float32) for s in (0, 1) for r in range(3)}
 

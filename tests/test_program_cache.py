@@ -20,8 +20,8 @@ from click.testing import CliRunner
 
 import dlgraph
 from dlgraph.cli.main import main
-from dlgraph.engine.checkpoint import load_tensors
-from dlgraph.engine.program_cache import FORMAT, ProgramCache
+from dlgraph.engine.compile.cache import FORMAT, ProgramCache
+from dlgraph.engine.train.checkpoint import load_tensors
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -249,8 +249,8 @@ def test_cache_command_reports_and_clears(tmp_path, cache_dir):
 def test_the_chosen_device_is_remembered_and_a_stale_choice_reprobed(cache_dir, monkeypatch):
     from tinygrad.helpers import DEV
 
-    from dlgraph.engine.lower import use_device
-    from dlgraph.engine.program_cache import remembered_device
+    from dlgraph.engine.compile.cache import remembered_device
+    from dlgraph.engine.compile.lower import use_device
 
     def fresh():
         monkeypatch.delenv("DEV", raising=False)

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import dlgraph
-from dlgraph.engine import lower as lower_mod
-from dlgraph.engine.autodiff import reverse
-from dlgraph.engine.lower import Ctx, Evaluator, bind, feed, lower, to_tensor
+from dlgraph.engine.compile import lower as lower_mod
+from dlgraph.engine.compile.lower import Ctx, Evaluator, bind, feed, lower, to_tensor
+from dlgraph.engine.graph.autodiff import reverse
 
 B, T, I, H = 3, 5, 4, 6
 TORCH = {"rnn": torch.nn.RNN, "lstm": torch.nn.LSTM, "gru": torch.nn.GRU}

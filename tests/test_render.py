@@ -1,4 +1,4 @@
-"""Drawings (engine/render.py) and training curves (engine/plot.py).
+"""Drawings (engine/report/render.py) and training curves (engine/report/plot.py).
 
 The DOT text is checked by handing it to graphviz itself (``dot -Tjson``) where graphviz
 is installed: the nodes, clusters and edge labels a user would see must be there.
@@ -16,12 +16,12 @@ from pathlib import Path
 import pytest
 
 import dlgraph
-from dlgraph.engine.autodiff import reverse, training_graph
-from dlgraph.engine.build import Builder
 from dlgraph.engine.errors import DataError, DlgraphError
-from dlgraph.engine.ir import Graph
-from dlgraph.engine.plot import family, load_series, plot_run, plot_runs, read_metrics
-from dlgraph.engine.render import render
+from dlgraph.engine.graph.autodiff import reverse, training_graph
+from dlgraph.engine.graph.build import Builder
+from dlgraph.engine.graph.ir import Graph
+from dlgraph.engine.report.plot import family, load_series, plot_run, plot_runs, read_metrics
+from dlgraph.engine.report.render import render
 from dlgraph.engine.types import TType
 from dlgraph.ops import REGISTRY
 

@@ -4,7 +4,7 @@ from click.testing import CliRunner
 
 import dlgraph
 from dlgraph.cli.main import main
-from dlgraph.engine.data import vocabulary
+from dlgraph.engine.io.data import vocabulary
 
 SPEC = """dlgraph: 1
 name: tiny-lm
@@ -56,7 +56,7 @@ def test_a_symbolic_length_samples_step_by_step_with_one_program(tmp_path):
     """With `x: [batch, time]` each step feeds the context as it is: one compiled program
     serves every length, and a causal model gives the text the fixed-window spec gives with
     the same weights (which feeds zero-padded windows of 8)."""
-    from dlgraph.engine.sample import sample
+    from dlgraph.engine.report.sample import sample
     path, weights, vocab = trained(tmp_path, 3)
     fixed = dlgraph.load(path)
     text = open(path).read().replace("[batch, 8]", "[batch, time]")

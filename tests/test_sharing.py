@@ -11,8 +11,8 @@ from helpers import evaluate
 from tinygrad import Tensor
 
 import dlgraph
-from dlgraph.engine.autodiff import reverse
-from dlgraph.engine.checkpoint import load_tensors
+from dlgraph.engine.graph.autodiff import reverse
+from dlgraph.engine.train.checkpoint import load_tensors
 
 MODULE = """\
 modules:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 import dlgraph
-from dlgraph.engine.summary import summarize
+from dlgraph.engine.report.summary import summarize
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -28,7 +28,7 @@ def _allocated_per_sample(g, small=16, large=64) -> float:
     program holds (not the parameters), at two batch sizes, divided by the difference."""
     from tinygrad.uop.ops import Ops, buffers
 
-    from dlgraph.engine.lower import LoopStage, Model
+    from dlgraph.engine.compile.lower import LoopStage, Model
 
     def held(batch):
         m = Model(g)

@@ -18,7 +18,7 @@ from click.testing import CliRunner
 import dlgraph
 from dlgraph.cli.main import main
 from dlgraph.engine.errors import DlgraphError
-from dlgraph.engine.sweep import (
+from dlgraph.engine.train.sweep import (
     RAY_MISSING,
     parse_param,
     plan_sweep,

@@ -12,11 +12,10 @@ from tinygrad import Context, Tensor
 from tinygrad.nn import optim
 
 import dlgraph
-from dlgraph.engine.init import INITIALISERS, init_param
-from dlgraph.engine.ir import Param
-from dlgraph.engine.spec_base import Init
-from dlgraph.engine.train import lr_at, metric_value
-from dlgraph.engine.train_spec import (
+from dlgraph.engine.graph.ir import Param
+from dlgraph.engine.spec.base import Init
+from dlgraph.engine.spec.init import INITIALISERS, init_param
+from dlgraph.engine.spec.train import (
     METRICS,
     OPTIMIZERS,
     SCHEDULES,
@@ -24,6 +23,7 @@ from dlgraph.engine.train_spec import (
     ScheduleSpec,
     TrainSpec,
 )
+from dlgraph.engine.train.loop import lr_at, metric_value
 
 SPEC = """
 dlgraph: 1

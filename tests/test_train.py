@@ -10,9 +10,9 @@ from click.testing import CliRunner
 
 import dlgraph
 from dlgraph.cli.main import main
-from dlgraph.engine.checkpoint import load_tensors
-from dlgraph.engine.train import lr_at
-from dlgraph.engine.train_spec import ScheduleSpec
+from dlgraph.engine.spec.train import ScheduleSpec
+from dlgraph.engine.train.checkpoint import load_tensors
+from dlgraph.engine.train.loop import lr_at
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "tests/specs/good/tiny_mlp.yaml"
@@ -90,7 +90,7 @@ def test_weights_run_inference(tmp_path):
 
 def test_weights_of_another_spec(tmp_path):
     bad = tmp_path / "w.safetensors"
-    from dlgraph.engine.checkpoint import save_tensors
+    from dlgraph.engine.train.checkpoint import save_tensors
     save_tensors(bad, {"h.weight": np.zeros((3, 3), np.float32)})
     with pytest.raises(dlgraph.DataError) as e:
         dlgraph.compile(dlgraph.load(TINY), weights=bad)
@@ -106,7 +106,7 @@ def test_truncated_checkpoint_is_a_clear_error(tmp_path):
 
 
 def test_atomic_write_keeps_old_file_on_failure(tmp_path, monkeypatch):
-    from dlgraph.engine import checkpoint
+    from dlgraph.engine.train import checkpoint
     target = tmp_path / "c.safetensors"
     checkpoint.save_tensors(target, {"a": np.ones(3, np.float32)})
     before = target.read_bytes()

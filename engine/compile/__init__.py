@@ -1,0 +1,1 @@
+"""Graph -> tinygrad program: device choice, the interpreter, the staged program, caches."""

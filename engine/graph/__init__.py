@@ -1,0 +1,1 @@
+"""The graph: the IR, the builder that expands a spec into primitives, and the reversal."""

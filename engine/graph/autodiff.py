@@ -1,0 +1,257 @@
+"""Backprop by graph reversal.
+
+:func:`reverse` walks the forward graph backwards from the objective and asks each
+node's VJP rule for its inputs' cotangents. The rules emit ordinary nodes through the
+:class:`~dlgraph.engine.graph.build.Builder`, so the backward pass is itself a graph: validated,
+shape-inferred, drawable and run like any other. Cotangents of a value used twice are
+summed; broadcasting is undone by ``reduce_to``.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+
+from dlgraph.engine.errors import GradientError, ShapeError, Source, SpecError, suggest
+from dlgraph.engine.graph.build import Builder
+from dlgraph.engine.graph.ir import Graph
+from dlgraph.engine.types import fmt
+from dlgraph.ops import NO_GRAD, OPS
+
+
+def reverse(graph: Graph, objective: str, wrt: list[str] | None = None) -> Graph:
+    """A training graph: the forward nodes, the backward nodes and ``grads`` for ``wrt``.
+
+    ``objective`` is a node id (or spec reference) of a scalar; ``wrt`` lists parameter
+    names (default: every trainable parameter).
+
+    >>> import dlgraph                                                   # doctest: +SKIP
+    >>> tg = reverse(dlgraph.load("graphs/mlp.yaml"), "loss")            # doctest: +SKIP
+    >>> sorted(tg.grads)[:1]                                             # doctest: +SKIP
+    ['fc1.bias']
+    """
+    obj = graph.resolve(objective)
+    if obj not in graph.nodes:
+        raise GradientError(f"objective '{objective}' is not a node",
+                            help=f"nodes: {', '.join(n for n in graph.aliases if '.' not in n)}")
+    on = graph[obj]
+    if on.type.shape != () or on.type.dtype != "float32":
+        raise GradientError(f"objective '{objective}' must be a float scalar, got {on.type}",
+                            node=on.user_id, help="reduce it with mean or sum, or use a loss op")
+    wrt = [p for p, v in graph.params.items() if v.trainable] if wrt is None else wrt
+    upstream = graph.ancestors([obj])
+    for p in wrt:
+        if graph.params[p].node not in upstream:
+            raise GradientError(f"parameter '{p}' does not affect the objective '{objective}'",
+                                node=graph.params[p].scope[0] if graph.params[p].scope else p,
+                                help="freeze it with `trainable: false`, or leave it out of "
+                                     "this phase's `params`")
+    out = copy.copy(graph)
+    out.nodes, out.params, out.aliases = dict(graph.nodes), dict(graph.params), dict(graph.aliases)
+    b = Builder(out)
+    b.role, b.origin = "backward", obj
+    with b.within("grad"):
+        seed = b.emit("const", as_="seed", value=1.0)
+    ct = backprop(b, graph, {obj: seed}, {graph.params[p].node for p in wrt})
+    out.grads = {}
+    for p in wrt:
+        node = graph.params[p].node
+        if node not in ct:
+            raise GradientError(f"no gradient reaches parameter '{p}': every path to the "
+                                f"objective goes through ops without a gradient",
+                                help="argmax, comparisons and casts to int stop gradients")
+        if out.nodes[ct[node]].type.shape != graph[node].type.shape:
+            raise ShapeError(f"gradient of '{p}' has shape {fmt(out.nodes[ct[node]].type.shape)}"
+                             f", expected {fmt(graph[node].type.shape)} (a bug in dlgraph)")
+        out.grads[p] = ct[node]
+    out.objective = obj
+    _prune(out, graph, out.grads.values())
+    return out
+
+
+def backprop(b: Builder, graph: Graph, seeds: dict[str, str], wrt: set[str]) -> dict[str, str]:
+    """Cotangents of ``graph``'s nodes given ``seeds`` (node -> cotangent id), emitted by
+    ``b`` in reverse schedule order; only values that depend on ``wrt`` get one.
+
+    This is the transpose pass of autodidax: each node's VJP rule gives one cotangent per
+    input (``None``: none), summed where a value is used twice. A multi-output node
+    (``loop``) gets the list of its outputs' cotangents, read through its ``pick`` nodes.
+    """
+    needs = _needs_grad(graph, wrt)
+    upstream = graph.ancestors(seeds)
+    picks = _picks(graph)
+    b.reverse_loop = lambda n, cts: reverse_loop(b, n, cts, needs, picks[n.id])
+    ct = dict(seeds)
+    for nid in reversed(list(graph.nodes)):
+        n = graph[nid]
+        if nid not in upstream or n.role in ("input", "param") or n.op == "pick":
+            continue
+        d = OPS[n.op]
+        got = [ct.get(p) for p in picks[nid]] if d.multi else ct.get(nid)
+        if got is None or (d.multi and not any(got)):
+            continue
+        if n.cut and not d.multi:
+            b.graph.nodes[got].cut = True
+        if d.vjp is None:
+            raise GradientError(f"op '{n.op}' has no gradient rule", node=n.user_id,
+                                op=n.op, source=n.source)
+        if d.vjp == NO_GRAD:
+            continue
+        b.origin, b.source, b.user = nid, n.source, (n.user_id, n.op)
+        b.scope = ("grad",) + tuple(nid.split("/"))
+        cots = d.vjp(b, n, got)
+        if len(cots) != len(n.inputs):
+            raise GradientError(f"the VJP of '{n.op}' gave {len(cots)} cotangents for "
+                                f"{len(n.inputs)} inputs (a bug in dlgraph)", node=nid)
+        for src, c in zip(n.inputs, cots, strict=True):
+            if c is None or src not in needs:
+                continue
+            if b.shape(c) != b.shape(src):
+                c = b.emit("reduce_to", c, src)
+            ct[src] = b.emit("add", ct[src], c, as_="acc") if src in ct else c
+    return ct
+
+
+def reverse_loop(b: Builder, n, cts: list, needs: set[str], picks: list[str]) -> list:
+    """The VJP of a loop: a loop running the other way over the reversed body.
+
+    Its body recomputes the step from the saved state before it, then runs the ordinary
+    VJP rules: the carried state is the cotangent of the state, the per-step outputs are
+    the cotangents of the sequence inputs, and the cotangents of the consts (weights) are
+    summed over the steps. Nothing is unrolled.
+    """
+    a, fwd = n.attrs, not n.attrs.reverse
+    ns, nst, steps = a.n_seq, a.n_state, a.steps
+    outs = list(a.body.outputs.values())
+    if len(outs) > nst + a.n_out:
+        raise GradientError("second derivatives through a loop are not supported",
+                            node=n.user_id, op=n.op)
+    ct_st, ct_per = cts[:nst], cts[nst:nst + a.n_out]
+    bb, wanted = _backward_body(b, n, ct_st, ct_per, needs)
+    # the outer graph: saved states before each step, cotangents after it, zero carries
+    before, after = ((0, -1), (1, None)) if fwd else ((1, None), (0, -1))
+    seqs = list(n.inputs[:ns])
+    seqs += [b.emit("slice", picks[j], axis=1, start=before[0], stop=before[1])
+             for j in range(nst)]
+    seqs += [b.emit("slice", c, axis=1, start=after[0], stop=after[1])
+             for c in ct_st if c is not None]
+    seqs += [c for c in ct_per if c is not None]
+    inits = n.inputs[ns:ns + nst]
+    zeros = [b.emit("zeros", i, shape=list(b.shape(i)[1:]), as_="carry0") for i in inits]
+    got = b.loop(bb, seqs, zeros, steps=steps, n_out=len(wanted["seq"]), reverse=fwd)
+    first = 0 if fwd else -1
+    out: list = [None] * len(n.inputs)
+    for j in range(nst):
+        c = b.emit("take", got[j], axis=1, index=first)
+        if ct_st[j] is not None:
+            c = b.emit("add", c, b.emit("take", ct_st[j], axis=1, index=first))
+        out[ns + j] = c
+    for k, g in zip(wanted["seq"] + wanted["const"], got[nst:], strict=True):
+        out[k] = g
+    return out
+
+
+def _backward_body(b: Builder, n, ct_st, ct_per, needs):
+    """The body of a loop's VJP and the loop inputs its per-step outputs and sums are for."""
+    a = n.attrs
+    body, ns, nst = a.body, a.n_seq, a.n_state
+    names = list(body.inputs)
+    outs = list(body.outputs.values())
+    bb = b.body()
+    for name in names[:ns + nst]:                       # steps of x, saved states
+        bb.input(name, body.inputs[name])
+    after = [bb.input(f"ct:{o}", body[o].type) if c is not None else None
+             for o, c in zip(outs[:nst], ct_st, strict=True)]
+    per = [bb.input(f"ct:{o}", body[o].type) if c is not None else None
+           for o, c in zip(outs[nst:], ct_per, strict=True)]
+    carry = [bb.input(f"carry:{s}", body.inputs[s]) for s in names[ns:ns + nst]]
+    for name, src in zip(names[ns + nst:], n.inputs[ns + nst:], strict=True):
+        bb.input(name, body.inputs[name])
+        bb.consts[name] = src
+    bb.graph.nodes.update({k: v for k, v in body.nodes.items() if v.role != "input"})
+    seeds: dict[str, str] = {}
+    for o, c in zip(outs, carry + per, strict=False):
+        if c is not None:
+            seeds[o] = bb.emit("add", seeds[o], c) if o in seeds else c
+    for o, c in zip(outs[:nst], after, strict=True):
+        if c is not None:
+            seeds[o] = bb.emit("add", seeds[o], c)
+    wrt = {names[k] for k, src in enumerate(n.inputs) if src in needs} | set(names[ns:ns + nst])
+    ct = backprop(bb, bb.graph, seeds, wrt)
+    res = {f"carry:{s}": ct.get(s) or bb.emit("zeros", c, shape=list(bb.shape(c)[1:]))
+           for s, c in zip(names[ns:ns + nst], carry, strict=True)}
+    wanted = {"seq": [], "const": []}
+    for k, name in enumerate(names):
+        if (k < ns or k >= ns + nst) and n.inputs[k] in needs and name in ct:
+            res[f"ct:{name}"] = ct[name]
+            wanted["seq" if k < ns else "const"].append(k)
+    bb.graph.outputs = res
+    keep = bb.graph.ancestors(res.values()) | set(bb.graph.inputs)
+    bb.graph.nodes = {k: v for k, v in bb.graph.nodes.items() if k in keep}
+    return bb, wanted
+
+
+def _picks(graph: Graph) -> dict[str, list[str]]:
+    """Multi-output node -> its pick nodes, by output index."""
+    out: dict[str, list] = {}
+    for n in graph.nodes.values():
+        if n.op == "pick":
+            lst = out.setdefault(n.inputs[0], [])
+            lst.extend([None] * (n.attrs.index + 1 - len(lst)))
+            lst[n.attrs.index] = n.id
+    return out
+
+
+def _needs_grad(graph: Graph, seeds: set[str]) -> set[str]:
+    """Nodes whose value depends differentiably on a seed (in emission order = topological)."""
+    needs = set(seeds)
+    for n in graph.nodes.values():
+        if n.id in needs or OPS.get(n.op) is None or OPS[n.op].vjp == NO_GRAD:
+            continue
+        if n.type.dtype == "float32" and any(i in needs for i in n.inputs):
+            needs.add(n.id)
+    return needs
+
+
+def _prune(out: Graph, forward: Graph, wanted) -> None:
+    """Drop backward nodes that no wanted value uses (cotangents of constant inputs)."""
+    keep = out.ancestors(wanted) | set(forward.nodes)
+    out.nodes = {k: v for k, v in out.nodes.items() if k in keep}
+
+
+# ------------------------------------------------------------------- training phases
+
+
+def phase_params(g: Graph, phase) -> list[str]:
+    """The trainable parameter names a phase's globs select (error if none)."""
+    names = [n for n, p in g.params.items() if p.trainable
+             and any(fnmatch.fnmatchcase(n, pat) for pat in phase.params)]
+    if not names:
+        raise SpecError(f"phase '{phase.name}': no trainable parameter matches "
+                        f"{phase.params}", source=Source(g.source, g.lines.get(("train",))),
+                        help="parameter names: " + ", ".join(list(g.params)[:12]))
+    return names
+
+
+def training_graph(g: Graph, phase) -> Graph:
+    """The reversed graph of one phase; errors are located at the train section."""
+    ref = phase.objective
+    if ref not in g.aliases:
+        raise SpecError(f"objective '{ref}' is not a node",
+                        source=Source(g.source, g.lines.get(("train", "objective"))
+                                      or g.lines.get(("train",))),
+                        help=suggest(ref, [n for n in g.aliases if "." not in n])
+                        or "set `objective:` to the id of the loss node")
+    try:
+        return reverse(g, ref, phase_params(g, phase))
+    except GradientError as e:
+        line = g.lines.get(("nodes", e.node)) or g.lines.get(("train", "objective"))
+        raise e.located(source=Source(g.source, line)) from None
+
+
+def phase_graphs(g: Graph) -> dict[str, Graph]:
+    """The training graph of every phase of the spec's ``train:`` section, by phase name
+    (empty without one): reversed once, then handed to summaries, training and drawing."""
+    if g.spec is None or g.spec.train is None:
+        return {}
+    return {phase.name: training_graph(g, phase) for phase in g.spec.train.all_phases()}

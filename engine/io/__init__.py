@@ -1,0 +1,1 @@
+"""Data in and models in and out: data sources and ONNX."""

@@ -1,0 +1,196 @@
+"""What `validate` checks in a `train:` section beyond its models, so that it catches what
+`run` would only find later (after loading data, compiling, or a whole epoch): metric
+references and their shapes, the target's metric being logged at all, `feed:` keys,
+phase names, data files that are not there.
+
+Every problem is a located :class:`SpecError` or :class:`DataError` with a ``help:`` line.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from dlgraph.engine.errors import DataError, DeviceError, Source, SpecError, suggest
+from dlgraph.engine.graph.ir import Graph
+from dlgraph.engine.io.data.base import size_text
+from dlgraph.engine.types import fmt, numel
+from dlgraph.ops import OPS
+
+
+def check_training(g: Graph) -> None:
+    """Raise the first problem of ``g``'s `train:` section (nothing without one)."""
+    spec = g.spec.train if g.spec is not None else None
+    if spec is None:
+        return
+    _phases(g, spec)
+    _feed(g, spec)
+    for k, m in enumerate(spec.metrics):
+        _metric(g, m, k)
+    _target(g, spec)
+    _data_file(g, spec)
+    _data_names(g, spec)
+    _batch_statistics(g, spec)
+
+
+def _at(g: Graph, *path) -> Source:
+    while path and g.lines.get(("train",) + path) is None:
+        path = path[:-1]
+    return Source(g.source, g.lines.get(("train",) + path) or g.lines.get(("train",)))
+
+
+def _phases(g: Graph, spec) -> None:
+    seen: set[str] = set()
+    for k, ph in enumerate(spec.phases or []):
+        if ph.name in seen:
+            raise SpecError(f"two phases are named '{ph.name}'", source=_at(g, "phases", k),
+                            help="give every phase its own `name:`")
+        seen.add(ph.name)
+
+
+def _feed(g: Graph, spec) -> None:
+    for name in spec.feed:
+        if name not in g.inputs:
+            raise SpecError(f"`feed:` names '{name}', which is not an input of the graph",
+                            source=_at(g, "feed", name),
+                            help=suggest(name, g.inputs) or f"inputs: {', '.join(g.inputs)}")
+
+
+def _metric(g: Graph, m, k: int) -> None:
+    names = [n for n in g.aliases if "." not in n] + list(g.inputs)
+    for ref in m.in_:
+        if ref not in g.aliases and ref not in g.inputs:
+            raise SpecError(f"metric '{m.name or m.type}': '{ref}' is not a node or input",
+                            source=_at(g, "metrics", k),
+                            help=suggest(ref.split(".")[0], names) or f"nodes: {', '.join(names)}")
+    pred, target = (g[g.resolve(r)].type for r in m.in_)
+    if m.type == "accuracy":
+        ok = pred.rank == target.rank + 1 and pred.shape[:-1] == target.shape
+        want = "scores [..., classes] and integer labels [...]"
+    else:
+        ok = pred.shape == target.shape
+        want = "two values of the same shape"
+    if not ok:
+        raise SpecError(f"metric '{m.name or m.type}' compares {m.in_[0]} {fmt(pred.shape)} "
+                        f"with {m.in_[1]} {fmt(target.shape)}", source=_at(g, "metrics", k),
+                        help=f"{m.type} takes {want}")
+
+
+def logged_names(spec) -> list[str]:
+    """The names an epoch row of this `train:` section carries (training losses, and the
+    validation values when there is a validation split)."""
+    phases = spec.all_phases()
+    losses = ["loss"] if len(phases) == 1 else [f"loss_{p.name}" for p in phases]
+    val = [f"val_{n}" for n in losses] + [f"val_{m.name or m.type}" for m in spec.metrics]
+    return losses + (val if spec.validation.split > 0 else [])
+
+
+def _target(g: Graph, spec) -> None:
+    if spec.target is None:
+        return
+    logged = logged_names(spec)
+    if spec.target.metric not in logged:
+        hint = suggest(spec.target.metric, logged) or (
+            f"did you mean 'val_{spec.target.metric}'?" if f"val_{spec.target.metric}" in logged
+            else None)
+        raise SpecError(f"target metric '{spec.target.metric}' is never logged; logged: "
+                        f"{', '.join(logged)}", source=_at(g, "target", "metric"),
+                        help=hint or "name one of the logged values, or add the metric "
+                                     "under `metrics:` (validation needs `validation.split`)")
+
+
+def _data_file(g: Graph, spec) -> None:
+    path = getattr(spec.data, "path", None)
+    if path is None:
+        return
+    full = Path(g.base or Path.cwd()) / path
+    if not full.exists():
+        where = "the current folder" if str(full.parent) == "." else str(full.parent)
+        raise DataError(f"data file {path} does not exist (looked in {where})",
+                        source=_at(g, "data", "path"),
+                        help="fix `data.path`; relative paths start in the spec's folder")
+
+
+def _data_names(g: Graph, spec) -> None:
+    """`standardize:` must name arrays that feed float inputs, `validation.stratify` an input
+    of integer class labels."""
+    from dlgraph.engine.io.data.scaling import inputs_to_standardize
+    for name in inputs_to_standardize(g, spec):
+        if g.inputs[name].dtype != "float32":
+            raise DataError(f"cannot standardize '{name}': the input is {g.inputs[name].dtype} "
+                            "(class labels or token ids)", source=_at(g, "data", "standardize"),
+                            help="standardize only float features, e.g. `standardize: [x]`")
+    name = spec.validation.stratify
+    if name is not None and name not in g.inputs:
+        raise SpecError(f"validation.stratify names '{name}', which is not an input of the "
+                        "graph", source=_at(g, "validation", "stratify"),
+                        help=suggest(name, g.inputs) or f"inputs: {', '.join(g.inputs)}")
+    if name is not None and (g.inputs[name].dtype == "float32"
+                             or any(d != 1 for d in g.inputs[name].shape[1:])):
+        raise SpecError(f"validation.stratify needs one integer class label per sample; "
+                        f"'{name}' is {g.inputs[name].dtype} of shape "
+                        f"{fmt(g.inputs[name].shape)}", source=_at(g, "validation", "stratify"),
+                        help="name the input that holds the class labels (e.g. y)")
+
+
+def _batch_statistics(g: Graph, spec) -> None:
+    """batch_norm normalises by the batch's own statistics while training: one sample has
+    none (its output would be all zeros; PyTorch refuses it too)."""
+    if spec.batch > 1:
+        return
+    users = sorted({n.user_id for n in g.nodes.values() if n.op == "moving_average"})
+    if users:
+        raise SpecError(f"batch 1 cannot train {', '.join(users)}: batch_norm needs more than "
+                        "one sample per batch to compute its statistics",
+                        source=_at(g, "batch"), help="use a batch of 2 or more, or layer_norm")
+
+
+def activation_floats(g: Graph) -> int:
+    """Floats per sample alive at once in the forward pass, as tinygrad runs it: only values
+    a kernel writes are in memory (reductions, matmuls, loop buffers, `cut` values and the
+    outputs; elementwise and shape ops fuse into the kernel that reads them), each until the
+    last node that reads it, directly or through fused ops. Named dims count as 1 (a
+    sequence length as its `dims:` maximum where declared); values
+    without one (weight-sized) do not grow with the batch. Within 1.3x of what tinygrad
+    allocates for the examples (tests/test_summary.py)."""
+    named = {d: 1 for t in g.inputs.values() for d in t.shape if isinstance(d, str)}
+    named.update((k, v.max) for k, v in (getattr(g.spec, "dims", None) or {}).items())
+    outs = set(g.outputs.values())
+    written = {n.id for n in g.nodes.values() if n.role == "forward"
+               and any(isinstance(d, str) for d in n.type.shape)
+               and (n.cut or n.id in outs or OPS[n.op].family in WRITTEN)}
+    reads: dict[str, set[str]] = {}             # node -> the written values it reads
+    last: dict[str, int] = {}
+    for k, n in enumerate(g.nodes.values()):
+        got = set().union(*(reads.get(i, set()) for i in n.inputs))
+        last.update(dict.fromkeys(got, k))
+        reads[n.id] = {n.id} if n.id in written else got
+    at = {nid: k for k, nid in enumerate(g.nodes)}
+    ends: dict[int, list[str]] = {}
+    for m in written:
+        ends.setdefault(len(g.nodes) if m in outs else last.get(m, at[m]), []).append(m)
+    size = {m: numel(g.nodes[m].type.shape, named) or 0 for m in written}
+    alive = peak = 0
+    for k, nid in enumerate(g.nodes):
+        alive += size.get(nid, 0)
+        peak = max(peak, alive)
+        alive -= sum(size[m] for m in ends.get(k, []))
+    return peak
+
+
+WRITTEN = ("reduce", "linalg", "control")
+"""Op families whose results tinygrad writes to memory (the rest fuse into their reader)."""
+
+
+def check_fits(g: Graph, batch: int) -> None:
+    """Refuse, before anything is allocated, a graph whose float32 parameters and activations
+    at ``batch`` samples exceed the machine's memory (e.g. `hidden: 1000000000000`): train,
+    compile and the commands over them call it."""
+    params = sum(numel(p.shape) or 0 for p in g.params.values())
+    need = 4 * (params + activation_floats(g) * batch)
+    have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > have:
+        raise DeviceError(f"this graph needs about {size_text(need)} at batch {batch:,} "
+                          f"({size_text(4 * params)} of parameters), more than the "
+                          f"{size_text(have)} of memory here", source=Source(g.source),
+                          help="use smaller layers or a smaller batch")
