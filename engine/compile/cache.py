@@ -1,7 +1,7 @@
 """Compiled programs kept across processes, so a second run of a spec skips tinygrad's
 scheduling and code generation (most of the wait before the first step).
 
-An entry is what ``TinyJit`` captured for one stage of a
+An entry is what ``TinyJit`` captured for one stage of a :class:`~.lower.Program`:
 the kernels (compiled, with their binaries), the buffers they use and how inputs map to them.
 The live state a capture touches (parameters, optimizer state, the random generator) is swapped
 for placeholders before an entry is written and for this process's tensors when it is read, so
