@@ -53,7 +53,7 @@ def main():
     from workloads import WORKLOADS
 
     import dlgraph
-    from dlgraph.engine.compile.lower import init_param
+    from dlgraph.engine.spec.init import init_param
     for e in opts.experiment:
         EXPERIMENTS[e]()
     import tinygrad.engine.realize as realize

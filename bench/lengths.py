@@ -46,7 +46,8 @@ def worker(time_dim, lengths: list[int]) -> list[dict]:
     import numpy as np
 
     import dlgraph
-    from dlgraph.engine.compile.lower import bind, init_params, to_tensor, use_device
+    from dlgraph.engine.compile.device import use_device
+    from dlgraph.engine.compile.interpret import init_params, input_dims, to_tensor
     from dlgraph.engine.train.loop import PhaseStep
     t0 = time.perf_counter()
     use_device(None)
@@ -57,7 +58,7 @@ def worker(time_dim, lengths: list[int]) -> list[dict]:
     for t in lengths:
         x = rng.standard_normal((64, t, 1)).astype(np.float32)
         y = x.mean(1)
-        step.dims = bind(g, {"x": x, "y": y})
+        step.dims = input_dims(g, {"x": x, "y": y})
         feeds = [to_tensor(x, "float32"), to_tensor(y, "float32")]
         s = time.perf_counter()
         step(feeds, None).item()

@@ -90,7 +90,9 @@ class DlgraphPeer:
         from tinygrad import Tensor
 
         import dlgraph
-        from dlgraph.engine.compile.lower import Model, bind, to_tensor, use_device
+        from dlgraph.engine.compile.device import use_device
+        from dlgraph.engine.compile.interpret import input_dims, to_tensor
+        from dlgraph.engine.compile.model import Model
         from dlgraph.engine.train.loop import PhaseStep
 
         self.to_tensor = to_tensor
@@ -104,7 +106,7 @@ class DlgraphPeer:
         self.dtypes = {k: g.inputs[k].dtype for k in self.names}
         phase = g.spec.train.all_phases()[0]
         self.step = PhaseStep(g, phase, self.params, self.names)
-        self.step.dims = bind(g, sample)
+        self.step.dims = input_dims(g, sample)
         self.model = Model(g, self.params)
         self.out_name = self.model.outputs[0]
         # the model reads the inputs it needs from those it is given, the label among them

@@ -236,7 +236,7 @@ def make_payload(wl, tmp: Path, n_batches: int) -> tuple[Path, int]:
     import numpy as np
 
     import dlgraph
-    from dlgraph.engine.compile.lower import init_param
+    from dlgraph.engine.spec.init import init_param
 
     src = wl.spec_source()
     g = dlgraph.load(src["source"], base=src["base"])

@@ -7,7 +7,8 @@ import torch
 from test_recurrent import CASES, assert_grads, data, spec, torch_reference
 
 import dlgraph
-from dlgraph.engine.compile.lower import LoopStage, bind, feed, lower
+from dlgraph.engine.compile.interpret import input_dims, input_tensors
+from dlgraph.engine.compile.lower import LoopStage, lower
 from dlgraph.engine.graph.autodiff import reverse
 
 B, I, H = 4, 3, 5
@@ -37,7 +38,7 @@ def test_one_program_for_every_length(kind, layers, bidir, states):
         assert ours["enc"].shape == out.shape
         np.testing.assert_allclose(ours["enc"], out, rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(ours["loss"], loss, rtol=1e-4)
-        assert_grads(names, prog(feed(tg, arrays), bind(tg, arrays)), ref)
+        assert_grads(names, prog(input_tensors(tg, arrays), input_dims(tg, arrays)), ref)
     assert set(compiled(prog)) == {1} and set(compiled(model._program)) == {1}
     loops = [st for st in prog.stages if isinstance(st, LoopStage)]
     assert loops and all(st.node.attrs.steps == "time" for st in loops)
@@ -146,7 +147,7 @@ def test_mask_matches_packed_sequences(kind, layers, bidir):
         arrays = {k: v.astype(np.float32) for k, v in arrays.items()}
         out, ref = packed_reference(kind, layers, bidir, model, arrays, lengths)
         np.testing.assert_allclose(model(**arrays)["enc"], out, rtol=1e-4, atol=1e-5)
-        assert_grads(names, prog(feed(tg, arrays), bind(tg, arrays)), ref)
+        assert_grads(names, prog(input_tensors(tg, arrays), input_dims(tg, arrays)), ref)
     assert set(compiled(prog)) == {1}
 
 

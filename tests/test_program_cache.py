@@ -250,7 +250,7 @@ def test_the_chosen_device_is_remembered_and_a_stale_choice_reprobed(cache_dir, 
     from tinygrad.helpers import DEV
 
     from dlgraph.engine.compile.cache import remembered_device
-    from dlgraph.engine.compile.lower import use_device
+    from dlgraph.engine.compile.device import use_device
 
     def fresh():
         monkeypatch.delenv("DEV", raising=False)

@@ -7,7 +7,8 @@ import torch
 
 import dlgraph
 from dlgraph.engine.compile import lower as lower_mod
-from dlgraph.engine.compile.lower import Ctx, Evaluator, bind, feed, lower, to_tensor
+from dlgraph.engine.compile.interpret import Ctx, Evaluator, input_dims, input_tensors, to_tensor
+from dlgraph.engine.compile.lower import lower
 from dlgraph.engine.graph.autodiff import reverse
 
 B, T, I, H = 3, 5, 4, 6
@@ -79,7 +80,7 @@ def staged_grads(tg, names, model, arrays):
     finally:
         lower_mod.INLINE_STEPS = saved
     assert any(isinstance(st, lower_mod.LoopStage) for st in prog.stages)
-    return prog(feed(tg, arrays), bind(tg, arrays))
+    return prog(input_tensors(tg, arrays), input_dims(tg, arrays))
 
 
 @pytest.mark.parametrize("kind,layers,bidir,states", CASES)
@@ -98,7 +99,7 @@ def test_matches_torch(kind, layers, bidir, states):
     assert sorted(names) == sorted(f"enc.{n}" for n in ref)
     feeds = {k: to_tensor(v, "float32") for k, v in arrays.items()}
     inline = Evaluator(tg, [tg.grads[n] for n in names])(
-        Ctx(training=True, dims=bind(g, arrays)), feeds, model.params)
+        Ctx(training=True, dims=input_dims(g, arrays)), feeds, model.params)
     assert_grads(names, inline, ref)
     assert_grads(names, staged_grads(tg, names, model, arrays), ref)
 
@@ -148,7 +149,7 @@ def test_compiled_step_is_one_program_for_every_t():
         model = dlgraph.compile(g, seed=0)
         arrays = data(1, False, (), steps)
         prog = lower(tg, [tg.grads[n] for n in names], params=model.params, training=True)
-        prog(feed(tg, arrays), bind(tg, arrays))
+        prog(input_tensors(tg, arrays), input_dims(tg, arrays))
         loops = [st for st in prog.stages if isinstance(st, lower_mod.LoopStage)]
         counts.append([len(next(iter(st._compiled.values()))[2].captured.linear.src)
                        for st in loops])

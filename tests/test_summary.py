@@ -28,7 +28,8 @@ def _allocated_per_sample(g, small=16, large=64) -> float:
     program holds (not the parameters), at two batch sizes, divided by the difference."""
     from tinygrad.uop.ops import Ops, buffers
 
-    from dlgraph.engine.compile.lower import LoopStage, Model
+    from dlgraph.engine.compile.lower import LoopStage
+    from dlgraph.engine.compile.model import Model
 
     def held(batch):
         m = Model(g)

@@ -25,10 +25,8 @@ import dataclasses
 import enum
 import hashlib
 import hmac
-import io
 import json
 import os
-import pickle
 import platform
 import secrets
 import sys
@@ -37,9 +35,9 @@ from pathlib import Path
 
 import numpy as np
 
+from dlgraph.engine.compile.tinygrad_door import FORMAT, tinygrad_settings
 from dlgraph.engine.graph.ir import Graph
 
-FORMAT = b"dlgraph-program-1\n"
 MAX_BYTES = 1 << 30            # the cache keeps its newest entries within this size
 # tinygrad settings that do not change a program (DEV: the device itself is in the key)
 NOT_IN_KEY = {"DEBUG", "VIZ", "PROFILE", "PARALLEL", "TRACK_MATCH_STATS", "CAPTURE_PROCESS_REPLAY",
@@ -247,13 +245,8 @@ def canon(x):
 
 @lru_cache(maxsize=1)
 def _environment() -> dict:
-    from tinygrad import Device, helpers
-    from tinygrad.helpers import ContextVar
-    # tinygrad's core settings, and any other set in the environment (backends define
-    # their own only once imported, so "every setting" would depend on what was probed)
-    core = {v.key for v in vars(helpers).values() if isinstance(v, ContextVar)}
-    settings = {k: repr(v.value) for k, v in sorted(ContextVar._cache.items())
-                if (k in core or k in os.environ) and k not in NOT_IN_KEY}
+    from tinygrad import Device
+    settings = {k: v for k, v in tinygrad_settings().items() if k not in NOT_IN_KEY}
     return {"python": sys.version, "numpy": np.__version__,
             "tinygrad": _dist_version("tinygrad"),
             "dlgraph": _source_digest(), "device": Device.DEFAULT, "machine": platform.machine(),
@@ -287,101 +280,3 @@ def _cpu_flags() -> str:
         return platform.processor()
     flags = next((ln for ln in text.splitlines() if ln.startswith(("flags", "Features"))), "")
     return hashlib.sha256(flags.encode()).hexdigest()
-
-
-# ------------------------------------------------------------------ captures to bytes
-
-
-def cacheable(state: dict) -> bool:
-    """Whether every state tensor is one plain realised buffer (not sharded over devices):
-    only those are swapped for placeholders, so only then may a capture be kept."""
-    from tinygrad.uop.ops import Ops
-    return all(t.uop.base.op is Ops.BUFFER and t.uop.base.is_realized for t in state.values())
-
-
-def freeze(jits: list, state: dict) -> bytes | None:
-    """Captured TinyJits as bytes, the ``state`` tensors (name -> Tensor) swapped for
-    placeholders; None when that cannot be done faithfully: state that is not a plain
-    buffer, a capture that returns live state, or one that holds the buffer of any other
-    live tensor (its values would be stored and later read as constants)."""
-    from tinygrad.engine.jit import CapturedJit
-    from tinygrad.uop.ops import UOp
-    if not cacheable(state):
-        return None
-    live = {k: t.uop.base for k, t in state.items()}
-    held = set(live.values())
-    rets = {r.uop.base for j in jits for r in _tensors(j.captured.ret)}
-    if rets & held or _holds_other_tensors(jits, held | rets):
-        return None
-    ph = {k: UOp.new_buffer(u.device, u.max_numel(), u.dtype) for k, u in live.items()}
-    sub = {live[k]: ph[k] for k in live}
-    caps = [CapturedJit(c.ret, c._linear.substitute(sub, walk=True), c.expected_names,
-                        c.expected_input_info) for c in (j.captured for j in jits)]
-    return pickle.dumps((FORMAT, caps, ph), protocol=pickle.HIGHEST_PROTOCOL)
-
-
-def thaw(payload: bytes, state: dict) -> list:
-    """TinyJits from :func:`freeze`'s bytes, running on this process's ``state`` tensors
-    (plain buffers: see :func:`cacheable`).
-    Raises ValueError when the entry does not fit (other state names, sizes or dtypes)."""
-    from tinygrad.engine.jit import CapturedJit, _TinyJit
-    fmt, caps, ph = _Unpickler(io.BytesIO(payload)).load()
-    if fmt != FORMAT or set(ph) != set(state):
-        raise ValueError("the entry was made for other state")
-    sub = {}
-    for k, u in ph.items():
-        base = state[k].uop.base
-        if (base.max_numel(), base.dtype, base.device) != (u.max_numel(), u.dtype, u.device):
-            raise ValueError(f"state '{k}' has another size or dtype")
-        sub[u] = base
-    return [_TinyJit(None, CapturedJit(c.ret, c._linear.substitute(sub, walk=True),
-                                       c.expected_names, c.expected_input_info)) for c in caps]
-
-
-def _holds_other_tensors(jits: list, allowed: set) -> bool:
-    """Whether a capture uses the buffer of a live tensor that is not ``allowed``."""
-    from tinygrad.tensor import all_tensors
-    from tinygrad.uop.ops import Ops
-    used = {u for j in jits for u in j.captured._linear.toposort() if u.op is Ops.BUFFER}
-    for ref in list(all_tensors):
-        t = ref()
-        if t is not None and (u := t.uop.base) in used and u not in allowed:
-            return True
-    return False
-
-
-def _tensors(ret) -> list:
-    from tinygrad import Tensor
-    if isinstance(ret, Tensor):
-        return [ret]
-    return [t for t in (ret or []) if isinstance(t, Tensor)]
-
-
-class _Unpickler(pickle.Unpickler):
-    """Admits tinygrad's classes and plain builtins only. Every device buffer gets a fresh
-    number here: tinygrad interns UOps by value, so a stored buffer's number must never meet
-    a live buffer of this process."""
-
-    SAFE_BUILTINS = {"set", "frozenset", "slice", "complex", "bytearray", "tuple", "list",
-                     "dict", "int", "float", "bool", "str", "bytes", "range"}
-
-    def __init__(self, f):
-        super().__init__(f)
-        self.slots: dict[int, int] = {}
-
-    def find_class(self, module: str, name: str):
-        if module == "tinygrad.uop.ops" and name == "UOp":
-            return self._uop
-        if module == "builtins" and name in self.SAFE_BUILTINS:
-            return super().find_class(module, name)
-        if (module == "tinygrad" or module.startswith("tinygrad.")) and "." not in name:
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"a program cache entry names {module}.{name}")
-
-    def _uop(self, op, dtype, src=(), arg=None, tag=None, metadata=None, buffer=None):
-        from tinygrad.uop.ops import Ops, UOp
-        if op is Ops.BUFFER and getattr(arg, "device", None) is not None:
-            if arg.slot not in self.slots:
-                self.slots[arg.slot] = next(UOp.unique_num)
-            arg = dataclasses.replace(arg, slot=self.slots[arg.slot])
-        return UOp(op, dtype, src, arg, tag, metadata, buffer)

@@ -1,16 +1,70 @@
 """tinygrad's door: every use of tinygrad beyond its public API lives here, and only here.
 
-The public API (``Tensor``, ``TinyJit``'s calls, ``Variable``, ``Device``, ``nn``, ``dtypes``,
-``Context``) may be used anywhere; building a ``TinyJit``, its captured internals, the direct
-replay of compiled kernels, UOp numbering, context-variable caches and the freezing and
-thawing of captured programs for the program cache are here, so a tinygrad upgrade touches
-this one file (tests/test_architecture.py proves no other module reaches past the public API).
+The public API (``Tensor``, calling a ``TinyJit``, ``Variable``, ``Device``, ``nn``, ``dtypes``,
+``Context``) may be used anywhere. Everything else is here: building a ``TinyJit`` and reading
+what it captured, the direct replay of compiled kernels, the settings tinygrad keeps in context
+variables (device, parallel compile), its random generator's state, UOp numbering, and the
+freezing and thawing of captured programs for the program cache. A tinygrad upgrade touches
+this one file; tests/test_architecture.py proves no other module reaches past the public API.
 Pinned: tinygrad 0.14.0.
 """
 
 from __future__ import annotations
 
-from tinygrad import TinyJit
+import dataclasses
+import io
+import os
+import pickle
+
+from tinygrad import Tensor, TinyJit
+from tinygrad.engine.jit import CapturedJit, JitError, _prepare_jit_inputs, _TinyJit
+from tinygrad.engine.realize import ExecContext, get_runtime, pm_exec, resolve_params, unwrap_multi
+from tinygrad.helpers import DEV, PARALLEL, ContextVar, to_tuple
+from tinygrad.tensor import all_tensors
+from tinygrad.uop.ops import Ops, UOp
+
+FORMAT = b"dlgraph-program-1\n"
+
+# ------------------------------------------------------------------------------ settings
+
+
+def compile_in_process() -> None:
+    """Compile kernels in this process, not in tinygrad's pool of worker processes."""
+    PARALLEL.value = 0
+
+
+def select_device(name: str) -> None:
+    """Make ``name`` (upper case: ``CPU``, ``CUDA``; empty: tinygrad's choice) the default."""
+    DEV.value = name
+
+
+def tinygrad_settings() -> dict[str, str]:
+    """tinygrad's core settings, and any other set in the environment (backends define their
+    own only once imported, so "every setting" would depend on what was probed)."""
+    from tinygrad import helpers
+    core = {v.key for v in vars(helpers).values() if isinstance(v, ContextVar)}
+    return {k: repr(v.value) for k, v in sorted(ContextVar._cache.items())
+            if k in core or k in os.environ}
+
+
+def rng_state() -> dict[str, Tensor]:
+    """tinygrad's random generator: its seed and counter tensors, per device."""
+    return {f"rng.{k}.{d}": t for k, ts in (("seed", Tensor._device_seeds),
+                                           ("counter", Tensor._device_rng_counters))
+            for d, t in ts.items()}
+
+
+def storage(t: Tensor):
+    """The device buffer holding a realised tensor's values (a view's base buffer), or None
+    (sharded over devices)."""
+    try:
+        b = t.uop.base.buffer
+    except (AttributeError, RuntimeError, AssertionError):
+        return None
+    return getattr(b, "_base", None) or b
+
+
+# ----------------------------------------------------------------------------- the JIT
 
 
 def jit(fn, capture_now: bool = True) -> TinyJit:
@@ -18,5 +72,174 @@ def jit(fn, capture_now: bool = True) -> TinyJit:
     rather than run it plainly first, as tinygrad does by default."""
     j = TinyJit(fn)
     if capture_now:
-        j.cnt = max(j.cnt, 1)
+        capture_next(j)
     return j
+
+
+def capture_next(j: TinyJit) -> None:
+    """Make the next call of ``j`` capture (if it has not captured yet)."""
+    j.cnt = max(j.cnt, 1)
+
+
+def kernels(j) -> int:
+    """How many kernels a TinyJit captured (0 before it has)."""
+    captured = getattr(j, "captured", None)
+    return len(captured.linear.src) if captured is not None else 0
+
+
+def has_captured(j) -> bool:
+    return getattr(j, "captured", None) is not None
+
+
+def call_jit(j: TinyJit, args: tuple):
+    """``(runner, outputs)``: the jit called on ``args``; where it had nothing to compile
+    (constants, views) its plain function runs instead, and is the runner from then on."""
+    try:
+        return j, j(*args)
+    except JitError as e:
+        if "didn't JIT anything" not in str(e):
+            raise
+        return j.fxn, j.fxn(*args)
+
+
+def replayer(j: TinyJit, args: tuple):
+    """Replays a captured step with the same buffers and a new step index.
+
+    TinyJit re-inspects every input on each call and dispatches each kernel through its
+    pattern matcher (~2 ms and ~0.1 ms a kernel for a recurrent step, more than the
+    kernels take on a CPU). Within one loop run the buffers never change, so they are
+    resolved once here and each replay only binds the step index and calls the programs.
+    """
+    ins, _, names, info = _prepare_jit_inputs(args, {})
+    cap = j.captured
+    if cap is None or cap.expected_names != names or cap.expected_input_info != info:
+        return lambda var_vals: j(*_rebind(args, var_vals))
+    plan = _plan(cap, ins)
+    if plan is None:
+        return lambda var_vals: cap(ins, var_vals)
+
+    def replay(var_vals):
+        for step in plan:
+            if type(step) is tuple:
+                rt, bufs, prg = step
+                gs, ls = prg.launch_dims(var_vals)
+                rt(*bufs, global_size=gs, local_size=ls, vals=prg.vals(var_vals), wait=False)
+            else:
+                pm_exec.rewrite(step, ExecContext(var_vals, tuple(ins), False, True))
+    return replay
+
+
+def _plan(cap, ins) -> list | None:
+    """Each kernel of a captured step as (program, buffers, launch info); other calls as
+    they are. None where the plain replay must run (inputs it copies, several devices)."""
+    if any(u in cap._written_uops for u in ins):
+        return None
+    plan: list = []
+    for call in cap.linear.src:
+        ast = call.src[0]
+        if ast.op is not Ops.PROGRAM:
+            plan.append(call)
+            continue
+        resolved = resolve_params(call, tuple(ins))
+        per_dev = list(unwrap_multi(call, [resolved[i] for i in ast.arg.globals]))
+        devices = to_tuple(call.src[1].device)
+        if len(per_dev) != 1 or per_dev[0][1] or len(devices) != 1:
+            return None
+        bufs = [b.ensure_allocated().get_buf(devices[0]) for b in per_dev[0][0]]
+        plan.append((get_runtime(devices[0], ast), bufs, ast.arg))
+    return plan
+
+
+def _rebind(args: tuple, var_vals: dict) -> tuple:
+    var = args[0].unbind()[0]
+    return (var.bind(var_vals["step"]), *args[1:])
+
+
+# --------------------------------------------------------- captured programs as bytes
+
+
+def cacheable(state: dict) -> bool:
+    """Whether every state tensor is one plain realised buffer (not sharded over devices):
+    only those are swapped for placeholders, so only then may a capture be kept."""
+    return all(t.uop.base.op is Ops.BUFFER and t.uop.base.is_realized for t in state.values())
+
+
+def freeze(jits: list, state: dict) -> bytes | None:
+    """Captured TinyJits as bytes, the ``state`` tensors (name -> Tensor) swapped for
+    placeholders; None when that cannot be done faithfully: state that is not a plain
+    buffer, a capture that returns live state, or one that holds the buffer of any other
+    live tensor (its values would be stored and later read as constants)."""
+    if not cacheable(state):
+        return None
+    live = {k: t.uop.base for k, t in state.items()}
+    held = set(live.values())
+    rets = {r.uop.base for j in jits for r in _tensors(j.captured.ret)}
+    if rets & held or _holds_other_tensors(jits, held | rets):
+        return None
+    ph = {k: UOp.new_buffer(u.device, u.max_numel(), u.dtype) for k, u in live.items()}
+    sub = {live[k]: ph[k] for k in live}
+    caps = [CapturedJit(c.ret, c._linear.substitute(sub, walk=True), c.expected_names,
+                        c.expected_input_info) for c in (j.captured for j in jits)]
+    return pickle.dumps((FORMAT, caps, ph), protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def thaw(payload: bytes, state: dict) -> list:
+    """TinyJits from :func:`freeze`'s bytes, running on this process's ``state`` tensors
+    (plain buffers: see :func:`cacheable`).
+    Raises ValueError when the entry does not fit (other state names, sizes or dtypes)."""
+    fmt, caps, ph = _Unpickler(io.BytesIO(payload)).load()
+    if fmt != FORMAT or set(ph) != set(state):
+        raise ValueError("the entry was made for other state")
+    sub = {}
+    for k, u in ph.items():
+        base = state[k].uop.base
+        if (base.max_numel(), base.dtype, base.device) != (u.max_numel(), u.dtype, u.device):
+            raise ValueError(f"state '{k}' has another size or dtype")
+        sub[u] = base
+    return [_TinyJit(None, CapturedJit(c.ret, c._linear.substitute(sub, walk=True),
+                                       c.expected_names, c.expected_input_info)) for c in caps]
+
+
+def _holds_other_tensors(jits: list, allowed: set) -> bool:
+    """Whether a capture uses the buffer of a live tensor that is not ``allowed``."""
+    used = {u for j in jits for u in j.captured._linear.toposort() if u.op is Ops.BUFFER}
+    for ref in list(all_tensors):
+        t = ref()
+        if t is not None and (u := t.uop.base) in used and u not in allowed:
+            return True
+    return False
+
+
+def _tensors(ret) -> list:
+    if isinstance(ret, Tensor):
+        return [ret]
+    return [t for t in (ret or []) if isinstance(t, Tensor)]
+
+
+class _Unpickler(pickle.Unpickler):
+    """Admits tinygrad's classes and plain builtins only. Every device buffer gets a fresh
+    number here: tinygrad interns UOps by value, so a stored buffer's number must never meet
+    a live buffer of this process."""
+
+    SAFE_BUILTINS = {"set", "frozenset", "slice", "complex", "bytearray", "tuple", "list",
+                     "dict", "int", "float", "bool", "str", "bytes", "range"}
+
+    def __init__(self, f):
+        super().__init__(f)
+        self.slots: dict[int, int] = {}
+
+    def find_class(self, module: str, name: str):
+        if module == "tinygrad.uop.ops" and name == "UOp":
+            return self._uop
+        if module == "builtins" and name in self.SAFE_BUILTINS:
+            return super().find_class(module, name)
+        if (module == "tinygrad" or module.startswith("tinygrad.")) and "." not in name:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"a program cache entry names {module}.{name}")
+
+    def _uop(self, op, dtype, src=(), arg=None, tag=None, metadata=None, buffer=None):
+        if op is Ops.BUFFER and getattr(arg, "device", None) is not None:
+            if arg.slot not in self.slots:
+                self.slots[arg.slot] = next(UOp.unique_num)
+            arg = dataclasses.replace(arg, slot=self.slots[arg.slot])
+        return UOp(op, dtype, src, arg, tag, metadata, buffer)

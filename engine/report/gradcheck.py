@@ -13,7 +13,11 @@ from pathlib import Path
 import numpy as np
 from tinygrad import Tensor, dtypes
 
-from dlgraph.engine.compile.lower import Ctx, Evaluator, bind, lower, use_device
+from dlgraph.engine.compile.device import use_device
+
+from dlgraph.engine.compile.interpret import Ctx, Evaluator, input_dims
+
+from dlgraph.engine.compile.lower import lower
 from dlgraph.engine.errors import Source, SpecError
 from dlgraph.engine.graph.autodiff import phase_params, training_graph
 from dlgraph.engine.graph.ir import Graph
@@ -41,7 +45,7 @@ def gradcheck(g: Graph, *, batch: int = 4, seed: int = 0, device: str | None = N
         raise SpecError("gradcheck needs a `train:` section naming the objective",
                         source=Source(g.source))
     arrays = _inputs(g, batch, seed)
-    dims = bind(g, arrays)
+    dims = input_dims(g, arrays)
     feeds = {k: Tensor(v.astype(np.float64) if v.dtype.kind == "f" else v).realize()
              for k, v in arrays.items()}
     base = {n: init_param(p, seed).astype(np.float64) for n, p in g.params.items()}

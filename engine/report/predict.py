@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dlgraph.engine.compile.lower import bind
+from dlgraph.engine.compile.interpret import input_dims
 from dlgraph.engine.errors import DataError, Source
 from dlgraph.engine.graph.ir import Graph
 from dlgraph.engine.io.data import scaling
@@ -61,7 +61,7 @@ def _inputs_for(graph: Graph, arrays: dict[str, np.ndarray], path: Path) -> dict
                                  f"{name}=...)), or map them with `feed:`")
         out[name] = arrays[key]
     check_feeds(graph, out, str(path))
-    bind(graph, out, where=f"{path.name}: input")
+    input_dims(graph, out, where=f"{path.name}: input")
     return out
 
 

@@ -15,7 +15,7 @@ from collections.abc import Iterable
 
 from tinygrad import Tensor
 
-from dlgraph.engine.compile.lower import DEVICES, use_device
+from dlgraph.engine.compile.device import DEVICES, use_device
 from dlgraph.engine.errors import DeviceError, Source, TrainingError
 from dlgraph.engine.graph.ir import Graph
 

@@ -117,7 +117,7 @@ def compile_proto(model):
     """A dlgraph Model of an ONNX ModelProto (imported in memory), and its Importer."""
     from tinygrad import Tensor
 
-    from dlgraph.engine.compile.lower import Model
+    from dlgraph.engine.compile.model import Model
     from dlgraph.engine.io.onnx.importer import import_proto, prepare_model
     _, weights, g, imp = import_proto(prepare_model(model), "conformance")
     return Model(g, {k: Tensor(v).realize() for k, v in weights.items()}), imp

@@ -1,0 +1,128 @@
+"""Graph -> tinygrad, node by node: each node's forward rule resolved once, then a flat loop.
+
+The loop builds tinygrad's lazy graph; nothing runs until a value is realised, so one call of
+an :class:`Evaluator` inside a ``TinyJit`` becomes one compiled program. Nodes marked ``cut``
+are made contiguous: a kernel boundary chosen by the graph, not the user. Also here: the
+checks and conversions of input arrays, and fresh parameters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from tinygrad import Tensor
+
+from dlgraph.engine.errors import ShapeError
+from dlgraph.engine.graph.ir import Graph
+from dlgraph.engine.spec.init import init_param
+from dlgraph.engine.types import NUMPY_DTYPES, dim_value, fmt
+from dlgraph.ops import OPS
+
+
+@dataclass
+class Ctx:
+    """What a forward rule may need beyond its inputs."""
+
+    training: bool = False
+    dims: dict[str, int] = field(default_factory=dict)   # named dim -> size for this call
+    updates: list[Tensor] = field(default_factory=list)  # state assignments to realise
+
+    def run_loop(self, a, xs) -> tuple[Tensor, ...]:
+        """A loop run inline: its body traced once per step into the current program
+        (the staged lowering runs loops as compiled steps instead, see :class:`LoopStage`)."""
+        body = Evaluator(a.body, list(a.body.outputs.values()))
+        names = list(a.body.inputs)
+        ns, nst, steps = a.n_seq, a.n_state, dim_value(a.steps, self.dims)
+        states = list(xs[ns:ns + nst])
+        consts = dict(zip(names[ns + nst:], xs[ns + nst:], strict=True))
+        hist = [[None] * (steps + 1) for _ in range(nst)]
+        for j, s in enumerate(states):
+            hist[j][steps if a.reverse else 0] = s
+        per, acc = None, None
+        for t in (reversed(range(steps)) if a.reverse else range(steps)):
+            feed = {n: x[:, t] for n, x in zip(names[:ns], xs[:ns], strict=True)}
+            feed.update(zip(names[ns:ns + nst], states, strict=True))
+            outs = body(self, {**feed, **consts}, {})
+            states = outs[:nst]
+            for j, s in enumerate(states):
+                hist[j][t if a.reverse else t + 1] = s
+            step_out = outs[nst:nst + a.n_out]
+            per = [[None] * steps for _ in step_out] if per is None else per
+            for j, o in enumerate(step_out):
+                per[j][t] = o
+            inc = outs[nst + a.n_out:]
+            acc = inc if acc is None else [u + v for u, v in zip(acc, inc, strict=True)]
+        return (*[Tensor.stack(*h, dim=1) for h in hist],
+                *[Tensor.stack(*p, dim=1) for p in (per or [])], *(acc or []))
+
+
+def init_params(graph: Graph, seed: int) -> dict[str, Tensor]:
+    """Fresh parameter tensors for a graph, realised, keyed by checkpoint name."""
+    return {name: Tensor(init_param(p, seed)).realize() for name, p in graph.params.items()}
+
+
+def input_dims(graph: Graph, arrays: dict[str, np.ndarray], where: str = "input") -> dict[str, int]:
+    """Check arrays against the declared input types; returns the named dims' sizes."""
+    dims: dict[str, int] = {}
+    for name, t in graph.inputs.items():
+        if name not in arrays:
+            continue
+        a = arrays[name]
+        ok = a.ndim == t.rank
+        for d, s in zip(t.shape, a.shape, strict=False):
+            if isinstance(d, str):
+                ok = ok and dims.setdefault(d, s) == s
+            else:
+                ok = ok and d == s
+        if not ok:
+            bound = ", ".join(f"{k}={v}" for k, v in dims.items())
+            raise ShapeError(f"{where} '{name}' has shape {fmt(a.shape)}, but the spec "
+                             f"declares {t}" + (f" with {bound}" if dims else ""),
+                             help="reshape the data, or change the input's `shape:`")
+    return dims
+
+
+def to_tensor(a: np.ndarray, dtype: str) -> Tensor:
+    return Tensor(np.ascontiguousarray(a, dtype=NUMPY_DTYPES[dtype])).realize()
+
+
+class Evaluator:
+    """Runs a set of nodes of a graph: the schedule and each node's rule resolved once.
+
+    ``nodes`` (default: every ancestor of the targets) are computed in schedule order;
+    :meth:`run` takes the values of everything else from its environment.
+    """
+
+    def __init__(self, graph: Graph, targets: list[str], nodes: list[str] | None = None):
+        self.graph = graph
+        needed = graph.ancestors(targets) if nodes is None else set(nodes)
+        self.order = [nid for nid in graph.nodes if nid in needed]
+        self.rules = {nid: OPS[graph[nid].op].forward for nid in self.order
+                      if graph[nid].role not in ("input", "param")}
+        self.targets = targets
+
+    def __call__(self, ctx: Ctx, inputs: dict[str, Tensor], params: dict[str, Tensor]):
+        env = dict(inputs)
+        env.update((n, params[n.replace("/", ".")]) for n in self.order
+                   if self.graph.nodes[n].role == "param")
+        env = self.run(ctx, env)
+        return [env[t] for t in self.targets]
+
+    def run(self, ctx: Ctx, env: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Compute the nodes not yet in ``env``; returns it extended."""
+        g = self.graph
+        for nid in self.order:
+            if nid in env:
+                continue
+            n = g.nodes[nid]
+            out = self.rules[nid](ctx, n.attrs, *(env[i] for i in n.inputs))
+            env[nid] = out.contiguous() if n.cut else out
+        return env
+
+
+def input_tensors(graph: Graph, arrays: dict[str, np.ndarray]) -> dict[str, Tensor]:
+    """Realised input tensors for a program (a 0-d value travels as [1]: tinygrad's 0-d
+    tensors are views, which a JIT refuses)."""
+    return {n: to_tensor(np.reshape(a, -1) if np.ndim(a) == 0 else a, graph.inputs[n].dtype)
+            for n, a in arrays.items()}
