@@ -146,8 +146,9 @@ def test_a_cycle_is_found_and_named(tmp_path):
     assert cycles(g) == [["top.a", "top.sub.b", "top.c", "top.a"]]
 
 
-def test_no_function_in_engine_or_ops_is_over_60_lines():
-    files = [p for p in sorted([*(ROOT / "engine").rglob("*.py"), *(ROOT / "ops").rglob("*.py")])
+def test_no_function_in_dlgraph_engine_ops_or_cli_is_over_60_lines():
+    files = [p for d in ("dlgraph", "engine", "ops", "cli")
+             for p in sorted((ROOT / d).rglob("*.py"))
              if str(p.relative_to(ROOT)) not in LONG_FUNCTIONS_ALLOWED]
     too_long = long_functions(files)
     assert not too_long, "functions over 60 lines:\n" + "\n".join(too_long)
@@ -164,3 +165,110 @@ def test_the_length_check_counts_from_def_to_last_line(tmp_path):
 
 def test_the_allow_list_names_real_files():
     assert all((ROOT / path).is_file() for path in LONG_FUNCTIONS_ALLOWED)
+
+
+# ------------------------------------------------------------- tinygrad behind one door
+
+DOOR = "dlgraph.engine.compile.tinygrad_door"
+# tinygrad's public API: what any module may import from it
+PUBLIC_TINYGRAD = {"tinygrad", "tinygrad.nn", "tinygrad.nn.optim", "tinygrad.nn.state"}
+# attributes that reach into tinygrad's objects (a captured JIT, a tensor's UOp graph)
+INTERNAL_ATTRS = {"uop", "captured", "cnt", "fxn", "jit_cache", "lazydata", "_linear"}
+
+
+def tinygrad_reaches(path: Path) -> list[str]:
+    """``line: what`` for every use of tinygrad beyond its public API in one file: an import
+    of another tinygrad module or of an underscore name, ``Tensor._x``, or an attribute of
+    tinygrad's internals (``t.uop``, ``jit.captured``, ``jit.cnt``)."""
+    out = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "tinygrad":
+            private = [a.name for a in node.names if a.name.startswith("_")]
+            if node.module not in PUBLIC_TINYGRAD or private:
+                out.append(f"{node.lineno}: from {node.module} import "
+                           + ", ".join(a.name for a in node.names))
+        elif isinstance(node, ast.Import):
+            out += [f"{node.lineno}: import {a.name}" for a in node.names
+                    if a.name.startswith("tinygrad.") and a.name not in PUBLIC_TINYGRAD]
+        elif isinstance(node, ast.Attribute):
+            private = (isinstance(node.value, ast.Name) and node.value.id == "Tensor"
+                       and node.attr.startswith("_") and not node.attr.startswith("__"))
+            if private or node.attr in INTERNAL_ATTRS:
+                out.append(f"{node.lineno}: .{node.attr}")
+    return out
+
+
+def jit_builders(path: Path) -> list[int]:
+    """Lines where a ``TinyJit(...)`` is constructed."""
+    return [n.lineno for n in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+            if isinstance(n, ast.Call) and getattr(n.func, "id", getattr(n.func, "attr", None))
+            in ("TinyJit", "_TinyJit")]
+
+
+def test_tinygrad_internals_live_in_one_module():
+    found = {name: hits for name, path in modules(package_dirs()).items()
+             if name != DOOR and (hits := tinygrad_reaches(path))}
+    assert not found, "tinygrad beyond its public API outside the door:\n" + "\n".join(
+        f"{name}: {h}" for name, hits in sorted(found.items()) for h in hits)
+    assert tinygrad_reaches(modules(package_dirs())[DOOR]), "the door reaches nothing?"
+
+
+def test_the_reach_check_sees_each_kind_of_reach(tmp_path):
+    f = tmp_path / "m.py"
+    f.write_text("from tinygrad import Tensor, TinyJit, _x\nfrom tinygrad.engine.jit import J\n"
+                 "from tinygrad.nn.state import get_state_dict\n"
+                 "a = Tensor._device_seeds\nb = t.uop.base\nj.cnt = 1\nc = t.shape\n")
+    assert sorted(int(h.split(":")[0]) for h in tinygrad_reaches(f)) == [1, 2, 4, 5, 6]
+
+
+def test_only_the_door_builds_a_tinyjit():
+    found = {name: lines for name, path in modules(package_dirs()).items()
+             if name != DOOR and (lines := jit_builders(path))}
+    assert not found, f"TinyJit built outside {DOOR}: {found}"
+
+
+# ------------------------------------------------------------------- private names stay home
+
+
+def private_imports(dirs: dict[str, Path] | None = None) -> list[str]:
+    """``module: from other import _name`` for every underscore name one of our modules
+    imports from another of ours."""
+    mods = modules(dirs or package_dirs())
+    out = []
+    for name, path in mods.items():
+        tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.ImportFrom):
+                continue
+            target = _imported(node, name, path.name == "__init__.py")[-1]
+            if target.split(".")[0] != "dlgraph" or target == name:
+                continue
+            out += [f"{name}: from {target} import {a.name}" for a in node.names
+                    if a.name.startswith("_") and not a.name.startswith("__")]
+    return out
+
+
+def test_no_module_imports_another_modules_private_names():
+    found = private_imports()
+    assert not found, "private names imported across modules:\n" + "\n".join(found)
+
+
+def test_the_private_import_check_finds_one(tmp_path):
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("def _helper(): pass\n")
+    (pkg / "b.py").write_text("from .a import _helper\nfrom __future__ import annotations\n")
+    assert private_imports({"dlgraph": pkg}) == ["dlgraph.b: from dlgraph.a import _helper"]
+
+
+# ------------------------------------------------------------------ the CLI uses the API only
+
+CLI_MAY_IMPORT = {"dlgraph", "dlgraph.api", "dlgraph.engine.errors"}
+
+
+def test_the_cli_imports_only_the_public_api():
+    g = import_graph()
+    found = sorted((m, t) for m in g if m.startswith("dlgraph.cli") for t in g.successors(m)
+                   if not t.startswith("dlgraph.cli") and t not in CLI_MAY_IMPORT)
+    assert not found, f"the CLI goes around the API: {found}"
