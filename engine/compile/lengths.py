@@ -60,9 +60,19 @@ class Lengths:
         want = tuple(dim_value(d, dims) for d in t.shape)
         if not self.names or tuple(x.shape) == want or len(want) != x.ndim:
             return x
-        a = x.numpy()       # padded on the host: a pad kernel would compile per length
-        pads = [(0, w - s) for w, s in zip(want, a.shape, strict=True)]
-        return Tensor(np.pad(a, pads)).realize()
+        # padded on the host: a pad kernel would compile per length
+        return Tensor(self.pad_array(t, x.numpy(), dims)).realize()
+
+    def pad_array(self, t, a: np.ndarray, dims: dict[str, int]) -> np.ndarray:
+        """A graph input's array padded with zeros to the compiled lengths."""
+        want = tuple(dim_value(d, dims) for d in t.shape)
+        if not self.names or a.shape == want or len(want) != a.ndim:
+            return a
+        return np.pad(a, [(0, w - s) for w, s in zip(want, a.shape, strict=True)])
+
+    def values(self) -> dict[str, int]:
+        """This call's lengths by name: the values of the bound variables."""
+        return dict(self.now)
 
     @staticmethod
     def _span(t, dims: dict) -> tuple | None:

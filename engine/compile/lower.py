@@ -5,6 +5,7 @@ Inference, training, validation and gradcheck all call :func:`lower`.
 
 from __future__ import annotations
 
+import threading
 import time
 
 import numpy as np
@@ -15,7 +16,7 @@ from dlgraph.engine.compile.cache import ProgramCache, digest
 from dlgraph.engine.compile.interpret import Ctx, Evaluator
 from dlgraph.engine.compile.lengths import Lengths
 from dlgraph.engine.graph.ir import Graph
-from dlgraph.engine.types import dim_parts, dim_value
+from dlgraph.engine.types import NUMPY_DTYPES, dim_parts, dim_value
 from dlgraph.ops.common import resolve
 from dlgraph.ops.control import loop_types
 
@@ -88,6 +89,8 @@ class Program:
         self.progress = None        # callable(str): says what is compiled before the first run
         self.label = "program"
         self.cache, self.state, self.tag, self._key = None, {}, None, None
+        self._slots: dict[tuple, Tensor] = {}   # (input, shape) -> the buffer it is copied into
+        self.lock = threading.RLock()
         Tensor.rand(1).realize()   # the RNG state must exist before a capture (fresh noise)
 
     def use_cache(self, cache: ProgramCache, state: dict[str, Tensor], tag) -> None:
@@ -156,25 +159,42 @@ class Program:
             return self.params[nid.replace("/", ".")]
         return env[nid]
 
-    def __call__(self, inputs: dict[str, Tensor], dims: dict[str, int],
+    def __call__(self, inputs: dict, dims: dict[str, int],
                  params: dict[str, Tensor] | None = None) -> list[Tensor]:
-        """Run every stage on realised ``inputs``; returns the targets, realised (a target
-        with a sequence length comes in a buffer made for the program's longest, stale past
-        this call's length: :meth:`arrays` cuts it)."""
+        """Run every stage; returns the targets, realised (a target with a sequence length
+        comes in a buffer made for the program's longest, stale past this call's length:
+        :meth:`arrays` cuts it). ``inputs`` are realised tensors or numpy arrays; arrays are
+        copied into buffers the program keeps, so that from the second call on its compiled
+        stages replay on the same buffers without tinygrad rewriting anything."""
         if params is not None:
             self.params = params
         dims, syms = self.lengths.bind(dims)
-        env = {k: self.lengths.pad(self.graph.inputs[k], v, dims) for k, v in inputs.items()}
+        env = {k: self._input(k, v, dims) for k, v in inputs.items()}
         for st in self.stages:
             st.run(env, dims, syms)
         return [self.value(env, t) for t in self.targets]
 
-    def arrays(self, inputs: dict[str, Tensor], dims: dict[str, int],
+    def _input(self, name: str, x, dims: dict[str, int]) -> Tensor:
+        """An input as a realised tensor at the compiled lengths (arrays: in a kept buffer)."""
+        t = self.graph.inputs[name]
+        if not isinstance(x, np.ndarray):
+            return self.lengths.pad(t, x, dims)
+        a = np.ascontiguousarray(np.reshape(x, -1) if x.ndim == 0 else x,
+                                 dtype=NUMPY_DTYPES[t.dtype])
+        a = self.lengths.pad_array(t, a, dims)
+        slot = self._slots.get((name, a.shape))
+        if slot is None or not door.write(slot, a):
+            slot = self._slots[(name, a.shape)] = Tensor(a.copy()).realize()
+        return slot
+
+    def arrays(self, inputs: dict, dims: dict[str, int],
                params: dict[str, Tensor] | None = None) -> list[np.ndarray]:
-        """The targets as numpy arrays, each cut to this call's sequence lengths."""
-        outs = self(inputs, dims, params)
-        return [self.lengths.trim(self.graph[t].type, o.numpy(), dims)
-                for t, o in zip(self.targets, outs, strict=True)]
+        """The targets as numpy arrays, each cut to this call's sequence lengths. One call at
+        a time: the program's buffers are shared by every call (a lock keeps threads apart)."""
+        with self.lock:
+            outs = self(inputs, dims, params)
+            return [self.lengths.trim(self.graph[t].type, door.read(o), dims)
+                    for t, o in zip(self.targets, outs, strict=True)]
 
 
 class Segment:
@@ -191,6 +211,7 @@ class Segment:
         self.outputs: list[str] = []
         self.evaluator = Evaluator(g, nids, nids) if nids else None
         self._jits: dict[tuple, tuple] = {}
+        self._replays: dict[tuple, door.Replay] = {}
 
     def _fn(self, dims):
         g, prog = self.prog.graph, self.prog
@@ -252,9 +273,15 @@ class Segment:
                 self.prog.announce(self)
         names, jit, held = self._jits[key]
         args = [*syms.values()] + [self.prog.value(env, r) for r in names] + [*held.values()]
-        runner, outs = door.call_jit(jit, args)
-        if runner is not jit:   # nothing to compile (constants, views): run it as it is
-            self._jits[key] = names, runner, held
+        rep = self._replays.get(key)
+        if rep is not None and rep.fits(args):
+            outs = rep(self.prog.lengths.values())
+        else:
+            runner, outs = door.call_jit(jit, args)
+            if runner is not jit:   # nothing to compile (constants, views): run it as it is
+                self._jits[key] = names, runner, held
+            elif key not in self._replays and door.has_captured(jit):
+                self._replays[key] = door.Replay(jit, args, outs)
         # the buffers themselves, not what the capture returned (a program loaded from the
         # cache returns its own copies of them)
         env.update((o, held.get(o, r)) for o, r in zip(self.outputs, outs, strict=True))

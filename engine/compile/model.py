@@ -6,7 +6,7 @@ import numpy as np
 from tinygrad import Tensor
 
 from dlgraph.engine.compile.cache import ProgramCache
-from dlgraph.engine.compile.interpret import init_params, input_dims, input_tensors
+from dlgraph.engine.compile.interpret import init_params, input_dims
 from dlgraph.engine.compile.lower import lower
 from dlgraph.engine.errors import ShapeError
 from dlgraph.engine.graph.ir import Graph
@@ -43,7 +43,7 @@ class Model:
             raise ShapeError(f"missing input{'s' * (len(missing) > 1)}: {', '.join(missing)}",
                              help=f"inputs: {', '.join(g.inputs)}")
         dims = input_dims(g, arrays)
-        outs = self._program.arrays(input_tensors(g, {n: arrays[n] for n in self._names}), dims)
+        outs = self._program.arrays({n: arrays[n] for n in self._names}, dims)
         got = dict(zip(self._program.targets, outs, strict=True))
         return {name: got[nid] if nid in got else np.asarray(arrays[nid])
                 for name, nid in g.outputs.items()}

@@ -16,7 +16,9 @@ import io
 import os
 import pickle
 
+import numpy as np
 from tinygrad import Tensor, TinyJit
+from tinygrad.dtype import _to_np_dtype
 from tinygrad.engine.jit import CapturedJit, JitError, _prepare_jit_inputs, _TinyJit
 from tinygrad.engine.realize import ExecContext, get_runtime, pm_exec, resolve_params, unwrap_multi
 from tinygrad.helpers import DEV, PARALLEL, ContextVar, to_tuple
@@ -64,6 +66,44 @@ def storage(t: Tensor):
     return getattr(b, "_base", None) or b
 
 
+def _plain_buffer(t: Tensor):
+    """The one device buffer a realised tensor's values fill exactly, or None (a view, an
+    unrealised or sharded tensor)."""
+    u = t.uop
+    base = u.base
+    if base.op is not Ops.BUFFER or not base.is_realized:
+        return None
+    if u is not base and not (u.op is Ops.RESHAPE and u.src[0] is base):
+        return None
+    b = base.buffer
+    if getattr(b, "_base", None) is not None or b.size != t.numel():
+        return None
+    return b
+
+
+def write(t: Tensor, a: np.ndarray) -> bool:
+    """Copy ``a`` (contiguous, of ``t``'s dtype and size) into ``t``'s buffer; False where
+    ``t`` is not one plain buffer."""
+    b = _plain_buffer(t)
+    if b is None:
+        return False
+    b.ensure_allocated()
+    b.allocator._copyin(b._buf, memoryview(a).cast("B"))
+    return True
+
+
+def read(t: Tensor) -> np.ndarray:
+    """A realised tensor's values as a new numpy array, copied straight from its buffer
+    (``Tensor.numpy`` schedules a copy through tinygrad's graph rewriting first)."""
+    b = _plain_buffer(t)
+    if b is None or _to_np_dtype(t.dtype) is None:
+        return t.numpy()
+    out = np.empty(t.shape, dtype=_to_np_dtype(t.dtype))
+    if out.size:
+        b.allocator._copyout(memoryview(out).cast("B"), b._buf)
+    return out
+
+
 # ----------------------------------------------------------------------------- the JIT
 
 
@@ -102,37 +142,57 @@ def call_jit(j: TinyJit, args: tuple):
         return j.fxn, j.fxn(*args)
 
 
-def replayer(j: TinyJit, args: tuple):
-    """Replays a captured step with the same buffers and a new step index.
+class Replay:
+    """A captured program called again on the same buffers, its kernels called directly.
 
     TinyJit re-inspects every input on each call and dispatches each kernel through its
-    pattern matcher (~2 ms and ~0.1 ms a kernel for a recurrent step, more than the
-    kernels take on a CPU). Within one loop run the buffers never change, so they are
-    resolved once here and each replay only binds the step index and calls the programs.
+    pattern matcher (~2 ms per call and ~0.1 ms a kernel, more than small kernels take on a
+    CPU). Where the buffers do not change between calls (a loop's steps; a program whose
+    inputs are copied into buffers it keeps), they are resolved once here, and a call only
+    binds the symbolic values and calls each kernel's program. ``ok`` is False where that
+    cannot be done (inputs the capture copies, several devices): call the TinyJit instead.
     """
-    ins, _, names, info = _prepare_jit_inputs(args, {})
-    cap = j.captured
-    if cap is None or cap.expected_names != names or cap.expected_input_info != info:
-        return lambda var_vals: j(*_rebind(args, var_vals))
-    plan = _plan(cap, ins)
-    if plan is None:
-        return lambda var_vals: cap(ins, var_vals)
 
-    def replay(var_vals):
-        for step in plan:
+    def __init__(self, j: TinyJit, args: tuple, ret=None):
+        self.tensors = [a for a in args if isinstance(a, Tensor)]
+        self.ret = ret
+        ins, _, names, info = _prepare_jit_inputs(tuple(args), {})
+        cap = j.captured
+        fits = cap is not None and cap.expected_names == names and cap.expected_input_info == info
+        self.ins = ins
+        self.plan = _plan(cap, ins) if fits else None
+        self.ok = self.plan is not None
+
+    def fits(self, args) -> bool:
+        """Whether ``args`` are the very tensors this replay was planned for."""
+        tensors = [a for a in args if isinstance(a, Tensor)]
+        return self.ok and len(tensors) == len(self.tensors) and all(
+            a is b for a, b in zip(tensors, self.tensors, strict=True))
+
+    def __call__(self, var_vals: dict[str, int]):
+        for step in self.plan:
             if type(step) is tuple:
                 rt, bufs, prg = step
                 gs, ls = prg.launch_dims(var_vals)
                 rt(*bufs, global_size=gs, local_size=ls, vals=prg.vals(var_vals), wait=False)
             else:
-                pm_exec.rewrite(step, ExecContext(var_vals, tuple(ins), False, True))
-    return replay
+                pm_exec.rewrite(step, ExecContext(var_vals, tuple(self.ins), False, True))
+        return self.ret
+
+
+def replayer(j: TinyJit, args: tuple):
+    """A function of the step index replaying a captured loop step on the same buffers
+    (see :class:`Replay`), or calling the TinyJit where a replay cannot be planned."""
+    rep = Replay(j, args)
+    if rep.ok:
+        return rep
+    return lambda var_vals: j(*_rebind(args, var_vals))
 
 
 def _plan(cap, ins) -> list | None:
     """Each kernel of a captured step as (program, buffers, launch info); other calls as
     they are. None where the plain replay must run (inputs it copies, several devices)."""
-    if any(u in cap._written_uops for u in ins):
+    if any(u in cap._written_uops for u in ins) or any(u.op is not Ops.BUFFER for u in ins):
         return None
     plan: list = []
     for call in cap.linear.src:
