@@ -29,7 +29,7 @@ class Model:
         self.outputs = list(graph.outputs)
         computed = [graph.outputs[o] for o in self.outputs if graph.outputs[o] not in graph.inputs]
         self._program = lower(graph, computed, params=self.params, cache=cache)
-        self._names = self._program.input_names
+        self.input_names = self._program.input_names  # what a call must be given
 
     def __call__(self, **arrays: np.ndarray) -> dict[str, np.ndarray]:
         g = self.graph
@@ -38,12 +38,12 @@ class Model:
             raise ShapeError(f"unknown input{'s' * (len(unknown) > 1)}: {', '.join(unknown)}",
                              help=f"inputs: {', '.join(g.inputs)}")
         arrays = {k: _array(k, v, g.inputs[k].dtype) for k, v in arrays.items()}
-        missing = [n for n in self._names if n not in arrays]
+        missing = [n for n in self.input_names if n not in arrays]
         if missing:
             raise ShapeError(f"missing input{'s' * (len(missing) > 1)}: {', '.join(missing)}",
                              help=f"inputs: {', '.join(g.inputs)}")
         dims = input_dims(g, arrays)
-        outs = self._program.arrays({n: arrays[n] for n in self._names}, dims)
+        outs = self._program.arrays({n: arrays[n] for n in self.input_names}, dims)
         got = dict(zip(self._program.targets, outs, strict=True))
         return {name: got[nid] if nid in got else np.asarray(arrays[nid])
                 for name, nid in g.outputs.items()}

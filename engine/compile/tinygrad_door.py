@@ -15,6 +15,7 @@ import dataclasses
 import io
 import os
 import pickle
+import threading
 
 import numpy as np
 from tinygrad import Tensor, TinyJit
@@ -26,6 +27,42 @@ from tinygrad.tensor import all_tensors
 from tinygrad.uop.ops import Ops, UOp
 
 FORMAT = b"dlgraph-program-1\n"
+
+
+class _TinygradLock:
+    """Held by whoever runs tinygrad's Python (scheduling, capture, a TinyJit call): tinygrad
+    keeps process-wide state and is not safe to enter from two threads at once. A lean
+    :class:`Replay` runs without it (its kernels touch only its own program's buffers).
+
+    tinygrad's on-disk kernel cache is one sqlite connection, which sqlite lets only the
+    thread that opened it use: each thread that enters gets its own connection."""
+
+    def __init__(self):
+        self._lock = threading.RLock()
+        self._depth = 0
+        self._connections: dict[int, object] = {}
+
+    def __enter__(self):
+        self._lock.acquire()
+        self._depth += 1
+        if self._depth == 1:
+            from tinygrad import helpers
+            made = helpers._db_connection   # opened outside this lock: by the main thread
+            if made is not None and all(c is not made for c in self._connections.values()):
+                self._connections[threading.main_thread().ident] = made
+            helpers._db_connection = self._connections.get(threading.get_ident())
+        return self
+
+    def __exit__(self, *exc):
+        self._depth -= 1
+        if self._depth == 0:
+            from tinygrad import helpers
+            if helpers._db_connection is not None:
+                self._connections[threading.get_ident()] = helpers._db_connection
+        self._lock.release()
+
+
+LOCK = _TinygradLock()
 
 # ------------------------------------------------------------------------------ settings
 
@@ -97,7 +134,8 @@ def read(t: Tensor) -> np.ndarray:
     (``Tensor.numpy`` schedules a copy through tinygrad's graph rewriting first)."""
     b = _plain_buffer(t)
     if b is None or _to_np_dtype(t.dtype) is None:
-        return t.numpy()
+        with LOCK:
+            return t.numpy()
     out = np.empty(t.shape, dtype=_to_np_dtype(t.dtype))
     if out.size:
         b.allocator._copyout(memoryview(out).cast("B"), b._buf)
@@ -134,12 +172,13 @@ def has_captured(j) -> bool:
 def call_jit(j: TinyJit, args: tuple):
     """``(runner, outputs)``: the jit called on ``args``; where it had nothing to compile
     (constants, views) its plain function runs instead, and is the runner from then on."""
-    try:
-        return j, j(*args)
-    except JitError as e:
-        if "didn't JIT anything" not in str(e):
-            raise
-        return j.fxn, j.fxn(*args)
+    with LOCK:
+        try:
+            return j, j(*args)
+        except JitError as e:
+            if "didn't JIT anything" not in str(e):
+                raise
+            return j.fxn, j.fxn(*args)
 
 
 class Replay:
