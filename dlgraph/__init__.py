@@ -6,7 +6,29 @@
 >>> model = dlgraph.compile(g)                                       # doctest: +SKIP
 """
 
-from dlgraph.api import compile, evaluate, load, predict, render, schema, train, validate
+from dlgraph.api import (
+    CacheUsage,
+    OpField,
+    OpInfo,
+    cache_usage,
+    clear_cache,
+    compile,
+    describe_op,
+    draw_confusion,
+    evaluate,
+    generate_text,
+    gradcheck,
+    list_ops,
+    load,
+    plot_curves,
+    predict,
+    render,
+    run_forward,
+    schema,
+    sweep,
+    train,
+    validate,
+)
 from dlgraph.engine.errors import (
     CycleError,
     DataError,
@@ -22,6 +44,8 @@ from dlgraph.engine.io.onnx import export, import_onnx
 
 __version__ = "0.1.0"
 __all__ = ["load", "validate", "compile", "train", "evaluate", "predict", "render", "schema",
-           "export", "import_onnx",
+           "export", "import_onnx", "run_forward", "generate_text", "draw_confusion",
+           "gradcheck", "plot_curves", "sweep", "cache_usage", "clear_cache", "list_ops",
+           "describe_op", "CacheUsage", "OpInfo", "OpField",
            "DlgraphError", "SpecError", "GraphError", "CycleError", "ShapeError",
            "GradientError", "DataError", "DeviceError", "TrainingError"]

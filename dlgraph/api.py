@@ -9,8 +9,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
+from typing import Any
 
 from dlgraph.engine.graph.build import load_graph
 from dlgraph.engine.graph.ir import Graph
@@ -45,7 +47,8 @@ def compile(graph: Graph, *, weights: str | Path | None = None, seed: int = 0,
     ``cache``: keep the compiled program across processes (see ``dlgraph run --no-cache``).
     """
     from dlgraph.engine.compile.cache import default_cache
-    from dlgraph.engine.compile.lower import Model, use_device
+    from dlgraph.engine.compile.device import use_device
+    from dlgraph.engine.compile.model import Model
     from dlgraph.engine.spec.checks import check_fits
     check_fits(graph, 1)
     use_device(device)
@@ -64,10 +67,14 @@ def train(graph: Graph, **options):
     split and batched the same way), ``init_from`` (a weights file to start from),
     ``devices`` (split each batch over devices of this machine: ``["cpu:0", "cpu:1"]``),
     ``workers`` and ``address`` (data parallel on Ray Train workers, a local Ray or a
-    cluster; ``reduce``: the all-reduce, ``auto``, ``gloo`` or ``actor``).
+    cluster; ``reduce``: the all-reduce, ``auto``, ``gloo`` or ``actor``), ``tensorboard``
+    (True, or a folder: as ``train: {log: {tensorboard: ...}}``; ``graph`` is left as it is).
 
     >>> res = dlgraph.train(g, data={"x": X, "y": y}, epochs=5)          # doctest: +SKIP
     """
+    tensorboard = options.pop("tensorboard", None)
+    if tensorboard is not None:
+        graph = _with_tensorboard(graph, tensorboard)
     if options.get("workers"):      # data parallel on Ray Train (engine/train/parallel.py)
         from dlgraph.engine.train.parallel import train_workers
         options.pop("cache", None)
@@ -76,6 +83,16 @@ def train(graph: Graph, **options):
         options.pop(key, None)
     from dlgraph.engine.train.loop import train as _train
     return _train(graph, **options)
+
+
+def _with_tensorboard(graph: Graph, where: bool | str) -> Graph:
+    """A copy of ``graph`` whose `train:` logs to TensorBoard at ``where`` (True: the run
+    directory's ``tensorboard/``); the graph and its spec are not changed."""
+    from dlgraph.engine.spec.train import LogSpec
+    if graph.spec is None or graph.spec.train is None:
+        return graph
+    train_spec = graph.spec.train.model_copy(update={"log": LogSpec(tensorboard=where)})
+    return dataclasses.replace(graph, spec=graph.spec.model_copy(update={"train": train_spec}))
 
 
 def evaluate(graph: Graph, weights: str | Path, data=None, *, batch: int | None = None,
@@ -87,7 +104,7 @@ def evaluate(graph: Graph, weights: str | Path, data=None, *, batch: int | None 
 
     >>> print(dlgraph.evaluate(g, "runs/x/weights.safetensors").table())  # doctest: +SKIP
     """
-    from dlgraph.engine.compile.lower import use_device
+    from dlgraph.engine.compile.device import use_device
     from dlgraph.engine.report.evaluate import evaluate as _evaluate
     use_device(device)
     return _evaluate(graph, weights, data, batch=batch, quiet=quiet)
@@ -100,7 +117,7 @@ def predict(graph: Graph, weights: str | Path, data: str | Path, out: str | Path
 
     >>> dlgraph.predict(g, "runs/x/weights.safetensors", "new.csv", "pred.csv")  # doctest: +SKIP
     """
-    from dlgraph.engine.compile.lower import use_device
+    from dlgraph.engine.compile.device import use_device
     from dlgraph.engine.report.predict import predict as _predict
     use_device(device)
     return _predict(graph, weights, data, out, batch=batch, quiet=quiet)
@@ -123,3 +140,216 @@ def schema() -> dict:
 
 def schema_json() -> str:
     return json.dumps(schema(), indent=2, sort_keys=True)
+
+
+# ------------------------------------------------------------- running, reports and tools
+
+
+def run_forward(graph: Graph, inputs: dict[str, Any] | None = None, *,
+                weights: str | Path | None = None, batch: int = 4, seed: int = 0,
+                device: str | None = None, cache: bool = True,
+                where: str = "inputs=") -> dict[str, Any]:
+    """Run ``graph`` forward once: ``{output name: numpy array}``.
+
+    ``inputs``: numpy arrays by input name (checked against the inputs: names, dtypes, id
+    ranges; with ``weights`` standardised as the run that wrote them did), or None for a
+    seeded random batch of ``batch`` samples. ``where`` names the inputs in errors. A graph
+    that cannot fit in memory at ``batch`` samples is refused before anything is built.
+
+    >>> dlgraph.run_forward(g, {"x": X}, weights="runs/x/weights.safetensors")  # doctest: +SKIP
+    {'y': array(...)}
+    """
+    from dlgraph.engine.spec.checks import check_fits
+    check_fits(graph, batch)
+    model = compile(graph, weights=weights, seed=seed, device=device, cache=cache)
+    given = inputs is not None
+    inputs = inputs if given else model.random_inputs(batch, seed)
+    _check_inputs(graph, inputs, where)
+    if given and weights is not None:   # raw data: the run's standardize.json applies
+        from dlgraph.engine.io.data import scaling
+        inputs = scaling.apply(inputs, scaling.stats_for(graph, weights))
+    return model(**inputs)
+
+
+def _check_inputs(graph: Graph, arrays: dict[str, Any], where: str) -> None:
+    """Arrays must name graph inputs and fit them (no 1.7 silently read as 1)."""
+    from dlgraph.engine.errors import DataError
+    from dlgraph.engine.io.data.ids import check_feeds
+    for name in arrays:
+        if name not in graph.inputs:
+            raise DataError(f"{where} names '{name}', which is not an input of the graph",
+                            help=f"the inputs are: {', '.join(graph.inputs)}")
+    check_feeds(graph, arrays, where)
+
+
+def save_arrays(path: str | Path, arrays: dict[str, Any]) -> Path:
+    """Write numpy arrays by name to an .npz file, atomically (readers see the old file or
+    the whole new one); returns the path.
+
+    >>> dlgraph.api.save_arrays("out.npz", dlgraph.run_forward(g))     # doctest: +SKIP
+    """
+    import io
+
+    import numpy as np
+
+    from dlgraph.engine.train.checkpoint import atomic_write
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    atomic_write(Path(path), buf.getvalue())
+    return Path(path)
+
+
+def draw_confusion(evaluation, path: str | Path) -> Path:
+    """Draw a classifier's confusion matrix (of :func:`evaluate`) to a .png/.svg/.pdf.
+
+    >>> dlgraph.draw_confusion(dlgraph.evaluate(g, "runs/x/weights.safetensors"), "cm.png")
+    ... # doctest: +SKIP
+    """
+    from dlgraph.engine.report.evaluate import confusion_picture
+    return confusion_picture(evaluation, path)
+
+
+def generate_text(graph: Graph, weights: str | Path, *, prompt: str = "", length: int = 200,
+                  temperature: float = 0.8, seed: int = 0, device: str | None = None) -> str:
+    """Continue ``prompt`` by ``length`` tokens with a language model trained on a text
+    source (``dlgraph sample``); the prompt comes first in the text returned.
+
+    >>> dlgraph.generate_text(g, "runs/x/weights.safetensors", prompt="The ")  # doctest: +SKIP
+    """
+    from dlgraph.engine.report.sample import sample
+    model = compile(graph, weights=weights, device=device)
+    return sample(graph, model, prompt=prompt, length=length, temperature=temperature,
+                  seed=seed)
+
+
+def gradcheck(graph: Graph, *, batch: int = 4, seed: int = 0,
+              device: str | None = None) -> list[tuple[str, float, int]]:
+    """The derived gradients of every trainable parameter against central finite
+    differences in float64: ``[(param, worst relative error, coordinates skipped at a
+    kink)]``. Errors under about 1e-4 are agreement.
+
+    >>> max(err for _, err, _ in dlgraph.gradcheck(g))                   # doctest: +SKIP
+    3.1e-09
+    """
+    from dlgraph.engine.report.gradcheck import gradcheck as check
+    from dlgraph.engine.spec.checks import check_fits
+    check_fits(graph, batch)
+    return check(graph, batch=batch, seed=seed, device=device)
+
+
+def plot_curves(run_dirs: list[str | Path], path: str | Path = "curves.png") -> Path:
+    """Draw the training curves (``metrics.jsonl``) of one or more run directories into
+    one picture; returns its path.
+
+    >>> dlgraph.plot_curves(["runs/mlp/20250101-120000"], "curves.png")  # doctest: +SKIP
+    PosixPath('curves.png')
+    """
+    from dlgraph.engine.report.plot import plot_runs
+    return plot_runs([Path(d) for d in run_dirs], Path(path))
+
+
+def sweep(spec: str | Path, params: list[str] | tuple[str, ...] = (), *, echo=None,
+          **settings):
+    """Train the spec file once per combination of ``params`` (``"PATH=V1,V2"`` or a range
+    ``"PATH=LOW:HIGH"``) or of its `sweep:` section, on Ray Tune; returns the
+    :class:`SweepResult` (``.table()``, ``.best``) and writes ``sweep.csv``. ``settings``:
+    ``out``, ``device``, ``address``, and the `sweep:` fields (``search``, ``samples``,
+    ``metric``, ``mode``, ``concurrency``, ``cpus_per_trial``, ...; None: the spec's).
+    ``echo`` receives progress lines (default: stderr).
+
+    >>> dlgraph.sweep("graphs/mlp.yaml", ["train.optimizer.lr=0.1,0.01"])  # doctest: +SKIP
+    """
+    from dlgraph.engine.train.sweep import plan_sweep, run_sweep
+    return run_sweep(plan_sweep(spec, params, **settings), echo=echo)
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheUsage:
+    """The compiled-program cache: its folder, programs and bytes (or what was removed);
+    ``root`` None when the cache is off, ``note`` then says why."""
+
+    root: Path | None
+    programs: int = 0
+    bytes: int = 0
+    note: str | None = None
+
+
+def cache_usage() -> CacheUsage:
+    """Where compiled programs are kept between runs, how many and how big.
+
+    >>> dlgraph.cache_usage().programs                                   # doctest: +SKIP
+    12
+    """
+    store, note = _program_cache()
+    return CacheUsage(store.root, *store.usage()) if store else CacheUsage(None, note=note)
+
+
+def clear_cache() -> CacheUsage:
+    """Remove every compiled program kept; returns what was removed.
+
+    >>> dlgraph.clear_cache().bytes                                      # doctest: +SKIP
+    1048576
+    """
+    store, note = _program_cache()
+    return CacheUsage(store.root, *store.clear()) if store else CacheUsage(None, note=note)
+
+
+def _program_cache():
+    from dlgraph.engine.compile.cache import default_cache
+    said: list[str] = []
+    store = default_cache(said.append)
+    return store, (said[0] if said else "the program cache is off (DLGRAPH_CACHE_DIR=off)")
+
+
+@dataclasses.dataclass(frozen=True)
+class OpField:
+    """A field of an op: its spec name, whether a spec must give it, its default and doc."""
+
+    name: str
+    required: bool
+    default: Any
+    doc: str
+
+
+@dataclasses.dataclass(frozen=True)
+class OpInfo:
+    """An op as a spec uses it: family, primitive or composite, inputs and fields."""
+
+    name: str
+    family: str
+    composite: bool
+    doc: str
+    inputs: str                 # its input names, e.g. "x" or "x, weight*"
+    fields: tuple[OpField, ...]
+
+
+def list_ops() -> list[OpInfo]:
+    """Every op a spec can name, in registry order.
+
+    >>> sorted({op.family for op in dlgraph.list_ops()})[:3]              # doctest: +SKIP
+    ['activation', 'control', 'conv']
+    """
+    from dlgraph.ops import REGISTRY
+    return [_op_info(d) for d in REGISTRY.values()]
+
+
+def describe_op(name: str) -> OpInfo:
+    """One op by name; an unknown name is an error that suggests the close match.
+
+    >>> [f.name for f in dlgraph.describe_op("dense").fields]            # doctest: +SKIP
+    ['out', 'bias', 'init', ...]
+    """
+    from dlgraph.engine.errors import DlgraphError, suggest
+    from dlgraph.ops import REGISTRY
+    if name not in REGISTRY:
+        raise DlgraphError(f"unknown op '{name}'", help=suggest(name, REGISTRY)
+                           or "`dlgraph ops` lists them")
+    return _op_info(REGISTRY[name])
+
+
+def _op_info(d) -> OpInfo:
+    fields = tuple(OpField(f.alias or k, f.is_required(),
+                           None if f.is_required() else f.get_default(call_default_factory=True),
+                           f.description or "")
+                   for k, f in d.fields().items())
+    return OpInfo(d.name, d.family, d.composite, d.doc, d.signature(), fields)

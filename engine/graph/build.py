@@ -18,14 +18,11 @@ from pydantic import TypeAdapter, ValidationError
 
 from dlgraph.engine.errors import CycleError, DlgraphError, GraphError, Source, SpecError, suggest
 from dlgraph.engine.graph.ir import Graph, Node, Param, schedule
-from dlgraph.engine.spec.models import (
-    _spec_error,
-    library,
-    node_union,
-    parse_text,
-    read_spec,
-    validate_data,
-)
+from dlgraph.engine.spec.explain import explain_error as _spec_error
+from dlgraph.engine.spec.library import library
+from dlgraph.engine.spec.models import node_union
+from dlgraph.engine.spec.parse import parse_text
+from dlgraph.engine.spec.read import read_spec, validate_data
 from dlgraph.engine.types import TType
 from dlgraph.ops import OPS, REGISTRY
 from dlgraph.ops.control import loop_types

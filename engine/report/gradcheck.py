@@ -14,9 +14,7 @@ import numpy as np
 from tinygrad import Tensor, dtypes
 
 from dlgraph.engine.compile.device import use_device
-
 from dlgraph.engine.compile.interpret import Ctx, Evaluator, input_dims
-
 from dlgraph.engine.compile.lower import lower
 from dlgraph.engine.errors import Source, SpecError
 from dlgraph.engine.graph.autodiff import phase_params, training_graph
@@ -29,7 +27,7 @@ def _inputs(g: Graph, batch: int, seed: int) -> dict[str, np.ndarray]:
     train = g.spec.train
     if train is not None and train.data is not None:
         from dlgraph.engine.io.data import load_data
-        from dlgraph.engine.train.loop import feed_arrays
+        from dlgraph.engine.train.prepare import feed_arrays
         arrays = feed_arrays(g, train, load_data(train.data, g.base or Path.cwd(), seed))
         return {k: v[:batch] for k, v in arrays.items()}
     return random_inputs(g, batch, seed)
@@ -46,20 +44,20 @@ def gradcheck(g: Graph, *, batch: int = 4, seed: int = 0, device: str | None = N
                         source=Source(g.source))
     arrays = _inputs(g, batch, seed)
     dims = input_dims(g, arrays)
-    feeds = {k: Tensor(v.astype(np.float64) if v.dtype.kind == "f" else v).realize()
+    tensors = {k: Tensor(v.astype(np.float64) if v.dtype.kind == "f" else v).realize()
              for k, v in arrays.items()}
     base = {n: init_param(p, seed).astype(np.float64) for n, p in g.params.items()}
     rng = np.random.default_rng(seed)
     rows: list[tuple[str, float, int]] = []
     phases = g.spec.train.all_phases()
     for phase in phases:
-        for name, worst, kinks in _check_phase(g, phase, feeds, dims, base, seed, coords, eps,
+        for name, worst, kinks in _check_phase(g, phase, tensors, dims, base, seed, coords, eps,
                                                rng):
             rows.append((name if len(phases) == 1 else f"{phase.name}: {name}", worst, kinks))
     return rows
 
 
-def _check_phase(g, phase, feeds, dims, base, seed, coords, eps, rng):
+def _check_phase(g, phase, tensors, dims, base, seed, coords, eps, rng):
     tg = training_graph(g, phase)
     names = phase_params(g, phase)
     # one compiled program, replayed for every perturbation
@@ -70,11 +68,11 @@ def _check_phase(g, phase, feeds, dims, base, seed, coords, eps, rng):
     def loss_at(values: dict[str, np.ndarray]) -> float:
         Tensor.manual_seed(seed)
         ps = {k: Tensor(values[k], dtype=dtypes.float64).realize() for k in order}
-        return float(objective(feeds, dims, ps)[0].numpy())
+        return float(objective(tensors, dims, ps)[0].numpy())
 
     Tensor.manual_seed(seed)
     ps = {k: Tensor(v, dtype=dtypes.float64) for k, v in base.items()}
-    grads = Evaluator(tg, [tg.grads[n] for n in names])(Ctx(True, dims), feeds, ps)
+    grads = Evaluator(tg, [tg.grads[n] for n in names])(Ctx(True, dims), tensors, ps)
     at_base = loss_at(base)
     for name, grad in zip(names, grads, strict=True):
         ours = grad.numpy()

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dlgraph.engine.compile.lower import Model
+from dlgraph.engine.compile.model import Model
 from dlgraph.engine.errors import DataError, Source, SpecError
 from dlgraph.engine.graph.ir import Graph
 from dlgraph.engine.io.data import vocabulary

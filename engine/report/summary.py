@@ -64,6 +64,13 @@ class Summary:
     activation_floats: int | None = None                     # per sample
     detail: bool = False                                     # describe the backward graphs
 
+    def activations_at(self, batch: int) -> str | None:
+        """The forward activation memory at ``batch`` samples (float32) in words, e.g.
+        '1.2 MiB'; None where it is not estimated."""
+        if self.activation_floats is None:
+            return None
+        return bytes_text(self.activation_floats * 4 * batch)
+
     @property
     def backward(self) -> dict[str, int]:
         """Backward node count per phase."""
@@ -85,9 +92,9 @@ class Summary:
         frozen = self.params - self.trainable
         lines.append(f"params:  {self.params:,} ({self.trainable:,} trainable"
                      + (f", {frozen:,} frozen" if frozen else "") + f"; "
-                     f"{_bytes(self.params * 4)} as float32)")
+                     f"{bytes_text(self.params * 4)} as float32)")
         if self.activation_floats is not None:
-            lines.append(f"activations: {_bytes(self.activation_floats * 4)} per sample "
+            lines.append(f"activations: {bytes_text(self.activation_floats * 4)} per sample "
                          f"(forward, float32)")
         lines.append(f"primitive nodes: {self.primitives}")
         for phase in self.phases:
@@ -108,7 +115,8 @@ def _wrap(head: str, items: list[str], width: int = 96) -> list[str]:
     return lines + [line.rstrip()]
 
 
-def _bytes(n: int) -> str:
+def bytes_text(n: float) -> str:
+    """``n`` bytes in words, up to GiB: '512 B', '3.2 MiB', '2048.0 GiB'."""
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -156,4 +164,4 @@ def _phase(name: str, tg: Graph) -> PhaseSummary:
 
 # training_graph and phase_params live with graph reversal; these names stay importable
 # from here until every caller imports them from .autodiff
-__all__ = ["Summary", "PhaseSummary", "summarize", "training_graph", "phase_params"]
+__all__ = ["Summary", "PhaseSummary", "summarize", "bytes_text", "training_graph", "phase_params"]

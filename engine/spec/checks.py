@@ -24,7 +24,7 @@ def check_training(g: Graph) -> None:
     if spec is None:
         return
     _phases(g, spec)
-    _feed(g, spec)
+    _feed_keys(g, spec)
     for k, m in enumerate(spec.metrics):
         _metric(g, m, k)
     _target(g, spec)
@@ -48,7 +48,7 @@ def _phases(g: Graph, spec) -> None:
         seen.add(ph.name)
 
 
-def _feed(g: Graph, spec) -> None:
+def _feed_keys(g: Graph, spec) -> None:
     for name in spec.feed:
         if name not in g.inputs:
             raise SpecError(f"`feed:` names '{name}', which is not an input of the graph",

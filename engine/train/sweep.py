@@ -30,7 +30,8 @@ from typing import Any
 from pydantic import ValidationError
 
 from dlgraph.engine.errors import DlgraphError, Source, SpecError, suggest
-from dlgraph.engine.spec.models import line_of, parse_text, read_spec_text, validate_data
+from dlgraph.engine.spec.parse import line_of, parse_text, read_spec_text
+from dlgraph.engine.spec.read import validate_data
 from dlgraph.engine.spec.sweep import PATH, RangeSpec, SweepSpec
 
 #: trials of a random or optuna search when neither the spec nor --samples says
