@@ -1,14 +1,11 @@
 """Where the time goes: one implementation of one workload, taken apart.
 
     .venv/bin/python bench/analyze.py lstm dlgraph        # or tinygrad; any workload
-    .venv/bin/python bench/analyze.py lstm dlgraph --experiment jit-infer
 
 Prints, for a fresh process: the time to build the model, the first training step (split
 into tinygrad's scheduling, kernel compilation and the rest), the JIT capture (second step)
 and a replayed step; the number of distinct kernels compiled and the kernels launched per
-replayed step. ``--experiment`` applies a change to dlgraph inside this process only
-(monkeypatched; dlgraph's files are untouched) so its effect can be measured before
-anyone changes the engine. The findings are summarised in bench/NOTES.md.
+replayed step. The findings are summarised in bench/NOTES.md.
 """
 
 from __future__ import annotations
@@ -21,8 +18,6 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-
-from proposals import EXPERIMENTS  # noqa: E402
 
 
 def timed(module, name, bucket):
@@ -42,7 +37,6 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("workload")
     ap.add_argument("impl", choices=("dlgraph", "tinygrad", "torch"))
-    ap.add_argument("--experiment", action="append", default=[], choices=sorted(EXPERIMENTS))
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--json", action="store_true")
     opts = ap.parse_args()
@@ -50,16 +44,14 @@ def main():
 
     import numpy as np
     import peers
-    from workloads import WORKLOADS
-
-    import dlgraph
-    from dlgraph.engine.spec.init import init_param
-    for e in opts.experiment:
-        EXPERIMENTS[e]()
     import tinygrad.engine.realize as realize
     import tinygrad.schedule as schedule
     import tinygrad.tensor as tensor
     from tinygrad.helpers import GlobalCounters
+    from workloads import WORKLOADS
+
+    import dlgraph
+    from dlgraph.engine.spec.init import init_param
 
     bucket: dict[str, float] = {}
     timed(realize, "lower_and_compile", bucket)          # codegen + clang, in a process pool

@@ -40,7 +40,6 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
 IMPLS = ("dlgraph", "tinygrad", "torch")
-PLUS = "dlgraph+"                # dlgraph with bench/proposals.py applied (--proposals)
 TOL = 1e-4                       # relative, first-step losses
 DEFAULT_OUT = ROOT / "docs" / "benchmarks.md"
 
@@ -62,9 +61,6 @@ def worker(args) -> None:
     if args.impl == "torch":
         import torch
         torch.set_num_threads(args.torch_threads)
-    if args.impl == PLUS:
-        import proposals
-        proposals.apply(proposals.PROPOSALS)
     import peers
     from workloads import workload
     wl = workload(args.workload)
@@ -73,7 +69,7 @@ def worker(args) -> None:
     nb = int(data["n_batches"])
     bs = [{k: data[f"b{i}:{k}"] for k in wl.inputs} for i in range(nb)]
 
-    peer = peers.build("dlgraph" if args.impl == PLUS else args.impl, wl, weights, bs[0])
+    peer = peers.build(args.impl, wl, weights, bs[0])
     t_built = time.perf_counter()
     first = peer.train_step(bs[0])
     t_first = time.perf_counter()
@@ -263,7 +259,7 @@ def run_workload(name: str, opts, tmp: Path, rotation: int) -> dict:
         return res
     payload, res["params"] = make_payload(wl, tmp, 8)
 
-    impls = IMPLS + ((PLUS,) if opts.proposals else ())
+    impls = IMPLS
     k = rotation % len(impls)
     order = list(impls[k:] + impls[:k])
     workers: dict[str, Worker] = {}
@@ -633,11 +629,9 @@ def table(results: list[dict]) -> str:
     rows = ["| workload | impl | train step (ms, median) | inference (ms/batch) | first step (s) "
             "| steady after (s) | peak RSS (MiB) | kernels/step |",
             "|---|---|---:|---:|---:|---:|---:|---:|"]
-    plus = any(PLUS in r.get("impls", {}) for r in results)
     cols = ["workload", "first-step loss (dlgraph / tinygrad / torch)", "max rel diff",
-            "2nd step", "train dl/tg", "train dl/torch"] + (["train dl+/tg"] if plus else []) \
-        + ["infer dl/tg", "infer dl/torch", "first step dl/tg", "first step dl/torch"] \
-        + (["first step dl+/tg", "steady after dl+/tg"] if plus else [])
+            "2nd step", "train dl/tg", "train dl/torch", "infer dl/tg", "infer dl/torch",
+            "first step dl/tg", "first step dl/torch"]
     ratios = ["| " + " | ".join(cols) + " |", "|---|---|" + "---:|" * (len(cols) - 2)]
     for r in results:
         if "skipped" in r:
@@ -646,7 +640,7 @@ def table(results: list[dict]) -> str:
         if "failed" in r and not all("train_ms" in v for v in r["impls"].values()):
             rows.append(f"| {r['name']} | — | **FAILED**: {r['failed']} | | | | | |")
             continue
-        for impl in [i for i in IMPLS + (PLUS,) if i in r["impls"]]:
+        for impl in [i for i in IMPLS if i in r["impls"]]:
             v = r["impls"][impl]
             k = v.get("train_kernels")
             ki = v.get("infer_kernels")
@@ -655,27 +649,16 @@ def table(results: list[dict]) -> str:
                         f"{fmt_s(v['ready_s'])} | {v['maxrss_kib'] / 1024:.0f} | "
                         + (f"{k} / {ki}" if k is not None else "—") + " |")
         d, t, p = (r["impls"][k] for k in IMPLS)
-        q = r["impls"].get(PLUS)
 
         def x(a, b, key, bold=False):
             v = f"{a[key] / b[key]:.2f}×"
             return f"**{v}**" if bold else v
         cells = [r["name"], f"{d['loss1']:.6f} / {t['loss1']:.6f} / {p['loss1']:.6f}",
                  f"{r['loss_diff']:.1e}", f"{r['loss2_diff']:.1e}",
-                 x(d, t, "train_ms", True), x(d, p, "train_ms")]
-        if plus:
-            cells.append(x(q, t, "train_ms", True) if q else "—")
-        cells += [x(d, t, "infer_ms"), x(d, p, "infer_ms"), x(d, t, "first_step_s"),
-                  x(d, p, "first_step_s")]
-        if plus:
-            cells += [x(q, t, "first_step_s"), x(q, t, "ready_s")] if q else ["—", "—"]
+                 x(d, t, "train_ms", True), x(d, p, "train_ms"), x(d, t, "infer_ms"),
+                 x(d, p, "infer_ms"), x(d, t, "first_step_s"), x(d, p, "first_step_s")]
         ratios.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows) + "\n\n" + "\n".join(ratios) + "\n"
-
-
-def _proposals():
-    import proposals
-    return proposals.PROPOSALS
 
 
 def report(results, mach, opts, wall: float, command: str) -> str:
@@ -712,12 +695,6 @@ def report(results, mach, opts, wall: float, command: str) -> str:
         "running them). **steady after**: to the end of the third step: TinyJit runs the "
         "first call, captures on the second and replays from the third on.",
         "- **peak RSS**: `ru_maxrss` of the worker process at the end of its run.",
-        *(["- **dlgraph+** (`--proposals`): dlgraph with the changes proposed under "
-           "\"What mattered\" applied inside its worker process by monkeypatching "
-           "(bench/proposals.py: " + ", ".join(f"`{p}`" for p in _proposals()) + "); "
-           "dlgraph's own files are unchanged. With `capture-first` the second step is "
-           "already a replay."]
-          if any(PLUS in r.get("impls", {}) for r in results) else []),
         "- **kernels/step**: kernels launched by one replayed training step / one inference "
         "call (tinygrad's `GlobalCounters.kernel_count`).",
         "- The first-step losses come from the same weights (dlgraph's `init_params(seed=0)`, "
@@ -854,8 +831,6 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--budget", type=float, default=840,
                     help="seconds the whole run should take; timing rounds shrink when "
                          "cold starts ran long")
-    ap.add_argument("--proposals", action="store_true",
-                    help="add dlgraph+ (dlgraph with bench/proposals.py applied) to the rounds")
     ap.add_argument("--cold-cache", action="store_true",
                     help="workers run with tinygrad's on-disk kernel cache off")
     ap.add_argument("--scaling", action="store_true",
@@ -879,7 +854,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--from-json", help="no run: render the report (with the current "
                     "bench/NOTES.md) from the raw results of an earlier run")
     # worker mode
-    ap.add_argument("--worker", choices=IMPLS + (PLUS,), help=argparse.SUPPRESS)
+    ap.add_argument("--worker", choices=IMPLS, help=argparse.SUPPRESS)
     ap.add_argument("--workload", help=argparse.SUPPRESS)
     ap.add_argument("--payload", help=argparse.SUPPRESS)
     ap.add_argument("--early", action="store_true", help=argparse.SUPPRESS)
@@ -935,8 +910,7 @@ def main(argv=None):
         write_report(out, md)
     return _finish(opts, results, {"results": results, "wall_s": wall, "machine": mach,
                                    "command": command},
-                   ("rounds", "round_s", "min_steps", "torch_threads", "cold_cache", "quick",
-                    "proposals"))
+                   ("rounds", "round_s", "min_steps", "torch_threads", "cold_cache", "quick"))
 
 
 if __name__ == "__main__":

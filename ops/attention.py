@@ -45,15 +45,18 @@ from __future__ import annotations
 import math
 from typing import Literal
 
+import numpy as np
 from pydantic import Field
 
 from dlgraph.engine.errors import ShapeError
 from dlgraph.engine.spec.base import ParamLayer
 from dlgraph.engine.types import broadcast, fmt
+from dlgraph.ops import reference as R
+from dlgraph.ops.examples import B, E, F
 from dlgraph.ops.linalg import swap_last
 from dlgraph.ops.registry import attrs, register
 
-F = "attention"
+FAMILY = "attention"
 NEG = -1e9
 """The score of a masked (query, key) pair: exp(NEG - max) is 0 in float32."""
 
@@ -105,12 +108,24 @@ def _attention(b, a, q, k, v, *mask):
 
 register("attention", doc="scaled dot-product attention softmax(q k^T * scale + mask) v; "
          "q [..., Tq, d], k [..., Tk, d], v [..., Tk, dv], optional mask (bool: True = "
-         "attend; float: added)", family=F, inputs="q, k, v, mask*",
+         "attend; float: added)", family=FAMILY, inputs="q, k, v, mask*",
          attrs_model=attrs("attention",
                            causal=(bool, Field(False, description="query i sees keys 0..i")),
                            scale=(float | None, Field(None, description="score scale "
                                                       "(default 1/sqrt(d))"))),
-         expand=_attention)
+         expand=_attention,
+         reference=lambda a, xs, c: R.attention(*xs[:3], a.scale, a.causal,
+                                                xs[3] if len(xs) > 3 else None),
+         examples=[E([F((2, 3, 4)), F((2, 5, 4)), F((2, 5, 3))]),
+                   E([F((1, 2, 4, 4)), F((1, 2, 4, 4)), F((1, 2, 4, 3))],
+                     {"causal": True, "scale": 0.5}, id="attention_causal_scale"),
+                   E([F((2, 3, 4)), F((2, 5, 4)), F((2, 5, 3)),
+                      B((3, 5), values=[[1, 1, 0, 0, 0], [0, 0, 0, 0, 0], [1, 1, 1, 1, 1]])],
+                     id="attention_bool_mask_all_masked_row"),
+                   E([F((2, 3, 4)), F((2, 5, 4)), F((2, 5, 3)), F((2, 1, 5))],
+                     id="attention_float_mask")],
+         grad_examples=[E([F((2, 3, 4)), F((2, 4, 4)), F((2, 4, 3)), F((3, 4), diff=False)],
+                          {"causal": True})])
 
 
 # -- multi-head attention ---------------------------------------------------------------------
@@ -171,16 +186,29 @@ def _mha(b, a, query, *more):
     return b.emit("linear", o, as_="out_proj", out=e, bias=a.bias, init=init)
 
 
+def _mha_ref(a, xs, c):
+    x, *more = xs
+    return R.multi_head_attention(x, more[0] if more else x, c.p, a.heads, a.causal,
+                                  more[1] if len(more) > 1 else None)
+
+
 _heads = (int, Field(gt=0, description="number of heads; must divide the model dim"))
 _causal = (bool, Field(False, description="query i sees keys 0..i only"))
 register("multi_head_attention", doc="multi-head attention as PyTorch's nn.MultiheadAttention "
          "(batch first): in = [query] (self-attention), [query, context] or [query, context, "
-         "mask]; [batch, time, E] -> [batch, time, E]", family=F, inputs="query, context*",
+         "mask]; [batch, time, E] -> [batch, time, E]", family=FAMILY, inputs="query, context*",
          attrs_model=attrs("multi_head_attention", base=ParamLayer, heads=_heads,
                            causal=_causal,
                            bias=(bool, Field(True, description="learn input and output "
                                                                "projection biases"))),
-         expand=_mha)
+         expand=_mha, reference=_mha_ref,
+         examples=[E([F((2, 3, 4))], {"heads": 2}),
+                   E([F((2, 3, 4)), F((2, 5, 4)),
+                      B((3, 5), values=[[1, 1, 0, 0, 1], [0, 1, 0, 1, 0], [1, 1, 1, 1, 1]])],
+                     {"heads": 2}, id="multi_head_attention_cross_mask"),
+                   E([F((2, 3, 4))], {"heads": 4, "causal": True, "bias": False},
+                     id="multi_head_attention_causal_nobias")],
+         grad_examples=[E([F((2, 3, 4)), F((2, 4, 4))], {"heads": 2})])
 
 
 # -- positional encoding ----------------------------------------------------------------------
@@ -218,13 +246,29 @@ def _posenc(b, a, x):
     return b.emit("add", x, pe)
 
 
+def _posenc_ref(a, xs, c):
+    x = xs[0]
+    n, e = x.shape[-2:]
+    if a.kind == "learned":
+        return x + c.p["weight"][:n]
+    t = np.arange(n)[:, None]
+    w = 10000.0 ** (-np.arange(0, e, 2) / e)
+    pe = np.zeros((n, e))
+    pe[:, 0::2], pe[:, 1::2] = np.sin(t * w), np.cos(t * w)
+    return x + pe
+
+
 register("positional_encoding", doc="x + pe[:time] over [..., time, features]: fixed sinusoids "
-         "or a learned table [max_len, features]", family=F, inputs="x",
+         "or a learned table [max_len, features]", family=FAMILY, inputs="x",
          attrs_model=attrs("positional_encoding", base=ParamLayer,
                            kind=(Literal["sinusoidal", "learned"], Field(
                                "sinusoidal", description="sinusoidal (constant) or learned")),
                            max_len=(int, Field(5000, gt=0, description="the most positions"))),
-         expand=_posenc)
+         expand=_posenc, reference=_posenc_ref,
+         examples=[E([F((2, 5, 6))]),
+                   E([F((2, 5, 6))], {"kind": "learned", "max_len": 8},
+                     id="positional_encoding_learned")],
+         grad_examples=[E([F((2, 3, 4))], {"kind": "learned", "max_len": 5})])
 
 
 # -- transformer blocks -----------------------------------------------------------------------
@@ -282,15 +326,57 @@ def _block_fields(causal_default: bool):
         eps=(float, Field(1e-5, gt=0, description="layer norm epsilon")))
 
 
+def _residual_ref(a, c, x, norm, layer):
+    """The reference of :func:`_residual`: pre-norm or post-norm around ``layer``."""
+    def ln(t):
+        return R.layer_norm(t, c.p[norm + ".weight"], c.p[norm + ".bias"], a.eps)
+    return x + layer(ln(x)) if a.norm_first else ln(x + layer(x))
+
+
+def _feed_forward_ref(a, c, x):
+    h = R.linear(x, c.p["linear1.weight"], c.p["linear1.bias"])
+    h = np.maximum(h, 0.0) if a.activation == "relu" else R.gelu(h)
+    return R.linear(h, c.p["linear2.weight"], c.p["linear2.bias"])
+
+
+def _encoder_ref(a, xs, c):
+    """PyTorch's TransformerEncoderLayer (batch first, no dropout)."""
+    x, *mask = xs
+    x = _residual_ref(a, c, x, "norm1", lambda t: R.multi_head_attention(
+        t, t, c.p, a.heads, a.causal, mask[0] if mask else None, prefix="self_attn."))
+    return _residual_ref(a, c, x, "norm2", lambda t: _feed_forward_ref(a, c, t))
+
+
+def _decoder_ref(a, xs, c):
+    """PyTorch's TransformerDecoderLayer (batch first, no dropout)."""
+    x, memory = xs
+    x = _residual_ref(a, c, x, "norm1", lambda t: R.multi_head_attention(
+        t, t, c.p, a.heads, a.causal, prefix="self_attn."))
+    x = _residual_ref(a, c, x, "norm2", lambda t: R.multi_head_attention(
+        t, memory, c.p, a.heads, prefix="multihead_attn."))
+    return _residual_ref(a, c, x, "norm3", lambda t: _feed_forward_ref(a, c, t))
+
+
 register("transformer_encoder_block", doc="self-attention and feed-forward, each with a "
          "residual and layer norm (PyTorch's TransformerEncoderLayer, batch first, no dropout); "
-         "in = [x] or [x, mask]", family=F, inputs="x, mask*",
+         "in = [x] or [x, mask]", family=FAMILY, inputs="x, mask*",
          attrs_model=attrs("transformer_encoder_block", base=ParamLayer,
                            **_block_fields(False)),
-         expand=_encoder)
+         expand=_encoder, reference=_encoder_ref,
+         examples=[E([F((2, 3, 4))], {"heads": 2, "ff": 8}),
+                   E([F((2, 3, 4)), B((3, 3), values=[[1, 0, 1], [1, 1, 0], [0, 1, 1]])],
+                     {"heads": 2, "ff": 8, "norm_first": False, "activation": "gelu",
+                      "causal": True}, id="transformer_encoder_block_postnorm_mask")],
+         grad_examples=[E([F((2, 2, 4))], {"heads": 2, "ff": 6})])
 register("transformer_decoder_block", doc="causal self-attention, cross-attention to memory and "
          "feed-forward, each with a residual and layer norm (PyTorch's TransformerDecoderLayer, "
-         "batch first, no dropout)", family=F, inputs="x, memory",
+         "batch first, no dropout)", family=FAMILY, inputs="x, memory",
          attrs_model=attrs("transformer_decoder_block", base=ParamLayer,
                            **_block_fields(True)),
-         expand=_decoder)
+         expand=_decoder, reference=_decoder_ref,
+         examples=[E([F((2, 3, 4)), F((2, 5, 4))], {"heads": 2, "ff": 8}),
+                   E([F((2, 3, 4)), F((2, 5, 4))],
+                     {"heads": 1, "ff": 8, "norm_first": False, "causal": False},
+                     id="transformer_decoder_block_postnorm")],
+         grad_examples=[E([F((2, 2, 4)), F((2, 3, 4))],
+                          {"heads": 2, "ff": 6, "norm_first": False, "activation": "gelu"})])

@@ -50,6 +50,11 @@ def reduced(shape: tuple, axes: tuple[int, ...], keepdims: bool) -> tuple:
     return tuple(d for i, d in enumerate(shape) if i not in axes)
 
 
+def pair(v) -> tuple:
+    """An int or a pair ([h, w]) as a pair: kernel sizes, strides, padding, dilation."""
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
 def resolve(ctx, shape) -> tuple[int, ...]:
     """Concrete ints for a shape with named dims, from the run's bindings."""
     return tuple(dim_value(d, ctx.dims) for d in shape)

@@ -12,10 +12,11 @@ the steps). The loop node yields, in that order, each state stacked over time
 ``[batch, time + 1, ...]`` (the initial state at index 0, or at index ``time`` when the loop
 runs backwards in time), each per-step output stacked ``[batch, time, ...]`` and each sum.
 
-Its VJP is another loop running the other way, whose body is the reversal of this body
-(recomputing the step, then the ordinary VJP rules), so the backward pass never unrolls.
-The lowering decides how the steps run: one compiled call for a chunk of steps over a
-symbolic time index, or inline (unrolled) where a single program is needed.
+Its VJP (an ordinary rule of this record) is another loop running the other way, whose
+body is the reversal of this body (recomputing the step, then the ordinary VJP rules), so
+the backward pass never unrolls. The lowering decides how the steps run: one compiled step
+program called once for each time step, or inline (unrolled) where a single program is
+needed.
 """
 
 from __future__ import annotations
@@ -24,12 +25,12 @@ from typing import Any
 
 from pydantic import ConfigDict, Field
 
-from dlgraph.engine.errors import ShapeError
+from dlgraph.engine.errors import GradientError, ShapeError
 from dlgraph.engine.spec.base import NodeSpec
 from dlgraph.engine.types import TType, dim_add, fmt
 from dlgraph.ops.registry import PICK, attrs, register
 
-F = "control"
+FAMILY = "control"
 
 
 class LoopBase(NodeSpec):
@@ -68,13 +69,90 @@ def _loop_infer(a, *ts: TType) -> TType:
     return loop_types(a)[0]
 
 
-def _loop_vjp(b, n, cts: list):
-    """Cotangents of the loop's inputs: a loop the other way over the reversed body."""
-    return b.reverse_loop(n, cts)
+def _loop_vjp(b, n, cts: list) -> list:
+    """The VJP of a loop: a loop running the other way over the reversed body.
+
+    Its body recomputes the step from the saved state before it, then runs the ordinary
+    VJP rules: the carried state is the cotangent of the state, the per-step outputs are
+    the cotangents of the sequence inputs, and the cotangents of the consts (weights) are
+    summed over the steps. Nothing is unrolled. ``b`` is the backward pass's builder
+    (engine/graph/autodiff.py's GradBuilder): besides emitting it says which inputs need a
+    cotangent, gives the loop's pick nodes and differentiates the body.
+    """
+    a, fwd = n.attrs, not n.attrs.reverse
+    ns, nst = a.n_seq, a.n_state
+    if len(a.body.outputs) > nst + a.n_out:
+        raise GradientError("second derivatives through a loop are not supported",
+                            node=n.user_id, op=n.op)
+    ct_st, ct_per = cts[:nst], cts[nst:nst + a.n_out]
+    bb, wanted = _backward_body(b, n, ct_st, ct_per)
+    # the outer graph: saved states before each step, cotangents after it, zero carries
+    before, after = ((0, -1), (1, None)) if fwd else ((1, None), (0, -1))
+    picks = b.outputs_of(n.id)
+    seqs = list(n.inputs[:ns])
+    seqs += [b.emit("slice", picks[j], axis=1, start=before[0], stop=before[1])
+             for j in range(nst)]
+    seqs += [b.emit("slice", c, axis=1, start=after[0], stop=after[1])
+             for c in ct_st if c is not None]
+    seqs += [c for c in ct_per if c is not None]
+    inits = n.inputs[ns:ns + nst]
+    zeros = [b.emit("zeros", i, shape=list(b.shape(i)[1:]), as_="carry0") for i in inits]
+    got = b.loop(bb, seqs, zeros, steps=a.steps, n_out=len(wanted["seq"]), reverse=fwd)
+    first = 0 if fwd else -1
+    out: list = [None] * len(n.inputs)
+    for j in range(nst):
+        c = b.emit("take", got[j], axis=1, index=first)
+        if ct_st[j] is not None:
+            c = b.emit("add", c, b.emit("take", ct_st[j], axis=1, index=first))
+        out[ns + j] = c
+    for k, g in zip(wanted["seq"] + wanted["const"], got[nst:], strict=True):
+        out[k] = g
+    return out
+
+
+def _backward_body(b, n, ct_st, ct_per):
+    """The body of a loop's VJP and the loop inputs its per-step outputs and sums are for."""
+    a = n.attrs
+    body, ns, nst = a.body, a.n_seq, a.n_state
+    names = list(body.inputs)
+    outs = list(body.outputs.values())
+    bb = b.body()
+    for name in names[:ns + nst]:                       # steps of x, saved states
+        bb.input(name, body.inputs[name])
+    after = [bb.input(f"ct:{o}", body[o].type) if c is not None else None
+             for o, c in zip(outs[:nst], ct_st, strict=True)]
+    per = [bb.input(f"ct:{o}", body[o].type) if c is not None else None
+           for o, c in zip(outs[nst:], ct_per, strict=True)]
+    carry = [bb.input(f"carry:{s}", body.inputs[s]) for s in names[ns:ns + nst]]
+    for name, src in zip(names[ns + nst:], n.inputs[ns + nst:], strict=True):
+        bb.input(name, body.inputs[name])
+        bb.consts[name] = src
+    bb.graph.nodes.update({k: v for k, v in body.nodes.items() if v.role != "input"})
+    seeds: dict[str, str] = {}
+    for o, c in zip(outs, carry + per, strict=False):
+        if c is not None:
+            seeds[o] = bb.emit("add", seeds[o], c) if o in seeds else c
+    for o, c in zip(outs[:nst], after, strict=True):
+        if c is not None:
+            seeds[o] = bb.emit("add", seeds[o], c)
+    wrt = {names[k] for k, src in enumerate(n.inputs) if b.needs_grad(src)} \
+        | set(names[ns:ns + nst])
+    ct = bb.backprop(bb.graph, seeds, wrt)
+    res = {f"carry:{s}": ct.get(s) or bb.emit("zeros", c, shape=list(bb.shape(c)[1:]))
+           for s, c in zip(names[ns:ns + nst], carry, strict=True)}
+    wanted = {"seq": [], "const": []}
+    for k, name in enumerate(names):
+        if (k < ns or k >= ns + nst) and b.needs_grad(n.inputs[k]) and name in ct:
+            res[f"ct:{name}"] = ct[name]
+            wanted["seq" if k < ns else "const"].append(k)
+    bb.graph.outputs = res
+    keep = bb.graph.ancestors(res.values()) | set(bb.graph.inputs)
+    bb.graph.nodes = {k: v for k, v in bb.graph.nodes.items() if k in keep}
+    return bb, wanted
 
 
 register("loop", doc="run a body subgraph over the time axis (internal: rnn/lstm/gru/scan "
-         "lower to it)", family=F, inputs="xs*", internal=True, multi=True,
+         "lower to it)", family=FAMILY, inputs="xs*", internal=True, multi=True,
          attrs_model=attrs("loop", base=LoopBase,
                            body=(Any, Field(description="the step graph")),
                            steps=(int | str, Field(description="time steps: a number, or a "
@@ -83,7 +161,7 @@ register("loop", doc="run a body subgraph over the time axis (internal: rnn/lstm
                            n_seq=(int, 0), n_state=(int, 0), n_out=(int, 0)),
          infer=_loop_infer, forward=lambda c, a, *xs: c.run_loop(a, xs), vjp=_loop_vjp)
 
-register("pick", doc="one output of a multi-output node (internal)", family=F, inputs="x",
+register("pick", doc="one output of a multi-output node (internal)", family=FAMILY, inputs="x",
          internal=True,
          attrs_model=attrs("pick", base=LoopBase, index=(int, 0),
                            type=(Any, Field(description="the output's type"))),

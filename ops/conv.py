@@ -20,12 +20,23 @@ from pydantic import Field
 from dlgraph.engine.errors import ShapeError
 from dlgraph.engine.spec.base import ParamLayer
 from dlgraph.engine.types import fmt
+from dlgraph.ops import reference as R
+from dlgraph.ops.common import pair
+from dlgraph.ops.examples import E, F
 from dlgraph.ops.linalg import swap_last
-from dlgraph.ops.nn import _act, _activate, _add_bias, _features, _groups, conv_core
+from dlgraph.ops.nn import (
+    ACTIVATION,
+    activate,
+    activated,
+    add_bias,
+    check_groups,
+    conv_core,
+    features,
+)
 from dlgraph.ops.registry import attrs, register
-from dlgraph.ops.shape import _pair, pair_field
+from dlgraph.ops.shape import pair_field
 
-F = "nn"
+FAMILY = "nn"
 
 
 def _conv1d(b, a, x):
@@ -34,9 +45,9 @@ def _conv1d(b, a, x):
         raise ShapeError(f"conv1d needs [batch, channels, length], got {fmt(t.shape)}",
                          help="sequences are NCL; transpose [batch, time, features] with "
                               "axes [0, 2, 1]")
-    c = _features(b, x, 1, "channel")
-    length = _features(b, x, 2, "length")
-    _groups(a, c)
+    c = features(b, x, 1, "channel")
+    length = features(b, x, 2, "length")
+    check_groups(a, c)
     span = a.dilation * (a.kernel - 1) + 1
     if length + 2 * a.padding < span:
         raise ShapeError(f"a kernel spanning {span} steps does not fit in a length of {length} "
@@ -47,13 +58,21 @@ def _conv1d(b, a, x):
         x = b.emit("pad", x, axis=3, before=a.padding, after=a.padding)
     w4 = b.emit("reshape", w, shape=[a.out, c // a.groups, 1, a.kernel])
     y = conv_core(b, x, w4, (1, a.stride), (1, a.dilation), a.groups)   # [N, O, 1, OL]
-    y = _add_bias(b, a, b.emit("squeeze", y, axis=2), 3)
-    return _activate(b, a, y)
+    y = add_bias(b, a, b.emit("squeeze", y, axis=2), 3)
+    return activate(b, a, y)
+
+
+def _conv1d_ref(a, xs, c):
+    """PyTorch's conv1d: the 2-D convolution of the [N, C, 1, L] view."""
+    w, bias = c.p["weight"], c.p["bias"] if a.bias else None
+    y = R.conv2d(xs[0][:, :, None], w[:, :, None], bias, (1, a.stride), (0, a.padding),
+                 (1, a.dilation), a.groups)
+    return activated(a, y[:, :, 0])
 
 
 _bias = (bool, Field(True, description="add a learned bias"))
 _groups_f = (int, Field(1, gt=0, description="channel groups"))
-register("conv1d", doc="1-D convolution over [batch, channels, length]", family=F, inputs="x",
+register("conv1d", doc="1-D convolution over [batch, channels, length]", family=FAMILY, inputs="x",
          attrs_model=attrs("conv1d", base=ParamLayer,
                            out=(int, Field(gt=0, description="output channels")),
                            kernel=(int, Field(gt=0, description="kernel size")),
@@ -61,8 +80,14 @@ register("conv1d", doc="1-D convolution over [batch, channels, length]", family=
                            padding=(int, Field(0, ge=0, description="zero padding on each "
                                                                      "side")),
                            dilation=(int, Field(1, gt=0, description="dilation")),
-                           groups=_groups_f, bias=_bias, activation=_act),
-         expand=_conv1d)
+                           groups=_groups_f, bias=_bias, activation=ACTIVATION),
+         expand=_conv1d, reference=_conv1d_ref,
+         examples=[E([F((2, 3, 9))], {"out": 4, "kernel": 3}),
+                   E([F((2, 3, 9))], {"out": 6, "kernel": 2, "stride": 2, "padding": 1,
+                                      "dilation": 2, "groups": 3, "bias": False},
+                     id="conv1d_stride_dilation_groups")],
+         grad_examples=[E([F((2, 2, 7))], {"out": 4, "kernel": 3, "stride": 2, "padding": 1,
+                                           "groups": 2}, float64=True)])
 
 
 def _conv_transpose2d(b, a, x):
@@ -70,12 +95,12 @@ def _conv_transpose2d(b, a, x):
     if t.rank != 4:
         raise ShapeError(f"conv_transpose2d needs [batch, channels, height, width], got "
                          f"{fmt(t.shape)}", help="images are NCHW; reshape or transpose")
-    c = _features(b, x, 1, "channel")
-    h, wd = _features(b, x, 2, "height"), _features(b, x, 3, "width")
-    _groups(a, c)
+    c = features(b, x, 1, "channel")
+    h, wd = features(b, x, 2, "height"), features(b, x, 3, "width")
+    check_groups(a, c)
     g, og = a.groups, a.out // a.groups
-    (kh, kw), (sh, sw), (ph, pw) = _pair(a.kernel), _pair(a.stride), _pair(a.padding)
-    (oph, opw), (dh, dw) = _pair(a.output_padding), _pair(a.dilation)
+    (kh, kw), (sh, sw), (ph, pw) = pair(a.kernel), pair(a.stride), pair(a.padding)
+    (oph, opw), (dh, dw) = pair(a.output_padding), pair(a.dilation)
     for op_, s, d in ((oph, sh, dh), (opw, sw, dw)):
         if op_ >= s and op_ >= d:
             raise ShapeError(f"output_padding {a.output_padding} must be smaller than the "
@@ -104,7 +129,7 @@ def _conv_transpose2d(b, a, x):
             y = b.emit("pad", y, axis=axis, after=extra)
         if pad:                                     # padding: crop the border
             y = b.emit("slice", y, axis=axis, start=pad, stop=full + extra - pad)
-    return _activate(b, a, _add_bias(b, a, y, 4))
+    return activate(b, a, add_bias(b, a, y, 4))
 
 
 def _pairf(default, name, least, what):
@@ -112,7 +137,7 @@ def _pairf(default, name, least, what):
 
 
 register("conv_transpose2d", doc="transposed 2-D convolution (the adjoint of conv2d) over "
-         "NCHW images: upsampling for decoders and generators", family=F, inputs="x",
+         "NCHW images: upsampling for decoders and generators", family=FAMILY, inputs="x",
          attrs_model=attrs("conv_transpose2d", base=ParamLayer,
                            out=(int, Field(gt=0, description="output channels")),
                            kernel=pair_field(..., "kernel", 1, "kernel size (one int or "
@@ -123,5 +148,15 @@ register("conv_transpose2d", doc="transposed 2-D convolution (the adjoint of con
                            output_padding=_pairf(0, "output_padding", 0, "rows and columns "
                                                  "added at the bottom and right"),
                            dilation=_pairf(1, "dilation", 1, "dilation"),
-                           groups=_groups_f, bias=_bias, activation=_act),
-         expand=_conv_transpose2d)
+                           groups=_groups_f, bias=_bias, activation=ACTIVATION),
+         expand=_conv_transpose2d,
+         reference=lambda a, xs, c: activated(a, R.conv_transpose2d(
+             xs[0], c.p["weight"], c.p["bias"] if a.bias else None, a.stride, a.padding,
+             a.output_padding, a.dilation, a.groups)),
+         examples=[E([F((2, 4, 3, 3))], {"out": 2, "kernel": 3, "stride": 2, "padding": 1,
+                                         "output_padding": 1}),
+                   E([F((1, 4, 3, 4))], {"out": 6, "kernel": [2, 3], "dilation": 2,
+                                         "groups": 2, "bias": False},
+                     id="conv_transpose2d_groups_dilation")],
+         grad_examples=[E([F((1, 2, 3, 3))], {"out": 2, "kernel": 3, "stride": 2,
+                                              "padding": 1, "output_padding": 1})])

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import numpy as np
 from pydantic import Field
 
 from dlgraph.engine.errors import ShapeError
 from dlgraph.engine.spec.base import Init
 from dlgraph.engine.types import TType, broadcast, fmt
 from dlgraph.ops.common import floats
+from dlgraph.ops.examples import E, F
 from dlgraph.ops.registry import NO_GRAD, attrs, register
 
 
@@ -45,7 +47,13 @@ def _matmul_vjp(b, n, g):
 
 register("matmul", doc="matrix product x @ y (batched, broadcasting)", family="linalg",
          inputs="x, y", infer=_matmul_infer, forward=lambda c, a, x, y: x @ y,
-         vjp=_matmul_vjp)
+         vjp=_matmul_vjp, reference=lambda a, xs, c: np.matmul(*xs),
+         examples=[E([F((3, 4)), F((4, 5))]),
+                   E([F((2, 3, 4)), F((4, 5))], id="matmul_batched"),
+                   E([F((2, 1, 3, 4)), F((5, 4, 2))], id="matmul_bcast"),
+                   E([F((1, 4)), F((4, 1))], id="matmul_size1")],
+         grad_examples=[E([F((3, 4)), F((4, 2))]),
+                        E([F((2, 1, 3, 4)), F((5, 4, 2))], id="matmul_bcast", float64=True)])
 
 
 def _param_infer(a):
@@ -60,4 +68,7 @@ register("param", doc="a learnable tensor, initialised under the seed", family="
          attrs_model=attrs("param", shape=(list[int], Field(description="its shape")),
                            init=(Init | float, Field("normal", description="initialiser")),
                            trainable=(bool, Field(True, description="false: frozen"))),
-         infer=_param_infer, forward=lambda c, a: None, vjp=NO_GRAD)
+         infer=_param_infer, forward=lambda c, a: None, vjp=NO_GRAD,
+         reference=lambda a, xs, c: c.params["out"],
+         examples=[E([], {"shape": [2, 3]}),
+                   E([], {"shape": [2, 3], "init": 0.25}, id="param_init", keep_init=True)])

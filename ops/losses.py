@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import numpy as np
 from pydantic import Field
 
 from dlgraph.engine.errors import ShapeError
 from dlgraph.engine.types import fmt
+from dlgraph.ops import reference as R
+from dlgraph.ops.examples import E, F, Int
 from dlgraph.ops.registry import attrs, register
 
-F = "loss"
+FAMILY = "loss"
 
 
 def _same_shape(b, p, t):
@@ -82,23 +85,59 @@ def _bce(b, a, x, t):
     return b.emit("mean", loss)
 
 
+def _picked(logp, labels):
+    return np.take_along_axis(logp, labels[..., None].astype(np.int64), -1)[..., 0]
+
+
+def _cross_entropy_ref(a, xs, c):
+    logp = R.log_softmax(xs[0], -1)
+    k, s = xs[0].shape[-1], a.label_smoothing
+    return -np.mean((1 - s) * _picked(logp, xs[1]) + s / k * logp.sum(-1))
+
+
+def _huber_ref(a, xs, c):
+    d = np.abs(xs[0] - xs[1])
+    return np.mean(np.where(d <= a.delta, 0.5 * d * d, a.delta * (d - 0.5 * a.delta)))
+
+
+PAIR = [F((3, 4)), F((3, 4))]
+LOGITS = [F((4, 5)), Int((4,), 5)]
 _ignore = (int | None, Field(None, description="a label that counts for nothing (PyTorch's "
                                              "ignore_index, e.g. -100 for padding); every "
                                              "other label must be a class id"))
-register("mse", doc="mean squared error", family=F, inputs="pred, target", expand=_mse)
-register("l1", doc="mean absolute error", family=F, inputs="pred, target", expand=_l1)
-register("huber", doc="Huber loss: quadratic below delta, linear above", family=F,
+register("mse", doc="mean squared error", family=FAMILY, inputs="pred, target", expand=_mse,
+         reference=lambda a, xs, c: np.mean((xs[0] - xs[1]) ** 2),
+         examples=[E(PAIR)], grad_examples=[E(PAIR)])
+register("l1", doc="mean absolute error", family=FAMILY, inputs="pred, target", expand=_l1,
+         reference=lambda a, xs, c: np.mean(np.abs(xs[0] - xs[1])),
+         examples=[E(PAIR)], grad_examples=[E(PAIR)])
+register("huber", doc="Huber loss: quadratic below delta, linear above", family=FAMILY,
          inputs="pred, target",
          attrs_model=attrs("huber", delta=(float, Field(1.0, gt=0, description="the knee"))),
-         expand=_huber)
+         expand=_huber, reference=_huber_ref,
+         examples=[E(PAIR), E(PAIR, {"delta": 0.5}, id="huber_delta")],
+         grad_examples=[E(PAIR, {"delta": 0.5})])
 register("cross_entropy", doc="softmax cross-entropy of logits and int class labels",
-         family=F, inputs="logits, labels",
+         family=FAMILY, inputs="logits, labels",
          attrs_model=attrs("cross_entropy", label_smoothing=(float, Field(
              0.0, ge=0, lt=1, description="mix the one-hot target with uniform")),
              ignore_index=_ignore),
-         expand=_cross_entropy)
-register("nll", doc="negative log-likelihood of log-probabilities and int labels", family=F,
-         inputs="logprobs, labels", attrs_model=attrs("nll", ignore_index=_ignore),
-         expand=_nll)
+         expand=_cross_entropy, reference=_cross_entropy_ref,
+         examples=[E(LOGITS),
+                   E(LOGITS, {"label_smoothing": 0.1}, id="cross_entropy_smoothing"),
+                   E([F((2, 3, 5)), Int((2, 3), 5)], id="cross_entropy_rank3"),
+                   E([F((2, 3), values=[[1000.0, 0.0, -1000.0], [0.0, 500.0, 0.0]]),
+                      Int((2,), values=[0, 2])], id="cross_entropy_large")],
+         grad_examples=[E(LOGITS, {"label_smoothing": 0.1}, float64=True)])
+register("nll", doc="negative log-likelihood of log-probabilities and int labels",
+         family=FAMILY, inputs="logprobs, labels",
+         attrs_model=attrs("nll", ignore_index=_ignore), expand=_nll,
+         reference=lambda a, xs, c: -np.mean(_picked(xs[0], xs[1])),
+         examples=[E(LOGITS)], grad_examples=[E(LOGITS)])
 register("binary_cross_entropy", doc="sigmoid cross-entropy of logits and 0/1 targets",
-         family=F, inputs="logits, target", expand=_bce)
+         family=FAMILY, inputs="logits, target", expand=_bce,
+         reference=lambda a, xs, c: np.mean(R.softplus(xs[0]) - xs[0] * xs[1]),
+         examples=[E([F((3, 4)), F((3, 4), "unit")]),
+                   E([F((4,), values=[-100.0, -30.0, 30.0, 100.0]),
+                      F((4,), values=[1.0, 0.0, 1.0, 0.0])], id="bce_large")],
+         grad_examples=[E([F((3, 4)), F((3, 4), "unit")])])

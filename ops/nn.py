@@ -9,22 +9,25 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
+import numpy as np
 from pydantic import BeforeValidator, Field
 from tinygrad import Tensor
 
 from dlgraph.engine.errors import ShapeError, SpecError, suggest
 from dlgraph.engine.spec.base import ParamLayer
 from dlgraph.engine.types import TType, fmt
-from dlgraph.ops.common import same
+from dlgraph.ops import reference as R
+from dlgraph.ops.common import pair, same
 from dlgraph.ops.elementwise import composite
+from dlgraph.ops.examples import E, F, Int
 from dlgraph.ops.linalg import swap_last
 from dlgraph.ops.registry import NO_GRAD, REGISTRY, attrs, register
-from dlgraph.ops.shape import _pair, pair_field
+from dlgraph.ops.shape import pair_field
 
-F = "nn"
+FAMILY = "nn"
 
 
-def _features(b, x, axis=-1, what="features"):
+def features(b, x, axis=-1, what="features"):
     t = b.type(x)
     d = t.shape[axis]
     if isinstance(d, str):
@@ -37,15 +40,15 @@ def _linear(b, a, x):
     if b.type(x).rank < 2:
         raise ShapeError(f"linear needs [batch, features], got {fmt(b.shape(x))}",
                          help="reshape the input to have a batch axis")
-    fin = _features(b, x)
+    fin = features(b, x)
     w = b.param("weight", (a.out, fin), "glorot_uniform")
     y = b.emit("matmul", x, swap_last(b, w))
     if a.bias:
         y = b.emit("add", y, b.param("bias", (a.out,), "zeros"))
-    return _activate(b, a, y)
+    return activate(b, a, y)
 
 
-def _activate(b, a, y):
+def activate(b, a, y):
     act = getattr(a, "activation", None)
     if act is None:
         return y
@@ -58,18 +61,35 @@ def _activate(b, a, y):
     return b.emit(act, y)
 
 
-_act = (str | None, Field(None, description="an activation op applied to the output, "
+ACTIVATION = (str | None, Field(None, description="an activation op applied to the output, "
                                             "e.g. relu"))
-register("linear", doc="fully connected layer: x @ weight.T + bias", family=F, inputs="x",
+def activated(a, y):
+    """The reference of a layer's output ``y`` after its ``activation`` (if any)."""
+    act = getattr(a, "activation", None)
+    return REGISTRY[act].reference(None, [y], None) if act else y
+
+
+def _bias_of(a, c):
+    return c.p["bias"] if a.bias else None
+
+
+register("linear", doc="fully connected layer: x @ weight.T + bias", family=FAMILY, inputs="x",
          attrs_model=attrs("linear", base=ParamLayer,
                            out=(int, Field(gt=0, description="output features")),
                            bias=(bool, Field(True, description="add a learned bias")),
-                           activation=_act),
-         expand=_linear)
+                           activation=ACTIVATION),
+         expand=_linear,
+         reference=lambda a, xs, c: activated(a, R.linear(xs[0], c.p["weight"], _bias_of(a, c))),
+         examples=[E([F((3, 4))], {"out": 5}),
+                   E([F((3, 4))], {"out": 5, "bias": False}, id="linear_nobias"),
+                   E([F((3, 4))], {"out": 5, "activation": "tanh"}, id="linear_activation"),
+                   E([F((2, 3, 4))], {"out": 5}, id="linear_rank3"),
+                   E([F(("batch", 4))], {"out": 1}, id="linear_named", dims={"batch": 3})],
+         grad_examples=[E([F((3, 4))], {"out": 2, "activation": "tanh"}, float64=True)])
 
 
 def _pad2d(b, x, padding, value=0.0):
-    ph, pw = _pair(padding)
+    ph, pw = pair(padding)
     r = b.type(x).rank
     if ph:
         x = b.emit("pad", x, axis=r - 2, before=ph, after=ph, value=value)
@@ -87,8 +107,8 @@ def conv_core(b, x, w, stride, dilation, groups):
     o, cg, kh, kw = b.shape(w)
     g = groups
     k = cg * kh * kw
-    win = b.emit("windows", x, kernel=[kh, kw], stride=list(_pair(stride)),
-                 dilation=list(_pair(dilation)))                       # [N, C, OH, OW, KH, KW]
+    win = b.emit("windows", x, kernel=[kh, kw], stride=list(pair(stride)),
+                 dilation=list(pair(dilation)))                       # [N, C, OH, OW, KH, KW]
     n, _, oh, ow, _, _ = b.shape(win)
     if g == 1:
         # as tinygrad's own conv2d: windows x weight summed over (C, KH, KW); the backward
@@ -107,13 +127,13 @@ def conv_core(b, x, w, stride, dilation, groups):
     return b.emit("reshape", y, shape=[n, o, oh, ow])
 
 
-def _groups(a, c):
+def check_groups(a, c):
     if c % a.groups or a.out % a.groups:
         raise ShapeError(f"groups={a.groups} must divide in channels {c} and out {a.out}",
                          help="channels are split into `groups` equal parts")
 
 
-def _add_bias(b, a, y, rank):
+def add_bias(b, a, y, rank):
     if not a.bias:
         return y
     bias = b.param("bias", (a.out,), "zeros")
@@ -125,15 +145,15 @@ def _conv2d(b, a, x):
     if t.rank != 4:
         raise ShapeError(f"conv2d needs [batch, channels, height, width], got {fmt(t.shape)}",
                          help="images are NCHW; reshape or transpose the input")
-    c = _features(b, x, 1, "channel")
-    _groups(a, c)
-    kh, kw = _pair(a.kernel)
+    c = features(b, x, 1, "channel")
+    check_groups(a, c)
+    kh, kw = pair(a.kernel)
     w = b.param("weight", (a.out, c // a.groups, kh, kw), "he_uniform")
     y = conv_core(b, _pad2d(b, x, a.padding), w, a.stride, a.dilation, a.groups)
     # cut output and pre-activation: their cotangents are then realised once, not
     # recomputed inside the weight-gradient reduction for every weight
-    y = _add_bias(b, a, y, 4)
-    out = _activate(b, a, y)
+    y = add_bias(b, a, y, 4)
+    out = activate(b, a, y)
     b.cut(y, out)
     return out
 
@@ -142,14 +162,30 @@ _k = pair_field(..., "kernel", 1, "kernel size (one int or [h, w])")
 _s = pair_field(1, "stride", 1, "stride")
 _p = pair_field(0, "padding", 0, "zero padding on each side")
 _d = pair_field(1, "dilation", 1, "dilation")
-register("conv2d", doc="2-D convolution over NCHW images", family=F, inputs="x",
+register("conv2d", doc="2-D convolution over NCHW images", family=FAMILY, inputs="x",
          attrs_model=attrs("conv2d", base=ParamLayer,
                            out=(int, Field(gt=0, description="output channels")),
                            kernel=_k, stride=_s, padding=_p, dilation=_d,
                            groups=(int, Field(1, gt=0, description="channel groups")),
                            bias=(bool, Field(True, description="add a learned bias")),
-                           activation=_act),
-         expand=_conv2d)
+                           activation=ACTIVATION),
+         expand=_conv2d,
+         reference=lambda a, xs, c: activated(a, R.conv2d(
+             xs[0], c.p["weight"], _bias_of(a, c), a.stride, a.padding, a.dilation, a.groups)),
+         examples=[E([F((2, 3, 7, 7))], {"out": 4, "kernel": 3}),
+                   E([F((2, 3, 7, 7))], {"out": 4, "kernel": 3, "stride": 2, "padding": 1},
+                     id="conv2d_stride_pad"),
+                   E([F((2, 3, 7, 7))], {"out": 4, "kernel": 2, "dilation": 2, "padding": 1},
+                     id="conv2d_dilation"),
+                   E([F((2, 4, 6, 6))], {"out": 6, "kernel": [2, 3], "stride": [1, 2],
+                                         "padding": [1, 0], "groups": 2, "bias": False},
+                     id="conv2d_groups_rect"),
+                   E([F((1, 2, 5, 5))], {"out": 2, "kernel": 1, "groups": 2,
+                                         "activation": "relu"}, id="conv2d_depthwise_relu")],
+         grad_examples=[
+             E([F((1, 2, 5, 5))], {"out": 3, "kernel": 2, "stride": 2, "padding": 1}),
+             E([F((1, 4, 6, 6))], {"out": 2, "kernel": [2, 3], "dilation": 2, "groups": 2,
+                                   "bias": False}, id="conv2d_dilation_groups")])
 
 
 def _pool(reduce, pad_value):
@@ -157,7 +193,7 @@ def _pool(reduce, pad_value):
         if b.type(x).rank != 4:
             raise ShapeError(f"pooling needs [batch, channels, height, width], got "
                              f"{fmt(b.shape(x))}")
-        (kh, kw), (ph, pw) = _pair(a.kernel), _pair(a.padding)
+        (kh, kw), (ph, pw) = pair(a.kernel), pair(a.padding)
         if 2 * ph > kh or 2 * pw > kw:
             raise ShapeError(f"padding {a.padding} is more than half the kernel {a.kernel}: "
                              "some windows would hold only padding",
@@ -170,13 +206,30 @@ def _pool(reduce, pad_value):
 
 _pool_fields = dict(kernel=_k, stride=(pair_field(None, "stride", 1, "")[0] | None, Field(
     None, description="stride (default: the kernel size)")), padding=_p)
-register("max_pool2d", doc="max over sliding windows of NCHW images", family=F, inputs="x",
-         attrs_model=attrs("max_pool2d", **_pool_fields), expand=_pool("max", -1e30))
-register("avg_pool2d", doc="mean over sliding windows (zero padding counts)", family=F,
+IMG = F((2, 3, 6, 6))
+
+
+def _pool_ref(how):
+    return lambda a, xs, c: R.pool(xs[0], a.kernel, a.stride, a.padding, how)
+
+
+register("max_pool2d", doc="max over sliding windows of NCHW images", family=FAMILY, inputs="x",
+         attrs_model=attrs("max_pool2d", **_pool_fields), expand=_pool("max", -1e30),
+         reference=_pool_ref("max"),
+         examples=[E([IMG], {"kernel": 2}),
+                   E([IMG], {"kernel": 3, "stride": 2, "padding": 1}, id="max_pool2d_pad"),
+                   E([IMG], {"kernel": [2, 3], "stride": 1}, id="max_pool2d_rect")],
+         grad_examples=[E([IMG], {"kernel": 2, "padding": 1})])
+register("avg_pool2d", doc="mean over sliding windows (zero padding counts)", family=FAMILY,
          inputs="x", attrs_model=attrs("avg_pool2d", **_pool_fields),
-         expand=_pool("mean", 0.0))
+         expand=_pool("mean", 0.0), reference=_pool_ref("mean"),
+         examples=[E([IMG], {"kernel": 2}),
+                   E([IMG], {"kernel": 3, "stride": 2, "padding": 1}, id="avg_pool2d_pad")],
+         grad_examples=[E([IMG], {"kernel": [2, 3], "stride": [2, 3], "padding": 1})])
 composite("global_avg_pool", "mean over the spatial axes: [N, C, H, W] -> [N, C]",
-          lambda b, a, x: b.emit("mean", x, axes=[2, 3]), family=F)
+          lambda b, a, x: b.emit("mean", x, axes=[2, 3]), family=FAMILY,
+          tests=dict(reference=lambda a, xs, c: xs[0].mean(axis=(2, 3)),
+                     examples=[E([F((2, 3, 4, 5))])], grad_examples=[E([F((2, 3, 4, 5))])]))
 
 
 def _embedding(b, a, ids):
@@ -184,11 +237,13 @@ def _embedding(b, a, ids):
     return b.emit("matmul", b.emit("one_hot", ids, depth=a.num), w)
 
 
-register("embedding", doc="int ids -> learned vectors (a row of weight per id)", family=F,
+register("embedding", doc="int ids -> learned vectors (a row of weight per id)", family=FAMILY,
          inputs="ids", attrs_model=attrs("embedding", base=ParamLayer,
                                          num=(int, Field(gt=0, description="vocabulary size")),
                                          dim=(int, Field(gt=0, description="vector size"))),
-         expand=_embedding)
+         expand=_embedding, reference=lambda a, xs, c: c.p["weight"][xs[0]],
+         examples=[E([Int((2, 5), 7)], {"num": 7, "dim": 3})],
+         grad_examples=[E([Int((2, 5), 7)], {"num": 7, "dim": 3})])
 
 
 def _dropout_mask(c, a, x):
@@ -199,11 +254,16 @@ def _dropout_mask(c, a, x):
 
 _p_field = (float, Field(0.5, ge=0, lt=1, description="probability of dropping a value"))
 register("dropout_mask", doc="a random keep-mask scaled by 1/(1-p) in training; ones in eval",
-         family=F, inputs="x", attrs_model=attrs("dropout_mask", p=_p_field),
-         infer=same, forward=_dropout_mask, vjp=NO_GRAD)
-register("dropout", doc="zero values with probability p while training", family=F, inputs="x",
+         family=FAMILY, inputs="x", attrs_model=attrs("dropout_mask", p=_p_field),
+         infer=same, forward=_dropout_mask, vjp=NO_GRAD,
+         reference=lambda a, xs, c: np.ones_like(xs[0]) if not c.training or a.p == 0 else None,
+         examples=[E([F((3, 4))], {"p": 0.3})])
+register("dropout", doc="zero values with probability p while training", family=FAMILY, inputs="x",
          attrs_model=attrs("dropout", p=_p_field),
-         expand=lambda b, a, x: b.emit("mul", x, b.emit("dropout_mask", x, p=a.p)))
+         expand=lambda b, a, x: b.emit("mul", x, b.emit("dropout_mask", x, p=a.p)),
+         reference=lambda a, xs, c: xs[0] if not c.training or a.p == 0 else None,   # random
+         examples=[E([F((3, 4))])],
+         grad_examples=[E([F((3, 4))], {"p": 0.5}, fd_training=False)])
 
 
 def _sizes(v):
@@ -233,22 +293,26 @@ def _noise(c, a, ref):
 
 register("noise", doc="random samples [batch, *shape], batch taken from the input: a GAN's "
          "latent code, or (training_only) input corruption that inference runs without; "
-         "no gradient", family=F, inputs="like",
+         "no gradient", family=FAMILY, inputs="like",
          attrs_model=attrs("noise", shape=_trailing,
                            kind=(Literal["normal", "uniform"],
                                  Field("normal", description="standard normal, or [0, 1)")),
                            training_only=(bool, Field(False, description=(
                                "zeros outside training: corruption for a denoising model "
                                "(add it to the input), so inference sees clean data")))),
-         infer=_noise_infer, forward=_noise, vjp=NO_GRAD)
+         infer=_noise_infer, forward=_noise, vjp=NO_GRAD,
+         reference=lambda a, xs, c: None,        # random: only its shape and dtype are checked
+         examples=[E([F((3, 2))], {"shape": [4, 5]}),
+                   E([F((3, 2))], {"shape": [2], "kind": "uniform"}, id="noise_uniform")])
 
 
 register("zeros", doc="zeros [batch, *shape], batch taken from the input (initial states)",
-         family=F, inputs="like",
+         family=FAMILY, inputs="like",
          attrs_model=attrs("zeros", shape=_trailing),
          infer=_noise_infer,
          forward=lambda c, a, ref: Tensor.zeros(ref.shape[0], *a.shape).shard_like(ref),
-         vjp=NO_GRAD)
+         vjp=NO_GRAD, reference=lambda a, xs, c: np.zeros((xs[0].shape[0], *a.shape)),
+         examples=[E([F((3, 2))], {"shape": [4, 5]})])
 
 
 def _moving_average(c, a, stat, running, *update):
@@ -271,11 +335,14 @@ def _moving_average_vjp(b, n, g):
 
 register("moving_average", doc="training: the batch statistic (and move the running one "
          "towards `update`, by default the statistic itself); eval: the running statistic",
-         family=F, inputs="stat, running, update*",
+         family=FAMILY, inputs="stat, running, update*",
          attrs_model=attrs("moving_average", momentum=(float, Field(0.1, gt=0, le=1)),
                            update=(bool, Field(True, description="in training, move the "
                                                "running statistic (off: only pick by mode)"))),
-         infer=lambda a, s, r, *u: s, forward=_moving_average, vjp=_moving_average_vjp)
+         infer=lambda a, s, r, *u: s, forward=_moving_average, vjp=_moving_average_vjp,
+         reference=lambda a, xs, c: xs[0] if c.training else xs[1],
+         examples=[E([F((1, 3)), F((1, 3))])],
+         grad_examples=[E([F((1, 3)), F((1, 3), diff=False)], float64=True)])
 
 
 def _normalize(b, x, axes, eps, momentum=None):
@@ -314,7 +381,7 @@ def _batch_norm(b, a, x):
     t = b.type(x)
     if t.rank < 2:
         raise ShapeError(f"batch_norm needs [batch, channels, ...], got {fmt(t.shape)}")
-    c = _features(b, x, 1, "channel")
+    c = features(b, x, 1, "channel")
     axes = [0] + list(range(2, t.rank))
     y = _normalize(b, x, axes, a.eps, a.momentum)
     shape = (c,) + (1,) * (t.rank - 2)
@@ -326,20 +393,48 @@ def _batch_norm(b, a, x):
     return y
 
 
+def _batch_norm_ref(a, xs, c):
+    x = xs[0]
+    axes = (0,) + tuple(range(2, x.ndim))
+    shape = (1, x.shape[1]) + (1,) * (x.ndim - 2)
+    if c.training:
+        mu = x.mean(axis=axes, keepdims=True)
+        var = ((x - mu) ** 2).mean(axis=axes, keepdims=True)
+    else:
+        mu = c.p["running_mean"].reshape(shape)
+        var = c.p["running_var"].reshape(shape)
+    y = (x - mu) / np.sqrt(var + a.eps)
+    if a.affine:
+        y = y * c.p["weight"].reshape(shape) + c.p["bias"].reshape(shape)
+    return y
+
+
 _eps = (float, Field(1e-5, gt=0, description="added to the variance"))
 _affine = (bool, Field(True, description="learn a scale and a shift"))
 register("layer_norm", doc="normalise over the last `dims` axes, then scale and shift",
-         family=F, inputs="x",
+         family=FAMILY, inputs="x",
          attrs_model=attrs("layer_norm", base=ParamLayer, eps=_eps, affine=_affine,
                            dims=(int, Field(1, gt=0, description="how many trailing axes"))),
-         expand=_layer_norm)
+         expand=_layer_norm,
+         reference=lambda a, xs, c: R.layer_norm(xs[0], c.p.get("weight"), c.p.get("bias"),
+                                                 a.eps, a.dims),
+         examples=[E([F((3, 4))]),
+                   E([F((2, 3, 4))], {"dims": 2}, id="layer_norm_dims2"),
+                   E([F((3, 4))], {"affine": False}, id="layer_norm_plain")],
+         grad_examples=[E([F((2, 3, 4))], {"dims": 2}, float64=True)])
 register("batch_norm", doc="normalise over the batch (and space) per channel (axis 1); "
-         "running statistics in eval mode", family=F, inputs="x",
+         "running statistics in eval mode", family=FAMILY, inputs="x",
          attrs_model=attrs("batch_norm", base=ParamLayer, eps=_eps, affine=_affine,
                            momentum=(float, Field(0.1, gt=0, le=1, description=
                                                   "weight of the new batch in the "
                                                   "running statistics"))),
-         expand=_batch_norm)
+         expand=_batch_norm, reference=_batch_norm_ref,
+         examples=[E([F((4, 3))], id="batch_norm_initial_stats", keep_init=True),
+                   E([F((4, 3))], id="batch_norm_2d"),
+                   E([F((2, 3, 4, 4))], {"eps": 0.1}, id="batch_norm_4d"),
+                   E([F((2, 3, 4, 4))], {"affine": False}, id="batch_norm_plain")],
+         grad_examples=[E([F((4, 3))], float64=True),
+                        E([F((2, 3, 3, 3))], id="batch_norm_4d")])
 
 
 def _softmax(b, a, x):
@@ -356,6 +451,15 @@ def _log_softmax(b, a, x):
 
 _axis = (int, Field(-1, description="the axis"))
 composite("softmax", "exp(x) / sum(exp(x)) along an axis, computed stably", _softmax,
-          axis=_axis)
+          axis=_axis, tests=dict(
+              reference=lambda a, xs, c: np.exp(R.log_softmax(xs[0], a.axis)),
+              examples=[E([F((3, 5))]), E([F((3, 5))], {"axis": 0}, id="softmax_axis0"),
+                        E([F((1, 3), values=[[1000.0, 1001.0, 999.0]])], id="softmax_large")],
+              grad_examples=[E([F((3, 5))], {"axis": 0}, float64=True)]))
 composite("log_softmax", "x - log(sum(exp(x))) along an axis, computed stably", _log_softmax,
-          axis=_axis)
+          axis=_axis, tests=dict(
+              reference=lambda a, xs, c: R.log_softmax(xs[0], a.axis),
+              examples=[E([F((3, 5))]), E([F((2, 3, 4))], {"axis": 1}, id="log_softmax_axis1"),
+                        E([F((1, 3), values=[[1000.0, 1001.0, -1000.0]])],
+                          id="log_softmax_large")],
+              grad_examples=[E([F((3, 5))])]))

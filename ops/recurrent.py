@@ -20,12 +20,15 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
+import numpy as np
 from pydantic import Field
 
 from dlgraph.engine.errors import ShapeError, suggest
 from dlgraph.engine.spec.base import ParamLayer
 from dlgraph.engine.types import fmt
+from dlgraph.ops import reference as R
 from dlgraph.ops.control import step_type
+from dlgraph.ops.examples import E, F
 from dlgraph.ops.linalg import swap_last
 from dlgraph.ops.registry import attrs, register
 
@@ -178,17 +181,34 @@ _fields = dict(
                             "real step and 0 for padding: padded steps leave the state as it "
                             "is (so `h` is each sequence's last real state, and the backward "
                             "direction starts at each one's end) and give zero outputs")))
+
+
+def _recurrent_ref(kind):
+    """PyTorch's RNN / LSTM / GRU in numpy float64 (:func:`.reference.recurrent`)."""
+    return lambda a, xs, c: R.recurrent(kind, xs[0], xs[1:], c.p, a.hidden, a.layers,
+                                        a.bidirectional)["out"]
+
+
+SEQ = F((2, 3, 2))
 register("rnn", doc="Elman RNN with tanh over [batch, time, features]", family="recurrent",
          inputs="x, h0*", attrs_model=attrs("rnn", base=Recurrent, **_fields),
-         expand=scan("rnn"), outputs=("out", "h"))
+         expand=scan("rnn"), outputs=("out", "h"), reference=_recurrent_ref("rnn"),
+         examples=[E([SEQ], {"hidden": 3})], grad_examples=[E([F((2, 2, 2))], {"hidden": 3})])
 register("lstm", doc="LSTM (input, forget, output gates; cell state) over [batch, time, "
          "features]", family="recurrent", inputs="x, states*",
          attrs_model=attrs("lstm", base=Recurrent, **_fields), expand=scan("lstm"),
-         outputs=("out", "h", "c"))
+         outputs=("out", "h", "c"), reference=_recurrent_ref("lstm"),
+         examples=[E([SEQ], {"hidden": 3}),
+                   E([SEQ, F((4, 2, 3)), F((4, 2, 3))],
+                     {"hidden": 3, "layers": 2, "bidirectional": True},
+                     id="lstm_stacked_bidir_states")],
+         grad_examples=[E([F((2, 2, 2))], {"hidden": 3})])
 register("gru", doc="GRU (reset and update gates) over [batch, time, features]",
          family="recurrent", inputs="x, h0*", attrs_model=attrs("gru", base=Recurrent,
                                                                 **_fields),
-         expand=scan("gru"), outputs=("out", "h"))
+         expand=scan("gru"), outputs=("out", "h"), reference=_recurrent_ref("gru"),
+         examples=[E([SEQ], {"hidden": 3}), E([SEQ, F((1, 2, 3))], {"hidden": 3}, id="gru_h0")],
+         grad_examples=[E([F((2, 2, 2)), F((1, 2, 3))], {"hidden": 3})])
 
 
 def _scan_module(b, a, x, *init):
@@ -228,6 +248,30 @@ def _scan_module(b, a, x, *init):
     return {"out": out, **dict(zip(names, last, strict=True))}
 
 
+ELMAN = {"modules": {"cell": {
+    "inputs": ["x", "h"],
+    "nodes": {"xw": {"op": "linear", "in": "x", "out": 3},
+              "hw": {"op": "linear", "in": "h", "out": 3, "bias": False},
+              "s": {"op": "add", "in": ["xw", "hw"]},
+              "hn": {"op": "tanh", "in": "s"}},
+    "outputs": ["hn"]}}}
+"""The spec module of the ``scan`` examples: the Elman cell h' = tanh(W x + b + U h), 3
+features."""
+
+
+def _scan_ref(a, xs, c):
+    """``scan`` of the :data:`ELMAN` cell (the only body the examples use)."""
+    x, *init = xs
+    w, b, u = c.p["cell.xw.weight"], c.p["cell.xw.bias"], c.p["cell.hw.weight"]
+    h = init[0] if init else np.zeros((x.shape[0], u.shape[0]))
+    out = []
+    for t in range(x.shape[1]):
+        h = np.tanh(x[:, t] @ w.T + b + h @ u.T)
+        out.append(h)
+    return np.stack(out, axis=1)
+
+
+_ELMAN_STATE = {"body": "cell", "state": {"h": 3}}
 register("scan", doc="run a module of the spec over time: its inputs are [x_t, *states], its "
          "outputs the new states; outputs `out` (the first state at every step) and each "
          "final state by name", family="recurrent", inputs="x, states*",
@@ -236,4 +280,7 @@ register("scan", doc="run a module of the spec over time: its inputs are [x_t, *
                                                         "the module's input order")),
                            args=(dict[str, Any], Field(default_factory=dict,
                                                        description="args for the module"))),
-         expand=_scan_module, outputs=("out",))
+         expand=_scan_module, outputs=("out",), reference=_scan_ref,
+         examples=[E([SEQ], _ELMAN_STATE, extra=ELMAN),
+                   E([SEQ, F((2, 3))], _ELMAN_STATE, extra=ELMAN, id="scan_initial_state")],
+         grad_examples=[E([F((2, 2, 2)), F((2, 3))], _ELMAN_STATE, extra=ELMAN)])

@@ -4,6 +4,10 @@ A *primitive* op has ``infer`` (types in, type out), ``forward`` (tinygrad in, t
 out) and ``vjp`` (emits the backward nodes). A *composite* op has ``expand`` instead: it
 emits primitives (and parameters) through the builder and needs no other rule, since its
 shape, forward and gradient follow from what it expands to.
+
+Every op of a spec also carries its tests: a numpy float64 ``reference`` of what it means,
+and ``examples`` (forward) and ``grad_examples`` (gradient) in the plain data of
+:mod:`dlgraph.ops.examples`, which the registry-wide tests turn into one-op specs.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from typing import Any, Literal
 from pydantic import Field, create_model
 
 from dlgraph.engine.spec.base import NodeSpec
+from dlgraph.ops.examples import INPUTS, Example
 
 NO_GRAD = "no-grad"
 """``vjp=NO_GRAD``: the op's output carries no gradient (comparisons, argmax, one-hot)."""
@@ -36,10 +41,17 @@ class OpDef:
     outputs: tuple[str, ...] = ("out",)  # named outputs of a composite; the first is default
     internal: bool = False           # made by the engine (loop, pick), not written in specs
     multi: bool = False              # several outputs, read through `pick`; vjp gets a list
+    reference: Callable | None = None  # (attrs, xs, ctx) -> numpy float64 array (None: random)
+    examples: tuple[Example, ...] = ()       # forward tests, held against `reference`
+    grad_examples: tuple[Example, ...] = ()  # gradient tests (differentiable ops)
 
     @property
     def composite(self) -> bool:
         return self.expand is not None
+
+    @property
+    def differentiable(self) -> bool:
+        return self.composite or self.vjp != NO_GRAD
 
     @property
     def variadic(self) -> bool:
@@ -60,6 +72,8 @@ REGISTRY: dict[str, OpDef] = {}
 """The ops a spec may name."""
 OPS: dict[str, OpDef] = {}
 """Every op a graph may hold: REGISTRY plus the engine's internal ones (loop, pick)."""
+EXAMPLE_IDS: dict[str, set[str]] = {"examples": set(), "grad_examples": set()}
+"""The test ids of every registered example, by kind (an id names one test)."""
 
 
 def attrs(name: str, base: type[NodeSpec] = NodeSpec, doc: str = "", **fields) -> type[NodeSpec]:
@@ -77,13 +91,19 @@ def attrs(name: str, base: type[NodeSpec] = NodeSpec, doc: str = "", **fields) -
 
 def register(name: str, *, doc: str, family: str, inputs: tuple[str, ...] | str,
              attrs_model: type[NodeSpec] | None = None, **rules) -> OpDef:
-    """Register an op, checking that its record is complete.
+    """Register an op, checking that its record is complete and its examples fit it.
+
+    ``reference`` is ``(attrs, xs, ctx) -> array``: the op's output in numpy float64 from
+    its validated attributes, its input arrays (float64, int or bool) and ``ctx`` with ``p``
+    (the layer's parameters by local name), ``params`` (all), ``training`` and ``dims``.
 
     >>> sorted(REGISTRY)[:2]  # doctest: +SKIP
     ['abs', 'add']
     """
     if isinstance(inputs, str):
         inputs = tuple(s.strip() for s in inputs.split(",") if s.strip())
+    for kind in EXAMPLE_IDS:
+        rules[kind] = tuple(rules.get(kind, ()))
     model = attrs_model or attrs(name, doc=doc)
     d = OpDef(name=name, attrs=model, doc=doc, family=family, inputs=inputs, **rules)
     if name in OPS:
@@ -96,7 +116,40 @@ def register(name: str, *, doc: str, family: str, inputs: tuple[str, ...] | str,
     elif not (d.infer and d.forward and d.vjp):
         missing = [r for r in ("infer", "forward", "vjp") if not getattr(d, r)]
         raise RuntimeError(f"primitive op '{name}' lacks {', '.join(missing)}")
+    ids = {kind: _check_examples(d, kind) for kind in EXAMPLE_IDS}
+    for kind, new in ids.items():
+        EXAMPLE_IDS[kind].update(new)
     if not d.internal:
         REGISTRY[name] = d
     OPS[name] = d
     return d
+
+
+def _check_examples(d: OpDef, kind: str) -> set[str]:
+    """The ids of an op's examples of one kind, checked: inputs that fit its signature,
+    attributes its model accepts, ids not taken; a reference to hold them against."""
+    examples = getattr(d, kind)
+    if examples and d.reference is None:
+        raise RuntimeError(f"op '{d.name}' has {kind} but no reference")
+    if kind == "grad_examples" and examples and not d.differentiable:
+        raise RuntimeError(f"op '{d.name}' has no gradient, but grad_examples")
+    if d.reference is not None and not callable(d.reference):
+        raise RuntimeError(f"op '{d.name}': its reference is not callable")
+    ids: set[str] = set()
+    for ex in examples:
+        eid = getattr(ex, "id", "") or d.name
+        if not isinstance(ex, Example) or not all(isinstance(i, INPUTS) for i in ex.ins):
+            raise RuntimeError(f"op '{d.name}': example '{eid}' is not an Example of "
+                               "Float/Int/Bool inputs (dlgraph.ops.examples)")
+        if not d.arity_ok(len(ex.ins)):
+            raise RuntimeError(f"op '{d.name}': example '{eid}' has {len(ex.ins)} inputs "
+                               f"for ({d.signature()})")
+        if eid in ids or eid in EXAMPLE_IDS[kind]:
+            raise RuntimeError(f"op '{d.name}': two {kind} are called '{eid}'")
+        try:
+            d.attrs.model_validate({"op": d.name, **ex.attrs})
+        except ValueError as e:
+            raise RuntimeError(f"op '{d.name}': example '{eid}' has bad attributes: {e}") \
+                from None
+        ids.add(eid)
+    return ids

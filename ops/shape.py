@@ -5,15 +5,18 @@ from __future__ import annotations
 import math
 from typing import Annotated
 
+import numpy as np
 from pydantic import BeforeValidator, Field
 from tinygrad import Tensor
 
 from dlgraph.engine.errors import ShapeError
 from dlgraph.engine.types import TType, broadcast, dim_add, dim_sub, fmt, norm_axis
-from dlgraph.ops.common import axes_of, resolve
+from dlgraph.ops import reference as R
+from dlgraph.ops.common import axes_of, pair, resolve
+from dlgraph.ops.examples import E, F, Int
 from dlgraph.ops.registry import NO_GRAD, attrs, register
 
-F = "shape"
+FAMILY = "shape"
 
 
 def _axis(axis: int, rank: int) -> int:
@@ -56,16 +59,29 @@ def _reshape_infer(a, x):
     return TType(tuple(target), x.dtype)
 
 
-register("reshape", doc="view with another shape (-1: inferred; named dims kept)", family=F,
+register("reshape", doc="view with another shape (-1: inferred; named dims kept)", family=FAMILY,
          inputs="x", attrs_model=attrs("reshape", shape=(list[int | str], Field(
              description="target shape; -1 once for 'the rest'; named dims such as batch"))),
          infer=_reshape_infer, forward=lambda c, a, x: x.reshape(resolve(c, a.shape)),
-         vjp=lambda b, n, g: [b.emit("reshape_like", g, n.inputs[0])])
+         vjp=lambda b, n, g: [b.emit("reshape_like", g, n.inputs[0])],
+         reference=lambda a, xs, c: xs[0].reshape([c.dims[d] if isinstance(d, str) else d
+                                                   for d in a.shape]),
+         examples=[E([F((2, 3, 4))], {"shape": [6, 4]}),
+                   E([F((2, 3, 4))], {"shape": [-1, 2]}, id="reshape_infer"),
+                   E([F((2, 3, 4))], {"shape": [24]}, id="reshape_rank1"),
+                   E([F(("batch", 2, 3))], {"shape": ["batch", 6]}, id="reshape_named",
+                     dims={"batch": 3}),
+                   E([F(("batch", 2, 3))], {"shape": ["batch", -1, 1]},
+                     id="reshape_named_infer", dims={"batch": 3})],
+         grad_examples=[E([F((2, 3, 4))], {"shape": [-1, 2]})])
 
-register("reshape_like", doc="reshape x to the shape of ref", family=F, inputs="x, ref",
+register("reshape_like", doc="reshape x to the shape of ref", family=FAMILY, inputs="x, ref",
          infer=lambda a, x, r: TType(r.shape, x.dtype),
          forward=lambda c, a, x, r: x.reshape(r.shape),
-         vjp=lambda b, n, g: [b.emit("reshape_like", g, n.inputs[0]), None])
+         vjp=lambda b, n, g: [b.emit("reshape_like", g, n.inputs[0]), None],
+         reference=lambda a, xs, c: xs[0].reshape(xs[1].shape),
+         examples=[E([F((2, 6)), F((3, 4))])],
+         grad_examples=[E([F((2, 6)), F((3, 4), diff=False)])])
 
 
 def _flatten_infer(a, x):
@@ -81,12 +97,24 @@ def _flatten_infer(a, x):
                  + x.shape[e + 1:], x.dtype)
 
 
+def _flatten_ref(a, xs, c):
+    x = xs[0]
+    s, e = a.start % x.ndim, a.end % x.ndim
+    return x.reshape(x.shape[:s] + (-1,) + x.shape[e + 1:])
+
+
 register("flatten", doc="merge axes start..end into one (default: all but the first)",
-         family=F, inputs="x",
+         family=FAMILY, inputs="x",
          attrs_model=attrs("flatten", start=(int, Field(1, description="first axis merged")),
                            end=(int, Field(-1, description="last axis merged"))),
          infer=_flatten_infer, forward=lambda c, a, x: x.flatten(a.start, a.end),
-         vjp=lambda b, n, g: [b.emit("reshape_like", g, n.inputs[0])])
+         vjp=lambda b, n, g: [b.emit("reshape_like", g, n.inputs[0])],
+         reference=_flatten_ref,
+         examples=[E([F((2, 3, 4))]),
+                   E([F((2, 3, 4))], {"start": 0}, id="flatten_all"),
+                   E([F((2, 3, 4, 5))], {"start": 1, "end": -2}, id="flatten_middle"),
+                   E([F(("batch", 3, 4))], id="flatten_named", dims={"batch": 2})],
+         grad_examples=[E([F((2, 3, 4))], {"start": 0})])
 
 
 def _perm(a, rank):
@@ -97,13 +125,18 @@ def _perm(a, rank):
     return axes
 
 
-register("transpose", doc="permute axes (default: reverse them)", family=F, inputs="x",
+register("transpose", doc="permute axes (default: reverse them)", family=FAMILY, inputs="x",
          attrs_model=attrs("transpose", axes=(list[int] | None, Field(
              None, description="new order of the axes, e.g. [0, 2, 1]"))),
          infer=lambda a, x: TType(tuple(x.shape[i] for i in _perm(a, x.rank)), x.dtype),
          forward=lambda c, a, x: x.permute(_perm(a, x.ndim)),
          vjp=lambda b, n, g: [b.emit("transpose", g, axes=sorted(
-             range(len(p := _perm(n.attrs, b.type(n.inputs[0]).rank))), key=p.__getitem__))])
+             range(len(p := _perm(n.attrs, b.type(n.inputs[0]).rank))), key=p.__getitem__))],
+         reference=lambda a, xs, c: np.transpose(xs[0], a.axes),
+         examples=[E([F((2, 3, 4))]),
+                   E([F((2, 3, 4))], {"axes": [0, 2, 1]}, id="transpose_axes"),
+                   E([F((2, 3, 4))], {"axes": [-1, 0, 1]}, id="transpose_negative")],
+         grad_examples=[E([F((2, 3, 4))], {"axes": [-1, 0, 1]})])
 
 
 def _squeeze_infer(a, x):
@@ -121,14 +154,23 @@ def _unsqueeze_infer(a, x):
 
 
 _ax = (int, Field(description="the axis"))
-register("squeeze", doc="drop an axis of size 1", family=F, inputs="x",
+register("squeeze", doc="drop an axis of size 1", family=FAMILY, inputs="x",
          attrs_model=attrs("squeeze", axis=_ax), infer=_squeeze_infer,
          forward=lambda c, a, x: x.squeeze(a.axis),
-         vjp=lambda b, n, g: [b.emit("reshape_like", g, n.inputs[0])])
-register("unsqueeze", doc="insert an axis of size 1", family=F, inputs="x",
+         vjp=lambda b, n, g: [b.emit("reshape_like", g, n.inputs[0])],
+         reference=lambda a, xs, c: np.squeeze(xs[0], a.axis),
+         examples=[E([F((3, 1, 4))], {"axis": 1}),
+                   E([F((3, 4, 1))], {"axis": -1}, id="squeeze_negative")],
+         grad_examples=[E([F((3, 1, 4))], {"axis": -2})])
+register("unsqueeze", doc="insert an axis of size 1", family=FAMILY, inputs="x",
          attrs_model=attrs("unsqueeze", axis=_ax), infer=_unsqueeze_infer,
          forward=lambda c, a, x: x.unsqueeze(a.axis),
-         vjp=lambda b, n, g: [b.emit("reshape_like", g, n.inputs[0])])
+         vjp=lambda b, n, g: [b.emit("reshape_like", g, n.inputs[0])],
+         reference=lambda a, xs, c: np.expand_dims(xs[0], a.axis),
+         examples=[E([F((3, 4))], {"axis": 0}),
+                   E([F((3, 4))], {"axis": -1}, id="unsqueeze_last"),
+                   E([F((3, 4))], {"axis": -2}, id="unsqueeze_negative")],
+         grad_examples=[E([F((3, 4))], {"axis": -1})])
 
 
 # -- slicing and concatenation -------------------------------------------------------------
@@ -180,13 +222,24 @@ def _slice_vjp(b, n, g):
     return [b.emit("pad", g, axis=ax, before=s, after=t.shape[ax] - e)]
 
 
+def _slice_ref(a, xs, c):
+    x = xs[0]
+    idx = [slice(None)] * x.ndim
+    idx[a.axis % x.ndim] = slice(a.start, a.stop)
+    return x[tuple(idx)]
+
+
 _bounds = dict(axis=_ax, start=(int, Field(0, description="first index; negative counts "
                                              "from the end")),
                stop=(int | None, Field(None, description="end (exclusive); negative counts "
                                                          "from the end, null is the end")))
-register("slice", doc="x[start:stop] along one axis", family=F, inputs="x",
+register("slice", doc="x[start:stop] along one axis", family=FAMILY, inputs="x",
          attrs_model=attrs("slice", **_bounds), infer=_slice_infer, forward=_slice_fwd,
-         vjp=_slice_vjp)
+         vjp=_slice_vjp, reference=_slice_ref,
+         examples=[E([F((3, 5))], {"axis": 1, "start": 1, "stop": 3}),
+                   E([F((3, 5))], {"axis": -1, "start": -3}, id="slice_negative"),
+                   E([F((4, 2))], {"axis": 0, "stop": -1}, id="slice_stop_negative")],
+         grad_examples=[E([F((3, 5))], {"axis": -1, "start": -3, "stop": -1})])
 
 
 def _unslice_fwd(c, a, g, x):
@@ -196,7 +249,7 @@ def _unslice_fwd(c, a, g, x):
 
 
 register("unslice", doc="g zero-padded to the shape of x, where x[start:stop] was taken "
-         "(internal: the VJP of a slice of a named dim)", family=F, inputs="g, x",
+         "(internal: the VJP of a slice of a named dim)", family=FAMILY, inputs="g, x",
          internal=True, attrs_model=attrs("unslice", **_bounds),
          infer=lambda a, g, x: TType(x.shape, g.dtype), forward=_unslice_fwd,
          vjp=lambda b, n, g: [b.emit("slice", g, axis=n.attrs.axis, start=n.attrs.start,
@@ -211,7 +264,14 @@ def _pad_infer(a, x):
     return TType(x.shape[:ax] + (d + a.before + a.after,) + x.shape[ax + 1:], x.dtype)
 
 
-register("pad", doc="zero-pad one axis", family=F, inputs="x",
+def _pad_ref(a, xs, c):
+    x = xs[0]
+    width = [(0, 0)] * x.ndim
+    width[a.axis % x.ndim] = (a.before, a.after)
+    return np.pad(x, width, constant_values=a.value)
+
+
+register("pad", doc="zero-pad one axis", family=FAMILY, inputs="x",
          attrs_model=attrs("pad", axis=_ax, before=(int, Field(0, ge=0)),
                            after=(int, Field(0, ge=0)),
                            value=(float, Field(0.0, description="the fill value"))),
@@ -220,7 +280,11 @@ register("pad", doc="zero-pad one axis", family=F, inputs="x",
                                              else None for i in range(x.ndim)), value=a.value),
          vjp=lambda b, n, g: [b.emit("slice", g, axis=n.attrs.axis, start=n.attrs.before,
                                      stop=n.attrs.before + b.type(n.inputs[0]).shape[
-                                         _axis(n.attrs.axis, b.type(n.inputs[0]).rank)])])
+                                         _axis(n.attrs.axis, b.type(n.inputs[0]).rank)])],
+         reference=_pad_ref,
+         examples=[E([F((2, 3))], {"axis": 0, "before": 1, "after": 2}),
+                   E([F((2, 3))], {"axis": -1, "after": 1, "value": 2.5}, id="pad_value")],
+         grad_examples=[E([F((2, 3))], {"axis": -1, "before": 1, "after": 2, "value": 1.5})])
 
 
 def _concat_infer(a, *xs):
@@ -249,10 +313,14 @@ def _concat_vjp(b, n, g):
     return out
 
 
-register("concat", doc="join inputs along an axis", family=F, inputs="x, more*",
+register("concat", doc="join inputs along an axis", family=FAMILY, inputs="x, more*",
          attrs_model=attrs("concat", axis=(int, Field(-1, description="the axis"))),
          infer=_concat_infer, forward=lambda c, a, *xs: xs[0].cat(*xs[1:], dim=a.axis),
-         vjp=_concat_vjp)
+         vjp=_concat_vjp, reference=lambda a, xs, c: np.concatenate(xs, axis=a.axis),
+         examples=[E([F((2, 1)), F((2, 3)), F((2, 2))]),
+                   E([F((1, 3)), F((2, 3))], {"axis": 0}, id="concat_axis0"),
+                   E([F((2, 3))], id="concat_single")],
+         grad_examples=[E([F((2, 1)), F((2, 3)), F((2, 2))])])
 
 
 def _take(b, a, x):
@@ -269,10 +337,13 @@ def _take(b, a, x):
 
 
 register("take", doc="x[..., index, ...]: one index along an axis, which is dropped",
-         family=F, inputs="x",
+         family=FAMILY, inputs="x",
          attrs_model=attrs("take", axis=_ax, index=(int, Field(description="the index; "
                                                                             "-1 is the last"))),
-         expand=_take)
+         expand=_take, reference=lambda a, xs, c: np.take(xs[0], a.index, axis=a.axis),
+         examples=[E([F((2, 3, 4))], {"axis": 1, "index": -1}),
+                   E([F((2, 3, 4))], {"axis": 0, "index": 1}, id="take_first_axis")],
+         grad_examples=[E([F((2, 3, 4))], {"axis": 1, "index": -1})])
 
 
 # -- broadcasting helpers (the VJP rules of broadcasting ops use these) -----------------------
@@ -299,20 +370,32 @@ def reduce_to(x, shape):
     return x.sum(axes, keepdim=True) if axes else x
 
 
-register("broadcast_like", doc="broadcast x to the shape of ref", family=F, inputs="x, ref",
+def _reduce_to_ref(a, xs, c):
+    x, target = xs[0], xs[1].shape
+    x = x.sum(axis=tuple(range(x.ndim - len(target))))
+    keep = tuple(i for i, t in enumerate(target) if t == 1 and x.shape[i] != 1)
+    return x.sum(axis=keep, keepdims=True)
+
+
+register("broadcast_like", doc="broadcast x to the shape of ref", family=FAMILY, inputs="x, ref",
          infer=_bcast_like_infer, forward=lambda c, a, x, r: x.expand(r.shape),
-         vjp=lambda b, n, g: [b.emit("reduce_to", g, n.inputs[0]), None])
-register("reduce_to", doc="sum x down to the (broadcastable) shape of ref", family=F,
+         vjp=lambda b, n, g: [b.emit("reduce_to", g, n.inputs[0]), None],
+         reference=lambda a, xs, c: np.broadcast_to(xs[0], xs[1].shape),
+         examples=[E([F((3, 1)), F((2, 3, 4))]),
+                   E([F((4,)), F((3, 4))], id="broadcast_like_rank")],
+         grad_examples=[E([F((3, 1)), F((2, 3, 4), diff=False)])])
+register("reduce_to", doc="sum x down to the (broadcastable) shape of ref", family=FAMILY,
          inputs="x, ref", infer=_reduce_to_infer,
          forward=lambda c, a, x, r: reduce_to(x, r.shape),
-         vjp=lambda b, n, g: [b.emit("broadcast_like", g, n.inputs[0]), None])
+         vjp=lambda b, n, g: [b.emit("broadcast_like", g, n.inputs[0]), None],
+         reference=_reduce_to_ref,
+         examples=[E([F((2, 3, 4)), F((3, 1))]),
+                   E([F((2, 3, 4)), F((4,))], id="reduce_to_rank1"),
+                   E([F((2, 3, 4)), F((1, 3, 1))], id="reduce_to_keep")],
+         grad_examples=[E([F((2, 3, 4)), F((3, 1), diff=False)])])
 
 
 # -- sliding windows (convolution and pooling are built on these) --------------------------------
-def _pair(v):
-    return (v, v) if isinstance(v, int) else tuple(v)
-
-
 #: The largest size a kernel, stride, padding or dilation may have (an int32 dim).
 MAX_SIZE = 2**31 - 1
 
@@ -340,7 +423,7 @@ def _out_size(size, k, s, d):
 def _windows_infer(a, x):
     if x.rank < 3:
         raise ShapeError(f"windows need [..., H, W] with a leading axis, got {fmt(x.shape)}")
-    (kh, kw), (sh, sw), (dh, dw) = _pair(a.kernel), _pair(a.stride), _pair(a.dilation)
+    (kh, kw), (sh, sw), (dh, dw) = pair(a.kernel), pair(a.stride), pair(a.dilation)
     h, w = x.shape[-2:]
     if isinstance(h, str) or isinstance(w, str):
         raise ShapeError("image height and width must be sizes, not names")
@@ -353,7 +436,7 @@ def _windows_infer(a, x):
 
 def _windows_grad_fwd(c, a, g, x):
     """The adjoint of windows: scatter-add each window position back into the image."""
-    (kh, kw), (sh, sw), (dh, dw) = _pair(a.kernel), _pair(a.stride), _pair(a.dilation)
+    (kh, kw), (sh, sw), (dh, dw) = pair(a.kernel), pair(a.stride), pair(a.dilation)
     *lead, h, w = x.shape
     oh, ow = g.shape[-4], g.shape[-3]
     total = None
@@ -376,16 +459,29 @@ _win_fields = dict(
     kernel=pair_field(..., "kernel", 1, "window size (h, w)"),
     stride=pair_field(1, "stride", 1, "step between windows"),
     dilation=pair_field(1, "dilation", 1, "spacing inside a window"))
+_WIN = {"kernel": [2, 3], "stride": [2, 1], "dilation": [1, 2]}
 _win_kw = lambda a: dict(kernel=a.kernel, stride=a.stride, dilation=a.dilation)
 register("windows", doc="sliding windows over the last two axes: [..., H, W] -> "
-         "[..., OH, OW, KH, KW]", family=F, inputs="x",
+         "[..., OH, OW, KH, KW]", family=FAMILY, inputs="x",
          attrs_model=attrs("windows", **_win_fields), infer=_windows_infer,
-         forward=lambda c, a, x: x._pool(_pair(a.kernel), _pair(a.stride), _pair(a.dilation)),
-         vjp=lambda b, n, g: [b.emit("windows_grad", g, n.inputs[0], **_win_kw(n.attrs))])
+         forward=lambda c, a, x: x._pool(pair(a.kernel), pair(a.stride), pair(a.dilation)),
+         vjp=lambda b, n, g: [b.emit("windows_grad", g, n.inputs[0], **_win_kw(n.attrs))],
+         reference=lambda a, xs, c: R.windows(xs[0], a.kernel, a.stride, a.dilation),
+         examples=[E([F((1, 2, 5, 6))], {"kernel": 2}),
+                   E([F((1, 2, 5, 6))], _WIN, id="windows_stride_dilation"),
+                   E([F((2, 5, 5))], {"kernel": 3, "stride": 2}, id="windows_rank3")],
+         grad_examples=[E([F((1, 2, 5, 6))], _WIN)])
 register("windows_grad", doc="adjoint of windows: sum window cotangents back into the image",
-         family=F, inputs="g, ref", attrs_model=attrs("windows_grad", **_win_fields),
+         family=FAMILY, inputs="g, ref", attrs_model=attrs("windows_grad", **_win_fields),
          infer=lambda a, g, r: TType(r.shape, g.dtype), forward=_windows_grad_fwd,
-         vjp=lambda b, n, g: [b.emit("windows", g, **_win_kw(n.attrs)), None])
+         vjp=lambda b, n, g: [b.emit("windows", g, **_win_kw(n.attrs)), None],
+         reference=lambda a, xs, c: R.windows_grad(xs[0], xs[1].shape, a.kernel, a.stride,
+                                                   a.dilation),
+         examples=[E([F((1, 2, 4, 5, 2, 2)), F((1, 2, 5, 6))], {"kernel": 2}),
+                   E([F((1, 2, 2, 2, 2, 3)), F((1, 2, 5, 6))], _WIN, id="windows_grad_stride"),
+                   E([F((2, 2, 2, 3, 3)), F((2, 5, 5))], {"kernel": 3, "stride": 2},
+                     id="windows_grad_rank3")],
+         grad_examples=[E([F((1, 2, 2, 2, 2, 3)), F((1, 2, 5, 6), diff=False)], _WIN)])
 
 
 # -- integer helpers ----------------------------------------------------------------------------
@@ -396,10 +492,13 @@ def _one_hot_infer(a, x):
     return TType(x.shape + (a.depth,), "float32")
 
 
-register("one_hot", doc="int ids -> float one-hot vectors along a new last axis", family=F,
+register("one_hot", doc="int ids -> float one-hot vectors along a new last axis", family=FAMILY,
          inputs="ids", attrs_model=attrs("one_hot", depth=(int, Field(
              gt=0, description="number of classes"))), infer=_one_hot_infer,
-         forward=lambda c, a, x: x.one_hot(a.depth).float(), vjp=NO_GRAD)
+         forward=lambda c, a, x: x.one_hot(a.depth).float(), vjp=NO_GRAD,
+         reference=lambda a, xs, c: np.eye(a.depth)[xs[0]],
+         examples=[E([Int((2, 3), 4)], {"depth": 4}),
+                   E([Int((5,), 3)], {"depth": 3}, id="one_hot_rank1")])
 
 
 # -- arange: positions (for encodings and masks) ------------------------------------------
@@ -423,4 +522,6 @@ register("arange", doc="0, 1, ..., size-1 as float32 along one axis (no gradient
          "for encodings and masks", family="shape", inputs=(),
          attrs_model=attrs("arange", size=(int | str, Field(
              description="how many: a size, or a named dim such as time"))),
-         infer=_arange_infer, forward=_arange_fwd, vjp=NO_GRAD)
+         infer=_arange_infer, forward=_arange_fwd, vjp=NO_GRAD,
+         reference=lambda a, xs, c: np.arange(c.dims.get(a.size, a.size), dtype=np.float64),
+         examples=[E([], {"size": 5})])

@@ -1,23 +1,25 @@
-"""Shared test machinery: one-op specs, numpy float64 references of every op, and oracles.
+"""Shared test machinery: one-op specs from the ops' records, their references, and oracles.
 
-The references in :data:`REF` are written from each op's documented meaning with numpy, or
-use PyTorch in float64 where dlgraph promises PyTorch's behaviour (convolutions, pooling,
-recurrent layers, multi-head attention, transformer blocks); none calls tinygrad, so they
-are independent of the code under test. ``tests/test_ops.py`` holds the forward pass
-against them and ``tests/test_gradients.py`` differentiates them by finite differences.
+Every op's record (``dlgraph.ops.register``) carries its numpy float64 ``reference``, written
+from the op's documented meaning without tinygrad, and its ``examples`` (forward) and
+``grad_examples``; :func:`cases` turns them into :class:`Case` rows. ``tests/test_ops.py``
+holds the forward pass against the references and ``tests/test_gradients.py``
+differentiates them by finite differences. Where dlgraph promises PyTorch's behaviour
+(convolutions, pooling, recurrent layers, multi-head attention, transformer blocks)
+:data:`TORCH_REF` computes the same in PyTorch float64, and the forward tests hold the op
+(and so its numpy reference) against that too.
 
-A test case names an op, its inputs (:class:`F` float, :class:`Int` int ids, :class:`B` bool)
-and its attributes; :func:`op_spec` turns it into a spec whose node ``out`` is the op.
+A test case names an op, its inputs (:class:`F` float, :class:`Int` int ids, :class:`B` bool,
+from ``dlgraph.ops.examples``) and its attributes; :func:`op_spec` turns it into a spec whose
+node ``out`` is the op.
 """
 
 from __future__ import annotations
 
-import math
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import SimpleNamespace
-from typing import Any
 
 import numpy as np
 import torch
@@ -25,47 +27,16 @@ import torch.nn.functional as TF
 from tinygrad import Context, Tensor
 
 import dlgraph
-from dlgraph.engine.compile.lower import Ctx, Evaluator, bind, to_tensor
+from dlgraph.engine.compile.interpret import Ctx, Evaluator, input_dims, to_tensor
 from dlgraph.engine.graph.autodiff import reverse
 from dlgraph.ops import REGISTRY
+from dlgraph.ops.examples import Bool as B
+from dlgraph.ops.examples import Example, Int
+from dlgraph.ops.examples import Float as F
 
 torch.set_num_threads(1)   # the references are tiny: threads only cost time
 
 # ------------------------------------------------------------------------------ inputs
-
-
-@dataclass(frozen=True, eq=False)
-class F:
-    """A float32 input. ``gen``: normal | pos (0.5..2) | away (|x| >= 0.1) | unit (0..1).
-
-    ``values`` fixes the array; ``diff=False`` keeps it out of the gradient (a frozen
-    ``param`` in gradient specs).
-    """
-
-    shape: tuple
-    gen: str = "normal"
-    values: Any = None
-    diff: bool = True
-
-
-@dataclass(frozen=True, eq=False)
-class Int:
-    """An int32 input of ids in [0, high)."""
-
-    shape: tuple
-    high: int = 3
-    values: Any = None
-
-
-@dataclass(frozen=True, eq=False)
-class B:
-    """A bool input, made in the graph as ``greater(raw, 0)`` from a float input ``raw``.
-
-    ``values`` fixes the bool array.
-    """
-
-    shape: tuple
-    values: Any = None
 
 
 @dataclass(eq=False)
@@ -81,9 +52,23 @@ class Case:
     dims: dict = field(default_factory=dict)   # sizes for named dims in input shapes
     keep_init: bool = False                    # forward: keep the initial params
     extra: dict = field(default_factory=dict)  # more top-level spec fields (modules:)
+    float64: bool = False                      # gradient: also run in float64
+    fd_training: bool = True                   # gradient: finite differences in training
 
     def __post_init__(self):
         self.id = self.id or self.op
+
+    @classmethod
+    def of(cls, op: str, ex: Example) -> Case:
+        """The case of one example of an op's record."""
+        return cls(op, list(ex.ins), dict(ex.attrs), id=ex.id, rtol=ex.rtol, atol=ex.atol,
+                   dims=dict(ex.dims), keep_init=ex.keep_init, extra=dict(ex.extra),
+                   float64=ex.float64, fd_training=ex.fd_training)
+
+
+def cases(kind: str = "examples") -> list[Case]:
+    """Every registered op's ``examples`` (forward) or ``grad_examples``, as cases."""
+    return [Case.of(name, ex) for name, d in REGISTRY.items() for ex in getattr(d, kind)]
 
 
 def seed_of(text: str) -> int:
@@ -181,27 +166,15 @@ def local_params(params: dict, node: str = "out") -> dict:
 
 # -------------------------------------------------------------------------- references
 
-REF: dict[str, Callable] = {}
-"""op name -> ``ref(a, xs, ctx)``: ``a`` the attrs model, ``xs`` float64 / int arrays,
-``ctx`` a namespace with ``p`` (the layer's params by local name, float64), ``params`` (all),
-``training`` and ``dims``."""
-
-
-def ref(*names):
-    def deco(fn):
-        for n in names:
-            REF[n] = fn
-        return fn
-    return deco
-
 
 def _f64(x):
     return np.asarray(x, np.float64) if np.asarray(x).dtype.kind == "f" else np.asarray(x)
 
 
 def run_ref(case_or_op, a, xs, ctx) -> np.ndarray:
+    """The op's numpy reference (its record's ``reference``) on float64 inputs."""
     op = case_or_op.op if isinstance(case_or_op, Case) else case_or_op
-    return np.asarray(REF[op](a, [_f64(x) for x in xs], ctx))
+    return np.asarray(REGISTRY[op].reference(a, [_f64(x) for x in xs], ctx))
 
 
 def make_ctx(params=None, node="out", training=False, dims=None) -> SimpleNamespace:
@@ -210,171 +183,39 @@ def make_ctx(params=None, node="out", training=False, dims=None) -> SimpleNamesp
                            dims=dims or {})
 
 
-def _binary(fn):
-    return lambda a, xs, c: fn(xs[0], xs[1])
+TORCH_REF: dict[str, Callable] = {}
+"""op name -> ``ref(a, xs, ctx)`` in PyTorch float64, for the ops that promise PyTorch's
+behaviour (the signature of a record's ``reference``)."""
 
 
-def _unary(fn):
-    return lambda a, xs, c: fn(xs[0])
+def torch_ref(*names):
+    def deco(fn):
+        for n in names:
+            TORCH_REF[n] = fn
+        return fn
+    return deco
 
 
-for _n, _f in {"add": np.add, "sub": np.subtract, "mul": np.multiply, "div": np.divide,
-               "pow": np.power, "maximum": np.maximum, "minimum": np.minimum,
-               "greater": np.greater, "less": np.less, "greater_equal": np.greater_equal,
-               "less_equal": np.less_equal, "equal": np.equal, "matmul": np.matmul}.items():
-    REF[_n] = _binary(_f)
-
-
-def _sigmoid(x):
-    return 1.0 / (1.0 + np.exp(-x))
-
-
-def _softplus(x):
-    return np.logaddexp(0.0, x)
-
-
-for _n, _f in {"neg": np.negative, "exp": np.exp, "log": np.log, "sqrt": np.sqrt,
-               "sign": np.sign, "abs": np.abs, "sin": np.sin, "cos": np.cos,
-               "relu": lambda x: np.where(x > 0, x, 0.0), "sigmoid": _sigmoid,
-               "tanh": np.tanh, "stop_gradient": lambda x: x, "softplus": _softplus,
-               "silu": lambda x: x * _sigmoid(x),
-               "gelu": lambda x: 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi)
-                                                        * (x + 0.044715 * x ** 3)))}.items():
-    REF[_n] = _unary(_f)
-
-REF["where"] = lambda a, xs, c: np.where(*xs)
-REF["leaky_relu"] = lambda a, xs, c: np.where(xs[0] > 0, xs[0], a.alpha * xs[0])
-REF["elu"] = lambda a, xs, c: np.where(xs[0] > 0, xs[0], a.alpha * np.expm1(xs[0]))
-REF["const"] = lambda a, xs, c: np.array(a.value).astype(
-    {"float32": np.float64, "int32": np.int32, "bool": np.bool_}[a.dtype])
-REF["param"] = lambda a, xs, c: c.params["out"]
-REF["cast"] = lambda a, xs, c: xs[0].astype(
-    {"float32": np.float64, "int32": np.int32, "bool": np.bool_}[a.dtype])
-
-
-def _axes(axes, ndim):
-    if axes is None:
-        return tuple(range(ndim))
-    return tuple(sorted({ax % ndim for ax in ([axes] if isinstance(axes, int) else axes)}))
-
-
-REF["sum"] = lambda a, xs, c: np.sum(xs[0], axis=_axes(a.axes, xs[0].ndim),
-                                     keepdims=a.keepdims)
-REF["mean"] = lambda a, xs, c: np.mean(xs[0], axis=_axes(a.axes, xs[0].ndim),
-                                       keepdims=a.keepdims)
-REF["max"] = lambda a, xs, c: np.max(xs[0], axis=_axes(a.axes, xs[0].ndim),
-                                     keepdims=a.keepdims)
-REF["count"] = lambda a, xs, c: np.array(
-    float(math.prod(xs[0].shape[i] for i in _axes(a.axes, xs[0].ndim))))
-REF["argmax"] = lambda a, xs, c: np.argmax(xs[0], axis=a.axis,
-                                           keepdims=a.keepdims).astype(np.int32)
-
-
-@ref("reshape")
-def _reshape(a, xs, c):
-    return xs[0].reshape([c.dims[d] if isinstance(d, str) else d for d in a.shape])
-
-
-REF["reshape_like"] = lambda a, xs, c: xs[0].reshape(xs[1].shape)
-
-
-@ref("flatten")
-def _flatten(a, xs, c):
-    x = xs[0]
-    s, e = a.start % x.ndim, a.end % x.ndim
-    return x.reshape(x.shape[:s] + (-1,) + x.shape[e + 1:])
-
-
-REF["transpose"] = lambda a, xs, c: np.transpose(xs[0], a.axes)
-REF["squeeze"] = lambda a, xs, c: np.squeeze(xs[0], a.axis)
-REF["unsqueeze"] = lambda a, xs, c: np.expand_dims(xs[0], a.axis)
-REF["concat"] = lambda a, xs, c: np.concatenate(xs, axis=a.axis)
-REF["take"] = lambda a, xs, c: np.take(xs[0], a.index, axis=a.axis)
-REF["broadcast_like"] = lambda a, xs, c: np.broadcast_to(xs[0], xs[1].shape)
-
-
-@ref("slice")
-def _slice(a, xs, c):
-    x = xs[0]
-    idx = [slice(None)] * x.ndim
-    idx[a.axis % x.ndim] = slice(a.start, a.stop)
-    return x[tuple(idx)]
-
-
-@ref("pad")
-def _pad(a, xs, c):
-    x = xs[0]
-    width = [(0, 0)] * x.ndim
-    width[a.axis % x.ndim] = (a.before, a.after)
-    return np.pad(x, width, constant_values=a.value)
-
-
-@ref("reduce_to")
-def _reduce_to(a, xs, c):
-    x, target = xs[0], xs[1].shape
-    x = x.sum(axis=tuple(range(x.ndim - len(target))))
-    keep = tuple(i for i, t in enumerate(target) if t == 1 and x.shape[i] != 1)
-    return x.sum(axis=keep, keepdims=True)
+def run_torch_ref(case: Case, a, xs, ctx) -> np.ndarray | None:
+    """PyTorch's output for the case (float64), or None where the op has no counterpart."""
+    fn = TORCH_REF.get(case.op)
+    return None if fn is None else np.asarray(fn(a, [_f64(x) for x in xs], ctx))
 
 
 def _pair(v):
     return (v, v) if isinstance(v, int) else tuple(v)
 
 
-def _win_geometry(a, h, w):
-    (kh, kw), (sh, sw), (dh, dw) = _pair(a.kernel), _pair(a.stride), _pair(a.dilation)
-    oh, ow = (h - dh * (kh - 1) - 1) // sh + 1, (w - dw * (kw - 1) - 1) // sw + 1
-    return kh, kw, sh, sw, dh, dw, oh, ow
-
-
-@ref("windows")
-def _windows(a, xs, c):
-    x = xs[0]
-    kh, kw, sh, sw, dh, dw, oh, ow = _win_geometry(a, *x.shape[-2:])
-    out = np.zeros(x.shape[:-2] + (oh, ow, kh, kw), x.dtype)
-    for i in range(oh):
-        for j in range(ow):
-            for u in range(kh):
-                for v in range(kw):
-                    out[..., i, j, u, v] = x[..., i * sh + u * dh, j * sw + v * dw]
-    return out
-
-
-@ref("windows_grad")
-def _windows_grad(a, xs, c):
-    g, r = xs
-    kh, kw, sh, sw, dh, dw, oh, ow = _win_geometry(a, *r.shape[-2:])
-    out = np.zeros(r.shape, np.float64)
-    for i in range(oh):
-        for j in range(ow):
-            for u in range(kh):
-                for v in range(kw):
-                    out[..., i * sh + u * dh, j * sw + v * dw] += g[..., i, j, u, v]
-    return out
-
-
-REF["one_hot"] = lambda a, xs, c: np.eye(a.depth)[xs[0]]
-
-
-# -- layers ------------------------------------------------------------------------------
 def _activate(a, y):
     act = getattr(a, "activation", None)
-    return REF[act](None, [y], None) if act else y
-
-
-@ref("linear")
-def _linear(a, xs, c):
-    y = xs[0] @ c.p["weight"].T
-    if a.bias:
-        y = y + c.p["bias"]
-    return _activate(a, y)
+    return REGISTRY[act].reference(None, [y], None) if act else y
 
 
 def _t(x):
     return torch.from_numpy(np.ascontiguousarray(x, np.float64))
 
 
-@ref("conv2d")
+@torch_ref("conv2d")
 def _conv2d(a, xs, c):
     y = TF.conv2d(_t(xs[0]), _t(c.p["weight"]), _t(c.p["bias"]) if a.bias else None,
                   stride=_pair(a.stride), padding=_pair(a.padding), dilation=_pair(a.dilation),
@@ -388,54 +229,12 @@ def _pool_args(a):
                 padding=_pair(a.padding))
 
 
-REF["max_pool2d"] = lambda a, xs, c: TF.max_pool2d(_t(xs[0]), **_pool_args(a)).numpy()
-REF["avg_pool2d"] = lambda a, xs, c: TF.avg_pool2d(_t(xs[0]), count_include_pad=True,
+TORCH_REF["max_pool2d"] = lambda a, xs, c: TF.max_pool2d(_t(xs[0]), **_pool_args(a)).numpy()
+TORCH_REF["avg_pool2d"] = lambda a, xs, c: TF.avg_pool2d(_t(xs[0]), count_include_pad=True,
                                                    **_pool_args(a)).numpy()
-REF["global_avg_pool"] = lambda a, xs, c: xs[0].mean(axis=(2, 3))
-REF["embedding"] = lambda a, xs, c: c.p["weight"][xs[0]]
-REF["dropout"] = lambda a, xs, c: xs[0] if not c.training or a.p == 0 else None
-REF["dropout_mask"] = lambda a, xs, c: np.ones_like(xs[0]) if not c.training or a.p == 0 \
-    else None
-REF["moving_average"] = lambda a, xs, c: xs[0] if c.training else xs[1]
 
 
-@ref("layer_norm")
-def _layer_norm(a, xs, c):
-    x = xs[0]
-    axes = tuple(range(x.ndim - a.dims, x.ndim))
-    mu = x.mean(axis=axes, keepdims=True)
-    var = ((x - mu) ** 2).mean(axis=axes, keepdims=True)
-    y = (x - mu) / np.sqrt(var + a.eps)
-    return y * c.p["weight"] + c.p["bias"] if a.affine else y
-
-
-@ref("batch_norm")
-def _batch_norm(a, xs, c):
-    x = xs[0]
-    axes = (0,) + tuple(range(2, x.ndim))
-    shape = (1, x.shape[1]) + (1,) * (x.ndim - 2)
-    if c.training:
-        mu = x.mean(axis=axes, keepdims=True)
-        var = ((x - mu) ** 2).mean(axis=axes, keepdims=True)
-    else:
-        mu = c.p["running_mean"].reshape(shape)
-        var = c.p["running_var"].reshape(shape)
-    y = (x - mu) / np.sqrt(var + a.eps)
-    if a.affine:
-        y = y * c.p["weight"].reshape(shape) + c.p["bias"].reshape(shape)
-    return y
-
-
-def _log_softmax(x, axis):
-    m = x.max(axis=axis, keepdims=True)
-    return x - m - np.log(np.exp(x - m).sum(axis=axis, keepdims=True))
-
-
-REF["log_softmax"] = lambda a, xs, c: _log_softmax(xs[0], a.axis)
-REF["softmax"] = lambda a, xs, c: np.exp(_log_softmax(xs[0], a.axis))
-
-
-@ref("conv1d")
+@torch_ref("conv1d")
 def _conv1d(a, xs, c):
     y = TF.conv1d(_t(xs[0]), _t(c.p["weight"]), _t(c.p["bias"]) if a.bias else None,
                   stride=a.stride, padding=a.padding, dilation=a.dilation,
@@ -443,31 +242,13 @@ def _conv1d(a, xs, c):
     return _activate(a, y)
 
 
-@ref("conv_transpose2d")
+@torch_ref("conv_transpose2d")
 def _conv_transpose2d(a, xs, c):
     y = TF.conv_transpose2d(_t(xs[0]), _t(c.p["weight"]), _t(c.p["bias"]) if a.bias else None,
                             stride=_pair(a.stride), padding=_pair(a.padding),
                             output_padding=_pair(a.output_padding), groups=a.groups,
                             dilation=_pair(a.dilation)).numpy()
     return _activate(a, y)
-
-
-# -- attention ---------------------------------------------------------------------------
-REF["arange"] = lambda a, xs, c: np.arange(c.dims.get(a.size, a.size), dtype=np.float64)
-
-
-@ref("attention")
-def _attention(a, xs, c):
-    """softmax(q k^T * scale + mask) v; masked scores are -1e9 (an all-masked row: uniform)."""
-    q, k, v, *mask = xs
-    scale = a.scale if a.scale is not None else 1 / np.sqrt(q.shape[-1])
-    s = (q * scale) @ np.swapaxes(k, -1, -2)
-    tq, tk = s.shape[-2:]
-    if a.causal:
-        s = np.where(np.arange(tk)[None, :] <= np.arange(tq)[:, None], s, -1e9)
-    if mask:
-        s = np.where(mask[0], s, -1e9) if mask[0].dtype == np.bool_ else s + mask[0]
-    return np.exp(_log_softmax(s, -1)) @ v
 
 
 def _load_torch(module: torch.nn.Module, p: dict) -> torch.nn.Module:
@@ -488,7 +269,7 @@ def _torch_mask(tq, tk, causal, mask=None):
     return None if allow.all() else torch.from_numpy(~allow)
 
 
-@ref("multi_head_attention")
+@torch_ref("multi_head_attention")
 def _mha(a, xs, c):
     x, *more = xs
     ctx = more[0] if more else x
@@ -500,24 +281,11 @@ def _mha(a, xs, c):
     return out.detach().numpy()
 
 
-@ref("positional_encoding")
-def _posenc(a, xs, c):
-    x = xs[0]
-    n, e = x.shape[-2:]
-    if a.kind == "learned":
-        return x + c.p["weight"][:n]
-    t = np.arange(n)[:, None]
-    w = 10000.0 ** (-np.arange(0, e, 2) / e)
-    pe = np.zeros((n, e))
-    pe[:, 0::2], pe[:, 1::2] = np.sin(t * w), np.cos(t * w)
-    return x + pe
-
-
 def _block_act(a):
     return TF.relu if a.activation == "relu" else (lambda t: TF.gelu(t, approximate="tanh"))
 
 
-@ref("transformer_encoder_block")
+@torch_ref("transformer_encoder_block")
 def _encoder(a, xs, c):
     x, *mask = xs
     mod = _load_torch(torch.nn.TransformerEncoderLayer(
@@ -527,7 +295,7 @@ def _encoder(a, xs, c):
     return mod(_t(x), src_mask=m).detach().numpy()
 
 
-@ref("transformer_decoder_block")
+@torch_ref("transformer_decoder_block")
 def _decoder(a, xs, c):
     x, memory = xs
     mod = _load_torch(torch.nn.TransformerDecoderLayer(
@@ -536,32 +304,6 @@ def _decoder(a, xs, c):
     m = _torch_mask(x.shape[1], x.shape[1], a.causal)
     return mod(_t(x), _t(memory), tgt_mask=m).detach().numpy()
 
-
-ELMAN = {"modules": {"cell": {
-    "inputs": ["x", "h"],
-    "nodes": {"xw": {"op": "linear", "in": "x", "out": 3},
-              "hw": {"op": "linear", "in": "h", "out": 3, "bias": False},
-              "s": {"op": "add", "in": ["xw", "hw"]},
-              "hn": {"op": "tanh", "in": "s"}},
-    "outputs": ["hn"]}}}
-"""A spec module for ``scan`` cases: the Elman cell h' = tanh(W x + b + U h), 3 features."""
-
-
-@ref("scan")
-def _scan(a, xs, c):
-    """``scan`` of the :data:`ELMAN` cell (the only body the scan cases use)."""
-    x, *init = xs
-    w, b, u = c.p["cell.xw.weight"], c.p["cell.xw.bias"], c.p["cell.hw.weight"]
-    h = init[0] if init else np.zeros((x.shape[0], u.shape[0]))
-    out = []
-    for t in range(x.shape[1]):
-        h = np.tanh(x[:, t] @ w.T + b + h @ u.T)
-        out.append(h)
-    return np.stack(out, axis=1)
-
-
-REF["zeros"] = lambda a, xs, c: np.zeros((xs[0].shape[0], *a.shape))
-REF["noise"] = lambda a, xs, c: None          # random: only its shape and dtype are checked
 
 _RNN = {"rnn": torch.nn.RNN, "lstm": torch.nn.LSTM, "gru": torch.nn.GRU}
 
@@ -594,34 +336,8 @@ def recurrent_ref(a, xs, p) -> dict[str, np.ndarray]:
     return res
 
 
-REF["rnn"] = REF["lstm"] = REF["gru"] = lambda a, xs, c: recurrent_ref(a, xs, c.p)["out"]
-
-
-# -- losses ------------------------------------------------------------------------------
-REF["mse"] = lambda a, xs, c: np.mean((xs[0] - xs[1]) ** 2)
-REF["l1"] = lambda a, xs, c: np.mean(np.abs(xs[0] - xs[1]))
-
-
-@ref("huber")
-def _huber(a, xs, c):
-    d = np.abs(xs[0] - xs[1])
-    return np.mean(np.where(d <= a.delta, 0.5 * d * d, a.delta * (d - 0.5 * a.delta)))
-
-
-def _picked(logp, labels):
-    return np.take_along_axis(logp, labels[..., None].astype(np.int64), -1)[..., 0]
-
-
-@ref("cross_entropy")
-def _cross_entropy(a, xs, c):
-    logp = _log_softmax(xs[0], -1)
-    k = xs[0].shape[-1]
-    s = a.label_smoothing
-    return -np.mean((1 - s) * _picked(logp, xs[1]) + s / k * logp.sum(-1))
-
-
-REF["nll"] = lambda a, xs, c: -np.mean(_picked(xs[0], xs[1]))
-REF["binary_cross_entropy"] = lambda a, xs, c: np.mean(_softplus(xs[0]) - xs[0] * xs[1])
+for _kind in _RNN:
+    TORCH_REF[_kind] = lambda a, xs, c: recurrent_ref(a, xs, c.p)["out"]
 
 
 # ------------------------------------------------------------------------------ running
@@ -680,7 +396,7 @@ def evaluate(graph, targets: list[str], feeds: dict[str, np.ndarray],
 
     ``lazy=True`` leaves them unrealised, e.g. to take tinygrad's ``gradient`` of one first.
     """
-    ctx = Ctx(training=training, dims=bind(graph, feeds))
+    ctx = Ctx(training=training, dims=input_dims(graph, feeds))
     tfeeds = {k: to_tensor(v, graph.inputs[k].dtype) for k, v in feeds.items()}
     outs = Evaluator(graph, targets)(ctx, tfeeds, params)
     if not lazy:

@@ -1,19 +1,19 @@
 """Gradients by graph reversal, held against independent oracles.
 
 For every differentiable op (a primitive whose ``vjp`` is not ``NO_GRAD``, or a composite)
-one row of :data:`CASES` builds ``obj = sum(op(params...) * w)`` with the op's float inputs
-as ``param`` nodes and ``w`` fixed random weights, reverses it, and compares our gradients
-(evaluated in float32) with
+each gradient example of its record (:data:`CASES`) builds ``obj = sum(op(params...) * w)``
+with the op's float inputs as ``param`` nodes and ``w`` fixed random weights, reverses it,
+and compares our gradients (evaluated in float32) with
 
 * tinygrad's own autograd on the very same forward tensors (relative error < 1e-4), and
-* central finite differences (eps 1e-6) of the numpy float64 reference in
-  ``tests/helpers.py`` (relative error < 1e-5: our float32 gradients against float64
-  differences; the worst case seen is 5e-7).
+* central finite differences (eps 1e-6) of the numpy float64 reference of the op's record
+  (relative error < 1e-5: our float32 gradients against float64 differences; the worst
+  case seen is 5e-7).
 
-A compact subset (:data:`FLOAT64`) also runs with float64 parameters: the graph must stay in
-float64 and meet the finite differences within 1e-5. Whole networks are held against
-PyTorch with :func:`helpers.torch_grads_match`. Relative errors are max-norm errors over
-the reference's largest magnitude.
+A compact subset (the examples marked ``float64``) also runs with float64 parameters: the
+graph must stay in float64 and meet the finite differences within 1e-5. Whole networks are
+held against PyTorch with :func:`helpers.torch_grads_match`. Relative errors are max-norm
+errors over the reference's largest magnitude.
 """
 
 from __future__ import annotations
@@ -25,12 +25,10 @@ import pytest
 import torch
 import torch.nn.functional as TF
 from helpers import (
-    ELMAN,
-    B,
     Case,
     F,
-    Int,
     attrs_of,
+    cases,
     evaluate,
     feed_arrays,
     make_ctx,
@@ -45,115 +43,19 @@ from tinygrad import Tensor
 
 import dlgraph
 from dlgraph.engine.graph.autodiff import reverse
-from dlgraph.ops import NO_GRAD, REGISTRY
+from dlgraph.ops import REGISTRY
 
-C = Case
 TOL_TINYGRAD = 1e-4   # float32: ours vs tinygrad's autograd
 TOL_FD32 = 1e-5       # float32 ours vs central differences of the float64 reference
 TOL_FD64 = 1e-5       # float64 ours vs central differences of the float64 reference
 EPS = 1e-6
 
-CASES: list[Case] = [
-    # -- elementwise (broadcasting undone by reduce_to) --------------------------------------
-    C("add", [F((4, 1, 3)), F((2, 3))]),
-    C("sub", [F((2, 3)), F((3,))]),
-    C("mul", [F((2, 1)), F((4, 1, 3))]),
-    C("div", [F((3, 4)), F((4,), "away")]),
-    C("pow", [F((3, 4), "pos"), F((3, 4))]),
-    C("maximum", [F((2, 3)), F((3,))]),
-    C("minimum", [F((2, 3)), F((3,))]),
-    C("where", [B((3, 4)), F((3, 4)), F((4,))]),
-    C("neg", [F((3, 4))]),
-    C("exp", [F((3, 4))]),
-    C("log", [F((3, 4), "pos")]),
-    C("sqrt", [F((3, 4), "pos")]),
-    C("abs", [F((3, 4), "away")]),
-    C("sin", [F((3, 4))]),
-    C("cos", [F((3, 4))]),
-    C("relu", [F((3, 4), "away")]),
-    C("sigmoid", [F((3, 4))]),
-    C("tanh", [F((3, 4))]),
-    C("cast", [F((3, 4))], {"dtype": "float32"}),
-    C("leaky_relu", [F((3, 4), "away")], {"alpha": 0.2}),
-    C("elu", [F((3, 4), "away")], {"alpha": 0.5}),
-    C("softplus", [F((3, 4))]),
-    C("gelu", [F((3, 4))]),
-    C("silu", [F((3, 4))]),
-    # -- linear algebra ----------------------------------------------------------------------
-    C("matmul", [F((3, 4)), F((4, 2))]),
-    C("matmul", [F((2, 1, 3, 4)), F((5, 4, 2))], id="matmul_bcast"),
-    # -- movement ----------------------------------------------------------------------------
-    C("reshape", [F((2, 3, 4))], {"shape": [-1, 2]}),
-    C("reshape_like", [F((2, 6)), F((3, 4), diff=False)]),
-    C("flatten", [F((2, 3, 4))], {"start": 0}),
-    C("transpose", [F((2, 3, 4))], {"axes": [-1, 0, 1]}),
-    C("squeeze", [F((3, 1, 4))], {"axis": -2}),
-    C("unsqueeze", [F((3, 4))], {"axis": -1}),
-    C("slice", [F((3, 5))], {"axis": -1, "start": -3, "stop": -1}),
-    C("pad", [F((2, 3))], {"axis": -1, "before": 1, "after": 2, "value": 1.5}),
-    C("concat", [F((2, 1)), F((2, 3)), F((2, 2))]),
-    C("take", [F((2, 3, 4))], {"axis": 1, "index": -1}),
-    C("broadcast_like", [F((3, 1)), F((2, 3, 4), diff=False)]),
-    C("reduce_to", [F((2, 3, 4)), F((3, 1), diff=False)]),
-    C("windows", [F((1, 2, 5, 6))], {"kernel": [2, 3], "stride": [2, 1], "dilation": [1, 2]}),
-    C("windows_grad", [F((1, 2, 2, 2, 2, 3)), F((1, 2, 5, 6), diff=False)],
-      {"kernel": [2, 3], "stride": [2, 1], "dilation": [1, 2]}),
-    # -- reductions --------------------------------------------------------------------------
-    C("sum", [F((2, 3, 4))], {"axes": [0, -1], "keepdims": True}),
-    C("sum", [F((2, 3, 4))], id="sum_all"),
-    C("mean", [F((2, 3, 4))], {"axes": 1}),
-    C("max", [F((2, 3, 4))], {"axes": -1}),
-    C("max", [F((2, 3, 4))], {"axes": [0, 2], "keepdims": True}, id="max_keepdims"),
-    # -- layers ------------------------------------------------------------------------------
-    C("linear", [F((3, 4))], {"out": 2, "activation": "tanh"}),
-    C("conv2d", [F((1, 2, 5, 5))], {"out": 3, "kernel": 2, "stride": 2, "padding": 1}),
-    C("conv2d", [F((1, 4, 6, 6))], {"out": 2, "kernel": [2, 3], "dilation": 2, "groups": 2,
-                                     "bias": False}, id="conv2d_dilation_groups"),
-    C("max_pool2d", [F((2, 3, 6, 6))], {"kernel": 2, "padding": 1}),
-    C("avg_pool2d", [F((2, 3, 6, 6))], {"kernel": [2, 3], "stride": [2, 3], "padding": 1}),
-    C("global_avg_pool", [F((2, 3, 4, 5))]),
-    C("embedding", [Int((2, 5), 7)], {"num": 7, "dim": 3}),
-    C("dropout", [F((3, 4))], {"p": 0.5}),
-    C("moving_average", [F((1, 3)), F((1, 3), diff=False)]),
-    C("layer_norm", [F((2, 3, 4))], {"dims": 2}),
-    C("batch_norm", [F((4, 3))]),
-    C("batch_norm", [F((2, 3, 3, 3))], id="batch_norm_4d"),
-    C("softmax", [F((3, 5))], {"axis": 0}),
-    C("log_softmax", [F((3, 5))]),
-    C("rnn", [F((2, 2, 2))], {"hidden": 3}),
-    C("lstm", [F((2, 2, 2))], {"hidden": 3}),
-    C("gru", [F((2, 2, 2)), F((1, 2, 3))], {"hidden": 3}),
-    C("scan", [F((2, 2, 2)), F((2, 3))], {"body": "cell", "state": {"h": 3}}, extra=ELMAN),
-    C("conv1d", [F((2, 2, 7))], {"out": 4, "kernel": 3, "stride": 2, "padding": 1,
-                                  "groups": 2}),
-    C("conv_transpose2d", [F((1, 2, 3, 3))], {"out": 2, "kernel": 3, "stride": 2,
-                                               "padding": 1, "output_padding": 1}),
-    C("attention", [F((2, 3, 4)), F((2, 4, 4)), F((2, 4, 3)), F((3, 4), diff=False)],
-      {"causal": True}),
-    C("multi_head_attention", [F((2, 3, 4)), F((2, 4, 4))], {"heads": 2}),
-    C("positional_encoding", [F((2, 3, 4))], {"kind": "learned", "max_len": 5}),
-    C("transformer_encoder_block", [F((2, 2, 4))], {"heads": 2, "ff": 6}),
-    C("transformer_decoder_block", [F((2, 2, 4)), F((2, 3, 4))],
-      {"heads": 2, "ff": 6, "norm_first": False, "activation": "gelu"}),
-    # -- losses ------------------------------------------------------------------------------
-    C("mse", [F((3, 4)), F((3, 4))]),
-    C("l1", [F((3, 4)), F((3, 4))]),
-    C("huber", [F((3, 4)), F((3, 4))], {"delta": 0.5}),
-    C("cross_entropy", [F((4, 5)), Int((4,), 5)], {"label_smoothing": 0.1}),
-    C("nll", [F((4, 5)), Int((4,), 5)]),
-    C("binary_cross_entropy", [F((3, 4)), F((3, 4), "unit")]),
-]
-
-FD_IN_EVAL = {"dropout"}   # training masks are random: finite differences run in eval mode
-FLOAT64 = ["add", "div", "matmul_bcast", "max_keepdims", "mean", "moving_average", "softmax",
-           "cross_entropy", "layer_norm", "batch_norm", "linear", "conv1d"]
-"""Cases also run with float64 parameters (kept compact: every run compiles new kernels)."""
+CASES: list[Case] = cases("grad_examples")
+"""Every gradient example of every op's record (``register(..., grad_examples=...)``);
+those marked ``float64`` also run with float64 parameters (kept compact: every run compiles
+new kernels), and those with ``fd_training=False`` take finite differences in eval mode
+(training masks are random)."""
 XFAIL: dict[str, str] = {}
-
-
-def differentiable(name: str) -> bool:
-    d = REGISTRY[name]
-    return d.composite or d.vjp != NO_GRAD
 
 
 def _param(case: Case):
@@ -162,8 +64,9 @@ def _param(case: Case):
 
 
 def test_every_differentiable_op_has_a_gradient_case():
-    missing = sorted({n for n in REGISTRY if differentiable(n)} - {c.op for c in CASES})
-    assert not missing, f"differentiable ops without a case in tests/test_gradients.py: {missing}"
+    missing = sorted({n for n, d in REGISTRY.items() if d.differentiable} - {c.op for c in CASES})
+    assert not missing, f"differentiable ops without `grad_examples` in their record: {missing}"
+    assert len({c.id for c in CASES}) == len(CASES), "two gradient examples share an id"
 
 
 class Problem:
@@ -171,7 +74,7 @@ class Problem:
 
     def __init__(self, case: Case):
         self.case = case
-        self.training = case.op not in FD_IN_EVAL
+        self.training = case.fd_training
         rng = np.random.default_rng(seed_of(case.id))
         fwd = dlgraph.load(op_spec(case))
         out_shape = fwd[fwd.resolve("out")].type.shape
@@ -247,7 +150,7 @@ def test_gradient(case):
     assert not bad, f"float32 gradients vs finite differences, relative error: {bad}"
 
 
-@pytest.mark.parametrize("case", [_param(c) for c in CASES if c.id in FLOAT64])
+@pytest.mark.parametrize("case", [_param(c) for c in CASES if c.float64])
 def test_gradient_float64(case):
     """Fed float64 parameters, our graph stays in float64 and meets finite differences."""
     pb = Problem(case)

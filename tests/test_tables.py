@@ -66,13 +66,6 @@ def test_a_name_outside_a_table_is_a_located_spec_error(slot, misspelt, close):
     assert f"help: did you mean '{close}'?" in str(e.value)
 
 
-TORCH_OPT = {"sgd": lambda ps, o: torch.optim.SGD(ps, lr=o.lr, momentum=o.momentum,
-                                                   weight_decay=o.weight_decay),
-             "adam": lambda ps, o: torch.optim.Adam(ps, lr=o.lr, betas=(o.b1, o.b2), eps=o.eps),
-             "adamw": lambda ps, o: torch.optim.AdamW(ps, lr=o.lr, betas=(o.b1, o.b2),
-                                                      eps=o.eps, weight_decay=o.weight_decay)}
-
-
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 def test_every_optimizer_record_steps_like_pytorch(name):
     fields = {"type": name, "lr": 0.1} | ({"momentum": 0.9} if name == "sgd" else {})
@@ -80,7 +73,8 @@ def test_every_optimizer_record_steps_like_pytorch(name):
     w = Tensor([1.0, -2.0, 0.5])
     opt = OPTIMIZERS[name](params=[w], spec=spec)
     ref = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64, requires_grad=True)
-    ropt = TORCH_OPT[name]([ref], spec) if name in TORCH_OPT else None
+    rec = OPTIMIZERS[name]                          # its record names PyTorch's counterpart
+    ropt = getattr(torch.optim, rec.torch)([ref], **rec.torch_args(spec)) if rec.torch else None
     for step in range(3):
         g = np.array([0.5, -1.0, 2.0]) * (step + 1)
         w.grad = Tensor(g.astype(np.float32))       # as the training step hands them over

@@ -1,10 +1,11 @@
 """Backprop by graph reversal.
 
 :func:`reverse` walks the forward graph backwards from the objective and asks each
-node's VJP rule for its inputs' cotangents. The rules emit ordinary nodes through the
-:class:`~dlgraph.engine.graph.build.Builder`, so the backward pass is itself a graph: validated,
-shape-inferred, drawable and run like any other. Cotangents of a value used twice are
-summed; broadcasting is undone by ``reduce_to``.
+node's VJP rule for its inputs' cotangents. The rules emit ordinary nodes through a
+:class:`GradBuilder` (a :class:`~dlgraph.engine.graph.build.Builder`), so the backward pass is
+itself a graph: validated, shape-inferred, drawable and run like any other. Cotangents of a
+value used twice are summed; broadcasting is undone by ``reduce_to``. A higher-order op's
+rule (``loop``'s, in ops/control.py) differentiates its body with the same builder.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def reverse(graph: Graph, objective: str, wrt: list[str] | None = None) -> Graph
                                      "this phase's `params`")
     out = copy.copy(graph)
     out.nodes, out.params, out.aliases = dict(graph.nodes), dict(graph.params), dict(graph.aliases)
-    b = Builder(out)
+    b = GradBuilder(out)
     b.role, b.origin = "backward", obj
     with b.within("grad"):
         seed = b.emit("const", as_="seed", value=1.0)
@@ -69,7 +70,32 @@ def reverse(graph: Graph, objective: str, wrt: list[str] | None = None) -> Graph
     return out
 
 
-def backprop(b: Builder, graph: Graph, seeds: dict[str, str], wrt: set[str]) -> dict[str, str]:
+class GradBuilder(Builder):
+    """The builder of a backward pass. VJP rules emit through it like through any builder;
+    the rule of a higher-order op (``loop``) also asks it which values need a cotangent
+    (:meth:`needs_grad`), for the outputs of a multi-output node (:meth:`outputs_of`) and to
+    differentiate a body graph in turn (:meth:`backprop`, on the builder of that body)."""
+
+    def __init__(self, graph: Graph):
+        super().__init__(graph)
+        self.needs: set[str] = set()              # values depending differentiably on wrt
+        self.picks: dict[str, list[str]] = {}     # multi-output node -> its pick nodes
+
+    def needs_grad(self, nid: str) -> bool:
+        """Whether the value ``nid`` of the graph being differentiated needs a cotangent."""
+        return nid in self.needs
+
+    def outputs_of(self, nid: str) -> list[str]:
+        """The ``pick`` nodes of a multi-output node, by output index."""
+        return self.picks[nid]
+
+    def backprop(self, graph: Graph, seeds: dict[str, str], wrt: set[str]) -> dict[str, str]:
+        """Cotangents of ``graph``'s nodes, emitted into this builder (see :func:`backprop`)."""
+        return backprop(self, graph, seeds, wrt)
+
+
+def backprop(b: GradBuilder, graph: Graph, seeds: dict[str, str],
+             wrt: set[str]) -> dict[str, str]:
     """Cotangents of ``graph``'s nodes given ``seeds`` (node -> cotangent id), emitted by
     ``b`` in reverse schedule order; only values that depend on ``wrt`` get one.
 
@@ -77,10 +103,9 @@ def backprop(b: Builder, graph: Graph, seeds: dict[str, str], wrt: set[str]) -> 
     input (``None``: none), summed where a value is used twice. A multi-output node
     (``loop``) gets the list of its outputs' cotangents, read through its ``pick`` nodes.
     """
-    needs = _needs_grad(graph, wrt)
+    b.needs, b.picks = _needs_grad(graph, wrt), _picks(graph)
     upstream = graph.ancestors(seeds)
-    picks = _picks(graph)
-    b.reverse_loop = lambda n, cts: reverse_loop(b, n, cts, needs, picks[n.id])
+    picks = b.picks
     ct = dict(seeds)
     for nid in reversed(list(graph.nodes)):
         n = graph[nid]
@@ -104,91 +129,12 @@ def backprop(b: Builder, graph: Graph, seeds: dict[str, str], wrt: set[str]) -> 
             raise GradientError(f"the VJP of '{n.op}' gave {len(cots)} cotangents for "
                                 f"{len(n.inputs)} inputs (a bug in dlgraph)", node=nid)
         for src, c in zip(n.inputs, cots, strict=True):
-            if c is None or src not in needs:
+            if c is None or src not in b.needs:
                 continue
             if b.shape(c) != b.shape(src):
                 c = b.emit("reduce_to", c, src)
             ct[src] = b.emit("add", ct[src], c, as_="acc") if src in ct else c
     return ct
-
-
-def reverse_loop(b: Builder, n, cts: list, needs: set[str], picks: list[str]) -> list:
-    """The VJP of a loop: a loop running the other way over the reversed body.
-
-    Its body recomputes the step from the saved state before it, then runs the ordinary
-    VJP rules: the carried state is the cotangent of the state, the per-step outputs are
-    the cotangents of the sequence inputs, and the cotangents of the consts (weights) are
-    summed over the steps. Nothing is unrolled.
-    """
-    a, fwd = n.attrs, not n.attrs.reverse
-    ns, nst, steps = a.n_seq, a.n_state, a.steps
-    outs = list(a.body.outputs.values())
-    if len(outs) > nst + a.n_out:
-        raise GradientError("second derivatives through a loop are not supported",
-                            node=n.user_id, op=n.op)
-    ct_st, ct_per = cts[:nst], cts[nst:nst + a.n_out]
-    bb, wanted = _backward_body(b, n, ct_st, ct_per, needs)
-    # the outer graph: saved states before each step, cotangents after it, zero carries
-    before, after = ((0, -1), (1, None)) if fwd else ((1, None), (0, -1))
-    seqs = list(n.inputs[:ns])
-    seqs += [b.emit("slice", picks[j], axis=1, start=before[0], stop=before[1])
-             for j in range(nst)]
-    seqs += [b.emit("slice", c, axis=1, start=after[0], stop=after[1])
-             for c in ct_st if c is not None]
-    seqs += [c for c in ct_per if c is not None]
-    inits = n.inputs[ns:ns + nst]
-    zeros = [b.emit("zeros", i, shape=list(b.shape(i)[1:]), as_="carry0") for i in inits]
-    got = b.loop(bb, seqs, zeros, steps=steps, n_out=len(wanted["seq"]), reverse=fwd)
-    first = 0 if fwd else -1
-    out: list = [None] * len(n.inputs)
-    for j in range(nst):
-        c = b.emit("take", got[j], axis=1, index=first)
-        if ct_st[j] is not None:
-            c = b.emit("add", c, b.emit("take", ct_st[j], axis=1, index=first))
-        out[ns + j] = c
-    for k, g in zip(wanted["seq"] + wanted["const"], got[nst:], strict=True):
-        out[k] = g
-    return out
-
-
-def _backward_body(b: Builder, n, ct_st, ct_per, needs):
-    """The body of a loop's VJP and the loop inputs its per-step outputs and sums are for."""
-    a = n.attrs
-    body, ns, nst = a.body, a.n_seq, a.n_state
-    names = list(body.inputs)
-    outs = list(body.outputs.values())
-    bb = b.body()
-    for name in names[:ns + nst]:                       # steps of x, saved states
-        bb.input(name, body.inputs[name])
-    after = [bb.input(f"ct:{o}", body[o].type) if c is not None else None
-             for o, c in zip(outs[:nst], ct_st, strict=True)]
-    per = [bb.input(f"ct:{o}", body[o].type) if c is not None else None
-           for o, c in zip(outs[nst:], ct_per, strict=True)]
-    carry = [bb.input(f"carry:{s}", body.inputs[s]) for s in names[ns:ns + nst]]
-    for name, src in zip(names[ns + nst:], n.inputs[ns + nst:], strict=True):
-        bb.input(name, body.inputs[name])
-        bb.consts[name] = src
-    bb.graph.nodes.update({k: v for k, v in body.nodes.items() if v.role != "input"})
-    seeds: dict[str, str] = {}
-    for o, c in zip(outs, carry + per, strict=False):
-        if c is not None:
-            seeds[o] = bb.emit("add", seeds[o], c) if o in seeds else c
-    for o, c in zip(outs[:nst], after, strict=True):
-        if c is not None:
-            seeds[o] = bb.emit("add", seeds[o], c)
-    wrt = {names[k] for k, src in enumerate(n.inputs) if src in needs} | set(names[ns:ns + nst])
-    ct = backprop(bb, bb.graph, seeds, wrt)
-    res = {f"carry:{s}": ct.get(s) or bb.emit("zeros", c, shape=list(bb.shape(c)[1:]))
-           for s, c in zip(names[ns:ns + nst], carry, strict=True)}
-    wanted = {"seq": [], "const": []}
-    for k, name in enumerate(names):
-        if (k < ns or k >= ns + nst) and n.inputs[k] in needs and name in ct:
-            res[f"ct:{name}"] = ct[name]
-            wanted["seq" if k < ns else "const"].append(k)
-    bb.graph.outputs = res
-    keep = bb.graph.ancestors(res.values()) | set(bb.graph.inputs)
-    bb.graph.nodes = {k: v for k, v in bb.graph.nodes.items() if k in keep}
-    return bb, wanted
 
 
 def _picks(graph: Graph) -> dict[str, list[str]]:

@@ -53,8 +53,6 @@ class Builder:
         self.consts: dict[str, str] = {}              # loop body: const input id -> outer id
         self._shares: list[_Share] = []               # enclosing `share:` redirections
         self.owners: dict[tuple, tuple] = {}          # sharing scope -> the scope owning them
-        graph.shared = getattr(graph, "shared", {})   # sharing spec node -> owner (drawings)
-        graph.layers = getattr(graph, "layers", {})   # module node scope path -> its spec
 
     # -- context -----------------------------------------------------------------------
     @contextlib.contextmanager
@@ -412,7 +410,7 @@ class Builder:
     def body(self) -> Builder:
         """A builder for a loop body: a fresh graph in this scope. Parameters and outer
         values it reads enter it as const inputs (:meth:`const_input`)."""
-        sub = Builder(Graph(name="/".join(self.scope) or "body", source=self.graph.source))
+        sub = type(self)(Graph(name="/".join(self.scope) or "body", source=self.graph.source))
         sub.outer, sub.scope, sub.source, sub.user = self, self.scope, self.source, self.user
         sub.role, sub.origin, sub.modules = self.role, self.origin, self.modules
         sub._layers = list(self._layers)

@@ -1,9 +1,12 @@
 """The graph IR: primitive nodes with inferred types, in a deterministic schedule.
 
-Every node has exactly one output. Composite ops of the spec (``linear``, ``lstm``) have
-been expanded into primitives by the builder; each primitive remembers the ``scope`` of the
-composite it came from, so drawings can fold it back, and backward nodes remember the
-forward node they came from (``origin``).
+A node's id names its one value, except for a multi-output node (``loop``: its type is that
+of its first output), whose outputs are read through one ``pick`` node each. Composite ops
+of the spec (``linear``, ``lstm``) have been expanded into primitives by the builder; each
+primitive remembers the ``scope`` of the composite it came from, so drawings can fold it
+back, and backward nodes remember the forward node they came from (``origin``).
+
+Every attribute a graph or node carries is declared here; nothing adds others later.
 """
 
 from __future__ import annotations
@@ -67,6 +70,12 @@ class Graph:
     lines: dict = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     base: Any = None                                         # folder relative data paths start in
+    shared: dict[str, str] = field(default_factory=dict)     # sharing spec node -> owner
+    layers: dict[str, Any] = field(default_factory=dict)     # module node scope path -> its spec
+    # drawings only (report/render.py fills them in the copy it draws): a loop's body drawn
+    # in its place, its state fed back to the next step along `loop_edges`
+    loop_edges: set[tuple[str, str]] = field(default_factory=set)
+    loop_notes: dict[tuple, str] = field(default_factory=dict)  # step scope -> its note
 
     def __getitem__(self, nid: str) -> Node:
         return self.nodes[nid]

@@ -27,12 +27,16 @@ from dlgraph.engine.spec.base import Strict
 
 @dataclass(frozen=True)
 class OptimizerDef:
-    """An optimizer: its spec model (``type: Literal[name]`` and its hyperparameters) and
-    how to make the tinygrad optimizer from the parameters and that model."""
+    """An optimizer: its spec model (``type: Literal[name]`` and its hyperparameters), how
+    to make the tinygrad optimizer from the parameters and that model, and its PyTorch
+    counterpart for the tests: a ``torch.optim`` class name and its keyword arguments from
+    the model (None: PyTorch has none)."""
 
     name: str
     model: type[Strict]
     make: Callable[[list, Any], optim.Optimizer]
+    torch: str | None = None
+    torch_args: Callable[[Any], dict] | None = None
 
     def __call__(self, params: list, spec) -> optim.Optimizer:
         return self.make(params, spec)
@@ -41,17 +45,24 @@ class OptimizerDef:
 OPTIMIZERS: dict[str, OptimizerDef] = {}
 
 
-def optimizer(make: Callable[[list, Any], optim.Optimizer]):
-    """Class decorator: enter a spec model into :data:`OPTIMIZERS` with its factory."""
+def optimizer(make: Callable[[list, Any], optim.Optimizer], torch: str | None = None,
+              torch_args: Callable[[Any], dict] | None = None):
+    """Class decorator: enter a spec model into :data:`OPTIMIZERS` with its factory (and
+    its PyTorch counterpart, ``torch.optim.<torch>(params, **torch_args(model))``)."""
+    if (torch is None) != (torch_args is None):
+        raise RuntimeError("an optimizer's PyTorch counterpart needs its name and its args")
+
     def enter(model: type[Strict]) -> type[Strict]:
         name, = typing.get_args(model.model_fields["type"].annotation)
-        OPTIMIZERS[name] = OptimizerDef(name, model, make)
+        OPTIMIZERS[name] = OptimizerDef(name, model, make, torch, torch_args)
         return model
     return enter
 
 
 @optimizer(lambda ps, o: optim.SGD(ps, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov,
-                                   weight_decay=o.weight_decay))
+                                   weight_decay=o.weight_decay),
+           torch="SGD", torch_args=lambda o: dict(lr=o.lr, momentum=o.momentum,
+                                                  weight_decay=o.weight_decay))
 class Sgd(Strict):
     """Stochastic gradient descent (tinygrad.nn.optim.SGD)."""
 
@@ -62,7 +73,8 @@ class Sgd(Strict):
     weight_decay: float = Field(0.0, ge=0, description="L2 penalty")
 
 
-@optimizer(lambda ps, o: optim.Adam(ps, lr=o.lr, b1=o.b1, b2=o.b2, eps=o.eps))
+@optimizer(lambda ps, o: optim.Adam(ps, lr=o.lr, b1=o.b1, b2=o.b2, eps=o.eps),
+           torch="Adam", torch_args=lambda o: dict(lr=o.lr, betas=(o.b1, o.b2), eps=o.eps))
 class Adam(Strict):
     """Adam (tinygrad.nn.optim.Adam)."""
 
@@ -74,7 +86,9 @@ class Adam(Strict):
 
 
 @optimizer(lambda ps, o: optim.AdamW(ps, lr=o.lr, b1=o.b1, b2=o.b2, eps=o.eps,
-                                     weight_decay=o.weight_decay))
+                                     weight_decay=o.weight_decay),
+           torch="AdamW", torch_args=lambda o: dict(lr=o.lr, betas=(o.b1, o.b2), eps=o.eps,
+                                                    weight_decay=o.weight_decay))
 class AdamW(Adam):
     """Adam with decoupled weight decay (tinygrad.nn.optim.AdamW)."""
 

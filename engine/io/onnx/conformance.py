@@ -263,7 +263,7 @@ def report(results: list[Result], command: str) -> str:
 def _tables() -> list[str]:
     """What export and import cover, generated from their tables."""
     from dlgraph.engine.io.onnx.export import LAYERS
-    from dlgraph.engine.io.onnx.import_scan import OPS
+    from dlgraph.engine.io.onnx.importer import RULES
     from dlgraph.engine.io.onnx.prims import PRIMITIVES
     return ["", "## What dlgraph exports and imports", "",
             "Export writes these spec layers as ONNX operators of their own (from the spec "
@@ -274,7 +274,7 @@ def _tables() -> list[str]:
             "at every step is a Scan output, a state read at the end its final value). "
             "Layers nested in another composite (the norms, attention and softmax of a "
             "transformer block) are written as their primitives.", "",
-            "Import reads these ONNX operators: " + ", ".join(f"`{k}`" for k in sorted(OPS)) +
+            "Import reads these ONNX operators: " + ", ".join(f"`{k}`" for k in sorted(RULES)) +
             ". Gemm, MatMul (+ Add), Conv, ConvTranspose, BatchNormalization, "
             "LayerNormalization, Gather of a table, LSTM, GRU and RNN with constant weights "
             "become layers (linear, conv2d/conv1d, conv_transpose2d, batch_norm, layer_norm, "

@@ -1,6 +1,7 @@
 """The pieces every ONNX import rule works with: the :class:`Importer` state (values, ids,
 shapes, weights), :class:`Value`, :class:`Unsupported` and the naming helpers. The rules
-(:mod:`.import_ops`) and the driver (:mod:`.importer`) both build on this module.
+(:mod:`.import_ops` and the tables over it) and the driver (:mod:`.importer`) both build
+on this module.
 """
 
 from __future__ import annotations
@@ -57,9 +58,10 @@ DTYPES = {1: "float32", 11: "float32", 6: "int32", 7: "int32", 9: "bool"}
 class Importer:
     """The state of one import: values, spec nodes in order, weights, what failed."""
 
-    def __init__(self, model):
+    def __init__(self, model, rules: dict):
         from onnx import numpy_helper
         self.model, g = model, model.graph
+        self.rules = rules          # ONNX operator type -> import rule (importer.RULES)
         self.values: dict[str, Value] = {}
         self.shapes: dict[str, tuple | None] = {}
         self.dtypes: dict[str, str] = {}

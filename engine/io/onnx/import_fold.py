@@ -21,8 +21,14 @@ from __future__ import annotations
 import numpy as np
 
 from dlgraph.engine.io.onnx.import_base import Importer, hint, origin
-from dlgraph.engine.io.onnx.import_ops import _axes_input, _f32, _norm, attrs, emit_layer
-from dlgraph.engine.io.onnx.import_views import OPS as VIEW_OPS
+from dlgraph.engine.io.onnx.import_ops import (
+    OPERATOR_RULES,
+    attrs,
+    axes_input,
+    emit_layer,
+    f32,
+    nonneg_axis,
+)
 
 
 def _peek(imp: Importer, name: str):
@@ -90,10 +96,10 @@ def _layer_norm_nodes(imp, node):
     """The nodes of the pattern from the first ReduceMean, and its fields, or None."""
     x = node.input[0]
     rank = imp.rank(x)
-    axes = _axes_input(imp, node)
+    axes = axes_input(imp, node)
     if rank is None or not axes or not attrs(node).get("keepdims", 1):
         return None
-    axes = sorted(_norm(a, rank) for a in axes)
+    axes = sorted(nonneg_axis(a, rank) for a in axes)
     if axes != list(range(rank - len(axes), rank)):
         return None
     sub = _next(imp, node.output[0], "Sub")
@@ -101,8 +107,8 @@ def _layer_norm_nodes(imp, node):
         return None
     d = sub.output[0]
     var = _variance(imp, d)
-    if var is None or _axes_input(imp, var[1]) is None or \
-            sorted(_norm(a, rank) for a in _axes_input(imp, var[1])) != axes:
+    if var is None or axes_input(imp, var[1]) is None or \
+            sorted(nonneg_axis(a, rank) for a in axes_input(imp, var[1])) != axes:
         return None
     add = _next(imp, var[1].output[0], "Add")
     eps = None if add is None else _peek(imp, _other(add, var[1].output[0]))
@@ -121,7 +127,7 @@ def _layer_norm_nodes(imp, node):
 def reduce_mean(imp, node):
     found = _layer_norm_nodes(imp, node)
     if found is None:
-        return VIEW_OPS["ReduceMean"](imp, node)
+        return OPERATOR_RULES["ReduceMean"](imp, node)
     nodes, dims, eps, params, shape = found
     for n in nodes[1:]:
         imp.absorb(n)
@@ -130,7 +136,7 @@ def reduce_mean(imp, node):
               "bias": params.get("bias", np.zeros(shape, np.float32))} if affine else {}
     nid = emit_layer(imp, node, "layer_norm", [imp.ref(node.input[0])], params,
                      out_name=nodes[-1].output[0], name=layer_hint(node),
-                     eps=None if _f32(eps) == 1e-5 else _f32(eps),
+                     eps=None if f32(eps) == 1e-5 else f32(eps),
                      dims=None if dims == 1 else dims, affine=None if affine else False)
     imp.origin[nid] = origins(nodes)
 
@@ -138,7 +144,7 @@ def reduce_mean(imp, node):
 def _softmax_nodes(imp, node):
     """exp(x - max) / sum(exp(x - max)) over one axis, from its ReduceMax: nodes, axis."""
     x, rank = node.input[0], imp.rank(node.input[0])
-    axes = _axes_input(imp, node)
+    axes = axes_input(imp, node)
     if rank is None or axes is None or len(axes) != 1 or not attrs(node).get("keepdims", 1):
         return None
     m, nodes = node.output[0], [node]
@@ -152,17 +158,17 @@ def _softmax_nodes(imp, node):
     users = {c.op_type: c for c in imp.consumers.get(e, [])} if e else {}
     total, div = users.get("ReduceSum"), users.get("Div")
     if len(users) != 2 or total is None or div is None or e in imp.outputs or \
-            _axes_input(imp, total) != axes or not attrs(total).get("keepdims", 1) or \
+            axes_input(imp, total) != axes or not attrs(total).get("keepdims", 1) or \
             _next(imp, total.output[0], "Div") is not div or list(div.input) != [
                 e, total.output[0]]:
         return None
-    return nodes + [sub, exp, total, div], _norm(axes[0], rank)
+    return nodes + [sub, exp, total, div], nonneg_axis(axes[0], rank)
 
 
 def reduce_max(imp, node):
     found = _softmax_nodes(imp, node)
     if found is None:
-        return VIEW_OPS["ReduceMax"](imp, node)
+        return OPERATOR_RULES["ReduceMax"](imp, node)
     nodes, axis = found
     for n in nodes[1:]:
         imp.absorb(n)
@@ -217,7 +223,7 @@ def attention_op(imp, node):
     mask = [imp.ref(node.input[3])] if len(node.input) > 3 and node.input[3] else []
     y = imp.add(hint(node) if three else hint(node, imp), "attention", refs + mask,
                 [origin(node)], causal=True if a.get("is_causal", 0) else None,
-                scale=_f32(a["scale"]) if "scale" in a else None)
+                scale=f32(a["scale"]) if "scale" in a else None)
     if three:
         b, t = imp.shape(node.input[0])[:2]
         y = imp.add(hint(node, imp), "reshape",
@@ -226,6 +232,7 @@ def attention_op(imp, node):
     imp.bind(node.output[0], y)
 
 
-OPS = {**VIEW_OPS, "ReduceMean": reduce_mean, "ReduceMax": reduce_max,
-       "Attention": attention_op}
-"""ONNX operator type -> its import rule (the folds here over :mod:`.import_views`)."""
+FOLD_RULES = {"ReduceMean": reduce_mean, "ReduceMax": reduce_max, "Attention": attention_op}
+"""ONNX operator type -> its rule that folds a pattern starting there back into one layer
+(layer_norm, softmax, attention); where there is no pattern, the operator's own rule in
+:data:`.import_ops.OPERATOR_RULES`."""

@@ -24,12 +24,13 @@ def _s(v):
     return v.decode() if isinstance(v, bytes) else v
 
 
-def _f32(x: float) -> float:
+def f32(x: float) -> float:
     """A float32 attribute as the short decimal a person wrote (9.99e-06 -> 1e-05)."""
     return float(f"{np.float32(x):.7g}")
 
 
-def _norm(axis: int, rank: int) -> int:
+def nonneg_axis(axis: int, rank: int) -> int:
+    """An ONNX axis (negative: from the end) as a non-negative one."""
     return axis + rank if axis < 0 else axis
 
 
@@ -296,8 +297,8 @@ def batch_norm(imp, node):
     params = {"weight": scale, "bias": bias, "running_mean": mean.reshape(keep),
               "running_var": var.reshape(keep)}
     emit_layer(imp, node, "batch_norm", [imp.ref(node.input[0])], params,
-               **_tidy(dict(eps=_f32(a.get("epsilon", 1e-5)),
-                            momentum=_f32(1 - a.get("momentum", 0.9))),
+               **_tidy(dict(eps=f32(a.get("epsilon", 1e-5)),
+                            momentum=f32(1 - a.get("momentum", 0.9))),
                        {"eps": 1e-5, "momentum": 0.1}))
 
 
@@ -307,11 +308,11 @@ def layer_norm(imp, node):
     bias = imp.const(node.input[2]) if len(node.input) > 2 and node.input[2] else None
     if rank is None or scale is None or (len(node.input) > 2 and node.input[2] and bias is None):
         raise Unsupported("only LayerNormalization with constant scale and bias")
-    dims = rank - _norm(a.get("axis", -1), rank)
+    dims = rank - nonneg_axis(a.get("axis", -1), rank)
     bias = np.zeros_like(scale) if bias is None else np.broadcast_to(bias, scale.shape)
     emit_layer(imp, node, "layer_norm", [imp.ref(node.input[0])],
                {"weight": scale, "bias": bias},
-               **_tidy({"eps": _f32(a.get("epsilon", 1e-5))}, {"eps": 1e-5}),
+               **_tidy({"eps": f32(a.get("epsilon", 1e-5))}, {"eps": 1e-5}),
                dims=dims if dims != 1 else None)
     if any(node.output[1:]):
         _norm_statistics(imp, node, list(range(rank - dims, rank)), a.get("epsilon", 1e-5))
@@ -528,7 +529,9 @@ def _dynamic(imp, node) -> bool:
     return False
 
 
-def _dims(imp, name):
+def value_dims(imp, name):
+    """The dims an ONNX value holds (shape arithmetic): the ones followed so far, or its
+    constant int vector; None if neither."""
     v = imp.values[name]
     return v.dims if v.dims is not None else (
         tuple(int(d) for d in np.atleast_1d(v.const)) if v.const is not None
@@ -538,7 +541,7 @@ def _dims(imp, name):
 def _dims_of(imp, node) -> tuple | None:
     """The dims a piece of shape arithmetic yields, when they can be followed: Concat,
     Unsqueeze and Squeeze of dims, Gather of one of them, Cast."""
-    ins = [_dims(imp, i) for i in node.input if i]
+    ins = [value_dims(imp, i) for i in node.input if i]
     if any(d is None for d in ins[:1]):
         return None
     if node.op_type == "Concat" and all(d is not None for d in ins):
@@ -627,7 +630,7 @@ def reshape(imp, node):
                                          [imp.ref(node.input[0]), imp.ref(v.shape_of)],
                                          [origin(node)]))
         return
-    shape = _target(imp, node, _dims(imp, node.input[1]))
+    shape = _target(imp, node, value_dims(imp, node.input[1]))
     imp.bind(node.output[0], imp.add(hint(node, imp), "reshape", [imp.ref(node.input[0])],
                                      [origin(node)], shape=shape))
 
@@ -657,7 +660,9 @@ def transpose(imp, node):
                                      [origin(node)], axes=perm))
 
 
-def _axes_input(imp, node, k=1):
+def axes_input(imp, node, k=1):
+    """The axes of a node: its `axes` attribute, or its constant input ``k``; None if
+    neither is given."""
     a = attrs(node)
     if "axes" in a:
         return list(a["axes"])
@@ -679,22 +684,22 @@ def _chain(imp, node, op, axes, **more):
 
 
 def squeeze(imp, node):
-    axes = _axes_input(imp, node)
+    axes = axes_input(imp, node)
     if _fold(imp, node, lambda x, *_: np.squeeze(x, tuple(axes) if axes else None)) or \
             _dynamic(imp, node):
         return
     s = _need(imp, node.input[0]) if axes is None else None
     rank = imp.rank(node.input[0])
     axes = [i for i, d in enumerate(s) if d == 1] if axes is None else axes
-    _chain(imp, node, "squeeze", sorted((_norm(a, rank) for a in axes), reverse=True))
+    _chain(imp, node, "squeeze", sorted((nonneg_axis(a, rank) for a in axes), reverse=True))
 
 
 def unsqueeze(imp, node):
-    axes = _axes_input(imp, node)
+    axes = axes_input(imp, node)
     if _fold(imp, node, lambda x, *_: np.expand_dims(x, tuple(axes))) or _dynamic(imp, node):
         return
     rank = imp.rank(node.input[0]) + len(axes)
-    _chain(imp, node, "unsqueeze", sorted(_norm(a, rank) for a in axes))
+    _chain(imp, node, "unsqueeze", sorted(nonneg_axis(a, rank) for a in axes))
 
 
 def _slice_np(x, starts, ends, axes=None, steps=None):
@@ -716,7 +721,7 @@ def slice_op(imp, node):
     if steps is not None and any(int(s) != 1 for s in steps):
         raise Unsupported("slices with a step other than 1")
     rank = imp.rank(node.input[0])
-    axes = list(range(len(starts))) if axes is None else [_norm(int(a), rank) for a in axes]
+    axes = list(range(len(starts))) if axes is None else [nonneg_axis(int(a), rank) for a in axes]
     ref = imp.ref(node.input[0])
     for k, ax in enumerate(axes):
         stop = int(ends[k])
@@ -843,7 +848,7 @@ def where(imp, node):
 def reduce(op):
     def rule(imp, node):
         a = attrs(node)
-        axes = _axes_input(imp, node)
+        axes = axes_input(imp, node)
         if not axes and a.get("noop_with_empty_axes", 0):
             imp.values[node.output[0]] = imp.values[node.input[0]]
             return
@@ -878,7 +883,7 @@ def random_like(kind):
     return rule
 
 
-OPS = {
+OPERATOR_RULES = {
     **{t: binary(op) for t, op in BINARY.items()},
     **{t: unary(op) for t, op in UNARY.items() if t not in ("Relu", "Sigmoid", "Tanh")},
     **{t: act_rule(t.lower()) for t in ACTS},
@@ -897,4 +902,8 @@ OPS = {
     "ArgMax": argmax, "Mod": shape_only, "RandomNormalLike": random_like("normal"),
     "RandomUniformLike": random_like("uniform"),
 }
-"""ONNX operator type -> its import rule."""
+"""ONNX operator type -> its import rule, one operator at a time (materializing its inputs
+through :meth:`Importer.ref`). The other tables (:data:`.import_views.VIEW_RULES`,
+:data:`.import_fold.FOLD_RULES`, :data:`.import_scan.SCAN_RULES`) take some operators over
+and hand the cases they do not handle back to these rules; :data:`.importer.RULES` is the
+importer's table, assembled from all four."""

@@ -15,17 +15,17 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 from dlgraph.engine.io.onnx.import_base import Importer, Unsupported, Value, hint, origin, valid_id
-from dlgraph.engine.io.onnx.import_fold import OPS as FOLD_OPS
 from dlgraph.engine.io.onnx.import_ops import attrs
 from dlgraph.engine.io.onnx.import_views import infer_missing
 
 
 def run_nodes(imp: Importer) -> None:
-    """Import every node of ``imp``'s graph in order; failures are listed in imp.failed."""
+    """Import every node of ``imp``'s graph in order by the rules of its table
+    (``imp.rules``); failures are listed in imp.failed."""
     for node in imp.model.graph.node:
         if id(node) in imp.absorbed:
             continue
-        rule = OPS.get(node.op_type)
+        rule = imp.rules.get(node.op_type)
         try:
             if rule is None:
                 raise Unsupported("no dlgraph rule for this operator")
@@ -97,7 +97,7 @@ def _short_names(body):
 
 def _sub_importer(imp: Importer, body) -> Importer:
     """An importer over the body; the outer values it reads must be constants."""
-    sub = Importer(SimpleNamespace(graph=body))
+    sub = Importer(SimpleNamespace(graph=body), imp.rules)
     sub.outputs = set()         # the module's outputs are node ids, whatever their names
     made = {o for n in body.node for o in n.output} | {i.name for i in body.input} | \
         {t.name for t in body.initializer}
@@ -171,6 +171,6 @@ def scan(imp, node):
             imp.bind(out, ref)
 
 
-OPS = {**FOLD_OPS, "Scan": scan}
-"""ONNX operator type -> its import rule: every rule of :mod:`.import_ops`, those of
-:mod:`.import_views` and :mod:`.import_fold` over them, and Scan."""
+SCAN_RULES = {"Scan": scan}
+"""ONNX operator type -> its import rule for control flow (a Scan's body is imported by the
+same table as the outer graph)."""

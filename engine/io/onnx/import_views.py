@@ -10,8 +10,8 @@ lets PyTorch's attention (heads folded into the batch) import as plain spec node
 from __future__ import annotations
 
 from dlgraph.engine.io.onnx.import_base import Importer, Unsupported, Value, hint, origin
-from dlgraph.engine.io.onnx.import_ops import OPS as BASE
-from dlgraph.engine.io.onnx.import_ops import _axes_input, _dims, _norm, attrs
+from dlgraph.engine.io.onnx.import_ops import OPERATOR_RULES as BASE
+from dlgraph.engine.io.onnx.import_ops import attrs, axes_input, nonneg_axis, value_dims
 from dlgraph.engine.io.onnx.views import (
     View,
     bind_view,
@@ -61,7 +61,7 @@ def transpose(imp, node):
 
 def _reshape_target(imp, node, view: View) -> tuple | None:
     """The reshape's target dims (0: copy, -1: the rest resolved), symbolic, or None."""
-    dims = _dims(imp, node.input[1])
+    dims = value_dims(imp, node.input[1])
     if dims is None:
         out = imp.shape(node.output[0])
         return tuple(out) if out is not None and None not in out else None
@@ -93,10 +93,10 @@ def unsqueeze(imp, node):
     view = view_of(imp, node.input[0])
     if view is None or imp.const(node.input[0]) is not None or _eager(imp, node):
         return BASE["Unsqueeze"](imp, node)
-    axes = _axes_input(imp, node)
+    axes = axes_input(imp, node)
     rank = len(view.groups) + len(axes)
     groups = [list(g) for g in view.groups]
-    for a in sorted(_norm(a, rank) for a in axes):
+    for a in sorted(nonneg_axis(a, rank) for a in axes):
         groups.insert(a, [])
     bind_view(imp, node, View(view.ref, view.dshape, groups))
 
@@ -106,10 +106,10 @@ def squeeze(imp, node):
     if view is None or imp.const(node.input[0]) is not None or _eager(imp, node) \
             or len(view.groups) < 2:
         return BASE["Squeeze"](imp, node)
-    axes = _axes_input(imp, node)
+    axes = axes_input(imp, node)
     rank = len(view.groups)
     axes = [i for i, d in enumerate(view.shape) if d == 1] if axes is None else \
-        [_norm(a, rank) for a in axes]
+        [nonneg_axis(a, rank) for a in axes]
     groups = [list(g) for g in view.groups]
     ref, dshape = view.ref, view.dshape
     for a in sorted(axes, reverse=True):
@@ -133,7 +133,7 @@ def gather(imp, node):
     axis = attrs(node).get("axis", 0)
     if view is None or idx is None or idx.ndim != 0 or _eager(imp, node):
         return BASE["Gather"](imp, node)
-    axis = _norm(axis, len(view.groups))
+    axis = nonneg_axis(axis, len(view.groups))
     g = view.groups[axis]
     if len(g) != 1:
         return BASE["Gather"](imp, node)
@@ -175,7 +175,7 @@ def elementwise(imp, node):
 def softmax(imp, node):
     view = _lazy(imp, node.input[0])
     axis = attrs(node).get("axis", -1)
-    g = None if view is None else view.groups[_norm(axis, len(view.groups))]
+    g = None if view is None else view.groups[nonneg_axis(axis, len(view.groups))]
     if g is None or len(g) != 1 or _eager(imp, node):
         return BASE[node.op_type](imp, node)
     op = "softmax" if node.op_type == "Softmax" else "log_softmax"
@@ -212,15 +212,15 @@ def linear(imp, node):
         bind_view(imp, node, View(ref, view.dshape[:-1] + (out,), view.groups), out=name)
 
 
-RULES = {
+VIEW_RULES = {
     "Transpose": transpose, "Reshape": reshape, "Unsqueeze": unsqueeze, "Squeeze": squeeze,
     "Gather": gather, "Softmax": softmax, "LogSoftmax": softmax, "MatMul": linear,
     "Gemm": linear, "Identity": identity, "Dropout": identity,
     **{t: elementwise for t in ("Add", "Sub", "Mul", "Div", "Neg", "Exp", "Sqrt", "Relu",
                                 "Sigmoid", "Tanh", "Abs")},
 }
-"""ONNX operator type -> its view-following rule (the rest: :data:`.import_ops.OPS`)."""
-OPS = {**BASE, **RULES}
+"""ONNX operator type -> its view-following rule; what it does not follow it hands to the
+operator's own rule in :data:`.import_ops.OPERATOR_RULES`."""
 
 
 # -- shapes ONNX's inference could not follow -------------------------------------------------
@@ -265,16 +265,16 @@ def _infer_movement(imp, node, s: tuple, a: dict) -> tuple | None:
     t = node.op_type
     if t == "Gather":
         idx = imp.const(node.input[1])
-        axis = _norm(a.get("axis", 0), len(s))
+        axis = nonneg_axis(a.get("axis", 0), len(s))
         return None if idx is None else s[:axis] + tuple(idx.shape) + s[axis + 1:]
-    axes = _axes_input(imp, node) if t in ("Squeeze", "Unsqueeze") else None
+    axes = axes_input(imp, node) if t in ("Squeeze", "Unsqueeze") else None
     if t == "Unsqueeze" and axes is not None:
         out = list(s)
-        for ax in sorted(_norm(x, len(s) + len(axes)) for x in axes):
+        for ax in sorted(nonneg_axis(x, len(s) + len(axes)) for x in axes):
             out.insert(ax, 1)
         return tuple(out)
     if t == "Squeeze":
-        drop = {_norm(x, len(s)) for x in axes} if axes else {i for i, d in enumerate(s)
+        drop = {nonneg_axis(x, len(s)) for x in axes} if axes else {i for i, d in enumerate(s)
                                                             if d == 1}
         return tuple(d for i, d in enumerate(s) if i not in drop)
     return None

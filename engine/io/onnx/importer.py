@@ -1,11 +1,14 @@
 """ONNX model → a spec a person can read, and its weights as safetensors.
 
-Each ONNX node becomes spec nodes through the table in :mod:`.import_ops`: recognised
-patterns fold back into layers (Gemm → linear, Conv → conv2d, LSTM → lstm, ...), the rest
-map to primitives. Values known at import time (initializers, Constant nodes, shape
-arithmetic on them) are folded; shape computations at run time are read from ONNX's shape
-inference instead. Every ONNX node that cannot be imported is listed in one error, and
-nothing is written until the spec has been loaded and checked against its weights.
+Each ONNX node becomes spec nodes through :data:`RULES`, one table assembled here from the
+rule tables of :mod:`.import_ops` (one operator at a time), :mod:`.import_views` (reshapes
+and transposes followed as views), :mod:`.import_fold` (patterns folded back into layers)
+and :mod:`.import_scan` (Scan): recognised patterns fold back into layers (Gemm → linear,
+Conv → conv2d, LSTM → lstm, ...), the rest map to primitives. Values known at import time
+(initializers, Constant nodes, shape arithmetic on them) are folded; shape computations at
+run time are read from ONNX's shape inference instead. Every ONNX node that cannot be
+imported is listed in one error, and nothing is written until the spec has been loaded and
+checked against its weights.
 """
 
 from __future__ import annotations
@@ -19,7 +22,15 @@ from dlgraph.engine.errors import DataError, DlgraphError, Source, SpecError
 from dlgraph.engine.io.onnx.fold_attention import fold_attention
 from dlgraph.engine.io.onnx.formats import require_onnx
 from dlgraph.engine.io.onnx.import_base import OPSET, Importer, Unsupported, valid_id
-from dlgraph.engine.io.onnx.import_scan import run_nodes
+from dlgraph.engine.io.onnx.import_fold import FOLD_RULES
+from dlgraph.engine.io.onnx.import_ops import OPERATOR_RULES
+from dlgraph.engine.io.onnx.import_scan import SCAN_RULES, run_nodes
+from dlgraph.engine.io.onnx.import_views import VIEW_RULES
+
+RULES = {**OPERATOR_RULES, **VIEW_RULES, **FOLD_RULES, **SCAN_RULES}
+"""ONNX operator type -> its import rule: the importer's one table. A later table takes an
+operator over from an earlier one (a view or fold rule hands the cases it does not handle
+back to the operator's rule in :data:`.import_ops.OPERATOR_RULES`)."""
 
 
 def _inputs(imp: Importer) -> dict[str, dict]:
@@ -140,7 +151,7 @@ def dump_spec(spec: dict, origins: dict[str, list[str]],
 def import_proto(model, name: str | None = None, base: Path | None = None):
     """An in-memory import: (spec text, weights, the loaded Graph, the Importer)."""
     from dlgraph.engine.graph.build import load_graph
-    imp = Importer(model)
+    imp = Importer(model, RULES)
     spec = to_spec(imp, name or valid_id(model.graph.name or "model").replace("_", "-"))
     text = dump_spec(spec, imp.origin, imp.module_origins)
     g = load_graph(text, base=base or Path.cwd())
