@@ -40,6 +40,7 @@ class _TinygradLock:
     def __init__(self):
         self._lock = threading.RLock()
         self._depth = 0
+        self._outside = None
         self._connections: dict[int, object] = {}
 
     def __enter__(self):
@@ -50,6 +51,7 @@ class _TinygradLock:
             made = helpers._db_connection   # opened outside this lock: by the main thread
             if made is not None and all(c is not made for c in self._connections.values()):
                 self._connections[threading.main_thread().ident] = made
+            self._outside = made
             helpers._db_connection = self._connections.get(threading.get_ident())
         return self
 
@@ -59,6 +61,9 @@ class _TinygradLock:
             from tinygrad import helpers
             if helpers._db_connection is not None:
                 self._connections[threading.get_ident()] = helpers._db_connection
+            # code outside the lock (the main thread's) finds the connection it had
+            main = self._connections.get(threading.main_thread().ident)
+            helpers._db_connection = self._outside if self._outside is not None else main
         self._lock.release()
 
 
