@@ -24,10 +24,11 @@ from __future__ import annotations
 from typing import Any
 
 from pydantic import ConfigDict, Field
+from tinygrad import Tensor
 
 from dlgraph.engine.errors import GradientError, ShapeError
 from dlgraph.engine.spec.base import NodeSpec
-from dlgraph.engine.types import TType, dim_add, fmt
+from dlgraph.engine.types import TType, dim_add, dim_value, fmt
 from dlgraph.ops.registry import PICK, attrs, register
 
 FAMILY = "control"
@@ -151,6 +152,34 @@ def _backward_body(b, n, ct_st, ct_per):
     return bb, wanted
 
 
+def _loop_forward(ctx, a, *xs):
+    """The loop run inline: its body traced once per step into the current program (the
+    staged lowering runs a long loop as one compiled step instead)."""
+    names = list(a.body.inputs)
+    ns, nst, steps = a.n_seq, a.n_state, dim_value(a.steps, ctx.dims)
+    states = list(xs[ns:ns + nst])
+    consts = dict(zip(names[ns + nst:], xs[ns + nst:], strict=True))
+    hist = [[None] * (steps + 1) for _ in range(nst)]
+    for j, s in enumerate(states):
+        hist[j][steps if a.reverse else 0] = s
+    per, acc = None, None
+    for t in (reversed(range(steps)) if a.reverse else range(steps)):
+        env = {n: x[:, t] for n, x in zip(names[:ns], xs[:ns], strict=True)}
+        env.update(zip(names[ns:ns + nst], states, strict=True))
+        outs = ctx.run_body(a.body, {**env, **consts})
+        states = outs[:nst]
+        for j, s in enumerate(states):
+            hist[j][t if a.reverse else t + 1] = s
+        step_out = outs[nst:nst + a.n_out]
+        per = [[None] * steps for _ in step_out] if per is None else per
+        for j, o in enumerate(step_out):
+            per[j][t] = o
+        inc = outs[nst + a.n_out:]
+        acc = inc if acc is None else [u + v for u, v in zip(acc, inc, strict=True)]
+    return (*[Tensor.stack(*h, dim=1) for h in hist],
+            *[Tensor.stack(*p, dim=1) for p in (per or [])], *(acc or []))
+
+
 register("loop", doc="run a body subgraph over the time axis (internal: rnn/lstm/gru/scan "
          "lower to it)", family=FAMILY, inputs="xs*", internal=True, multi=True,
          attrs_model=attrs("loop", base=LoopBase,
@@ -159,7 +188,7 @@ register("loop", doc="run a body subgraph over the time axis (internal: rnn/lstm
                                                    "named dim (a length known at run time)")),
                            reverse=(bool, Field(False, description="run from the last step")),
                            n_seq=(int, 0), n_state=(int, 0), n_out=(int, 0)),
-         infer=_loop_infer, forward=lambda c, a, *xs: c.run_loop(a, xs), vjp=_loop_vjp)
+         infer=_loop_infer, forward=_loop_forward, vjp=_loop_vjp)
 
 register("pick", doc="one output of a multi-output node (internal)", family=FAMILY, inputs="x",
          internal=True,

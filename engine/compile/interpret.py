@@ -16,7 +16,7 @@ from tinygrad import Tensor
 from dlgraph.engine.errors import ShapeError
 from dlgraph.engine.graph.ir import Graph
 from dlgraph.engine.spec.init import init_param
-from dlgraph.engine.types import NUMPY_DTYPES, dim_value, fmt
+from dlgraph.engine.types import NUMPY_DTYPES, fmt
 from dlgraph.ops import OPS
 
 
@@ -28,33 +28,15 @@ class Ctx:
     dims: dict[str, int] = field(default_factory=dict)   # named dim -> size for this call
     updates: list[Tensor] = field(default_factory=list)  # state assignments to realise
 
-    def run_loop(self, a, xs) -> tuple[Tensor, ...]:
-        """A loop run inline: its body traced once per step into the current program
-        (the staged lowering runs loops as compiled steps instead, see :class:`LoopStage`)."""
-        body = Evaluator(a.body, list(a.body.outputs.values()))
-        names = list(a.body.inputs)
-        ns, nst, steps = a.n_seq, a.n_state, dim_value(a.steps, self.dims)
-        states = list(xs[ns:ns + nst])
-        consts = dict(zip(names[ns + nst:], xs[ns + nst:], strict=True))
-        hist = [[None] * (steps + 1) for _ in range(nst)]
-        for j, s in enumerate(states):
-            hist[j][steps if a.reverse else 0] = s
-        per, acc = None, None
-        for t in (reversed(range(steps)) if a.reverse else range(steps)):
-            feed = {n: x[:, t] for n, x in zip(names[:ns], xs[:ns], strict=True)}
-            feed.update(zip(names[ns:ns + nst], states, strict=True))
-            outs = body(self, {**feed, **consts}, {})
-            states = outs[:nst]
-            for j, s in enumerate(states):
-                hist[j][t if a.reverse else t + 1] = s
-            step_out = outs[nst:nst + a.n_out]
-            per = [[None] * steps for _ in step_out] if per is None else per
-            for j, o in enumerate(step_out):
-                per[j][t] = o
-            inc = outs[nst + a.n_out:]
-            acc = inc if acc is None else [u + v for u, v in zip(acc, inc, strict=True)]
-        return (*[Tensor.stack(*h, dim=1) for h in hist],
-                *[Tensor.stack(*p, dim=1) for p in (per or [])], *(acc or []))
+    evaluators: dict[int, Evaluator] = field(default_factory=dict)
+
+    def run_body(self, body: Graph, env: dict[str, Tensor]) -> list[Tensor]:
+        """A body sub-graph's outputs from values for its inputs: what the forward rule of a
+        higher-order op (``loop``) calls to trace its body into the current program."""
+        ev = self.evaluators.get(id(body))
+        if ev is None:
+            ev = self.evaluators[id(body)] = Evaluator(body, list(body.outputs.values()))
+        return ev(self, env, {})
 
 
 def init_params(graph: Graph, seed: int) -> dict[str, Tensor]:
