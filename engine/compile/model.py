@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 from tinygrad import Tensor
 
+from dlgraph.engine.compile import tinygrad_door as door
 from dlgraph.engine.compile.cache import ProgramCache
 from dlgraph.engine.compile.interpret import init_params, input_dims
 from dlgraph.engine.compile.lower import lower
@@ -25,10 +26,11 @@ class Model:
     def __init__(self, graph: Graph, params: dict[str, Tensor] | None = None, seed: int = 0,
                  cache: ProgramCache | None = None):
         self.graph = graph
-        self.params = params if params is not None else init_params(graph, seed)
         self.outputs = list(graph.outputs)
         computed = [graph.outputs[o] for o in self.outputs if graph.outputs[o] not in graph.inputs]
-        self._program = lower(graph, computed, params=self.params, cache=cache)
+        with door.LOCK:      # a model may be made in any thread (tinygrad runs here)
+            self.params = params if params is not None else init_params(graph, seed)
+            self._program = lower(graph, computed, params=self.params, cache=cache)
         self.input_names = self._program.input_names  # what a call must be given
 
     def __call__(self, **arrays: np.ndarray) -> dict[str, np.ndarray]:
@@ -57,7 +59,7 @@ class Model:
         return random_inputs(self.graph, batch, seed)
 
     def state_dict(self) -> dict[str, np.ndarray]:
-        return {k: v.numpy() for k, v in self.params.items()}
+        return {k: door.read(v) for k, v in self.params.items()}
 
 
 def _array(name: str, value, dtype: str) -> np.ndarray:

@@ -11,6 +11,7 @@ Pinned: tinygrad 0.14.0.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import io
 import os
@@ -215,12 +216,7 @@ class Replay:
 
     def __call__(self, var_vals: dict[str, int]):
         for step in self.plan:
-            if type(step) is tuple:
-                rt, bufs, prg = step
-                gs, ls = prg.launch_dims(var_vals)
-                rt(*bufs, global_size=gs, local_size=ls, vals=prg.vals(var_vals), wait=False)
-            else:
-                pm_exec.rewrite(step, ExecContext(var_vals, tuple(self.ins), False, True))
+            step(var_vals)
         return self.ret
 
 
@@ -242,7 +238,8 @@ def _plan(cap, ins) -> list | None:
     for call in cap.linear.src:
         ast = call.src[0]
         if ast.op is not Ops.PROGRAM:
-            plan.append(call)
+            plan.append(lambda vv, c=call: pm_exec.rewrite(c, ExecContext(vv, tuple(ins),
+                                                                           False, True)))
             continue
         resolved = resolve_params(call, tuple(ins))
         per_dev = list(unwrap_multi(call, [resolved[i] for i in ast.arg.globals]))
@@ -250,8 +247,38 @@ def _plan(cap, ins) -> list | None:
         if len(per_dev) != 1 or per_dev[0][1] or len(devices) != 1:
             return None
         bufs = [b.ensure_allocated().get_buf(devices[0]) for b in per_dev[0][0]]
-        plan.append((get_runtime(devices[0], ast), bufs, ast.arg))
+        plan.append(_launcher(get_runtime(devices[0], ast), bufs, ast.arg))
     return plan
+
+
+def _launcher(rt, bufs: list, prg):
+    """A function of the bound values that runs one compiled kernel on ``bufs``: what does
+    not depend on the values (launch sizes, the CPU's argument words) worked out once."""
+    names = [v.expr for v in prg.vars]
+    dims = None if names else prg.launch_dims({})
+    if type(rt).__name__ == "CPUProgram" and not rt.lvp and not prg.runtimevars:
+        words = tuple(ctypes.c_uint64(b.va_addr) for b in bufs)
+        fxn = rt.fxn
+        if dims is not None:
+            reps = range(dims[0][0])
+
+            def cpu_call(var_vals):
+                for _ in reps:
+                    fxn(*words)
+            return cpu_call
+
+        fixed = range(prg.global_size[0]) if isinstance(prg.global_size[0], int) else None
+
+        def cpu_call_vars(var_vals):
+            args = words + tuple(ctypes.c_uint64(var_vals[n]) for n in names)
+            for _ in fixed or range(prg.launch_dims(var_vals)[0][0]):
+                fxn(*args)
+        return cpu_call_vars
+
+    def call(var_vals):
+        gs, ls = dims or prg.launch_dims(var_vals)
+        rt(*bufs, global_size=gs, local_size=ls, vals=prg.vals(var_vals), wait=False)
+    return call
 
 
 def _rebind(args: tuple, var_vals: dict) -> tuple:
