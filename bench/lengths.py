@@ -48,7 +48,7 @@ def worker(time_dim, lengths: list[int]) -> list[dict]:
     import dlgraph
     from dlgraph.engine.compile.device import use_device
     from dlgraph.engine.compile.interpret import init_params, input_dims, to_tensor
-    from dlgraph.engine.train.loop import PhaseStep
+    from dlgraph.engine.train.step import PhaseStep
     t0 = time.perf_counter()
     use_device(None)
     g = dlgraph.load(spec(time_dim))

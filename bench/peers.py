@@ -93,7 +93,7 @@ class DlgraphPeer:
         from dlgraph.engine.compile.device import use_device
         from dlgraph.engine.compile.interpret import input_dims, to_tensor
         from dlgraph.engine.compile.model import Model
-        from dlgraph.engine.train.loop import PhaseStep
+        from dlgraph.engine.train.step import PhaseStep
 
         self.to_tensor = to_tensor
         g = dlgraph.load(spec["source"], base=spec.get("base"))

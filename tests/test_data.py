@@ -418,7 +418,7 @@ def _table(tmp_path: Path, n: int = 320, extra: str = ", standardize: true",
 def test_standardize_uses_the_training_split_only(tmp_path):
     from sklearn.preprocessing import StandardScaler
 
-    from dlgraph.engine.train.loop import split_data
+    from dlgraph.engine.train.prepare import split_data
     g, x, _ = _table(tmp_path)
     raw_train, raw_val, _, none = split_data(g, g.spec.train, standardize=False)
     train, val, _, stats = split_data(g, g.spec.train)
@@ -435,7 +435,7 @@ def test_standardize_uses_the_training_split_only(tmp_path):
 
 
 def test_standardize_errors_are_located(tmp_path):
-    from dlgraph.engine.train.loop import split_data
+    from dlgraph.engine.train.prepare import split_data
     g, *_ = _table(tmp_path, extra=", standardize: [y]")
     with pytest.raises(DataError, match="cannot standardize 'y': it holds int32 values") as e:
         split_data(g, g.spec.train)
@@ -449,7 +449,7 @@ def test_standardize_errors_are_located(tmp_path):
 def test_stratified_split_keeps_each_class_share(tmp_path):
     from sklearn.model_selection import train_test_split
 
-    from dlgraph.engine.train.loop import split_data
+    from dlgraph.engine.train.prepare import split_data
     labels = np.repeat([0, 1, 2], [224, 64, 32])          # 70%, 20%, 10% of 320
     g, x, y = _table(tmp_path, extra="", validation=", stratify: y", labels=labels)
     train, val, _, _ = split_data(g, g.spec.train)
@@ -469,7 +469,7 @@ def test_stratified_split_keeps_each_class_share(tmp_path):
 
 
 def test_stratify_errors(tmp_path):
-    from dlgraph.engine.train.loop import split_data
+    from dlgraph.engine.train.prepare import split_data
     g, *_ = _table(tmp_path, validation=", stratify: lable")
     with pytest.raises(SpecError, match="validation.stratify names 'lable', which is not an "
                                         "input") as e:

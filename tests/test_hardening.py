@@ -742,9 +742,9 @@ def test_a_spec_of_many_values_is_refused_before_it_is_built(text):
 def test_run_directory_is_a_safe_slug_under_runs(tmp_path, monkeypatch, name, slug):
     from types import SimpleNamespace
 
-    from dlgraph.engine.train.loop import _run_dir
+    from dlgraph.engine.train.rundir import run_dir_path
     monkeypatch.chdir(tmp_path)
-    d = _run_dir(SimpleNamespace(name=name), None)
+    d = run_dir_path(SimpleNamespace(name=name), None)
     assert d.parts[:2] == ("runs", slug) and len(d.parts) == 3
     assert (tmp_path / d).resolve().is_relative_to(tmp_path / "runs")
 
@@ -753,7 +753,7 @@ def test_out_below_a_file_is_an_error(tmp_path):
     from types import SimpleNamespace
 
     from dlgraph.engine.errors import TrainingError
-    from dlgraph.engine.train.loop import _run_dir
+    from dlgraph.engine.train.rundir import run_dir_path
     (tmp_path / "f").write_text("")
     with pytest.raises(TrainingError, match="is a file"):
-        _run_dir(SimpleNamespace(name="x"), tmp_path / "f" / "run")
+        run_dir_path(SimpleNamespace(name="x"), tmp_path / "f" / "run")

@@ -239,7 +239,7 @@ def test_the_actor_all_reduce_is_the_mean_of_every_rank():
     # the Board actor's method as plain asyncio: three ranks, two steps in flight at once
     import asyncio
 
-    from dlgraph.engine.train.parallel import Board
+    from dlgraph.engine.train.board import Board
     rng = np.random.default_rng(4)
     parts = {(s, r): rng.normal(size=1000).astype(np.float32) for s in (0, 1) for r in range(3)}
 
@@ -254,3 +254,160 @@ def test_the_actor_all_reduce_is_the_mean_of_every_rank():
         want = np.mean([parts[s, r].astype(np.float64) for r in range(3)], axis=0)
         np.testing.assert_allclose(mean, want, rtol=1e-6, atol=1e-7)
     assert not board.parts and not board.means      # nothing kept after a step is done
+
+
+def test_the_actor_broadcast_hands_every_rank_rank_0s_value():
+    import asyncio
+
+    from dlgraph.engine.train.board import Board
+
+    async def run():
+        b = Board(3)
+        got = await asyncio.gather(*[b.broadcast(n, r, {"n": n, "rank": r} if r == 0 else None)
+                                     for r in (2, 1, 0) for n in (1, 0)])
+        return b, got
+    board, got = asyncio.run(run())
+    assert got == [{"n": n, "rank": 0} for _ in (2, 1, 0) for n in (1, 0)]
+    assert not board.means and not board.ready and not board.left
+
+
+# ------------------------------------------- the one loop: a step split around an all-reduce
+
+
+class OneRank:
+    """The all-reduce of a world of one process: a mean and a broadcast that change nothing."""
+
+    def mean(self, part):
+        return part
+
+    def broadcast(self, value):
+        return value
+
+
+def test_the_loop_with_the_reduced_step_trains_as_one_process(tmp_path):
+    # the workers' step (gradients, all-reduce, update) driven by the same loop as the fused
+    # one-process step: the same losses, metrics and weights, and the same run directory
+    from dlgraph.engine.graph.autodiff import phase_graphs
+    from dlgraph.engine.train.loop import fit, new_run
+    from dlgraph.engine.train.prepare import frozen, split_data
+    from dlgraph.engine.train.rundir import RunFiles, start_run_dir
+    from dlgraph.engine.train.step import ReducedStep
+    s = spec({"x": {"shape": ["batch", 6]}, "y": {"shape": ["batch"], "dtype": "int32"}},
+             {"h": {"op": "linear", "in": "x", "out": 8, "activation": "tanh"},
+              "logits": {"op": "linear", "in": "h", "out": 3},
+              "loss": {"op": "cross_entropy", "in": ["logits", "y"]}},
+             optimizer={"type": "adam", "lr": 0.01}, clip=1.0, epochs=2,
+             schedule={"type": "cosine", "warmup": 2},
+             metrics=[{"type": "accuracy", "in": ["logits", "y"]}], validation={"split": 0.2})
+    data = blobs(320, 6, 3)
+    one = dlgraph.train(dlgraph.load(s), data=data, quiet=True, cache=False,
+                        out=tmp_path / "one")
+    g = dlgraph.load(s)
+    g = frozen(g, g.spec.train.freeze)
+    train_arrays, val_arrays, _, _ = split_data(g, g.spec.train, data)
+    out = tmp_path / "two"
+    start_run_dir(out, g, [])
+    run = new_run(g, phase_graphs(g), ReducedStep(OneRank(), 0, 1), train_arrays, val_arrays,
+                  run_dir=out, files=RunFiles(out), epochs=None, steps=None,
+                  echo=lambda s: None, quiet=True, debug=False, t_start=0.0)
+    two = fit(run)
+    assert two.epochs == one.epochs == 2 and two.steps == one.steps
+    assert len(step_losses(two.run_dir)) == len(step_losses(one.run_dir)) == one.steps
+    np.testing.assert_allclose(step_losses(two.run_dir), step_losses(one.run_dir),
+                               rtol=TOL, atol=TOL)
+    for f in ("weights.safetensors", "best.safetensors", "checkpoint.safetensors"):
+        a, b = load_tensors(one.run_dir / f)[0], load_tensors(two.run_dir / f)[0]
+        assert a.keys() == b.keys(), f
+        for k in a:
+            np.testing.assert_allclose(b[k], a[k], rtol=TOL, atol=TOL, err_msg=f"{f}: {k}")
+    assert set(two.metrics) == set(one.metrics) >= {"loss", "val_loss", "val_accuracy"}
+    assert two.best["epoch"] == one.best["epoch"]
+
+
+# ------------------------------------------------- callbacks and resume on Ray Train workers
+
+
+def needs_ray():
+    pytest.importorskip("ray.train")
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("a local Ray needs a CPU per worker")
+
+
+def callback_spec(**train) -> dict:
+    return spec({"x": {"shape": ["batch", 6]}, "y": {"shape": ["batch"], "dtype": "int32"}},
+                {"h": {"op": "linear", "in": "x", "out": 16, "activation": "tanh"},
+                 "logits": {"op": "linear", "in": "h", "out": 3},
+                 "loss": {"op": "cross_entropy", "in": ["logits", "y"]}},
+                optimizer={"type": "sgd", "lr": 0.05},          # val_loss falls every epoch
+                metrics=[{"type": "accuracy", "in": ["logits", "y"]}],
+                validation={"split": 0.25}, **train)
+
+
+def epoch_numbers(run_dir: Path) -> list[int]:
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["epoch"] for r in rows if r["kind"] == "epoch"]
+
+
+def assert_same_files(a: Path, b: Path, *names: str):
+    for f in names:
+        wa, wb = load_tensors(a / f)[0], load_tensors(b / f)[0]
+        assert wa.keys() == wb.keys(), f
+        for k in wa:
+            np.testing.assert_allclose(wb[k], wa[k], rtol=TOL, atol=TOL, err_msg=f"{f}: {k}")
+
+
+def test_early_stopping_and_the_best_checkpoint_on_two_ray_workers(tmp_path):
+    # val_loss falls every epoch, so watched with mode max epoch 1 stays the best: with
+    # patience 1 the run stops after epoch 2 and ends with epoch 1's weights, on the workers
+    # (rank 0 validates, every rank takes the same decision) as in one process; rank 0 also
+    # writes the TensorBoard events
+    needs_ray()
+    s = callback_spec(epochs=6, early_stopping={"metric": "val_loss", "mode": "max",
+                                                "patience": 1})
+    data = blobs(320, 6, 3)
+    one = dlgraph.train(dlgraph.load(s), data=data, quiet=True, cache=False,
+                        out=tmp_path / "one")
+    said: list[str] = []
+    two = dlgraph.train(dlgraph.load(s), data=data, log=said.append, out=tmp_path / "two",
+                        workers=2, tensorboard=True)
+    assert one.epochs == two.epochs == 2
+    assert epoch_numbers(two.run_dir) == [1, 2]
+    assert any(x.startswith("early stopping at epoch 2: val_loss has not improved for "
+                            "1 epoch (best ") for x in said)
+    assert "restored the weights of epoch 1" in said
+    assert two.best["epoch"] == 1 and two.best["file"] == "best.safetensors"
+    assert two.best["value"] == pytest.approx(one.best["value"], rel=TOL, abs=TOL)
+    assert load_tensors(two.run_dir / "best.safetensors")[1]["epoch"] == 1
+    assert_same_files(one.run_dir, two.run_dir, "weights.safetensors", "best.safetensors",
+                      "checkpoint.safetensors")
+    best, final = (load_tensors(two.run_dir / f)[0] for f in ("best.safetensors",
+                                                               "weights.safetensors"))
+    for k in best:
+        np.testing.assert_array_equal(final[k], best[k], err_msg=k)   # epoch 1's, restored
+    ranks = json.loads((two.run_dir / "workers.json").read_text())
+    assert set(ranks["weights_sha256"]) == {weights_digest(two.run_dir / "weights.safetensors")}
+    assert list((two.run_dir / "tensorboard").glob("events.out.tfevents.*"))  # rank 0's
+
+
+def test_a_run_on_two_ray_workers_resumes_and_keeps_counting(tmp_path):
+    # patience 2 on a val_loss watched with mode max stops after epoch 3, also when the run
+    # on the workers is cut after epoch 2 and resumed (the actor all-reduce this time)
+    needs_ray()
+    s = callback_spec(epochs=8, early_stopping={"metric": "val_loss", "mode": "max",
+                                                "patience": 2})
+    data = blobs(320, 6, 3)
+    one = dlgraph.train(dlgraph.load(s), data=data, quiet=True, cache=False,
+                        out=tmp_path / "one")
+    part = dlgraph.train(dlgraph.load(s), data=data, epochs=2, quiet=True,
+                         out=tmp_path / "two", workers=2, reduce="actor")
+    assert part.epochs == 2 and epoch_numbers(part.run_dir) == [1, 2]
+    said: list[str] = []
+    res = dlgraph.train(dlgraph.load(s), data=data, resume=True, log=said.append,
+                        out=tmp_path / "two", workers=2, reduce="actor")
+    assert said[0] == f"resuming {tmp_path / 'two'} at epoch 3, step {part.steps}"
+    assert one.epochs == res.epochs == 3 and res.steps == one.steps
+    assert epoch_numbers(res.run_dir) == [1, 2, 3]
+    assert any(x.startswith("early stopping at epoch 3: val_loss has not improved for "
+                            "2 epochs") for x in said)
+    assert res.best["epoch"] == 1 and "restored the weights of epoch 1" in said
+    assert_same_files(one.run_dir, res.run_dir, "weights.safetensors", "best.safetensors")

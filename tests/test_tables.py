@@ -23,7 +23,8 @@ from dlgraph.engine.spec.train import (
     ScheduleSpec,
     TrainSpec,
 )
-from dlgraph.engine.train.loop import lr_at, metric_value
+from dlgraph.engine.train.loop import lr_at
+from dlgraph.engine.train.validate import metric_value
 
 SPEC = """
 dlgraph: 1

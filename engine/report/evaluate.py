@@ -32,7 +32,7 @@ from dlgraph.engine.io.data import SOURCES, load_data, parse_data_spec, scaling
 from dlgraph.engine.io.data.files import Csv, Npy
 from dlgraph.engine.spec.train import METRICS
 from dlgraph.engine.train.checkpoint import atomic_write, load_weights
-from dlgraph.engine.train.loop import data_arrays, split_data
+from dlgraph.engine.train.prepare import data_arrays, split_data
 
 FILE_SUFFIXES = (".csv", ".npy", ".npz")
 _CLASSIFY = ("cross_entropy", "nll")

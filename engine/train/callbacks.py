@@ -7,7 +7,10 @@ in order::
     on_train_end(run)                    before the final weights are written
 
 A callback asks the loop to stop by setting ``run.stop``; it changes a phase's learning rate
-through ``run.lr_scale[phase name]``. The spec fields that make them are in
+through ``run.lr_scale[phase name]``; it reads and writes the run directory's files through
+``run.files`` (engine/train/rundir.py), so that it works alike in one process and on Ray Train
+workers, where every rank runs the callbacks on the same logs and only rank 0's writes land
+(a ``lead_only`` callback runs on rank 0 alone). The spec fields that make them are in
 :mod:`.train_spec` (``early_stopping``, ``best_checkpoint``, ``schedule: {type: plateau}``,
 ``log: {tensorboard: true}``).
 """
@@ -22,11 +25,14 @@ import numpy as np
 from tinygrad import Tensor
 
 from dlgraph.engine.errors import DlgraphError, Source, SpecError
-from dlgraph.engine.train.checkpoint import load_tensors, save_tensors
+from dlgraph.engine.train.rundir import BEST, METRICS
 
 
 class Callback:
-    """Does nothing at every event; subclasses override what they need."""
+    """Does nothing at every event; subclasses override what they need. ``lead_only``: it
+    writes files of its own, so only the process that leads runs it."""
+
+    lead_only = False
 
     def on_train_begin(self, run: Any) -> None:
         pass
@@ -92,9 +98,10 @@ class EarlyStopping(Monitored):
 
     def on_train_begin(self, run):
         super().on_train_begin(run)
-        best = run.run_dir / "best.safetensors"
-        if self.restore_best and self.best_epoch and best.is_file():  # a resumed run
-            arrays, meta = load_tensors(best)
+        best = run.files.load_tensors(BEST) if self.restore_best and self.best_epoch \
+            else None                                                  # a resumed run
+        if best is not None:
+            arrays, meta = best
             if meta.get("epoch") == self.best_epoch and meta.get("metric") == self.metric:
                 self.weights = arrays
 
@@ -133,7 +140,7 @@ class BestCheckpoint(Monitored):
 
     def on_train_begin(self, run):
         super().on_train_begin(run)
-        if self.best is not None and (run.run_dir / "best.safetensors").is_file():
+        if self.best is not None and run.files.exists(BEST):
             self._tell(run)
 
     def on_epoch_end(self, run, epoch, logs):
@@ -142,15 +149,15 @@ class BestCheckpoint(Monitored):
         value = self.value(run, logs)
         if value is not None and self.improves(value):
             self.best_epoch = epoch + 1
-            save_tensors(run.run_dir / "best.safetensors",
-                         {k: v.numpy() for k, v in run.params.items()},
-                         {"spec": run.graph.name, "epoch": epoch + 1, "metric": self.metric,
-                          "value": value})
+            if run.files.writes:
+                run.files.save_tensors(BEST, {k: v.numpy() for k, v in run.params.items()},
+                                       {"spec": run.graph.name, "epoch": epoch + 1,
+                                        "metric": self.metric, "value": value})
         if self.best is not None:
             self._tell(run)
 
     def _tell(self, run) -> None:
-        run.best = {"file": "best.safetensors", "epoch": self.best_epoch,
+        run.best = {"file": BEST, "epoch": self.best_epoch,
                     "metric": self.metric, "value": self.best}
 
 
@@ -186,7 +193,10 @@ class TensorBoard(Callback):
     step's losses as ``step/<name>``, each epoch's losses and metrics as ``epoch/<name>``
     (both at the global step, with the rows' wall time), and each phase's learning rate as
     ``lr/<phase>``. The rows are read back from the file the loop writes, so the two never
-    disagree; ``dir`` None is ``<run dir>/tensorboard``."""
+    disagree; ``dir`` None is ``<run dir>/tensorboard`` (with Ray Train workers, on rank 0's
+    machine)."""
+
+    lead_only = True
 
     def __init__(self, dir: str | Path | None = None):
         try:
@@ -207,11 +217,10 @@ class TensorBoard(Callback):
             raise DlgraphError(f"cannot write TensorBoard files to {self.dir}: "
                                f"{e.strerror or e}", help="give a folder you can write") \
                 from None
-        f = run.run_dir / "metrics.jsonl"
-        self._offset = f.stat().st_size if f.is_file() else 0   # a resumed run: what is new
+        self._offset = run.files.size(METRICS)               # a resumed run: what is new
 
     def on_epoch_end(self, run, epoch, logs):
-        for row in self._new_rows(run.run_dir / "metrics.jsonl"):
+        for row in self._new_rows(run.files):
             kind, step = row.get("kind"), row.get("step", 0)
             for k, v in row.items():
                 if k not in _NOT_SCALARS and isinstance(v, int | float):
@@ -228,10 +237,8 @@ class TensorBoard(Callback):
             self.writer.close()
             run.echo(f"TensorBoard event files in {self.dir} (tensorboard --logdir {self.dir})")
 
-    def _new_rows(self, path: Path) -> list[dict]:
-        with open(path, "rb") as f:
-            f.seek(self._offset)
-            data = f.read()
+    def _new_rows(self, files) -> list[dict]:
+        data = files.read(METRICS, self._offset) or b""
         end = data.rfind(b"\n") + 1                       # a line still being written waits
         self._offset += end
         rows = []

@@ -1,21 +1,26 @@
-"""Weights and checkpoints as safetensors, written atomically.
+"""Weights and checkpoints as safetensors, written atomically, and the parameters and
+optimizer state they hold moved into and out of a run's tensors.
 
 A file is written to a temporary name in the same folder, flushed to disk and renamed
 over the target, so a crash leaves the previous file or the new one, never half of one.
+A training checkpoint holds ``param.<name>`` and ``optim.<phase>.<state>`` arrays and, as
+metadata, the epoch, the step and the epoch rows so far (see :func:`checkpoint_arrays`).
 """
 
 from __future__ import annotations
 
+import fnmatch
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
 
 import numpy as np
 from safetensors import SafetensorError
-from safetensors.numpy import load_file, save
+from safetensors.numpy import load, load_file, save
 
-from dlgraph.engine.errors import DataError, Source
+from dlgraph.engine.errors import DataError, Source, TrainingError
 from dlgraph.engine.graph.ir import Graph
 
 
@@ -37,8 +42,25 @@ def atomic_write(path: Path, data: bytes) -> None:
 
 def save_tensors(path: Path, tensors: dict[str, np.ndarray], meta: dict | None = None) -> None:
     """Save named arrays (and JSON-able metadata) as one safetensors file, atomically."""
+    atomic_write(Path(path), tensors_bytes(tensors, meta))
+
+
+def tensors_bytes(tensors: dict[str, np.ndarray], meta: dict | None = None) -> bytes:
+    """Named arrays (and JSON-able metadata) as the bytes of a safetensors file."""
     arrays = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
-    atomic_write(Path(path), save(arrays, metadata={"dlgraph": json.dumps(meta or {})}))
+    return save(arrays, metadata={"dlgraph": json.dumps(meta or {})})
+
+
+def tensors_from_bytes(data: bytes, where: str) -> tuple[dict[str, np.ndarray], dict]:
+    """The arrays and metadata of a safetensors file's bytes (``where`` names it in errors)."""
+    try:
+        arrays = load(data)
+        n = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8:8 + n])
+    except (SafetensorError, ValueError, MemoryError) as e:
+        raise DataError(f"not a readable safetensors file: {e}", source=Source(where),
+                        help="the file may be truncated; use another checkpoint") from None
+    return arrays, _dlgraph_meta(header, where)
 
 
 def load_tensors(path: Path) -> tuple[dict[str, np.ndarray], dict]:
@@ -55,22 +77,26 @@ def load_tensors(path: Path) -> tuple[dict[str, np.ndarray], dict]:
     except (SafetensorError, ValueError, OSError, MemoryError) as e:
         raise DataError(f"not a readable safetensors file: {e}", source=Source(str(path)),
                         help="the file may be truncated; use another checkpoint") from None
+    return arrays, _dlgraph_meta(header, str(path))
+
+
+def _dlgraph_meta(header, where: str) -> dict:
+    """The dlgraph metadata of a safetensors header (a dict), or a located DataError."""
     try:
         meta = json.loads((header.get("__metadata__") or {}).get("dlgraph", "{}"))
         if not isinstance(meta, dict):
             raise ValueError
     except (ValueError, TypeError, AttributeError):
-        raise DataError("the file's dlgraph metadata is damaged", source=Source(str(path)),
+        raise DataError("the file's dlgraph metadata is damaged", source=Source(where),
                         help="use another checkpoint, or the weights.safetensors of the run") \
             from None
-    return arrays, meta
+    return meta
 
 
 def read_checkpoint(path: Path, shapes: dict[str, tuple[int, ...]]) -> tuple[dict, dict]:
     """A training checkpoint's arrays and metadata, checked against the graph's parameter
     ``shapes`` (a smaller array is never broadcast into a parameter) and its metadata
     (``step``, ``epoch`` and ``history`` present and of the right kind)."""
-    from dlgraph.engine.errors import TrainingError
     path = Path(path)
     if not path.is_file():
         raise TrainingError(f"nothing to resume: {path} does not exist",
@@ -119,3 +145,87 @@ def load_weights(graph: Graph, path: Path) -> dict:
                             source=Source(str(path)), help="use the weights of a healthy run")
         out[name] = Tensor(a.astype(np.float32)).realize()
     return out
+
+
+# ------------------------------------------------------------- a run's tensors in and out
+
+
+def checkpoint_arrays(params: dict, runners) -> dict[str, np.ndarray]:
+    """What a training checkpoint holds: every parameter (``param.<name>``) and each phase's
+    optimizer state (``optim.<phase>.<state>``), as arrays."""
+    from tinygrad.nn.state import get_state_dict
+    tensors = {f"param.{k}": v.numpy() for k, v in params.items()}
+    for r in runners:
+        for k, v in get_state_dict(r.opt).items():
+            if not k.startswith("params."):
+                tensors[f"optim.{r.phase.name}.{k}"] = v.numpy()
+    return tensors
+
+
+def restore_checkpoint(arrays: dict[str, np.ndarray], meta: dict, params: dict, runners,
+                       path: Path) -> tuple[int, int, list]:
+    """Parameters and optimizer state from a checkpoint's arrays (as :func:`read_checkpoint`
+    returns them, from ``path``); returns (step, epoch, history). An optimizer state of another
+    shape is a located TrainingError."""
+    from tinygrad import Tensor
+    from tinygrad.nn.state import get_state_dict
+    for k, t in params.items():
+        t.assign(Tensor(arrays[f"param.{k}"].astype(np.float32)).to(t.device)).realize()
+    for r in runners:
+        for k, v in get_state_dict(r.opt).items():
+            key = f"optim.{r.phase.name}.{k}"
+            if key in arrays:
+                if arrays[key].size != math.prod(v.shape):
+                    raise TrainingError(f"optimizer state '{key}' has shape "
+                                        f"{list(arrays[key].shape)} in the checkpoint, "
+                                        f"{list(v.shape)} here", source=Source(str(path)),
+                                        help="resume with the spec the run was started with")
+                v.assign(Tensor(arrays[key]).cast(v.dtype).reshape(v.shape).to(v.device)
+                         ).realize()
+    return meta["step"], meta["epoch"], list(meta["history"])
+
+
+def apply_init_from(graph: Graph, params: dict, spec, echo) -> None:
+    """Copy the parameters that ``spec`` (a path, or an InitFromSpec) selects from a weights
+    file; names mapped by ``rename``, shapes checked; at least one must be found."""
+    from tinygrad import Tensor
+
+    from dlgraph.engine.spec.train import InitFromSpec
+    from dlgraph.engine.train.progress import count
+    path = Path(spec.path if isinstance(spec, InitFromSpec) else spec)
+    if isinstance(spec, InitFromSpec):          # the spec's path starts at the spec's folder
+        path = Path(graph.base or Path.cwd()) / path
+    else:
+        spec = InitFromSpec(path=str(spec))
+    arrays, _ = load_tensors(path)
+    if not any(k in arrays for k in params):        # a run's checkpoint: param.<name>
+        arrays = {k.removeprefix("param."): v for k, v in arrays.items()} or arrays
+    copied = []
+    for name, t in params.items():
+        theirs = _their_name(name, spec)
+        if theirs is None or theirs not in arrays:
+            continue
+        if tuple(arrays[theirs].shape) != tuple(t.shape):
+            raise DataError(f"parameter '{theirs}' has shape {list(arrays[theirs].shape)} in "
+                            f"the file, '{name}' has {list(t.shape)} here",
+                            source=Source(str(path)),
+                            help="leave it out of init_from.params, or map it with rename")
+        t.assign(Tensor(arrays[theirs].astype(np.float32))).realize()
+        copied.append(name)
+    if not copied:
+        raise DataError(f"no parameter of this graph is in the file; it holds: "
+                        f"{', '.join(list(arrays)[:8])}", source=Source(str(path)),
+                        help="map renamed scopes with init_from.rename, e.g. {enc: encoder}")
+    echo(f"initialised {count(len(copied), 'parameter')} from {os.path.normpath(path)}")
+
+
+def _their_name(name: str, spec) -> str | None:
+    """The name parameter ``name`` has in the init_from file (``rename`` applied), or None
+    when ``spec.params`` does not select it."""
+    if not any(fnmatch.fnmatchcase(name, p) for p in spec.params):
+        return None
+    theirs = name
+    for mine, other in spec.rename.items():
+        if name.startswith(mine + "."):
+            theirs = other + name[len(mine):]
+    return theirs

@@ -1,181 +1,65 @@
 """Data-parallel training across processes and machines on Ray Train.
 
 ``dlgraph run SPEC --workers N [--address ADDR]`` starts N Ray Train workers (one per machine
-or GPU), each running the same compiled dlgraph step on its slice of every global batch.
-The step is split in two: the loss and the gradients (one program from the reversed graph,
-:class:`GradStep`), then an all-reduce that averages the gradients over the workers, then
-the optimizer update (a second compiled program fed with the averaged gradients). Every
+or GPU). Each runs the training loop of one process (engine/train/loop.py) with a
+:class:`~.step.ReducedStep`: its slice of every global batch, the loss and gradients (one
+program from the reversed graph), an all-reduce that averages the gradients over the workers,
+then the optimizer update (a second compiled program fed with the averaged gradients). Every
 worker starts from the same parameters (the spec's seed) and applies the same averaged
-update, so all ranks hold the same weights after every step. The driver owns the run
-directory: rank 0 sends it the metric rows and the final weights, every rank a digest of
-its weights (checked to be equal).
+update, so all ranks hold the same weights after every step. At the end of each epoch rank 0
+validates and hands its logs to every rank, so the callbacks (early stopping, the best
+checkpoint, reduce-on-plateau) take the same decisions everywhere.
 
-The all-reduce (measured on 2 workers of one 2-core machine, docs/scale.md):
-
-- ``gloo``: torch.distributed's gloo ring, set up by Ray Train's ``TorchConfig``; 0.95 ms
-  for 10k floats, 30 ms for 1M. Needs PyTorch in every worker and open ports between them.
-- ``actor``: a Ray actor gathers every rank's gradients through the object store and hands
-  back their mean; 12 ms for 10k floats, 56 ms for 1M. Needs nothing but Ray, but all the
-  traffic goes through one process, so it grows with the workers.
-
-``auto`` (the default) takes gloo when PyTorch imports, else the actor. Ray is an optional
-dependency, imported only here, when ``--workers`` is given.
+What is here is only what differs from one process: the set-up of Ray and of each worker,
+and the driver's side of the messages. The all-reduce and the board (engine/train/board.py):
+the driver owns the run directory, and a board actor placed on the driver's machine writes
+there what rank 0 writes (metric rows, checkpoints, the best checkpoint, the weights), reads
+back what a resumed run needs, and keeps the lines rank 0 says (the driver prints them at the
+end) and every rank's digest of its weights (checked to be equal). Ray is an optional
+dependency, imported only when ``--workers`` is given.
 """
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
-import math
 import os
 import sys
 import time
 import uuid
 from pathlib import Path
 
-import numpy as np
-from tinygrad import Context, Tensor, TinyJit
-from tinygrad.nn.state import get_state_dict
+from tinygrad import Tensor
 
-from dlgraph.engine.compile.lower import bind, init_params, lower, to_tensor, use_device
-from dlgraph.engine.errors import DlgraphError, Source, SpecError, TrainingError
-from dlgraph.engine.graph.autodiff import phase_graphs, phase_params
+from dlgraph.engine.compile.device import use_device
+from dlgraph.engine.errors import DlgraphError, Source, TrainingError
+from dlgraph.engine.graph.autodiff import phase_graphs
 from dlgraph.engine.graph.build import load_graph
 from dlgraph.engine.graph.ir import Graph
-from dlgraph.engine.io.data import batches, scaling
 from dlgraph.engine.report.summary import summarize
-from dlgraph.engine.spec.train import OPTIMIZERS
-from dlgraph.engine.train.checkpoint import atomic_write, save_tensors
-from dlgraph.engine.train.loop import (
-    TrainResult,
-    Validator,
-    _count,
-    _goal,
-    _metric_refs,
-    _run_dir,
-    _start_run_dir,
-    frozen,
-    lr_at,
-    optimizer_step,
-    set_lr,
-    split_data,
+from dlgraph.engine.train.board import (
+    ActorReducer,
+    Board,
+    BoardFiles,
+    GlooReducer,
+    pick_reducer,
 )
+from dlgraph.engine.train.checkpoint import atomic_write, load_tensors, read_checkpoint
+from dlgraph.engine.train.loop import TrainResult, fit, new_run, param_shapes
+from dlgraph.engine.train.prepare import frozen, split_data, train_spec
+from dlgraph.engine.train.progress import count, goal
+from dlgraph.engine.train.rundir import (
+    CHECKPOINT,
+    METRICS,
+    WEIGHTS,
+    draw_curves,
+    run_dir_path,
+    start_run_dir,
+)
+from dlgraph.engine.train.step import ReducedStep
 
 RAY_MISSING = ("--workers trains on Ray Train, which is not installed: "
                "pip install 'dlgraph[ray]'")
-REDUCERS = ("auto", "gloo", "actor")
-
-
-class GradStep:
-    """One phase for data parallel: its loss and gradients as one compiled program (no
-    update), and the optimizer update as a second one fed with (averaged) gradients."""
-
-    def __init__(self, graph: Graph, phase, params: dict, input_names: list[str], training):
-        self.phase, self.graph, self.input_names = phase, training, input_names
-        self.names = phase_params(graph, phase)
-        self.tensors = [params[n] for n in self.names]
-        self.sizes = [math.prod(t.shape) for t in self.tensors]
-        self.opt = OPTIMIZERS[phase.optimizer.type](self.tensors, phase.optimizer)
-        Tensor.realize(*get_state_dict(self.opt).values())   # not captured by the update
-        self.program = lower(training, [training.objective]
-                             + [training.grads[n] for n in self.names], params=params,
-                             training=True)
-        self._update = TinyJit(self._apply)
-        self.dims: dict[str, int] = {}
-
-    def grads(self, inputs: list[Tensor]) -> np.ndarray:
-        """The loss and every gradient of this shard, flat: ``[loss, *grads]``."""
-        with Context(TRAINING=1):
-            outs = self.program(dict(zip(self.input_names, inputs, strict=True)), self.dims)
-        return np.concatenate([o.numpy().reshape(-1).astype(np.float32) for o in outs])
-
-    def update(self, grads: np.ndarray, lr: float | None) -> None:
-        """Apply the optimizer to flat (averaged) gradients."""
-        set_lr(self.opt, lr)
-        with Context(TRAINING=1):
-            self._update(Tensor(np.ascontiguousarray(grads, np.float32)).realize())
-
-    def _apply(self, flat: Tensor) -> None:
-        grads, at = [], 0
-        for t, n in zip(self.tensors, self.sizes, strict=True):
-            grads.append(flat[at:at + n].reshape(t.shape))
-            at += n
-        Tensor.realize(*optimizer_step(self.phase, self.opt, self.tensors, grads))
-
-
-# ---------------------------------------------------------------------- the all-reduce
-
-
-class Board:
-    """The run's meeting point (a Ray actor): the actor all-reduce, and what the workers
-    hand to the driver (rank 0's metric rows and weights, every rank's weight digest)."""
-
-    def __init__(self, world: int):
-        self.world = world
-        self.parts: dict[int, dict[int, np.ndarray]] = {}
-        self.ready: dict[int, asyncio.Event] = {}
-        self.means: dict[int, np.ndarray] = {}
-        self.left: dict[int, int] = {}
-        self.posts: dict[str, list] = {}
-
-    async def allreduce(self, step: int, rank: int, part: np.ndarray) -> np.ndarray:
-        """The mean of every rank's ``part`` for ``step``, summed in rank order."""
-        parts = self.parts.setdefault(step, {})
-        ready = self.ready.setdefault(step, asyncio.Event())
-        parts[rank] = part
-        if len(parts) == self.world:
-            total = parts[0].astype(np.float64)
-            for r in range(1, self.world):
-                total += parts[r]
-            self.means[step] = (total / self.world).astype(np.float32)
-            self.left[step] = self.world
-            del self.parts[step]
-            ready.set()
-        await ready.wait()
-        mean = self.means[step]
-        self.left[step] -= 1
-        if not self.left[step]:
-            del self.means[step], self.ready[step], self.left[step]
-        return mean
-
-    def post(self, key: str, value) -> None:
-        self.posts.setdefault(key, []).append(value)
-
-    def taken(self) -> dict[str, list]:
-        return self.posts
-
-
-def _reducer(kind: str, board, rank: int, world: int):
-    """``mean(part)`` over the workers: gloo (torch.distributed) or the board actor."""
-    import ray
-    if kind == "gloo":
-        import torch
-        import torch.distributed as dist
-
-        def mean(part: np.ndarray) -> np.ndarray:
-            t = torch.from_numpy(np.array(part, np.float32))
-            dist.all_reduce(t)
-            return (t / world).numpy()
-        return mean
-    step = iter(range(1 << 62))
-    return lambda part: ray.get(board.allreduce.remote(next(step), rank, part))
-
-
-def pick_reducer(kind: str) -> str:
-    """``auto`` -> gloo when PyTorch imports, else the actor; gloo without it is an error."""
-    if kind not in REDUCERS:
-        raise DlgraphError(f"unknown all-reduce '{kind}'", help=f"one of {', '.join(REDUCERS)}")
-    if kind == "actor":
-        return kind
-    try:
-        import torch.distributed  # noqa: F401
-    except ImportError:
-        if kind == "gloo":
-            raise DlgraphError("the gloo all-reduce needs PyTorch: pip install torch",
-                               help="or use the actor all-reduce (reduce='actor')") from None
-        return "actor"
-    return "gloo"
 
 
 # -------------------------------------------------------------------------- the workers
@@ -184,137 +68,60 @@ NAMESPACE = "dlgraph"
 
 
 def _worker(config: dict) -> None:
-    """The training loop of one Ray Train worker."""
+    """One Ray Train worker: the training loop with a reduced step."""
     import ray
     import ray.train
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     board = ray.get_actor(config["board"], namespace=NAMESPACE)
     try:
-        _Worker(config, rank, world, board).run()
+        _train_rank(config, rank, world, board)
     except DlgraphError as e:
         board.post.remote("error", str(e))
         raise
 
 
-class _Worker:
-    """One rank: the graph, its parameters and steps, its slice of every global batch."""
-
-    def __init__(self, config: dict, rank: int, world: int, board):
-        import ray
-        use_device(config["device"])
-        self.rank, self.world, self.board, self.config = rank, world, board, config
-        graph = load_graph(config["spec"], base=Path(config["base"]))
-        self.spec = spec = graph.spec.train
-        self.graph = graph = frozen(graph, spec.freeze)
-        Tensor.manual_seed(spec.seed)
-        graphs = phase_graphs(graph)
-        self.params = init_params(graph, spec.seed)
-        self.names = list(graph.inputs)
-        arrays = ray.get(config["data"])
-        self.train, self.val = arrays["train"], arrays["val"]
-        self.local = spec.batch // world
-        dims = bind(graph, {k: v[:self.local] for k, v in self.train.items()}, "data for")
-        self.steps = [GradStep(graph, ph, self.params, self.names, graphs[ph.name])
-                      for ph in spec.all_phases()]
-        for st in self.steps:
-            st.dims = dims
-        self.mean = _reducer(config["reduce"], board, rank, world)
-        self.validator = self._validator() if rank == 0 and self.val else None
-        self.done, self.per_epoch = 0, len(self.train[self.names[0]]) // spec.batch
-        self.total = min(config["epochs"] * self.per_epoch,
-                         config["steps"] or config["epochs"] * self.per_epoch)
-
-    def _validator(self) -> Validator:
-        g, spec = self.graph, self.spec
-        phases = spec.all_phases()
-        objectives = {("loss" if len(phases) == 1 else f"loss_{p.name}"): g.resolve(
-            p.objective) for p in phases}
-        v = Validator(g, objectives, _metric_refs(g, spec), self.names)
-        v.dims = bind(g, {k: a[:spec.batch] for k, a in self.val.items()}, "data for")
-        self.val_chunks = [([to_tensor(b[k], g.inputs[k].dtype) for k in self.names], b)
-                           for b in batches(self.val, spec.batch, spec.seed, 0, shuffle=False)]
-        return v
-
-    def run(self) -> None:
-        t0 = time.perf_counter()
-        for epoch in range(self.config["epochs"]):
-            last = self._epoch(epoch, t0)
-            stop = self.rank == 0 and (self._target_met(last) or self._out_of_steps())
-            if self.mean(np.array([float(stop)], np.float32))[0] > 0:   # every rank stops
-                break
-        digest = hashlib.sha256()
-        for k in sorted(self.params):
-            digest.update(k.encode() + self.params[k].numpy().tobytes())
-        self.board.post.remote("digest", (self.rank, digest.hexdigest()))
-        if self.rank == 0:
-            self.board.post.remote("weights", {k: v.numpy() for k, v in self.params.items()})
-
-    def _out_of_steps(self) -> bool:
-        return bool(self.config["steps"] and self.done >= self.config["steps"])
-
-    def _target_met(self, last: dict) -> bool:
-        t = self.spec.target
-        return bool(t and t.metric in last and t.met(last[t.metric]))
-
-    def _epoch(self, epoch: int, t0: float) -> dict[str, float]:
-        spec, lb, r = self.spec, self.local, self.rank
-        losses: dict[str, list[float]] = {st.phase.name: [] for st in self.steps}
-        for batch in batches(self.train, spec.batch, spec.seed, epoch):
-            mine = {k: v[r * lb:(r + 1) * lb] for k, v in batch.items()}
-            feeds = [to_tensor(mine[k], self.graph.inputs[k].dtype) for k in self.names]
-            for st in self.steps:
-                for _ in range(st.phase.repeat):
-                    losses[st.phase.name].append(self._step(st, feeds, epoch))
-            self.done += 1
-            if self.rank == 0 and self.done == 1:
-                self.board.post.remote("first", time.time())
-            if self.rank == 0:
-                self.board.post.remote("row", {"kind": "step", "epoch": epoch + 1,
-                                               "step": self.done, "time": round(time.time(), 3),
-                                               **{self._key(k): v[-1]
-                                                  for k, v in losses.items()}})
-            if self._out_of_steps():
-                break
-        last = {self._key(k): float(np.mean(v)) for k, v in losses.items() if v}
-        every = spec.validation.every
-        if self.validator and ((epoch + 1) % every == 0 or epoch + 1 == self.config["epochs"]
-                               or self._out_of_steps()):
-            last.update(self.validator(self.params, self.val_chunks))
-        if self.rank == 0:
-            self.board.post.remote("row", {"kind": "epoch", "epoch": epoch + 1,
-                                           "step": self.done,
-                                           "seconds": round(time.perf_counter() - t0, 3),
-                                           "time": round(time.time(), 3), **last})
-        return last
-
-    def _step(self, st: GradStep, feeds: list[Tensor], epoch: int) -> float:
-        """One phase on this rank's slice: gradients, their mean over the ranks, the update;
-        returns the loss of the global batch (the mean of the slices' losses)."""
-        ph = st.phase
-        lr = lr_at(ph.schedule, ph.optimizer.lr, self.done, self.total) if ph.schedule \
-            else None
-        mean = self.mean(st.grads(feeds))
-        if not math.isfinite(mean[0]):
-            raise TrainingError(f"the loss of phase '{ph.name}' became {mean[0]} at step "
-                                f"{self.done + 1} (epoch {epoch + 1})",
-                                help="lower the learning rate, or add `clip:`")
-        st.update(mean[1:], lr)
-        return float(mean[0])
-
-    def _key(self, phase: str) -> str:
-        return "loss" if len(self.steps) == 1 else f"loss_{phase}"
+def _train_rank(config: dict, rank: int, world: int, board) -> None:
+    """Rank ``rank``'s run: the same graph, parameters and loop as one process; rank 0's
+    writes and lines go to the board, every rank's weight digest too, and rank 0's result."""
+    import ray
+    t_start, wall = time.perf_counter(), time.time()
+    use_device(config["device"])
+    graph = load_graph(config["spec"], base=Path(config["base"]))
+    spec = graph.spec.train
+    graph = frozen(graph, spec.freeze)
+    Tensor.manual_seed(spec.seed)
+    arrays = ray.get(config["data"])
+    files = BoardFiles(board, writes=rank == 0)
+    reducer = GlooReducer(world) if config["reduce"] == "gloo" else ActorReducer(board, rank)
+    run = new_run(graph, phase_graphs(graph), ReducedStep(reducer, rank, world),
+                  arrays["train"], arrays["val"], run_dir=Path(config["run_dir"]),
+                  files=files, epochs=config["epochs"], steps=config["steps"],
+                  echo=files.say if rank == 0 else lambda s: None, quiet=True, debug=False,
+                  t_start=t_start, resumed=ray.get(config["resumed"]))
+    run.weights_meta = {"workers": world}
+    res = fit(run)
+    digest = hashlib.sha256()
+    for k in sorted(run.params):
+        digest.update(k.encode() + run.params[k].numpy().tobytes())
+    board.post.remote("digest", (rank, digest.hexdigest()))
+    if rank == 0:
+        board.post.remote("result", {
+            "metrics": res.metrics, "met": res.target_met, "epochs": res.epochs,
+            "steps": res.steps, "history": res.history, "best": res.best,
+            "first": wall + res.first_step_seconds})
 
 
 # ---------------------------------------------------------------------------- the driver
 
 
 def train_workers(graph: Graph, *, workers: int, address: str | None = None, out=None,
-                  epochs: int | None = None, steps: int | None = None, quiet: bool = False,
-                  log=None, data: dict | None = None, device: str | None = None,
-                  reduce: str = "auto", **others) -> TrainResult:
+                  resume: bool = False, epochs: int | None = None, steps: int | None = None,
+                  quiet: bool = False, log=None, data: dict | None = None,
+                  device: str | None = None, reduce: str = "auto", **others) -> TrainResult:
     """Train ``graph`` data-parallel on ``workers`` Ray Train workers (see the module doc);
-    the run directory is an ordinary one (spec, metrics, weights, curves).
+    the run directory is an ordinary one (spec, metrics, checkpoints, weights, curves), and
+    ``resume`` continues one as in one process.
 
     >>> res = dlgraph.train(g, workers=2)                               # doctest: +SKIP
     """
@@ -326,16 +133,17 @@ def train_workers(graph: Graph, *, workers: int, address: str | None = None, out
     g = frozen(graph, spec.freeze)
     summarize(g, phase_graphs(g))                 # every check before Ray starts
     train_arrays, val_arrays, note, stats = split_data(graph, spec, data)
-    run_dir = _run_dir(graph, out)
-    from types import SimpleNamespace
-    _start_run_dir(SimpleNamespace(run_dir=run_dir, graph=graph, history=[]))
-    if stats:
-        atomic_write(run_dir / scaling.STATS_FILE,
-                     scaling.to_json(stats, len(next(iter(train_arrays.values())))))
+    run_dir = run_dir_path(graph, out)
+    resumed = read_checkpoint(run_dir / CHECKPOINT, param_shapes(g)) if resume else None
+    n_train = len(next(iter(train_arrays.values())))
+    start_run_dir(run_dir, graph, resumed[1]["history"] if resumed else [], stats, n_train)
     epochs = epochs or spec.epochs
+    if resumed:
+        echo(f"resuming {run_dir} at epoch {resumed[1]['epoch'] + 1}, step "
+             f"{resumed[1]['step']}")
     echo(f"training {graph.name} on {workers} Ray Train workers ({kind} all-reduce): "
-         f"{len(next(iter(train_arrays.values()))):,} training samples{note}, batch "
-         f"{spec.batch} ({spec.batch // workers} per worker), up to {_count(epochs, 'epoch')}")
+         f"{n_train:,} training samples{note}, batch "
+         f"{spec.batch} ({spec.batch // workers} per worker), up to {count(epochs, 'epoch')}")
     started = _start_ray(ray, address)
     try:
         if address is None:
@@ -344,20 +152,17 @@ def train_workers(graph: Graph, *, workers: int, address: str | None = None, out
             "spec": graph.spec.model_dump(mode="json", by_alias=True, exclude_none=True),
             "base": str(Path(graph.base or Path.cwd()).resolve()), "device": device,
             "data": ray.put({"train": train_arrays, "val": val_arrays}),
+            "resumed": ray.put(resumed), "run_dir": str(run_dir.resolve()),
             "epochs": epochs, "steps": steps or spec.steps, "reduce": kind})
     finally:
         if started:
             ray.shutdown()
-    posts["started"] = [wall]
-    return _finish(graph, spec, run_dir, posts, workers, kind, t_start, echo)
+    return _finish(graph, spec, run_dir, posts, workers, kind, (t_start, wall), echo)
 
 
 def _check_request(graph: Graph, workers: int, others: dict):
-    spec = graph.spec.train if graph.spec is not None else None
-    if spec is None:
-        raise SpecError("this spec has no `train:` section", source=Source(graph.source),
-                        help="`dlgraph run` without one runs the forward pass only")
-    for flag in ("resume", "init_from", "devices", "debug"):
+    spec = train_spec(graph)
+    for flag in ("init_from", "devices", "debug"):
         if others.get(flag):
             raise DlgraphError(f"--workers does not combine with --{flag.replace('_', '-')}",
                                help=f"run without --workers to use --{flag.replace('_', '-')}")
@@ -415,9 +220,13 @@ def _check_resources(ray, workers: int, gpu: bool) -> None:
 def _fit(ray, trainer_cls, run_dir: Path, workers: int, kind: str, config: dict) -> dict:
     """Run the workers; returns what they posted on the board."""
     from ray.train import RunConfig, ScalingConfig
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
     name = f"dlgraph-{uuid.uuid4().hex[:12]}"
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     board = ray.remote(Board).options(name=name, namespace=NAMESPACE, num_cpus=0,
-                                      max_concurrency=max(8, 4 * workers)).remote(workers)
+                                      max_concurrency=max(8, 4 * workers),
+                                      scheduling_strategy=here).remote(workers,
+                                                                       config["run_dir"])
     config["board"] = name
     more = {}
     if kind == "gloo":
@@ -444,37 +253,29 @@ def _fit(ray, trainer_cls, run_dir: Path, workers: int, kind: str, config: dict)
 
 
 def _finish(graph: Graph, spec, run_dir: Path, posts: dict, workers: int, kind: str,
-            t_start: float, echo) -> TrainResult:
-    """The run directory from rank 0's rows and weights; the ranks' weights checked equal."""
-    rows = posts.get("row", [])
+            started: tuple[float, float], echo) -> TrainResult:
+    """Rank 0's lines, the ranks' weights checked equal, workers.json and the curves; the
+    result as rank 0 gave it, with the weights it wrote."""
+    for line in posts.get("said", []):
+        echo(line)
     digests = dict(posts.get("digest", []))
     if len(digests) != workers or len(set(digests.values())) != 1:
         versions = len(set(digests.values()))
         raise TrainingError(f"the workers' weights differ after training ({versions} versions "
                             f"over {len(digests)} of {workers} ranks)",
                             help="a bug in dlgraph: please report it with the spec")
-    weights = posts["weights"][0]
     atomic_write(run_dir / "workers.json", json.dumps(
         {"workers": workers, "allreduce": kind,
          "weights_sha256": [digests[r] for r in sorted(digests)]}, indent=1).encode())
-    atomic_write(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode())
-    history = [r for r in rows if r["kind"] == "epoch"]
-    last = {k: v for k, v in (history[-1] if history else {}).items()
-            if k not in ("kind", "epoch", "step", "seconds", "time")}
-    n_steps = rows[-1]["step"] if rows else 0
-    save_tensors(run_dir / "weights.safetensors", weights,
-                 {"spec": graph.name, "epochs": len(history), "steps": n_steps,
-                  "workers": workers})
-    try:
-        from dlgraph.engine.report.plot import plot_run
-        plot_run(run_dir)
-    except Exception as e:  # a picture must never cost a finished run
-        echo(f"warning: could not draw the training curves: {e}")
-    wall = posts["started"][0]
-    t = spec.target
-    met = t.met(last[t.metric]) if t and t.metric in last else None
+    if not (run_dir / METRICS).is_file():
+        raise TrainingError(f"the workers wrote no {METRICS} to {run_dir}",
+                            help="a bug in dlgraph: please report it with the spec")
+    draw_curves(run_dir, echo)
+    weights, _ = load_tensors(run_dir / WEIGHTS)
+    res = posts["result"][0]
     echo(f"{workers} workers ({kind} all-reduce): the same weights on every rank")
-    return TrainResult(run_dir, last, _goal(t), met, len(history), n_steps,
-                       time.perf_counter() - t_start,
-                       posts.get("first", [wall])[0] - wall, history,
-                       {k: Tensor(v) for k, v in weights.items()})
+    t_start, wall = started
+    return TrainResult(run_dir, res["metrics"], goal(spec.target), res["met"], res["epochs"],
+                       res["steps"], time.perf_counter() - t_start, res["first"] - wall,
+                       res["history"], {k: Tensor(v) for k, v in weights.items()},
+                       res["best"])
