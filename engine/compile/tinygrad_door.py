@@ -112,6 +112,8 @@ def storage(t: Tensor):
 def _plain_buffer(t: Tensor):
     """The one device buffer a realised tensor's values fill exactly, or None (a view, an
     unrealised or sharded tensor)."""
+    if not isinstance(t.device, str):           # sharded over several devices
+        return None
     u = t.uop
     base = u.base
     if base.op is not Ops.BUFFER or not base.is_realized:
@@ -133,6 +135,11 @@ def write(t: Tensor, a: np.ndarray) -> bool:
     b.ensure_allocated()
     b.allocator._copyin(b._buf, memoryview(a).cast("B"))
     return True
+
+
+def numpy_dtype(dtype) -> np.dtype:
+    """The numpy dtype of a tinygrad dtype."""
+    return np.dtype(_to_np_dtype(dtype))
 
 
 def read(t: Tensor) -> np.ndarray:

@@ -24,7 +24,6 @@ from pathlib import Path
 import numpy as np
 
 from dlgraph.engine.compile.interpret import input_dims, input_tensors
-
 from dlgraph.engine.compile.lower import lower
 from dlgraph.engine.errors import DataError, Source, SpecError
 from dlgraph.engine.graph.ir import Graph

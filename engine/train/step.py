@@ -28,6 +28,7 @@ import numpy as np
 from tinygrad import Context, Tensor
 from tinygrad.nn.state import get_state_dict
 
+from dlgraph.engine.compile import tinygrad_door as door
 from dlgraph.engine.compile.cache import default_cache
 from dlgraph.engine.compile.interpret import Ctx, Evaluator, to_tensor
 from dlgraph.engine.compile.lower import lower
@@ -36,6 +37,7 @@ from dlgraph.engine.graph.autodiff import phase_params, training_graph
 from dlgraph.engine.graph.ir import Graph
 from dlgraph.engine.spec.train import OPTIMIZERS
 from dlgraph.engine.train.shard import replicate, split_batch
+from dlgraph.engine.types import NUMPY_DTYPES
 
 # ------------------------------------------------------------------------- phase steps
 
@@ -55,7 +57,10 @@ def optimizer_step(phase, opt, tensors: list[Tensor], grads) -> list[Tensor]:
 def set_lr(opt, lr: float | None) -> None:
     """Set the optimizer's rate (None: leave it); with data parallel it lives on every
     device."""
-    if lr is not None:
+    if lr is None:
+        return
+    # straight into its buffer (an assign is a scheduled kernel: ~1 ms a step)
+    if not door.write(opt.lr, np.array([lr], dtype=door.numpy_dtype(opt.lr.dtype))):
         opt.lr.assign(Tensor([lr], dtype=opt.lr.dtype).to(opt.lr.device)).realize()
 
 
@@ -130,6 +135,8 @@ class GradStep:
 def first_non_finite(graph: Graph, params, inputs: dict[str, Tensor], dims) -> str | None:
     """The first node (schedule order) whose output has a NaN or Inf (for --debug)."""
     ev = Evaluator(graph, [n for n in graph.nodes if graph[n].role == "forward"])
+    inputs = {k: to_tensor(v, graph.inputs[k].dtype) if isinstance(v, np.ndarray) else v
+              for k, v in inputs.items()}
     outs = ev(Ctx(True, dims), inputs, params)
     for nid, t in zip(ev.targets, outs, strict=True):
         if not np.isfinite(t.numpy()).all():
@@ -179,6 +186,14 @@ class LocalStep(Step):
     def place(self, tensors):
         return split_batch(tensors, self.devices)
 
+    def feeds(self, graph, names, batch):
+        """On one device, the arrays themselves: the program copies them into buffers it
+        keeps and replays its kernels on them (engine/compile/lower.py)."""
+        if self.devices:
+            return super().feeds(graph, names, batch)
+        return [np.ascontiguousarray(batch[k], NUMPY_DTYPES[graph.inputs[k].dtype])
+                for k in names]
+
     def build(self, graph, graphs, params, names, dims, echo, quiet):
         replicate(params.values(), self.devices)     # data parallel: a copy on every device
         store = default_cache(lambda s: echo(f"warning: {s}")) \
@@ -193,7 +208,7 @@ class LocalStep(Step):
         return runners
 
     def take(self, runner, feeds, lr):
-        return runner(feeds, lr).item()
+        return float(door.read(runner(feeds, lr)).reshape(-1)[0])
 
 
 class ReducedStep(Step):
