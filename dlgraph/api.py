@@ -259,7 +259,8 @@ def sweep(spec: str | Path, params: list[str] | tuple[str, ...] = (), *, echo=No
 
     >>> dlgraph.sweep("graphs/mlp.yaml", ["train.optimizer.lr=0.1,0.01"])  # doctest: +SKIP
     """
-    from dlgraph.engine.train.sweep import plan_sweep, run_sweep
+    from dlgraph.engine.train.sweep import run_sweep
+    from dlgraph.engine.train.sweep_plan import plan_sweep
     return run_sweep(plan_sweep(spec, params, **settings), echo=echo)
 
 

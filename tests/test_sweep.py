@@ -18,11 +18,10 @@ from click.testing import CliRunner
 import dlgraph
 from dlgraph.cli.main import main
 from dlgraph.engine.errors import DlgraphError
-from dlgraph.engine.train.sweep import (
-    RAY_MISSING,
+from dlgraph.engine.train.sweep import RAY_MISSING, search_space
+from dlgraph.engine.train.sweep_plan import (
     parse_param,
     plan_sweep,
-    search_space,
     split_values,
     trial_data,
     with_override,
