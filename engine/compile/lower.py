@@ -282,7 +282,8 @@ class Segment:
             runner, outs = door.call_jit(jit, args)
             if runner is not jit:   # nothing to compile (constants, views): run it as it is
                 self._jits[key] = names, runner, held
-            elif key not in self._replays and door.has_captured(jit):
+            elif door.has_captured(jit) and (rep is None or not rep.hits):
+                # planned for these buffers, unless a replay that did serve is kept
                 self._replays[key] = door.Replay(jit, args, outs)
         # the buffers themselves, not what the capture returned (a program loaded from the
         # cache returns its own copies of them)

@@ -215,16 +215,32 @@ class Replay:
         self.ins = ins
         self.plan = _plan(cap, ins) if fits else None
         self.ok = self.plan is not None
+        self.hits = 0                # calls that fitted (a replay never used may be replaced)
 
     def fits(self, args) -> bool:
         """Whether ``args`` are the very tensors this replay was planned for."""
         tensors = [a for a in args if isinstance(a, Tensor)]
-        return self.ok and len(tensors) == len(self.tensors) and all(
+        ok = self.ok and len(tensors) == len(self.tensors) and all(
             a is b for a, b in zip(tensors, self.tensors, strict=True))
+        self.hits += ok
+        return ok
+
+    timings: list[float] | None = None
+    """Set to a list to have every kernel launch's seconds appended to it (bench/ splits a
+    call's time into kernels and the rest with it); None: no timing."""
 
     def __call__(self, var_vals: dict[str, int]):
+        if Replay.timings is not None:
+            return self._timed(var_vals)
         for step in self.plan:
             step(var_vals)
+        return self.ret
+
+    def _timed(self, var_vals: dict[str, int]):
+        for step in self.plan:
+            t = time.perf_counter()
+            step(var_vals)
+            Replay.timings.append(time.perf_counter() - t)
         return self.ret
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dlgraph.engine.compile.interpret import input_dims, input_tensors
+from dlgraph.engine.compile.interpret import input_dims
 from dlgraph.engine.compile.lower import lower
 from dlgraph.engine.errors import DataError, Source, SpecError
 from dlgraph.engine.graph.ir import Graph
@@ -204,8 +204,7 @@ def run_batches(graph: Graph, params, arrays: dict[str, np.ndarray], wanted: lis
     for b in tqdm(batches(arrays, min(batch, n), 0, 0, shuffle=False, drop_last=False),
                   total=-(-n // min(batch, n)), desc=desc, leave=False, unit="batch",
                   disable=True if quiet else None, file=sys.stderr):
-        outs = program.arrays(input_tensors(graph, {k: b[k] for k in program.input_names}),
-                              input_dims(graph, b))
+        outs = program.arrays({k: b[k] for k in program.input_names}, input_dims(graph, b))
         sizes.append(len(next(iter(b.values()))))
         for nid, o in zip(computed, outs, strict=True):
             got[nid].append(o)

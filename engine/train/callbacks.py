@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 from tinygrad import Tensor
 
+from dlgraph.engine.compile.tinygrad_door import read
 from dlgraph.engine.errors import DlgraphError, Source, SpecError
 from dlgraph.engine.train.rundir import BEST, METRICS
 
@@ -112,7 +113,7 @@ class EarlyStopping(Monitored):
         if self.improves(value):
             self.best_epoch = epoch + 1
             if self.restore_best:
-                self.weights = {k: v.numpy() for k, v in run.params.items()}
+                self.weights = {k: read(v) for k, v in run.params.items()}
         elif self.wait >= self.patience:
             run.stop = True
             run.echo(f"early stopping at epoch {epoch + 1}: {self.metric} has not improved "
@@ -150,7 +151,7 @@ class BestCheckpoint(Monitored):
         if value is not None and self.improves(value):
             self.best_epoch = epoch + 1
             if run.files.writes:
-                run.files.save_tensors(BEST, {k: v.numpy() for k, v in run.params.items()},
+                run.files.save_tensors(BEST, {k: read(v) for k, v in run.params.items()},
                                        {"spec": run.graph.name, "epoch": epoch + 1,
                                         "metric": self.metric, "value": value})
         if self.best is not None:

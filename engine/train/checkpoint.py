@@ -20,6 +20,7 @@ import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load, load_file, save
 
+from dlgraph.engine.compile.tinygrad_door import read
 from dlgraph.engine.errors import DataError, Source, TrainingError
 from dlgraph.engine.graph.ir import Graph
 
@@ -154,11 +155,11 @@ def checkpoint_arrays(params: dict, runners) -> dict[str, np.ndarray]:
     """What a training checkpoint holds: every parameter (``param.<name>``) and each phase's
     optimizer state (``optim.<phase>.<state>``), as arrays."""
     from tinygrad.nn.state import get_state_dict
-    tensors = {f"param.{k}": v.numpy() for k, v in params.items()}
+    tensors = {f"param.{k}": read(v) for k, v in params.items()}
     for r in runners:
         for k, v in get_state_dict(r.opt).items():
             if not k.startswith("params."):
-                tensors[f"optim.{r.phase.name}.{k}"] = v.numpy()
+                tensors[f"optim.{r.phase.name}.{k}"] = read(v)
     return tensors
 
 

@@ -26,6 +26,7 @@ import numpy as np
 from tinygrad import Tensor
 
 from dlgraph.engine.compile.interpret import init_params, input_dims
+from dlgraph.engine.compile.tinygrad_door import read
 from dlgraph.engine.errors import TrainingError
 from dlgraph.engine.graph.autodiff import phase_graphs
 from dlgraph.engine.graph.ir import Graph
@@ -218,7 +219,7 @@ def new_run(graph: Graph, graphs: dict, step: Step, train_arrays: dict, val_arra
             *resumed, params, runners, run_dir / CHECKPOINT)
     if val_arrays:
         run.validator, run.val_chunks = validation(graph, spec, names, val_arrays, whole,
-                                                   runners[0].program.cache, step.place)
+                                                   runners[0].program.cache, step.whole)
     return run
 
 
@@ -351,7 +352,7 @@ def finish(run: Run, epoch: int, last: dict[str, float], met, callbacks=()) -> T
     for cb in callbacks:
         cb.on_train_end(run)
     if run.files.writes:
-        run.files.save_tensors(WEIGHTS, {k: v.numpy() for k, v in run.params.items()},
+        run.files.save_tensors(WEIGHTS, {k: read(v) for k, v in run.params.items()},
                                {"spec": run.graph.name, "epochs": epoch + 1,
                                 "steps": run.steps_done, **run.weights_meta})
     run.files.close()

@@ -160,9 +160,13 @@ class Step:
         return tensors
 
     def feeds(self, graph: Graph, names: list[str], batch: dict[str, np.ndarray]):
-        """The tensors a step takes for a global batch: this process's part, placed."""
-        mine = self.part(batch)
-        return self.place([to_tensor(mine[k], graph.inputs[k].dtype) for k in names])
+        """What a step takes for a global batch: this process's part, placed."""
+        return self.whole(graph, names, self.part(batch))
+
+    def whole(self, graph: Graph, names: list[str], batch: dict[str, np.ndarray]):
+        """What a program of this process takes for all of ``batch``: tensors on its devices
+        (validation takes whole batches)."""
+        return self.place([to_tensor(batch[k], graph.inputs[k].dtype) for k in names])
 
     def build(self, graph: Graph, graphs: dict, params: dict, names: list[str],
               dims: dict[str, int], echo, quiet: bool) -> list:
@@ -186,11 +190,11 @@ class LocalStep(Step):
     def place(self, tensors):
         return split_batch(tensors, self.devices)
 
-    def feeds(self, graph, names, batch):
+    def whole(self, graph, names, batch):
         """On one device, the arrays themselves: the program copies them into buffers it
         keeps and replays its kernels on them (engine/compile/lower.py)."""
         if self.devices:
-            return super().feeds(graph, names, batch)
+            return super().whole(graph, names, batch)
         return [np.ascontiguousarray(batch[k], NUMPY_DTYPES[graph.inputs[k].dtype])
                 for k in names]
 

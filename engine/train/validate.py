@@ -6,7 +6,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
-from tinygrad import Tensor
 
 from dlgraph.engine.compile.interpret import to_tensor
 from dlgraph.engine.compile.lower import lower
@@ -44,7 +43,7 @@ class Validator:
         self.dims: dict[str, int] = {}
         self.program = None
 
-    def __call__(self, params, chunks: list[tuple[list[Tensor], dict[str, np.ndarray]]]):
+    def __call__(self, params, chunks: list[tuple[list, dict[str, np.ndarray]]]):
         if self.program is None:
             self.program = lower(self.graph, self.computed, params=params, cache=self.cache)
         got: dict[str, list[np.ndarray]] = {}
@@ -63,14 +62,16 @@ class Validator:
 
 def validation(graph: Graph, spec, names: list[str], val_arrays: dict[str, np.ndarray],
                dims: dict[str, int], cache=None,
-               place: Callable[[list[Tensor]], list[Tensor]] = lambda ts: ts):
+               whole: Callable[[Graph, list[str], dict], list] | None = None):
     """The validator of a run (every phase's objective, every metric; ``dims`` those of a
-    whole batch) and its validation set as whole batches: (tensors placed by ``place``, the
+    whole batch) and its validation set as whole batches: (what the program takes, made by
+    ``whole(graph, names, batch)``: tensors, or arrays it copies into its buffers; the
     batch's arrays)."""
     phases = spec.all_phases()
     objectives = {loss_key(p.name, phases): graph.resolve(p.objective) for p in phases}
     validator = Validator(graph, objectives, metric_refs(graph, spec), names, cache=cache)
     validator.dims = dict(dims)
-    chunks = [(place([to_tensor(b[k], graph.inputs[k].dtype) for k in names]), b)
+    whole = whole or (lambda g, ns, b: [to_tensor(b[k], g.inputs[k].dtype) for k in ns])
+    chunks = [(whole(graph, names, b), b)
               for b in batches(val_arrays, spec.batch, spec.seed, 0, shuffle=False)]
     return validator, chunks
