@@ -185,10 +185,14 @@ def cache(clear):
         gone = dlgraph.clear_cache()
         click.echo(gone.note if gone.root is None else
                    f"removed {gone.programs} compiled program{'s' * (gone.programs != 1)} "
-                   f"({gone.bytes / 2**20:.1f} MiB) from {gone.root}")
+                   f"({gone.bytes / 2**20:.1f} MiB) and {gone.kernels} kernel"
+                   f"{'s' * (gone.kernels != 1)} ({gone.kernel_bytes / 2**20:.1f} MiB) "
+                   f"from {gone.root}")
         return
     kept = dlgraph.cache_usage()
     click.echo(kept.note if kept.root is None else
                f"program cache {kept.root}: {kept.programs} compiled program"
-               f"{'s' * (kept.programs != 1)}, {kept.bytes / 2**20:.1f} MiB (newest kept within "
-               f"1 GiB; `dlgraph cache --clear` empties it, `run --no-cache` bypasses it)")
+               f"{'s' * (kept.programs != 1)}, {kept.bytes / 2**20:.1f} MiB; {kept.kernels} "
+               f"generated kernel{'s' * (kept.kernels != 1)}, {kept.kernel_bytes / 2**20:.1f} "
+               f"MiB (each kept within 1 GiB, newest first; `dlgraph cache --clear` empties "
+               f"them, `run --no-cache` bypasses them)")

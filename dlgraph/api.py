@@ -273,26 +273,38 @@ class CacheUsage:
     programs: int = 0
     bytes: int = 0
     note: str | None = None
+    kernels: int = 0              # generated kernels kept in its folder kernels/
+    kernel_bytes: int = 0
 
 
 def cache_usage() -> CacheUsage:
-    """Where compiled programs are kept between runs, how many and how big.
+    """Where compiled programs and generated kernels are kept between runs, how many and
+    how big.
 
     >>> dlgraph.cache_usage().programs                                   # doctest: +SKIP
     12
     """
     store, note = _program_cache()
-    return CacheUsage(store.root, *store.usage()) if store else CacheUsage(None, note=note)
+    if store is None:
+        return CacheUsage(None, note=note)
+    return CacheUsage(store.root, *store.usage(), None, *_kernel_store(store).usage())
 
 
 def clear_cache() -> CacheUsage:
-    """Remove every compiled program kept; returns what was removed.
+    """Remove every compiled program and kernel kept; returns what was removed.
 
     >>> dlgraph.clear_cache().bytes                                      # doctest: +SKIP
     1048576
     """
     store, note = _program_cache()
-    return CacheUsage(store.root, *store.clear()) if store else CacheUsage(None, note=note)
+    if store is None:
+        return CacheUsage(None, note=note)
+    return CacheUsage(store.root, *store.clear(), None, *_kernel_store(store).clear())
+
+
+def _kernel_store(programs):
+    from dlgraph.engine.compile.cache import ProgramCache
+    return ProgramCache(programs.root / "kernels", programs.warn)
 
 
 def _program_cache():

@@ -292,3 +292,13 @@ def test_no_module_is_over_600_lines_unless_it_is_one_job():
         + "\n".join(too_long)
     assert all(path in sizes for path in LONG_MODULES_ALLOWED), "the allow-list names a " \
         "module that is not there"
+
+
+def test_every_package_folder_is_installed():
+    """A folder of modules missing from pyproject's ``packages`` works in an editable install
+    and is absent from a wheel: ``pip install .`` would give an ``import dlgraph`` that fails."""
+    conf = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    listed = set(conf["tool"]["setuptools"]["packages"])
+    found = {".".join((pkg, *init.parent.relative_to(folder).parts))
+             for pkg, folder in package_dirs().items() for init in folder.rglob("__init__.py")}
+    assert found <= listed, f"packages missing from pyproject.toml: {sorted(found - listed)}"

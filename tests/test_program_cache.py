@@ -241,9 +241,14 @@ def test_cache_command_reports_and_clears(tmp_path, cache_dir):
     assert r.exit_code == 0
     assert r.output.startswith(f"program cache {cache_dir}: {n} compiled programs, "
                                f"{size:.1f} MiB")
+    k = len(list((cache_dir / "kernels").glob("*.prog")))
+    ksize = sum(p.stat().st_size for p in (cache_dir / "kernels").glob("*.prog")) / 2**20
+    assert k > 0 and f"; {k} generated kernels, {ksize:.1f} MiB" in r.output
     r = CliRunner().invoke(main, ["cache", "--clear"])
-    assert r.output == f"removed {n} compiled programs ({size:.1f} MiB) from {cache_dir}\n"
+    assert r.output == (f"removed {n} compiled programs ({size:.1f} MiB) and {k} kernels "
+                        f"({ksize:.1f} MiB) from {cache_dir}\n")
     assert not list(cache_dir.glob("*.prog")) and (cache_dir / "key").is_file()
+    assert not list((cache_dir / "kernels").glob("*.prog"))
 
 
 def test_the_chosen_device_is_remembered_and_a_stale_choice_reprobed(cache_dir, monkeypatch):
@@ -334,3 +339,65 @@ def test_a_symbolic_length_program_loads_in_a_new_process(tmp_path, cache_dir):
     assert [p.name for p in ProgramCache(cache_dir).entries()] == stored
     fresh = run(12, 5, 9, env={**os.environ, "DLGRAPH_CACHE_DIR": "off"})
     assert second.stdout == fresh.stdout and first.stdout.strip("[]\n") in second.stdout
+
+
+# ------------------------------------------------------------------------ the kernel cache
+
+
+def _in_new_process(spec, out, cache_dir, *flags):
+    """``dlgraph run`` in a fresh process (nothing of tinygrad's memory shared); its output."""
+    r = subprocess.run([sys.executable, "-m", "dlgraph.cli.main", "run", str(spec), "--out",
+                        str(out), *flags], capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "DLGRAPH_CACHE_DIR": str(cache_dir)})
+    assert r.returncode == 0, r.stderr
+    return r.stdout + r.stderr
+
+
+def _kernel_line(text):
+    import re
+    m = re.search(r"compiled the training step.*; (\d+) from the kernel cache, (\d+) generated",
+                  text)
+    assert m, text
+    return int(m[1]), int(m[2])
+
+
+def test_specs_that_share_layers_share_their_kernels_across_processes(tmp_path, cache_dir):
+    """An edited learning rate, then a different output layer: a new program each time
+    (the program cache misses), its kernels loaded wherever the computation is the same;
+    the numbers exactly those of a fresh compile."""
+    spec = _spec(tmp_path)
+    first = _kernel_line(_in_new_process(spec, tmp_path / "r0", cache_dir, "--steps", "3"))
+    assert first[0] == 0 and first[1] > 0
+    kept = len(list((cache_dir / "kernels").glob("*.prog")))
+    assert kept >= first[1]
+    lr = _spec(tmp_path, SPEC.replace("lr: 0.02", "lr: 0.05"), "lr.yaml")
+    loaded, made = _kernel_line(_in_new_process(lr, tmp_path / "r1", cache_dir, "--steps", "3"))
+    assert (loaded, made) == (first[1], 0)        # every kernel shared: lr is a runtime value
+    fresh = _in_new_process(lr, tmp_path / "f1", tmp_path / "empty", "--steps", "3")
+    assert _kernel_line(fresh)[0] == 0
+    for name in ("weights.safetensors", "checkpoint.safetensors"):
+        a, b = (load_tensors(tmp_path / r / name)[0] for r in ("r1", "f1"))
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    wide = _spec(tmp_path, SPEC.replace("out: 16", "out: 24"), "wide.yaml")
+    loaded, made = _kernel_line(_in_new_process(wide, tmp_path / "r2", cache_dir, "--steps", "3"))
+    assert loaded > 0 and made > 0                # the loss and Adam's scalar kernels shared
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_a_damaged_kernel_entry_is_rebuilt_not_trusted(tmp_path, cache_dir, damage):
+    spec = _spec(tmp_path)
+    made = _kernel_line(_in_new_process(spec, tmp_path / "r0", cache_dir, "--steps", "2"))[1]
+    entries = sorted((cache_dir / "kernels").glob("*.prog"))
+    for e in entries:
+        blob = e.read_bytes()
+        e.write_bytes(blob[:len(blob) // 2] if damage == "truncate" else
+                      blob[:-1] + bytes([blob[-1] ^ 1]))
+    for p in cache_dir.glob("*.prog"):               # the programs too: compile again
+        p.unlink()
+    loaded, again = _kernel_line(_in_new_process(spec, tmp_path / "r1", cache_dir,
+                                                 "--steps", "2"))
+    assert (loaded, again) == (0, made)
+    a, b = (load_tensors(tmp_path / r / "weights.safetensors")[0] for r in ("r0", "r1"))
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)

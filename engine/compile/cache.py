@@ -35,7 +35,11 @@ from pathlib import Path
 
 import numpy as np
 
-from dlgraph.engine.compile.tinygrad_door import FORMAT, tinygrad_settings
+from dlgraph.engine.compile.tinygrad_door import (
+    FORMAT,
+    KernelCache,
+    tinygrad_settings,
+)
 from dlgraph.engine.graph.ir import Graph
 
 MAX_BYTES = 1 << 30            # the cache keeps its newest entries within this size
@@ -164,6 +168,24 @@ def default_cache(warn=None) -> ProgramCache | None:
         root = Path(base) / "dlgraph" / "programs"
     cache = ProgramCache(root, warn)
     return cache if cache.enabled else None
+
+
+def kernel_cache(programs: ProgramCache) -> KernelCache | None:
+    """The generated kernels kept beside a program cache (in its folder ``kernels/``): a
+    spec shares each kernel it has in common with any spec compiled before on this machine.
+    Entries are signed and checked like programs; kernels depend on tinygrad, the device and
+    its settings, not on dlgraph's code."""
+    root = programs.root / "kernels"
+    if root not in _KERNEL_CACHES:
+        store = ProgramCache(root, programs.warn)
+        env = {k: v for k, v in _environment().items() if k != "dlgraph"}
+        _KERNEL_CACHES[root] = KernelCache(store.load, store.store,
+                                           json.dumps(env, sort_keys=True)) \
+            if store.enabled else None
+    return _KERNEL_CACHES[root]
+
+
+_KERNEL_CACHES: dict[Path, KernelCache | None] = {}
 
 
 # --------------------------------------------------------------------- the device chosen

@@ -12,7 +12,7 @@ import numpy as np
 from tinygrad import Tensor, Variable
 
 from dlgraph.engine.compile import tinygrad_door as door
-from dlgraph.engine.compile.cache import ProgramCache, digest
+from dlgraph.engine.compile.cache import ProgramCache, digest, kernel_cache
 from dlgraph.engine.compile.interpret import Ctx, Evaluator
 from dlgraph.engine.compile.lengths import Lengths
 from dlgraph.engine.graph.ir import Graph
@@ -89,6 +89,7 @@ class Program:
         self.progress = None        # callable(str): says what is compiled before the first run
         self.label = "program"
         self.cache, self.state, self.tag, self._key = None, {}, None, None
+        self.kernels = None         # the kernel cache its compiles use (with the program cache)
         self._slots: dict[tuple, Tensor] = {}   # (input, shape) -> the buffer it is copied into
         self.lock = threading.RLock()
         Tensor.rand(1).realize()   # the RNG state must exist before a capture (fresh noise)
@@ -97,6 +98,7 @@ class Program:
         """Load and store compiled stages in ``cache`` (see :func:`lower`)."""
         self.cache, self.tag = cache, tag
         self.state = {f"state.{k}": t for k, t in state.items()}
+        self.kernels = kernel_cache(cache)
 
     def _live(self) -> dict[str, Tensor]:
         """Every live tensor a capture may touch: the parameters as they are now (a caller
@@ -141,6 +143,7 @@ class Program:
                  cached: bool = False) -> None:
         """One progress line as a stage compiles (before) and when it is done (after), or
         when it was loaded from the program cache."""
+        loaded, made = self.kernels.take_counts() if self.kernels else (0, 0)  # since "compiling"
         if self.progress is None:
             return
         k = self.stages.index(stage) + 1
@@ -151,7 +154,8 @@ class Program:
         elif seconds is None:
             self.progress(f"compiling {what} …")
         else:
-            self.progress(f"compiled {what}: {n} in {seconds:.1f} s")
+            kept = f"; {loaded} from the kernel cache, {made} generated" if loaded + made else ""
+            self.progress(f"compiled {what}: {n} in {seconds:.1f} s{kept}")
 
     def value(self, env: dict, nid: str) -> Tensor:
         n = self.graph.nodes[nid]
@@ -279,7 +283,8 @@ class Segment:
         if rep is not None and rep.fits(args):
             outs = rep(self.prog.lengths.values())
         else:
-            runner, outs = door.call_jit(jit, args)
+            with door.LOCK, door.kernels_from(self.prog.kernels):
+                runner, outs = door.call_jit(jit, args)
             if runner is not jit:   # nothing to compile (constants, views): run it as it is
                 self._jits[key] = names, runner, held
             elif door.has_captured(jit) and (rep is None or not rep.hits):
@@ -356,7 +361,7 @@ class LoopStage:
             for t in order:
                 reps[1]({"step": t})
         else:
-            with door.LOCK:
+            with door.LOCK, door.kernels_from(self.prog.kernels):
                 self._first_run(key, dims, t0, pro_args, step_args, order)
         env.update(zip([p for p in self.picks], [bufs[self._index(p)] for p in self.picks],
                        strict=True))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import hashlib
 import io
 import os
 import pickle
@@ -21,7 +22,9 @@ import time
 
 import numpy as np
 from tinygrad import Tensor, TinyJit
+from tinygrad.codegen import to_program_cache, to_program_key
 from tinygrad.dtype import _to_np_dtype
+from tinygrad.engine import realize
 from tinygrad.engine.jit import CapturedJit, JitError, _prepare_jit_inputs, _TinyJit
 from tinygrad.engine.realize import ExecContext, get_runtime, pm_exec, resolve_params, unwrap_multi
 from tinygrad.helpers import DEV, PARALLEL, ContextVar, to_tuple
@@ -354,6 +357,101 @@ class _Chunked:
 def _rebind(args: tuple, var_vals: dict) -> tuple:
     var = args[0].unbind()[0]
     return (var.bind(var_vals["step"]), *args[1:])
+
+
+# ----------------------------------------------------------------- the kernel cache
+
+
+class KernelCache:
+    """Generated kernels kept across processes and specs, keyed by their kernel AST.
+
+    tinygrad generates each kernel's code from its AST (``to_program``: most of a first
+    step's wait) and keeps the result only in memory, under a key of the AST, the renderer
+    and the code-generation settings. Here that table is backed by signed files: before
+    tinygrad compiles a program's kernels, those it lacks are looked up on disk, and what it
+    generates is written back. ``load(name) -> bytes | None`` and ``store(name, bytes)`` are
+    a signed store (engine/compile/cache.py); entries are unpickled admitting tinygrad's own
+    classes only. ``loaded`` and ``made`` count kernels since the last :meth:`take_counts`.
+    """
+
+    def __init__(self, load, store, salt: str):
+        self.load, self.store, self.salt = load, store, salt
+        self.loaded = self.made = 0
+
+    def name(self, key: tuple) -> str:
+        ast_key, ren, target, *config = key
+        text = repr((ast_key.hex() if isinstance(ast_key, bytes) else repr(ast_key),
+                     f"{ren.__module__}.{ren.__qualname__}", repr(target), config, self.salt))
+        return "k" + hashlib.sha256(text.encode()).hexdigest()
+
+    def fill(self, keys: list[tuple]) -> list[tuple]:
+        """Load the kernels of ``keys`` that tinygrad lacks; returns those still missing."""
+        missing = []
+        for k in keys:
+            if k in to_program_cache:
+                continue
+            blob = self.load(self.name(k))
+            prg = None
+            if blob is not None:
+                try:
+                    prg = _Unpickler(io.BytesIO(blob)).load()
+                except Exception:      # an entry that checks but does not load: rebuild it
+                    prg = None
+            if isinstance(prg, UOp) and prg.op is Ops.PROGRAM:
+                to_program_cache[k] = prg
+                self.loaded += 1
+            else:
+                missing.append(k)
+        return missing
+
+    def keep(self, keys: list[tuple]) -> None:
+        for k in keys:
+            if (prg := to_program_cache.get(k)) is not None:
+                self.store(self.name(k), pickle.dumps(prg, protocol=pickle.HIGHEST_PROTOCOL))
+                self.made += 1
+
+    def take_counts(self) -> tuple[int, int]:
+        """(kernels loaded, kernels generated) since the last call."""
+        out = (self.loaded, self.made)
+        self.loaded = self.made = 0
+        return out
+
+
+_KERNELS: KernelCache | None = None
+_LOWER: dict = {}
+
+
+class kernels_from:
+    """``with kernels_from(cache):`` the kernels tinygrad compiles meanwhile are looked up in
+    and kept in ``cache`` (None: neither)."""
+
+    def __init__(self, cache: KernelCache | None):
+        self.cache, self.before = cache, None
+
+    def __enter__(self):
+        global _KERNELS
+        if not _LOWER:                       # tinygrad's compile entry points, wrapped once
+            from tinygrad.runtime.support import hcq2
+            _LOWER.update(realize=realize.lower_and_compile, hcq2=hcq2.lower_and_compile)
+            realize.lower_and_compile = hcq2.lower_and_compile = _lower_and_compile
+        self.before, _KERNELS = _KERNELS, self.cache
+        return self
+
+    def __exit__(self, *exc):
+        global _KERNELS
+        _KERNELS = self.before
+
+
+def _lower_and_compile(linear: UOp) -> UOp:
+    cache = _KERNELS
+    if cache is None:
+        return _LOWER["realize"](linear)
+    keys = list(dict.fromkeys(to_program_key(*a) for c in linear.toposort() if c.op is Ops.CALL
+                              and (a := realize._get_call_to_compile(c)) is not None))
+    missing = cache.fill(keys)
+    out = _LOWER["realize"](linear)
+    cache.keep(missing)
+    return out
 
 
 # --------------------------------------------------------- captured programs as bytes
