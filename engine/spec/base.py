@@ -1,4 +1,4 @@
-"""The base models every op's spec model builds on: a leaf that ops/ and spec.py both import.
+"""The base models every op's spec model builds on: a leaf that ops/ and spec/models.py both import.
 
 Nothing here knows the registry: ``NodeSpec`` holds what every node has (``in``, ``doc``),
 ``ParamLayer`` what a layer with parameters adds (``init``, ``trainable``).

@@ -2,7 +2,7 @@
 
 Every initialiser is one :class:`InitDef` in :data:`INITIALISERS`: its name (what `init:`
 takes), its formula for the docs, and the function that draws it. The spec's ``Init``
-names (:mod:`.spec_base`) and the reference in docs/spec.md are generated from the table,
+names (spec/base.py) and the reference in docs/spec.md are generated from the table,
 so a new initialiser is one ``InitDef`` here.
 
 ``fan_in``/``fan_out`` follow PyTorch: a weight ``[out, in, *kernel]`` has

@@ -11,7 +11,7 @@ through ``run.lr_scale[phase name]``; it reads and writes the run directory's fi
 ``run.files`` (engine/train/rundir.py), so that it works alike in one process and on Ray Train
 workers, where every rank runs the callbacks on the same logs and only rank 0's writes land
 (a ``lead_only`` callback runs on rank 0 alone). The spec fields that make them are in
-:mod:`.train_spec` (``early_stopping``, ``best_checkpoint``, ``schedule: {type: plateau}``,
+spec/train.py (``early_stopping``, ``best_checkpoint``, ``schedule: {type: plateau}``,
 ``log: {tensorboard: true}``).
 """
 

@@ -248,7 +248,7 @@ def plan_sweep(spec: str | Path, flags: tuple[str, ...] | list[str] = (), *,
                address: str | None = None, **settings) -> Plan:
     """Read a spec and its `sweep:` section, lay the flags over it and check everything a
     sweep needs before it starts. ``flags``: ``--param`` texts; ``settings``: fields of
-    :class:`~.sweep_spec.SweepSpec` (``search``, ``samples``, ``metric``, ...; None: the
+    spec/sweep.py's SweepSpec (``search``, ``samples``, ``metric``, ...; None: the
     spec's).
 
     >>> plan = plan_sweep("graphs/mlp.yaml", ["train.optimizer.lr=0.1,0.01"])  # doctest: +SKIP

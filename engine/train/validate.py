@@ -23,7 +23,7 @@ def metric_refs(graph: Graph, spec) -> list[tuple[str, str, str, str]]:
 
 
 def metric_value(kind: str, pred: np.ndarray, target: np.ndarray) -> float:
-    """A validation metric of the table (:data:`~.train_spec.METRICS`) over all batches."""
+    """A validation metric of the table (spec/train.py METRICS) over all batches."""
     return METRICS[kind].compute(pred, target)
 
 
