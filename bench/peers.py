@@ -93,7 +93,7 @@ class DlgraphPeer:
         from dlgraph.engine.compile.device import use_device
         from dlgraph.engine.compile.interpret import input_dims, to_tensor
         from dlgraph.engine.compile.model import Model
-        from dlgraph.engine.train.step import PhaseStep
+        from dlgraph.engine.train.step import LocalStep, PhaseStep
 
         self.to_tensor = to_tensor
         g = dlgraph.load(spec["source"], base=spec.get("base"))
@@ -106,6 +106,7 @@ class DlgraphPeer:
         self.dtypes = {k: g.inputs[k].dtype for k in self.names}
         phase = g.spec.train.all_phases()[0]
         self.step = PhaseStep(g, phase, self.params, self.names)
+        self.local = LocalStep(cache=False)
         self.step.dims = input_dims(g, sample)
         self.model = Model(g, self.params)
         self.out_name = self.model.outputs[0]
@@ -113,8 +114,9 @@ class DlgraphPeer:
         self.infer_inputs = list(g.inputs)
 
     def train_step(self, batch: dict[str, np.ndarray]) -> float:
-        feeds = [self.to_tensor(batch[k], self.dtypes[k]) for k in self.names]
-        return self.step(feeds, None).item()
+        # as `dlgraph run` takes a step on one device: the batch's arrays go into the
+        # program's kept buffers, the loss comes straight from its buffer
+        return self.local.take(self.step, self.local.whole(self.graph, self.names, batch), None)
 
     def infer(self, batch: dict[str, np.ndarray]) -> np.ndarray:
         return self.model(**{k: batch[k] for k in self.infer_inputs})[self.out_name]

@@ -3,7 +3,7 @@
 Exit status: 0 ok, 1 a dlgraph error (printed as ``file:line: node 'x' (op): ...`` with a
 ``help:`` line, no traceback), 2 a usage error. A traceback means a bug in dlgraph.
 
-The commands live in :mod:`~dlgraph.cli.run` (run, sweep, cache),
+The commands live in :mod:`~dlgraph.cli.run` (run, sweep, cache, tune),
 :mod:`~dlgraph.cli.describe` (validate, summary, render, gradcheck, schema, ops) and
 :mod:`~dlgraph.cli.trained` (evaluate, predict, sample, plot, export, import).
 """
@@ -47,7 +47,7 @@ def main():
     """
 
 
-for command in (run.run, run.sweep, run.cache,
+for command in (run.run, run.sweep, run.cache, run.tune,
                 describe.validate, describe.summary, describe.render, describe.gradcheck,
                 describe.schema, describe.ops,
                 trained.evaluate, trained.predict, trained.sample, trained.plot,

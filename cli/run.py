@@ -196,3 +196,18 @@ def cache(clear):
                f"generated kernel{'s' * (kept.kernels != 1)}, {kept.kernel_bytes / 2**20:.1f} "
                f"MiB (each kept within 1 GiB, newest first; `dlgraph cache --clear` empties "
                f"them, `run --no-cache` bypasses them)")
+
+
+@click.command("tune")
+@SPEC
+@click.option("--beam", type=click.IntRange(1, 8), default=2, show_default=True,
+              help="BEAM width: how many candidates of each kernel tinygrad keeps while searching")
+@click.option("--batch", type=click.IntRange(min=1),
+              help="the batch size to tune for (default: the spec's training batch)")
+@DEVICE
+def tune(spec, beam, batch, device):
+    """Search faster kernels for SPEC once (tinygrad's BEAM search, minutes); every later
+    run, evaluate and predict of SPEC at that batch size uses them."""
+    res = dlgraph.tune(load_graph(spec), beam=beam, batch=batch, device=device,
+                       echo=lambda s: click.echo(s, err=True))
+    click.echo(res.line())

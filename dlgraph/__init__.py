@@ -27,6 +27,7 @@ from dlgraph.api import (
     schema,
     sweep,
     train,
+    tune,
     validate,
 )
 from dlgraph.engine.errors import (
@@ -46,6 +47,6 @@ __version__ = "0.1.0"
 __all__ = ["load", "validate", "compile", "train", "evaluate", "predict", "render", "schema",
            "export", "import_onnx", "run_forward", "generate_text", "draw_confusion",
            "gradcheck", "plot_curves", "sweep", "cache_usage", "clear_cache", "list_ops",
-           "describe_op", "CacheUsage", "OpInfo", "OpField",
+           "describe_op", "tune", "CacheUsage", "OpInfo", "OpField",
            "DlgraphError", "SpecError", "GraphError", "CycleError", "ShapeError",
            "GradientError", "DataError", "DeviceError", "TrainingError"]

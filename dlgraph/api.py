@@ -264,6 +264,17 @@ def sweep(spec: str | Path, params: list[str] | tuple[str, ...] = (), *, echo=No
     return run_sweep(plan_sweep(spec, params, **settings), echo=echo)
 
 
+def tune(graph: Graph, *, beam: int = 2, batch: int | None = None, device: str | None = None,
+         echo=print):
+    """Search faster kernels for a spec once (tinygrad's BEAM search); later runs, evaluations
+    and predictions of the spec at that batch size use them. Returns a ``TuneResult``.
+
+    >>> dlgraph.tune(dlgraph.load("graphs/mlp.yaml"), beam=2).line()    # doctest: +SKIP
+    """
+    from dlgraph.engine.train.tune import tune as _tune
+    return _tune(graph, beam=beam, batch=batch, device=device, echo=echo)
+
+
 @dataclasses.dataclass(frozen=True)
 class CacheUsage:
     """The compiled-program cache: its folder, programs and bytes (or what was removed);

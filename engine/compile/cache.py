@@ -188,6 +188,50 @@ def kernel_cache(programs: ProgramCache) -> KernelCache | None:
 _KERNEL_CACHES: dict[Path, KernelCache | None] = {}
 
 
+# ------------------------------------------------------------------------ tuned specs
+
+
+def tuned_key(graph: Graph) -> str | None:
+    """What a tuning belongs to: the spec's inputs, nodes and modules (not its `train:`
+    section: a changed learning rate keeps its kernels); None for a graph without a spec."""
+    spec = getattr(graph, "spec", None)
+    if spec is None:
+        return None
+    return digest(spec.model_copy(update={"train": None}))
+
+
+def tuning(programs: ProgramCache, key: str | None) -> dict | None:
+    """``{"beam": N, "dims": {...}}`` if the spec of ``key`` was tuned (``dlgraph tune``)."""
+    if key is None:
+        return None
+    try:
+        data = json.loads((programs.root / "tuned.json").read_text())
+    except (OSError, ValueError):
+        return None
+    got = data.get(key) if isinstance(data, dict) else None
+    ok = isinstance(got, dict) and isinstance(got.get("beam"), int) and 0 < got["beam"] <= 8 \
+        and isinstance(got.get("dims"), dict)
+    return got if ok else None
+
+
+def remember_tuning(programs: ProgramCache, key: str, beam: int | None,
+                    dims: dict[str, int]) -> None:
+    """Record (``beam`` None: forget) that the spec of ``key`` was tuned at ``dims``."""
+    path = programs.root / "tuned.json"
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        data = {}
+    data = data if isinstance(data, dict) else {}
+    if beam is None:
+        data.pop(key, None)
+    else:
+        data[key] = {"beam": beam, "dims": dims}
+    tmp = programs.root / f".tuned.{secrets.token_hex(4)}.tmp"
+    tmp.write_text(json.dumps(data, sort_keys=True))
+    os.replace(tmp, path)
+
+
 # --------------------------------------------------------------------- the device chosen
 
 

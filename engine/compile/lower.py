@@ -9,10 +9,16 @@ import threading
 import time
 
 import numpy as np
-from tinygrad import Tensor, Variable
+from tinygrad import Context, Tensor, Variable
 
 from dlgraph.engine.compile import tinygrad_door as door
-from dlgraph.engine.compile.cache import ProgramCache, digest, kernel_cache
+from dlgraph.engine.compile.cache import (
+    ProgramCache,
+    digest,
+    kernel_cache,
+    tuned_key,
+    tuning,
+)
 from dlgraph.engine.compile.interpret import Ctx, Evaluator
 from dlgraph.engine.compile.lengths import Lengths
 from dlgraph.engine.graph.ir import Graph
@@ -90,6 +96,7 @@ class Program:
         self.label = "program"
         self.cache, self.state, self.tag, self._key = None, {}, None, None
         self.kernels = None         # the kernel cache its compiles use (with the program cache)
+        self.tuned: dict | None = None      # how `dlgraph tune` searched this spec's kernels
         self._slots: dict[tuple, Tensor] = {}   # (input, shape) -> the buffer it is copied into
         self.lock = threading.RLock()
         Tensor.rand(1).realize()   # the RNG state must exist before a capture (fresh noise)
@@ -99,6 +106,7 @@ class Program:
         self.cache, self.tag = cache, tag
         self.state = {f"state.{k}": t for k, t in state.items()}
         self.kernels = kernel_cache(cache)
+        self.tuned = tuning(cache, tuned_key(self.graph))
 
     def _live(self) -> dict[str, Tensor]:
         """Every live tensor a capture may touch: the parameters as they are now (a caller
@@ -131,13 +139,20 @@ class Program:
             if payload is not None:
                 self.cache.store(self._stage_key(stage, dims), payload)
 
+    def beam(self, dims: dict[str, int]) -> int:
+        """The BEAM width to compile at ``dims`` with: the tuning's, where the spec was tuned
+        at these sizes (other sizes make other kernels, and would search at run time)."""
+        t = self.tuned
+        ok = t is not None and all(dims.get(k) == v for k, v in t["dims"].items())
+        return t["beam"] if ok else 0
+
     def _stage_key(self, stage, dims: dict[str, int]) -> str:
         if self._key is None:
             self._key = digest(self.graph, self.targets, self.training, self.tag,
                                [(k, str(t.device)) for k, t in sorted(self._live().items())],
                                [st.finish is not None for st in self.stages])
         return digest(self._key, self.stages.index(stage), type(stage).__name__, stage.made,
-                      stage.outputs, sorted(dims.items()))
+                      stage.outputs, sorted(dims.items()), self.beam(dims))
 
     def announce(self, stage, seconds: float | None = None, kernels: int = 0,
                  cached: bool = False) -> None:
@@ -283,7 +298,8 @@ class Segment:
         if rep is not None and rep.fits(args):
             outs = rep(self.prog.lengths.values())
         else:
-            with door.LOCK, door.kernels_from(self.prog.kernels):
+            with door.LOCK, door.kernels_from(self.prog.kernels), \
+                    Context(BEAM=self.prog.beam(dims)):
                 runner, outs = door.call_jit(jit, args)
             if runner is not jit:   # nothing to compile (constants, views): run it as it is
                 self._jits[key] = names, runner, held
@@ -361,7 +377,8 @@ class LoopStage:
             for t in order:
                 reps[1]({"step": t})
         else:
-            with door.LOCK, door.kernels_from(self.prog.kernels):
+            with door.LOCK, door.kernels_from(self.prog.kernels), \
+                    Context(BEAM=self.prog.beam(dims)):
                 self._first_run(key, dims, t0, pro_args, step_args, order)
         env.update(zip([p for p in self.picks], [bufs[self._index(p)] for p in self.picks],
                        strict=True))

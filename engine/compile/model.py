@@ -24,7 +24,7 @@ class Model:
     """
 
     def __init__(self, graph: Graph, params: dict[str, Tensor] | None = None, seed: int = 0,
-                 cache: ProgramCache | None = None):
+                 cache: ProgramCache | None = None, progress=None):
         self.graph = graph
         self.outputs = list(graph.outputs)
         computed = [graph.outputs[o] for o in self.outputs if graph.outputs[o] not in graph.inputs]
@@ -32,6 +32,8 @@ class Model:
             self.params = params if params is not None else init_params(graph, seed)
             self._program = lower(graph, computed, params=self.params, cache=cache)
         self.input_names = self._program.input_names  # what a call must be given
+        self._program.progress = progress       # callable(str): what it compiles, as it does
+        self._program.label = "the inference program"
 
     def __call__(self, **arrays: np.ndarray) -> dict[str, np.ndarray]:
         g = self.graph
