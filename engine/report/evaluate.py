@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dlgraph.engine.compile.cache import default_cache
 from dlgraph.engine.compile.interpret import input_dims
 from dlgraph.engine.compile.lower import lower
 from dlgraph.engine.errors import DataError, Source, SpecError
@@ -197,7 +198,8 @@ def run_batches(graph: Graph, params, arrays: dict[str, np.ndarray], wanted: lis
     from dlgraph.engine.io.data import batches
     wanted = list(dict.fromkeys(wanted))
     computed = [t for t in wanted if t not in graph.inputs]
-    program = lower(graph, computed, params=params)
+    # the program cache: right after training, validation compiled the same program
+    program = lower(graph, computed, params=params, cache=default_cache(lambda s: None))
     got: dict[str, list] = {w: [] for w in wanted}
     sizes: list[int] = []
     n = len(next(iter(arrays.values())))
