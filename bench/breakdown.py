@@ -127,7 +127,9 @@ def table(rows: list[dict]) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", help="workloads, comma-separated")
-    ap.add_argument("--out", type=Path, help="also write the table to this file")
+    ap.add_argument("--out", type=Path,
+                    help="write the section here (default: bench/last-*.md, which "
+                    "bench/run.py puts into docs/benchmarks.md)")
     opts = ap.parse_args(argv)
     from workloads import WORKLOADS
 
@@ -147,8 +149,7 @@ def main(argv=None) -> int:
     text = (f"Where the time goes (bench/breakdown.py, load {load:.2f} -> "
             f"{os.getloadavg()[0]:.2f}):\n\n{table(rows)}\n")
     print(text)
-    if opts.out:
-        opts.out.write_text(text)
+    (opts.out or HERE / "last-breakdown.md").write_text("## Where the time goes\n\n" + text)
     return 0
 
 

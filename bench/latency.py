@@ -174,7 +174,9 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="PyTorch / onnxruntime threads")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--only", choices=("workloads", "graphs"))
-    ap.add_argument("--out", type=Path, help="also write the table to this markdown file")
+    ap.add_argument("--out", type=Path,
+                    help="write the section here (default: bench/last-*.md, which "
+                    "bench/run.py puts into docs/benchmarks.md)")
     opts = ap.parse_args(argv)
     import torch
     torch.set_num_threads(opts.threads)
@@ -191,8 +193,7 @@ def main(argv=None) -> int:
     text = (f"Per-call latency, numpy in and out (bench/latency.py, {opts.threads} thread(s) "
             f"for PyTorch and onnxruntime, {load}):\n\n{table(rows)}\n")
     print(text)
-    if opts.out:
-        opts.out.write_text(text)
+    (opts.out or HERE / "last-latency.md").write_text("## Per-call latency\n\n" + text)
     return 0
 
 

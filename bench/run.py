@@ -111,15 +111,32 @@ def serve(args, peer, bs: list, send) -> None:
         elif c == "probe":
             out = {"ev": "probe"}
             if args.impl != "torch":
-                from tinygrad.helpers import GlobalCounters
-                GlobalCounters.reset()
-                peer.train_step(bs[i % nb])
-                out["train_kernels"] = GlobalCounters.kernel_count
-                GlobalCounters.reset()
-                peer.infer(bs[i % nb])
-                out["infer_kernels"] = GlobalCounters.kernel_count
+                count = launches if args.impl == "dlgraph" else tinygrad_kernels
+                b = bs[i % nb]
+                out["train_kernels"] = count(lambda: peer.train_step(b))   # noqa: B023
+                out["infer_kernels"] = count(lambda: peer.infer(b))        # noqa: B023
             out["maxrss_kib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
             send(**out)
+
+
+def tinygrad_kernels(fn) -> int:
+    """Kernels tinygrad launched during ``fn()`` (its own counter)."""
+    from tinygrad.helpers import GlobalCounters
+    GlobalCounters.reset()
+    fn()
+    return GlobalCounters.kernel_count
+
+
+def launches(fn) -> int:
+    """Kernels dlgraph launched during ``fn()``: its replays call the kernels directly, past
+    tinygrad's counter, and count them themselves."""
+    from dlgraph.engine.compile.tinygrad_door import Replay
+    Replay.timings = []
+    try:
+        fn()
+        return len(Replay.timings)
+    finally:
+        Replay.timings = None
 
 
 # =========================================================================== parent
@@ -686,7 +703,7 @@ def report(results, mach, opts, wall: float, command: str) -> str:
         "",
         table(results),
         "- **train step**: median wall time of one training step (host batch to tensor, "
-        "forward, backward, optimizer update, loss `.item()`) over "
+        "forward, backward, optimizer update, loss read back) over "
         f"{rounds} per implementation (at least {opts.min_steps} steps a round), in "
         "rotating order. **inference**: the same for the forward pass of one batch (dlgraph: "
         "`dlgraph.compile(g)(x=...)`; tinygrad: a `TinyJit` forward; torch: `no_grad`).",
@@ -696,7 +713,8 @@ def report(results, mach, opts, wall: float, command: str) -> str:
         "first call, captures on the second and replays from the third on.",
         "- **peak RSS**: `ru_maxrss` of the worker process at the end of its run.",
         "- **kernels/step**: kernels launched by one replayed training step / one inference "
-        "call (tinygrad's `GlobalCounters.kernel_count`).",
+        "call (tinygrad's `GlobalCounters.kernel_count`; dlgraph's replays launch kernels "
+        "directly and count them themselves).",
         "- The first-step losses come from the same weights (dlgraph's `init_params(seed=0)`, "
         "copied into the peers by name for the transformer, by declaration order for the "
         "others, every shape checked) and the same batch; a relative "
@@ -711,6 +729,9 @@ def report(results, mach, opts, wall: float, command: str) -> str:
         "below).",
         "",
     ]
+    for extra in ("last-breakdown.md", "last-latency.md"):     # bench/breakdown.py, latency.py
+        if (HERE / extra).exists():
+            lines += [(HERE / extra).read_text().strip(), ""]
     if notes.exists():
         lines.append(notes.read_text().strip() + "\n")
     return "\n".join(lines)
