@@ -11,9 +11,10 @@ batch 1 for inference:
   ``Tensor.numpy()`` for the outputs (the program's own path for tensors);
 - **now**: numpy arrays copied into the program's kept buffers, every stage replayed by
   calling its kernels directly, outputs copied from their buffers;
-- **kernels**: the sum of the kernel launches of one call as timed one by one inside the
-  replay (``door.Replay.timings``; each includes its ctypes call, about a microsecond);
-- **rest**: now minus kernels: copies in and out, input checks, the per-stage Python.
+- **now** and **kernels** come from the same calls, every kernel launch timed one by one
+  inside the replay (``door.Replay.timings``; a launch includes its ctypes call, about a
+  microsecond); **rest**: now minus kernels: copies in and out, input checks, the
+  per-stage Python.
 
 The training step is the spec's phase step with its optimizer update (PhaseStep), the loss
 read back every step as the training loop does.
@@ -50,18 +51,27 @@ def per_call(fn, n: int | None = None, budget: float = 1.0, rounds: int = 5) -> 
     return float(np.median(out))
 
 
-def kernel_time(fn, calls: int = 20) -> tuple[float, int]:
-    """(seconds of kernels per call, kernels per call), timed launch by launch."""
+def with_kernels(fn, rounds: int = 5, budget: float = 1.0) -> tuple[float, float, int]:
+    """(seconds per call, of which in kernel launches, launches per call): both from the same
+    calls, with every launch timed (``door.Replay.timings``); medians over rounds."""
     from dlgraph.engine.compile.tinygrad_door import Replay
     fn()
-    Replay.timings = []
+    t = time.perf_counter()
+    fn()
+    n = max(3, int(budget / rounds / max(time.perf_counter() - t, 1e-6)))
+    totals, kernels, count = [], [], 0
     try:
-        for _ in range(calls):
-            fn()
-        got = Replay.timings
+        for _ in range(rounds):
+            Replay.timings = []
+            t = time.perf_counter()
+            for _ in range(n):
+                fn()
+            totals.append((time.perf_counter() - t) / n)
+            kernels.append(sum(Replay.timings) / n)
+            count = len(Replay.timings) // n
     finally:
         Replay.timings = None
-    return sum(got) / calls, len(got) // calls
+    return float(np.median(totals)), float(np.median(kernels)), count
 
 
 def _batch(wl, batch: int) -> dict[str, np.ndarray]:
@@ -106,8 +116,8 @@ def training_row(name: str, wl, g) -> dict:
 
 
 def row(what: str, before, now) -> dict:
-    b, n = per_call(before), per_call(now)
-    k, count = kernel_time(now)
+    b = per_call(before)
+    n, k, count = with_kernels(now)
     r = {"what": what, "before": b, "now": n, "kernels": k, "count": count, "rest": n - k}
     print(f"  {what}: before {b * 1e3:.3f} ms, now {n * 1e3:.3f} ms, kernels "
           f"{k * 1e3:.3f} ms ({count}), rest {(n - k) * 1e3:.3f} ms", file=sys.stderr)

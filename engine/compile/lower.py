@@ -35,8 +35,10 @@ def lower(graph: Graph, targets: list[str], *, params: dict[str, Tensor],
 
     The program is a few compiled stages: the nodes between loops are one ``TinyJit``
     each, and every loop runs its body as one compiled step over a symbolic time index,
-    a chunk of steps per call. ``finish(*targets)`` (training: the optimizer update) runs
-    inside the last stage and returns tensors to realise with it. ``params_as_inputs``
+    called once per time step. From the second call on, a stage whose buffers are those it
+    was planned for replays its kernels directly (``door.Replay``). ``finish(*targets)``
+    (training: the optimizer update) runs inside the last stage and returns tensors to
+    realise with it. ``params_as_inputs``
     passes the parameter tensors to every call (gradcheck perturbs them) instead of
     capturing them; ``inline`` traces loops step by step into one program (any dtype,
     compile time growing with the steps).

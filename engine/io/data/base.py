@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import stat
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -38,6 +38,10 @@ class DataSource(BaseModel):
             if name in SOURCE_TABLE:
                 raise RuntimeError(f"data source '{name}' defined twice")
             SOURCE_TABLE[name] = cls
+
+    example: ClassVar[tuple[dict, dict] | None] = None
+    """A generated source's test, in its record: spec fields, and the shape of each array
+    it gives for ``samples: 60`` (tests/test_data.py runs every one). None: it reads a file."""
 
     source: str = Field(description="Which data source.")  # each source narrows it to a Literal
     seed: int | None = Field(

@@ -80,6 +80,7 @@ class Sine(_Windowed):
     """Windows of a sum of two sines (random frequency, phase, amplitude); predict ahead."""
 
     source: Literal["sine"] = source_field("sine")
+    example = ({"length": 16}, {"x": (60, 16, 1), "y": (60, 1)})  # its test
 
     def load(self, base_dir: Path, rng: np.random.Generator) -> Arrays:
         n, t = self.samples, np.arange(self.length + self.horizon)
@@ -94,6 +95,7 @@ class Series(_Windowed):
     """Windows of a sawtooth, square wave or AR(2) process (random per sample); predict ahead."""
 
     source: Literal["series"] = source_field("series")
+    example = ({"kind": "ar", "length": 12}, {"x": (60, 12, 1), "y": (60, 1)})  # its test
     kind: Literal["sawtooth", "square", "ar"] = Field(
         "sawtooth", description="sawtooth/square: random whole period (8-24 steps) and phase; "
                                 "ar: a stable oscillating AR(2) process with std 0.3.")
@@ -131,6 +133,7 @@ class Spirals(DataSource):
     """Interleaved 2-D spiral arms, one per class (cs231n style); x in the unit disc."""
 
     source: Literal["spirals"] = source_field("spirals")
+    example = ({}, {"x": (60, 2), "y": (60,)})  # its test
     samples: int = samples_field()
     classes: int = Field(3, ge=2, description="Number of spiral arms (classes).")
     turns: float = Field(1.0, gt=0, description="How many turns each arm makes.")
@@ -152,6 +155,7 @@ class Xor(DataSource):
     """The XOR problem: noisy corners of the unit square, class = x0 XOR x1."""
 
     source: Literal["xor"] = source_field("xor")
+    example = ({}, {"x": (60, 2), "y": (60,)})  # its test
     samples: int = samples_field()
     noise: float = _noise_field(0.1, "Std of the Gaussian noise around each corner.")
 
@@ -174,6 +178,7 @@ class GaussianMixture(DataSource):
     """Samples of a ring of 2-D Gaussians (the classic GAN mode-coverage toy); only x."""
 
     source: Literal["gaussian_mixture"] = source_field("gaussian_mixture")
+    example = ({}, {"x": (60, 2)})  # its test
     samples: int = samples_field()
     modes: int = Field(8, ge=1, description="Number of Gaussians, evenly spaced on the ring.")
     radius: float = Field(2.0, gt=0, description="Radius of the ring of centres.")
@@ -195,6 +200,7 @@ class Adding(DataSource):
     """The adding problem: values in [0,1] and a marker channel with two 1s; y = marked sum."""
 
     source: Literal["adding"] = source_field("adding")
+    example = ({"length": 7}, {"x": (60, 7, 2), "y": (60, 1)})  # its test
     samples: int = samples_field()
     length: int = Field(10, ge=2, description="Sequence length (time steps); with "
                         "`min_length`, the longest.")
@@ -233,6 +239,7 @@ class Parity(DataSource):
     """Random bit strings; y is 1 when the number of ones is odd."""
 
     source: Literal["parity"] = source_field("parity")
+    example = ({"length": 5}, {"x": (60, 5, 1), "y": (60,)})  # its test
     samples: int = samples_field()
     length: int = length_field(10, "Number of bits.")
 
@@ -248,6 +255,7 @@ class SequenceTask(DataSource):
     """Random token sequences with a target that copies, reverses or sorts them."""
 
     source: Literal["sequence_task"] = source_field("sequence_task")
+    example = ({"length": 6, "vocab": 5}, {"x": (60, 6), "y": (60, 6)})  # its test
     task: Literal["copy", "reverse", "sort"] = Field(
         "copy", description="What y is: x itself, x reversed, or x sorted ascending.")
     samples: int = samples_field()
@@ -274,6 +282,7 @@ class Images(DataSource):
     # pixel noise. Class means are flat, so nearest-mean/linear models do badly; a CNN does well.
 
     source: Literal["images"] = source_field("images")
+    example = ({"size": 16, "channels": 3}, {"x": (60, 3, 16, 16), "y": (60,)})  # its test
     samples: int = samples_field(5000)
     classes: int = Field(10, ge=2, le=30, description="Number of classes.")
     size: int = Field(32, ge=8, description="Height and width in pixels.")

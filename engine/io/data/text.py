@@ -41,6 +41,7 @@ class TextTokens(DataSource):
     """Windows of token ids of a text (the built-in corpus unless `path` is given)."""
 
     source: Literal["text_tokens"] = source_field("text_tokens")
+    example = ({"length": 20}, {"x": (60, 20), "y": (60, 20)})  # its test
     path: str | None = path_field("A UTF-8 text file; by default the built-in corpus "
                                   "(Shakespeare). Relative paths are resolved against the "
                                   "spec's folder.", default=None)
@@ -66,6 +67,7 @@ class Text(TextTokens):
     """Windows of token ids of a text file, for language models."""
 
     source: Literal["text"] = source_field("text")
+    example = None          # it reads a user's file: tested in tests/test_data.py
     path: str = path_field("A UTF-8 text file; relative paths are resolved against the "
                            "spec's folder.")
 
