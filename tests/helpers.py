@@ -27,7 +27,7 @@ import torch.nn.functional as TF
 from tinygrad import Context, Tensor
 
 import dlgraph
-from dlgraph.engine.compile.interpret import Ctx, Evaluator, input_dims, to_tensor
+from dlgraph.engine.compile.interpret import Ctx, Interpreter, input_dims, to_tensor
 from dlgraph.engine.graph.autodiff import reverse
 from dlgraph.ops import REGISTRY
 from dlgraph.ops.examples import Bool as B
@@ -398,7 +398,7 @@ def evaluate(graph, targets: list[str], feeds: dict[str, np.ndarray],
     """
     ctx = Ctx(training=training, dims=input_dims(graph, feeds))
     tfeeds = {k: to_tensor(v, graph.inputs[k].dtype) for k, v in feeds.items()}
-    outs = Evaluator(graph, targets)(ctx, tfeeds, params)
+    outs = Interpreter(graph, targets)(ctx, tfeeds, params)
     if not lazy:
         realize(*outs)
     return outs

@@ -29,7 +29,7 @@ from helpers import (
 from tinygrad import Context, Tensor
 
 import dlgraph
-from dlgraph.engine.compile.interpret import Ctx, Evaluator, input_dims, to_tensor
+from dlgraph.engine.compile.interpret import Ctx, Interpreter, input_dims, to_tensor
 from dlgraph.engine.types import NUMPY_DTYPES as NP_DTYPES
 from dlgraph.engine.types import TType
 from dlgraph.ops import NO_GRAD, OPS, REGISTRY, register
@@ -159,7 +159,7 @@ def test_batch_norm_training_uses_batch_stats_and_updates_running_ones():
               {"out.weight": rng.standard_normal(3), "out.bias": rng.standard_normal(3),
                "out.running_mean": np.zeros((1, 3)), "out.running_var": np.ones((1, 3))}.items()}
     ctx = Ctx(training=True)
-    (y,) = Evaluator(g, [g.resolve("out")])(ctx, {"x0": to_tensor(x, "float32")}, params)
+    (y,) = Interpreter(g, [g.resolve("out")])(ctx, {"x0": to_tensor(x, "float32")}, params)
     realize(y, *ctx.updates)
     np_params = {k: v.numpy() for k, v in params.items()}
     want = run_ref(case, attrs_of(case), [x], make_ctx(np_params, training=True))
@@ -199,7 +199,7 @@ def test_moving_average_training_returns_the_batch_statistic():
     s = np.array([[1.0, 2.0, 3.0]], np.float32)
     r = Tensor(np.ones((1, 3), np.float32))
     ctx = Ctx(training=True)
-    (y,) = Evaluator(g, ["m"])(ctx, {"s": to_tensor(s, "float32")}, {"r": r})
+    (y,) = Interpreter(g, ["m"])(ctx, {"s": to_tensor(s, "float32")}, {"r": r})
     realize(y, *ctx.updates)
     np.testing.assert_array_equal(y.numpy(), s)
     np.testing.assert_allclose(r.numpy(), [[1.0, 1.5, 2.0]])

@@ -7,7 +7,7 @@ import torch
 
 import dlgraph
 from dlgraph.engine.compile import lower as lower_mod
-from dlgraph.engine.compile.interpret import Ctx, Evaluator, input_dims, input_tensors, to_tensor
+from dlgraph.engine.compile.interpret import Ctx, Interpreter, input_dims, input_tensors, to_tensor
 from dlgraph.engine.compile.lower import lower
 from dlgraph.engine.graph.autodiff import reverse
 
@@ -98,7 +98,7 @@ def test_matches_torch(kind, layers, bidir, states):
     names = list(tg.grads)
     assert sorted(names) == sorted(f"enc.{n}" for n in ref)
     feeds = {k: to_tensor(v, "float32") for k, v in arrays.items()}
-    inline = Evaluator(tg, [tg.grads[n] for n in names])(
+    inline = Interpreter(tg, [tg.grads[n] for n in names])(
         Ctx(training=True, dims=input_dims(g, arrays)), feeds, model.params)
     assert_grads(names, inline, ref)
     assert_grads(names, staged_grads(tg, names, model, arrays), ref)

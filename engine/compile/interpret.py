@@ -1,7 +1,7 @@
 """Graph -> tinygrad, node by node: each node's forward rule resolved once, then a flat loop.
 
 The loop builds tinygrad's lazy graph; nothing runs until a value is realised, so one call of
-an :class:`Evaluator` inside a ``TinyJit`` becomes one compiled program. Nodes marked ``cut``
+an :class:`Interpreter` inside a ``TinyJit`` becomes one compiled program. Nodes marked ``cut``
 are made contiguous: a kernel boundary chosen by the graph, not the user. Also here: the
 checks and conversions of input arrays, and fresh parameters.
 """
@@ -28,14 +28,14 @@ class Ctx:
     dims: dict[str, int] = field(default_factory=dict)   # named dim -> size for this call
     updates: list[Tensor] = field(default_factory=list)  # state assignments to realise
 
-    evaluators: dict[int, Evaluator] = field(default_factory=dict)
+    evaluators: dict[int, Interpreter] = field(default_factory=dict)
 
     def run_body(self, body: Graph, env: dict[str, Tensor]) -> list[Tensor]:
         """A body sub-graph's outputs from values for its inputs: what the forward rule of a
         higher-order op (``loop``) calls to trace its body into the current program."""
         ev = self.evaluators.get(id(body))
         if ev is None:
-            ev = self.evaluators[id(body)] = Evaluator(body, list(body.outputs.values()))
+            ev = self.evaluators[id(body)] = Interpreter(body, list(body.outputs.values()))
         return ev(self, env, {})
 
 
@@ -69,7 +69,7 @@ def to_tensor(a: np.ndarray, dtype: str) -> Tensor:
     return Tensor(np.ascontiguousarray(a, dtype=NUMPY_DTYPES[dtype])).realize()
 
 
-class Evaluator:
+class Interpreter:
     """Runs a set of nodes of a graph: the schedule and each node's rule resolved once.
 
     ``nodes`` (default: every ancestor of the targets) are computed in schedule order;

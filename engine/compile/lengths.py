@@ -28,7 +28,7 @@ class Lengths:
         self.most: dict[str, int] = dict(self.declared)
         self.now: dict[str, int] = {}
 
-    def bind(self, dims: dict[str, int]) -> tuple[dict[str, int], dict]:
+    def for_call(self, dims: dict[str, int]) -> tuple[dict[str, int], dict]:
         """The dims to compile for (lengths at their most) and the bound lengths."""
         if not self.names:
             return dims, {}
@@ -84,7 +84,7 @@ class Lengths:
         return tuple(None if isinstance(v, int) else (0, v) for v in sizes)
 
     @staticmethod
-    def cut(t, x: Tensor, dims: dict) -> Tensor:
+    def narrow(t, x: Tensor, dims: dict) -> Tensor:
         """A value as this call's lengths: padded axes shrunk to their symbolic size."""
         span = Lengths._span(t, dims) if len(t.shape) == x.ndim else None
         return x if span is None else x.shrink(span)

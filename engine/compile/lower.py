@@ -19,7 +19,7 @@ from dlgraph.engine.compile.cache import (
     tuned_key,
     tuning,
 )
-from dlgraph.engine.compile.interpret import Ctx, Evaluator
+from dlgraph.engine.compile.interpret import Ctx, Interpreter
 from dlgraph.engine.compile.lengths import Lengths
 from dlgraph.engine.graph.ir import Graph
 from dlgraph.engine.types import NUMPY_DTYPES, dim_parts, dim_value
@@ -189,7 +189,7 @@ class Program:
         stages replay on the same buffers without tinygrad rewriting anything."""
         if params is not None:
             self.params = params
-        dims, syms = self.lengths.bind(dims)
+        dims, syms = self.lengths.for_call(dims)
         env = {k: self._input(k, v, dims) for k, v in inputs.items()}
         for st in self.stages:
             st.run(env, dims, syms)
@@ -231,7 +231,7 @@ class Segment:
             reads.update(dict.fromkeys(t for t in prog.targets if t not in mine))
         self.reads = list(reads)
         self.outputs: list[str] = []
-        self.evaluator = Evaluator(g, nids, nids) if nids else None
+        self.evaluator = Interpreter(g, nids, nids) if nids else None
         self._jits: dict[tuple, tuple] = {}
         self._replays: dict[tuple, door.Replay] = {}
 
@@ -249,7 +249,7 @@ class Segment:
             for r, x in zip(names, xs, strict=True):
                 t = g[r].type
                 x = x.reshape(()) if g[r].role == "input" and t.rank == 0 else x
-                env[r] = Lengths.cut(t, x, ctx.dims)
+                env[r] = Lengths.narrow(t, x, ctx.dims)
             for r in self.reads:
                 if r not in env:
                     env[r] = prog.value(env, r)
@@ -329,7 +329,7 @@ class LoopStage:
                       if n.op == "pick" and n.inputs[0] == node.id]
         self.made += self.picks
         self.outputs: list[str] = []
-        self.body = Evaluator(node.attrs.body, list(node.attrs.body.outputs.values()))
+        self.body = Interpreter(node.attrs.body, list(node.attrs.body.outputs.values()))
         self._compiled: dict[tuple, tuple] = {}
         self._replays: dict[tuple, tuple[door.Replay, door.Replay]] = {}
         steps = node.attrs.steps

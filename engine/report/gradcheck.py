@@ -14,7 +14,7 @@ import numpy as np
 from tinygrad import Tensor, dtypes
 
 from dlgraph.engine.compile.device import use_device
-from dlgraph.engine.compile.interpret import Ctx, Evaluator, input_dims
+from dlgraph.engine.compile.interpret import Ctx, Interpreter, input_dims
 from dlgraph.engine.compile.lower import lower
 from dlgraph.engine.errors import Source, SpecError
 from dlgraph.engine.graph.autodiff import phase_params, training_graph
@@ -72,7 +72,7 @@ def _check_phase(g, phase, tensors, dims, base, seed, coords, eps, rng):
 
     Tensor.manual_seed(seed)
     ps = {k: Tensor(v, dtype=dtypes.float64) for k, v in base.items()}
-    grads = Evaluator(tg, [tg.grads[n] for n in names])(Ctx(True, dims), tensors, ps)
+    grads = Interpreter(tg, [tg.grads[n] for n in names])(Ctx(True, dims), tensors, ps)
     at_base = loss_at(base)
     for name, grad in zip(names, grads, strict=True):
         ours = grad.numpy()

@@ -30,7 +30,7 @@ from tinygrad.nn.state import get_state_dict
 
 from dlgraph.engine.compile import tinygrad_door as door
 from dlgraph.engine.compile.cache import default_cache
-from dlgraph.engine.compile.interpret import Ctx, Evaluator, to_tensor
+from dlgraph.engine.compile.interpret import Ctx, Interpreter, to_tensor
 from dlgraph.engine.compile.lower import lower
 from dlgraph.engine.compile.tinygrad_door import jit
 from dlgraph.engine.graph.autodiff import phase_params, training_graph
@@ -134,7 +134,7 @@ class GradStep:
 
 def first_non_finite(graph: Graph, params, inputs: dict[str, Tensor], dims) -> str | None:
     """The first node (schedule order) whose output has a NaN or Inf (for --debug)."""
-    ev = Evaluator(graph, [n for n in graph.nodes if graph[n].role == "forward"])
+    ev = Interpreter(graph, [n for n in graph.nodes if graph[n].role == "forward"])
     inputs = {k: to_tensor(v, graph.inputs[k].dtype) if isinstance(v, np.ndarray) else v
               for k, v in inputs.items()}
     outs = ev(Ctx(True, dims), inputs, params)
