@@ -77,6 +77,10 @@ class ProgramCache:
     def _path(self, key: str) -> Path:
         return self.root / f"{key}.prog"
 
+    def has(self, key: str) -> bool:
+        """Whether an entry is stored under ``key`` (not whether it checks)."""
+        return self.enabled and self._path(key).is_file()
+
     def load(self, key: str) -> bytes | None:
         """The payload stored under ``key`` if its signature checks; a bad entry is removed."""
         if not self.enabled:
@@ -180,7 +184,7 @@ def kernel_cache(programs: ProgramCache) -> KernelCache | None:
         store = ProgramCache(root, programs.warn)
         env = {k: v for k, v in _environment().items() if k != "dlgraph"}
         _KERNEL_CACHES[root] = KernelCache(store.load, store.store,
-                                           json.dumps(env, sort_keys=True)) \
+                                           json.dumps(env, sort_keys=True), store.has) \
             if store.enabled else None
     return _KERNEL_CACHES[root]
 

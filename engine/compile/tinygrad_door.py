@@ -374,9 +374,10 @@ class KernelCache:
     classes only. ``loaded`` and ``made`` count kernels since the last :meth:`take_counts`.
     """
 
-    def __init__(self, load, store, salt: str):
-        self.load, self.store, self.salt = load, store, salt
+    def __init__(self, load, store, salt: str, has=lambda name: False):
+        self.load, self.store, self.salt, self.has = load, store, salt, has
         self.loaded = self.made = 0
+        self.kept: set[str] = set()      # names known to be on disk
 
     def name(self, key: tuple) -> str:
         ast_key, ren, target, *config = key
@@ -388,7 +389,9 @@ class KernelCache:
         """Load the kernels of ``keys`` that tinygrad lacks; returns those still missing."""
         missing = []
         for k in keys:
-            if k in to_program_cache:
+            if k in to_program_cache:    # generated earlier in this process: on disk too
+                if self.name(k) not in self.kept and not self.has(self.name(k)):
+                    missing.append(k)
                 continue
             blob = self.load(self.name(k))
             prg = None
@@ -399,6 +402,7 @@ class KernelCache:
                     prg = None
             if isinstance(prg, UOp) and prg.op is Ops.PROGRAM:
                 to_program_cache[k] = prg
+                self.kept.add(self.name(k))
                 self.loaded += 1
             else:
                 missing.append(k)
@@ -408,6 +412,7 @@ class KernelCache:
         for k in keys:
             if (prg := to_program_cache.get(k)) is not None:
                 self.store(self.name(k), pickle.dumps(prg, protocol=pickle.HIGHEST_PROTOCOL))
+                self.kept.add(self.name(k))
                 self.made += 1
 
     def take_counts(self) -> tuple[int, int]:
