@@ -354,6 +354,10 @@ class _Chunked:
             self._run(self.chunks)
 
 
+# a forked child has none of the parent's threads: it starts its own helper when it needs one
+os.register_at_fork(after_in_child=lambda: setattr(_Chunked, "pool", None))
+
+
 def _rebind(args: tuple, var_vals: dict) -> tuple:
     var = args[0].unbind()[0]
     return (var.bind(var_vals["step"]), *args[1:])
