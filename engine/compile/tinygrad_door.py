@@ -21,7 +21,7 @@ import threading
 import time
 
 import numpy as np
-from tinygrad import Tensor, TinyJit
+from tinygrad import Tensor, TinyJit, dtypes
 from tinygrad.codegen import to_program_cache, to_program_key
 from tinygrad.dtype import _to_np_dtype
 from tinygrad.engine import realize
@@ -111,6 +111,16 @@ def storage(t: Tensor):
     except (AttributeError, RuntimeError, AssertionError):
         return None
     return getattr(b, "_base", None) or b
+
+
+def real(t: Tensor, dtype: str) -> Tensor:
+    """``t`` in a buffer of its own, of ``dtype`` (``"float32"``). tinygrad folds a value that
+    depends on constants (and on shapes) alone to a constant without a buffer; a JIT takes
+    only real buffers, so a stage that hands such a value on writes it into one."""
+    if not t.uop.is_virtual:
+        return t
+    dt = getattr(dtypes, dtype)
+    return Tensor.empty(*t.shape, dtype=dt, device=t.device).assign(t.cast(dt)).realize()
 
 
 def _plain_buffer(t: Tensor):
