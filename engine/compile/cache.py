@@ -197,7 +197,8 @@ _KERNEL_CACHES: dict[Path, KernelCache | None] = {}
 
 def tuned_key(graph: Graph) -> str | None:
     """What a tuning belongs to: the spec's inputs, nodes and modules (not its `train:`
-    section: a changed learning rate keeps its kernels); None for a graph without a spec."""
+    section: a changed learning rate keeps its kernels) in this environment (like every key
+    here: another device, tinygrad or dlgraph compiles untuned); None without a spec."""
     spec = getattr(graph, "spec", None)
     if spec is None:
         return None
@@ -231,7 +232,12 @@ def remember_tuning(programs: ProgramCache, key: str, beam: int | None,
         data.pop(key, None)
     else:
         data[key] = {"beam": beam, "dims": dims}
-    tmp = programs.root / f".tuned.{secrets.token_hex(4)}.tmp"
+    _write_json(path, data)
+
+
+def _write_json(path: Path, data) -> None:
+    """Write ``data`` as JSON to ``path`` atomically (a reader never sees half of it)."""
+    tmp = path.parent / f".{path.stem}.{secrets.token_hex(4)}.tmp"
     tmp.write_text(json.dumps(data, sort_keys=True))
     os.replace(tmp, path)
 
@@ -272,9 +278,7 @@ def remember_device(device: str | None) -> None:
         if device is None:
             path.unlink(missing_ok=True)
         else:
-            tmp = cache.root / f".device.{secrets.token_hex(4)}.tmp"
-            tmp.write_text(json.dumps({"device": device, "hardware": _hardware()}))
-            os.replace(tmp, path)
+            _write_json(path, {"device": device, "hardware": _hardware()})
     except OSError:
         pass
 

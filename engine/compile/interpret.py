@@ -103,8 +103,14 @@ class Interpreter:
         return env
 
 
+def input_array(a, dtype: str) -> np.ndarray:
+    """An input's array as a program takes it: contiguous, of its declared dtype, a 0-d value
+    as [1] (tinygrad's 0-d tensors are views, which a JIT refuses)."""
+    return np.ascontiguousarray(np.reshape(a, -1) if np.ndim(a) == 0 else a,
+                                dtype=NUMPY_DTYPES[dtype])
+
+
 def input_tensors(graph: Graph, arrays: dict[str, np.ndarray]) -> dict[str, Tensor]:
-    """Realised input tensors for a program (a 0-d value travels as [1]: tinygrad's 0-d
-    tensors are views, which a JIT refuses)."""
-    return {n: to_tensor(np.reshape(a, -1) if np.ndim(a) == 0 else a, graph.inputs[n].dtype)
+    """Realised input tensors for a program (see :func:`input_array`)."""
+    return {n: Tensor(input_array(a, graph.inputs[n].dtype)).realize()
             for n, a in arrays.items()}

@@ -19,10 +19,10 @@ from dlgraph.engine.compile.cache import (
     tuned_key,
     tuning,
 )
-from dlgraph.engine.compile.interpret import Ctx, Interpreter
+from dlgraph.engine.compile.interpret import Ctx, Interpreter, input_array
 from dlgraph.engine.compile.lengths import Lengths
 from dlgraph.engine.graph.ir import Graph
-from dlgraph.engine.types import NUMPY_DTYPES, dim_parts, dim_value
+from dlgraph.engine.types import dim_parts, dim_value
 from dlgraph.ops.common import resolve
 from dlgraph.ops.control import loop_types
 
@@ -214,9 +214,7 @@ class Program:
         t = self.graph.inputs[name]
         if not isinstance(x, np.ndarray):
             return self.lengths.pad(t, x, dims)
-        a = np.ascontiguousarray(np.reshape(x, -1) if x.ndim == 0 else x,
-                                 dtype=NUMPY_DTYPES[t.dtype])
-        a = self.lengths.pad_array(t, a, dims)
+        a = self.lengths.pad_array(t, input_array(x, t.dtype), dims)
         slot = self._slots.get((name, a.shape))
         if slot is None or not door.write(slot, a):
             with door.LOCK:
@@ -245,7 +243,7 @@ class Segment:
             reads.update(dict.fromkeys(t for t in prog.targets if t not in mine))
         self.reads = list(reads)
         self.outputs: list[str] = []
-        self.evaluator = Interpreter(g, nids, nids) if nids else None
+        self.interpreter = Interpreter(g, nids, nids) if nids else None
         self._jits: dict[tuple, tuple] = {}
         self._replays: dict[tuple, door.Replay] = {}
 
@@ -267,17 +265,16 @@ class Segment:
             for r in self.reads:
                 if r not in env:
                     env[r] = prog.value(env, r)
-            outs = self.evaluator.run(ctx, env) if self.evaluator else env
+            outs = self.interpreter.run(ctx, env) if self.interpreter else env
             # a value with a sequence length is written, at this call's length, into a
             # buffer made for the longest (padding it would write the whole buffer)
             res = [Lengths.into(g[o].type, into[o], outs[o], ctx.dims) if o in into
                    else outs[o].contiguous() for o in self.outputs]
             extra = self.finish(*[outs[t] for t in prog.targets]) if self.finish else []
             Tensor.realize(*res, *extra, *ctx.updates)
-            # an output that is only a view of an input (h0[k] of an initial state) would
-            # come back from every replay as the first call's input: copy it
-            # an output whose buffer is an input's or another output's (a reshape of it) is
-            # copied: a replay would hand on the input, a reader would get one buffer twice
+            # an output whose buffer is an input's (h0[k] of an initial state) or another
+            # output's (a reshape of it) is copied: every replay would hand on the first
+            # call's input, and a reader would get one buffer twice
             given = {door.storage(x) for x in xs} - {None}
             out = []
             for o, r in zip(self.outputs, res, strict=True):
@@ -309,7 +306,6 @@ class Segment:
                 names, step, held = self._fn(dict(dims))
                 loaded = self.prog.cached(self, dims)
                 jit = loaded[0] if loaded else door.jit(step)
-            door.capture_next(jit)      # capture on the first call: scheduled once
             self._jits[key] = (names, jit, held)
             if loaded:
                 self.prog.announce(self, time.perf_counter() - t0, door.kernels(jit), cached=True)
@@ -381,8 +377,6 @@ class LoopStage:
             with door.LOCK:
                 jits = self.prog.cached(self, dims) or [door.jit(self._prologue),
                                                         door.jit(self._step_fn(dict(dims)))]
-                for j in jits:
-                    door.capture_next(j)
                 self._compiled[key] = (self._buffers(dims), *jits)
             if door.has_captured(jits[1]):
                 self.prog.announce(self, time.perf_counter() - t0,

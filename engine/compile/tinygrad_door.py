@@ -177,13 +177,8 @@ def jit(fn, capture_now: bool = True) -> TinyJit:
     rather than run it plainly first, as tinygrad does by default."""
     j = TinyJit(fn)
     if capture_now:
-        capture_next(j)
+        j.cnt = max(j.cnt, 1)
     return j
-
-
-def capture_next(j: TinyJit) -> None:
-    """Make the next call of ``j`` capture (if it has not captured yet)."""
-    j.cnt = max(j.cnt, 1)
 
 
 def kernels(j) -> int:
@@ -294,21 +289,19 @@ def _launcher(rt, bufs: list, prg):
     names = [v.expr for v in prg.vars]
     dims = None if names else prg.launch_dims({})
     cpu = type(rt).__name__ == "CPUProgram" and not rt.lvp
-    if cpu and prg.runtimevars and names == ["core_id"] and isinstance(prg.global_size[0], int):
+    fixed = range(prg.global_size[0]) if isinstance(prg.global_size[0], int) else None
+    if cpu and fixed is not None and prg.runtimevars and names == ["core_id"]:
         return _Chunked(rt.fxn, [tuple(ctypes.c_uint64(w) for w in (
-            *[b.va_addr for b in bufs], tid)) for tid in range(prg.global_size[0])])
+            *[b.va_addr for b in bufs], tid)) for tid in fixed])
     if cpu and not prg.runtimevars:
-        words = tuple(ctypes.c_uint64(b.va_addr) for b in bufs)
-        fxn = rt.fxn
-        if dims is not None:
+        words, fxn = tuple(ctypes.c_uint64(b.va_addr) for b in bufs), rt.fxn
+        if dims is not None:            # no bound values: the bare ctypes calls
             reps = range(dims[0][0])
 
             def cpu_call(var_vals):
                 for _ in reps:
                     fxn(*words)
             return cpu_call
-
-        fixed = range(prg.global_size[0]) if isinstance(prg.global_size[0], int) else None
 
         def cpu_call_vars(var_vals):
             args = words + tuple(ctypes.c_uint64(var_vals[n]) for n in names)
@@ -383,12 +376,13 @@ class KernelCache:
     step's wait) and keeps the result only in memory, under a key of the AST, the renderer
     and the code-generation settings. Here that table is backed by signed files: before
     tinygrad compiles a program's kernels, those it lacks are looked up on disk, and what it
-    generates is written back. ``load(name) -> bytes | None`` and ``store(name, bytes)`` are
-    a signed store (engine/compile/cache.py); entries are unpickled admitting tinygrad's own
-    classes only. ``loaded`` and ``made`` count kernels since the last :meth:`take_counts`.
+    generates is written back. ``load(name) -> bytes | None``, ``store(name, bytes)`` and
+    ``has(name)`` are a signed store (engine/compile/cache.py); entries are unpickled
+    admitting tinygrad's own classes only. ``loaded`` and ``made`` count kernels since the
+    last :meth:`take_counts`.
     """
 
-    def __init__(self, load, store, salt: str, has=lambda name: False):
+    def __init__(self, load, store, salt: str, has):
         self.load, self.store, self.salt, self.has = load, store, salt, has
         self.loaded = self.made = 0
         self.kept: set[str] = set()      # names known to be on disk
@@ -403,11 +397,12 @@ class KernelCache:
         """Load the kernels of ``keys`` that tinygrad lacks; returns those still missing."""
         missing = []
         for k in keys:
+            name = self.name(k)
             if k in to_program_cache:    # generated earlier in this process: on disk too
-                if self.name(k) not in self.kept and not self.has(self.name(k)):
+                if name not in self.kept and not self.has(name):
                     missing.append(k)
                 continue
-            blob = self.load(self.name(k))
+            blob = self.load(name)
             prg = None
             if blob is not None:
                 try:
@@ -416,7 +411,7 @@ class KernelCache:
                     prg = None
             if isinstance(prg, UOp) and prg.op is Ops.PROGRAM:
                 to_program_cache[k] = prg
-                self.kept.add(self.name(k))
+                self.kept.add(name)
                 self.loaded += 1
             else:
                 missing.append(k)

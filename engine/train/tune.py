@@ -26,7 +26,7 @@ from dlgraph.engine.graph.autodiff import phase_graphs
 from dlgraph.engine.graph.ir import Graph
 from dlgraph.engine.spec.init import random_inputs
 from dlgraph.engine.train.prepare import frozen
-from dlgraph.engine.train.step import LocalStep, PhaseStep
+from dlgraph.engine.train.step import LocalStep
 
 MAX_BEAM = 8
 
@@ -72,7 +72,7 @@ def tune(graph: Graph, *, beam: int = 2, batch: int | None = None, device: str |
         _tune_inference(graph, arrays, store, echo)
         done.append("inference")
         if spec is not None:
-            done += _tune_training(graph, arrays, store, echo)
+            done += _tune_training(graph, arrays, echo)
     except BaseException:
         remember_tuning(store, key, None, dims)     # half a tuning would search at run time
         raise
@@ -84,19 +84,14 @@ def _tune_inference(graph: Graph, arrays: dict, store, echo) -> None:
     model(**{k: arrays[k] for k in model.input_names})
 
 
-def _tune_training(graph: Graph, arrays: dict, store, echo) -> list[str]:
+def _tune_training(graph: Graph, arrays: dict, echo) -> list[str]:
+    """Every phase's step built and taken once, as a run builds it (``LocalStep``)."""
     spec = graph.spec.train
     graph = frozen(graph, spec.freeze)
-    graphs = phase_graphs(graph)
-    names = list(graph.inputs)
-    params = init_params(graph, spec.seed)
-    local = LocalStep()
-    out = []
-    for phase in spec.all_phases():
-        step = PhaseStep(graph, phase, params, names, graphs[phase.name], store)
-        step.dims = input_dims(graph, arrays)
-        step.program.progress = echo
-        step.program.label = f"the training step of '{phase.name}'"
-        local.take(step, local.whole(graph, names, arrays), None)
-        out.append(f"training step '{phase.name}'")
-    return out
+    names, local = list(graph.inputs), LocalStep()
+    runners = local.build(graph, phase_graphs(graph), init_params(graph, spec.seed), names,
+                          input_dims(graph, arrays), echo, quiet=False)
+    feeds = local.whole(graph, names, arrays)
+    for r in runners:
+        local.take(r, feeds, None)
+    return [f"training step '{r.phase.name}'" for r in runners]
