@@ -14,7 +14,7 @@ import sys
 
 import click
 
-from dlgraph.cli import describe, run, trained
+from dlgraph.cli import describe, pipeline, run, trained
 from dlgraph.engine.errors import DlgraphError
 
 
@@ -51,7 +51,7 @@ for command in (run.run, run.sweep, run.cache, run.tune,
                 describe.validate, describe.summary, describe.render, describe.gradcheck,
                 describe.schema, describe.ops,
                 trained.evaluate, trained.predict, trained.sample, trained.plot,
-                trained.export_cmd, trained.import_cmd):
+                trained.export_cmd, trained.import_cmd, pipeline.pipeline):
     main.add_command(command)
 
 

@@ -20,15 +20,20 @@ from dlgraph.api import (
     gradcheck,
     list_ops,
     load,
+    pipeline_artifact,
+    pipeline_status,
     plot_curves,
     predict,
     render,
+    render_pipeline,
     run_forward,
+    run_pipeline,
     schema,
     sweep,
     train,
     tune,
     validate,
+    validate_pipeline,
 )
 from dlgraph.engine.errors import (
     CycleError,
@@ -48,5 +53,7 @@ __all__ = ["load", "validate", "compile", "train", "evaluate", "predict", "rende
            "export", "import_onnx", "run_forward", "generate_text", "draw_confusion",
            "gradcheck", "plot_curves", "sweep", "cache_usage", "clear_cache", "list_ops",
            "describe_op", "tune", "CacheUsage", "OpInfo", "OpField",
+           "run_pipeline", "validate_pipeline", "pipeline_status", "render_pipeline",
+           "pipeline_artifact",
            "DlgraphError", "SpecError", "GraphError", "CycleError", "ShapeError",
            "GradientError", "DataError", "DeviceError", "TrainingError"]

@@ -111,16 +111,18 @@ def evaluate(graph: Graph, weights: str | Path, data=None, *, batch: int | None 
 
 
 def predict(graph: Graph, weights: str | Path, data: str | Path, out: str | Path, *,
-            batch: int | None = None, device: str | None = None, quiet: bool = True):
+            batch: int | None = None, device: str | None = None, quiet: bool = True,
+            force: bool = False):
     """Write ``graph``'s outputs for every row of a .csv/.npy/.npz ``data`` file to ``out``
-    (.csv or .npz), with class probabilities and the argmax for a classifier.
+    (.csv or .npz), with class probabilities and the argmax for a classifier. A file at
+    ``out`` is replaced only if dlgraph wrote it, or with ``force`` (as every output).
 
     >>> dlgraph.predict(g, "runs/x/weights.safetensors", "new.csv", "pred.csv")  # doctest: +SKIP
     """
     from dlgraph.engine.compile.device import use_device
     from dlgraph.engine.report.predict import predict as _predict
     use_device(device)
-    return _predict(graph, weights, data, out, batch=batch, quiet=quiet)
+    return _predict(graph, weights, data, out, batch=batch, quiet=quiet, force=force)
 
 
 def render(graph: Graph, path: str | Path | None = None, **options) -> str:
@@ -182,9 +184,10 @@ def _check_inputs(graph: Graph, arrays: dict[str, Any], where: str) -> None:
     check_feeds(graph, arrays, where)
 
 
-def save_arrays(path: str | Path, arrays: dict[str, Any]) -> Path:
+def save_arrays(path: str | Path, arrays: dict[str, Any], force: bool = False) -> Path:
     """Write numpy arrays by name to an .npz file, atomically (readers see the old file or
-    the whole new one); returns the path.
+    the whole new one); a file there is replaced only if dlgraph wrote it, or with
+    ``force``. Returns the path.
 
     >>> dlgraph.api.save_arrays("out.npz", dlgraph.run_forward(g))     # doctest: +SKIP
     """
@@ -192,21 +195,31 @@ def save_arrays(path: str | Path, arrays: dict[str, Any]) -> Path:
 
     import numpy as np
 
-    from dlgraph.engine.train.checkpoint import atomic_write
+    from dlgraph.engine.io.outputs import write_output
     buf = io.BytesIO()
     np.savez(buf, **arrays)
-    atomic_write(Path(path), buf.getvalue())
-    return Path(path)
+    return write_output(path, buf.getvalue(), force=force)
 
 
-def draw_confusion(evaluation, path: str | Path) -> Path:
+def check_output(path: str | Path, *, force: bool = False) -> Path:
+    """``path`` if a command may write it: nothing there, or a file dlgraph wrote and nobody
+    changed since (or ``force``); else a located error saying what to do. Commands call it
+    before their work, so a refusal costs nothing.
+
+    >>> dlgraph.api.check_output("cm.png")                              # doctest: +SKIP
+    """
+    from dlgraph.engine.io.outputs import check_output as check
+    return check(path, force=force)
+
+
+def draw_confusion(evaluation, path: str | Path, force: bool = False) -> Path:
     """Draw a classifier's confusion matrix (of :func:`evaluate`) to a .png/.svg/.pdf.
 
     >>> dlgraph.draw_confusion(dlgraph.evaluate(g, "runs/x/weights.safetensors"), "cm.png")
     ... # doctest: +SKIP
     """
     from dlgraph.engine.report.evaluate import confusion_picture
-    return confusion_picture(evaluation, path)
+    return confusion_picture(evaluation, path, force)
 
 
 def generate_text(graph: Graph, weights: str | Path, *, prompt: str = "", length: int = 200,
@@ -237,15 +250,17 @@ def gradcheck(graph: Graph, *, batch: int = 4, seed: int = 0,
     return check(graph, batch=batch, seed=seed, device=device)
 
 
-def plot_curves(run_dirs: list[str | Path], path: str | Path = "curves.png") -> Path:
+def plot_curves(run_dirs: list[str | Path], path: str | Path = "curves.png",
+                force: bool = False) -> Path:
     """Draw the training curves (``metrics.jsonl``) of one or more run directories into
-    one picture; returns its path.
+    one picture (replacing a file there only if dlgraph wrote it, or with ``force``);
+    returns its path.
 
     >>> dlgraph.plot_curves(["runs/mlp/20250101-120000"], "curves.png")  # doctest: +SKIP
     PosixPath('curves.png')
     """
     from dlgraph.engine.report.plot import plot_runs
-    return plot_runs([Path(d) for d in run_dirs], Path(path))
+    return plot_runs([Path(d) for d in run_dirs], Path(path), force)
 
 
 def sweep(spec: str | Path, params: list[str] | tuple[str, ...] = (), *, echo=None,
@@ -377,3 +392,92 @@ def _op_info(d) -> OpInfo:
                            f.description or "")
                    for k, f in d.fields().items())
     return OpInfo(d.name, d.family, d.composite, d.doc, d.signature(), fields)
+
+
+# ------------------------------------------------------------------------------ pipelines
+
+
+def _pipeline(path: str | Path, dir: str | Path | None):
+    from dlgraph.engine.pipeline.plan import plan_pipeline
+    from dlgraph.engine.pipeline.state import PipelineDir, default_dir
+    plan = plan_pipeline(path)
+    name = plan.pipeline.name
+    return plan, PipelineDir(Path(dir) if dir else default_dir(name), name)
+
+
+def validate_pipeline(path: str | Path):
+    """Check a pipeline file before anything runs: every stage's spec, every artifact it
+    consumes, the stage graph (no cycle), ``init_from`` parameters by name and shape,
+    predictions against the next spec's inputs, evaluation data against the spec's inputs.
+    Returns the checked plan (``.order``: the stages in run order).
+
+    >>> dlgraph.validate_pipeline("graphs/pipelines/transfer.yaml").order  # doctest: +SKIP
+    ['pretrain', 'classify', 'report', 'onnx']
+    """
+    from dlgraph.engine.pipeline.plan import plan_pipeline
+    return plan_pipeline(path)
+
+
+def run_pipeline(path: str | Path, *, dir: str | Path | None = None, jobs: int = 1,
+                 address: str | None = None, force=(), device: str | None = None,
+                 echo=None):
+    """Run a pipeline file's stages that are not up to date, ``jobs`` independent ones at
+    once (in separate processes, or as Ray tasks with ``address``), in the pipeline
+    directory ``dir`` (default runs/pipelines/<name>); ``force``: stages to re-run anyway.
+    Returns a ``PipelineResult``: ``.rows``, ``.table()``, ``.ok``, ``.artifact(ref)``.
+
+    >>> res = dlgraph.run_pipeline("graphs/pipelines/transfer.yaml")    # doctest: +SKIP
+    >>> res.artifact("classify.weights")                                 # doctest: +SKIP
+    """
+    from dlgraph.engine.pipeline.execute import run_plan
+    plan, pdir = _pipeline(path, dir)
+    return run_plan(plan, pdir, jobs=jobs, address=address, force=tuple(force), echo=echo,
+                    device=device)
+
+
+def pipeline_status(path: str | Path, *, dir: str | Path | None = None) -> dict:
+    """Every stage's state, in run order: ``{stage: Status}`` with ``.state`` (up to date,
+    stale, failed, interrupted, never run) and ``.why`` (e.g. 'input pretrain.weights
+    changed').
+
+    >>> {s: st.text() for s, st in dlgraph.pipeline_status(f).items()}  # doctest: +SKIP
+    """
+    from dlgraph.engine.pipeline.keys import pipeline_status as status
+    plan, pdir = _pipeline(path, dir)
+    return status(plan, pdir)
+
+
+def render_pipeline(path: str | Path, output: str | Path | None = None, *,
+                    dir: str | Path | None = None) -> str:
+    """The DOT text of a pipeline's stage graph, coloured by each stage's state, edges
+    labelled with the artifacts; written to ``output`` (.dot, .svg, .png, .pdf) when given.
+
+    >>> dlgraph.render_pipeline("graphs/pipelines/gan.yaml", "gan.svg")  # doctest: +SKIP
+    """
+    from dlgraph.engine.pipeline.draw import pipeline_dot, write_drawing
+    from dlgraph.engine.pipeline.keys import pipeline_status as status
+    plan, pdir = _pipeline(path, dir)
+    text = pipeline_dot(plan, status(plan, pdir))
+    if output is not None:
+        write_drawing(text, Path(output))
+    return text
+
+
+def pipeline_artifact(path: str | Path, ref: str, *, dir: str | Path | None = None) -> Path:
+    """The file of an artifact (``"classify.best"``) that a finished stage wrote.
+
+    >>> w = dlgraph.pipeline_artifact("graphs/pipelines/transfer.yaml", "classify.best")
+    ... # doctest: +SKIP
+    """
+    from dlgraph.engine.errors import DlgraphError, suggest
+    plan, pdir = _pipeline(path, dir)
+    stage, _, art = ref.partition(".")
+    if stage not in plan.outputs or art not in plan.outputs[stage]:
+        known = [f"{s}.{a}" for s in plan.order for a in plan.outputs[s]]
+        raise DlgraphError(f"no artifact '{ref}' in pipeline '{plan.pipeline.name}'",
+                           help=suggest(ref, known) or "artifacts: " + ", ".join(known))
+    entry = pdir.entry(stage)
+    if not entry or entry.get("state") != "done":
+        raise DlgraphError(f"stage '{stage}' has not finished in {pdir.root}",
+                           help="run the pipeline first (`dlgraph pipeline run`)")
+    return pdir.root / entry["artifacts"][art]["file"]
