@@ -22,7 +22,39 @@ from dlgraph.engine.errors import Source, SpecError
 
 
 class _Loader(yaml.SafeLoader):
-    """Safe YAML: plain data only, no Python tags."""
+    """Safe YAML: plain data only, no Python tags, and scalars read by the YAML 1.2 core
+    schema (as JSON and every other current YAML library read them): ``010`` is 10, not
+    octal 8; ``on``, ``off``, ``yes``, ``no`` are text, not booleans; ``1e3`` is a number;
+    ``1:20`` is text, not the sexagesimal 80."""
+
+
+def _core_schema(loader: type) -> None:
+    """Replace PyYAML's YAML 1.1 implicit types by the 1.2 core schema's."""
+    loader.yaml_implicit_resolvers = {
+        k: [(tag, rx) for tag, rx in v if tag not in (_BOOL, _INT, _FLOAT)]
+        for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+    for tag, rx, first in ((_BOOL, _CORE_BOOL, "tTfF"), (_INT, _CORE_INT, "-+0123456789"),
+                           (_FLOAT, _CORE_FLOAT, "-+0123456789.")):
+        loader.add_implicit_resolver(tag, rx, list(first))
+    loader.add_constructor(_INT, lambda self, node: _core_int(self.construct_scalar(node)))
+
+
+_BOOL, _INT, _FLOAT = ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:int",
+                       "tag:yaml.org,2002:float")
+_CORE_BOOL = re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$")
+_CORE_INT = re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$")
+_CORE_FLOAT = re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?"
+                         r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$")
+
+
+def _core_int(text: str) -> int:
+    """A core-schema int: decimal (leading zeros are decimal), 0o octal or 0x hex."""
+    if text.startswith(("0o", "0x")):
+        return int(text, 0)
+    return int(text, 10)
+
+
+_core_schema(_Loader)
 
 
 #: Caps that keep a hostile spec from taking the machine: bytes of a spec file, values built
@@ -100,9 +132,6 @@ def _check_chars(text: str, file: str) -> None:
                         help="specs are UTF-8 text; remove or retype this character")
 
 
-_OTHER_BYTES = bytes(b for b in range(256) if b not in b"[]{}")
-
-
 _DEEP_INDENT = re.compile(rf"^[ \t]{{{4 * MAX_SPEC_DEPTH},}}\S", re.M)
 
 
@@ -114,13 +143,15 @@ def _check_flow_depth(text: str, file: str) -> None:
         raise SpecError(f"the spec is nested more than {MAX_SPEC_DEPTH} levels deep",
                         source=Source(file, text.count("\n", 0, m.start()) + 1),
                         help="flatten the nesting")
-    brackets = np.frombuffer(text.encode("utf-8", "replace").translate(None, _OTHER_BYTES),
-                             np.uint8)
-    if len(brackets) > 2 * MAX_SPEC_DEPTH:
-        step = np.where((brackets == ord("[")) | (brackets == ord("{")), 1, -1)
-        if np.cumsum(step).max() > 2 * MAX_SPEC_DEPTH:
+    raw = np.frombuffer(text.encode("utf-8", "replace"), np.uint8)
+    at = np.flatnonzero(np.isin(raw, np.frombuffer(b"[]{}", np.uint8)))
+    if len(at) > 2 * MAX_SPEC_DEPTH:
+        step = np.where((raw[at] == ord("[")) | (raw[at] == ord("{")), 1, -1)
+        deep = np.flatnonzero(np.cumsum(step) > 2 * MAX_SPEC_DEPTH)
+        if len(deep):
+            line = int(np.count_nonzero(raw[:at[deep[0]]] == ord("\n"))) + 1
             raise SpecError(f"the spec is nested more than {MAX_SPEC_DEPTH} levels deep",
-                            source=Source(file), help="flatten the nesting")
+                            source=Source(file, line), help="flatten the nesting")
 
 
 _OPEN = (yaml.MappingStartEvent, yaml.SequenceStartEvent)
@@ -241,10 +272,9 @@ class _Walk:
         v = self.loader.construct_object(node, deep=True)
         if isinstance(v, str) and node.style is None and _NONFINITE.fullmatch(v):
             v = float("nan")  # JSON's NaN/Infinity: YAML reads a string, pydantic a float
-        elif isinstance(v, str) and node.style is None and _EXPONENT.fullmatch(v):
-            v = float(v)  # 1e12 is a number in YAML 1.2 and JSON; PyYAML reads a string
-            if "." not in node.value and v.is_integer():
-                v = int(v)    # written without a point, it is a count: hidden: 1e3
+        elif isinstance(v, float) and node.tag == _FLOAT and _EXPONENT.fullmatch(node.value) \
+                and "." not in node.value and v.is_integer():
+            v = int(v)    # written without a point, it is a count: hidden: 1e3
         if isinstance(v, float) and not math.isfinite(v):
             raise self.fail(node, f"{node.value} is not a number a spec can hold",
                             help="write a finite number")
