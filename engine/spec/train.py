@@ -21,6 +21,7 @@ from tinygrad.nn import optim
 
 from dlgraph.engine.io.data import DataSpec
 from dlgraph.engine.spec.base import Strict
+from dlgraph.engine.spec.optimizers import Adagrad, RMSprop
 
 # ------------------------------------------------------------------------- optimizers
 
@@ -103,6 +104,40 @@ class Lamb(AdamW):
 
     type: Literal["lamb"]  # type: ignore[assignment]
     weight_decay: float = Field(0.0, ge=0, description="weight decay")
+
+
+@optimizer(lambda ps, o: RMSprop(ps, lr=o.lr, alpha=o.alpha, eps=o.eps,
+                                  weight_decay=o.weight_decay, momentum=o.momentum,
+                                  centered=o.centered),
+           torch="RMSprop", torch_args=lambda o: dict(lr=o.lr, alpha=o.alpha, eps=o.eps,
+                                                      weight_decay=o.weight_decay,
+                                                      momentum=o.momentum, centered=o.centered))
+class Rmsprop(Strict):
+    """RMSprop: steps scaled by a moving average of squared gradients (PyTorch's RMSprop)."""
+
+    type: Literal["rmsprop"]
+    lr: float = Field(0.01, gt=0, description="learning rate")
+    alpha: float = Field(0.99, ge=0, lt=1, description="decay of the squared-gradient average")
+    eps: float = Field(1e-8, gt=0, description="denominator term")
+    weight_decay: float = Field(0.0, ge=0, description="L2 penalty")
+    momentum: float = Field(0.0, ge=0, lt=1, description="momentum factor")
+    centered: bool = Field(False, description="divide by the gradient's variance instead")
+
+
+@optimizer(lambda ps, o: Adagrad(ps, lr=o.lr, eps=o.eps, weight_decay=o.weight_decay,
+                                 initial_accumulator_value=o.initial_accumulator_value),
+           torch="Adagrad", torch_args=lambda o: dict(
+               lr=o.lr, eps=o.eps, weight_decay=o.weight_decay,
+               initial_accumulator_value=o.initial_accumulator_value))
+class AdagradSpec(Strict):
+    """Adagrad: steps scaled by the sum of all squared gradients so far (PyTorch's Adagrad)."""
+
+    type: Literal["adagrad"]
+    lr: float = Field(0.01, gt=0, description="learning rate")
+    eps: float = Field(1e-10, gt=0, description="denominator term")
+    weight_decay: float = Field(0.0, ge=0, description="L2 penalty")
+    initial_accumulator_value: float = Field(0.0, ge=0, description="where the sum of "
+                                             "squared gradients starts")
 
 
 OptimizerSpec = Annotated[Union[tuple(d.model for d in OPTIMIZERS.values())],  # noqa: UP007

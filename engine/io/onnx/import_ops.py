@@ -639,7 +639,7 @@ def flatten(imp, node):
     axis = attrs(node).get("axis", 1)
     if _fold(imp, node, lambda x: x.reshape(int(np.prod(x.shape[:axis])), -1)):
         return
-    if axis == 1:
+    if axis == 1 and (imp.rank(node.input[0]) or 0) >= 2:     # dlgraph's flatten keeps axis 0
         imp.bind(node.output[0], imp.add(hint(node, imp), "flatten", [imp.ref(node.input[0])],
                                          [origin(node)]))
         return

@@ -22,6 +22,7 @@ from dlgraph.engine.errors import DataError, DlgraphError, Source, SpecError
 from dlgraph.engine.io.onnx.fold_attention import fold_attention
 from dlgraph.engine.io.onnx.formats import require_onnx
 from dlgraph.engine.io.onnx.import_base import OPSET, Importer, Unsupported, valid_id
+from dlgraph.engine.io.onnx.import_checks import check_declared, check_float64, check_graph
 from dlgraph.engine.io.onnx.import_fold import FOLD_RULES
 from dlgraph.engine.io.onnx.import_ops import OPERATOR_RULES
 from dlgraph.engine.io.onnx.import_scan import SCAN_RULES, run_nodes
@@ -64,12 +65,17 @@ def prepare(path: Path):
         if not Path(path).is_file():
             raise DataError(f"no such ONNX file: {path}", source=Source(str(path))) from None
         raise DataError(f"not a readable ONNX model: {e}", source=Source(str(path))) from None
-    return prepare_model(model)
+    return prepare_model(model, path)
 
 
-def prepare_model(model):
-    """Convert a ModelProto to opset 21 and infer shapes; unknown input dims get names."""
+def prepare_model(model, path=None):
+    """Check what a ModelProto declares (sizes, float64 values; :mod:`.import_checks`),
+    convert it to opset 21 and infer shapes; unknown input dims get names."""
     from onnx import shape_inference, version_converter
+    where = path or f"ONNX model '{model.graph.name}'"
+    check_graph(model, where)
+    check_declared(model, where)
+    check_float64(model, where)
     have = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")),
                default=OPSET)
     # the rules read opsets 13 on as they are (axes as attributes or inputs); older models
@@ -91,7 +97,9 @@ def prepare_model(model):
         for i, d in enumerate(vi.type.tensor_type.shape.dim):
             if not d.HasField("dim_value") and not d.HasField("dim_param"):
                 d.dim_param = "batch" if i == 0 else f"{valid_id(vi.name)}_d{i}"
-    return shape_inference.infer_shapes(model, data_prop=True)
+    model = shape_inference.infer_shapes(model, data_prop=True)
+    check_declared(model, where)        # sizes shape inference derived (Expand, Tile, ...)
+    return model
 
 
 def to_spec(imp: Importer, name: str) -> dict:
@@ -134,7 +142,7 @@ def dump_spec(spec: dict, origins: dict[str, list[str]],
     lines = ["dlgraph: 1", f"name: {flow(spec['name'])}",
              "doc: >", textwrap.fill(" ".join(spec["doc"].split()) or "(none)", 90,
                                      initial_indent="  ", subsequent_indent="  "),
-             "", "inputs:"]
+             "", "inputs:" if spec["inputs"] else "inputs: {}"]
     lines += [f"  {k}: {flow(v)}" for k, v in spec["inputs"].items()]
     if spec.get("modules"):
         lines += ["", "modules:"]
@@ -171,10 +179,23 @@ def import_proto(model, name: str | None = None, base: Path | None = None):
 def import_model(path: Path, out_spec: Path, *, name: str | None = None):
     """See :func:`dlgraph.import_onnx`."""
     from dlgraph.engine.train.checkpoint import atomic_write, save_tensors
-    model = prepare(path)
-    text, weights, _, _ = import_proto(model, name or valid_id(model.graph.name or path.stem)
-                                       .replace("_", "-"), out_spec.parent)
+    text, weights = import_file(path, out_spec, name)
     wpath = out_spec.with_suffix(".safetensors")
     save_tensors(wpath, weights, {"source": str(path.name)})
     atomic_write(out_spec, text.encode())
     return out_spec, wpath
+
+
+def import_file(path: Path, out_spec: Path, name: str | None = None) -> tuple[str, dict]:
+    """The spec text and weights of an ONNX file; every error names the file (the spec
+    written from it is never a file a user has seen, so its lines mean nothing to them)."""
+    require_onnx("ONNX import")          # a missing package is not the file's fault
+    try:
+        model = prepare(path)
+        text, weights, _, _ = import_proto(model, name or valid_id(
+            model.graph.name or path.stem).replace("_", "-"), out_spec.parent)
+    except DlgraphError as e:
+        if e.source is None or e.source.file == "<string>":
+            e.source = Source(str(path))
+        raise
+    return text, weights
