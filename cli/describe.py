@@ -10,7 +10,7 @@ import click
 
 import dlgraph
 from dlgraph.api import schema_json
-from dlgraph.cli.options import DEVICE, SPEC, load_graph, options
+from dlgraph.cli.options import DEVICE, FORCE, SPEC, load_graph, options
 
 
 @click.command("validate")
@@ -53,6 +53,7 @@ RENDER_OPTIONS = options(
                  "draw (default: the first)"),
     click.option("--dtypes", is_flag=True, help="label edges with dtypes too"),
     click.option("--no-shapes", is_flag=True, help="no shapes on edges"),
+    FORCE,
 )
 
 
@@ -60,12 +61,13 @@ RENDER_OPTIONS = options(
 @SPEC
 @RENDER_OPTIONS
 def render(spec, output, expand, expand_all, backward, rankdir, depth, phase, dtypes,
-           no_shapes):
+           no_shapes, force):
     """Draw SPEC with graphviz."""
     g = load_graph(spec)
     dot = dlgraph.render(g, output, expand=True if expand_all else list(expand),
                          backward=(phase or True) if backward or phase else False,
-                         rankdir=rankdir, depth=depth, dtypes=dtypes, shapes=not no_shapes)
+                         rankdir=rankdir, depth=depth, dtypes=dtypes, shapes=not no_shapes,
+                         force=force)
     click.echo(dot if output is None else f"wrote {output}")
 
 

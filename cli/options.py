@@ -16,6 +16,9 @@ DEVICE = click.option("--device", metavar="NAME",
                            "tinygrad's choice, or $DEV)")
 WEIGHTS = click.option("--weights", type=click.Path(dir_okay=False, path_type=Path),
                        required=True, help="weights.safetensors (or best.safetensors) of a run")
+FORCE = click.option("--force", is_flag=True,
+                     help="replace the output file even if dlgraph did not write it (a file "
+                          "dlgraph wrote, unchanged since, is replaced without it)")
 
 
 def options(*decorators):

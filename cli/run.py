@@ -20,6 +20,8 @@ RUN_OPTIONS = options(
                  help="size of named dims for random inputs"),
     click.option("--output", type=click.Path(dir_okay=False, path_type=Path),
                  help="write the outputs to this .npz"),
+    click.option("--force", is_flag=True, help="replace --output even if dlgraph did not "
+                                               "write it"),
     click.option("--weights", type=click.Path(dir_okay=False, path_type=Path),
                  help="run inference with trained weights (weights.safetensors of a run)"),
     click.option("--out", type=click.Path(file_okay=False, path_type=Path),
@@ -82,12 +84,15 @@ def _train(g, *, out, resume, epochs, steps, quiet, debug, init_from, no_cache, 
         sys.exit(1)
 
 
-def _forward(g, *, inputs, batch, output, weights, seed, no_cache, device, **_) -> None:
+def _forward(g, *, inputs, batch, output, weights, seed, no_cache, device, force,
+             **_) -> None:
     """Run forward once on --input arrays (or a random batch); print each output's shape
     and statistics, and write them to --output."""
     if g.spec.train is not None and weights is None:
         click.echo("warning: running with untrained (freshly initialised) weights; pass "
                    "--weights RUN/weights.safetensors for a trained model", err=True)
+    if output:
+        dlgraph.api.check_output(output, force=force)     # before the work, not after
     arrays = _read_inputs(inputs) if inputs else None
     outs = dlgraph.run_forward(g, arrays, weights=weights, batch=batch, seed=seed,
                                device=device, cache=not no_cache, where="--input")
@@ -96,7 +101,7 @@ def _forward(g, *, inputs, batch, output, weights, seed, no_cache, device, **_) 
                  if a.size and a.dtype.kind == "f" else "")
         click.echo(f"{name}: {list(a.shape)} {a.dtype}  {stats}".rstrip())
     if output:
-        save_arrays(output, outs)
+        save_arrays(output, outs, force=force)
         click.echo(f"wrote {output}")
 
 

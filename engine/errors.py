@@ -95,3 +95,8 @@ class DeviceError(DlgraphError):
 
 class TrainingError(DlgraphError):
     """Training diverged (NaN/Inf) or cannot go on; checkpoint problems."""
+
+
+class OutputError(DlgraphError):
+    """A file cannot be written: it is the user's (dlgraph never replaces it unasked), or
+    the disk refuses it (full, read-only, no permission, a folder gone)."""

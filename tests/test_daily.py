@@ -399,13 +399,19 @@ def test_predict_writes_nothing_on_error(classifier, tmp_path):
     out.write_text("old\n")
     bad = tmp_path / "bad.npy"
     np.save(bad, np.array([[0.1, 0.2], [np.nan, 0.0]], np.float32))
+    # p.csv is not dlgraph's: refused before anything runs; with --force the data's errors
+    # still leave it as it was
     r = CliRunner().invoke(main, ["predict", str(p), "--weights", str(w), "--data", str(bad),
                                   "-o", str(out)])
+    assert r.exit_code == 1 and f"error: {out}: the file is already there and dlgraph did " \
+        "not write it\n  help: name a new file, or pass --force to replace it" in r.output
+    r = CliRunner().invoke(main, ["predict", str(p), "--weights", str(w), "--data", str(bad),
+                                  "-o", str(out), "--force"])
     assert r.exit_code == 1 and f"error: {bad}: row 1 of 'x' holds nan" in r.output
     wrong = tmp_path / "wrong.npy"
     np.save(wrong, np.zeros((4, 5), np.float32))
     r = CliRunner().invoke(main, ["predict", str(p), "--weights", str(w), "--data",
-                                  str(wrong), "-o", str(out)])
+                                  str(wrong), "-o", str(out), "--force"])
     assert r.exit_code == 1 and "input 'x' has shape [4, 5]" in r.output, r.output
     assert out.read_text() == "old\n" and sorted(f.name for f in tmp_path.iterdir()) == \
         ["bad.npy", "p.csv", "wrong.npy"]

@@ -29,6 +29,7 @@ import json
 import os
 import platform
 import secrets
+import stat
 import sys
 from functools import lru_cache
 from pathlib import Path
@@ -121,28 +122,48 @@ class ProgramCache:
             self.warn(f"could not write to the program cache {self.root}: {e.strerror}")
 
     def entries(self) -> list[Path]:
-        return sorted(self.root.glob("*.prog")) if self.root.is_dir() else []
+        """The entries kept: regular files named like one. A link or a folder of that name
+        is not one of ours (the cache writes files only), so it is neither counted nor
+        removed; an entry another process removes meanwhile is simply gone."""
+        return [p for p, _ in self._sized()]
+
+    def _sized(self) -> list[tuple[Path, os.stat_result]]:
+        if not self.root.is_dir():
+            return []
+        found = []
+        for p in sorted(self.root.glob("*.prog")):
+            try:
+                st = p.lstat()
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode):
+                found.append((p, st))
+        return found
 
     def usage(self) -> tuple[int, int]:
         """(entries, bytes) kept."""
-        found = self.entries()
-        return len(found), sum(p.stat().st_size for p in found)
+        found = self._sized()
+        return len(found), sum(st.st_size for _, st in found)
 
     def clear(self) -> tuple[int, int]:
         """Remove every entry (the key stays); returns (entries, bytes) removed."""
-        kept = self.usage()
-        for p in self.entries():
-            p.unlink(missing_ok=True)
-        return kept
+        removed, size = 0, 0
+        for p, st in self._sized():
+            try:
+                p.unlink()
+            except OSError:
+                continue
+            removed, size = removed + 1, size + st.st_size
+        return removed, size
 
     def _sign(self, payload: bytes) -> bytes:
         return hmac.new(self.secret, payload, hashlib.sha256).digest()
 
     def _prune(self) -> None:
-        entries = sorted(self.root.glob("*.prog"), key=lambda p: p.stat().st_mtime, reverse=True)
+        entries = sorted(self._sized(), key=lambda e: e[1].st_mtime, reverse=True)
         total = 0
-        for p in entries:
-            total += p.stat().st_size
+        for p, st in entries:
+            total += st.st_size
             if total > MAX_BYTES:
                 p.unlink(missing_ok=True)
 

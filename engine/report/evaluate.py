@@ -30,8 +30,9 @@ from dlgraph.engine.errors import DataError, Source, SpecError
 from dlgraph.engine.graph.ir import Graph
 from dlgraph.engine.io.data import SOURCES, load_data, parse_data_spec, scaling
 from dlgraph.engine.io.data.files import Csv, Npy
+from dlgraph.engine.io.outputs import write_output
 from dlgraph.engine.spec.train import METRICS
-from dlgraph.engine.train.checkpoint import atomic_write, load_weights
+from dlgraph.engine.train.checkpoint import load_weights
 from dlgraph.engine.train.prepare import data_arrays, split_data
 
 FILE_SUFFIXES = (".csv", ".npy", ".npz")
@@ -292,8 +293,9 @@ def regression_report(pred: np.ndarray, target: np.ndarray) -> dict[str, float]:
             "r2": float(r2.mean())}
 
 
-def confusion_picture(ev: Evaluation, path: str | Path) -> Path:
-    """Draw the confusion matrix (counts in the cells up to 30 classes) to ``path``."""
+def confusion_picture(ev: Evaluation, path: str | Path, force: bool = False) -> Path:
+    """Draw the confusion matrix (counts in the cells up to 30 classes) to ``path`` (a file
+    there is replaced only if dlgraph wrote it, or with ``force``)."""
     if ev.task != "classification":
         raise DataError("-o draws a confusion matrix, and this model is not a classifier",
                         help="a classifier has an accuracy metric or a cross_entropy loss")
@@ -320,8 +322,7 @@ def confusion_picture(ev: Evaluation, path: str | Path) -> Path:
     buf = io.BytesIO()
     fig.savefig(buf, format=path.suffix.lower().lstrip("."), bbox_inches="tight", dpi=120)
     plt.close(fig)
-    atomic_write(path, buf.getvalue())
-    return path
+    return write_output(path, buf.getvalue(), force=force)
 
 
 __all__ = ["Evaluation", "classification_report", "confusion_picture", "evaluate",

@@ -10,12 +10,14 @@ validation values (``loss`` and ``val_loss``) on the same axes, against ``step``
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from dlgraph.engine.errors import DataError, Source
+from dlgraph.engine.io.outputs import check_output, write_output
 
 SKIP = {"epoch", "step", "kind", "seconds", "time", "elapsed", "timestamp", "wall"}
 HELP = "each line of metrics.jsonl is one JSON object, as `dlgraph run` writes it when training"
@@ -138,8 +140,9 @@ def family(key: str) -> str:
     return "loss" if key.startswith("loss_") else key
 
 
-def plot_runs(run_dirs: list[Path], out: Path) -> Path:
+def plot_runs(run_dirs: list[Path], out: Path, force: bool = False) -> Path:
     """Draw the curves of runs into one PNG (or any format matplotlib writes); returns ``out``.
+    A file already at ``out`` is replaced only if dlgraph wrote it, or with ``force``.
 
     >>> plot_runs([Path("runs/mlp-spirals/20250101-120000")], Path("curves.png"))  # doctest: +SKIP
     PosixPath('curves.png')
@@ -150,6 +153,7 @@ def plot_runs(run_dirs: list[Path], out: Path) -> Path:
 
     if not run_dirs:
         raise DataError("no run to plot", help="name one or more run directories")
+    check_output(out, force=force)
     series, xkey = load_series([Path(d) for d in run_dirs])
     fams = list(dict.fromkeys(family(s.key) for s in series))
     runs = list(dict.fromkeys(s.run for s in series))
@@ -167,15 +171,14 @@ def plot_runs(run_dirs: list[Path], out: Path) -> Path:
         title = runs[0] if len(runs) == 1 else f"{len(runs)} runs"
         fig.suptitle(title, fontsize=11, x=0.01, ha="left")
         fig.tight_layout()
-        out = Path(out)
+        out, buf = Path(out), io.BytesIO()
         try:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            fig.savefig(out, dpi=120)
-        except (OSError, ValueError) as e:
+            fig.savefig(buf, dpi=120, format=out.suffix.lstrip(".").lower() or "png")
+        except ValueError as e:
             raise DataError(f"cannot write the plot: {e}", source=Source(str(out))) from None
         finally:
             plt.close(fig)
-    return out
+    return write_output(out, buf.getvalue(), force=force)
 
 
 def _draw_family(ax, fam: str, series: list[Series], runs: list[str], keys: list[str],
@@ -217,7 +220,7 @@ def plot_run(run_dir: str | Path) -> Path:
     """Draw one run's curves into ``run_dir/curves.png``; returns that path."""
     run_dir = Path(run_dir)
     folder = run_dir.parent if run_dir.suffix == ".jsonl" else run_dir
-    return plot_runs([run_dir], folder / "curves.png")
+    return plot_runs([run_dir], folder / "curves.png", force=True)   # the run's own file
 
 
 __all__ = ["plot_runs", "plot_run", "read_metrics", "load_series", "family"]

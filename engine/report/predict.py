@@ -7,9 +7,10 @@ cross-entropy loss) also gets its class probabilities (softmax) and the argmax::
     pred.csv:  logits_class,logits_p0,logits_p1,logits_p2      (one row per sample)
     pred.npz:  logits [N, 3], logits_prob [N, 3], logits_class [N]
 
-The file is written in one piece (:func:`~.checkpoint.atomic_write`) after every batch has
-run, so an error leaves no half-written file behind. The rows are read raw; a run's
-``standardize.json`` (beside its weights) standardises them as training did.
+The file is written in one piece (engine/io/outputs.py) after every batch has run, so an
+error leaves no half-written file behind; a file already there is replaced only if dlgraph
+wrote it (or with ``force``), which is checked before anything runs. The rows are read
+raw; a run's ``standardize.json`` (beside its weights) standardises them as training did.
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ from dlgraph.engine.errors import DataError, Source
 from dlgraph.engine.graph.ir import Graph
 from dlgraph.engine.io.data import scaling
 from dlgraph.engine.io.data.ids import check_feeds
+from dlgraph.engine.io.outputs import check_output, write_output
 from dlgraph.engine.report.evaluate import read_file, run_batches, task_of
-from dlgraph.engine.train.checkpoint import atomic_write, load_weights
+from dlgraph.engine.train.checkpoint import load_weights
 
 OUT_SUFFIXES = (".csv", ".npz")
 
@@ -66,7 +68,7 @@ def _inputs_for(graph: Graph, arrays: dict[str, np.ndarray], path: Path) -> dict
 
 
 def predict(graph: Graph, weights: str | Path, data: str | Path, out: str | Path, *,
-            batch: int | None = None, quiet: bool = False) -> Prediction:
+            batch: int | None = None, quiet: bool = False, force: bool = False) -> Prediction:
     """Run ``graph`` with trained ``weights`` over the rows of ``data`` (.csv, .npy, .npz)
     and write its outputs to ``out`` (.csv or .npz); see the module docstring.
 
@@ -78,6 +80,7 @@ def predict(graph: Graph, weights: str | Path, data: str | Path, out: str | Path
         raise DataError(f"cannot write {out.name}: predictions are written as .csv or .npz",
                         source=Source(str(out)), help="name the output file pred.csv or "
                                                       "pred.npz")
+    check_output(out, force=force)
     params = load_weights(graph, weights)
     stats = scaling.stats_for(graph, weights)   # the training split's mean and std
     fed = scaling.apply(_inputs_for(graph, read_file(graph, data, targets=False), data), stats)
@@ -97,7 +100,7 @@ def predict(graph: Graph, weights: str | Path, data: str | Path, out: str | Path
             p = np.exp(z)
             arrays[f"{name}_prob"] = (p / p.sum(-1, keepdims=True)).astype(np.float32)
             arrays[f"{name}_class"] = a.argmax(-1).astype(np.int32)
-    atomic_write(out, _csv(arrays, out) if out.suffix == ".csv" else _npz(arrays))
+    write_output(out, _csv(arrays, out) if out.suffix == ".csv" else _npz(arrays), force=force)
     return Prediction(out, n, arrays)
 
 

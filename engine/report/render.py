@@ -13,6 +13,7 @@ from pathlib import Path
 
 from dlgraph.engine.errors import DlgraphError
 from dlgraph.engine.graph.ir import Graph
+from dlgraph.engine.io.outputs import check_output, write_output
 from dlgraph.engine.report.render_dot import Drawing
 from dlgraph.engine.report.render_fold import what_to_draw
 
@@ -22,7 +23,7 @@ RANKDIRS = ("TB", "LR", "BT", "RL")
 
 def render(graph: Graph, path: str | Path | None = None, *, expand: bool | list[str] = False,
            backward: bool | str = False, rankdir: str = "TB", depth: int | None = None,
-           shapes: bool = True, dtypes: bool = False) -> str:
+           shapes: bool = True, dtypes: bool = False, force: bool = False) -> str:
     """The DOT text of a graph; also written to ``path`` when given (.dot, .gv, .svg, .png, .pdf).
 
     ``expand`` opens composites as clusters: ``True`` for all, or a list of spec node ids;
@@ -30,7 +31,8 @@ def render(graph: Graph, path: str | Path | None = None, *, expand: bool | list[
     the training graph: each forward box gets a ``∇`` box, parameter gradients flow into
     the optimizer; with ``train.phases`` the first phase is drawn, or the phase named by
     ``backward="<phase name>"``. Edges carry shapes (``batch×64``); dtypes show when
-    ``dtypes`` is set, and always for non-float tensors.
+    ``dtypes`` is set, and always for non-float tensors. A file already at ``path`` is
+    replaced only if dlgraph wrote it, or with ``force`` (engine/io/outputs.py).
 
     >>> import dlgraph                                                   # doctest: +SKIP
     >>> dot = render(dlgraph.load("graphs/mlp.yaml"), "mlp.svg", backward=True)  # doctest: +SKIP
@@ -43,12 +45,14 @@ def render(graph: Graph, path: str | Path | None = None, *, expand: bool | list[
     if depth is not None and depth < 0:
         raise DlgraphError(f"depth must be 0 or more, got {depth}")
     suffix = _check_path(path) if path is not None else None
+    if path is not None:
+        check_output(path, force=force)
     g, objectives, optimizer = what_to_draw(graph, backward)
     drawing = Drawing(g, expand=expand, backward=bool(backward), depth=depth, shapes=shapes,
                       dtypes=dtypes, objectives=objectives, optimizer=optimizer)
     text = drawing.dot(rankdir)
     if path is not None:
-        _write(drawing, rankdir, text, Path(path), suffix)
+        _write(drawing, rankdir, text, Path(path), suffix, force)
     return text
 
 
@@ -63,7 +67,8 @@ def _check_path(path) -> str:
     return suffix
 
 
-def _write(drawing: Drawing, rankdir: str, text: str, path: Path, suffix: str) -> None:
+def _write(drawing: Drawing, rankdir: str, text: str, path: Path, suffix: str,
+           force: bool) -> None:
     if suffix in (".dot", ".gv"):
         data = text.encode()
     else:
@@ -79,11 +84,7 @@ def _write(drawing: Drawing, rankdir: str, text: str, path: Path, suffix: str) -
             raise DlgraphError(f"cannot write {path}: graphviz's `dot` program is not installed",
                                help="install graphviz (apt-get install graphviz), or write .dot"
                                ) from None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
-    except OSError as e:
-        raise DlgraphError(f"cannot write {path}: {e.strerror or e}") from None
+    write_output(path, data, force=force)
 
 
 __all__ = ["render", "FORMATS"]

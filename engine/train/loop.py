@@ -27,10 +27,11 @@ from tinygrad import Tensor
 
 from dlgraph.engine.compile.interpret import init_params, input_dims
 from dlgraph.engine.compile.tinygrad_door import read
-from dlgraph.engine.errors import TrainingError
+from dlgraph.engine.errors import OutputError, Source, TrainingError
 from dlgraph.engine.graph.autodiff import phase_graphs
 from dlgraph.engine.graph.ir import Graph
 from dlgraph.engine.io.data import batches
+from dlgraph.engine.io.outputs import check_output
 from dlgraph.engine.report.summary import summarize
 from dlgraph.engine.spec.checks import check_fits
 from dlgraph.engine.spec.train import SCHEDULES
@@ -46,9 +47,11 @@ from dlgraph.engine.train.progress import count, fmt, goal, header, loss_key, pr
 from dlgraph.engine.train.rundir import (
     CHECKPOINT,
     METRICS,
+    REPLACED,
     WEIGHTS,
     Files,
     RunFiles,
+    claim_run_dir,
     draw_curves,
     run_dir_path,
     start_run_dir,
@@ -138,6 +141,8 @@ class Run:
     lr_scale: dict[str, float] = field(default_factory=dict)   # phase -> factor (plateau)
     best: dict | None = None              # what best.safetensors holds (BestCheckpoint)
     weights_meta: dict = field(default_factory=dict)   # more metadata for weights.safetensors
+    saved: str | None = None              # the last checkpoint written: "epoch 2, step 148"
+    stopped: str | None = None            # why the run stopped before its epochs ran out
 
     def out_of_steps(self) -> bool:
         return bool(self.max_steps and self.steps_done >= self.max_steps)
@@ -169,16 +174,61 @@ def train(graph: Graph, *, out=None, resume: bool = False, device: str | None = 
     check_fits(graph, spec.batch)           # before a parameter is allocated
     train_arrays, val_arrays, note, stats = split_data(graph, spec, data)
     run_dir = run_dir_path(graph, out)
-    resumed = read_checkpoint(run_dir / CHECKPOINT, param_shapes(graph)) if resume else None
-    run = new_run(graph, graphs, step, train_arrays, val_arrays, run_dir=run_dir,
-                  files=RunFiles(run_dir), epochs=epochs, steps=steps, echo=echo, quiet=quiet,
-                  debug=debug, t_start=t_start, init_from=init_from or spec.init_from,
-                  resumed=resumed)
-    if resume:
-        echo(f"resuming {run.run_dir} at epoch {run.start_epoch + 1}, step {run.steps_done}")
-    start_run_dir(run_dir, graph, run.history, stats, len(train_arrays[run.names[0]]))
-    echo(header(run, len(next(iter(val_arrays.values()))) if val_arrays else 0, note))
-    return fit(run)
+    check_board_dir(spec)
+    lock = claim_run_dir(run_dir, resume)        # held until the run ends
+    try:
+        ckpt = (run_dir / CHECKPOINT).is_file()
+        resumed = read_checkpoint(run_dir / CHECKPOINT, param_shapes(graph)) \
+            if resume and ckpt else None
+        run = new_run(graph, graphs, step, train_arrays, val_arrays, run_dir=run_dir,
+                      files=RunFiles(run_dir), epochs=epochs, steps=steps, echo=echo,
+                      quiet=quiet, debug=debug, t_start=t_start,
+                      init_from=init_from or spec.init_from, resumed=resumed)
+        if resumed is not None:
+            refuse_finished(run, resumed[1], epochs or steps)
+        moved = start_run_dir(run_dir, graph, run.history, stats,
+                              len(train_arrays[run.names[0]]))
+        if resume:
+            echo(resume_line(run, resumed is not None, moved))
+        echo(header(run, len(next(iter(val_arrays.values()))) if val_arrays else 0, note))
+        return fit(run)
+    finally:
+        lock.release()
+
+
+def resume_line(run: Run, resumed: bool, moved: int) -> str:
+    """What ``--resume`` does: where the run goes on, and the rows of steps it takes again."""
+    if not resumed:
+        return f"{run.run_dir} has no checkpoint yet: starting the run from its first step"
+    again = (f"; {count(moved, 'metric row')} after the checkpoint moved to {REPLACED} "
+             "(those steps run again)") if moved else ""
+    return f"resuming {run.run_dir} at epoch {run.start_epoch + 1}, step {run.steps_done}{again}"
+
+
+def refuse_finished(run: Run, meta: dict, more: int | None) -> None:
+    """A resumed run with nothing left to do (its epochs or steps all taken, or stopped by its
+    target or early stopping and no more asked) is an error that says so."""
+    done = run.start_epoch >= run.epochs or run.out_of_steps()
+    if not (done or (meta.get("stopped") and not more)):
+        return
+    why = f"; it stopped: {meta['stopped']}" if meta.get("stopped") else ""
+    raise TrainingError(f"the run is finished: {run.start_epoch} of "
+                        f"{count(run.epochs, 'epoch')}, {count(run.steps_done, 'step')}{why}; "
+                        "nothing to resume", source=Source(str(run.run_dir)),
+                        help="pass a higher --epochs (or --steps) to train it further, or "
+                             "start a new run with another --out")
+
+
+def check_board_dir(spec) -> None:
+    """`--tensorboard DIR` (``log: {tensorboard: DIR}``) must be a folder dlgraph may write."""
+    where = spec.log.tensorboard if spec.log is not None else False
+    if isinstance(where, str | Path) and where:
+        folder = Path(where)
+        if (folder.exists() or folder.is_symlink()) and not folder.is_dir():
+            raise OutputError("cannot write TensorBoard files there: it is a file, not a "
+                              "folder", source=Source(str(folder)),
+                              help="give --tensorboard a folder (new, or one of event files)")
+        check_output(folder / "events.out.tfevents")
 
 
 def param_shapes(graph: Graph) -> dict[str, tuple[int, ...]]:
@@ -229,7 +279,15 @@ def new_run(graph: Graph, graphs: dict, step: Step, train_arrays: dict, val_arra
 def fit(run: Run) -> TrainResult:
     """The loop (see the module docstring) over a run set up by :func:`new_run`; then the
     last checkpoint, the callbacks' last word and the weights. Callbacks that write files of
-    their own run where the step leads."""
+    their own run where the step leads. A file the disk refuses (full, read-only, gone) ends
+    the run with an error that says how to go on from the last complete checkpoint."""
+    try:
+        return fit_epochs(run)
+    except OutputError as e:
+        raise resumable(run, e) from None
+
+
+def fit_epochs(run: Run) -> TrainResult:
     callbacks = [cb for cb in make_callbacks(run.spec, run.spec.all_phases())
                  if run.step.lead or not cb.lead_only]
     for cb in callbacks:
@@ -242,10 +300,25 @@ def fit(run: Run) -> TrainResult:
             for cb in callbacks:
                 cb.on_epoch_end(run, epoch, last)
             if stop or run.stop:
+                run.stopped = f"its target {run.goal} was met" if met else \
+                    "early stopping" if run.stop else None
                 break
     finally:
         run.files.close()
     return finish(run, epoch, last, met, callbacks)
+
+
+def resumable(run: Run, e: OutputError) -> OutputError:
+    """``e`` (a file the disk refused) with what to do next: fix the disk, then ``--resume``
+    from the last complete checkpoint, which the atomic writes kept whole."""
+    if not run.run_dir.is_dir():
+        e.help = "keep the run directory while a run writes it; its files went with it, " \
+                 "so start the run again"
+    elif getattr(e, "fix", None):
+        where = (f"it goes on from the last complete checkpoint ({run.saved})" if run.saved
+                 else "no checkpoint was written yet, so it starts over")
+        e.help = f"{e.fix}, then run again with --resume --out {run.run_dir}: {where}"
+    return e
 
 
 def run_epoch(run: Run, epoch: int) -> dict[str, float]:
@@ -338,11 +411,14 @@ def end_of_epoch(run: Run, epoch: int, last: dict[str, float], met):
 
 
 def save_checkpoint(run: Run, epoch: int) -> None:
-    """checkpoint.safetensors: the state to resume from after ``epoch`` (0-based)."""
+    """checkpoint.safetensors: the state to resume from after ``epoch`` (0-based); it says
+    why the run stopped early, if it did (a resumed run then has nothing left to do)."""
     if run.files.writes:
+        stopped = {"stopped": run.stopped} if run.stopped else {}
         run.files.save_tensors(CHECKPOINT, checkpoint_arrays(run.params, run.runners),
                                {"epoch": epoch + 1, "step": run.steps_done,
-                                "history": run.history})
+                                "history": run.history, **stopped})
+    run.saved = f"epoch {epoch + 1}, step {run.steps_done}"
 
 
 def finish(run: Run, epoch: int, last: dict[str, float], met, callbacks=()) -> TrainResult:

@@ -3,8 +3,10 @@ so far, the standardisation statistics) and ends (the curves), and the files a r
 writes in it by name while it trains::
 
     runs/<name>/<timestamp>/  spec.yaml  metrics.jsonl  checkpoint.safetensors
-                              weights.safetensors  best.safetensors  curves.png
+                              weights.safetensors  best.safetensors  curves.png  .dlgraph-run
 
+A run writes only into a new folder or one marked as dlgraph's (``.dlgraph-run``), which
+it locks while it writes (:func:`claim_run_dir`); the disk's refusals are located errors.
 The loop and the callbacks reach the files through a :class:`Files` (``run.files``), so that
 the same loop writes them here (:class:`RunFiles`) or, on a Ray Train worker, through the
 driver, which owns the directory (engine/train/parallel.py).
@@ -12,7 +14,9 @@ driver, which owns the directory (engine/train/parallel.py).
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import re
 import time
 from pathlib import Path
@@ -20,9 +24,10 @@ from typing import TextIO
 
 import yaml
 
-from dlgraph.engine.errors import TrainingError
+from dlgraph.engine.errors import OutputError, Source, TrainingError
 from dlgraph.engine.graph.ir import Graph
 from dlgraph.engine.io.data import scaling
+from dlgraph.engine.io.outputs import disk_error
 from dlgraph.engine.train.checkpoint import (
     atomic_write,
     load_tensors,
@@ -34,6 +39,8 @@ METRICS = "metrics.jsonl"
 CHECKPOINT = "checkpoint.safetensors"
 WEIGHTS = "weights.safetensors"
 BEST = "best.safetensors"
+REPLACED = "metrics.replaced.jsonl"   # rows of steps a resumed run took again
+MARK = ".dlgraph-run"                 # marks a dlgraph run directory; its lock (RunLock)
 
 
 def run_dir_path(graph: Graph, out: str | Path | None) -> Path:
@@ -42,7 +49,7 @@ def run_dir_path(graph: Graph, out: str | Path | None) -> Path:
     if out is not None:
         out = Path(out)
         for parent in (out, *out.parents):
-            if parent.exists() and not parent.is_dir():
+            if (parent.exists() or parent.is_symlink()) and not parent.is_dir():
                 raise TrainingError(f"cannot make the run directory {out}: {parent} is a file",
                                     help="pass --out a folder path")
         return out
@@ -56,18 +63,123 @@ def run_dir_path(graph: Graph, out: str | Path | None) -> Path:
     return d
 
 
+def new_run_dir(run_dir: Path) -> Path:
+    """Make ``run_dir`` (new or empty) and mark it as dlgraph's, for files written before the
+    run starts in it (a sweep's trial.json)."""
+    claim_run_dir(run_dir, resume=False).release()
+    return run_dir
+
+
+def claim_run_dir(run_dir: Path, resume: bool) -> RunLock:
+    """Take ``run_dir`` for a run, by the rule of what dlgraph writes (engine/io/outputs.py):
+    a new or empty folder, or one marked as dlgraph's (``--resume`` continues the run it
+    holds); never a folder of someone else's files. Returns its lock, held while the run
+    writes (a second run into it is refused with the first one's pid)."""
+    run_dir = Path(run_dir)
+    has_run = (run_dir / CHECKPOINT).is_file()
+    marked = (run_dir / MARK).is_file()
+    if resume and not has_run and not marked:
+        raise TrainingError(f"nothing to resume: {run_dir / CHECKPOINT} does not exist",
+                            help="give --out the run directory of an earlier run")
+    if run_dir.is_dir() and not marked and not has_run:
+        theirs = sorted(p.name for p in run_dir.iterdir())
+        if theirs:
+            shown = ", ".join(theirs[:5]) + (f" and {len(theirs) - 5} more"
+                                             if len(theirs) > 5 else "")
+            raise OutputError(f"the run directory holds files dlgraph did not write: {shown}",
+                              source=Source(str(run_dir)),
+                              help="give --out a new or empty folder (dlgraph never "
+                                   "replaces files it did not write)")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise disk_error(run_dir, e, "make the run directory") from None
+    lock = RunLock(run_dir)
+    if has_run and not resume:
+        lock.release()
+        raise TrainingError("the folder already holds a dlgraph run",
+                            source=Source(str(run_dir)),
+                            help="pass --resume to continue it, or give --out a new folder")
+    return lock
+
+
+class RunLock:
+    """The lock of a run directory: its mark file (``.dlgraph-run``, which also says the
+    folder is dlgraph's) locked with flock while a run writes there, holding that run's pid.
+    The system drops the lock when the process ends, however it ends (SIGKILL too)."""
+
+    def __init__(self, run_dir: Path):
+        path = run_dir / MARK
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise disk_error(run_dir, e, "write in the run directory") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            pid = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise TrainingError(f"another dlgraph run (pid {pid}) is writing this run "
+                                "directory", source=Source(str(run_dir)),
+                                help="wait until it ends, or give this run another --out "
+                                     "folder") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self.fd: int | None = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def __del__(self):
+        self.release()
+
+
 def start_run_dir(run_dir: Path, graph: Graph, history: list[dict], stats=None,
-                  n_train: int = 0) -> None:
-    """The run directory with the spec, the metric rows so far (none, or a resumed run's epoch
-    rows) and the standardisation statistics of the ``n_train`` training samples, if any
-    (evaluate and predict apply them to raw data)."""
-    run_dir.mkdir(parents=True, exist_ok=True)
+                  n_train: int = 0) -> int:
+    """The run directory with the spec, the metric rows so far and the standardisation
+    statistics of the ``n_train`` training samples, if any (evaluate and predict apply them
+    to raw data). A resumed run (``history``: its checkpoint's epoch rows) keeps every row
+    of metrics.jsonl up to its checkpoint; the rows after it, of steps whose weights were
+    lost and that the run takes again, move to metrics.replaced.jsonl, so each step is in
+    metrics.jsonl once and nothing is lost. Returns how many rows moved."""
+    at = (history[-1]["step"], history[-1]["epoch"]) if history else (0, 0)
+    kept, moved = _split_rows(run_dir / METRICS, at)
+    if not kept and history:               # metrics.jsonl gone: the checkpoint's epoch rows
+        kept = [json.dumps(h) + "\n" for h in history]
     atomic_write(run_dir / "spec.yaml", yaml.safe_dump(
         graph.spec.model_dump(mode="json", by_alias=True, exclude_none=True),
-        sort_keys=False).encode())
-    atomic_write(run_dir / METRICS, "".join(json.dumps(h) + "\n" for h in history).encode())
+        sort_keys=False).encode(), parents=False)
+    if moved:
+        old = (run_dir / REPLACED).read_bytes() if (run_dir / REPLACED).is_file() else b""
+        atomic_write(run_dir / REPLACED, old + "".join(moved).encode(), parents=False)
+    atomic_write(run_dir / METRICS, "".join(kept).encode(), parents=False)
     if stats:
-        atomic_write(run_dir / scaling.STATS_FILE, scaling.to_json(stats, n_train))
+        atomic_write(run_dir / scaling.STATS_FILE, scaling.to_json(stats, n_train),
+                     parents=False)
+    return len(moved)
+
+
+def _split_rows(path: Path, at: tuple[int, int]) -> tuple[list[str], list[str]]:
+    """metrics.jsonl's lines split into those up to (step, epoch) ``at`` and those after; a
+    line cut short by a killed process is dropped (its step is taken again)."""
+    try:
+        lines = path.read_text().splitlines(keepends=True)
+    except (OSError, UnicodeDecodeError):
+        return [], []
+    kept, moved = [], []
+    for line in lines:
+        try:
+            row = json.loads(line)
+            step, epoch = int(row.get("step", 0)), int(row.get("epoch", 0))
+        except (ValueError, TypeError, AttributeError):
+            continue
+        if not line.endswith("\n"):
+            continue
+        late = step > at[0] or (row.get("kind") == "epoch" and epoch > at[1])
+        (moved if late else kept).append(line)
+    return kept, moved
 
 
 def draw_curves(run_dir: Path, echo) -> None:
@@ -133,7 +245,7 @@ class RunFiles(Files):
         self._open: dict[str, TextIO] = {}
 
     def write(self, name: str, data: bytes) -> None:
-        atomic_write(self.path / name, data)
+        atomic_write(self.path / name, data, parents=False)   # a vanished folder is an error
 
     def read(self, name: str, start: int = 0) -> bytes | None:
         f = self.path / name
@@ -144,18 +256,32 @@ class RunFiles(Files):
             return fh.read()
 
     def append(self, name: str, text: str) -> None:
-        if name not in self._open:
-            self._open[name] = open(self.path / name, "a")  # noqa: SIM115 (closed by close)
-        self._open[name].write(text)
+        try:
+            if name not in self._open:
+                self._open[name] = open(self.path / name, "a")  # noqa: SIM115 (see close)
+            self._open[name].write(text)
+        except OSError as e:
+            raise disk_error(self.path / name, e) from None
 
     def flush(self) -> None:
-        for f in self._open.values():
-            f.flush()
+        for name, f in self._open.items():
+            try:
+                f.flush()
+            except OSError as e:
+                raise disk_error(self.path / name, e) from None
+        if self._open and not self.path.is_dir():   # appends to a removed folder succeed
+            raise OutputError("the run directory vanished while the run wrote it",
+                              source=Source(str(self.path)),
+                              help="keep the run directory while a run writes it; its "
+                                   "files went with it, so start the run again")
 
     def close(self) -> None:
-        for f in self._open.values():
-            f.close()
-        self._open.clear()
+        open_files, self._open = self._open, {}
+        for name, f in open_files.items():
+            try:
+                f.close()
+            except OSError as e:
+                raise disk_error(self.path / name, e) from None
 
     def size(self, name: str) -> int:
         f = self.path / name

@@ -15,14 +15,15 @@ from pathlib import Path
 from dlgraph.engine.io.onnx.formats import FORMATS, export
 
 
-def import_onnx(path, out_spec, *, name: str | None = None):
+def import_onnx(path, out_spec, *, name: str | None = None, force: bool = False):
     """Turn an ONNX model into a spec YAML ``out_spec`` and its weights beside it
     (``<out_spec stem>.safetensors``); returns the two paths.
 
-    Unsupported operators are listed in one error and nothing is written.
+    Unsupported operators are listed in one error and nothing is written; files already
+    there are replaced only if dlgraph wrote them, or with ``force``.
     """
     from dlgraph.engine.io.onnx.importer import import_model
-    return import_model(Path(path), Path(out_spec), name=name)
+    return import_model(Path(path), Path(out_spec), name=name, force=force)
 
 
 __all__ = ["FORMATS", "export", "import_onnx"]

@@ -27,9 +27,9 @@ def require_onnx(what: str = "ONNX export"):
 
 
 def _write_onnx(graph: Graph, params: dict[str, np.ndarray], path: Path, *,
-                opset: int | None = None) -> None:
+                opset: int | None = None, force: bool = False) -> None:
     from dlgraph.engine.io.onnx.export import OPSET, OPSETS, to_onnx
-    from dlgraph.engine.train.checkpoint import atomic_write
+    from dlgraph.engine.io.outputs import write_output
     onnx = require_onnx()
     opset = OPSET if opset is None else opset
     if opset not in OPSETS:
@@ -39,7 +39,7 @@ def _write_onnx(graph: Graph, params: dict[str, np.ndarray], path: Path, *,
     model = to_onnx(graph, params, opset=opset)
     onnx.checker.check_model(model, full_check=True)
     onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
-    atomic_write(path, model.SerializeToString())
+    write_output(path, model.SerializeToString(), force=force)
 
 
 @dataclass(frozen=True)
@@ -83,8 +83,11 @@ def graph_params(graph: Graph, weights=None, seed: int = 0) -> dict[str, np.ndar
 
 def export(graph: Graph, path, *, weights=None, format: str | None = None, seed: int = 0,
            **options) -> Path:
-    """Write ``graph`` (with its weights) to ``path`` in a format of :data:`FORMATS`."""
+    """Write ``graph`` (with its weights) to ``path`` in a format of :data:`FORMATS`; a file
+    already there is replaced only if dlgraph wrote it, or with ``force=True``."""
+    from dlgraph.engine.io.outputs import check_output
     path = Path(path)
     fmt = pick_format(path, format)
+    check_output(path, force=options.get("force", False))
     fmt.write(graph, graph_params(graph, weights, seed), path, **options)
     return path
