@@ -176,13 +176,18 @@ def import_proto(model, name: str | None = None, base: Path | None = None):
     return text, imp.weights, g, imp
 
 
-def import_model(path: Path, out_spec: Path, *, name: str | None = None):
-    """See :func:`dlgraph.import_onnx`."""
-    from dlgraph.engine.train.checkpoint import atomic_write, save_tensors
-    text, weights = import_file(path, out_spec, name)
+def import_model(path: Path, out_spec: Path, *, name: str | None = None,
+                 force: bool = False):
+    """See :func:`dlgraph.import_onnx`. Both files are checked before the import starts
+    (engine/io/outputs.py: a file is replaced only if dlgraph wrote it, or with ``force``)."""
+    from dlgraph.engine.io.outputs import check_output, write_output
+    from dlgraph.engine.train.checkpoint import tensors_bytes
     wpath = out_spec.with_suffix(".safetensors")
-    save_tensors(wpath, weights, {"source": str(path.name)})
-    atomic_write(out_spec, text.encode())
+    for p in (out_spec, wpath):
+        check_output(p, force=force)
+    text, weights = import_file(path, out_spec, name)
+    write_output(wpath, tensors_bytes(weights, {"source": str(path.name)}), force=force)
+    write_output(out_spec, text.encode(), force=force)
     return out_spec, wpath
 
 
