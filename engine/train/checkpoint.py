@@ -17,12 +17,12 @@ import os
 from pathlib import Path
 
 import numpy as np
-from safetensors import SafetensorError
-from safetensors.numpy import load, load_file, save
+from safetensors.numpy import save
 
 from dlgraph.engine.compile.tinygrad_door import read
 from dlgraph.engine.errors import DataError, Source, TrainingError
 from dlgraph.engine.graph.ir import Graph
+from dlgraph.engine.io.data.declared import metadata_json, read_safetensors, read_safetensors_file
 from dlgraph.engine.io.outputs import atomic_write  # noqa: F401 (here for its users)
 
 
@@ -38,14 +38,9 @@ def tensors_bytes(tensors: dict[str, np.ndarray], meta: dict | None = None) -> b
 
 
 def tensors_from_bytes(data: bytes, where: str) -> tuple[dict[str, np.ndarray], dict]:
-    """The arrays and metadata of a safetensors file's bytes (``where`` names it in errors)."""
-    try:
-        arrays = load(data)
-        n = int.from_bytes(data[:8], "little")
-        header = json.loads(data[8:8 + n])
-    except (SafetensorError, ValueError, MemoryError) as e:
-        raise DataError(f"not a readable safetensors file: {e}", source=Source(where),
-                        help="the file may be truncated; use another checkpoint") from None
+    """The arrays and metadata of a safetensors file's bytes (``where`` names it in errors);
+    every declared size is checked before anything is allocated (io/data/declared.py)."""
+    arrays, header = read_safetensors(data, where)
     return arrays, _dlgraph_meta(header, where)
 
 
@@ -55,28 +50,17 @@ def load_tensors(path: Path) -> tuple[dict[str, np.ndarray], dict]:
     if not path.is_file():
         raise DataError(f"no such weights file: {path}", source=Source(str(path)),
                         help="give the weights.safetensors or checkpoint.safetensors of a run")
-    try:
-        arrays = load_file(str(path))
-        with open(path, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(n))
-    except (SafetensorError, ValueError, OSError, MemoryError) as e:
-        raise DataError(f"not a readable safetensors file: {e}", source=Source(str(path)),
-                        help="the file may be truncated; use another checkpoint") from None
+    arrays, header = read_safetensors_file(path)
     return arrays, _dlgraph_meta(header, str(path))
 
 
 def _dlgraph_meta(header, where: str) -> dict:
     """The dlgraph metadata of a safetensors header (a dict), or a located DataError."""
-    try:
-        meta = json.loads((header.get("__metadata__") or {}).get("dlgraph", "{}"))
-        if not isinstance(meta, dict):
-            raise ValueError
-    except (ValueError, TypeError, AttributeError):
+    meta = metadata_json(header, "dlgraph", where)
+    if not isinstance(meta, dict | None):
         raise DataError("the file's dlgraph metadata is damaged", source=Source(where),
-                        help="use another checkpoint, or the weights.safetensors of the run") \
-            from None
-    return meta
+                        help="use another checkpoint, or the weights.safetensors of the run")
+    return meta or {}
 
 
 def read_checkpoint(path: Path, shapes: dict[str, tuple[int, ...]]) -> tuple[dict, dict]:

@@ -22,7 +22,6 @@ import gzip
 import math
 import pickle
 import struct
-import zipfile
 import zlib
 from pathlib import Path
 from typing import Literal
@@ -45,6 +44,7 @@ from dlgraph.engine.io.data.base import (
     standard_dtype,
     standardize_field,
 )
+from dlgraph.engine.io.data.declared import DAMAGED, npz_member, read_npy_file
 
 
 def _did_you_mean(name: str, options: list[str], otherwise: str) -> str:
@@ -162,13 +162,7 @@ class Npy(DataSource):
 
     def load(self, base_dir: Path, rng: np.random.Generator) -> Arrays:
         path = resolve(base_dir, self.path)
-        _check_npy_sizes(path)
-        try:
-            loaded = np.load(path, allow_pickle=False)
-        except (ValueError, OSError, EOFError) as e:
-            raise fail(path, "not a NumPy .npy or .npz file, or it holds Python objects "
-                             f"({e})", help="save arrays of numbers with np.save / np.savez") \
-                from None
+        loaded = read_npy_file(path)       # every header's declared size checked first
         if isinstance(loaded, np.ndarray):
             if self.keys is not None:
                 raise fail(path, "keys applies to .npz archives; this is a single .npy array",
@@ -183,7 +177,8 @@ class Npy(DataSource):
                         raise fail(path, f"no array '{name}' in the archive; it holds: "
                                          f"{', '.join(sorted(found))}",
                                    help=_did_you_mean(name, found, "use one of those names"))
-                arrays = {out: loaded[name] for out, name in wanted.items()}
+                arrays = {out: npz_member(loaded, name, path)
+                          for out, name in wanted.items()}
         out = {}
         for name, a in arrays.items():
             try:
@@ -192,36 +187,6 @@ class Npy(DataSource):
                 raise fail(path, f"array '{name}': {e.message}", help=e.help) from None
         check_lengths(out, str(path))
         return out
-
-
-_DAMAGED = "its header declares more data than can be loaded: a damaged or hostile file"
-
-
-def _check_npy_sizes(path: Path) -> None:
-    """Refuse a .npy whose header, or a .npz whose members, declare more than can be loaded
-    (a zip member can inflate far beyond its compressed size)."""
-    check_regular(path)
-    if zipfile.is_zipfile(path):
-        try:
-            with zipfile.ZipFile(path) as z:
-                declared = sum(i.file_size for i in z.infolist())
-        except (zipfile.BadZipFile, OSError, ValueError):
-            raise fail(path, "the .npz archive is damaged", help="save it again") from None
-        check_budget("the arrays of this archive", declared, path, _DAMAGED)
-        return
-    with open(path, "rb") as f:
-        try:
-            version = np.lib.format.read_magic(f)
-            read = {(1, 0): np.lib.format.read_array_header_1_0,
-                    (2, 0): np.lib.format.read_array_header_2_0}.get(version)
-            if read is None:
-                return
-            shape, _, dtype = read(f)
-        except (ValueError, OSError, EOFError, SyntaxError, TypeError):
-            return  # np.load says what is wrong with it
-    if dtype.itemsize:
-        check_budget(f"the array of shape {list(shape)}", math.prod(shape) * dtype.itemsize,
-                     path, _DAMAGED)
 
 
 # ------------------------------------------------------------------ MNIST IDX
@@ -266,7 +231,7 @@ def _read_idx(path: Path, ndim: int, what: str) -> np.ndarray:
             header, dtype = len(raw), np.dtype(_IDX_TYPES[raw[2]])
             dims = struct.unpack(f">{ndim}I", raw[4:]) if len(raw) == 4 + 4 * ndim else ()
             size = header + math.prod(dims) * dtype.itemsize if dims else header
-            check_budget(f"the IDX {what}s of shape {list(dims)}", size, path, _DAMAGED)
+            check_budget(f"the IDX {what}s of shape {list(dims)}", size, path, DAMAGED)
             raw += f.read(size - header + 1) if dims else f.read(1)
     except (OSError, EOFError, zlib.error):
         raise fail(path, "the gzip data is damaged or cut short",
