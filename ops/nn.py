@@ -249,13 +249,14 @@ register("embedding", doc="int ids -> learned vectors (a row of weight per id)",
 def _dropout_mask(c, a, x):
     if not c.training or a.p == 0:
         return Tensor.ones(*x.shape).shard_like(x)
-    return ((Tensor.rand(*x.shape) >= a.p).float() / (1 - a.p)).shard_like(x)
+    p = c.value("p", a.p)
+    return ((Tensor.rand(*x.shape) >= p).float() / (1 - p)).shard_like(x)
 
 
 _p_field = (float, Field(0.5, ge=0, lt=1, description="probability of dropping a value"))
 register("dropout_mask", doc="a random keep-mask scaled by 1/(1-p) in training; ones in eval",
          family=FAMILY, inputs="x", attrs_model=attrs("dropout_mask", p=_p_field),
-         infer=same, forward=_dropout_mask, vjp=NO_GRAD,
+         infer=same, forward=_dropout_mask, vjp=NO_GRAD, runtime=("p",),
          reference=lambda a, xs, c: np.ones_like(xs[0]) if not c.training or a.p == 0 else None,
          examples=[E([F((3, 4))], {"p": 0.3})])
 register("dropout", doc="zero values with probability p while training", family=FAMILY, inputs="x",

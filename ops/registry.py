@@ -44,6 +44,8 @@ class OpDef:
     reference: Callable | None = None  # (attrs, xs, ctx) -> numpy float64 array (None: random)
     examples: tuple[Example, ...] = ()       # forward tests, held against `reference`
     grad_examples: tuple[Example, ...] = ()  # gradient tests (differentiable ops)
+    runtime: tuple[str, ...] = ()    # float attrs read from a buffer (ctx.value): new values
+                                     # reuse compiled programs; zero vs not still shapes them
 
     @property
     def composite(self) -> bool:

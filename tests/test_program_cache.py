@@ -176,12 +176,12 @@ def test_a_signed_entry_naming_other_code_is_never_run(tmp_path, cache_dir):
     assert not any(s.startswith("loaded ") for s in again[2])
 
 
-def test_a_changed_spec_never_reuses_another_specs_program(tmp_path, cache_dir):
+def test_a_changed_computation_never_reuses_another_specs_program(tmp_path, cache_dir):
     spec = _spec(tmp_path)
     _train(spec, tmp_path / "r1", epochs=1)
     n = len(list(cache_dir.glob("*.prog")))
-    for i, change in enumerate([("out: 16", "out: 12"), ("lr: 0.02", "lr: 0.03"),
-                                ("p: 0.2", "p: 0.3"), ("batch: 32", "batch: 16")]):
+    for i, change in enumerate([("out: 16", "out: 12"), ("p: 0.2", "p: 0.0"),
+                                ("batch: 32", "batch: 16"), ("lr: 0.02", "lr: 0.02, b1: 0")]):
         other = _spec(tmp_path, SPEC.replace(*change), f"other{i}.yaml")
         res = _train(other, tmp_path / f"o{i}", epochs=1)
         assert not any(s.startswith("loaded ") for s in res[2]), change
@@ -189,6 +189,32 @@ def test_a_changed_spec_never_reuses_another_specs_program(tmp_path, cache_dir):
         _same(fresh, res)
         assert len(list(cache_dir.glob("*.prog"))) > n, change
         n = len(list(cache_dir.glob("*.prog")))
+
+
+RUNTIME_EDITS = [("lr: 0.02", "lr: 0.05"), ("p: 0.2", "p: 0.35"),
+                 ("lr: 0.02", "lr: 0.02, b1: 0.8, b2: 0.99, eps: 0.001"),
+                 ("  objective: loss", "  objective: loss\n  clip: 0.5")]
+
+
+@pytest.mark.parametrize("edit", RUNTIME_EDITS, ids=["lr", "dropout-p", "betas", "clip"])
+def test_a_changed_runtime_value_reuses_the_program_and_computes_with_the_new_value(
+        tmp_path, cache_dir, edit):
+    """Learning rate, dropout probability, Adam's betas and eps, the clip norm: read from
+    buffers by the compiled step, so an edit loads every stage from the cache, and the run
+    is the one a fresh compile of the edited spec makes, bit for bit."""
+    base = SPEC.replace("  objective: loss", "  objective: loss\n  clip: 2.0") \
+        if "clip" in edit[1] else SPEC
+    _train(_spec(tmp_path, base), tmp_path / "r0", epochs=1)
+    other = _spec(tmp_path, base.replace(*edit) if "clip" not in edit[1]
+                  else base.replace("clip: 2.0", "clip: 0.5"), "edited.yaml")
+    res = _train(other, tmp_path / "r1", epochs=1)
+    assert any(s.startswith("loaded ") for s in res[2]), res[2]
+    assert not any(s.startswith("compiling") for s in res[2]), res[2]
+    fresh = _train(other, tmp_path / "f1", epochs=1, cache=False)
+    _same(fresh, res)
+    before = _train(_spec(tmp_path, base, "base2.yaml"), tmp_path / "r2", epochs=1,
+                    cache=False)
+    assert any((before[1][k] != res[1][k]).any() for k in res[1])   # the new value counted
 
 
 def test_no_cache_flag_and_off_switch(tmp_path, cache_dir, monkeypatch):
@@ -362,7 +388,7 @@ def _kernel_line(text):
 
 
 def test_specs_that_share_layers_share_their_kernels_across_processes(tmp_path, cache_dir):
-    """An edited learning rate, then a different output layer: a new program each time
+    """Renamed nodes, then a different output layer: a new program each time
     (the program cache misses), its kernels loaded wherever the computation is the same;
     the numbers exactly those of a fresh compile."""
     spec = _spec(tmp_path)
@@ -370,9 +396,11 @@ def test_specs_that_share_layers_share_their_kernels_across_processes(tmp_path, 
     assert first[0] == 0 and first[1] > 0
     kept = len(list((cache_dir / "kernels").glob("*.prog")))
     assert kept >= first[1]
-    lr = _spec(tmp_path, SPEC.replace("lr: 0.02", "lr: 0.05"), "lr.yaml")
+    # renamed nodes: another program (the program cache misses), the same computation
+    lr = _spec(tmp_path, SPEC.replace("  h:", "  hidden:").replace("in: h}", "in: hidden}")
+               .replace("lr: 0.02", "lr: 0.05"), "lr.yaml")
     loaded, made = _kernel_line(_in_new_process(lr, tmp_path / "r1", cache_dir, "--steps", "3"))
-    assert (loaded, made) == (first[1], 0)        # every kernel shared: lr is a runtime value
+    assert (loaded, made) == (first[1], 0)        # every kernel shared
     fresh = _in_new_process(lr, tmp_path / "f1", tmp_path / "empty", "--steps", "3")
     assert _kernel_line(fresh)[0] == 0
     for name in ("weights.safetensors", "checkpoint.safetensors"):

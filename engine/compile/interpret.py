@@ -29,6 +29,14 @@ class Ctx:
     updates: list[Tensor] = field(default_factory=list)  # state assignments to realise
 
     evaluators: dict[int, Interpreter] = field(default_factory=dict)
+    # runtime attribute values (see OpDef.runtime): (id(graph), node, attr) -> a [1] buffer
+    knobs: dict[tuple, Tensor] = field(default_factory=dict)
+    node: tuple = ()                                     # (id(graph), node id) being run
+
+    def value(self, attr: str, default: float):
+        """An attribute the op reads at run time (``OpDef.runtime``): the program's buffer
+        holding it, so that a new value reuses the compiled kernels; else the number."""
+        return self.knobs.get((*self.node, attr), default)
 
     def run_body(self, body: Graph, env: dict[str, Tensor]) -> list[Tensor]:
         """A body sub-graph's outputs from values for its inputs: what the forward rule of a
@@ -98,6 +106,7 @@ class Interpreter:
             if nid in env:
                 continue
             n = g.nodes[nid]
+            ctx.node = (id(g), nid)
             out = self.rules[nid](ctx, n.attrs, *(env[i] for i in n.inputs))
             env[nid] = out.contiguous() if n.cut else out
         return env

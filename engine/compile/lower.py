@@ -14,6 +14,7 @@ from tinygrad import Context, Tensor, Variable
 from dlgraph.engine.compile import tinygrad_door as door
 from dlgraph.engine.compile.cache import (
     ProgramCache,
+    canon,
     digest,
     kernel_cache,
     tuned_key,
@@ -23,6 +24,7 @@ from dlgraph.engine.compile.interpret import Ctx, Interpreter, input_array
 from dlgraph.engine.compile.lengths import Lengths
 from dlgraph.engine.graph.ir import Graph
 from dlgraph.engine.types import dim_parts, dim_value
+from dlgraph.ops import OPS
 from dlgraph.ops.common import resolve
 from dlgraph.ops.control import loop_types
 
@@ -72,6 +74,31 @@ one segment 16.7 s, 500 nodes 10.9 s, 250 nodes 9.7 s, 125 nodes 12.2 s; with 25
 steady step was unchanged (22.5 -> 17.6 ms, within noise)."""
 
 
+def knobs(graph: Graph) -> dict[tuple, Tensor]:
+    """A realised [1] buffer for each runtime attribute (``OpDef.runtime``) of the graph's
+    nodes that is not zero (zero changes what is computed): the kernels read it, so a spec
+    edited only there loads its compiled program from the cache with the new value."""
+    out = {}
+    for nid, n in graph.nodes.items():
+        for attr in _runtime(n.op):
+            if v := getattr(n.attrs, attr):
+                out[(id(graph), nid, attr)] = Tensor([float(v)]).realize()
+    return out
+
+
+def _runtime(op: str) -> tuple[str, ...]:
+    return OPS[op].runtime if op in OPS else ()       # inputs and parameters have no rule
+
+
+def blind(graph: Graph):
+    """The graph as the program key sees it: runtime attributes only as zero or not."""
+    c = canon(graph)
+    for row in c["nodes"]:
+        for attr in _runtime(row[1]):
+            row[2][1][attr] = bool(row[2][1][attr])
+    return c
+
+
 class Program:
     """Stages run in order over an environment of realised values (see :func:`lower`)."""
 
@@ -115,6 +142,7 @@ class Program:
         self.tuned: dict | None = None      # how `dlgraph tune` searched this spec's kernels
         self._slots: dict[tuple, Tensor] = {}   # (input, shape) -> the buffer it is copied into
         self.lock = threading.RLock()
+        self.knobs = knobs(graph)
         Tensor.rand(1).realize()   # the RNG state must exist before a capture (fresh noise)
 
     def use_cache(self, cache: ProgramCache, state: dict[str, Tensor], tag) -> None:
@@ -129,7 +157,8 @@ class Program:
         may have replaced some since lowering), the rest of the state and tinygrad's random
         generator."""
         rng = door.rng_state()
-        return {**{f"param.{k}": t for k, t in self.params.items()}, **self.state, **rng}
+        return {**{f"param.{k}": t for k, t in self.params.items()}, **self.state, **rng,
+                **{f"knob.{k[1]}.{k[2]}": t for k, t in self.knobs.items()}}
 
     def cached(self, stage, dims: dict[str, int]):
         """The stage's compiled TinyJits from the cache, or None (then :meth:`keep` them)."""
@@ -164,7 +193,7 @@ class Program:
 
     def _stage_key(self, stage, dims: dict[str, int]) -> str:
         if self._key is None:
-            self._key = digest(self.graph, self.targets, self.training, self.tag,
+            self._key = digest(blind(self.graph), self.targets, self.training, self.tag,
                                [(k, str(t.device)) for k, t in sorted(self._live().items())],
                                [st.finish is not None for st in self.stages])
         return digest(self._key, self.stages.index(stage), type(stage).__name__, stage.made,
@@ -256,7 +285,7 @@ class Segment:
         def step(*args):
             syms, xs = dict(zip(seq, args[:len(seq)], strict=True)), args[len(seq):]
             xs, into = xs[:len(names)], dict(zip(held, xs[len(names):], strict=True))
-            ctx = Ctx(training=prog.training, dims={**dims, **syms})
+            ctx = Ctx(training=prog.training, dims={**dims, **syms}, knobs=prog.knobs)
             env = {}
             for r, x in zip(names, xs, strict=True):
                 t = g[r].type
@@ -448,7 +477,7 @@ class LoopStage:
         ns, nst, n_out = a.n_seq, a.n_state, a.n_out
 
         def step(t, *xs):
-            ctx = Ctx(training=self.prog.training, dims=dims)
+            ctx = Ctx(training=self.prog.training, dims=dims, knobs=self.prog.knobs)
             n_c = len(names) - ns - nst
             seqs, consts, bufs = xs[:ns], xs[ns:ns + n_c], xs[ns + n_c:]
             feed = {n: x[:, t] for n, x in zip(names[:ns], seqs, strict=True)}

@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal, Union
 
 import numpy as np
 from pydantic import Field, model_validator
+from tinygrad import Tensor
 from tinygrad.nn import optim
 
 from dlgraph.engine.io.data import DataSpec
@@ -31,23 +32,36 @@ class OptimizerDef:
     """An optimizer: its spec model (``type: Literal[name]`` and its hyperparameters), how
     to make the tinygrad optimizer from the parameters and that model, and its PyTorch
     counterpart for the tests: a ``torch.optim`` class name and its keyword arguments from
-    the model (None: PyTorch has none)."""
+    the model (None: PyTorch has none). ``runtime`` maps hyperparameters to the optimizer's
+    attributes that may hold a [1] tensor instead of a number: the compiled update then reads
+    them (like the learning rate, always a tensor), so a spec that changes only them reuses
+    its compiled program; a zero stays a number (it changes what is computed)."""
 
     name: str
     model: type[Strict]
     make: Callable[[list, Any], optim.Optimizer]
     torch: str | None = None
     torch_args: Callable[[Any], dict] | None = None
+    runtime: tuple[tuple[str, str], ...] = ()
 
     def __call__(self, params: list, spec) -> optim.Optimizer:
-        return self.make(params, spec)
+        opt = self.make(params, spec)
+        for field, attr in self.runtime:
+            if v := getattr(spec, field):
+                setattr(opt, attr, Tensor([float(v)], device=opt.device).realize())
+        return opt
+
+    def key(self, spec) -> dict:
+        """What of ``spec`` shapes the compiled update: runtime values only as zero or not."""
+        runtime = {"lr", *(f for f, _ in self.runtime)}
+        return {k: (bool(v) if k in runtime else v) for k, v in spec.model_dump().items()}
 
 
 OPTIMIZERS: dict[str, OptimizerDef] = {}
 
 
 def optimizer(make: Callable[[list, Any], optim.Optimizer], torch: str | None = None,
-              torch_args: Callable[[Any], dict] | None = None):
+              torch_args: Callable[[Any], dict] | None = None, runtime=()):
     """Class decorator: enter a spec model into :data:`OPTIMIZERS` with its factory (and
     its PyTorch counterpart, ``torch.optim.<torch>(params, **torch_args(model))``)."""
     if (torch is None) != (torch_args is None):
@@ -55,7 +69,7 @@ def optimizer(make: Callable[[list, Any], optim.Optimizer], torch: str | None = 
 
     def enter(model: type[Strict]) -> type[Strict]:
         name, = typing.get_args(model.model_fields["type"].annotation)
-        OPTIMIZERS[name] = OptimizerDef(name, model, make, torch, torch_args)
+        OPTIMIZERS[name] = OptimizerDef(name, model, make, torch, torch_args, tuple(runtime))
         return model
     return enter
 
@@ -74,8 +88,12 @@ class Sgd(Strict):
     weight_decay: float = Field(0.0, ge=0, description="L2 penalty")
 
 
+_ADAM = (("b1", "b1"), ("b2", "b2"), ("eps", "eps"))   # tinygrad's LAMB reads them as numbers
+
+
 @optimizer(lambda ps, o: optim.Adam(ps, lr=o.lr, b1=o.b1, b2=o.b2, eps=o.eps),
-           torch="Adam", torch_args=lambda o: dict(lr=o.lr, betas=(o.b1, o.b2), eps=o.eps))
+           torch="Adam", torch_args=lambda o: dict(lr=o.lr, betas=(o.b1, o.b2), eps=o.eps),
+           runtime=_ADAM)
 class Adam(Strict):
     """Adam (tinygrad.nn.optim.Adam)."""
 
@@ -89,7 +107,8 @@ class Adam(Strict):
 @optimizer(lambda ps, o: optim.AdamW(ps, lr=o.lr, b1=o.b1, b2=o.b2, eps=o.eps,
                                      weight_decay=o.weight_decay),
            torch="AdamW", torch_args=lambda o: dict(lr=o.lr, betas=(o.b1, o.b2), eps=o.eps,
-                                                    weight_decay=o.weight_decay))
+                                                    weight_decay=o.weight_decay),
+           runtime=_ADAM + (("weight_decay", "wd"),))
 class AdamW(Adam):
     """Adam with decoupled weight decay (tinygrad.nn.optim.AdamW)."""
 
@@ -98,7 +117,8 @@ class AdamW(Adam):
 
 
 @optimizer(lambda ps, o: optim.LAMB(ps, lr=o.lr, b1=o.b1, b2=o.b2, eps=o.eps,
-                                    weight_decay=o.weight_decay))
+                                    weight_decay=o.weight_decay),
+           runtime=_ADAM + (("weight_decay", "wd"),))
 class Lamb(AdamW):
     """LAMB: layer-wise adaptive Adam (tinygrad.nn.optim.LAMB)."""
 

@@ -42,12 +42,12 @@ from dlgraph.engine.types import NUMPY_DTYPES
 # ------------------------------------------------------------------------- phase steps
 
 
-def optimizer_step(phase, opt, tensors: list[Tensor], grads) -> list[Tensor]:
-    """The update of ``tensors`` by ``grads`` (clipped to the global norm ``phase.clip``),
-    lazy: the tensors to realise."""
+def optimizer_step(phase, opt, tensors: list[Tensor], grads, clip=None) -> list[Tensor]:
+    """The update of ``tensors`` by ``grads`` (clipped to the global norm ``phase.clip``,
+    read from the buffer ``clip`` where given), lazy: the tensors to realise."""
     if phase.clip:
         norm = Tensor.stack(*[(g * g).sum() for g in grads]).sum().sqrt()
-        scale = (phase.clip / (norm + 1e-6)).minimum(1.0)
+        scale = ((phase.clip if clip is None else clip) / (norm + 1e-6)).minimum(1.0)
         grads = [g * scale for g in grads]
     for t, g in zip(tensors, grads, strict=True):
         t.grad = g
@@ -79,15 +79,20 @@ class PhaseStep:
         self.dims: dict[str, int] = {}
         # the optimizer's zero-filled state is realised now so that it is not captured
         state = {k: v for k, v in get_state_dict(self.opt).items() if not k.startswith("params.")}
+        # the clip norm is read from a buffer too: a new value reuses the compiled step
+        self.clip = Tensor([float(phase.clip)], device=self.opt.device) if phase.clip else None
+        if self.clip is not None:
+            state["clip"] = self.clip
         Tensor.realize(*state.values())
+        kind = OPTIMIZERS[phase.optimizer.type]
         self.program = lower(self.graph, [self.graph.objective]
                              + [self.graph.grads[n] for n in self.names], params=params,
                              training=True, finish=self._update, cache=cache, state=state,
-                             tag=[phase.optimizer, phase.clip, self.names])
+                             tag=[kind.key(phase.optimizer), bool(phase.clip), self.names])
 
     def _update(self, loss: Tensor, *grads: Tensor) -> list[Tensor]:
         """The optimizer step, inside the last compiled stage."""
-        return [loss, *optimizer_step(self.phase, self.opt, self.tensors, grads)]
+        return [loss, *optimizer_step(self.phase, self.opt, self.tensors, grads, self.clip)]
 
     def __call__(self, inputs: list[Tensor], lr: float | None) -> Tensor:
         set_lr(self.opt, lr)
