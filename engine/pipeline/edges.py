@@ -51,8 +51,9 @@ def check_init_from(plan, sd, producer: str) -> None:
         if tuple(theirs[other].shape) != tuple(p.shape):
             raise sd.error(ShapeError, f"init_from: parameter '{other}' is "
                            f"{_shape(theirs[other].shape)} in stage '{producer}' "
-                           f"({plan.specs[producer].file}), '{name}' is {_shape(p.shape)} "
-                           f"in {plan.specs[sd.name].file}", "init_from",
+                           f"({plan.specs[producer].file}) but '{name}' is "
+                           f"{_shape(p.shape)} here ({plan.specs[sd.name].file})",
+                           "init_from",
                            help="make the two layers the same size, or leave the parameter "
                                 "out with `params:` (or map it with `rename:`)")
         found += 1

@@ -10,6 +10,7 @@ checked with the producing stage's spec, the one the artifact is made from.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -70,7 +71,7 @@ class Plan:
 
     def path(self, value: str) -> Path:
         """A file named in the pipeline file, from the pipeline file's folder."""
-        return self.pipeline.folder / value
+        return Path(os.path.normpath(self.pipeline.folder / value))
 
 
 def plan_pipeline(path: str | Path) -> Plan:

@@ -1,0 +1,297 @@
+"""Pipelines (`dlgraph pipeline`): stages skipped when up to date and re-run when what they
+read changed, resumed after an interrupt, stopped behind a failure, refused before anything
+runs when the graphs on two sides of an edge disagree, the same in parallel as in series,
+drawn the same every time. Stages train tests/specs/good/tiny_mlp.yaml for one epoch."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import dlgraph
+from dlgraph.cli.main import main
+from dlgraph.engine.pipeline import stages
+from dlgraph.engine.pipeline.state import file_hash
+
+ROOT = Path(__file__).resolve().parent.parent
+BAD = ROOT / "tests/specs/bad/pipelines"
+BAD_FILES = sorted(p for p in BAD.glob("*.yaml") if p.name != "head3.yaml")
+TINY = (ROOT / "tests/specs/good/tiny_mlp.yaml").read_text().replace("epochs: 4", "epochs: 1")
+
+
+def write(folder: Path, name: str, text: str) -> Path:
+    (folder / name).write_text(text)
+    return folder / name
+
+
+def run(pipe: Path, out: Path, **kw):
+    said: list[str] = []
+    res = dlgraph.run_pipeline(pipe, dir=out, echo=said.append, **kw)
+    return {r.stage: r.state for r in res.rows}, res, said
+
+
+def states(pipe: Path, out: Path) -> dict[str, str]:
+    return {s: st.text() for s, st in dlgraph.pipeline_status(pipe, dir=out).items()}
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    write(tmp_path, "a.yaml", TINY)
+    write(tmp_path, "b.yaml", TINY.replace("lr: 0.5", "lr: 0.3"))
+    shutil.copy(BAD / "rows.npz", tmp_path / "rows.npz")
+    return tmp_path
+
+
+# ------------------------------------------------------------------- up to date and stale
+
+
+def test_a_second_run_does_no_work_and_artifacts_read_from_python(tiny):
+    pipe = write(tiny, "p.yaml", """\
+dlgraph: 1
+pipeline: p
+stages:
+  fit:    {train: a.yaml}
+  score:  {evaluate: a.yaml, weights: fit.best}
+  onnx:   {export: a.yaml, weights: fit.best}
+  draw:   {sample: a.yaml, weights: fit.best, count: 5}
+""")
+    got, res, _ = run(pipe, tiny / "out")
+    assert got == {"fit": "done", "score": "done", "onnx": "done", "draw": "done"}
+    files = sorted((tiny / "out" / "stages").rglob("*"))
+    stamps = {p: p.stat().st_mtime_ns for p in files}
+    again, res2, said = run(pipe, tiny / "out")
+    assert set(again.values()) == {"up to date"}
+    assert said[:4] == [f"[{s}] up to date" for s in ("fit", "score", "onnx", "draw")]
+    assert {p: p.stat().st_mtime_ns for p in sorted((tiny / "out" / "stages").rglob("*"))} \
+        == stamps                                      # nothing rewritten
+    # the artifacts, read from Python, are what the commands make of the same weights
+    weights = res2.artifact("fit.best")
+    assert weights == dlgraph.pipeline_artifact(pipe, "fit.best", dir=tiny / "out")
+    g = dlgraph.load(tiny / "a.yaml")
+    scored = json.loads(res2.artifact("score.metrics").read_text())
+    direct = dlgraph.evaluate(g, weights)
+    assert scored["metrics"] == pytest.approx(direct.metrics, rel=1e-6)
+    import onnxruntime as ort
+    x = np.random.default_rng(1).standard_normal((7, 2)).astype(np.float32)
+    sess = ort.InferenceSession(str(res2.artifact("onnx.onnx")))
+    ours = dlgraph.compile(g, weights=weights)(x=x)["logits"]
+    np.testing.assert_allclose(sess.run(None, {"x": x})[0], ours, rtol=1e-4, atol=1e-5)
+    with np.load(res2.artifact("draw.samples")) as s:
+        assert s["logits"].shape == (5, 2)
+
+
+def test_editing_one_spec_reruns_it_and_its_dependents_only(tiny):
+    pipe = write(tiny, "p.yaml", """\
+dlgraph: 1
+pipeline: p
+stages:
+  one:       {train: a.yaml}
+  two:       {train: b.yaml}
+  score_two: {evaluate: b.yaml, weights: two.weights}
+""")
+    run(pipe, tiny / "out")
+    (tiny / "b.yaml").write_text(TINY.replace("lr: 0.5", "lr: 0.2"))
+    assert states(pipe, tiny / "out") == {"one": "up to date",
+                                          "two": "stale (its spec changed)",
+                                          "score_two": "stale ('two' is stale)"}
+    got, _, _ = run(pipe, tiny / "out")
+    assert got == {"one": "up to date", "two": "done", "score_two": "done"}
+    (tiny / "b.yaml").write_text(TINY.replace("lr: 0.5", "lr: 0.2") + "# a comment\n")
+    assert set(states(pipe, tiny / "out").values()) == {"up to date"}   # content, not text
+
+
+def test_an_input_is_judged_by_its_content_not_its_mtime(tiny):
+    pipe = write(tiny, "p.yaml", """\
+dlgraph: 1
+pipeline: p
+stages:
+  fit:   {train: a.yaml}
+  score: {evaluate: a.yaml, weights: fit.weights, data: rows.npz}
+""")
+    run(pipe, tiny / "out")
+    rows = tiny / "rows.npz"
+    os.utime(rows, (1e9, 1e9))                                 # touched: same content
+    assert set(states(pipe, tiny / "out").values()) == {"up to date"}
+    with np.load(rows) as f:
+        arrays = dict(f)
+    arrays["x"] = arrays["x"] + 1
+    np.savez(rows, **arrays)
+    os.utime(rows, (1e9, 1e9))                                 # same mtime, new content
+    assert states(pipe, tiny / "out") == {"fit": "up to date",
+                                          "score": "stale (input file rows.npz changed)"}
+    weights = tiny / "out/stages/fit/weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-4] + b"\0\0\0\0")   # an artifact changed
+    assert states(pipe, tiny / "out") == {"fit": "stale (artifact weights changed)",
+                                          "score": "stale ('fit' is stale)"}
+    got, _, _ = run(pipe, tiny / "out")
+    assert got == {"fit": "done", "score": "done"}
+
+
+def test_force_reruns_a_stage_and_dependents_whose_inputs_changed(tiny):
+    pipe = write(tiny, "p.yaml", "dlgraph: 1\npipeline: p\nstages:\n  fit: {train: a.yaml}\n"
+                                 "  score: {evaluate: a.yaml, weights: fit.weights}\n")
+    run(pipe, tiny / "out")
+    got, _, said = run(pipe, tiny / "out", force=["fit"])
+    assert got["fit"] == "done" and said[0] == "[fit] running train a.yaml (forced)"
+    # training is deterministic: the same weights again, so the evaluation stays valid
+    assert got["score"] == "up to date"
+    with pytest.raises(dlgraph.DlgraphError, match="--force fti: no such stage"):
+        run(pipe, tiny / "out", force=["fti"])
+
+
+# ------------------------------------------------------------- interrupts and failures
+
+
+def test_an_interrupted_run_resumes_at_the_stage_that_did_not_finish(tiny, monkeypatch):
+    pipe = write(tiny, "p.yaml", "dlgraph: 1\npipeline: p\nstages:\n  fit: {train: a.yaml}\n"
+                                 "  score: {evaluate: a.yaml, weights: fit.weights}\n")
+
+    def interrupted(*_):
+        raise KeyboardInterrupt
+    monkeypatch.setitem(stages.RUNNERS, "evaluate", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run(pipe, tiny / "out")
+    assert states(pipe, tiny / "out") == {"fit": "up to date",
+                                          "score": "interrupted (it did not finish)"}
+    assert not (tiny / "out/stages/score").exists()            # no half of an artifact
+    monkeypatch.undo()
+    got, _, _ = run(pipe, tiny / "out")
+    assert got == {"fit": "up to date", "score": "done"}
+
+
+def test_a_failing_stage_stops_its_dependents_and_keeps_the_others(tiny):
+    pipe = write(tiny, "p.yaml", """\
+dlgraph: 1
+pipeline: p
+stages:
+  bad:        {train: a.yaml, set: {train.optimizer: {type: adam, lr: 1.0e+38}}}
+  good:       {train: a.yaml}
+  score_bad:  {evaluate: a.yaml, weights: bad.weights}
+  score_good: {evaluate: a.yaml, weights: good.weights}
+""")
+    result = CliRunner().invoke(main, ["pipeline", "run", str(pipe), "--dir",
+                                       str(tiny / "out")])
+    assert result.exit_code == 1
+    table = result.stdout.splitlines()
+    assert [line.split()[:3] for line in table[1:5]] == [
+        ["bad", "train", "failed"], ["good", "train", "done"],
+        ["score_bad", "evaluate", "skipped"], ["score_good", "evaluate", "done"]]
+    assert "error: stage 'bad': the loss of phase" in result.stderr
+    assert "Traceback" not in result.output
+    st = states(pipe, tiny / "out")
+    assert st["bad"].startswith("failed (the loss of phase") and st["good"] == "up to date"
+    assert st["score_bad"] == "never run" and st["score_good"] == "up to date"
+    assert (tiny / "out/stages/good/weights.safetensors").is_file()
+    assert not (tiny / "out/stages/bad").exists()
+
+
+# ----------------------------------------------------------------- checked before running
+
+
+@pytest.mark.parametrize("pipe", BAD_FILES, ids=[p.stem for p in BAD_FILES])
+def test_a_bad_pipeline_is_refused_at_validate_with_file_and_line(pipe, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    rel = pipe.relative_to(ROOT)
+    expected = Path(f"{pipe}.err").read_text()
+    for command in ("validate", "run"):
+        result = CliRunner().invoke(main, ["pipeline", command, str(rel)])
+        assert result.exit_code == 1, result.output
+        assert result.stderr == expected
+    assert not (ROOT / "runs/pipelines" / rel.stem.replace("_", "-")).exists()
+    with pytest.raises(dlgraph.DlgraphError) as info:
+        dlgraph.validate_pipeline(rel)
+    assert str(info.value) == expected.removeprefix("error: ").rstrip("\n")
+
+
+def test_a_spec_error_is_located_in_the_spec(tiny):
+    write(tiny, "broken.yaml", TINY.replace("op: linear, in: x", "op: lienar, in: x"))
+    pipe = write(tiny, "p.yaml", "dlgraph: 1\npipeline: p\nstages:\n  fit: {train: broken.yaml}\n")
+    with pytest.raises(dlgraph.SpecError) as info:
+        dlgraph.validate_pipeline(pipe)
+    assert str(info.value) == (f"{tiny}/broken.yaml:8: node 'h': unknown op 'lienar'\n"
+                               "  help: did you mean 'linear'?")
+
+
+def test_a_folder_dlgraph_did_not_make_is_never_written(tiny):
+    pipe = write(tiny, "p.yaml", "dlgraph: 1\npipeline: p\nstages:\n  fit: {train: a.yaml}\n")
+    mine = tiny / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(dlgraph.DlgraphError, match="is not empty and is not a dlgraph "
+                                                   "pipeline directory"):
+        run(pipe, mine)
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+    other = write(tiny, "q.yaml", "dlgraph: 1\npipeline: q\nstages:\n  fit: {train: a.yaml}\n")
+    run(other, tiny / "q-out")
+    with pytest.raises(dlgraph.DlgraphError, match="holds the pipeline 'q', not 'p'"):
+        run(pipe, tiny / "q-out")
+
+
+# ------------------------------------------------------------------ parallel and drawing
+
+
+def test_independent_stages_in_parallel_give_the_same_artifacts_as_in_series(tiny):
+    pipe = write(tiny, "p.yaml", """\
+dlgraph: 1
+pipeline: p
+stages:
+  one:       {train: a.yaml}
+  two:       {train: b.yaml}
+  score_one: {evaluate: a.yaml, weights: one.weights}
+  score_two: {evaluate: b.yaml, weights: two.weights}
+""")
+    series, _, _ = run(pipe, tiny / "series")
+    parallel, res, _ = run(pipe, tiny / "parallel", jobs=2)
+    assert set(series.values()) == set(parallel.values()) == {"done"}
+    for ref, path in res.artifacts.items():
+        assert file_hash(path) == file_hash(tiny / "series" / path.relative_to(res.dir)), ref
+
+
+def test_the_rendered_dot_is_stable_and_coloured_by_state(tiny):
+    pipe = write(tiny, "p.yaml", "dlgraph: 1\npipeline: p\nstages:\n  fit: {train: a.yaml}\n"
+                                 "  score: {evaluate: a.yaml, weights: fit.weights}\n")
+    font = "Helvetica,Arial,sans-serif"
+    expected = f"""\
+digraph "p" {{
+  graph [rankdir="LR", fontname="{font}", labelloc="t", label="pipeline p"];
+  node [shape="box", style="rounded,filled", fontname="{font}", fontsize="11"];
+  edge [fontname="{font}", fontsize="10", color="#707070"];
+  "fit" [label="fit\\ntrain a.yaml\\nnever run", fillcolor="#ececec", color="#858585", tooltip="never run"];
+  "score" [label="score\\nevaluate a.yaml\\nnever run", fillcolor="#ececec", color="#858585", tooltip="never run"];
+  "fit" -> "score" [label="weights"];
+}}
+"""  # noqa: E501
+    out = tiny / "out"
+    assert dlgraph.render_pipeline(pipe, dir=out) == expected
+    assert dlgraph.render_pipeline(pipe, tiny / "p.dot", dir=out) == expected
+    assert (tiny / "p.dot").read_text() == expected
+    run(pipe, out)
+    drawn = dlgraph.render_pipeline(pipe, tiny / "p.svg", dir=out)
+    assert drawn == dlgraph.render_pipeline(pipe, dir=out)
+    assert drawn.count('fillcolor="#dff0d8"') == 2                 # both up to date
+    assert (tiny / "p.svg").read_text().lstrip().startswith("<?xml")
+
+
+def test_the_commands_print_what_a_user_reads(tiny):
+    pipe = write(tiny, "p.yaml", "dlgraph: 1\npipeline: p\nstages:\n  fit: {train: a.yaml}\n")
+    runner = CliRunner()
+    ok = runner.invoke(main, ["pipeline", "validate", str(pipe)])
+    assert ok.exit_code == 0
+    assert ok.stdout == f"{pipe}: pipeline 'p' is valid: 1 stages (fit), 0 artifacts passed\n"
+    out = str(tiny / "out")
+    assert runner.invoke(main, ["pipeline", "status", str(pipe), "--dir", out]).stdout \
+        == "fit  never run\n"
+    ran = runner.invoke(main, ["pipeline", "run", str(pipe), "--dir", out])
+    assert ran.exit_code == 0, ran.output
+    head, row, total = ran.stdout.splitlines()
+    assert head.split() == ["stage", "kind", "state", "time", "key", "metric"]
+    assert row.split()[:3] == ["fit", "train", "done"] and "val_loss" in row
+    assert total.startswith("1 stages: 1 run, 0 up to date, 0 failed, 0 skipped")
+    assert runner.invoke(main, ["pipeline", "status", str(pipe), "--dir", out]).stdout \
+        == "fit  up to date\n"
