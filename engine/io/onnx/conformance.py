@@ -269,11 +269,14 @@ def _tables() -> list[str]:
             "Export writes these spec layers as ONNX operators of their own (from the spec "
             "node): " + ", ".join(f"`{k}`" for k in sorted(LAYERS)) + "; and these "
             "primitives one by one: " + ", ".join(f"`{k}`" for k in sorted(PRIMITIVES)) +
-            ". A `scan` over a module of the spec is one ONNX `Scan` (batch-first, its body "
-            "the module's primitives reading the weights from the outer graph; a state read "
-            "at every step is a Scan output, a state read at the end its final value). "
-            "Layers nested in another composite (the norms, attention and softmax of a "
-            "transformer block) are written as their primitives.", "",
+            ". Layers inside modules, at any depth, are written the same way (a ResNet "
+            "written with modules has a Conv per conv2d). A `scan` over a module of the spec "
+            "is one ONNX `Scan` (batch-first, its body the module's layers and primitives "
+            "reading the weights from the outer graph; a state read at every step is a Scan "
+            "output, a state read at the end its final value). Layers nested in another "
+            "composite (the norms, attention and softmax of a transformer block) are written "
+            "as their primitives. A spec that needs a primitive ONNX has no operator for "
+            "stops with one error naming them all; nothing is written.", "",
             "Import reads these ONNX operators: " + ", ".join(f"`{k}`" for k in sorted(RULES)) +
             ". Gemm, MatMul (+ Add), Conv, ConvTranspose, BatchNormalization, "
             "LayerNormalization, Gather of a table, LSTM, GRU and RNN with constant weights "

@@ -1,8 +1,10 @@
 """Graph → ONNX model: spec layers ONNX has as one operator, the rest as primitives.
 
 Layers with an ONNX operator of their own (``LAYERS``) are written from the spec node —
-its op, attributes and parameters — and every primitive of their scope is skipped; all
-other nodes are written one primitive at a time (``PRIMITIVES``). Named dims become
+its op, attributes and parameters — and every primitive of their scope is skipped, at any
+depth of modules (``graph.layers``) and in loop bodies; all other nodes are written one
+primitive at a time (``PRIMITIVES``). A primitive without a rule (``windows`` outside a
+conv) stops the export with one located error listing all of them. Named dims become
 ``dim_param``s, weights initializers, and the spec's name, doc and the dlgraph version go
 into the model's metadata.
 """
@@ -18,6 +20,7 @@ from dlgraph.engine.io.onnx.prims import PRIMITIVES
 from dlgraph.engine.io.onnx.recurrent import recurrent
 from dlgraph.engine.io.onnx.scan import export_loop
 from dlgraph.engine.io.onnx.writer import Writer, value_info
+from dlgraph.ops import REGISTRY
 
 OPSET = 21
 OPSETS = range(17, 27)
@@ -48,6 +51,38 @@ def named_dims(graph: Graph) -> dict[str, tuple[str, int]]:
     return out
 
 
+def layer_specs(graph: Graph) -> dict[tuple[str, ...], object]:
+    """The scope of every spec layer ONNX has one operator for -> its spec node: the
+    spec's own nodes and the nodes of modules at any depth (``graph.layers``)."""
+    out: dict[tuple[str, ...], object] = {}
+    if graph.spec is not None:
+        out.update({(sid,): nd for sid, nd in graph.spec.nodes.items() if nd.op in LAYERS})
+    out.update({tuple(path.split("/")): nd for path, nd in graph.layers.items()
+                if nd.op in LAYERS})
+    return out
+
+
+def param_prefix(graph: Graph, scope: tuple[str, ...]) -> str:
+    """The checkpoint name prefix of a layer's parameters: its own scope, or the scope of
+    the node it shares them with (``share:``, on it or on a module call around it)."""
+    for k in range(len(scope), 0, -1):
+        owner = graph.shared.get("/".join(scope[:k]))
+        if owner is not None:
+            return param_prefix(graph, tuple(owner.split("/")) + scope[k:])
+    return ".".join(scope)
+
+
+def spec_node_of(graph: Graph, n) -> tuple[str, str]:
+    """(scope path, op) of the innermost spec node a primitive was expanded from."""
+    for k in range(len(n.scope), 1, -1):
+        path = "/".join(n.scope[:k])
+        if path in graph.layers:
+            return path, graph.layers[path].op
+    if n.scope and graph.spec is not None and n.scope[0] in graph.spec.nodes:
+        return n.scope[0], graph.spec.nodes[n.scope[0]].op
+    return n.user_id, n.op
+
+
 class _Export:
     """The state of one export: the writer, the value of each node, what was skipped."""
 
@@ -55,13 +90,20 @@ class _Export:
         self.g, self.params = graph, params
         self.w = Writer(named_dims(graph))
         self.env: dict[str, str] = {}
-        self.layer_of = {sid: nd.op for sid, nd in (graph.spec.nodes.items()
-                                                    if graph.spec is not None else ())
-                         if nd.op in LAYERS}
-        self.done: set[str] = set()
-        self.fallback: set[str] = set()
-        self.missing: list[tuple[str, str]] = []
-        self.multi: dict[str, list[str]] = {}      # a loop -> its outputs, read by picks
+        self.specs = layer_specs(graph)
+        self.members: dict[tuple[str, ...], list[str]] = {}   # layer scope -> its nodes
+        for nid, n in graph.nodes.items():
+            for k in range(1, len(n.scope) + 1):
+                if n.scope[:k] in self.specs:
+                    self.members.setdefault(n.scope[:k], []).append(nid)
+        self.readers: dict[str, list[str]] = {}
+        for nid, n in graph.nodes.items():
+            for i in n.inputs:
+                self.readers.setdefault(i, []).append(nid)
+        self.done: set[tuple[str, ...]] = set()
+        self.fallback: set[tuple[str, ...]] = set()
+        self.missing: list = []                    # nodes with no ONNX rule (loop bodies' too)
+        self.multi: dict[str, list[str] | None] = {}   # a loop -> its outputs, read by picks
         self.needed: set[str] = set(graph.nodes)
 
     def value(self, nid: str) -> str:
@@ -71,33 +113,67 @@ class _Export:
             self.env[nid] = self.w.init(pname, np.asarray(self.params[pname], np.float32))
         if nid not in self.env:
             raise GraphError(f"the ONNX export has no value for '{nid}'", node=n.user_id,
-                             op=n.op, help="this is a bug in dlgraph's ONNX export")
+                             op=n.op, source=n.source,
+                             help="this is a bug in dlgraph's ONNX export")
         return self.env[nid]
 
-    def layer(self, sid: str) -> bool:
-        """Write the spec layer `sid` as its ONNX operator; False: export its primitives."""
-        if sid in self.done:
+    def is_param(self, nid: str) -> bool:
+        """A parameter: its node, or a loop body's input standing for it."""
+        n = self.g[nid]
+        return n.role == "param" or n.role == "input" and nid.replace("/", ".") in self.params
+
+    def _wiring(self, scope: tuple[str, ...], nd):
+        """(input node ids, {output name: the node ids whose value it is}) of the layer at
+        `scope`, or None where they cannot be told apart (its primitives are exported)."""
+        if len(scope) == 1:                # a node of the spec itself: its refs by name
+            sid = scope[0]
+            outs = {k: [self.g.aliases[f"{sid}.{k}"]] for k in REGISTRY[nd.op].outputs
+                    if f"{sid}.{k}" in self.g.aliases}
+            return [self.g.resolve(r) for r in nd.in_], outs
+        # inside a module the spec node's `in` are the module's own names: read the
+        # layer's wiring off the graph (its values in, and the one value it hands on)
+        members = set(self.members[scope])
+        refs = {self.g.resolve(r) for f, r in nd.refs() if f != "in"}
+        ins = list(dict.fromkeys(i for m in self.members[scope] for i in self.g[m].inputs
+                                 if i not in members and i not in refs
+                                 and not self.is_param(i)))    # (shared: the owner's)
+        exits = {m for m in members if self.g[m].role != "param" and (
+            m in self.g.outputs.values() or any(
+            c in self.needed and c not in members for c in self.readers.get(m, ())))}
+        if len(nd.in_) != 1 or len(ins) != 1 or len(REGISTRY[nd.op].outputs) != 1 \
+                or len(exits) != 1:
+            return None
+        return ins, {REGISTRY[nd.op].outputs[0]: list(exits)}
+
+    def layer(self, scope: tuple[str, ...]) -> bool:
+        """Write the spec layer at `scope` as its ONNX operator; False: export its primitives."""
+        if scope in self.done:
             return True
-        if sid in self.fallback:
+        if scope in self.fallback:
             return False
-        nd = self.g.spec.nodes[sid]
-        refs = [self.g.resolve(r) for r in nd.in_]
-        lay = L.Layer(self.w, sid, nd, [self.value(r) for r in refs],
+        nd = self.specs[scope]
+        wiring = self._wiring(scope, nd)
+        if wiring is None:
+            self.fallback.add(scope)
+            return False
+        refs, targets = wiring
+        lay = L.Layer(self.w, "/".join(scope), nd, [self.value(r) for r in refs],
                       [self.g[r].type for r in refs], self.params,
-                      {f: self.value(self.g.resolve(r)) for f, r in nd.refs() if f != "in"})
-        self.w.prefix = sid
+                      {f: self.value(self.g.resolve(r)) for f, r in nd.refs() if f != "in"},
+                      owner=param_prefix(self.g, scope))
+        outer = self.w.prefix                 # a loop body's values are named under its loop
+        self.w.prefix = f"{outer}/{lay.sid}" if outer else lay.sid
         try:
             outs = LAYERS[nd.op](lay)
         finally:
-            self.w.prefix = ""
+            self.w.prefix = outer
         if outs is None:
-            self.fallback.add(sid)
+            self.fallback.add(scope)
             return False
         for k, v in outs.items():
-            for ref in (f"{sid}.{k}",) + ((sid,) if k == next(iter(outs)) else ()):
-                if ref in self.g.aliases:
-                    self.env[self.g.aliases[ref]] = v
-        self.done.add(sid)
+            for nid in targets.get(k, ()):
+                self.env[nid] = v
+        self.done.add(scope)
         return True
 
     def node(self, nid: str) -> None:
@@ -107,19 +183,27 @@ class _Export:
             return
         if n.role == "param" or nid in self.env:       # (a loop wrote some of its readers)
             return
-        if n.scope and n.scope[0] in self.layer_of and self.layer(n.scope[0]):
+        layer = next((n.scope[:k] for k in range(1, len(n.scope) + 1)
+                      if n.scope[:k] in self.specs), None)
+        if layer is not None and self.layer(layer):
             return
         if n.op == "loop":                  # a scan over a module: ONNX Scan (see .scan)
+            before = len(self.missing)
             self.multi[nid] = export_loop(self, n, _Export)
+            if len(self.missing) > before:
+                self.multi[nid] = None
             return
         if n.op == "pick":
-            outs = self.multi.get(n.inputs[0])
-            if outs and outs[n.attrs.index]:
+            outs = self.multi[n.inputs[0]]
+            if outs is None:                 # its body has a primitive ONNX lacks (below)
+                self.env[nid] = nid
+            elif outs[n.attrs.index]:
                 self.env[nid] = outs[n.attrs.index]
             return
         rule = PRIMITIVES.get(n.op)
         if rule is None:
-            self.missing.append((nid, n.op))
+            self.missing.append(n)
+            self.env[nid] = nid      # a stand-in: the export goes on only to list them all
             return
         ins = [self.value(i) for i in n.inputs]
         self.env[nid] = rule(self.w, n, ins, [self.g[i].type for i in n.inputs])
@@ -138,11 +222,14 @@ def to_onnx(graph: Graph, params: dict[str, np.ndarray], *, opset: int = OPSET):
         if nid in needed:
             ex.node(nid)
     if ex.missing:
-        listed = ", ".join(f"'{nid}' ({op})" for nid, op in ex.missing[:8])
+        listed = ", ".join(f"'{n.id}' ({n.op})" for n in ex.missing[:8])
         more = f" and {len(ex.missing) - 8} more" if len(ex.missing) > 8 else ""
-        raise GraphError(f"no ONNX export for {len(ex.missing)} node(s): {listed}{more}",
-                         help="these primitives have no ONNX rule; use layers that do "
-                              "(see docs/onnx.md)")
+        first = ex.missing[0]
+        node, op = spec_node_of(graph, first)
+        raise GraphError(f"no ONNX export for {len(ex.missing)} primitive(s): {listed}{more}",
+                         node=node, op=op, source=first.source,
+                         help="ONNX has no operator for these primitives of dlgraph; write "
+                              "the node with layers and ops that export (see docs/onnx.md)")
     return _model(graph, ex, needed, opset)
 
 

@@ -16,7 +16,13 @@ from dlgraph.engine.io.onnx.writer import Writer
 from dlgraph.engine.types import TType
 
 ACTIVATIONS = {"relu": "Relu", "sigmoid": "Sigmoid", "tanh": "Tanh", "leaky_relu": "LeakyRelu",
-               "elu": "Elu", "softplus": "Softplus", "gelu": "Gelu"}
+               "elu": "Elu", "softplus": "Softplus", "gelu": "Gelu", "softmax": "Softmax",
+               "log_softmax": "LogSoftmax", "silu": None}
+"""A layer's `activation` -> its ONNX operator (silu: x * sigmoid(x), which ONNX lacks)."""
+_DEFAULTS = {"leaky_relu": {"alpha": 0.01}, "elu": {"alpha": 1.0},
+             "gelu": {"approximate": "tanh"}, "softmax": {"axis": -1},
+             "log_softmax": {"axis": -1}}
+"""dlgraph's defaults for an activation op named by a layer (it is emitted without fields)."""
 
 
 @dataclass
@@ -24,30 +30,35 @@ class Layer:
     """What a layer rule sees: the spec node and its values."""
 
     w: Writer
-    sid: str                        # the spec node's id (its parameters' prefix)
+    sid: str                        # the spec node's scope path (`b/c1/conv` in modules)
     attrs: object                   # the spec node's validated attributes
     ins: list[str]                  # ONNX names of its inputs
     types: list[TType]
     params: dict[str, np.ndarray]   # every parameter of the graph, by checkpoint name
     refs: dict = field(default_factory=dict)  # ONNX names of other values it reads (`mask:`)
+    owner: str = ""                 # its parameters' prefix, where not its own (`share:`)
 
     def p(self, name: str) -> np.ndarray:
-        return self.params[f"{self.sid}.{name}"]
+        return self.params[self._full(name)]
+
+    def _full(self, name: str) -> str:
+        return f"{self.owner or self.sid.replace('/', '.')}.{name}"
 
     def init(self, name: str, value: np.ndarray | None = None) -> str:
-        """An initializer ``<sid>.<name>`` (the parameter itself unless a value is given)."""
-        full = f"{self.sid}.{name}"
+        """An initializer ``<prefix>.<name>`` (the parameter itself unless a value is
+        given); the prefix is the owner's where the layer shares its parameters."""
+        full = self._full(name)
         return self.w.init(full, self.params[full] if value is None else value)
 
 
 def _activate(lay: Layer, y: str) -> str:
-    """The layer's `activation` (dlgraph's defaults: leaky_relu 0.01, elu 1.0, tanh gelu)."""
+    """The layer's `activation`, with dlgraph's defaults for its fields."""
     act = getattr(lay.attrs, "activation", None)
     if act is None:
         return y
-    kw = {"leaky_relu": {"alpha": 0.01}, "elu": {"alpha": 1.0},
-          "gelu": {"approximate": "tanh"}}.get(act, {})
-    return lay.w.op(ACTIVATIONS[act], y, **kw)
+    if act == "silu":
+        return lay.w.op("Mul", y, lay.w.op("Sigmoid", y))
+    return lay.w.op(ACTIVATIONS[act], y, **_DEFAULTS.get(act, {}))
 
 
 def _act_ok(attrs) -> bool:

@@ -31,7 +31,7 @@ def _renamed(body: Graph, prefix: str, keep: set[str]) -> Graph:
     return Graph(name=body.name, nodes=nodes,
                  inputs={ren[k]: t for k, t in body.inputs.items()},
                  outputs={k: ren[v] for k, v in body.outputs.items()}, params=body.params,
-                 source=body.source)
+                 source=body.source, layers=body.layers, shared=body.shared)
 
 
 def _body(ex, n, make_export, stacked: list[int]):

@@ -53,10 +53,11 @@ class Writer:
         return outs if outputs > 1 else outs[0]
 
     def init(self, name: str, value: np.ndarray) -> str:
-        """An initializer (a weight or a constant tensor); returns its name."""
+        """An initializer (a weight or a constant tensor); returns its name. A scalar stays
+        a scalar (``np.ascontiguousarray`` would make it [1]: Range wants scalars)."""
         from onnx import numpy_helper
         if name not in self.inits:
-            self.inits[name] = numpy_helper.from_array(np.ascontiguousarray(value), name)
+            self.inits[name] = numpy_helper.from_array(np.array(value, order="C"), name)
         return name
 
     def const(self, value, dtype: str = "int64") -> str:
