@@ -95,7 +95,8 @@ def _forward(g, *, inputs, batch, output, weights, seed, no_cache, device, force
         dlgraph.api.check_output(output, force=force)     # before the work, not after
     arrays = _read_inputs(inputs) if inputs else None
     outs = dlgraph.run_forward(g, arrays, weights=weights, batch=batch, seed=seed,
-                               device=device, cache=not no_cache, where="--input")
+                               device=device, cache=not no_cache,
+                               where="--input " + " ".join(inputs) if inputs else "--input")
     for name, a in outs.items():
         stats = (f"mean {a.mean():.4g}  std {a.std():.4g}  min {a.min():.4g}  max {a.max():.4g}"
                  if a.size and a.dtype.kind == "f" else "")
@@ -136,10 +137,7 @@ def _load_array_file(p: Path):
     if p.suffix not in (".npy", ".npz"):
         raise DataError(f"--input reads only .npy and .npz files, not {p.name}",
                         source=Source(str(p)), help="save the array with np.save")
-    try:
-        return np.load(p, allow_pickle=False)
-    except (ValueError, OSError) as e:
-        raise DataError(f"cannot read {p} as .npy/.npz: {e}", source=Source(str(p))) from None
+    return dlgraph.api.read_arrays(p)      # declared sizes checked before anything is read
 
 
 SWEEP_OPTIONS = options(

@@ -184,6 +184,13 @@ def _check_inputs(graph: Graph, arrays: dict[str, Any], where: str) -> None:
     check_feeds(graph, arrays, where)
 
 
+def read_arrays(path: str | Path):
+    """A .npy file's array or a .npz file's archive, every header's declared size checked
+    against memory before anything is read (a located DataError otherwise)."""
+    from dlgraph.engine.io.data.declared import read_npy_file
+    return read_npy_file(Path(path))
+
+
 def save_arrays(path: str | Path, arrays: dict[str, Any], force: bool = False) -> Path:
     """Write numpy arrays by name to an .npz file, atomically (readers see the old file or
     the whole new one); a file there is replaced only if dlgraph wrote it, or with

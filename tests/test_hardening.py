@@ -664,12 +664,15 @@ def test_run_inputs_are_checked_and_untrained_weights_are_announced(tmp_path):
         "warning: running with untrained (freshly initialised) weights")
     for args, message in [
         ([f"x={tmp_path / 'd.csv'}"], "--input reads only .npy and .npz files, not d.csv"),
-        ([f"q={tmp_path / 'x.npy'}"], "--input names 'q', which is not an input of the graph"),
+        ([f"q={tmp_path / 'x.npy'}"],
+         f"--input q={tmp_path / 'x.npy'} names 'q', which is not an input of the graph"),
         ([f"x={tmp_path / 'x.npy'}", "--input", f"y={tmp_path / 'yf.npy'}"],
-         "--input: input 'y' is int32, but row 1 of its data holds a fraction"),
+         f"y={tmp_path / 'yf.npy'}: input 'y' is int32, but row 1 of its data holds a fraction"),
         ([f"x={tmp_path / 'x.npy'}", "--input", f"y={tmp_path / 'y.npy'}"],
-         "--input: row 1 of 'y' holds the label 5, but node 'loss' (cross_entropy) takes "
-         "labels 0 to 1"),
+         f"y={tmp_path / 'y.npy'}: row 1 of 'y' holds the label 5, but node 'loss' "
+         "(cross_entropy) takes labels 0 to 1"),
+        ([f"x={tmp_path / 'y.npy'}"], f"x={tmp_path / 'y.npy'}: input 'x' has shape [3], but "
+                                      "the spec declares [batch, 2]"),
     ]:
         result = run("--input", *args)
         assert result.exit_code == 1, result.output

@@ -11,6 +11,7 @@ from dlgraph.engine.compile.interpret import init_params, input_dims
 from dlgraph.engine.compile.lower import lower
 from dlgraph.engine.errors import ShapeError
 from dlgraph.engine.graph.ir import Graph
+from dlgraph.engine.io.data.ids import check_ids
 from dlgraph.engine.spec.init import random_inputs
 
 
@@ -47,6 +48,7 @@ class Model:
             raise ShapeError(f"missing input{'s' * (len(missing) > 1)}: {', '.join(missing)}",
                              help=f"inputs: {', '.join(g.inputs)}")
         dims = input_dims(g, arrays)
+        check_ids(g, arrays)      # a label past the classes would be a silent zero row
         outs = self._program.arrays({n: arrays[n] for n in self.input_names}, dims)
         got = dict(zip(self._program.targets, outs, strict=True))
         return {name: got[nid] if nid in got else np.asarray(arrays[nid])

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from dlgraph.engine.errors import DataError, Source
+from dlgraph.engine.errors import DataError, DlgraphError, Source
 
 #: op -> (which input holds ids, what they are)
 _ID_INPUTS = {"cross_entropy": (1, "label"), "nll": (1, "label"), "embedding": (0, "id")}
@@ -55,7 +55,18 @@ def check_feeds(graph: Any, feeds: dict[str, np.ndarray], where: str | None = No
             raise DataError(f"input '{name}' is int32, but row {row} of its data holds a "
                             "fraction", source=source,
                             help="feed integer ids or labels, or declare the input float32")
+    check_shapes(graph, feeds, where)
     check_ids(graph, feeds, where)
+
+
+def check_shapes(graph: Any, feeds: dict[str, np.ndarray], where: str | None = None) -> None:
+    """The arrays' shapes against the inputs' declared ones (named dims consistent), the
+    error located at ``where`` (the file or flag the arrays came from)."""
+    from dlgraph.engine.compile.interpret import input_dims
+    try:
+        input_dims(graph, {k: np.asarray(v) for k, v in feeds.items() if k in graph.inputs})
+    except DlgraphError as e:
+        raise e.located(source=Source(where) if where else None) from None
 
 
 def check_ids(graph: Any, feeds: dict[str, np.ndarray], where: str | None = None) -> None:
