@@ -3,6 +3,7 @@ in-memory data, transfer (init_from, freeze), evaluate, predict, honest headers,
 data checks that name the file."""
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -178,8 +179,9 @@ def test_init_from_and_freeze(tmp_path):
     bad = spec_file(tmp_path, "c.yaml", renamed, init_from={"path": str(src),
                                                             "params": ["enc.*"]})
     r = CliRunner().invoke(main, ["run", str(bad), "--out", str(tmp_path / "c"), "-q"])
-    assert r.exit_code == 1 and f"error: {src}: no parameter of this graph is in the file" \
-        in r.output and "help: map renamed scopes" in r.output
+    assert r.exit_code == 1 and f"error: {bad}:" in r.output and \
+        f"init_from: no parameter of this graph is in {src}" in r.output and \
+        "help: map renamed scopes" in r.output
 
 
 def test_training_labels_out_of_range_name_the_file(tmp_path):
@@ -242,7 +244,26 @@ def test_progress_lines_without_a_terminal(tmp_path, monkeypatch):
                   log=said.append)
     steps = [s for s in said if s.startswith("epoch 1/1  step ")]
     assert [s.split()[3] for s in steps] == [f"{k}/7" for k in range(1, 8)]
-    assert all(" steps/s  ETA " in s and "loss " in s for s in steps)
+    assert steps[0].endswith("  ETA …") and "loss " in steps[0]
+    assert all(re.search(r"loss \S+  \S+ steps/s, [\d,]+ samples/s, ETA \d+ s$", s)
+               for s in steps[1:]), steps
+
+
+def test_the_eta_counts_steady_steps_not_the_compile(monkeypatch):
+    """A first step that waits 30 s for its compile, then steps of 0.1 s: 98 steps left
+    is about 10 s, not 98 x 15 s."""
+    from types import SimpleNamespace
+
+    from dlgraph.engine.train import progress
+    clock = iter([30.0, 30.1, 30.2])     # the first step ends after its 30 s compile
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: next(clock))
+    pace = progress.Pace()
+    run = SimpleNamespace(spec=SimpleNamespace(batch=32))
+    pace.tick()
+    assert progress.pace_text(run, pace, 1, 100) == "ETA …"
+    pace.tick()
+    pace.tick()
+    assert progress.pace_text(run, pace, 3, 100) == "10 steps/s, 320 samples/s, ETA 10 s"
 
 
 

@@ -133,6 +133,24 @@ def test_target_not_met_exits_1(tmp_path):
     assert "target val_accuracy > 1.5: NOT met" in r.stdout
 
 
+@pytest.mark.parametrize("stop", [True, False])
+def test_a_target_stops_the_run_unless_told_to_check_only(tmp_path, stop):
+    """xor reaches val_accuracy > 0.6 within a few epochs: by default the run stops there;
+    with `stop: false` every epoch runs, and the end reports the last epoch against it."""
+    path = tmp_path / "t.yaml"
+    path.write_text(TINY.read_text().replace(
+        "validation: {split: 0.25}", "validation: {split: 0.25}\n  target: {metric: "
+        f"val_accuracy, above: 0.6, stop: {str(stop).lower()}}}"))
+    said: list[str] = []
+    res = dlgraph.train(dlgraph.load(path), out=tmp_path / "r", epochs=8, log=said.append)
+    reached = [s for s in said if s.startswith("target val_accuracy > 0.6 reached at epoch")]
+    assert len(reached) == 1 and res.target_met
+    at = int(reached[0].split()[-1])
+    epochs = [e["epoch"] for e in lines(res.run_dir, "epoch")]
+    assert epochs == (list(range(1, at + 1)) if stop else list(range(1, 9)))
+    assert res.metrics["val_accuracy"] > 0.6
+
+
 @pytest.mark.parametrize("kind,step,expected", [
     ("step", 2500, 0.01), ("cosine", 0, 1.0), ("cosine", 5000, 0.5), ("cosine", 10000, 0.0),
     ("linear", 5000, 0.5)])

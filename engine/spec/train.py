@@ -273,11 +273,14 @@ class ValidationSpec(Strict):
 
 
 class TargetSpec(Strict):
-    """The result the run must reach; training stops early once it is met."""
+    """The result the run must reach; training stops early once it is met (unless `stop:
+    false`: then every epoch runs and the end says whether the last one met it)."""
 
     metric: str = Field(description="a logged name, e.g. `val_mse` or `val_accuracy`")
     below: float | None = None
     above: float | None = None
+    stop: bool = Field(True, description="stop training once the target is met (false: "
+                       "train every epoch, check the target at each, report the last)")
 
     @model_validator(mode="after")
     def _one(self):

@@ -43,7 +43,17 @@ from dlgraph.engine.train.checkpoint import (
     restore_checkpoint,
 )
 from dlgraph.engine.train.prepare import frozen, split_data, train_spec
-from dlgraph.engine.train.progress import count, fmt, goal, header, loss_key, progress_line
+from dlgraph.engine.train.progress import (
+    Pace,
+    count,
+    epoch_steps,
+    fmt,
+    goal,
+    header,
+    loss_key,
+    pace_text,
+    progress_line,
+)
 from dlgraph.engine.train.rundir import (
     CHECKPOINT,
     METRICS,
@@ -327,22 +337,26 @@ def run_epoch(run: Run, epoch: int) -> dict[str, float]:
     from tqdm import tqdm
     t0 = time.perf_counter()
     losses: dict[str, list[float]] = {r.phase.name: [] for r in run.runners}
+    # the rate and ETA are ours (steady steps: progress.Pace), not tqdm's
     bar = tqdm(batches(run.train_arrays, run.spec.batch, run.spec.seed, epoch),
                total=run.per_epoch, desc=f"epoch {epoch + 1}/{run.epochs}", leave=False,
-               disable=True if run.quiet else None, file=sys.stderr, unit="step")
-    said = time.perf_counter()
+               disable=True if run.quiet else None, file=sys.stderr, unit="step",
+               bar_format="{desc}: {n_fmt}/{total_fmt} |{bar}| {postfix}")
+    said, pace = time.perf_counter(), Pace()
     for k, batch in enumerate(bar):
         take_step(run, batch, epoch, losses)
+        pace.tick()
         row = {"kind": "step", "epoch": epoch + 1, "step": run.steps_done,
                "time": round(time.time(), 3)}
         row.update({loss_key(k, run.runners): v[-1] for k, v in losses.items()})
         run.files.append(METRICS, json.dumps(row) + "\n")
         if not run.quiet:
             bar.set_postfix_str(" ".join(f"{loss_key(k, run.runners)} {v[-1]:.4g}"
-                                         for k, v in losses.items()))
+                                         for k, v in losses.items())
+                                + "  " + pace_text(run, pace, k + 1, epoch_steps(run, k + 1)))
             if bar.disable and time.perf_counter() - said >= PROGRESS_EVERY:
                 said = time.perf_counter()
-                run.echo(progress_line(run, epoch, k + 1, t0, losses))
+                run.echo(progress_line(run, epoch, k + 1, pace, losses))
         if run.out_of_steps():
             break
     return close_epoch(run, epoch, losses, t0)
@@ -403,9 +417,10 @@ def end_of_epoch(run: Run, epoch: int, last: dict[str, float], met):
         save_checkpoint(run, epoch)
     target = run.spec.target          # its metric is known to be logged: checks.py
     if target and target.metric in last:
-        met = target.met(last[target.metric])
-        if met:
+        was, met = met, target.met(last[target.metric])
+        if met and not was:
             run.echo(f"target {run.goal} reached at epoch {epoch + 1}")
+        if met and target.stop:
             return met, True
     return met, run.out_of_steps()
 

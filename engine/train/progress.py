@@ -48,15 +48,48 @@ def header(run, n_val: int, note: str) -> str:
             + (f", target {run.goal}" if run.goal else ""))
 
 
-def progress_line(run, epoch: int, done: int, t0: float, losses) -> str:
-    """'epoch 1/4  step 120/500  loss 0.53  3.2 steps/s  ETA 1 min 58 s'."""
-    dt = time.perf_counter() - t0
-    rate = done / dt if dt > 0 else 0.0
-    total = min(run.per_epoch, (run.max_steps or run.per_epoch * run.epochs)
-                - run.steps_done + done)
-    eta = (total - done) / rate if rate else 0.0
+class Pace:
+    """Steps per second from the steady steps of an epoch: its first step is not counted
+    (in a fresh run it waits for the compile, and would make the ETA of a 37 s epoch read
+    98 min)."""
+
+    def __init__(self):
+        self.n, self.first, self.last = 0, 0.0, 0.0
+
+    def tick(self) -> None:
+        """A step is done."""
+        self.last = time.perf_counter()
+        self.n += 1
+        if self.n == 1:
+            self.first = self.last
+
+    @property
+    def rate(self) -> float | None:
+        """Steady steps per second, or None before two steps."""
+        dt = self.last - self.first
+        return (self.n - 1) / dt if self.n > 1 and dt > 0 else None
+
+
+def pace_text(run, pace: Pace, done: int, total: int) -> str:
+    """'3.2 steps/s, 410 samples/s, ETA 1 min 58 s' ('ETA …' until two steps are done)."""
+    rate = pace.rate
+    if rate is None:
+        return "ETA …"
+    eta = (total - done) / rate
+    when = f"{int(eta // 60)} min {int(eta % 60)} s" if eta >= 60 else f"{eta:.0f} s"
+    return f"{rate:.3g} steps/s, {rate * run.spec.batch:,.0f} samples/s, ETA {when}"
+
+
+def epoch_steps(run, done: int) -> int:
+    """The steps this epoch will take (fewer in the last epoch of a run with --steps)."""
+    return min(run.per_epoch, (run.max_steps or run.per_epoch * run.epochs)
+               - run.steps_done + done)
+
+
+def progress_line(run, epoch: int, done: int, pace: Pace, losses) -> str:
+    """'epoch 1/4  step 120/500  loss 0.53  3.2 steps/s, 410 samples/s, ETA 1 min 58 s'."""
+    total = epoch_steps(run, done)
     shown = "  ".join(f"{loss_key(k, run.runners)} {fmt(v[-1])}" for k, v in losses.items()
                       if v)
-    when = f"{int(eta // 60)} min {int(eta % 60)} s" if eta >= 60 else f"{eta:.0f} s"
     return (f"epoch {epoch + 1}/{run.epochs}  step {done}/{total}  {shown}  "
-            f"{rate:.3g} steps/s  ETA {when}")
+            f"{pace_text(run, pace, done, total)}")
