@@ -55,6 +55,25 @@ def pair(v) -> tuple:
     return (v, v) if isinstance(v, int) else tuple(v)
 
 
+def pads4(padding, size, kernel, stride=1, dilation=1) -> tuple[int, int, int, int]:
+    """A 2-D padding field as (top, bottom, left, right) for an image of ``size`` (h, w).
+
+    >>> pads4([1, 2], (8, 8), 3), pads4("same", (7, 7), 3, 2)
+    ((1, 1, 2, 2), (1, 1, 1, 1))
+    """
+    if padding == "same":
+        out = []
+        for n, k, s, d in zip(size, pair(kernel), pair(stride), pair(dilation), strict=True):
+            total = max((-(-n // s) - 1) * s + d * (k - 1) + 1 - n, 0)
+            out += [total // 2, total - total // 2]
+        return tuple(out)
+    if isinstance(padding, int):
+        return (padding,) * 4
+    if len(padding) == 2:
+        return (padding[0], padding[0], padding[1], padding[1])
+    return tuple(padding)
+
+
 def resolve(ctx, shape) -> tuple[int, ...]:
     """Concrete ints for a shape with named dims, from the run's bindings."""
     return tuple(dim_value(d, ctx.dims) for d in shape)

@@ -17,12 +17,12 @@ from dlgraph.engine.errors import ShapeError, SpecError, suggest
 from dlgraph.engine.spec.base import ParamLayer
 from dlgraph.engine.types import TType, fmt
 from dlgraph.ops import reference as R
-from dlgraph.ops.common import pair, same
+from dlgraph.ops.common import pads4, pair, same
 from dlgraph.ops.elementwise import composite
 from dlgraph.ops.examples import E, F, Int
 from dlgraph.ops.linalg import swap_last
 from dlgraph.ops.registry import NO_GRAD, REGISTRY, attrs, register
-from dlgraph.ops.shape import pair_field
+from dlgraph.ops.shape import padding_field, pair_field
 
 FAMILY = "nn"
 
@@ -88,14 +88,22 @@ register("linear", doc="fully connected layer: x @ weight.T + bias", family=FAMI
          grad_examples=[E([F((3, 4))], {"out": 2, "activation": "tanh"}, float64=True)])
 
 
-def _pad2d(b, x, padding, value=0.0):
-    ph, pw = pair(padding)
+def _pad2d(b, x, pads, value=0.0):
+    """x padded by ``pads`` (top, bottom, left, right; see :func:`pads4`)."""
     r = b.type(x).rank
-    if ph:
-        x = b.emit("pad", x, axis=r - 2, before=ph, after=ph, value=value)
-    if pw:
-        x = b.emit("pad", x, axis=r - 1, before=pw, after=pw, value=value)
+    for axis, before, after in ((r - 2, *pads[:2]), (r - 1, *pads[2:])):
+        if before or after:
+            x = b.emit("pad", x, axis=axis, before=before, after=after, value=value)
     return x
+
+
+def _image(b, x, what):
+    """The (height, width) of an NCHW input, which must be sizes."""
+    t = b.type(x)
+    if t.rank != 4:
+        raise ShapeError(f"{what} needs [batch, channels, height, width], got {fmt(t.shape)}",
+                         help="images are NCHW; reshape or transpose the input")
+    return features(b, x, 2, "height"), features(b, x, 3, "width")
 
 
 def conv_core(b, x, w, stride, dilation, groups):
@@ -141,15 +149,13 @@ def add_bias(b, a, y, rank):
 
 
 def _conv2d(b, a, x):
-    t = b.type(x)
-    if t.rank != 4:
-        raise ShapeError(f"conv2d needs [batch, channels, height, width], got {fmt(t.shape)}",
-                         help="images are NCHW; reshape or transpose the input")
+    hw = _image(b, x, "conv2d")
     c = features(b, x, 1, "channel")
     check_groups(a, c)
     kh, kw = pair(a.kernel)
     w = b.param("weight", (a.out, c // a.groups, kh, kw), "he_uniform")
-    y = conv_core(b, _pad2d(b, x, a.padding), w, a.stride, a.dilation, a.groups)
+    pads = pads4(a.padding, hw, a.kernel, a.stride, a.dilation)
+    y = conv_core(b, _pad2d(b, x, pads), w, a.stride, a.dilation, a.groups)
     # cut output and pre-activation: their cotangents are then realised once, not
     # recomputed inside the weight-gradient reduction for every weight
     y = add_bias(b, a, y, 4)
@@ -160,7 +166,9 @@ def _conv2d(b, a, x):
 
 _k = pair_field(..., "kernel", 1, "kernel size (one int or [h, w])")
 _s = pair_field(1, "stride", 1, "stride")
-_p = pair_field(0, "padding", 0, "zero padding on each side")
+_p = padding_field(0, "zero padding: one int, [h, w], [top, bottom, left, right], or "
+                      "'same' (output size ceil(input / stride), the odd row or column at "
+                      "the bottom and right)")
 _d = pair_field(1, "dilation", 1, "dilation")
 register("conv2d", doc="2-D convolution over NCHW images", family=FAMILY, inputs="x",
          attrs_model=attrs("conv2d", base=ParamLayer,
@@ -171,7 +179,8 @@ register("conv2d", doc="2-D convolution over NCHW images", family=FAMILY, inputs
                            activation=ACTIVATION),
          expand=_conv2d,
          reference=lambda a, xs, c: activated(a, R.conv2d(
-             xs[0], c.p["weight"], _bias_of(a, c), a.stride, a.padding, a.dilation, a.groups)),
+             R.pad2d(xs[0], pads4(a.padding, xs[0].shape[2:], a.kernel, a.stride, a.dilation)),
+             c.p["weight"], _bias_of(a, c), a.stride, 0, a.dilation, a.groups)),
          examples=[E([F((2, 3, 7, 7))], {"out": 4, "kernel": 3}),
                    E([F((2, 3, 7, 7))], {"out": 4, "kernel": 3, "stride": 2, "padding": 1},
                      id="conv2d_stride_pad"),
@@ -181,36 +190,72 @@ register("conv2d", doc="2-D convolution over NCHW images", family=FAMILY, inputs
                                          "padding": [1, 0], "groups": 2, "bias": False},
                      id="conv2d_groups_rect"),
                    E([F((1, 2, 5, 5))], {"out": 2, "kernel": 1, "groups": 2,
-                                         "activation": "relu"}, id="conv2d_depthwise_relu")],
+                                         "activation": "relu"}, id="conv2d_depthwise_relu"),
+                   E([F((2, 3, 7, 6))], {"out": 4, "kernel": [3, 4], "stride": 2,
+                                         "padding": "same"}, id="conv2d_same"),
+                   E([F((2, 3, 6, 6))], {"out": 2, "kernel": 3, "padding": [0, 1, 2, 1]},
+                     id="conv2d_pad4")],
          grad_examples=[
              E([F((1, 2, 5, 5))], {"out": 3, "kernel": 2, "stride": 2, "padding": 1}),
              E([F((1, 4, 6, 6))], {"out": 2, "kernel": [2, 3], "dilation": 2, "groups": 2,
-                                   "bias": False}, id="conv2d_dilation_groups")])
+                                   "bias": False}, id="conv2d_dilation_groups"),
+             E([F((1, 2, 5, 4))], {"out": 2, "kernel": 2, "padding": "same"},
+               id="conv2d_same")])
+
+
+def pool_pads(a, hw) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """A pooling node's padding (top, bottom, left, right), and the rows and columns
+    ``ceil_mode`` adds at the bottom and right (PyTorch's rule: one more window where the
+    last would start inside the input or its top or left padding)."""
+    stride = a.stride if a.stride is not None else a.kernel
+    pads = pads4(a.padding, hw, a.kernel, stride)
+    extra = []
+    for n, k, s, (p0, p1) in zip(hw, pair(a.kernel), pair(stride), (pads[:2], pads[2:]),
+                                 strict=True):
+        span = n + p0 + p1 - k
+        out = (-(-span // s) if a.ceil_mode else span // s) + 1
+        if a.ceil_mode and (out - 1) * s >= n + p0:
+            out -= 1
+        extra.append(max((out - 1) * s + k - (n + p0 + p1), 0))
+    return pads, tuple(extra)
 
 
 def _pool(reduce, pad_value):
     def expand(b, a, x):
-        if b.type(x).rank != 4:
-            raise ShapeError(f"pooling needs [batch, channels, height, width], got "
-                             f"{fmt(b.shape(x))}")
-        (kh, kw), (ph, pw) = pair(a.kernel), pair(a.padding)
-        if 2 * ph > kh or 2 * pw > kw:
+        hw = _image(b, x, "pooling")
+        pads, (eh, ew) = pool_pads(a, hw)
+        kh, kw = pair(a.kernel)
+        if a.padding != "same" and (max(pads[:2]) * 2 > kh or max(pads[2:]) * 2 > kw):
             raise ShapeError(f"padding {a.padding} is more than half the kernel {a.kernel}: "
                              "some windows would hold only padding",
                              help="use padding <= kernel // 2, as PyTorch requires")
-        win = b.emit("windows", _pad2d(b, x, a.padding, pad_value), kernel=a.kernel,
-                     stride=a.stride if a.stride is not None else a.kernel)
-        return b.emit(reduce, win, axes=[-2, -1])
+        stride = a.stride if a.stride is not None else a.kernel
+        win = lambda v: b.emit("windows", v, kernel=a.kernel, stride=stride)
+        full = (pads[0], pads[1] + eh, pads[2], pads[3] + ew)
+        if reduce == "max" or (getattr(a, "count_include_pad", True) and not eh and not ew):
+            return b.emit(reduce, win(_pad2d(b, x, full, pad_value)), axes=[-2, -1])
+        # a mean over the values a window holds (and its padding, if counted): the sum over
+        # the window, divided by a count made the same way from ones
+        total = b.emit("sum", win(_pad2d(b, x, full)), axes=[-2, -1])
+        ones = b.emit("add", b.emit("zeros", x, shape=[1, *hw]), b.const(1.0))
+        if a.count_include_pad:
+            ones = _pad2d(b, ones, pads, 1.0)
+            full = (0, eh, 0, ew)
+        count = b.emit("sum", win(_pad2d(b, ones, full)), axes=[-2, -1])
+        return b.emit("div", total, count)
     return expand
 
 
+_ceil = (bool, Field(False, description="one more window at the bottom and right where the "
+                                        "last would be partly outside (PyTorch's ceil_mode)"))
 _pool_fields = dict(kernel=_k, stride=(pair_field(None, "stride", 1, "")[0] | None, Field(
-    None, description="stride (default: the kernel size)")), padding=_p)
+    None, description="stride (default: the kernel size)")), padding=_p, ceil_mode=_ceil)
 IMG = F((2, 3, 6, 6))
 
 
 def _pool_ref(how):
-    return lambda a, xs, c: R.pool(xs[0], a.kernel, a.stride, a.padding, how)
+    return lambda a, xs, c: R.pool(xs[0], a.kernel, a.stride, pool_pads(a, xs[0].shape[2:])[0],
+                                   how, a.ceil_mode, getattr(a, "count_include_pad", True))
 
 
 register("max_pool2d", doc="max over sliding windows of NCHW images", family=FAMILY, inputs="x",
@@ -218,14 +263,31 @@ register("max_pool2d", doc="max over sliding windows of NCHW images", family=FAM
          reference=_pool_ref("max"),
          examples=[E([IMG], {"kernel": 2}),
                    E([IMG], {"kernel": 3, "stride": 2, "padding": 1}, id="max_pool2d_pad"),
-                   E([IMG], {"kernel": [2, 3], "stride": 1}, id="max_pool2d_rect")],
-         grad_examples=[E([IMG], {"kernel": 2, "padding": 1})])
-register("avg_pool2d", doc="mean over sliding windows (zero padding counts)", family=FAMILY,
-         inputs="x", attrs_model=attrs("avg_pool2d", **_pool_fields),
+                   E([IMG], {"kernel": [2, 3], "stride": 1}, id="max_pool2d_rect"),
+                   E([F((2, 3, 7, 6))], {"kernel": 3, "stride": 2, "padding": [1, 0, 1, 1],
+                                         "ceil_mode": True}, id="max_pool2d_ceil"),
+                   E([F((1, 2, 7, 7))], {"kernel": 2, "padding": "same"},
+                     id="max_pool2d_same")],
+         grad_examples=[E([IMG], {"kernel": 2, "padding": 1}),
+                        E([F((1, 2, 5, 5))], {"kernel": 2, "ceil_mode": True},
+                          id="max_pool2d_ceil")])
+register("avg_pool2d", doc="mean over sliding windows (zero padding counts, unless "
+         "count_include_pad is false)", family=FAMILY,
+         inputs="x", attrs_model=attrs("avg_pool2d", **_pool_fields, count_include_pad=(
+             bool, Field(True, description="count the zero padding in each mean (false: "
+                                           "divide by the values the window holds)"))),
          expand=_pool("mean", 0.0), reference=_pool_ref("mean"),
          examples=[E([IMG], {"kernel": 2}),
-                   E([IMG], {"kernel": 3, "stride": 2, "padding": 1}, id="avg_pool2d_pad")],
-         grad_examples=[E([IMG], {"kernel": [2, 3], "stride": [2, 3], "padding": 1})])
+                   E([IMG], {"kernel": 3, "stride": 2, "padding": 1}, id="avg_pool2d_pad"),
+                   E([F((2, 3, 7, 6))], {"kernel": 3, "stride": 2, "padding": 1,
+                                         "ceil_mode": True}, id="avg_pool2d_ceil"),
+                   E([F((2, 3, 7, 6))], {"kernel": 3, "stride": 2, "padding": [1, 0, 1, 1],
+                                         "ceil_mode": True, "count_include_pad": False},
+                     id="avg_pool2d_ceil_exclude_pad")],
+         grad_examples=[E([IMG], {"kernel": [2, 3], "stride": [2, 3], "padding": 1}),
+                        E([F((1, 2, 5, 5))], {"kernel": 2, "padding": 1, "ceil_mode": True,
+                                              "count_include_pad": False},
+                          id="avg_pool2d_exclude_pad")])
 composite("global_avg_pool", "mean over the spatial axes: [N, C, H, W] -> [N, C]",
           lambda b, a, x: b.emit("mean", x, axes=[2, 3]), family=FAMILY,
           tests=dict(reference=lambda a, xs, c: xs[0].mean(axis=(2, 3)),
@@ -234,16 +296,38 @@ composite("global_avg_pool", "mean over the spatial axes: [N, C, H, W] -> [N, C]
 
 def _embedding(b, a, ids):
     w = b.param("weight", (a.num, a.dim), "normal")
+    if a.padding_idx is not None:
+        if not -a.num <= a.padding_idx < a.num:
+            raise ShapeError(f"padding_idx {a.padding_idx} is not an id of a {a.num}-row table",
+                             help=f"use an id from 0 to {a.num - 1} (or from -{a.num})")
+        # the padding row is multiplied by 0: its ids give zeros and it never trains
+        pad = b.emit("one_hot", b.const(a.padding_idx % a.num, "int32"), depth=a.num)
+        keep = b.emit("sub", b.const(1.0), b.emit("reshape", pad, shape=[a.num, 1]))
+        w = b.emit("mul", w, keep)
     return b.emit("matmul", b.emit("one_hot", ids, depth=a.num), w)
+
+
+def _embedding_ref(a, xs, c):
+    w = c.p["weight"].copy()
+    if a.padding_idx is not None:
+        w[a.padding_idx] = 0.0
+    return w[xs[0]]
 
 
 register("embedding", doc="int ids -> learned vectors (a row of weight per id)", family=FAMILY,
          inputs="ids", attrs_model=attrs("embedding", base=ParamLayer,
                                          num=(int, Field(gt=0, description="vocabulary size")),
-                                         dim=(int, Field(gt=0, description="vector size"))),
-         expand=_embedding, reference=lambda a, xs, c: c.p["weight"][xs[0]],
-         examples=[E([Int((2, 5), 7)], {"num": 7, "dim": 3})],
-         grad_examples=[E([Int((2, 5), 7)], {"num": 7, "dim": 3})])
+                                         dim=(int, Field(gt=0, description="vector size")),
+                                         padding_idx=(int | None, Field(None, description=(
+                                             "an id (padding) that gives zeros and whose row "
+                                             "never trains, as PyTorch's padding_idx")))),
+         expand=_embedding, reference=_embedding_ref,
+         examples=[E([Int((2, 5), 7)], {"num": 7, "dim": 3}),
+                   E([Int((2, 5), 3, values=[[0, 1, 2, 1, 0], [2, 2, 0, 1, 1]])],
+                     {"num": 3, "dim": 4, "padding_idx": 1}, id="embedding_padding_idx")],
+         grad_examples=[E([Int((2, 5), 7)], {"num": 7, "dim": 3}),
+                        E([Int((2, 5), 3, values=[[0, 1, 2, 1, 0], [2, 2, 0, 1, 1]])],
+                          {"num": 3, "dim": 2, "padding_idx": -1}, id="embedding_padding_idx")])
 
 
 def _dropout_mask(c, a, x):
@@ -337,7 +421,7 @@ def _moving_average_vjp(b, n, g):
 register("moving_average", doc="training: the batch statistic (and move the running one "
          "towards `update`, by default the statistic itself); eval: the running statistic",
          family=FAMILY, inputs="stat, running, update*",
-         attrs_model=attrs("moving_average", momentum=(float, Field(0.1, gt=0, le=1)),
+         attrs_model=attrs("moving_average", momentum=(float, Field(0.1, ge=0, le=1)),
                            update=(bool, Field(True, description="in training, move the "
                                                "running statistic (off: only pick by mode)"))),
          infer=lambda a, s, r, *u: s, forward=_moving_average, vjp=_moving_average_vjp,
@@ -426,9 +510,10 @@ register("layer_norm", doc="normalise over the last `dims` axes, then scale and 
 register("batch_norm", doc="normalise over the batch (and space) per channel (axis 1); "
          "running statistics in eval mode", family=FAMILY, inputs="x",
          attrs_model=attrs("batch_norm", base=ParamLayer, eps=_eps, affine=_affine,
-                           momentum=(float, Field(0.1, gt=0, le=1, description=
+                           momentum=(float, Field(0.1, ge=0, le=1, description=
                                                   "weight of the new batch in the "
-                                                  "running statistics"))),
+                                                  "running statistics (0: they stay as "
+                                                  "loaded)"))),
          expand=_batch_norm, reference=_batch_norm_ref,
          examples=[E([F((4, 3))], id="batch_norm_initial_stats", keep_init=True),
                    E([F((4, 3))], id="batch_norm_2d"),

@@ -95,8 +95,10 @@ def windows_grad(g, shape, kernel, stride=1, dilation=1):
 
 
 def pad2d(x, padding, value=0.0):
-    (ph, pw) = pair(padding)
-    return np.pad(x, [(0, 0)] * (x.ndim - 2) + [(ph, ph), (pw, pw)], constant_values=value)
+    """x padded by an int, (h, w) or (top, bottom, left, right)."""
+    p = (padding,) * 4 if isinstance(padding, int) else tuple(padding)
+    p = (p[0], p[0], p[1], p[1]) if len(p) == 2 else p
+    return np.pad(x, [(0, 0)] * (x.ndim - 2) + [p[:2], p[2:]], constant_values=value)
 
 
 def _bias(y, b):
@@ -130,11 +132,34 @@ def conv_transpose2d(x, w, b=None, stride=1, padding=0, output_padding=0, dilati
     return _bias(y[:, :, ph:full_h + oph - ph, pw:full_w + opw - pw], b)
 
 
-def pool(x, kernel, stride, padding, how: str):
-    """PyTorch's ``max_pool2d`` / ``avg_pool2d`` (padding counted in the mean)."""
-    value = -np.inf if how == "max" else 0.0
-    win = windows(pad2d(x, padding, value), kernel, kernel if stride is None else stride)
-    return win.max(axis=(-2, -1)) if how == "max" else win.mean(axis=(-2, -1))
+def pool(x, kernel, stride, pads, how: str, ceil_mode=False, count_include_pad=True):
+    """PyTorch's ``max_pool2d`` / ``avg_pool2d`` by their definition, one window at a time:
+    window (i, j) covers rows i*s - top .. + k, clipped to the padded image; ``ceil_mode``
+    keeps a last window that starts inside the input or its top or left padding; a mean
+    divides by the window's padded size, or by the values it holds."""
+    (kh, kw), (sh, sw) = pair(kernel), pair(kernel if stride is None else stride)
+    top, bottom, left, right = pads
+    h, w = x.shape[-2:]
+
+    def count(n, k, s, p0, p1):
+        span = n + p0 + p1 - k
+        out = (-(-span // s) if ceil_mode else span // s) + 1
+        return out - 1 if ceil_mode and (out - 1) * s >= n + p0 else out
+
+    oh, ow = count(h, kh, sh, top, bottom), count(w, kw, sw, left, right)
+    out = np.zeros(x.shape[:-2] + (oh, ow))
+    for i in range(oh):
+        for j in range(ow):
+            h0, w0 = i * sh - top, j * sw - left
+            h1, w1 = min(h0 + kh, h + bottom), min(w0 + kw, w + right)
+            win = x[..., max(h0, 0):min(h1, h), max(w0, 0):min(w1, w)]
+            if how == "max":
+                out[..., i, j] = win.max(axis=(-2, -1))
+            else:
+                size = (h1 - h0) * (w1 - w0) if count_include_pad else win.shape[-2] * \
+                    win.shape[-1]
+                out[..., i, j] = win.sum(axis=(-2, -1)) / size
+    return out
 
 
 # -- layers -----------------------------------------------------------------------------------

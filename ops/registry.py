@@ -72,6 +72,64 @@ class OpDef:
 
 REGISTRY: dict[str, OpDef] = {}
 """The ops a spec may name."""
+
+ALIASES: dict[str, tuple[str, str]] = {
+    # Keras and PyTorch layer names -> (dlgraph's op, where the name comes from); looked up
+    # without case or underscores, so `Dense`, `dense` and `DENSE` all point at linear
+    "dense": ("linear", "Keras' Dense"), "fullyconnected": ("linear", "a fully connected layer"),
+    "conv2d": ("conv2d", "Conv2D"), "conv1d": ("conv1d", "Conv1D"),
+    "conv2dtranspose": ("conv_transpose2d", "Keras' Conv2DTranspose"),
+    "convtranspose2d": ("conv_transpose2d", "PyTorch's ConvTranspose2d"),
+    "lstm": ("lstm", "LSTM"), "gru": ("gru", "GRU"), "simplernn": ("rnn", "Keras' SimpleRNN"),
+    "rnn": ("rnn", "RNN"), "embedding": ("embedding", "Embedding"),
+    "batchnormalization": ("batch_norm", "Keras' BatchNormalization"),
+    "batchnorm1d": ("batch_norm", "PyTorch's BatchNorm1d"),
+    "batchnorm2d": ("batch_norm", "PyTorch's BatchNorm2d"),
+    "layernormalization": ("layer_norm", "Keras' LayerNormalization"),
+    "layernorm": ("layer_norm", "PyTorch's LayerNorm"),
+    "maxpooling2d": ("max_pool2d", "Keras' MaxPooling2D"),
+    "maxpool2d": ("max_pool2d", "PyTorch's MaxPool2d"),
+    "averagepooling2d": ("avg_pool2d", "Keras' AveragePooling2D"),
+    "avgpool2d": ("avg_pool2d", "PyTorch's AvgPool2d"),
+    "globalaveragepooling2d": ("global_avg_pool", "Keras' GlobalAveragePooling2D"),
+    "adaptiveavgpool2d": ("global_avg_pool", "PyTorch's AdaptiveAvgPool2d(1)"),
+    "multiheadattention": ("multi_head_attention", "MultiHeadAttention"),
+    "transformerencoderlayer": ("transformer_encoder_block",
+                                "PyTorch's TransformerEncoderLayer"),
+    "transformerdecoderlayer": ("transformer_decoder_block",
+                                "PyTorch's TransformerDecoderLayer"),
+    "concatenate": ("concat", "Keras' Concatenate"), "cat": ("concat", "torch.cat"),
+    "multiply": ("mul", "Keras' Multiply"), "subtract": ("sub", "Keras' Subtract"),
+    "permute": ("transpose", "Permute"), "matmul": ("matmul", "MatMul"),
+    "leakyrelu": ("leaky_relu", "LeakyReLU"), "logsoftmax": ("log_softmax", "LogSoftmax"),
+    "mseloss": ("mse", "PyTorch's MSELoss"), "meansquarederror": ("mse", "Keras' "
+                                                                  "MeanSquaredError"),
+    "l1loss": ("l1", "PyTorch's L1Loss"), "huberloss": ("huber", "PyTorch's HuberLoss"),
+    "crossentropyloss": ("cross_entropy", "PyTorch's CrossEntropyLoss"),
+    "categoricalcrossentropy": ("cross_entropy", "Keras' CategoricalCrossentropy"),
+    "sparsecategoricalcrossentropy": ("cross_entropy",
+                                      "Keras' SparseCategoricalCrossentropy"),
+    "nllloss": ("nll", "PyTorch's NLLLoss"),
+    "bceloss": ("binary_cross_entropy", "PyTorch's BCELoss"),
+    "binarycrossentropy": ("binary_cross_entropy", "Keras' BinaryCrossentropy"),
+}
+"""Names people bring from Keras and PyTorch, for the help of an unknown op (checked
+against the registry by tests/test_ops.py)."""
+
+
+def op_suggestion(name: str, others=()) -> str | None:
+    """The help line for an unknown op: dlgraph's name for a Keras or PyTorch layer, else the
+    closest name among the ops and ``others`` (a spec's modules).
+
+    >>> op_suggestion("Dense")
+    "Keras' Dense is dlgraph's 'linear' (`dlgraph ops linear` describes it)"
+    """
+    from dlgraph.engine.errors import suggest
+    hit = ALIASES.get(name.lower().replace("_", ""))
+    if hit is not None:
+        op, origin = hit
+        return f"{origin} is dlgraph's '{op}' (`dlgraph ops {op}` describes it)"
+    return suggest(name, list(REGISTRY) + sorted(others))
 OPS: dict[str, OpDef] = {}
 """Every op a graph may hold: REGISTRY plus the engine's internal ones (loop, pick)."""
 EXAMPLE_IDS: dict[str, set[str]] = {"examples": set(), "grad_examples": set()}

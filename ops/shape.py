@@ -416,6 +416,25 @@ def pair_field(default, what: str, least: int, description: str):
             Field(default, description=description))
 
 
+def padding_field(default, description: str):
+    """A 2-D padding field: one int, [h, w], [top, bottom, left, right] (each axis's before
+    and after, in [h, w] order) or "same" (the output is ceil(input / stride), the odd row
+    or column at the bottom and right, as Keras and ONNX's SAME_UPPER)."""
+    def check(v):
+        if v == "same":
+            return v
+        ok = isinstance(v, int) or (isinstance(v, list) and len(v) in (2, 4))
+        vals = [v] if isinstance(v, int) else v if ok else []
+        if not ok or any(isinstance(i, bool) or not isinstance(i, int) for i in vals):
+            raise ValueError("padding is one integer, [h, w], [top, bottom, left, right] or "
+                             f"'same'; got {v!r}"[:160])
+        if any(not 0 <= i <= MAX_SIZE for i in vals):
+            raise ValueError(f"padding must be 0 or more (and below 2^31); got {v!r}")
+        return v
+    return (Annotated[int | list[int] | str, BeforeValidator(check)],
+            Field(default, description=description))
+
+
 def _out_size(size, k, s, d):
     return (size - d * (k - 1) - 1) // s + 1
 

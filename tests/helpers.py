@@ -30,6 +30,7 @@ import dlgraph
 from dlgraph.engine.compile.interpret import Ctx, Interpreter, input_dims, to_tensor
 from dlgraph.engine.graph.autodiff import reverse
 from dlgraph.ops import REGISTRY
+from dlgraph.ops.common import pads4
 from dlgraph.ops.examples import Bool as B
 from dlgraph.ops.examples import Example, Int
 from dlgraph.ops.examples import Float as F
@@ -199,7 +200,8 @@ def torch_ref(*names):
 def run_torch_ref(case: Case, a, xs, ctx) -> np.ndarray | None:
     """PyTorch's output for the case (float64), or None where the op has no counterpart."""
     fn = TORCH_REF.get(case.op)
-    return None if fn is None else np.asarray(fn(a, [_f64(x) for x in xs], ctx))
+    y = None if fn is None else fn(a, [_f64(x) for x in xs], ctx)
+    return None if y is None else np.asarray(y)
 
 
 def _pair(v):
@@ -217,21 +219,31 @@ def _t(x):
 
 @torch_ref("conv2d")
 def _conv2d(a, xs, c):
-    y = TF.conv2d(_t(xs[0]), _t(c.p["weight"]), _t(c.p["bias"]) if a.bias else None,
-                  stride=_pair(a.stride), padding=_pair(a.padding), dilation=_pair(a.dilation),
-                  groups=a.groups).numpy()
+    top, bottom, left, right = pads4(a.padding, xs[0].shape[2:], a.kernel, a.stride, a.dilation)
+    x = TF.pad(_t(xs[0]), (left, right, top, bottom))
+    y = TF.conv2d(x, _t(c.p["weight"]), _t(c.p["bias"]) if a.bias else None,
+                  stride=_pair(a.stride), dilation=_pair(a.dilation), groups=a.groups).numpy()
     return _activate(a, y)
 
 
-def _pool_args(a):
-    return dict(kernel_size=_pair(a.kernel),
-                stride=_pair(a.stride if a.stride is not None else a.kernel),
-                padding=_pair(a.padding))
+def _pool_args(a, x):
+    """PyTorch's pooling arguments; None where it has no counterpart (uneven padding)."""
+    stride = a.stride if a.stride is not None else a.kernel
+    top, bottom, left, right = pads4(a.padding, x.shape[2:], a.kernel, stride)
+    if (top, left) != (bottom, right):
+        return None
+    return dict(kernel_size=_pair(a.kernel), stride=_pair(stride), padding=(top, left),
+                ceil_mode=a.ceil_mode)
 
 
-TORCH_REF["max_pool2d"] = lambda a, xs, c: TF.max_pool2d(_t(xs[0]), **_pool_args(a)).numpy()
-TORCH_REF["avg_pool2d"] = lambda a, xs, c: TF.avg_pool2d(_t(xs[0]), count_include_pad=True,
-                                                   **_pool_args(a)).numpy()
+@torch_ref("max_pool2d", "avg_pool2d")
+def _pool(a, xs, c):
+    kw = _pool_args(a, xs[0])
+    if kw is None:
+        return None
+    if a.op == "max_pool2d":
+        return TF.max_pool2d(_t(xs[0]), **kw).numpy()
+    return TF.avg_pool2d(_t(xs[0]), count_include_pad=a.count_include_pad, **kw).numpy()
 
 
 @torch_ref("conv1d")

@@ -119,3 +119,93 @@ def test_shape_errors():
         "output_padding 2 must be smaller than the stride 2 or the dilation 1"
     assert error_of("conv_transpose2d", ["batch", 3, 1, 1], out=2, kernel=1,
                     padding=1).message == "padding 1 leaves no output of a 1x1 image"
+
+
+# ------------------------------------------------- padding: same, four sides; pool options
+CONV2D_PADDING = {  # id: (in channels, (h, w), attrs, PyTorch's padding)
+    "same_odd_kernel": (3, (6, 5), {"out": 4, "kernel": 3, "padding": "same"}, "same"),
+    "same_even_kernel_dilated": (2, (5, 6), {"out": 3, "kernel": [2, 4], "dilation": 2,
+                                             "padding": "same"}, "same"),
+}
+
+
+@pytest.mark.parametrize("c,hw,attrs,pad", CONV2D_PADDING.values(), ids=CONV2D_PADDING.keys())
+def test_conv2d_padding_same_matches_torch(c, hw, attrs, pad):
+    module = torch.nn.Conv2d(c, attrs["out"], attrs["kernel"], padding=pad,
+                             dilation=attrs.get("dilation", 1))
+    check("conv2d", TF.conv2d, module, (N, c, *hw), attrs,
+          {"padding": pad, "dilation": attrs.get("dilation", 1)})
+
+
+def test_conv2d_four_sided_and_strided_same_padding_match_a_padded_torch_conv():
+    # PyTorch's padding='same' is for stride 1; with a stride it is Keras' and ONNX's
+    # SAME_UPPER: output ceil(7 / 2) = 4, the odd row at the bottom (pads 1 top, 1 bottom
+    # for a 3-kernel over 7; 0 left, 1 right for a 2-kernel over 6)
+    for padding, sides in (("same", (0, 1, 1, 1)), ([0, 1, 2, 1], (2, 1, 0, 1))):
+        module = torch.nn.Conv2d(2, 3, [3, 2], stride=2)
+        fn = lambda x, w, b, **kw: TF.conv2d(TF.pad(x, sides), w, b, stride=2)  # noqa: B023
+        check("conv2d", fn, module, (N, 2, 7, 6),
+              {"out": 3, "kernel": [3, 2], "stride": 2, "padding": padding}, {})
+
+
+def pool_case(op, hw, attrs):
+    spec = {"dlgraph": 1, "name": "p", "inputs": {"x": {"shape": ["batch", 2, *hw]}},
+            "nodes": {"a": {"op": op, "in": "x", **attrs}}, "outputs": ["a"]}
+    x = np.random.default_rng(3).standard_normal((N, 2, *hw)).astype(np.float32)
+    return dlgraph.compile(dlgraph.load(spec))(x=x)["a"], torch.from_numpy(x)
+
+
+@pytest.mark.parametrize("hw,kernel,stride,padding", [((7, 7), 2, 2, 0), ((6, 7), 3, 2, 1),
+                                                      ((5, 8), [3, 2], [2, 3], [1, 0])])
+def test_pools_with_ceil_mode_match_torch(hw, kernel, stride, padding):
+    attrs = dict(kernel=kernel, stride=stride, padding=padding, ceil_mode=True)
+    got, x = pool_case("max_pool2d", hw, attrs)
+    want = torch.nn.MaxPool2d(kernel, stride, padding, ceil_mode=True)(x)
+    np.testing.assert_allclose(got, want.numpy(), rtol=1e-6)
+    for include in (True, False):
+        got, x = pool_case("avg_pool2d", hw, {**attrs, "count_include_pad": include})
+        want = torch.nn.AvgPool2d(kernel, stride, padding, ceil_mode=True,
+                                  count_include_pad=include)(x)
+        np.testing.assert_allclose(got, want.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_avg_pool_excluding_padding_matches_torch_and_its_gradient_too():
+    spec = conv_spec("avg_pool2d", (N, 2, 5, 5), (N, 2, 3, 3),
+                     {"kernel": 3, "stride": 2, "padding": 1, "count_include_pad": False})
+
+    def torch_side(w):
+        x = leaf(w, "x")
+
+        def fn(y):
+            o = TF.avg_pool2d(x, 3, 2, 1, count_include_pad=False)
+            return o, mse(o, y)
+        return fn, {"x": x}
+    y = np.random.default_rng(2).standard_normal((N, 2, 3, 3)).astype(np.float32)
+    versus_torch(spec, torch_side, {"y": y})
+
+
+def test_embedding_padding_idx_gives_zeros_and_never_trains_as_torch():
+    ids = np.array([[0, 2, 1, 2], [1, 1, 3, 0]])
+    spec = {"dlgraph": 1, "name": "e", "inputs": {"ids": {"shape": [2, 4], "dtype": "int32"},
+                                                  "y": {"shape": [2, 4, 3]}},
+            "nodes": {"a": {"op": "embedding", "in": "ids", "num": 4, "dim": 3,
+                            "padding_idx": 2},
+                      "loss": {"op": "mse", "in": ["a", "y"]}}, "outputs": ["a"]}
+    module = torch.nn.Embedding(4, 3, padding_idx=2)
+
+    def torch_side(w):
+        w = {k: v.copy() for k, v in w.items()}
+        w["a.weight"][2] = 0.0        # PyTorch's padding row starts (and stays) at zero
+        leaves = load_module(module, w)
+        return (lambda ids, y: (o := module(ids.long()), mse(o, y))), leaves
+    y = np.random.default_rng(4).standard_normal((2, 4, 3)).astype(np.float32)
+    versus_torch(spec, torch_side, {"ids": ids.astype(np.int32), "y": y})
+
+
+def test_pool_and_embedding_option_errors():
+    assert error_of("embedding", ["batch", 3], num=4, dim=2, padding_idx=4).message == \
+        "padding_idx 4 is not an id of a 4-row table"
+    assert error_of("max_pool2d", ["batch", 3, 8, 8], kernel=2,
+                    padding=[1, 2, 0, 0]).message == \
+        "padding [1, 2, 0, 0] is more than half the kernel 2: some windows would hold only " \
+        "padding"

@@ -255,7 +255,7 @@ def _bn_values(shape, seed, zero=False):
 
 
 @pytest.mark.parametrize("shape, momentum", [((4, 3), 1.0), ((4, 3), 0.1), ((2, 3, 3, 3), 1.0),
-                                             ((2, 3), 0.5)])
+                                             ((2, 3), 0.5), ((2, 3, 3, 3), 0.0)])
 def test_batch_norm_running_var_is_unbiased_as_pytorch(shape, momentum):
     _, tg, wrt = _param_graph("batch_norm", shape, {"momentum": momentum})
     values = _bn_values(shape, 3)

@@ -224,3 +224,20 @@ def test_integer_pow_matches_numpy():
     got = dlgraph.compile(g)(a=a, b=b)["p"]
     assert got.dtype == np.int32
     np.testing.assert_array_equal(got, a.astype(np.int64) ** b)
+
+
+def test_keras_and_pytorch_layer_names_point_at_dlgraphs_ops():
+    from dlgraph.ops.registry import ALIASES
+    assert not [k for k, (op, _) in ALIASES.items() if op not in REGISTRY]
+    spec = {"dlgraph": 1, "name": "k", "inputs": {"x": {"shape": ["batch", 4]}},
+            "nodes": {"fc": {"op": "Dense", "in": "x", "out": 3}}, "outputs": ["fc"]}
+    for name, help in (("Dense", "Keras' Dense is dlgraph's 'linear' (`dlgraph ops linear` "
+                                 "describes it)"),
+                       ("MaxPool2d", "PyTorch's MaxPool2d is dlgraph's 'max_pool2d' (`dlgraph "
+                                     "ops max_pool2d` describes it)"),
+                       ("LSTM", "LSTM is dlgraph's 'lstm' (`dlgraph ops lstm` describes it)"),
+                       ("lienar", "did you mean 'linear'?")):
+        spec["nodes"]["fc"]["op"] = name
+        with pytest.raises(dlgraph.SpecError) as e:
+            dlgraph.load(spec)
+        assert str(e.value) == f"<dict>: node 'fc': unknown op '{name}'\n  help: {help}"

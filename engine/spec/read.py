@@ -12,7 +12,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from dlgraph.engine.errors import Source, SpecError, suggest
+from dlgraph.engine.errors import Source, SpecError
 from dlgraph.engine.io.data.text import bind_vocab
 from dlgraph.engine.spec.base import IDENT
 from dlgraph.engine.spec.explain import explain_validation
@@ -20,6 +20,7 @@ from dlgraph.engine.spec.library import library
 from dlgraph.engine.spec.models import spec_model
 from dlgraph.engine.spec.parse import parse_text, read_spec_text
 from dlgraph.ops import REGISTRY
+from dlgraph.ops.registry import op_suggestion
 
 
 def read_spec(path: str | Path):
@@ -89,5 +90,5 @@ def _check_ops(nodes, path: tuple, modules: set[str], lines: dict, file: str):
         if op not in REGISTRY and op not in modules:
             raise SpecError(f"unknown op '{op}'", node=str(nid),
                             source=Source(file, lines.get(path + (nid, "op")) or src.line),
-                            help=suggest(str(op), list(REGISTRY) + sorted(modules))
+                            help=op_suggestion(str(op), modules)
                             or "`dlgraph ops` lists the ops there are")
