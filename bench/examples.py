@@ -16,6 +16,11 @@ kernel. After training, some families get checks of their own, run on the traine
 
 An example meets its goal when the spec's own ``target`` is met (if it has one), its family
 check passes (if it has one), and it finished within the time budget (3 minutes).
+
+Then every pipeline in graphs/pipelines/ runs with ``dlgraph pipeline run`` in a fresh
+process and a fresh pipeline directory, twice: it meets its goal when every stage finished
+the first time within :data:`PIPELINE_BUDGET_S`, and the second run found every stage up to
+date (``--only pipelines/gan`` runs one).
 """
 
 from __future__ import annotations
@@ -36,6 +41,8 @@ ROOT = HERE.parent
 GRAPHS = ROOT / "graphs"
 DEFAULT_OUT = ROOT / "docs" / "examples.md"
 BUDGET_S = 180.0
+PIPELINES = GRAPHS / "pipelines"
+PIPELINE_BUDGET_S = 60.0        # a pipeline example is kept small: well under a minute
 
 #: how the table describes each network (an example not listed gets its ops)
 NETWORK = {
@@ -188,6 +195,78 @@ def worker(path: Path, out: Path, steps: int | None = None) -> dict:
 
 
 # =========================================================================== parent
+
+
+def run_pipeline_example(path: Path, tmp: Path) -> dict:
+    """`dlgraph pipeline run` twice in fresh processes: every stage done, then up to date."""
+    name = path.relative_to(GRAPHS).with_suffix("").as_posix()
+    env = dict(os.environ, DLGRAPH_CACHE_DIR=str(tmp / "programs" / name.replace("/", "-")))
+    cmd = [sys.executable, "-m", "dlgraph.cli.main", "pipeline", "run", str(path), "--dir",
+           str(tmp / name.replace("/", "-"))]
+    runs = []
+    for _ in range(2):
+        t0 = time.perf_counter()
+        p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=600)
+        runs.append((p, time.perf_counter() - t0))
+    (first, wall), (second, again) = runs
+    rows = [line.split() for line in first.stdout.splitlines()[1:-1]]
+    states = [line.split()[2:5] for line in second.stdout.splitlines()[1:-1]]
+    row = {"pipeline": name, "stages": len(rows), "wall_s": wall, "again_s": again,
+           "table": "\n".join(first.stdout.strip().splitlines()[:-1] +
+                               [first.stdout.strip().splitlines()[-1].rsplit(";", 1)[0]])
+           if first.stdout.strip() else ""}
+    if first.returncode or second.returncode:
+        row["error"] = ((first.stderr or second.stderr).strip().splitlines() or ["?"])[-1]
+    row["ok"] = "error" not in row and all(r[2] == "done" for r in rows) and \
+        all(s[:3] == ["up", "to", "date"] for s in states) and wall <= PIPELINE_BUDGET_S
+    return row
+
+
+def missing_data(path: Path) -> str | None:
+    """Why a pipeline cannot run here: a data file one of its specs reads is missing."""
+    import dlgraph
+    try:
+        dlgraph.validate_pipeline(path)
+    except dlgraph.DlgraphError as e:
+        if "does not exist" in str(e):
+            return str(e).splitlines()[0]
+    return None
+
+
+def run_pipelines(paths: list[Path], tmp: Path) -> list[dict]:
+    rows = []
+    for path in paths:
+        missing = missing_data(path)
+        if missing:                                  # e.g. scripts/export_digits.py
+            print(f"{name_of(path)}: skipped, {missing}", file=sys.stderr, flush=True)
+            continue
+        print(f"{name_of(path)} ...", file=sys.stderr, flush=True)
+        row = run_pipeline_example(path, tmp)
+        rows.append(row)
+        print(f"  {'met' if row['ok'] else 'NOT met'}: {row['stages']} stages in "
+              f"{row['wall_s']:.0f} s, again in {row['again_s']:.1f} s"
+              + (f"; error: {row['error']}" if "error" in row else ""),
+              file=sys.stderr, flush=True)
+    return rows
+
+
+def pipeline_report(rows: list[dict]) -> str:
+    if not rows:
+        return ""
+    lines = [f"## Pipelines: {sum(r['ok'] for r in rows)} of {len(rows)} met", "",
+             "Each pipeline of `graphs/pipelines/` run by `dlgraph pipeline run` in a fresh "
+             "process and pipeline directory, then again: met when every stage finished "
+             f"within {PIPELINE_BUDGET_S:.0f} s and the second run found every stage up to "
+             "date.", "",
+             "| pipeline | stages | first run | second run | met? |", "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| `graphs/{r['pipeline']}.yaml` | {r['stages']} | {r['wall_s']:.1f} s "
+                     f"| {r['again_s']:.1f} s | {'yes' if r['ok'] else 'no'} |")
+    for r in rows:
+        lines += ["", f"`graphs/{r['pipeline']}.yaml`:", "", "```", r["table"]
+                  or r.get("error", "?"), "```"]
+    return "\n".join(lines + [""])
 
 
 def machine() -> dict:
@@ -359,12 +438,14 @@ def main() -> int:
         return 0
 
     paths = sorted(GRAPHS.glob("*.yaml")) + [GRAPHS / f"{n}.yaml" for n in PIPELINE]
+    pipelines = sorted(PIPELINES.glob("*.yaml"))
     if opts.only:
         wanted = opts.only.split(",")
-        unknown = set(wanted) - {name_of(p) for p in paths}
+        unknown = set(wanted) - {name_of(p) for p in paths + pipelines}
         if unknown:
             ap.error(f"no such example: {', '.join(sorted(unknown))}")
         paths = [p for p in paths if name_of(p) in wanted]
+        pipelines = [p for p in pipelines if name_of(p) in wanted]
     out = opts.out or (None if opts.only else DEFAULT_OUT)
     command = " ".join(["python", "bench/examples.py"] + sys.argv[1:])
     t0 = time.perf_counter()
@@ -391,13 +472,16 @@ def main() -> int:
                       + f"; {row['train_s']:.0f} s (first step {row['first_step_s']:.1f} s, "
                       f"cached {_cached(row) or '?'})",
                       file=sys.stderr, flush=True)
-    text = report(rows, machine(), opts, time.perf_counter() - t0, command)
+        pipe_rows = run_pipelines(pipelines, Path(tmp))
+    text = pipeline_report(pipe_rows)
+    if rows or not pipe_rows:
+        text = report(rows, machine(), opts, time.perf_counter() - t0, command) + "\n" + text
     if out is not None:
         out.write_text(text, encoding="utf-8")
         print(f"wrote {out}", file=sys.stderr)
     else:
         print(text)
-    return 0 if all(met(r) for r in rows) else 1
+    return 0 if all(met(r) for r in rows) and all(r["ok"] for r in pipe_rows) else 1
 
 
 if __name__ == "__main__":

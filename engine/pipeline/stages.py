@@ -103,10 +103,17 @@ def run_train(job: Job, g: Graph, work: Path) -> dict:
     out = {"metrics": res.metrics, "target": res.target, "target_met": res.target_met,
            "epochs": res.epochs, "steps": res.steps, "best": res.best}
     _json(work / "metrics.json", out)
-    train_spec = g.spec.train
-    key = train_spec.target.metric if train_spec.target else \
-        "val_loss" if "val_loss" in res.metrics else next(iter(res.metrics), None)
-    return {"metrics": res.metrics, "key": key}
+    return {"metrics": res.metrics, "key": _key_metric(g.spec.train, res.metrics)}
+
+
+def _key_metric(spec, metrics: dict) -> str | None:
+    """The value a run is judged by: its target's metric, else its first validation
+    metric, else the validation loss, else the first value logged."""
+    named = [f"val_{m.name or m.type}" for m in spec.metrics]
+    for key in ([spec.target.metric] if spec.target else []) + named + ["val_loss"]:
+        if key in metrics:
+            return key
+    return next(iter(metrics), None)
 
 
 def run_evaluate(job: Job, g: Graph, work: Path) -> dict:
