@@ -52,6 +52,7 @@ from dlgraph.engine.train.rundir import (
     CHECKPOINT,
     METRICS,
     WEIGHTS,
+    claim_run_dir,
     draw_curves,
     run_dir_path,
     start_run_dir,
@@ -134,6 +135,7 @@ def train_workers(graph: Graph, *, workers: int, address: str | None = None, out
     summarize(g, phase_graphs(g))                 # every check before Ray starts
     train_arrays, val_arrays, note, stats = split_data(graph, spec, data)
     run_dir = run_dir_path(graph, out)
+    lock = claim_run_dir(run_dir, resume)   # noqa: F841 (held, by flock, while this runs)
     resumed = read_checkpoint(run_dir / CHECKPOINT, param_shapes(g)) if resume else None
     n_train = len(next(iter(train_arrays.values())))
     start_run_dir(run_dir, graph, resumed[1]["history"] if resumed else [], stats, n_train)

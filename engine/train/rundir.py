@@ -109,6 +109,7 @@ class RunLock:
     The system drops the lock when the process ends, however it ends (SIGKILL too)."""
 
     def __init__(self, run_dir: Path):
+        self.fd: int | None = None
         path = run_dir / MARK
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -125,7 +126,7 @@ class RunLock:
                                      "folder") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self.fd: int | None = fd
+        self.fd = fd
 
     def release(self) -> None:
         if self.fd is not None:

@@ -44,6 +44,7 @@ def run_trial(config: dict, *, plan_data: dict, paths: list[str], base: str, swe
 
     from dlgraph.engine.graph.build import load_graph
     from dlgraph.engine.train.loop import train
+    from dlgraph.engine.train.rundir import new_run_dir
     k = trial_number(tune.get_context().get_trial_name())
     run_dir = Path(sweep_dir) / f"trial-{k:03d}"
     overrides = {p: config[p] for p in paths}
@@ -53,7 +54,7 @@ def run_trial(config: dict, *, plan_data: dict, paths: list[str], base: str, swe
         data, seed = trial_data(plan_data, overrides, k, Path(base), Path(sweep_dir),
                                 seed_every)
         report["seed"] = seed
-        run_dir.mkdir(parents=True, exist_ok=True)
+        new_run_dir(run_dir)                 # marked as dlgraph's before trial.json goes in
         (run_dir / "trial.json").write_text(json.dumps(
             {"trial": k, "overrides": overrides, "seed": seed, "sweep": sweep_dir}, indent=2))
         res = train(load_graph(data, base=Path(base)), out=run_dir, quiet=True, device=device)
