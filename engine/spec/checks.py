@@ -8,6 +8,7 @@ Every problem is a located :class:`SpecError` or :class:`DataError` with a ``hel
 
 from __future__ import annotations
 
+import fnmatch
 import os
 from pathlib import Path
 
@@ -28,9 +29,15 @@ def check_training(g: Graph) -> None:
     for k, m in enumerate(spec.metrics):
         _metric(g, m, k)
     _target(g, spec)
+    _watched(g, spec)
     _data_file(g, spec)
+    _data_size(g, spec)
     _data_names(g, spec)
     _batch_statistics(g, spec)
+    frozen_names(g, spec.freeze)
+    if spec.init_from is not None:
+        init_from_names(g, spec.init_from)
+    _tensorboard(g, spec)
 
 
 def _at(g: Graph, *path) -> Source:
@@ -97,6 +104,111 @@ def _target(g: Graph, spec) -> None:
                         f"{', '.join(logged)}", source=_at(g, "target", "metric"),
                         help=hint or "name one of the logged values, or add the metric "
                                      "under `metrics:` (validation needs `validation.split`)")
+
+
+def _watched(g: Graph, spec) -> None:
+    """What early stopping, best checkpoints and plateau schedules watch must be logged:
+    the run would find out only after its first epoch, with a run folder begun."""
+    logged = logged_names(spec)
+    watched = [(spec.early_stopping, ("early_stopping", "metric"), "early_stopping"),
+               (spec.best_checkpoint, ("best_checkpoint", "metric"), "best_checkpoint")]
+    watched += [(ph.schedule, ("phases", k, "schedule", "metric") if spec.phases else
+                 ("schedule", "metric"), "the plateau schedule")
+                for k, ph in enumerate(spec.all_phases())
+                if ph.schedule is not None and ph.schedule.type == "plateau"]
+    for m, path, what in watched:
+        if m is not None and m.metric not in logged:
+            hint = suggest(m.metric, logged) or (
+                f"did you mean 'val_{m.metric}'?" if f"val_{m.metric}" in logged else None)
+            raise SpecError(f"{what} watches '{m.metric}', which is never logged; logged: "
+                            f"{', '.join(logged)}", source=_at(g, *path),
+                            help=hint or "watch one of the logged values (validation values "
+                                         "need `validation.split`)")
+
+
+def _tensorboard(g: Graph, spec) -> None:
+    """`log.tensorboard: DIR` must be a folder (or not exist yet): event files go inside."""
+    tb = spec.log.tensorboard if spec.log is not None else False
+    if isinstance(tb, str) and Path(tb).exists() and not Path(tb).is_dir():
+        raise SpecError(f"log.tensorboard names {tb}, which is a file, not a folder",
+                        source=_at(g, "log", "tensorboard"),
+                        help="name a folder for the event files, or `true` for "
+                             "<run dir>/tensorboard")
+
+
+def frozen_names(g: Graph, patterns: list[str]) -> list[str]:
+    """The parameters ``freeze`` patterns select; a located SpecError when a pattern
+    matches none (a typo would otherwise train everything)."""
+    for k, p in enumerate(patterns):
+        if not any(fnmatch.fnmatchcase(n, p) for n in g.params):
+            raise SpecError(f"freeze: '{p}' matches no parameter",
+                            source=_at(g, "freeze", k),
+                            help=suggest(p, list(g.params)) or "parameter names: "
+                            + ", ".join(list(g.params)[:12]))
+    return [n for n in g.params if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+
+
+def init_from_names(g: Graph, spec, path: Path | None = None,
+                    shapes: dict[str, list[int]] | None = None) -> dict[str, str]:
+    """This graph's parameter -> its name in the ``init_from`` weights file (an
+    InitFromSpec), from the file's header only: a missing file, a selection that copies
+    nothing, two parameters renamed onto one, or a shape that differs is a located error.
+    ``path``/``shapes``: the file and its tensors' shapes, when already known."""
+    from dlgraph.engine.io.data.declared import safetensors_shapes
+    where = _at(g, "init_from", "path") if g.spec.train and g.spec.train.init_from is spec \
+        else Source(str(path))
+    path = path or Path(g.base or Path.cwd()) / spec.path
+    if not path.is_file():
+        raise DataError(f"init_from: no such weights file: {path}", source=where,
+                        help="give the weights.safetensors or checkpoint.safetensors of a run")
+    shapes = shapes if shapes is not None else safetensors_shapes(path)
+    if not any(k in shapes for k in g.params):        # a run's checkpoint: param.<name>
+        shapes = {k.removeprefix("param."): v for k, v in shapes.items()} or shapes
+    pairs: dict[str, str] = {}
+    for name, p in g.params.items():
+        theirs = _their_name(name, spec)
+        if theirs is None or theirs not in shapes:
+            continue
+        if list(shapes[theirs]) != list(p.shape):
+            raise DataError(f"parameter '{theirs}' has shape {list(shapes[theirs])} in "
+                            f"{path}, '{name}' has {list(p.shape)} here", source=where,
+                            help="leave it out of init_from.params, or map it with rename")
+        twin = next((m for m, t in pairs.items() if t == theirs), None)
+        if twin is not None:
+            raise SpecError(f"init_from.rename maps both '{twin}' and '{name}' onto '{theirs}'"
+                            f" of {path}", source=_at(g, "init_from", "rename"),
+                            help="give each renamed scope its own prefix in the file")
+        pairs[name] = theirs
+    if not pairs:
+        raise DataError(f"init_from: no parameter of this graph is in {path}; it holds: "
+                        f"{', '.join(list(shapes)[:8])}", source=where,
+                        help="map renamed scopes with init_from.rename, e.g. {enc: encoder}")
+    return pairs
+
+
+def _their_name(name: str, spec) -> str | None:
+    """The name parameter ``name`` has in the init_from file (the longest ``rename`` prefix
+    applied), or None when ``spec.params`` does not select it."""
+    if not any(fnmatch.fnmatchcase(name, p) for p in spec.params):
+        return None
+    for mine in sorted(spec.rename, key=len, reverse=True):
+        if name.startswith(mine + "."):
+            return spec.rename[mine] + name[len(mine):]
+    return name
+
+
+def _data_size(g: Graph, spec) -> None:
+    """Generated data over the memory cap, refused at its line (`samples: 1e9`) before
+    `run` would generate it."""
+    from dlgraph.engine.io.data.base import check_budget
+    if spec.data is None or not spec.data.scratch_bytes():
+        return
+    try:
+        check_budget(f"the '{spec.data.source}' data", spec.data.scratch_bytes())
+    except DataError as e:
+        field = next((f for f in ("samples", "length", "size") if f in
+                      type(spec.data).model_fields), None)
+        raise e.located(source=_at(g, "data", field) if field else _at(g, "data")) from None
 
 
 def _data_file(g: Graph, spec) -> None:

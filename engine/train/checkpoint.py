@@ -10,7 +10,6 @@ metadata, the epoch, the step and the epoch rows so far (see :func:`checkpoint_a
 
 from __future__ import annotations
 
-import fnmatch
 import json
 import math
 import os
@@ -24,6 +23,7 @@ from dlgraph.engine.errors import DataError, Source, TrainingError
 from dlgraph.engine.graph.ir import Graph
 from dlgraph.engine.io.data.declared import metadata_json, read_safetensors, read_safetensors_file
 from dlgraph.engine.io.outputs import atomic_write  # noqa: F401 (here for its users)
+from dlgraph.engine.spec.checks import init_from_names
 
 
 def save_tensors(path: Path, tensors: dict[str, np.ndarray], meta: dict | None = None) -> None:
@@ -170,32 +170,8 @@ def apply_init_from(graph: Graph, params: dict, spec, echo) -> None:
     arrays, _ = load_tensors(path)
     if not any(k in arrays for k in params):        # a run's checkpoint: param.<name>
         arrays = {k.removeprefix("param."): v for k, v in arrays.items()} or arrays
-    copied = []
-    for name, t in params.items():
-        theirs = _their_name(name, spec)
-        if theirs is None or theirs not in arrays:
-            continue
-        if tuple(arrays[theirs].shape) != tuple(t.shape):
-            raise DataError(f"parameter '{theirs}' has shape {list(arrays[theirs].shape)} in "
-                            f"the file, '{name}' has {list(t.shape)} here",
-                            source=Source(str(path)),
-                            help="leave it out of init_from.params, or map it with rename")
-        t.assign(Tensor(arrays[theirs].astype(np.float32))).realize()
-        copied.append(name)
-    if not copied:
-        raise DataError(f"no parameter of this graph is in the file; it holds: "
-                        f"{', '.join(list(arrays)[:8])}", source=Source(str(path)),
-                        help="map renamed scopes with init_from.rename, e.g. {enc: encoder}")
+    pairs = init_from_names(graph, spec, path, {k: list(v.shape) for k, v in arrays.items()})
+    for name, theirs in pairs.items():          # names and shapes checked as validate does
+        params[name].assign(Tensor(arrays[theirs].astype(np.float32))).realize()
+    copied = list(pairs)
     echo(f"initialised {count(len(copied), 'parameter')} from {os.path.normpath(path)}")
-
-
-def _their_name(name: str, spec) -> str | None:
-    """The name parameter ``name`` has in the init_from file (``rename`` applied), or None
-    when ``spec.params`` does not select it."""
-    if not any(fnmatch.fnmatchcase(name, p) for p in spec.params):
-        return None
-    theirs = name
-    for mine, other in spec.rename.items():
-        if name.startswith(mine + "."):
-            theirs = other + name[len(mine):]
-    return theirs

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import fnmatch
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -18,17 +17,14 @@ from dlgraph.engine.io.data import load_data, scaling, split
 from dlgraph.engine.io.data.base import check_finite, check_lengths, standard_dtype
 from dlgraph.engine.io.data.ids import check_feeds
 from dlgraph.engine.io.data.scaling import inputs_to_standardize
+from dlgraph.engine.spec.checks import frozen_names
 
 
 def frozen(graph: Graph, patterns: list[str]) -> Graph:
     """``graph`` with the parameters that match ``patterns`` untrainable (a copy)."""
     if not patterns:
         return graph
-    hit = [n for n in graph.params if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
-    if not hit:
-        raise SpecError(f"freeze: no parameter matches {patterns}",
-                        source=Source(graph.source, graph.lines.get(("train", "freeze"))),
-                        help="parameter names: " + ", ".join(list(graph.params)[:12]))
+    hit = frozen_names(graph, patterns)         # what `validate` checks, the same way
     out = copy.copy(graph)
     out.params = {n: dataclasses.replace(p, trainable=False) if n in hit else p
                   for n, p in graph.params.items()}

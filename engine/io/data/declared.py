@@ -200,13 +200,20 @@ def read_safetensors(data: bytes | memoryview, where: str) -> tuple[dict[str, np
 
 def read_safetensors_file(path: Path) -> tuple[dict[str, np.ndarray], dict]:
     """:func:`read_safetensors` of a file, its header checked before the body is read."""
+    safetensors_shapes(path)
+    return read_safetensors(Path(path).read_bytes(), str(path))
+
+
+def safetensors_shapes(path: Path) -> dict[str, list[int]]:
+    """Tensor name -> shape of a safetensors file, from its header alone (nothing else is
+    read): what `validate` checks `init_from:` against."""
     path = Path(path)
     size = check_regular(path)
     with open(path, "rb") as f:
         head = f.read(8)
         n = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
-        safetensors_header(head + f.read(min(n, MAX_HEADER_BYTES)), str(path), size)
-    return read_safetensors(path.read_bytes(), str(path))
+        header = safetensors_header(head + f.read(min(n, MAX_HEADER_BYTES)), str(path), size)
+    return {k: list(t["shape"]) for k, t in header.items() if k != "__metadata__"}
 
 
 def metadata_json(header: dict, key: str, where: str):
@@ -225,4 +232,4 @@ def metadata_json(header: dict, key: str, where: str):
 
 __all__ = ["DAMAGED", "MAX_HEADER_BYTES", "SAFETENSORS_DTYPES", "metadata_json", "npy_sizes",
            "npz_member", "read_npy_file", "read_safetensors", "read_safetensors_file",
-           "safetensors_header"]
+           "safetensors_header", "safetensors_shapes"]
