@@ -253,6 +253,28 @@ stages:
         assert file_hash(path) == file_hash(tiny / "series" / path.relative_to(res.dir)), ref
 
 
+@pytest.mark.slow
+def test_stages_as_ray_tasks_give_the_same_artifacts_as_in_series(tiny):
+    pytest.importorskip("ray")
+    pipe = write(tiny, "p.yaml", "dlgraph: 1\npipeline: p\nstages:\n  one: {train: a.yaml}\n"
+                                 "  two: {train: b.yaml}\n")
+    series, _, _ = run(pipe, tiny / "series")
+    on_ray, res, _ = run(pipe, tiny / "ray", address="local", jobs=2)
+    assert series == on_ray == {"one": "done", "two": "done"}
+    for ref, path in res.artifacts.items():
+        assert file_hash(path) == file_hash(tiny / "series" / path.relative_to(res.dir)), ref
+
+
+@pytest.mark.parametrize("name", ["transfer", "digits", "gan"])
+def test_the_example_pipelines_validate(name):
+    if name == "digits" and not (ROOT / "graphs/data/digits.npz").exists():
+        pytest.skip("graphs/data/digits.npz is made by scripts/export_digits.py")
+    plan = dlgraph.validate_pipeline(ROOT / f"graphs/pipelines/{name}.yaml")
+    assert plan.order == {"transfer": ["pretrain", "classify", "report", "onnx"],
+                          "digits": ["search", "retrain", "report", "onnx"],
+                          "gan": ["train", "sample"]}[name]
+
+
 def test_the_rendered_dot_is_stable_and_coloured_by_state(tiny):
     pipe = write(tiny, "p.yaml", "dlgraph: 1\npipeline: p\nstages:\n  fit: {train: a.yaml}\n"
                                  "  score: {evaluate: a.yaml, weights: fit.weights}\n")

@@ -111,10 +111,22 @@ class OnRay(InProcess):
     """Stages as Ray tasks on a cluster (or a local Ray), one CPU each. The pipeline
     directory must be on a file system the workers share."""
 
-    def __init__(self, address: str | None):
+    def __init__(self, address: str):
+        import logging
+
         from dlgraph.engine.train.sweep import import_ray
-        self.ray = import_ray()
-        self.ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
+        self.ray = import_ray()[0]
+        self.started = not self.ray.is_initialized()
+        if self.started:
+            try:
+                self.ray.init(address=address, include_dashboard=False, log_to_driver=False,
+                              logging_level=logging.ERROR)
+            except (ConnectionError, RuntimeError, ValueError) as e:
+                raise DlgraphError(f"cannot reach the Ray cluster at {address}: "
+                                   f"{str(e).splitlines()[0]}",
+                                   help="start it with `ray start --head` and pass its "
+                                        "address, or 'local' for a Ray on this machine") \
+                    from None
         self.task = self.ray.remote(num_cpus=1)(run_job)
 
     def submit(self, job: Job):
@@ -127,6 +139,10 @@ class OnRay(InProcess):
     def result(self, handle) -> dict:
         return self.ray.get(handle)
 
+    def close(self) -> None:
+        if self.started:
+            self.ray.shutdown()
+
 
 def make_job(plan: Plan, pdir: PipelineDir, name: str, device: str | None) -> Job:
     """A stage's Job: its spec, the files of its inputs, its partial folder."""
@@ -135,7 +151,8 @@ def make_job(plan: Plan, pdir: PipelineDir, name: str, device: str | None) -> Jo
     inputs = {fld: str(artifact_path(plan, pdir, p, a).resolve()) for fld, (p, a) in
               refs.items()}
     src = plan.specs[name]
-    spec = None if "spec" in refs else (src.data, src.lines, src.file, str(src.base))
+    spec = None if "spec" in refs else (src.data, src.lines, src.file,
+                                        str(src.base.resolve()))
     data = getattr(sd.model, "data", None)
     if isinstance(data, str) and "data" not in refs:
         data = str(plan.path(data).resolve())
