@@ -162,6 +162,8 @@ SWEEP_OPTIONS = options(
                                                                    "as many as fit)"),
     click.option("--time-budget", type=click.FloatRange(min=0, min_open=True),
                  metavar="SECONDS", help="stop the sweep's trials after this many seconds"),
+    click.option("--max-trials", type=click.IntRange(min=1), metavar="N",
+                 help="refuse a sweep of more trials than N (default 10000)"),
     click.option("--out", type=click.Path(file_okay=False, path_type=Path),
                  help="the sweep directory (default runs/<name>-sweep/<time>)"),
 )

@@ -22,6 +22,8 @@ from pydantic import Field, field_validator, model_validator
 
 from dlgraph.engine.spec.base import Strict
 
+#: the most trials a sweep plans unless `max_trials` (--max-trials) raises it
+MAX_TRIALS = 10_000
 #: a dotted path into the spec: names (letters, digits, _, -) or list positions
 PATH = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*(\.([A-Za-z0-9_][A-Za-z0-9_-]*))*$")
 
@@ -75,6 +77,9 @@ class SweepSpec(Strict):
     gpus_per_trial: float = Field(0.0, ge=0, description="GPUs Ray reserves for each trial")
     time_budget: float | None = Field(None, gt=0, description="seconds after which the sweep "
                                       "stops its trials")
+    max_trials: int = Field(MAX_TRIALS, ge=1, description="the most trials a sweep may plan "
+                            "(a grid's combinations times `samples`); more is refused before "
+                            "anything is built")
 
     @field_validator("parameters")
     @classmethod
@@ -89,4 +94,4 @@ class SweepSpec(Strict):
         return v
 
 
-__all__ = ["PATH", "RangeSpec", "SweepSpec"]
+__all__ = ["MAX_TRIALS", "PATH", "RangeSpec", "SweepSpec"]

@@ -146,7 +146,7 @@ def train_workers(graph: Graph, *, workers: int, address: str | None = None, out
     echo(f"training {graph.name} on {workers} Ray Train workers ({kind} all-reduce): "
          f"{n_train:,} training samples{note}, batch "
          f"{spec.batch} ({spec.batch // workers} per worker), up to {count(epochs, 'epoch')}")
-    started = _start_ray(ray, address)
+    started = start_ray(ray, address)
     try:
         if address is None:
             _check_resources(ray, workers, _gpu(device))
@@ -188,17 +188,21 @@ def _import_ray():
     return ray, DataParallelTrainer
 
 
-def _start_ray(ray, address: str | None) -> bool:
-    """Join ``address`` or start a local Ray; True when this call started it."""
+def start_ray(ray, address: str | None) -> bool:
+    """Join ``address`` or start a local Ray; True when this call started it (and so shuts
+    it down after). Whatever Ray raises while starting (a refused connection, a timeout, a
+    full /tmp, a missing binary, its own exception classes) is one line, not a traceback."""
     if ray.is_initialized():
         return False
     import logging
     try:
         ray.init(address=address, include_dashboard=False, log_to_driver=False,
                  logging_level=logging.ERROR)
-    except (ConnectionError, RuntimeError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 (Ray's start-up raises many unrelated classes)
         where = f"the Ray cluster at {address}" if address else "a local Ray"
-        raise DlgraphError(f"cannot start {where}: {str(e).splitlines()[0]}",
+        first = next((line for line in str(e).splitlines() if line.strip()), "")
+        raise DlgraphError(f"cannot start {where}: {type(e).__name__}"
+                           + (f": {first[:300]}" if first else ""),
                            help="start the cluster with `ray start --head` and pass its "
                                 "address (host:6379), or leave --address out") from None
     return True

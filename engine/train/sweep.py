@@ -27,6 +27,7 @@ from typing import Any
 
 from dlgraph.engine.errors import DlgraphError
 from dlgraph.engine.spec.sweep import RangeSpec
+from dlgraph.engine.train.parallel import start_ray
 from dlgraph.engine.train.sweep_plan import Plan, trial_data, trial_number
 from dlgraph.engine.train.sweep_report import SweepResult, collect, plot_sweep, write_csv
 
@@ -130,17 +131,8 @@ def _start_ray(ray, plan: Plan) -> bool:
     this call started it (and so shuts it down after). A Ray already running is used."""
     if ray.is_initialized():
         return False
-    import logging
     _reachable(plan.address)
-    try:
-        ray.init(address=plan.address, include_dashboard=False, log_to_driver=False,
-                 logging_level=logging.ERROR)
-    except (ConnectionError, RuntimeError, ValueError) as e:
-        where = f"the Ray cluster at {plan.address}" if plan.address else "a local Ray"
-        raise DlgraphError(f"cannot start {where}: {str(e).splitlines()[0]}",
-                           help="start the cluster with `ray start --head` and pass its "
-                                "address (host:6379), or leave --address out") from None
-    return True
+    return start_ray(ray, plan.address)
 
 
 def _reachable(address: str | None) -> None:

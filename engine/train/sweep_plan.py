@@ -11,9 +11,12 @@ Nothing here imports Ray.
 from __future__ import annotations
 
 import copy
+import itertools
 import json
+import math
 import re
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -76,12 +79,12 @@ class Plan:
         if self.sweep.search != "grid" or self.samples == 1 or any(
                 p.path == "train.seed" for p in self.params):
             return 0
-        return len(grid(self.params))
+        return grid_size(self.params)
 
     @property
     def trials(self) -> int:
         """How many trials the search makes (a grid: every combination, ``samples`` times)."""
-        return self.samples * (len(grid(self.params)) if self.sweep.search == "grid" else 1)
+        return self.samples * (grid_size(self.params) if self.sweep.search == "grid" else 1)
 
 
 def show(v: Any) -> str:
@@ -203,8 +206,7 @@ def check_values(plan: Plan) -> None:
         for v in values:
             check_trial(plan, {p.path: v}, p)
     if plan.sweep.search == "grid" and len(plan.params) > 1:
-        combos = grid(plan.params)
-        for combo in combos[:MAX_CHECKED]:
+        for combo in itertools.islice(grid(plan.params), MAX_CHECKED):
             check_trial(plan, combo, None)
 
 
@@ -212,12 +214,33 @@ def check_values(plan: Plan) -> None:
 MAX_CHECKED = 64
 
 
-def grid(params: list[Param]) -> list[dict[str, Any]]:
-    """Every combination of listed values, the last parameter varying fastest."""
-    combos: list[dict[str, Any]] = [{}]
-    for p in params:
-        combos = [{**c, p.path: v} for c in combos for v in p.values]
-    return combos
+def grid(params: list[Param]) -> Iterator[dict[str, Any]]:
+    """Every combination of listed values, the last parameter varying fastest, one at a
+    time (a grid of 10^9 combinations is counted by :func:`grid_size`, never built)."""
+    for values in itertools.product(*(p.values for p in params)):
+        yield {p.path: v for p, v in zip(params, values, strict=True)}
+
+
+def grid_size(params: list[Param]) -> int:
+    """How many combinations :func:`grid` makes."""
+    return math.prod(len(p.values) for p in params if isinstance(p.values, list))
+
+
+def check_count(plan: Plan, lines: dict) -> None:
+    """Refuse a sweep of more trials than ``max_trials`` (a typo in --samples, or a grid of
+    many long lists), with the figure, before anything is built or Ray is started."""
+    limit = plan.sweep.max_trials
+    if plan.trials > limit:
+        grid_text = " × ".join(str(len(p.values)) for p in plan.params
+                               if isinstance(p.values, list))
+        how = (f"a grid of {grid_text} values" + (f", run {plan.samples:,} times"
+                                                  if plan.samples > 1 else "")
+               if plan.sweep.search == "grid" else f"{plan.sweep.search} search")
+        raise SpecError(f"this sweep would run {plan.trials:,} trials ({how}); at most "
+                        f"{limit:,} are run", source=Source(plan.file, line_of(lines, (
+                            "sweep", "samples")) or line_of(lines, ("sweep",))),
+                        help="vary fewer values or lower --samples; raise the bound with "
+                             "--max-trials N (or `sweep: {max_trials: N}`)")
 
 
 def check_trial(plan: Plan, overrides: dict[str, Any], param: Param | None):
@@ -277,6 +300,7 @@ def plan_sweep(spec: str | Path, flags: tuple[str, ...] | list[str] = (), *,
     from dlgraph.engine.spec.checks import logged_names
     plan.logged = logged_names(parsed.train)
     _check_search(plan)
+    check_count(plan, lines)
     check_values(plan)
     return plan
 
@@ -380,5 +404,6 @@ def trial_number(name: str) -> int:
 
 
 __all__ = ["DEFAULT_SAMPLES", "MAX_CHECKED", "OPTUNA_MISSING", "Param", "Plan",
-           "check_trial", "check_values", "grid", "parse_param", "plan_sweep", "show",
-           "split_values", "trial_data", "trial_number", "with_override"]
+           "check_count", "check_trial", "check_values", "grid", "grid_size", "parse_param",
+           "plan_sweep", "show", "split_values", "trial_data", "trial_number",
+           "with_override"]
