@@ -317,3 +317,13 @@ def test_the_commands_print_what_a_user_reads(tiny):
     assert total.startswith("1 stages: 1 run, 0 up to date, 0 failed, 0 skipped")
     assert runner.invoke(main, ["pipeline", "status", str(pipe), "--dir", out]).stdout \
         == "fit  up to date\n"
+
+
+@pytest.mark.parametrize("doc", ["README.md", "docs/pipelines.md"])
+def test_the_documented_pipeline_is_the_example(doc):
+    import yaml
+    text = (ROOT / doc).read_text(encoding="utf-8")
+    body = text.split("```yaml\n# graphs/pipelines/transfer.yaml\n", 1)[1].split("```", 1)[0]
+    shown = yaml.safe_load(body)
+    example = yaml.safe_load((ROOT / "graphs/pipelines/transfer.yaml").read_text())
+    assert shown["stages"] == example["stages"] and shown["pipeline"] == example["pipeline"]
