@@ -126,8 +126,8 @@ def test_watching_a_name_that_is_not_logged_is_located(tmp_path):
     p = spec_file(tmp_path, early_stopping={"metric": "val_acc"})
     r = CliRunner().invoke(main, ["run", str(p), "--out", str(tmp_path / "run"), "-q"])
     assert r.exit_code == 1, r.output
-    assert f"{p}:" in r.output and "'val_acc' is not logged; logged: loss, val_loss, " \
-        "val_accuracy" in r.output and "Traceback" not in r.output
+    assert f"{p}:" in r.output and "'val_acc', which is never logged; logged: loss, " \
+        "val_loss, val_accuracy, train_accuracy" in r.output and "Traceback" not in r.output
 
 
 # ---------------------------------------------------------------- data and transfer

@@ -117,7 +117,7 @@ def test_a_grid_over_a_range_and_an_unlogged_metric_are_refused(tmp_path):
     r = cli("sweep", spec, "--param", "train.optimizer.lr=0.1", "--metric", "val_acuracy")
     assert r.exit_code == 1
     assert "sweep metric 'val_acuracy' is never logged; logged: loss, val_loss, " \
-           "val_accuracy\n  help: did you mean 'val_accuracy'?" in r.output
+           "val_accuracy, train_accuracy\n  help: did you mean 'val_accuracy'?" in r.output
 
 
 def test_an_out_folder_holding_a_sweep_is_refused(tmp_path):

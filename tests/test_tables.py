@@ -24,7 +24,6 @@ from dlgraph.engine.spec.train import (
     TrainSpec,
 )
 from dlgraph.engine.train.loop import lr_at
-from dlgraph.engine.train.validate import metric_value
 
 SPEC = """
 dlgraph: 1
@@ -99,6 +98,12 @@ def test_every_schedule_starts_at_the_base_rate_and_ends_where_its_doc_says(name
     assert lr_at(s, 1.0, 100, 100) == pytest.approx(end)
 
 
+def metric_value(kind, *values, sizes=None):
+    """A metric over one batch per value (``sizes``: the batches' sizes)."""
+    parts = [[v] for v in values] if sizes is None else list(values)
+    return METRICS[kind].over(parts, sizes or [len(values[0])])
+
+
 def test_metrics_against_numpy_float64():
     pred = np.array([[0.1, 0.9], [0.8, 0.2], [0.3, 0.7]], np.float32)
     labels = np.array([1, 1, 1])
@@ -108,6 +113,11 @@ def test_metrics_against_numpy_float64():
     assert metric_value("mse", p, t) == pytest.approx(np.mean(d ** 2), rel=1e-12)
     assert metric_value("mae", p, t) == pytest.approx(np.mean(np.abs(d)), rel=1e-12)
     assert metric_value("rmse", p, t) == pytest.approx(np.sqrt(np.mean(d ** 2)), rel=1e-12)
+    # mean: a node's values over every batch; a scalar per batch (a loss term) weighs by size
+    a, b = np.arange(6, dtype=np.float32).reshape(3, 2), np.float32([[10, 20]])
+    assert metric_value("mean", [a, b], sizes=[3, 1]) == pytest.approx(np.mean([*a.ravel(), 10, 20]))
+    assert metric_value("mean", [np.float32(2.0), np.float32(6.0)], sizes=[3, 1]) == \
+        pytest.approx((2 * 3 + 6) / 4)
 
 
 # (name, torch initialiser on a [out, in] weight, or None) — same distribution, other draws

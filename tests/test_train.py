@@ -189,3 +189,46 @@ train:
     res = dlgraph.train(dlgraph.load(path), out=tmp_path / "r", quiet=True)
     losses = [r["loss"] for r in lines(res.run_dir, "step")]
     assert len(losses) == 4 and len(set(losses)) == 4, losses
+
+
+def test_metrics_on_any_node_and_on_the_training_split(tmp_path):
+    """`mean` logs any node (a loss term, a layer's activations); every metric is logged for
+    the validation split (val_) and for as many training samples (train_), in eval mode.
+    Checked: the mean of the objective node is the validation loss, and evaluate's values
+    are numpy float64's forward over the trained weights."""
+    path = tmp_path / "m.yaml"
+    path.write_text(TINY.read_text().replace(
+        "    - {type: accuracy, in: [logits, y]}",
+        "    - {type: accuracy, in: [logits, y]}\n    - {type: mean, in: h, name: h_mean}\n"
+        "    - {type: mean, in: loss, name: ce}"))
+    res = dlgraph.train(dlgraph.load(path), out=tmp_path / "r", epochs=2, quiet=True)
+    row = lines(res.run_dir, "epoch")[-1]
+    for name in ("accuracy", "h_mean", "ce"):
+        assert f"val_{name}" in row and f"train_{name}" in row, row
+    assert row["val_ce"] == pytest.approx(row["val_loss"], rel=1e-6)
+    assert row["train_ce"] != row["val_ce"] and 0 <= row["train_accuracy"] <= 1
+
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(50, 2)).astype(np.float32)
+    y = (x[:, 0] * x[:, 1] > 0).astype(np.int32)
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    g = dlgraph.load(path)
+    ev = dlgraph.evaluate(g, res.run_dir / "weights.safetensors", tmp_path / "d.npz")
+    w = load_tensors(res.run_dir / "weights.safetensors")[0]
+    h = np.tanh(x.astype(np.float64) @ w["h.weight"].T.astype(np.float64) + w["h.bias"])
+    logits = h @ w["logits.weight"].T + w["logits.bias"]
+    z = logits - logits.max(1, keepdims=True)
+    ce = -(z[np.arange(50), y] - np.log(np.exp(z).sum(1))).mean()
+    assert ev.metrics["h_mean"] == pytest.approx(h.mean(), abs=1e-5)
+    assert ev.metrics["ce"] == pytest.approx(ce, rel=1e-4)
+    assert ev.metrics["accuracy"] == pytest.approx((logits.argmax(1) == y).mean())
+
+
+def test_a_metric_with_the_wrong_number_of_inputs_is_located(tmp_path):
+    path = tmp_path / "m.yaml"
+    path.write_text(TINY.read_text().replace(
+        "    - {type: accuracy, in: [logits, y]}", "    - {type: mean, in: [logits, y]}"))
+    r = CliRunner().invoke(main, ["validate", str(path)])
+    assert r.exit_code == 1
+    assert f"{path}:19:" in r.output and "a mean metric takes one node in `in:`, got 2" in \
+        r.output, r.output

@@ -233,18 +233,18 @@ def evaluate(graph: Graph, weights: str | Path, data: str | Path | None = None, 
     phases = spec.all_phases()
     losses = {("loss" if len(phases) == 1 else f"loss_{p.name}"): graph.resolve(p.objective)
               for p in phases}
-    metrics = [(m.name or m.type, m.type, graph.resolve(m.in_[0]), graph.resolve(m.in_[1]))
+    metrics = [(m.name or m.type, m.type, [graph.resolve(r) for r in m.in_])
                for m in spec.metrics]
     task = task_of(graph)
     pair = (graph.resolve(task[1]), graph.resolve(task[2])) if task else ()
-    wanted = list(losses.values()) + [r for m in metrics for r in m[2:]] + list(pair)
+    wanted = list(losses.values()) + [r for m in metrics for r in m[2]] + list(pair)
     got, sizes = run_batches(graph, params, arrays, wanted, batch or spec.batch, "evaluating",
                              quiet)
     n = sum(sizes)
     out = {k: float(np.average([float(np.asarray(v).reshape(-1)[0]) for v in got[nid]],
                                weights=sizes)) for k, nid in losses.items()}
-    for name, kind, pred, target in metrics:
-        out[name] = METRICS[kind].compute(np.concatenate(got[pred]), np.concatenate(got[target]))
+    for name, kind, refs in metrics:
+        out[name] = METRICS[kind].over([got[r] for r in refs], sizes)
     ev = Evaluation(str(graph.name), where, n, out, task[0] if task else None)
     if task:
         p, t = np.concatenate(got[pair[0]]), np.concatenate(got[pair[1]])

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Union
 
 import numpy as np
-from pydantic import Field, model_validator
+from pydantic import BeforeValidator, Field, model_validator
 from tinygrad import Tensor
 from tinygrad.nn import optim
 
@@ -218,11 +218,21 @@ class ScheduleSpec(Strict):
 
 @dataclass(frozen=True)
 class MetricDef:
-    """A validation metric: its doc and its value over the whole validation set."""
+    """A metric: its doc and its value over a whole data set (``compute`` of the values
+    of its ``arity`` nodes, each concatenated over the batches)."""
 
     name: str
     doc: str
-    compute: Callable[[np.ndarray, np.ndarray], float]   # (prediction, target) -> value
+    compute: Callable[..., float]        # (prediction, target) -> value; or (values) -> value
+    arity: int = 2
+
+    def over(self, parts: list[list[np.ndarray]], sizes: list[int]) -> float:
+        """The value over batches: ``parts[i]`` holds node i's value per batch, ``sizes`` the
+        batches' sizes (a scalar per batch, as a loss term, counts by its batch's size)."""
+        if self.arity == 1 and all(np.size(v) == 1 for v in parts[0]):
+            return float(np.average([float(np.reshape(v, -1)[0]) for v in parts[0]],
+                                    weights=sizes))
+        return self.compute(*(np.concatenate([np.atleast_1d(v) for v in vs]) for vs in parts))
 
 
 def _sq(pred: np.ndarray, target: np.ndarray) -> np.ndarray:
@@ -237,6 +247,8 @@ METRICS: dict[str, MetricDef] = {d.name: d for d in [
     MetricDef("mae", "mean absolute error vs the target",
               lambda p, t: float(np.abs(p.astype(np.float64) - t).mean())),
     MetricDef("rmse", "root of the mse", lambda p, t: float(np.sqrt(_sq(p, t).mean()))),
+    MetricDef("mean", "the mean of one node's values, e.g. a VAE's KL term (`in: kl`)",
+              lambda v: float(np.mean(v, dtype=np.float64)), arity=1),
 ]}
 
 # --------------------------------------------------------------------- the train section
@@ -256,13 +268,23 @@ class Phase(Strict):
 
 
 class MetricSpec(Strict):
-    """A metric computed on the validation set after each epoch."""
+    """A metric computed after each epoch on the validation set (logged as `val_<name>`)
+    and on a sample of the training set as large (`train_<name>`)."""
 
     type: Literal[tuple(METRICS)] = Field(  # type: ignore[valid-type]
         description=_table_doc(METRICS))
-    in_: list[str] = Field(alias="in", min_length=2, max_length=2,
-                           description="[prediction node, target input or node]")
+    in_: Annotated[list[str], BeforeValidator(lambda v: [v] if isinstance(v, str) else v)] = \
+        Field(alias="in", min_length=1, max_length=2,
+              description="[prediction node, target input or node]; for `mean`, one node")
     name: str | None = Field(None, description="the name in logs (default: the type)")
+
+    @model_validator(mode="after")
+    def _arity(self):
+        n = METRICS[self.type].arity
+        if len(self.in_) != n:
+            raise ValueError(f"a {self.type} metric takes {'one node' if n == 1 else 'two'}"
+                             f" in `in:`, got {len(self.in_)}")
+        return self
 
 
 class ValidationSpec(Strict):

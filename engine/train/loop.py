@@ -143,6 +143,7 @@ class Run:
     t_start: float
     validator: Validator | None = None
     val_chunks: list = field(default_factory=list)
+    train_chunks: list = field(default_factory=list)     # for the train_ metrics
     steps_done: int = 0
     start_epoch: int = 0
     history: list[dict] = field(default_factory=list)
@@ -278,8 +279,9 @@ def new_run(graph: Graph, graphs: dict, step: Step, train_arrays: dict, val_arra
         run.steps_done, run.start_epoch, run.history = restore_checkpoint(
             *resumed, params, runners, run_dir / CHECKPOINT)
     if val_arrays:
-        run.validator, run.val_chunks = validation(graph, spec, names, val_arrays, whole,
-                                                   runners[0].program.cache, step.whole)
+        run.validator, run.val_chunks, run.train_chunks = validation(
+            graph, spec, names, val_arrays, whole, runners[0].program.cache, step.whole,
+            train_arrays)
     return run
 
 
@@ -370,6 +372,8 @@ def close_epoch(run: Run, epoch: int, losses: dict[str, list[float]],
     if run.validator and run.step.lead and ((epoch + 1) % run.spec.validation.every == 0
                                             or epoch + 1 == run.epochs or run.out_of_steps()):
         last.update(run.validator(run.params, run.val_chunks))
+        if run.train_chunks:
+            last.update(run.validator(run.params, run.train_chunks, "train_", losses=False))
     last = run.step.share(last)
     row = {"kind": "epoch", "epoch": epoch + 1, "step": run.steps_done,
            "seconds": round(time.perf_counter() - run.t_start, 3),
