@@ -643,3 +643,20 @@ def test_denoising_noise_is_off_at_inference():
         h = h @ w[f"{layer}.weight"].T + w[f"{layer}.bias"]
         h = np.maximum(h, 0) if act == "relu" else 1 / (1 + np.exp(-h)) if act else h
     np.testing.assert_allclose(a.reshape(5, -1), h, atol=1e-5)
+
+
+def test_predict_refuses_a_csv_it_cannot_write_before_any_work(tmp_path):
+    """An output with more than one feature axis cannot be CSV rows: said first (here the
+    weights file does not even exist), not after predicting every batch."""
+    spec = tmp_path / "seq.yaml"
+    spec.write_text("dlgraph: 1\nname: seq\ninputs:\n  x: {shape: [batch, 3, 4]}\nnodes:\n"
+                    "  h: {op: linear, in: x, out: 2}\noutputs: [h]\n")
+    np.save(tmp_path / "x.npy", np.zeros((5, 3, 4), np.float32))
+    r = CliRunner().invoke(main, ["predict", str(spec), "--weights", str(tmp_path / "no.st"),
+                                  "--data", str(tmp_path / "x.npy"), "-o",
+                                  str(tmp_path / "p.csv")])
+    assert r.exit_code == 1
+    assert r.output == (f"error: {tmp_path / 'p.csv'}: output 'h' is [batch, 3, 2] per batch: "
+                        "a CSV holds one row of features per sample\n"
+                        "  help: write the predictions to a .npz instead\n")
+    assert not (tmp_path / "p.csv").exists()

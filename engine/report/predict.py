@@ -81,6 +81,13 @@ def predict(graph: Graph, weights: str | Path, data: str | Path, out: str | Path
                         source=Source(str(out)), help="name the output file pred.csv or "
                                                       "pred.npz")
     check_output(out, force=force)
+    if out.suffix == ".csv":            # refused before any work, not after the last batch
+        for name, nid in graph.outputs.items():
+            t = graph[nid].type
+            if t.rank > 2:
+                raise DataError(f"output '{name}' is {t} per batch: a CSV holds one row of "
+                                "features per sample", source=Source(str(out)),
+                                help="write the predictions to a .npz instead")
     params = load_weights(graph, weights)
     stats = scaling.stats_for(graph, weights)   # the training split's mean and std
     fed = scaling.apply(_inputs_for(graph, read_file(graph, data, targets=False), data), stats)
