@@ -81,7 +81,8 @@ def test_run_input_shape_mismatch(tmp_path):
     np.save(tmp_path / "x.npy", np.zeros((2, 5), np.float32))
     r = cli("run", FORWARD, "--input", f"x={tmp_path / 'x.npy'}")
     assert r.exit_code == 1
-    assert r.stderr == ("error: input 'x' has shape [2, 5], but the spec declares [batch, 3] "
+    assert r.stderr == (f"error: --input x={tmp_path / 'x.npy'}: input 'x' has shape [2, 5], "
+                        "but the spec declares [batch, 3] "
                         "with batch=2\n  help: reshape the data, or change the input's "
                         "`shape:`\n")
 

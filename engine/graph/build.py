@@ -18,6 +18,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from dlgraph.engine.errors import CycleError, DlgraphError, GraphError, Source, SpecError, suggest
 from dlgraph.engine.graph.ir import Graph, Node, Param, schedule
+from dlgraph.engine.spec.checks import unused_nodes
 from dlgraph.engine.spec.explain import explain_error as _spec_error
 from dlgraph.engine.spec.library import library
 from dlgraph.engine.spec.models import node_union
@@ -184,31 +185,47 @@ class Builder:
         except CycleError as e:
             raise e.located(source=where(e.node)) from None
         prefix = "/".join(self.scope)
+        failed: list[DlgraphError] = []
         for nid in order:
-            nd = nodes[nid]
-            self.source, self.user = where(nid), (f"{prefix}/{nid}" if prefix else nid, nd.op)
-            ins, resolved = [], {}
-            for key, ref in nd.refs():
-                if ref not in env:
-                    base, _, part = ref.partition(".")
-                    outs = self._outputs_of(nodes[base].op) if base in nodes else ()
-                    raise GraphError(f"'{base}' has no output '{part}'", node=nid, op=nd.op,
-                                     source=where(nid, key),
-                                     help=f"outputs of '{base}': {', '.join(outs) or 'one'}"
-                                     + (f"; {suggest(part, outs)}" if suggest(part, outs)
-                                        else ""))
-                if key == "in":
-                    ins.append(env[ref])
-                else:
-                    resolved[key] = env[ref]
-            nd = nd.model_copy(update=resolved) if resolved else nd
-            if prefix:
-                self.graph.layers[self.user[0]] = nd
-            with self._sharing(nid, nd):
-                outs = self._emit_spec_node(nid, nd, ins, stack)
-            env[nid] = next(iter(outs.values()))
-            env.update({f"{nid}.{k}": v for k, v in outs.items()})
+            if any(r.split(".")[0] not in env for _, r in nodes[nid].refs()):
+                continue                # it reads a node that failed: nothing new to say
+            try:
+                self._emit_one(nodes, nid, env, where, prefix, stack)
+            except DlgraphError as e:
+                if prefix or stack:     # inside a module: its call reports it
+                    raise
+                failed.append(e)
+        if failed:
+            failed[0].also = failed[1:]
+            raise failed[0]
         return env
+
+    def _emit_one(self, nodes: dict, nid: str, env: dict[str, str], where, prefix: str,
+                  stack) -> None:
+        """Emit spec node ``nid`` (its inputs in ``env``) and enter its outputs in ``env``."""
+        nd = nodes[nid]
+        self.source, self.user = where(nid), (f"{prefix}/{nid}" if prefix else nid, nd.op)
+        ins, resolved = [], {}
+        for key, ref in nd.refs():
+            if ref not in env:
+                base, _, part = ref.partition(".")
+                outs = self._outputs_of(nodes[base].op) if base in nodes else ()
+                raise GraphError(f"'{base}' has no output '{part}'", node=nid, op=nd.op,
+                                 source=where(nid, key),
+                                 help=f"outputs of '{base}': {', '.join(outs) or 'one'}"
+                                 + (f"; {suggest(part, outs)}" if suggest(part, outs)
+                                    else ""))
+            if key == "in":
+                ins.append(env[ref])
+            else:
+                resolved[key] = env[ref]
+        nd = nd.model_copy(update=resolved) if resolved else nd
+        if prefix:
+            self.graph.layers[self.user[0]] = nd
+        with self._sharing(nid, nd):
+            outs = self._emit_spec_node(nid, nd, ins, stack)
+        env[nid] = next(iter(outs.values()))
+        env.update({f"{nid}.{k}": v for k, v in outs.items()})
 
     def _emit_spec_node(self, nid: str, nd, ins: list[str], stack) -> dict[str, str]:
         if nd.op not in REGISTRY:
@@ -504,7 +521,8 @@ def build(spec, lines: dict | None = None, file: str = "<spec>",
         g.outputs[ref] = env[ref]
     used = {ref.split(".")[0] for nd in spec.nodes.values() for _, ref in nd.refs()}
     g.warnings = [f"{Source(file, lines.get(('inputs', n)))}: input '{n}' is not used by any "
-                  "node" for n in spec.inputs if n not in used] + _unused_module_inputs(b.modules)
+                  "node" for n in spec.inputs if n not in used] + _unused_module_inputs(b.modules) \
+        + unused_nodes(spec, file, lines)
     return g
 
 

@@ -20,9 +20,17 @@ from dlgraph.ops import OPS
 
 
 def check_training(g: Graph) -> None:
-    """Raise the first problem of ``g``'s `train:` section (nothing without one)."""
+    """Raise the first problem of ``g``'s `train:` section, or of a graph without one,
+    that `run` would meet: memory (at the batch it trains or runs with), an inference
+    graph with nothing to compute."""
     spec = g.spec.train if g.spec is not None else None
+    check_fits(g, spec.batch if spec is not None else 1)
     if spec is None:
+        if g.spec is not None and not g.outputs:
+            raise SpecError("an inference spec (no `train:` section) needs `outputs:`; "
+                            "this one computes nothing", source=Source(
+                                g.source, g.lines.get(("outputs",)) or 1),
+                            help="list the node ids to return, e.g. `outputs: [logits]`")
         return
     _phases(g, spec)
     _feed_keys(g, spec)
@@ -304,5 +312,34 @@ def check_fits(g: Graph, batch: int) -> None:
     if need > have:
         raise DeviceError(f"this graph needs about {size_text(need)} at batch {batch:,} "
                           f"({size_text(4 * params)} of parameters), more than the "
-                          f"{size_text(have)} of memory here", source=Source(g.source),
+                          f"{size_text(have)} of memory here",
+                          source=Source(g.source, _largest_line(g, 2 * 4 * params > need)),
                           help="use smaller layers or a smaller batch")
+
+
+def _largest_line(g: Graph, params: bool) -> int | None:
+    """The line of what takes most of the memory: the layer of the largest parameter, or
+    the largest input (per sample)."""
+    if params and g.params:
+        p = max(g.params.values(), key=lambda p: numel(p.shape) or 0)
+        return g.lines.get(("nodes", p.name.split(".")[0]))
+    sizes = {n: numel([d for d in t.shape if not isinstance(d, str)]) or 0
+             for n, t in g.inputs.items()}
+    return g.lines.get(("inputs", max(sizes, key=sizes.get))) if sizes else None
+
+
+def unused_nodes(spec, file: str, lines: dict) -> list[str]:
+    """A warning per node of a GraphSpec whose value nothing reads: no node, output,
+    objective, metric or `share:` (as an unused input is warned of; often a typo in an
+    `in:` elsewhere)."""
+    used = {ref.split(".")[0] for nd in spec.nodes.values() for _, ref in nd.refs()}
+    used |= {ref.split(".")[0] for ref in spec.outputs}
+    used |= {getattr(nd, "share", None) for nd in spec.nodes.values()}
+    if spec.train is not None:
+        named = {ph.objective for ph in spec.train.all_phases()}
+        named |= {ref.split(".")[0] for m in spec.train.metrics for ref in m.in_}
+        if not named <= set(spec.nodes) | set(spec.inputs):
+            return []       # a misspelt objective or metric: its error says more than this
+        used |= named
+    return [f"{Source(file, lines.get(('nodes', n)))}: node '{n}' is not used by any node, "
+            "output, objective or metric" for n in spec.nodes if n not in used]
