@@ -158,7 +158,34 @@ def explain_error(err: dict, data: dict, lines: dict, file: str,
     else:
         text = err["msg"].removeprefix("Value error, ")
         msg = f"field '{field}': {text}" if field else text
+        src = Source(file, _named_line(lines, loc, text) or src.line)
+    if help is None:        # what the field is, from its model: every error gets a help line
+        help = _described(model, field_path, data["nodes"][node] if node else data) or \
+            "docs/spec.md describes every field (`dlgraph schema` for the JSON Schema)"
     return SpecError(msg, node=node, op=op, source=src, help=help)
+
+
+def _described(model, field_path: tuple, data) -> str | None:
+    """The description of the field at ``field_path`` (its model's Field), as a hint."""
+    names = [p for p in field_path if isinstance(p, str)]
+    if not names:
+        return None
+    here = _model_at(model, field_path[:len(field_path) - field_path[::-1].index(names[-1]) - 1],
+                     data)
+    info = next((f for k, f in here.model_fields.items() if names[-1] in (k, f.alias)), None) \
+        if here is not None else None
+    return f"{names[-1]}: {info.description}" if info is not None and info.description else None
+
+
+def _named_line(lines: dict, loc: tuple, text: str) -> int | None:
+    """The line of the key a whole-model error names in quotes (``dims names 'tiem'``),
+    searched under the error's location: more exact than the section's first line."""
+    for name in re.findall(r"'([^']+)'", text):
+        hits = [line for path, line in lines.items()
+                if path[:len(loc)] == loc and len(path) > len(loc) and path[-1] == name]
+        if hits:
+            return min(hits)
+    return None
 
 
 def explain_validation(exc: ValidationError, data: dict, lines: dict, file: str) -> SpecError:
