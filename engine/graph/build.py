@@ -18,6 +18,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from dlgraph.engine.errors import CycleError, DlgraphError, GraphError, Source, SpecError, suggest
 from dlgraph.engine.graph.ir import Graph, Node, Param, schedule
+from dlgraph.engine.spec.checks import unused_nodes
 from dlgraph.engine.spec.explain import explain_error as _spec_error
 from dlgraph.engine.spec.library import library
 from dlgraph.engine.spec.models import node_union
@@ -520,7 +521,8 @@ def build(spec, lines: dict | None = None, file: str = "<spec>",
         g.outputs[ref] = env[ref]
     used = {ref.split(".")[0] for nd in spec.nodes.values() for _, ref in nd.refs()}
     g.warnings = [f"{Source(file, lines.get(('inputs', n)))}: input '{n}' is not used by any "
-                  "node" for n in spec.inputs if n not in used] + _unused_module_inputs(b.modules)
+                  "node" for n in spec.inputs if n not in used] + _unused_module_inputs(b.modules) \
+        + unused_nodes(spec, file, lines)
     return g
 
 
