@@ -47,6 +47,7 @@ class DlgraphError(Exception):
                  source: Source | None = None, help: str | None = None):
         super().__init__(message)
         self.message, self.node, self.op, self.source, self.help = message, node, op, source, help
+        self.also: list[DlgraphError] = []   # independent mistakes found with this one
 
     def located(self, *, node: str | None = None, op: str | None = None,
                 source: Source | None = None) -> DlgraphError:
@@ -61,8 +62,16 @@ class DlgraphError(Exception):
         what = ""
         if self.node:
             what = f"node '{self.node}'" + (f" ({self.op})" if self.op else "") + ": "
-        text = f"{where}{what}{self.message}"
-        return text + (f"\n  help: {self.help}" if self.help else "")
+        text = f"{where}{what}{self.message}" + (f"\n  help: {self.help}" if self.help else "")
+        more = [f"error: {e}" for e in self.also[:MAX_REPORTED - 1]]
+        if len(self.also) >= MAX_REPORTED:
+            more.append(f"error: ... and {len(self.also) - MAX_REPORTED + 1} more")
+        return "\n".join([text, *more])
+
+
+MAX_REPORTED = 10
+"""Independent mistakes in one spec are reported together, as a compiler does, up to this
+many: a node whose input failed is not checked (its error would only repeat the first)."""
 
 
 class SpecError(DlgraphError):

@@ -73,3 +73,16 @@ def test_unused_input_is_a_warning(tmp_path):
     result = CliRunner().invoke(main, ["validate", str(spec)])
     assert result.exit_code == 0
     assert f"warning: {spec}:5: input 'z' is not used by any node" in result.stderr
+
+
+def test_many_independent_mistakes_are_capped():
+    nodes = "".join(f"  c{i}: {{op: conv2d, in: x, out: 8, kernel: 3}}\n" for i in range(12))
+    text = f"dlgraph: 1\nname: many\ninputs:\n  x: {{shape: [batch, 4]}}\nnodes:\n{nodes}" \
+           f"outputs: [{', '.join(f'c{i}' for i in range(12))}]\n"
+    with pytest.raises(dlgraph.ShapeError) as info:
+        dlgraph.validate(dlgraph.load(text))
+    shown = str(info.value).splitlines()
+    assert [s.split(": node ")[1].split()[0] for s in shown if ": node " in s] == \
+        [f"'c{i}'" for i in range(10)]
+    assert shown[-1] == "error: ... and 2 more"
+    assert shown[0].startswith("<string>:6: node 'c0' (conv2d): conv2d needs")
