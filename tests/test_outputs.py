@@ -127,7 +127,8 @@ def test_tensorboard_dir_that_is_a_file(tmp_path):
     pytest.importorskip("tensorboardX")
     f = user_file(tmp_path / "tb")
     r = cli("run", TINY, "--out", tmp_path / "r", "--tensorboard", f, "-q")
-    refused(r, f, "cannot write TensorBoard files there: it is a file, not a folder\n  help: ")
+    assert r.exit_code == 1 and "is a file, not a folder\n  help: " in r.output, r.output
+    assert "Traceback" not in r.output and f.read_bytes() == MINE
     assert not (tmp_path / "r").exists()
 
 
@@ -201,3 +202,13 @@ def test_cache_listing_and_clearing_skip_what_is_not_an_entry(tmp_path, monkeypa
     assert r.exit_code == 0 and r.output.startswith("removed 1 compiled program "), r.output
     assert (root / "gone.prog").is_symlink() and (root / "dir.prog" / "keep").read_bytes() == MINE
     assert not (root / "a.prog").exists()
+
+
+def test_sweep_out_among_the_users_files(tmp_path):
+    out = user_file(tmp_path / "sw" / "curves.png")
+    r = cli("sweep", TINY, "--param", "train.optimizer.lr=0.1,0.01", "--out", out.parent)
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    assert r.output == (f"error: {TINY}: {out.parent} is not a new or empty folder; a sweep "
+                        "never writes among files dlgraph did not write\n  help: pass a new "
+                        "--out folder\n")
+    assert out.read_bytes() == MINE

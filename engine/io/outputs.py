@@ -42,7 +42,7 @@ _DISK_ERRORS = {
     errno.EPERM: ("no permission to write there",
                   "write to a folder you own, or change its permissions"),
     errno.ENOENT: ("its folder does not exist (was it removed while dlgraph wrote it?)",
-                   "keep the folder in place while the command runs, and run it again"),
+                   "keep the folder in place while the command runs"),
     errno.ENOTDIR: ("a part of its path is a file, not a folder",
                     "choose a path whose folders are folders"),
     errno.EISDIR: ("it is a folder", "name a file, not a folder"),
@@ -51,13 +51,13 @@ _DISK_ERRORS = {
 }
 
 
-def disk_error(path: str | Path, e: OSError, doing: str = "write") -> OutputError:
+def disk_error(path: str | Path, e: OSError, doing: str = "write it") -> OutputError:
     """The OutputError of an OSError met while writing ``path``: what happened in words and
     what to do, located at the file. Its ``fix`` is what to do before trying again (the
     training loop adds how to go on: ``--resume``)."""
     what, todo = _DISK_ERRORS.get(e.errno, (e.strerror or str(e), "check the disk and the "
                                             "folder's permissions"))
-    err = OutputError(f"cannot {doing} it: {what}", source=Source(str(path)),
+    err = OutputError(f"cannot {doing}: {what}", source=Source(str(path)),
                       help=f"{todo}, then run the command again")
     err.fix = todo
     return err

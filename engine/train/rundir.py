@@ -146,6 +146,10 @@ def start_run_dir(run_dir: Path, graph: Graph, history: list[dict], stats=None,
     lost and that the run takes again, move to metrics.replaced.jsonl, so each step is in
     metrics.jsonl once and nothing is lost. Returns how many rows moved."""
     at = (history[-1]["step"], history[-1]["epoch"]) if history else (0, 0)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)       # claim_run_dir made it, as a rule
+    except OSError as e:
+        raise disk_error(run_dir, e, "make the run directory") from None
     kept, moved = _split_rows(run_dir / METRICS, at)
     if not kept and history:               # metrics.jsonl gone: the checkpoint's epoch rows
         kept = [json.dumps(h) + "\n" for h in history]
