@@ -33,7 +33,8 @@ def validate(file):
     """Check FILE and every stage's spec before anything runs."""
     plan = dlgraph.validate_pipeline(file)
     edges = sum(len(plan.refs[s]) for s in plan.order)
-    click.echo(f"{file}: pipeline '{plan.pipeline.name}' is valid: {len(plan.order)} stages "
+    n = len(plan.order)
+    click.echo(f"{file}: pipeline '{plan.pipeline.name}' is valid: {n} stage{'s' * (n != 1)} "
                f"({', '.join(plan.order)}), {edges} artifact{'s' * (edges != 1)} passed")
 
 

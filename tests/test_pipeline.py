@@ -305,7 +305,7 @@ def test_the_commands_print_what_a_user_reads(tiny):
     runner = CliRunner()
     ok = runner.invoke(main, ["pipeline", "validate", str(pipe)])
     assert ok.exit_code == 0
-    assert ok.stdout == f"{pipe}: pipeline 'p' is valid: 1 stages (fit), 0 artifacts passed\n"
+    assert ok.stdout == f"{pipe}: pipeline 'p' is valid: 1 stage (fit), 0 artifacts passed\n"
     out = str(tiny / "out")
     assert runner.invoke(main, ["pipeline", "status", str(pipe), "--dir", out]).stdout \
         == "fit  never run\n"
@@ -313,8 +313,8 @@ def test_the_commands_print_what_a_user_reads(tiny):
     assert ran.exit_code == 0, ran.output
     head, row, total = ran.stdout.splitlines()
     assert head.split() == ["stage", "kind", "state", "time", "key", "metric"]
-    assert row.split()[:3] == ["fit", "train", "done"] and "val_loss" in row
-    assert total.startswith("1 stages: 1 run, 0 up to date, 0 failed, 0 skipped")
+    assert row.split()[:3] == ["fit", "train", "done"] and "val_accuracy" in row
+    assert total.startswith("1 stage: 1 run, 0 up to date, 0 failed, 0 skipped")
     assert runner.invoke(main, ["pipeline", "status", str(pipe), "--dir", out]).stdout \
         == "fit  up to date\n"
 

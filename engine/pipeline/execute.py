@@ -65,7 +65,7 @@ class PipelineResult:
         lines = ["  ".join(v.ljust(w) for v, w in zip(c, widths, strict=True)).rstrip()
                  for c in [head, *cells]]
         n_done = sum(r.state == "done" for r in self.rows)
-        lines.append(f"{len(self.rows)} stages: {n_done} run, "
+        lines.append(f"{len(self.rows)} stage{'s' * (len(self.rows) != 1)}: {n_done} run, "
                      f"{sum(r.state == 'up to date' for r in self.rows)} up to date, "
                      f"{sum(r.state == 'failed' for r in self.rows)} failed, "
                      f"{sum(r.state == 'skipped' for r in self.rows)} skipped; {self.dir}")
@@ -103,6 +103,13 @@ class Processes(InProcess):
     def wait(self, handles: list) -> list:
         return list(wait(handles, return_when=FIRST_COMPLETED).done)
 
+    def result(self, handle) -> dict:
+        try:
+            return handle.result()
+        except Exception as e:           # the process died (killed, out of memory)
+            return {"error": f"the stage's process ended: {e or type(e).__name__}",
+                    "seconds": 0.0}
+
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
 
@@ -137,7 +144,11 @@ class OnRay(InProcess):
         return done
 
     def result(self, handle) -> dict:
-        return self.ray.get(handle)
+        try:
+            return self.ray.get(handle)
+        except Exception as e:           # the worker died, or the task could not start
+            return {"error": f"the stage's Ray task ended: {str(e).splitlines()[0]}",
+                    "seconds": 0.0}
 
     def close(self) -> None:
         if self.started:
