@@ -161,8 +161,9 @@ def test_an_interrupted_run_resumes_at_the_stage_that_did_not_finish(tiny, monke
                                           "score": "interrupted (it did not finish)"}
     assert not (tiny / "out/stages/score").exists()            # no half of an artifact
     monkeypatch.undo()
-    got, _, _ = run(pipe, tiny / "out")
+    got, _, said = run(pipe, tiny / "out")
     assert got == {"fit": "up to date", "score": "done"}
+    assert "[score] running evaluate a.yaml (it did not finish)" in said
 
 
 def test_a_failing_stage_stops_its_dependents_and_keeps_the_others(tiny):
@@ -183,6 +184,7 @@ stages:
         ["bad", "train", "failed"], ["good", "train", "done"],
         ["score_bad", "evaluate", "skipped"], ["score_good", "evaluate", "done"]]
     assert "error: stage 'bad': the loss of phase" in result.stderr
+    assert "[score_bad] skipped: 'bad' failed" in result.stderr
     assert "Traceback" not in result.output
     st = states(pipe, tiny / "out")
     assert st["bad"].startswith("failed (the loss of phase") and st["good"] == "up to date"

@@ -209,7 +209,8 @@ class Scheduler:
                     bad = next(p for p in self.plan.dag.predecessors(name)
                                if self.state.get(p) in ("failed", "skipped"))
                     self._settle(name, "skipped", Row(name, self.plan.stage(name).kind,
-                                                      "skipped", error=f"'{bad}' failed"))
+                                                      "skipped",
+                                                      error=f"'{bad}' {self.state[bad]}"))
                 elif all(s in ("done", "up to date") for s in ups) and \
                         len(self.running) < self.jobs:
                     self._start(name)
@@ -234,8 +235,10 @@ class Scheduler:
             self._settle(name, "up to date", Row(name, sd.kind, "up to date",
                                                  metric=entry.get("key_metric", "")))
             return
+        before = {"failed": "it failed before", "running": "it did not finish"}
         why = "forced" if name in self.force else "never run" if entry is None else \
-            (changed(entry.get("parts", {}), parts) or entry.get("state", "changed"))
+            (changed(entry.get("parts", {}), parts) or before.get(entry.get("state"),
+                                                                  "an artifact changed"))
         work = self.pdir.root / "stages" / f".{name}.partial"
         shutil.rmtree(work, ignore_errors=True)       # ours: a stage that did not finish
         self.pdir.record(name, {"state": "running", "key": key_of(parts), "parts": parts,
