@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import fnmatch
 
-from dlgraph.engine.errors import ShapeError, SpecError
+from dlgraph.engine.errors import DlgraphError, ShapeError, SpecError
 from dlgraph.engine.graph.ir import Graph
 from dlgraph.engine.types import TType
 
@@ -120,10 +120,14 @@ def check_data(plan, sd, producer: str | None) -> None:
         data = sd.model.data
         if isinstance(data, str):
             data = str(plan.path(data))
-        if sd.kind == "evaluate":
-            evaluation_data(g, data)
-        else:
-            read_file(g, data, targets=False)
+        try:
+            if sd.kind == "evaluate":
+                evaluation_data(g, data)
+            else:
+                read_file(g, data, targets=False)
+        except DlgraphError as e:               # said at the stage that reads the data
+            where = f" {sd.model.data}" if isinstance(sd.model.data, str) else ""
+            raise sd.error(type(e), f"data{where}: {e.message}", "data", e.help) from None
         return
     arrays = produced_arrays(plan, producer)
     feed = g.spec.train.feed if g.spec.train is not None else {}

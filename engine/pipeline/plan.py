@@ -16,7 +16,7 @@ from pathlib import Path
 
 import networkx as nx
 
-from dlgraph.engine.errors import CycleError, DlgraphError, SpecError, suggest
+from dlgraph.engine.errors import CycleError, SpecError, suggest
 from dlgraph.engine.graph.build import build
 from dlgraph.engine.graph.ir import Graph
 from dlgraph.engine.pipeline.spec import (
@@ -235,17 +235,12 @@ def _check_artifact(plan: Plan, sd: StageDef, fld: str, producer: str, art: str)
 def _check_edges(plan: Plan, sd: StageDef) -> None:
     from dlgraph.engine.pipeline.edges import check_data, check_init_from, check_weights
     refs = plan.refs[sd.name]
-    try:
-        if "init_from" in refs:
-            check_init_from(plan, sd, refs["init_from"][0])
-        if "weights" in refs:
-            check_weights(plan, sd, refs["weights"][0])
-        if sd.kind in ("evaluate", "predict"):
-            check_data(plan, sd, refs.get("data", (None,))[0])
-    except DlgraphError as e:
-        if e.source is None:
-            raise sd.error(type(e), e.message, "data", e.help) from None
-        raise
+    if "init_from" in refs:
+        check_init_from(plan, sd, refs["init_from"][0])
+    if "weights" in refs:
+        check_weights(plan, sd, refs["weights"][0])
+    if sd.kind in ("evaluate", "predict"):
+        check_data(plan, sd, refs.get("data", (None,))[0])
 
 
 __all__ = ["OUTPUTS", "Plan", "SpecSource", "plan_pipeline"]
