@@ -7,8 +7,8 @@ For each benchmark workload, in one run, each a fresh process timed from launch 
 * ``again``: the same spec once more (the program cache);
 * ``lr``, ``dropout``: the spec with only the learning rate (or a dropout probability)
   changed: runtime values, so the compiled program is loaded;
-* ``width``: the first layer with ``out:`` or ``hidden:`` 8 wider: a new program, its other kernels from
-  the kernel cache;
+* ``width``: the first layer with ``out:`` or ``hidden:`` 8 wider: a new program, its
+  other kernels from the kernel cache;
 * ``evaluate``: ``dlgraph evaluate`` of the trained weights (the validation program);
 * ``torch``: the anchor, PyTorch's first step of the same network in a fresh process
   (import, model, one step), the bench's peer (bench/peers.py).
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import subprocess
 import sys
 import tempfile
