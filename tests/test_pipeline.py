@@ -329,3 +329,40 @@ def test_the_documented_pipeline_is_the_example(doc):
     shown = yaml.safe_load(body)
     example = yaml.safe_load((ROOT / "graphs/pipelines/transfer.yaml").read_text())
     assert shown["stages"] == example["stages"] and shown["pipeline"] == example["pipeline"]
+
+
+def test_a_sample_stage_of_a_language_model_writes_what_the_command_prints(tmp_path):
+    write(tmp_path, "lm.yaml", """\
+dlgraph: 1
+name: tiny-lm
+inputs:
+  x: {shape: [batch, 8], dtype: int32}
+  y: {shape: [batch, 8], dtype: int32}
+nodes:
+  emb: {op: embedding, in: x, num: vocab, dim: 8}
+  rnn: {op: gru, in: emb, hidden: 16}
+  logits: {op: linear, in: rnn, out: vocab}
+  loss: {op: cross_entropy, in: [logits, y]}
+outputs: [logits]
+train:
+  data: {source: text_tokens, length: 8, samples: 256}
+  batch: 32
+  epochs: 1
+  objective: loss
+  optimizer: {type: adam, lr: 0.01}
+""")
+    pipe = write(tmp_path, "p.yaml", """\
+dlgraph: 1
+pipeline: lm
+stages:
+  fit:   {train: lm.yaml, steps: 3}
+  write: {sample: lm.yaml, weights: fit.weights, prompt: First, length: 20, seed: 4}
+""")
+    got, res, _ = run(pipe, tmp_path / "out")
+    assert got == {"fit": "done", "write": "done"}
+    text = res.artifact("write.samples").read_text()
+    assert res.artifact("write.samples").name == "samples.txt"
+    g = dlgraph.load(tmp_path / "lm.yaml")
+    assert text == dlgraph.generate_text(g, res.artifact("fit.weights"), prompt="First",
+                                         length=20, seed=4)
+    assert text.startswith("First") and len(text) == 25
