@@ -258,3 +258,33 @@ def test_resuming_a_finished_run_says_it_is_finished(tmp_path):
     r = cli("run", TINY, "--out", r_dir, "--resume", "-q")        # the spec's 4 epochs
     assert r.exit_code == 0 and "done: " in r.output and "— 4 epochs, 48 steps" in r.output
     assert steps_of(rows(r_dir), "step") == list(range(1, 49))
+
+
+def test_a_disk_full_at_the_weights_then_resume_ends_the_run(tmp_path, monkeypatch, whole):
+    """The fault at the last file of a run: --resume writes what the end writes, once."""
+    r_dir = tmp_path / "r"
+    monkeypatch.setattr(outputs, "os", FailingOs("weights.safetensors", 1, errno.ENOSPC))
+    r = cli("run", TINY, "--out", r_dir, "-q")
+    assert r.exit_code == 1 and "(epoch 4, step 48)\n" in r.output, r.output
+    assert not (r_dir / "weights.safetensors").exists()
+    monkeypatch.undo()
+    r = cli("run", TINY, "--out", r_dir, "--resume")
+    assert r.exit_code == 0, r.output
+    assert "its epochs are done; writing what the end of a run writes" in r.output
+    assert "— 4 epochs, 48 steps" in r.output and "done: loss " in r.output
+    assert steps_of(rows(r_dir), "step") == list(range(1, 49))
+    assert_same_weights(whole, r_dir)
+    r = cli("run", TINY, "--out", r_dir, "--resume", "-q")
+    assert r.exit_code == 1 and "the run is finished: 4 of 4 epochs, 48 steps" in r.output
+
+
+def test_a_lock_file_that_is_a_link_is_not_followed(tmp_path):
+    r_dir = tmp_path / "r"
+    r_dir.mkdir()
+    theirs = tmp_path / "theirs.txt"
+    theirs.write_bytes(b"keep me\n")
+    (r_dir / ".dlgraph-run").symlink_to(theirs)
+    r = cli("run", TINY, "--out", r_dir, "-q")
+    assert r.exit_code == 1 and "the run directory holds files dlgraph did not write: " \
+        ".dlgraph-run" in r.output
+    assert theirs.read_bytes() == b"keep me\n"

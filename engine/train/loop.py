@@ -31,7 +31,7 @@ from dlgraph.engine.errors import OutputError, Source, TrainingError
 from dlgraph.engine.graph.autodiff import phase_graphs
 from dlgraph.engine.graph.ir import Graph
 from dlgraph.engine.io.data import batches
-from dlgraph.engine.io.outputs import check_output
+from dlgraph.engine.io.outputs import check_output, disk_error
 from dlgraph.engine.report.summary import summarize
 from dlgraph.engine.spec.checks import check_fits
 from dlgraph.engine.spec.train import SCHEDULES
@@ -222,6 +222,10 @@ def refuse_finished(run: Run, meta: dict, more: int | None) -> None:
     done = run.start_epoch >= run.epochs or run.out_of_steps()
     if not (done or (meta.get("stopped") and not more)):
         return
+    if not run.files.exists(WEIGHTS):   # the fault came as the run ended: end it now
+        run.echo("its epochs are done; writing what the end of a run writes")
+        run.epochs = run.start_epoch
+        return
     why = f"; it stopped: {meta['stopped']}" if meta.get("stopped") else ""
     raise TrainingError(f"the run is finished: {run.start_epoch} of "
                         f"{count(run.epochs, 'epoch')}, {count(run.steps_done, 'step')}{why}; "
@@ -297,6 +301,20 @@ def fit(run: Run) -> TrainResult:
         return fit_epochs(run)
     except OutputError as e:
         raise resumable(run, e) from None
+    except OSError as e:            # a file written by a library (TensorBoard's event files)
+        raise resumable(run, disk_error(e.filename or run.run_dir, e)) from None
+
+
+def ended(run: Run) -> tuple[bool | None, dict[str, float], int]:
+    """(target met, last values, 0-based epoch) as the run stands before its next epoch: for
+    a resumed run with no epoch left to take, what its last epoch row says."""
+    if not run.history:
+        return None, {}, run.start_epoch
+    last = {k: v for k, v in run.history[-1].items()
+            if k not in ("kind", "epoch", "step", "seconds", "time")}
+    target = run.spec.target
+    met = target.met(last[target.metric]) if target and target.metric in last else None
+    return met, last, run.start_epoch - 1
 
 
 def fit_epochs(run: Run) -> TrainResult:
@@ -304,7 +322,7 @@ def fit_epochs(run: Run) -> TrainResult:
                  if run.step.lead or not cb.lead_only]
     for cb in callbacks:
         cb.on_train_begin(run)
-    met, last, epoch = None, {}, run.start_epoch
+    met, last, epoch = ended(run)
     try:
         for epoch in range(run.start_epoch, run.epochs):
             last = run_epoch(run, epoch)

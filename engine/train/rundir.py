@@ -77,7 +77,7 @@ def claim_run_dir(run_dir: Path, resume: bool) -> RunLock:
     writes (a second run into it is refused with the first one's pid)."""
     run_dir = Path(run_dir)
     has_run = (run_dir / CHECKPOINT).is_file()
-    marked = (run_dir / MARK).is_file()
+    marked = (run_dir / MARK).is_file() and not (run_dir / MARK).is_symlink()
     if resume and not has_run and not marked:
         raise TrainingError(f"nothing to resume: {run_dir / CHECKPOINT} does not exist",
                             help="give --out the run directory of an earlier run")
@@ -112,7 +112,7 @@ class RunLock:
         self.fd: int | None = None
         path = run_dir / MARK
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
         except OSError as e:
             raise disk_error(run_dir, e, "write in the run directory") from None
         try:
