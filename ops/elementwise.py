@@ -195,6 +195,12 @@ unary("sin", Tensor.sin, lambda b, n, g: [b.emit("mul", g, b.emit("cos", n.input
 unary("cos", Tensor.cos,
       lambda b, n, g: [b.emit("neg", b.emit("mul", g, b.emit("sin", n.inputs[0])))], "cosine",
       **_unary_tests(np.cos))
+unary("erf", Tensor.erf,
+      lambda b, n, g: [b.emit("mul", g, b.emit("mul", b.const(2 / math.sqrt(math.pi)), b.emit(
+          "exp", b.emit("neg", b.emit("mul", n.inputs[0], n.inputs[0])))))],
+      "the error function, 2 / sqrt(pi) * integral of e^-t^2 from 0 to x (exact GELU uses it)",
+      **_unary_tests(np.vectorize(math.erf), E([F((3, 4))]),
+                     E([F((5,), values=[-6.0, -0.5, 0.0, 0.5, 6.0])], id="erf_tails")))
 unary("relu", Tensor.relu,
       lambda b, n, g: [b.emit("where", b.emit("greater", n.inputs[0], b.const(0.0)), g,
                               b.const(0.0))], "max(x, 0)", family="activation",
@@ -280,6 +286,10 @@ def _softplus(b, a, x):
 
 
 def _gelu(b, a, x):
+    if a.approximate == "none":          # x * P(X <= x) for a standard normal X, exactly
+        cdf = b.emit("add", b.const(1.0), b.emit("erf", b.emit("mul", x, b.const(
+            1 / math.sqrt(2)))))
+        return b.emit("mul", b.emit("mul", b.const(0.5), x), cdf)
     cube = b.emit("mul", x, b.emit("mul", x, x))
     inner = b.emit("mul", b.const(math.sqrt(2 / math.pi)),
                    b.emit("add", x, b.emit("mul", b.const(0.044715), cube)))
@@ -289,6 +299,22 @@ def _gelu(b, a, x):
 
 def _silu(b, a, x):
     return b.emit("mul", x, b.emit("sigmoid", x))
+
+
+def _hard_sigmoid(b, a, x):
+    y = b.emit("add", b.emit("mul", x, b.const(a.alpha)), b.const(a.beta))
+    return b.emit("minimum", b.emit("maximum", y, b.const(0.0)), b.const(1.0))
+
+
+def _hard_sigmoid_ref(a, x):
+    return np.clip(a.alpha * x + a.beta, 0.0, 1.0)
+
+
+def _selu(b, a, x):
+    return b.emit("mul", b.const(a.gamma), _elu(b, a, x))
+
+
+SELU_ALPHA, SELU_GAMMA = 1.6732632423543772, 1.0507009873554805   # PyTorch's (and ONNX's)
 
 
 composite("leaky_relu", "x if x > 0 else alpha * x", _leaky,
@@ -307,7 +333,33 @@ composite("softplus", "log(1 + e^x), computed stably", _softplus,
           tests=_unary_tests(R.softplus, E([F((3, 4))]),
                              E([F((4,), values=[-100.0, -30.0, 30.0, 100.0])],
                                id="softplus_large", atol=1e-12)))
-composite("gelu", "Gaussian error linear unit (tanh approximation)", _gelu,
-          tests=_unary_tests(R.gelu))
+composite("gelu", "Gaussian error linear unit: x * P(X <= x), X standard normal (by "
+          "default its tanh approximation)", _gelu,
+          approximate=(Literal["tanh", "none"], Field("tanh", description=(
+              "tanh: the tanh approximation; none: exact, with erf (PyTorch's default)"))),
+          tests=dict(reference=lambda a, xs, c: R.gelu(xs[0]) if a.approximate == "tanh" else
+                     0.5 * xs[0] * (1 + np.vectorize(math.erf)(xs[0] / math.sqrt(2))),
+                     examples=[E([F((3, 4))]),
+                               E([F((3, 4))], {"approximate": "none"}, id="gelu_exact")],
+                     grad_examples=[E([F((3, 4))]),
+                                    E([F((3, 4))], {"approximate": "none"}, id="gelu_exact")]))
 composite("silu", "x * sigmoid(x) (swish)", _silu,
           tests=_unary_tests(lambda x: x * R.sigmoid(x)))
+_HARD = F((7,), values=[-4.0, -3.0, -1.0, 0.0, 1.5, 3.0, 5.0])
+composite("hard_sigmoid", "clip(alpha * x + beta, 0, 1): a piecewise-linear sigmoid "
+          "(PyTorch's Hardsigmoid by default)", _hard_sigmoid,
+          alpha=(float, Field(1 / 6, description="slope")),
+          beta=(float, Field(0.5, description="value at 0")),
+          tests=dict(reference=lambda a, xs, c: _hard_sigmoid_ref(a, xs[0]),
+                     examples=[E([_HARD]), E([F((3, 4))], {"alpha": 0.2}, id="hard_sigmoid_onnx")],
+                     grad_examples=[E([F((3, 4), "away")])]))
+composite("hard_swish", "x * hard_sigmoid(x): MobileNetV3's swish (PyTorch's Hardswish)",
+          lambda b, a, x: b.emit("mul", x, b.emit("hard_sigmoid", x)),
+          tests=dict(reference=lambda a, xs, c: xs[0] * np.clip(xs[0] / 6 + 0.5, 0, 1),
+                     examples=[E([_HARD])], grad_examples=[E([F((3, 4), "away")])]))
+composite("selu", "gamma * elu(x, alpha): self-normalising (PyTorch's SELU constants)", _selu,
+          alpha=(float, Field(SELU_ALPHA, description="scale for x < 0")),
+          gamma=(float, Field(SELU_GAMMA, description="scale of the output")),
+          tests=dict(reference=lambda a, xs, c: a.gamma * np.where(
+              xs[0] > 0, xs[0], a.alpha * np.expm1(xs[0])),
+              examples=[E([F((3, 4))])], grad_examples=[E([F((3, 4), "away")])]))

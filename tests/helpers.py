@@ -246,6 +246,14 @@ def _pool(a, xs, c):
     return TF.avg_pool2d(_t(xs[0]), count_include_pad=a.count_include_pad, **kw).numpy()
 
 
+TORCH_REF["erf"] = lambda a, xs, c: torch.erf(_t(xs[0])).numpy()
+TORCH_REF["gelu"] = lambda a, xs, c: TF.gelu(_t(xs[0]), approximate=a.approximate).numpy()
+TORCH_REF["hard_swish"] = lambda a, xs, c: TF.hardswish(_t(xs[0])).numpy()
+TORCH_REF["selu"] = lambda a, xs, c: TF.selu(_t(xs[0])).numpy()
+TORCH_REF["hard_sigmoid"] = lambda a, xs, c: TF.hardsigmoid(_t(xs[0])).numpy() \
+    if (a.alpha, a.beta) == (1 / 6, 0.5) else None
+
+
 @torch_ref("conv1d")
 def _conv1d(a, xs, c):
     y = TF.conv1d(_t(xs[0]), _t(c.p["weight"]), _t(c.p["bias"]) if a.bias else None,

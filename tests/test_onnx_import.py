@@ -143,3 +143,173 @@ def test_flatten_at_any_valid_axis_matches_onnxruntime(tmp_path, shape, axis):
               [("y", FLOAT, None)])
     x = np.random.default_rng(0).standard_normal([2 if d == "N" else d for d in shape])
     run_both(tmp_path, m, {"x": x.astype(np.float32)})
+
+
+# -- operators, each against onnxruntime ----------------------------------------------------
+def _x(*shape, seed=0):
+    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32) * 2
+
+
+def _node_model(op, shape=(2, 3, 5, 5), inits=None, n_out=1, extra_inputs=(), **attrs):
+    ins = ["x", *(inits or {}), *extra_inputs]
+    outs = [f"y{k}" for k in range(n_out)]
+    return model([helper.make_node(op, ins, outs, **attrs)], [("x", FLOAT, list(shape))],
+                 [(o, FLOAT, None) for o in outs], inits or {})
+
+
+W = np.random.default_rng(1).standard_normal((4, 3, 3, 3)).astype(np.float32)
+OPERATORS = {
+    "erf": _node_model("Erf"),
+    "gelu_exact": _node_model("Gelu"),
+    "hard_sigmoid": _node_model("HardSigmoid", alpha=0.3, beta=0.4),
+    "hard_swish": _node_model("HardSwish"),
+    "leaky_relu_alpha": _node_model("LeakyRelu", alpha=0.2),
+    "elu_alpha": _node_model("Elu", alpha=0.5),
+    "selu": _node_model("Selu"),
+    "prelu": _node_model("PRelu", inits={"slope": np.array([[[0.1]], [[0.2]], [[-0.3]]],
+                                                           np.float32)}),
+    "clip": _node_model("Clip", inits={"lo": np.array(-0.5, np.float32),
+                                       "hi": np.array(1.0, np.float32)}),
+    "sum": model([helper.make_node("Sum", ["x", "x", "w"], ["y"])], [("x", FLOAT, [2, 3])],
+                 [("y", FLOAT, None)], {"w": np.ones(3, np.float32)}),
+    "mean": model([helper.make_node("Mean", ["x", "w"], ["y"])], [("x", FLOAT, [2, 3])],
+                  [("y", FLOAT, None)], {"w": np.arange(3, dtype=np.float32)}),
+    "split": _node_model("Split", (2, 7, 3), {"s": np.array([2, 5])}, n_out=2, axis=1),
+    "split_even": _node_model("Split", (2, 6, 3), n_out=3, axis=-2, num_outputs=3),
+    "tile": _node_model("Tile", (2, 3), {"r": np.array([2, 3])}),
+    "instance_norm": _node_model("InstanceNormalization",
+                                 inits={"s": np.array([1.0, 2.0, 0.5], np.float32),
+                                        "b": np.array([0.0, 1.0, -1.0], np.float32)},
+                                 epsilon=1e-3),
+    "pad_reflect": _node_model("Pad", inits={"p": np.array([0, 0, 1, 2, 0, 0, 2, 1])},
+                               mode="reflect"),
+    "pad_edge": _node_model("Pad", inits={"p": np.array([0, 0, 2, 0, 0, 0, 1, 3])},
+                            mode="edge"),
+    "pad_wrap": _node_model("Pad", (2, 4), inits={"p": np.array([1, 2, 0, 1])}, mode="wrap"),
+    "maxpool_ceil": _node_model("MaxPool", kernel_shape=[3, 3], strides=[2, 2], ceil_mode=1),
+    "maxpool_pads_asymmetric": _node_model("MaxPool", kernel_shape=[3, 2], pads=[1, 0, 0, 1]),
+    "maxpool_same_upper": _node_model("MaxPool", kernel_shape=[2, 2], strides=[2, 2],
+                                      auto_pad="SAME_UPPER"),
+    "maxpool_1d": _node_model("MaxPool", (2, 3, 9), kernel_shape=[3], strides=[2], pads=[1, 1]),
+    "avgpool_exclude_pad": _node_model("AveragePool", kernel_shape=[3, 3], pads=[1, 1, 1, 1],
+                                       strides=[2, 2]),
+    "avgpool_ceil_include_pad": _node_model("AveragePool", kernel_shape=[2, 2], strides=[2, 2],
+                                            pads=[1, 1, 1, 1], ceil_mode=1,
+                                            count_include_pad=1),
+    "avgpool_1d": _node_model("AveragePool", (2, 3, 8), kernel_shape=[2], strides=[2]),
+    "conv_same_upper": _node_model("Conv", inits={"w": W}, auto_pad="SAME_UPPER",
+                                   strides=[2, 2]),
+    "conv_pads_asymmetric": _node_model("Conv", inits={"w": W}, pads=[0, 1, 2, 1]),
+    "conv1d_pads_asymmetric": _node_model("Conv", (2, 3, 9), inits={"w": W[:, :, 0]},
+                                          pads=[2, 0]),
+}
+
+
+@pytest.mark.parametrize("name", OPERATORS)
+def test_operators_import_and_match_onnxruntime(tmp_path, name):
+    m = OPERATORS[name]
+    shape = [d.dim_value for d in m.graph.input[0].type.tensor_type.shape.dim]
+    run_both(tmp_path, m, {"x": _x(*shape)})
+
+
+def test_a_bool_input_is_fed_as_int32_and_cast(tmp_path):
+    m = model([helper.make_node("Where", ["mask", "x", "zero"], ["y"])],
+              [("mask", TensorProto.BOOL, ["batch", 3]), ("x", FLOAT, ["batch", 3])],
+              [("y", FLOAT, None)], {"zero": np.array(0.0, np.float32)})
+    path = tmp_path / "m.onnx"
+    onnx.save(m, str(path))
+    spec, weights = dlgraph.import_onnx(path, tmp_path / "m.yaml")
+    g = dlgraph.load(spec)
+    assert g.inputs["mask"].dtype == "int32"
+    mask, x = np.array([[1, 0, 1], [0, 0, 1]]), _x(2, 3)
+    got = dlgraph.compile(g, weights=weights)(mask=mask.astype(np.int32), x=x)["y"]
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    np.testing.assert_array_equal(got, sess.run(None, {"mask": mask.astype(bool), "x": x})[0])
+
+
+# -- blocks users bring, exported by PyTorch ------------------------------------------------
+def _blocks():
+    import torch
+    from torch import nn
+
+    class LayerNormGelu(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ln, self.fc = nn.LayerNorm(8), nn.Linear(8, 16)
+
+        def forward(self, x):
+            return nn.functional.gelu(self.fc(self.ln(x)))          # exact: Erf
+
+    class MobileNetV3Block(nn.Module):     # HardSwish, HardSigmoid in squeeze-excitation
+        def __init__(self):
+            super().__init__()
+            self.c1, self.bn = nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8)
+            self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+            self.se1, self.se2 = nn.Conv2d(8, 4, 1), nn.Conv2d(4, 8, 1)
+
+        def forward(self, x):
+            y = self.dw(nn.functional.hardswish(self.bn(self.c1(x))))
+            s = self.se2(torch.relu(self.se1(y.mean((2, 3), keepdim=True))))
+            return y * nn.functional.hardsigmoid(s)
+
+    class SqueezeNetStem(nn.Module):       # MaxPool with ceil_mode
+        def __init__(self):
+            super().__init__()
+            self.c, self.p = nn.Conv2d(3, 4, 3, stride=2), nn.MaxPool2d(3, 2, ceil_mode=True)
+
+        def forward(self, x):
+            return self.p(torch.relu(self.c(x)))
+
+    class TinyViT(nn.Module):              # a class token expanded to the dynamic batch
+        def __init__(self):
+            super().__init__()
+            self.patch = nn.Conv2d(3, 16, 4, 4)
+            self.cls, self.pos = nn.Parameter(torch.randn(1, 1, 16)), nn.Parameter(
+                torch.randn(1, 5, 16))
+            self.enc = nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True,
+                                                  activation="gelu")
+            self.head = nn.Linear(16, 3)
+
+        def forward(self, x):
+            p = self.patch(x).flatten(2).transpose(1, 2)
+            z = torch.cat([self.cls.expand(x.shape[0], -1, -1), p], 1) + self.pos
+            return self.head(self.enc(z)[:, 0])
+
+    class PaddedAttention(nn.Module):      # a bool key padding mask: Where, Equal
+        def __init__(self):
+            super().__init__()
+            self.a = nn.MultiheadAttention(8, 2, batch_first=True)
+
+        def forward(self, x, mask):
+            return self.a(x, x, x, key_padding_mask=mask, need_weights=False)[0]
+
+    mask = torch.tensor([[False, False, False, True, True], [False] * 5, [True] + [False] * 4])
+    return {"layer_norm_gelu": (LayerNormGelu, (torch.randn(3, 5, 8),), "erf"),
+            "mobilenet_v3_block": (MobileNetV3Block, (torch.randn(3, 3, 16, 16),),
+                                   "hard_sigmoid"),
+            "squeezenet_stem": (SqueezeNetStem, (torch.randn(3, 3, 17, 17),), "max_pool2d"),
+            "vit": (TinyViT, (torch.randn(3, 3, 8, 8),), "multi_head_attention"),
+            "padded_attention": (PaddedAttention, (torch.randn(3, 5, 8), mask), "where")}
+
+
+@pytest.mark.parametrize("name", ["layer_norm_gelu", "mobilenet_v3_block", "squeezenet_stem",
+                                  "vit", "padded_attention"])
+def test_pytorch_blocks_import_and_match_pytorch_and_onnxruntime(tmp_path, name):
+    import torch
+    torch.manual_seed(0)
+    make, args, op = _blocks()[name]
+    m = make().eval()
+    names = ["x", "mask"][:len(args)]
+    path = tmp_path / f"{name}.onnx"
+    torch.onnx.export(m, args, str(path), dynamo=False, opset_version=17, input_names=names,
+                      output_names=["y"], dynamic_axes={k: {0: "batch"} for k in names})
+    spec, weights = dlgraph.import_onnx(path, tmp_path / f"{name}.yaml")
+    g = dlgraph.load(spec)
+    assert op in [nd.op for nd in g.spec.nodes.values()]
+    feeds = {k: a.numpy() for k, a in zip(names, args, strict=True)}
+    got = dlgraph.compile(g, weights=weights)(**{k: v.astype(np.int32) if v.dtype == bool
+                                                  else v for k, v in feeds.items()})["y"]
+    with torch.no_grad():
+        np.testing.assert_allclose(got, m(*args).numpy(), rtol=1e-5, atol=1e-5)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(got, sess.run(None, feeds)[0], rtol=1e-5, atol=1e-5)

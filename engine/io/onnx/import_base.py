@@ -121,7 +121,10 @@ class Importer:
         if c.size == 1 and c.ndim == 0:
             kind = "bool" if c.dtype == np.bool_ else "int32" if c.dtype.kind in "iu" \
                 else "float32"
-            v.ref = self.add(f"{name}_const", "const", [], [name], value=float(c), dtype=kind)
+            # -inf (an additive mask) is -1e9, as in weights files below
+            v.ref = self.add(f"{name}_const", "const", [], [name], dtype=kind,
+                             value=float(np.clip(c, -1e9, 1e9)) if kind == "float32"
+                             else float(c))
         elif c.dtype.kind == "f":
             v.ref = self.add(name, "param", [], [name], shape=list(c.shape), init="zeros",
                              trainable=False)

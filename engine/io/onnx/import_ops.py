@@ -20,7 +20,8 @@ def attrs(node) -> dict:
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
-def _s(v):
+def text(v):
+    """A string attribute as a str (onnx hands them over as bytes)."""
     return v.decode() if isinstance(v, bytes) else v
 
 
@@ -34,7 +35,7 @@ def nonneg_axis(axis: int, rank: int) -> int:
     return axis + rank if axis < 0 else axis
 
 
-def _need(imp: Importer, name: str) -> tuple:
+def need_shape(imp: Importer, name: str) -> tuple:
     s = imp.shape(name)
     if s is None or None in s:
         raise Unsupported(f"the shape of '{name}' is not known statically")
@@ -47,9 +48,11 @@ BINARY = {"Add": "add", "Sub": "sub", "Mul": "mul", "Div": "div", "Pow": "pow",
           "GreaterOrEqual": "greater_equal", "LessOrEqual": "less_equal", "Equal": "equal"}
 UNARY = {"Neg": "neg", "Exp": "exp", "Log": "log", "Sqrt": "sqrt", "Sign": "sign",
          "Abs": "abs", "Sin": "sin", "Cos": "cos", "Relu": "relu", "Sigmoid": "sigmoid",
-         "Tanh": "tanh"}
+         "Tanh": "tanh", "Erf": "erf"}
 NUMPY = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Div": np.divide,
          "Max": np.maximum, "Min": np.minimum, "Mod": np.mod}
+COMPARE = {"Equal": np.equal, "Greater": np.greater, "Less": np.less,
+           "GreaterOrEqual": np.greater_equal, "LessOrEqual": np.less_equal}
 
 
 def binary(op):
@@ -61,6 +64,9 @@ def binary(op):
         if _dynamic(imp, node):          # shape arithmetic at run time (batch * heads)
             return
         a, b = (imp.const(i) for i in node.input)
+        if a is not None and b is not None and node.op_type in COMPARE:   # shape arithmetic
+            imp.values[node.output[0]] = Value(const=COMPARE[node.op_type](a, b))
+            return
         if a is not None and b is not None and node.op_type in NUMPY:
             with np.errstate(all="ignore"):
                 r = NUMPY[node.op_type](a, b)
@@ -76,7 +82,7 @@ def binary(op):
 def shape_only(imp, node):
     """Ops dlgraph has no tensor form of, met in shape arithmetic: folded or run-time."""
     fn = NUMPY.get(node.op_type)
-    if (fn and _fold(imp, node, fn)) or _dynamic(imp, node):
+    if (fn and fold(imp, node, fn)) or _dynamic(imp, node):
         return
     raise Unsupported(f"{node.op_type} of tensors (dlgraph has it for shapes only)")
 
@@ -99,7 +105,7 @@ FOLD_UNARY = {"Neg": np.negative, "Exp": np.exp, "Log": np.log, "Sqrt": np.sqrt,
 def unary(op):
     def rule(imp, node):
         fn = FOLD_UNARY.get(node.op_type)
-        if fn is not None and _fold(imp, node, lambda x: fn(x).astype(x.dtype)):
+        if fn is not None and fold(imp, node, lambda x: fn(x).astype(x.dtype)):
             return
         imp.bind(node.output[0], imp.add(hint(node, imp), op, [imp.ref(node.input[0])],
                                          [origin(node)]))
@@ -111,26 +117,38 @@ def activation(imp, node) -> tuple[str, dict] | None:
     a = attrs(node)
     if node.op_type in ("Relu", "Sigmoid", "Tanh", "Softplus"):
         return node.op_type.lower(), {}
+    if node.op_type == "HardSwish":
+        return "hard_swish", {}
     if node.op_type == "LeakyRelu" and abs(a.get("alpha", 0.01) - 0.01) < 1e-9:
         return "leaky_relu", {}
     if node.op_type == "Elu" and abs(a.get("alpha", 1.0) - 1.0) < 1e-9:
         return "elu", {}
-    if node.op_type == "Gelu" and _s(a.get("approximate", "none")) == "tanh":
+    if node.op_type == "Gelu" and text(a.get("approximate", "none")) == "tanh":
         return "gelu", {}
     return None
 
 
-ACTS = ("Relu", "Sigmoid", "Tanh", "Softplus", "LeakyRelu", "Elu", "Gelu")
+ACTS = ("Relu", "Sigmoid", "Tanh", "Softplus", "LeakyRelu", "Elu", "Gelu", "HardSwish")
+
+
+def _act_fields(node) -> tuple[str, dict]:
+    """An activation with attributes other than dlgraph's defaults, as op and fields (a
+    layer's `activation:` holds defaults only)."""
+    a = attrs(node)
+    if node.op_type in ("LeakyRelu", "Elu"):
+        default = 0.01 if node.op_type == "LeakyRelu" else 1.0
+        return ("leaky_relu" if node.op_type == "LeakyRelu" else "elu"), \
+            {"alpha": f32(a.get("alpha", default))}
+    if node.op_type == "Gelu":          # approximate: none, ONNX's default
+        return "gelu", {"approximate": "none"}
+    raise Unsupported(f"{node.op_type} with {a}")
 
 
 def act_rule(op):
     def rule(imp, node):
-        got = activation(imp, node)
-        if got is None:
-            raise Unsupported(f"{node.op_type} with {attrs(node)} differs from dlgraph's "
-                              f"{op}")
-        imp.bind(node.output[0], imp.add(hint(node, imp), got[0], [imp.ref(node.input[0])],
-                                         [origin(node)]))
+        op, fields = activation(imp, node) or _act_fields(node)
+        imp.bind(node.output[0], imp.add(hint(node, imp), op, [imp.ref(node.input[0])],
+                                         [origin(node)], **fields))
     return rule
 
 
@@ -208,7 +226,7 @@ def matmul(imp, node):
 
 def _sym_pads(a, rank):
     pads = list(a.get("pads", [0] * 2 * rank))
-    if _s(a.get("auto_pad", "NOTSET")) not in ("NOTSET", "VALID") or pads[:rank] != pads[rank:]:
+    if text(a.get("auto_pad", "NOTSET")) not in ("NOTSET", "VALID") or pads[:rank] != pads[rank:]:
         raise Unsupported("only equal padding on both sides (no auto_pad)")
     return pads[:rank]
 
@@ -227,17 +245,47 @@ def _tidy(fields: dict, defaults: dict) -> dict:
 CONV_DEFAULTS = {"stride": 1, "padding": 0, "dilation": 1, "groups": 1, "output_padding": 0}
 
 
+def _pads(imp, node, a, k) -> int | list | str:
+    """ONNX's padding as dlgraph's field: an int, [h, w], [top, bottom, left, right] or
+    'same' (auto_pad SAME_UPPER); ONNX writes all begins, then all ends."""
+    auto = text(a.get("auto_pad", "NOTSET"))
+    if auto == "SAME_UPPER":
+        return "same"
+    if auto not in ("NOTSET", "VALID"):
+        raise Unsupported(f"auto_pad {auto} (dlgraph's 'same' puts the odd row at the end)")
+    pads = [0] * 2 * k if auto == "VALID" else [int(p) for p in a.get("pads", [0] * 2 * k)]
+    if pads[:k] == pads[k:]:
+        return _one(pads[:k])
+    return [v for d in range(k) for v in (pads[d], pads[k + d])]
+
+
+def _pad_1d(imp, node, x, padding, kernel, stride, dilation):
+    """conv1d has one symmetric padding: other paddings become a pad node before it."""
+    if isinstance(padding, int):
+        return x, padding
+    if padding == "same":
+        from dlgraph.ops.common import pads4
+        length = need_shape(imp, node.input[0])[2]
+        padding = list(pads4("same", (1, length), (1, kernel), (1, stride), (1, dilation))[2:])
+    return imp.add(f"{hint(node)}_pad", "pad", [x], [], axis=2, before=padding[0],
+                   after=padding[1]), 0
+
+
 def conv(imp, node):
     a, w = attrs(node), imp.const(node.input[1])
     b = imp.const(node.input[2]) if len(node.input) > 2 and node.input[2] else None
     if w is None or w.ndim not in (3, 4) or (len(node.input) > 2 and b is None):
-        raise Unsupported("only 1-D and 2-D convolutions with constant weights")
+        raise Unsupported("only 1-D and 2-D convolutions with constant weights (dlgraph has "
+                          "no 3-D convolution)")
     k = w.ndim - 2
-    fields = dict(out=w.shape[0], kernel=_one(list(w.shape[2:])),
-                  stride=_one(a.get("strides", [1] * k)), padding=_one(_sym_pads(a, k)),
-                  dilation=_one(a.get("dilations", [1] * k)), groups=a.get("group", 1))
+    x, padding = imp.ref(node.input[0]), _pads(imp, node, a, k)
+    strides, dilations = a.get("strides", [1] * k), a.get("dilations", [1] * k)
+    if k == 1:
+        x, padding = _pad_1d(imp, node, x, padding, w.shape[2], strides[0], dilations[0])
+    fields = dict(out=w.shape[0], kernel=_one(list(w.shape[2:])), stride=_one(strides),
+                  padding=padding, dilation=_one(dilations), groups=a.get("group", 1))
     params = {"weight": w, **({"bias": b} if b is not None else {})}
-    emit_layer(imp, node, "conv2d" if k == 2 else "conv1d", [imp.ref(node.input[0])], params,
+    emit_layer(imp, node, "conv2d" if k == 2 else "conv1d", [x], params,
                bias=None if b is not None else False, activation=None,
                **_tidy(fields, CONV_DEFAULTS))
 
@@ -261,20 +309,30 @@ def conv_transpose(imp, node):
 
 def pool(op):
     def rule(imp, node):
-        a = attrs(node)
-        if imp.rank(node.input[0]) != 4 or a.get("ceil_mode", 0) or \
-                any(d != 1 for d in a.get("dilations", [1, 1])) or len(node.output) > 1:
-            raise Unsupported("only 2-D pooling without ceil_mode, dilation or indices")
-        pads = _sym_pads(a, 2)
-        strides = a.get("strides", [1, 1])
-        if op == "avg_pool2d" and any(pads) and not a.get("count_include_pad", 0):
-            raise Unsupported("average pooling that excludes the padding from the count")
+        a, rank = attrs(node), imp.rank(node.input[0])
+        k = (rank or 0) - 2
+        if k not in (1, 2) or any(d != 1 for d in a.get("dilations", [1] * k)) or \
+                len(node.output) > 1 and node.output[1]:
+            raise Unsupported("only 1-D and 2-D pooling without dilation or indices")
+        kernel, strides = list(a["kernel_shape"]), list(a.get("strides", [1] * k))
+        padding, x = _pads(imp, node, a, k), imp.ref(node.input[0])
+        if k == 1:                    # a 1-D pool is the 2-D pool of the [N, C, 1, L] view
+            x = imp.add(f"{hint(node)}_2d", "unsqueeze", [x], [], axis=2)
+            kernel, strides = [1] + kernel, [1] + strides
+            padding = padding if padding == "same" else [0, 0] + list(padding) \
+                if isinstance(padding, list) else [0, padding]
+        ceil = bool(a.get("ceil_mode", 0))
+        padded = ceil or padding == "same" or any(np.atleast_1d(padding))
+        exclude = op == "avg_pool2d" and padded and not a.get("count_include_pad", 0)
         # ONNX's strides default to 1, dlgraph's to the kernel
-        imp.bind(node.output[0], imp.add(
-            hint(node, imp), op, [imp.ref(node.input[0])], [origin(node)],
-            kernel=_one(a["kernel_shape"]),
-            stride=None if list(strides) == list(a["kernel_shape"]) else _one(strides),
-            padding=_one(pads) if any(pads) else None))
+        y = imp.add(hint(node, imp) if k == 2 else f"{hint(node)}_pool", op, [x],
+                    [origin(node)] if k == 2 else [], kernel=_one(kernel),
+                    stride=None if strides == kernel else _one(strides),
+                    padding=padding if padded and padding != 0 else None,
+                    ceil_mode=ceil or None, count_include_pad=False if exclude else None)
+        if k == 1:
+            y = imp.add(hint(node, imp), "squeeze", [y], [origin(node)], axis=2)
+        imp.bind(node.output[0], y)
     return rule
 
 
@@ -366,8 +424,8 @@ DEFAULT_ACTS = {"LSTM": ["Sigmoid", "Tanh", "Tanh"], "GRU": ["Sigmoid", "Tanh"],
 
 def _check_recurrent(imp, node, a) -> int:
     kind = node.op_type
-    acts = [_s(x) for x in a.get("activations", [])]
-    direction = _s(a.get("direction", "forward"))
+    acts = [text(x) for x in a.get("activations", [])]
+    direction = text(a.get("direction", "forward"))
     dirs = {"forward": 1, "bidirectional": 2}.get(direction)
     ins = list(node.input) + [""] * 8
     problems = [
@@ -496,7 +554,7 @@ def recurrent(op):
 
 
 # -- shapes and movement ----------------------------------------------------------------------
-def _fold(imp, node, fn) -> bool:
+def fold(imp, node, fn) -> bool:
     """Evaluate a node at import time when all its inputs are constants."""
     cs = [imp.const(i) if i else None for i in node.input]
     if any(c is None for c, i in zip(cs, node.input, strict=True) if i):
@@ -550,6 +608,12 @@ def _dims_of(imp, node) -> tuple | None:
         return ins[0]
     if node.op_type in DIM_ARITHMETIC and len(ins) == 2 and None not in ins:
         return _dim_arithmetic(node.op_type, *ins)
+    if node.op_type in ("Equal", "Where") and None not in ins and len({len(d) for d in ins}) == 1:
+        # PyTorch's expand(batch, -1, -1): Where(Equal(dims, -1), 1, dims); a named dim is
+        # never -1, so it compares unequal to every number
+        if node.op_type == "Equal":
+            return tuple(int(x == y) for x, y in zip(*ins, strict=True))
+        return tuple(x if c else y for c, x, y in zip(*ins, strict=True))
     if node.op_type == "Slice":
         cs = [imp.const(i) if i else None for i in node.input[1:]]
         if all(c is not None for c in cs) and all(int(a) in (0, -1) for a in
@@ -612,7 +676,7 @@ def _target(imp, node, shape):
         return list(out)
     if shape is None:
         raise Unsupported("a shape computed at run time that shape inference cannot resolve")
-    ins = _need(imp, node.input[0])
+    ins = need_shape(imp, node.input[0])
     dims = [ins[i] if d == 0 else d if isinstance(d, str) else int(d)
             for i, d in enumerate(shape)]
     if sum(1 for d in dims if isinstance(d, str)) != sum(1 for d in ins if isinstance(d, str)):
@@ -621,8 +685,11 @@ def _target(imp, node, shape):
 
 
 def reshape(imp, node):
-    if _fold(imp, node, lambda x, s: x.reshape([x.shape[i] if d == 0 else d
+    if fold(imp, node, lambda x, s: x.reshape([x.shape[i] if d == 0 else d
                                                 for i, d in enumerate(s)])):
+        return
+    if imp.values[node.input[0]].dynamic:         # a shape vector reshaped (ViT's class token)
+        _dynamic(imp, node)
         return
     v = imp.values[node.input[1]]
     if v.shape_of and imp.shape(node.output[0]) is None:
@@ -637,7 +704,7 @@ def reshape(imp, node):
 
 def flatten(imp, node):
     axis = attrs(node).get("axis", 1)
-    if _fold(imp, node, lambda x: x.reshape(int(np.prod(x.shape[:axis])), -1)):
+    if fold(imp, node, lambda x: x.reshape(int(np.prod(x.shape[:axis])), -1)):
         return
     if axis == 1 and (imp.rank(node.input[0]) or 0) >= 2:     # dlgraph's flatten keeps axis 0
         imp.bind(node.output[0], imp.add(hint(node, imp), "flatten", [imp.ref(node.input[0])],
@@ -649,7 +716,7 @@ def flatten(imp, node):
 
 def transpose(imp, node):
     perm = attrs(node).get("perm")
-    if _fold(imp, node, lambda x: np.transpose(x, perm)):
+    if fold(imp, node, lambda x: np.transpose(x, perm)):
         return
     rank = imp.rank(node.input[0])
     perm = list(perm) if perm is not None else list(reversed(range(rank)))
@@ -685,10 +752,10 @@ def _chain(imp, node, op, axes, **more):
 
 def squeeze(imp, node):
     axes = axes_input(imp, node)
-    if _fold(imp, node, lambda x, *_: np.squeeze(x, tuple(axes) if axes else None)) or \
+    if fold(imp, node, lambda x, *_: np.squeeze(x, tuple(axes) if axes else None)) or \
             _dynamic(imp, node):
         return
-    s = _need(imp, node.input[0]) if axes is None else None
+    s = need_shape(imp, node.input[0]) if axes is None else None
     rank = imp.rank(node.input[0])
     axes = [i for i, d in enumerate(s) if d == 1] if axes is None else axes
     _chain(imp, node, "squeeze", sorted((nonneg_axis(a, rank) for a in axes), reverse=True))
@@ -696,7 +763,7 @@ def squeeze(imp, node):
 
 def unsqueeze(imp, node):
     axes = axes_input(imp, node)
-    if _fold(imp, node, lambda x, *_: np.expand_dims(x, tuple(axes))) or _dynamic(imp, node):
+    if fold(imp, node, lambda x, *_: np.expand_dims(x, tuple(axes))) or _dynamic(imp, node):
         return
     rank = imp.rank(node.input[0]) + len(axes)
     _chain(imp, node, "unsqueeze", sorted(nonneg_axis(a, rank) for a in axes))
@@ -711,7 +778,7 @@ def _slice_np(x, starts, ends, axes=None, steps=None):
 
 
 def slice_op(imp, node):
-    if _fold(imp, node, _slice_np) or _dynamic(imp, node):
+    if fold(imp, node, _slice_np) or _dynamic(imp, node):
         return
     cs = [imp.const(i) if i else None for i in list(node.input[1:]) + [""] * 4][:4]
     starts, ends, axes, steps = cs
@@ -733,7 +800,7 @@ def slice_op(imp, node):
 
 def concat(imp, node):
     axis = attrs(node)["axis"]
-    if _fold(imp, node, lambda *xs: np.concatenate(xs, axis=axis)) or _dynamic(imp, node):
+    if fold(imp, node, lambda *xs: np.concatenate(xs, axis=axis)) or _dynamic(imp, node):
         return
     imp.bind(node.output[0], imp.add(hint(node, imp), "concat",
                                      [imp.ref(i) for i in node.input], [origin(node)],
@@ -744,7 +811,7 @@ def pad(imp, node):
     a = attrs(node)
     pads = imp.const(node.input[1]) if len(node.input) > 1 else np.array(a.get("pads"))
     value = imp.const(node.input[2]) if len(node.input) > 2 and node.input[2] else None
-    if _s(a.get("mode", "constant")) != "constant" or pads is None or \
+    if text(a.get("mode", "constant")) != "constant" or pads is None or \
             (len(node.input) > 3 and node.input[3]) or (pads < 0).any():
         raise Unsupported("only constant, non-negative padding over all axes")
     rank = len(pads) // 2
@@ -767,6 +834,15 @@ def _batch_source(imp, shape) -> str | None:
                  if (imp.shape(vi.name) or (None,))[0] == shape[0]), None)
 
 
+def _broadcast(a: tuple, b: list) -> tuple | None:
+    """numpy's broadcast of two shapes whose dims may be names ('batch' against 1)."""
+    n = max(len(a), len(b))
+    a, b = (1,) * (n - len(a)) + tuple(a), (1,) * (n - len(b)) + tuple(b)
+    out = tuple(y if x == 1 else x if y == 1 or x == y else None
+                for x, y in zip(a, b, strict=True))
+    return None if None in out else out
+
+
 def expand(imp, node):
     v, x = imp.values[node.input[1]], imp.const(node.input[0])
     if v.shape_of:
@@ -774,18 +850,24 @@ def expand(imp, node):
                                          [imp.ref(node.input[0]), imp.ref(v.shape_of)],
                                          [origin(node)]))
         return
-    if _fold(imp, node, lambda x, s: x * np.ones(s, x.dtype)):
+    if fold(imp, node, lambda x, s: x * np.ones(s, x.dtype)):
         return
-    shape = imp.shape(node.output[0])
+    shape, target = imp.shape(node.output[0]), value_dims(imp, node.input[1])
+    if (shape is None or None in shape) and target is not None:
+        have = imp.shape(node.input[0]) or (x.shape if x is not None else None)
+        shape = None if have is None else _broadcast(have, list(target))
     src = _batch_source(imp, shape)
-    if x is None or x.size != 1 or src is None:
+    if src is None:
         raise Unsupported("Expand to a shape computed at run time")
+    imp.shapes[node.output[0]] = shape
     if imp.sole_consumer(node.output[0], ("RandomNormalLike", "RandomUniformLike")):
         imp.values[node.output[0]] = Value(dynamic=True)     # only its shape is read
         return
+    # [batch, ...] of an input's batch: zeros of that shape plus the value, broadcast
+    # (a class token, a padding mask over heads)
     ref = imp.add(hint(node, imp), "zeros", [imp.ref(src)], [origin(node)],
                   shape=list(shape[1:]))
-    if float(x.reshape(())):
+    if x is None or x.size != 1 or float(x.reshape(())):
         ref = imp.add(hint(node, imp), "add", [ref, imp.ref(node.input[0])], [])
     imp.bind(node.output[0], ref)
 
@@ -794,7 +876,7 @@ def constant_of_shape(imp, node):
     a = attrs(node)
     from onnx import numpy_helper
     value = numpy_helper.to_array(a["value"]) if "value" in a else np.zeros(1, np.float32)
-    if _fold(imp, node, lambda s: np.full([int(d) for d in s], value.reshape(-1)[0],
+    if fold(imp, node, lambda s: np.full([int(d) for d in s], value.reshape(-1)[0],
                                           value.dtype)):
         return
     if float(value.reshape(-1)[0]) != 0:
@@ -832,17 +914,28 @@ def cast(imp, node):
         raise Unsupported(f"cast to ONNX type {to}")
     np_type = {"float32": np.float32, "int32": np.int64 if to == 7 else np.int32,
                "bool": np.bool_}[CASTS[to]]
-    if _fold(imp, node, lambda x: x.astype(np_type)) or _dynamic(imp, node):
+    if fold(imp, node, lambda x: x.astype(np_type)) or _dynamic(imp, node):
         return
     imp.bind(node.output[0], imp.add(hint(node, imp), "cast", [imp.ref(node.input[0])],
                                      [origin(node)], dtype=CASTS[to]))
 
 
 def where(imp, node):
-    if _fold(imp, node, np.where):
+    if fold(imp, node, np.where):
         return
-    imp.bind(node.output[0], imp.add(hint(node, imp), "where",
-                                     [imp.ref(i) for i in node.input], [origin(node)]))
+    if any(imp.values[i].dynamic and not imp.values[i].zeros for i in node.input):
+        _dynamic(imp, node)                   # shape arithmetic (ViT's expand(batch, -1, -1))
+        return
+    out, ins = imp.shape(node.output[0]), []
+    for i in node.input:
+        v, others = imp.values[i], [j for j in node.input if j != i]
+        if v.zeros and v.ref is None and any(imp.shape(j) == out for j in others):
+            # zeros of a run-time shape (PyTorch's mask.new_zeros): a scalar 0 broadcasts
+            # to the same result
+            ins.append(imp.add(f"{hint(node)}_zero", "const", [], [], value=0.0))
+        else:
+            ins.append(imp.ref(i))
+    imp.bind(node.output[0], imp.add(hint(node, imp), "where", ins, [origin(node)]))
 
 
 def reduce(op):

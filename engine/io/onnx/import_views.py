@@ -239,8 +239,14 @@ def _broadcast(shapes) -> tuple | None:
     return tuple(out)
 
 
+def _shape_or_const(imp, name) -> tuple | None:
+    """An ONNX value's shape: inferred, or its constant's (initializers have no value_info)."""
+    c = imp.const(name)
+    return imp.shape(name) or (tuple(c.shape) if c is not None else None)
+
+
 def _infer(imp, node) -> tuple | None:
-    ins = [imp.shape(i) if i else None for i in node.input]
+    ins = [_shape_or_const(imp, i) if i else None for i in node.input]
     if not ins or ins[0] is None or None in ins[0]:
         return None
     t, a = node.op_type, attrs(node)
@@ -263,6 +269,13 @@ def _infer(imp, node) -> tuple | None:
 
 def _infer_movement(imp, node, s: tuple, a: dict) -> tuple | None:
     t = node.op_type
+    if t == "Concat":
+        shapes = [imp.shape(i) for i in node.input]
+        axis = nonneg_axis(a["axis"], len(s))
+        if any(len(x) != len(s) or x[:axis] + x[axis + 1:] != s[:axis] + s[axis + 1:]
+               or not isinstance(x[axis], int) for x in shapes):
+            return None
+        return s[:axis] + (sum(x[axis] for x in shapes),) + s[axis + 1:]
     if t == "Gather":
         idx = imp.const(node.input[1])
         axis = nonneg_axis(a.get("axis", 0), len(s))

@@ -24,14 +24,16 @@ from dlgraph.engine.io.onnx.formats import require_onnx
 from dlgraph.engine.io.onnx.import_base import OPSET, Importer, Unsupported, valid_id
 from dlgraph.engine.io.onnx.import_checks import check_declared, check_float64, check_graph
 from dlgraph.engine.io.onnx.import_fold import FOLD_RULES
+from dlgraph.engine.io.onnx.import_nn import NN_RULES
 from dlgraph.engine.io.onnx.import_ops import OPERATOR_RULES
 from dlgraph.engine.io.onnx.import_scan import SCAN_RULES, run_nodes
 from dlgraph.engine.io.onnx.import_views import VIEW_RULES
 
-RULES = {**OPERATOR_RULES, **VIEW_RULES, **FOLD_RULES, **SCAN_RULES}
+RULES = {**OPERATOR_RULES, **NN_RULES, **VIEW_RULES, **FOLD_RULES, **SCAN_RULES}
 """ONNX operator type -> its import rule: the importer's one table. A later table takes an
 operator over from an earlier one (a view or fold rule hands the cases it does not handle
-back to the operator's rule in :data:`.import_ops.OPERATOR_RULES`)."""
+back to the operator's rule in :data:`.import_ops.OPERATOR_RULES`; :data:`.import_nn.NN_RULES`
+holds operators that map onto a few dlgraph ops)."""
 
 
 def _inputs(imp: Importer) -> dict[str, dict]:
@@ -48,9 +50,12 @@ def _inputs(imp: Importer) -> dict[str, dict]:
         imp.input_ids[vi.name] = nid
         entry = {"shape": list(shape)}
         if imp.dtypes[vi.name] == "bool":
-            imp.failed.append((vi.name, "input", "bool graph inputs (dlgraph's inputs are "
-                                                 "float32 or int32)"))
-        if imp.dtypes[vi.name] != "float32":
+            # dlgraph's inputs are float32 or int32: a mask is fed as int32 0/1, cast here
+            entry["dtype"] = "int32"
+            imp.bind(vi.name, imp.add(f"{nid}_bool", "cast", [nid],
+                                      [f"bool input '{vi.name}', fed as int32 0/1"],
+                                      dtype="bool"))
+        elif imp.dtypes[vi.name] != "float32":
             entry["dtype"] = imp.dtypes[vi.name]
         out[nid] = entry
     return out

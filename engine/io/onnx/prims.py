@@ -19,7 +19,7 @@ BINARY = {"add": "Add", "sub": "Sub", "mul": "Mul", "div": "Div", "pow": "Pow",
           "greater_equal": "GreaterOrEqual", "less_equal": "LessOrEqual", "equal": "Equal"}
 UNARY = {"neg": "Neg", "exp": "Exp", "log": "Log", "sqrt": "Sqrt", "sign": "Sign",
          "abs": "Abs", "sin": "Sin", "cos": "Cos", "relu": "Relu", "sigmoid": "Sigmoid",
-         "tanh": "Tanh", "stop_gradient": "Identity"}
+         "tanh": "Tanh", "stop_gradient": "Identity", "erf": "Erf"}
 REDUCE = {"sum": "ReduceSum", "mean": "ReduceMean", "max": "ReduceMax"}
 
 
