@@ -177,15 +177,15 @@ def init_from_names(g: Graph, spec, path: Path | None = None,
         theirs = _their_name(name, spec)
         if theirs is None or theirs not in shapes:
             continue
-        if list(shapes[theirs]) != list(p.shape):
-            raise DataError(f"parameter '{theirs}' has shape {list(shapes[theirs])} in "
-                            f"{path}, '{name}' has {list(p.shape)} here", source=where,
-                            help="leave it out of init_from.params, or map it with rename")
         twin = next((m for m, t in pairs.items() if t == theirs), None)
         if twin is not None:
             raise SpecError(f"init_from.rename maps both '{twin}' and '{name}' onto '{theirs}'"
                             f" of {path}", source=_at(g, "init_from", "rename"),
                             help="give each renamed scope its own prefix in the file")
+        if list(shapes[theirs]) != list(p.shape):
+            raise DataError(f"parameter '{theirs}' has shape {list(shapes[theirs])} in "
+                            f"{path}, '{name}' has {list(p.shape)} here", source=where,
+                            help="leave it out of init_from.params, or map it with rename")
         pairs[name] = theirs
     if not pairs:
         raise DataError(f"init_from: no parameter of this graph is in {path}; it holds: "
@@ -335,6 +335,8 @@ def unused_nodes(spec, file: str, lines: dict) -> list[str]:
     used = {ref.split(".")[0] for nd in spec.nodes.values() for _, ref in nd.refs()}
     used |= {ref.split(".")[0] for ref in spec.outputs}
     used |= {getattr(nd, "share", None) for nd in spec.nodes.values()}
+    if spec.train is None and not spec.outputs:
+        return []           # refused for having no outputs: nothing to add to that
     if spec.train is not None:
         named = {ph.objective for ph in spec.train.all_phases()}
         named |= {ref.split(".")[0] for m in spec.train.metrics for ref in m.in_}

@@ -172,11 +172,11 @@ def _check_events(text: str, file: str) -> None:
             depth += isinstance(event, _OPEN) - isinstance(event, _CLOSE)
             if count > MAX_SPEC_VALUES or depth > MAX_SPEC_DEPTH:
                 line = event.start_mark.line + 1 if event.start_mark else None
-                raise SpecError(f"the spec has more than {MAX_SPEC_VALUES} values"
-                                if count > MAX_SPEC_VALUES else
-                                f"the spec is nested more than {MAX_SPEC_DEPTH} levels deep",
-                                source=Source(file, line),
-                                help="a spec is a short text; keep data in data files")
+                deep = count <= MAX_SPEC_VALUES
+                raise SpecError(f"the spec is nested more than {MAX_SPEC_DEPTH} levels deep"
+                                if deep else f"the spec has more than {MAX_SPEC_VALUES} values",
+                                source=Source(file, line), help="flatten the nesting" if deep
+                                else "a spec is a short text; keep data in data files")
     except yaml.YAMLError:
         pass
     finally:
