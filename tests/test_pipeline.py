@@ -366,3 +366,60 @@ stages:
     assert text == dlgraph.generate_text(g, res.artifact("fit.weights"), prompt="First",
                                          length=20, seed=4)
     assert text.startswith("First") and len(text) == 25
+
+
+def test_predictions_feed_the_next_stage(tiny):
+    rng = np.random.default_rng(2)
+    np.savez(tiny / "head_rows.npz", logits=rng.standard_normal((32, 2)).astype(np.float32),
+             y=(rng.random(32) > 0.5).astype(np.int32))
+    write(tiny, "head.yaml", (BAD / "head3.yaml").read_text()
+          .replace("[batch, 3]", "[batch, 2]").replace("rows.npz", "head_rows.npz"))
+    pipe = write(tiny, "p.yaml", """\
+dlgraph: 1
+pipeline: p
+stages:
+  fit:    {train: a.yaml}
+  head:   {train: head.yaml}
+  scores: {predict: a.yaml, weights: fit.weights, data: rows.npz}
+  judge:  {predict: head.yaml, weights: head.weights, data: scores.predictions}
+""")
+    got, res, _ = run(pipe, tiny / "out")
+    assert set(got.values()) == {"done"}
+    with np.load(res.artifact("scores.predictions")) as s:
+        logits = s["logits"]
+    with np.load(tiny / "rows.npz") as f:
+        x = f["x"]
+    first = dlgraph.compile(dlgraph.load(tiny / "a.yaml"), weights=res.artifact("fit.weights"))
+    np.testing.assert_allclose(logits, first(x=x)["logits"], rtol=1e-5, atol=1e-6)
+    head = dlgraph.compile(dlgraph.load(tiny / "head.yaml"), weights=res.artifact("head.weights"))
+    with np.load(res.artifact("judge.predictions")) as j:
+        np.testing.assert_allclose(j["out"], head(logits=logits)["out"], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_a_sweep_stage_hands_its_best_trial_to_the_next(tiny):
+    pytest.importorskip("ray")
+    write(tiny, "s.yaml", TINY + "sweep:\n  parameters:\n    train.optimizer.lr: [0.05, 0.5]\n")
+    pipe = write(tiny, "p.yaml", """\
+dlgraph: 1
+pipeline: p
+stages:
+  search:  {sweep: s.yaml, concurrency: 2}
+  retrain: {train: search.spec, epochs: 2}
+  score:   {evaluate: retrain.spec, weights: retrain.weights}
+""")
+    got, res, _ = run(pipe, tiny / "out")
+    assert got == {"search": "done", "retrain": "done", "score": "done"}
+    import csv
+    with open(res.artifact("search.table")) as f:
+        rows = list(csv.DictReader(f))
+    best = min(rows, key=lambda r: float(r["val_loss"]))
+    chosen = json.loads(res.artifact("search.metrics").read_text())
+    assert chosen["params"] == {"train.optimizer.lr": float(best["train.optimizer.lr"])}
+    assert file_hash(res.artifact("search.best")) == file_hash(
+        Path(best["run_dir"]) / "weights.safetensors")
+    import yaml
+    spec = yaml.safe_load(res.artifact("retrain.spec").read_text())
+    assert spec["train"]["optimizer"]["lr"] == float(best["train.optimizer.lr"])
+    assert spec["train"]["epochs"] == 1 and json.loads(
+        res.artifact("retrain.metrics").read_text())["epochs"] == 2

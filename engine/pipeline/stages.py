@@ -157,8 +157,10 @@ def run_sweep(job: Job, g: Graph, work: Path) -> dict:
                             help="see the trials in " + str(res.csv))
     best = Path(res.best["run_dir"])
     shutil.copyfile(best / "weights.safetensors", work / "best.safetensors")
-    shutil.copyfile(best / "spec.yaml", work / "spec.yaml")
-    shutil.copyfile(res.csv, work / "sweep.csv")
+    final = str(work.parent / job.name)      # what the partial folder becomes
+    for src, dst in ((best / "spec.yaml", "spec.yaml"), (res.csv, "sweep.csv")):
+        text = Path(src).read_text(encoding="utf-8").replace(str(work), final)
+        atomic_write(work / dst, text.encode())
     std = best / "standardize.json"          # the trial's scaling goes with its weights
     if std.is_file():
         shutil.copyfile(std, work / std.name)
