@@ -288,3 +288,33 @@ def test_a_lock_file_that_is_a_link_is_not_followed(tmp_path):
     assert r.exit_code == 1 and "the run directory holds files dlgraph did not write: " \
         ".dlgraph-run" in r.output
     assert theirs.read_bytes() == b"keep me\n"
+
+
+def test_rows_after_a_sparser_checkpoint_move_aside(tmp_path, monkeypatch):
+    """checkpoint_every: 2 and a fault at the checkpoint of epoch 4: epochs 3 and 4 run
+    again, their first rows kept in metrics.replaced.jsonl."""
+    spec = tmp_path / "every2.yaml"
+    spec.write_text(TINY.read_text().replace("epochs: 4", "epochs: 4\n  checkpoint_every: 2"))
+    r_dir = tmp_path / "r"
+    monkeypatch.setattr(outputs, "os", FailingOs("checkpoint.safetensors", 2, errno.ENOSPC))
+    r = cli("run", spec, "--out", r_dir, "-q")
+    assert r.exit_code == 1 and "(epoch 2, step 24)\n" in r.output, r.output
+    monkeypatch.undo()
+    assert cli("run", spec, "--out", r_dir, "--resume", "-q").exit_code == 0
+    assert steps_of(rows(r_dir), "step") == list(range(1, 49))
+    assert steps_of(rows(r_dir), "epoch") == [1, 2, 3, 4]
+    moved = rows(r_dir, "metrics.replaced.jsonl")
+    assert steps_of(moved, "step") == list(range(25, 49)) and steps_of(moved, "epoch") == [3, 4]
+
+
+def test_a_run_its_target_stopped_is_finished(tmp_path):
+    spec = tmp_path / "target.yaml"
+    spec.write_text(TINY.read_text() + "  target: {metric: val_accuracy, above: 0.5}\n")
+    r_dir = tmp_path / "r"
+    r = cli("run", spec, "--out", r_dir, "-q")
+    assert r.exit_code == 0 and "— 1 epoch, 12 steps" in r.output, r.output
+    r = cli("run", spec, "--out", r_dir, "--resume", "-q")
+    assert r.output == (f"error: {r_dir}: the run is finished: 1 of 4 epochs, 12 steps; it "
+                        "stopped: its target val_accuracy > 0.5 was met; nothing to resume\n"
+                        "  help: pass a higher --epochs (or --steps) to train it further, or "
+                        "start a new run with another --out\n")

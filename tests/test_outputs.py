@@ -212,3 +212,18 @@ def test_sweep_out_among_the_users_files(tmp_path):
                         "never writes among files dlgraph did not write\n  help: pass a new "
                         "--out folder\n")
     assert out.read_bytes() == MINE
+    afile = user_file(tmp_path / "afile")
+    r = cli("sweep", TINY, "--param", "train.optimizer.lr=0.1,0.01", "--out", afile / "sw")
+    assert r.exit_code == 1 and "Traceback" not in r.output and "help: " in r.output
+    assert afile.read_bytes() == MINE
+
+
+def test_two_default_run_directories_in_one_second_are_two(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    from dlgraph.engine.train.rundir import claim_run_dir
+    first = claim_run_dir(Path("runs/x/20250101-000000"), False, fresh=True)
+    second = claim_run_dir(Path("runs/x/20250101-000000"), False, fresh=True)
+    assert (first.run_dir.name, second.run_dir.name) == ("20250101-000000",
+                                                         "20250101-000000-1")
+    first.release()
+    second.release()

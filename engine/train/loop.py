@@ -186,7 +186,8 @@ def train(graph: Graph, *, out=None, resume: bool = False, device: str | None = 
     train_arrays, val_arrays, note, stats = split_data(graph, spec, data)
     run_dir = run_dir_path(graph, out)
     check_board_dir(spec)
-    lock = claim_run_dir(run_dir, resume)        # held until the run ends
+    lock = claim_run_dir(run_dir, resume, fresh=out is None)    # held until the run ends
+    run_dir = lock.run_dir
     try:
         ckpt = (run_dir / CHECKPOINT).is_file()
         resumed = read_checkpoint(run_dir / CHECKPOINT, param_shapes(graph)) \

@@ -70,12 +70,16 @@ def new_run_dir(run_dir: Path) -> Path:
     return run_dir
 
 
-def claim_run_dir(run_dir: Path, resume: bool) -> RunLock:
+def claim_run_dir(run_dir: Path, resume: bool, fresh: bool = False) -> RunLock:
     """Take ``run_dir`` for a run, by the rule of what dlgraph writes (engine/io/outputs.py):
     a new or empty folder, or one marked as dlgraph's (``--resume`` continues the run it
-    holds); never a folder of someone else's files. Returns its lock, held while the run
-    writes (a second run into it is refused with the first one's pid)."""
+    holds); never a folder of someone else's files. Returns its lock (``.run_dir``), held
+    while the run writes (a second run into it is refused with the first one's pid).
+    ``fresh``: ``run_dir`` is a default name (runs/<name>/<time>); a run started in the same
+    second elsewhere makes it take the next free one (``<time>-1``, ...)."""
     run_dir = Path(run_dir)
+    if fresh:
+        return RunLock(_made_new(run_dir))
     has_run = (run_dir / CHECKPOINT).is_file()
     marked = (run_dir / MARK).is_file() and not (run_dir / MARK).is_symlink()
     if resume and not has_run and not marked:
@@ -103,6 +107,20 @@ def claim_run_dir(run_dir: Path, resume: bool) -> RunLock:
     return lock
 
 
+def _made_new(run_dir: Path) -> Path:
+    """``run_dir``, or ``<run_dir>-1``, ``-2``, ...: the first that this process made."""
+    k, d = 0, run_dir
+    while True:
+        try:
+            d.mkdir(parents=True)
+            return d
+        except FileExistsError:
+            k += 1
+            d = run_dir.with_name(f"{run_dir.name}-{k}")
+        except OSError as e:
+            raise disk_error(d, e, "make the run directory") from None
+
+
 class RunLock:
     """The lock of a run directory: its mark file (``.dlgraph-run``, which also says the
     folder is dlgraph's) locked with flock while a run writes there, holding that run's pid.
@@ -110,6 +128,7 @@ class RunLock:
 
     def __init__(self, run_dir: Path):
         self.fd: int | None = None
+        self.run_dir = run_dir
         path = run_dir / MARK
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)

@@ -295,8 +295,8 @@ def plan_sweep(spec: str | Path, flags: tuple[str, ...] | list[str] = (), *,
     if out is not None and (Path(out) / "sweep.csv").exists():
         raise SpecError(f"{out} already holds a sweep (its sweep.csv)", source=Source(file),
                         help="pass a new --out folder, or remove that one")
-    if out is not None and Path(out).exists() and (not Path(out).is_dir()
-                                                   or any(Path(out).iterdir())):
+    if out is not None and (any(p.is_file() for p in Path(out).parents) or Path(out).exists()
+                            and (not Path(out).is_dir() or any(Path(out).iterdir()))):
         raise SpecError(f"{out} is not a new or empty folder; a sweep never writes among "
                         "files dlgraph did not write", source=Source(file),
                         help="pass a new --out folder")
