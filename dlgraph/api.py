@@ -132,12 +132,10 @@ def render(graph: Graph, path: str | Path | None = None, **options) -> str:
 
 
 def schema() -> dict:
-    """The JSON Schema of the spec format, generated from the same models that validate."""
-    from dlgraph.engine.spec.models import spec_model
-    s = spec_model().model_json_schema(by_alias=True)
-    s["$schema"] = "https://json-schema.org/draft/2020-12/schema"
-    s["title"] = "dlgraph spec, version 1"
-    return s
+    """The JSON Schema of the spec format, generated from the same models that validate
+    (a spec, or a file of modules to include; see docs/schema.md)."""
+    from dlgraph.engine.spec.models import json_schema
+    return json_schema()
 
 
 def schema_json() -> str:
@@ -427,10 +425,12 @@ def validate_pipeline(path: str | Path):
 
 def run_pipeline(path: str | Path, *, dir: str | Path | None = None, jobs: int = 1,
                  address: str | None = None, force=(), device: str | None = None,
-                 echo=None):
+                 echo=None, verbose: bool = False):
     """Run a pipeline file's stages that are not up to date, ``jobs`` independent ones at
     once (in separate processes, or as Ray tasks with ``address``), in the pipeline
     directory ``dir`` (default runs/pipelines/<name>); ``force``: stages to re-run anyway.
+    ``echo`` receives a line per stage started, skipped or ended (default: stderr);
+    ``verbose``: each stage's own progress (epoch lines) on stderr too.
     Returns a ``PipelineResult``: ``.rows``, ``.table()``, ``.ok``, ``.artifact(ref)``.
 
     >>> res = dlgraph.run_pipeline("graphs/pipelines/transfer.yaml")    # doctest: +SKIP
@@ -439,7 +439,7 @@ def run_pipeline(path: str | Path, *, dir: str | Path | None = None, jobs: int =
     from dlgraph.engine.pipeline.execute import run_plan
     plan, pdir = _pipeline(path, dir)
     return run_plan(plan, pdir, jobs=jobs, address=address, force=tuple(force), echo=echo,
-                    device=device)
+                    device=device, verbose=verbose)
 
 
 def pipeline_status(path: str | Path, *, dir: str | Path | None = None) -> dict:

@@ -7,9 +7,9 @@ Nothing here knows the registry: ``NodeSpec`` holds what every node has (``in``,
 from __future__ import annotations
 
 import re
-from typing import ClassVar, Literal
+from typing import Annotated, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
 
 from dlgraph.engine.spec.init import INITIALISERS
 
@@ -17,6 +17,11 @@ IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 REF = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?$")
 
 Init = Literal[tuple(INITIALISERS)]          # the names of the initialiser table
+
+_REF_SCHEMA = {"type": "string", "pattern": REF.pattern}
+Refs = Annotated[list[str], WithJsonSchema({"anyOf": [
+    _REF_SCHEMA, {"type": "array", "items": _REF_SCHEMA}]})]
+"""`in:` is one name or a list (`in: x` is `in: [x]`); the JSON Schema says both."""
 
 
 class Strict(BaseModel):
@@ -31,7 +36,7 @@ class NodeSpec(Strict):
     """Fields besides ``in`` that name a value (an input or node id): the builder orders
     nodes by them too and hands the op the node id each resolves to."""
 
-    in_: list[str] = Field(default_factory=list, alias="in",
+    in_: Refs = Field(default_factory=list, alias="in",
                            description="inputs: graph input names or node ids (`id.name` for "
                                        "a named output of a composite)")
     doc: str | None = Field(None, description="free text shown in drawings and summaries")

@@ -211,6 +211,11 @@ def explain_module_error(exc: ValidationError, name: str, file: str, lines: dict
     """A module definition that does not validate as a ``ModuleSpec``: its first problem,
     located in the file that defines it."""
     e = exc.errors()[0]
+    if not e["loc"]:                            # the module itself is not a mapping
+        return SpecError(f"module '{name}' is a mapping of inputs, nodes and outputs, not "
+                         f"{_as_written(e.get('input'))}",
+                         source=Source(file, line_of(lines, ("modules", name))),
+                         help="write e.g. `block: {inputs: [x], nodes: {...}, outputs: [...]}`")
     loc = ("modules", name) + tuple(e["loc"])
     field = ".".join(map(str, e["loc"]))
     msg = PLAIN.get(e["type"]) and f"field '{field}' {PLAIN[e['type']]}, got " \

@@ -38,7 +38,13 @@ def library(data: dict, file: str, lines: dict | None = None,
     out: dict[str, ModuleDef] = {}
     base = base or (Path(file).parent if not file.startswith("<") else Path.cwd())
     for src_file, d, ls in _sources(data, file, lines or {}, base):
-        for name, raw in (d.get("modules") or {}).items():
+        mods = d.get("modules") or {}
+        if not isinstance(mods, dict):
+            raise SpecError(f"`modules:` maps module names to modules, not {mods!r}"[:200],
+                            source=Source(src_file, ls.get(("modules",))),
+                            help="write e.g. `modules: {block: {inputs: [x], nodes: {...}, "
+                                 "outputs: [...]}}`")
+        for name, raw in mods.items():
             if name in REGISTRY:
                 raise SpecError(f"module '{name}' has the name of a built-in op",
                                 source=Source(src_file, ls.get(("modules", name))),

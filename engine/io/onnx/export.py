@@ -101,6 +101,7 @@ class _Export:
             for i in n.inputs:
                 self.readers.setdefault(i, []).append(nid)
         self.done: set[tuple[str, ...]] = set()
+        self.free: set[str] = set()            # a layer's activation, written as primitives
         self.fallback: set[tuple[str, ...]] = set()
         self.missing: list = []                    # nodes with no ONNX rule (loop bodies' too)
         self.multi: dict[str, list[str] | None] = {}   # a loop -> its outputs, read by picks
@@ -145,6 +146,18 @@ class _Export:
             return None
         return ins, {REGISTRY[nd.op].outputs[0]: list(exits)}
 
+    def _pre_activation(self, scope: tuple[str, ...], act: str) -> str | None:
+        """The node holding a layer's value before its `activation` (an op ONNX lacks):
+        the activation's own nodes are then exported as primitives, reading it."""
+        members = self.members[scope]
+        mine = {m for m in members if self.g[m].scope[len(scope):len(scope) + 1] == (act,)
+                or self.g[m].scope == scope and self.g[m].op == act}
+        pre = {i for m in mine for i in self.g[m].inputs if i not in mine and i in members}
+        if len(pre) != 1:
+            return None
+        self.free.update(mine)
+        return pre.pop()
+
     def layer(self, scope: tuple[str, ...]) -> bool:
         """Write the spec layer at `scope` as its ONNX operator; False: export its primitives."""
         if scope in self.done:
@@ -157,6 +170,13 @@ class _Export:
             self.fallback.add(scope)
             return False
         refs, targets = wiring
+        act = getattr(nd, "activation", None)
+        if act is not None and act not in L.ACTIVATIONS:
+            pre = self._pre_activation(scope, act)
+            if pre is None:
+                self.fallback.add(scope)
+                return False
+            nd, targets = nd.model_copy(update={"activation": None}), {"out": [pre]}
         lay = L.Layer(self.w, "/".join(scope), nd, [self.value(r) for r in refs],
                       [self.g[r].type for r in refs], self.params,
                       {f: self.value(self.g.resolve(r)) for f, r in nd.refs() if f != "in"},
@@ -185,7 +205,7 @@ class _Export:
             return
         layer = next((n.scope[:k] for k in range(1, len(n.scope) + 1)
                       if n.scope[:k] in self.specs), None)
-        if layer is not None and self.layer(layer):
+        if layer is not None and nid not in self.free and self.layer(layer):
             return
         if n.op == "loop":                  # a scan over a module: ONNX Scan (see .scan)
             before = len(self.missing)

@@ -17,8 +17,9 @@ from dlgraph.engine.types import TType
 
 ACTIVATIONS = {"relu": "Relu", "sigmoid": "Sigmoid", "tanh": "Tanh", "leaky_relu": "LeakyRelu",
                "elu": "Elu", "softplus": "Softplus", "gelu": "Gelu", "softmax": "Softmax",
-               "log_softmax": "LogSoftmax", "silu": None}
-"""A layer's `activation` -> its ONNX operator (silu: x * sigmoid(x), which ONNX lacks)."""
+               "log_softmax": "LogSoftmax"}
+"""A layer's `activation` -> its ONNX operator. Any other activation op is exported as its
+primitives after the layer (see export.py: ``_Export.layer``)."""
 _DEFAULTS = {"leaky_relu": {"alpha": 0.01}, "elu": {"alpha": 1.0},
              "gelu": {"approximate": "tanh"}, "softmax": {"axis": -1},
              "log_softmax": {"axis": -1}}
@@ -56,8 +57,6 @@ def _activate(lay: Layer, y: str) -> str:
     act = getattr(lay.attrs, "activation", None)
     if act is None:
         return y
-    if act == "silu":
-        return lay.w.op("Mul", y, lay.w.op("Sigmoid", y))
     return lay.w.op(ACTIVATIONS[act], y, **_DEFAULTS.get(act, {}))
 
 
