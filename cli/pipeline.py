@@ -48,10 +48,14 @@ def validate(file):
 @click.option("--force", multiple=True, metavar="STAGE", help="re-run STAGE even if it is "
               "up to date (its dependents re-run if its artifacts change); repeatable")
 @click.option("--device", metavar="NAME", help="tinygrad device for every stage")
-def run(file, dir_, jobs, address, force, device):
-    """Run FILE's stages that are not up to date; print a table at the end."""
+@click.option("--quiet", "-q", is_flag=True, help="only the table at the end (and errors)")
+def run(file, dir_, jobs, address, force, device, quiet):
+    """Run FILE's stages that are not up to date: a line as each stage starts, is skipped
+    or ends (a train's epoch lines too), and a table at the end."""
     res = dlgraph.run_pipeline(file, dir=dir_, jobs=jobs, address=address, force=force,
-                               device=device, echo=lambda s: click.echo(s, err=True))
+                               device=device, verbose=not quiet,
+                               echo=(lambda s: None) if quiet else
+                               (lambda s: click.echo(s, err=True)))
     click.echo(res.table())
     for r in res.rows:
         if r.state == "failed":

@@ -155,7 +155,8 @@ class OnRay(InProcess):
             self.ray.shutdown()
 
 
-def make_job(plan: Plan, pdir: PipelineDir, name: str, device: str | None) -> Job:
+def make_job(plan: Plan, pdir: PipelineDir, name: str, device: str | None,
+             verbose: bool = False) -> Job:
     """A stage's Job: its spec, the files of its inputs, its partial folder."""
     sd = plan.stage(name)
     refs = plan.refs[name]
@@ -169,7 +170,7 @@ def make_job(plan: Plan, pdir: PipelineDir, name: str, device: str | None) -> Jo
         data = str(plan.path(data).resolve())
     job = Job(name, sd.kind, sd.model, spec, inputs.pop("spec", None), inputs, data,
               str((pdir.root / "stages" / f".{name}.partial").resolve()),
-              plan.outputs[name], device=device)
+              plan.outputs[name], device=device, verbose=verbose)
     if sd.kind == "train" and "init_from" in refs:
         from dlgraph.engine.pipeline.edges import init_selection
         job.params, job.rename = init_selection(plan, sd)
@@ -181,9 +182,9 @@ class Scheduler:
     key and artifacts are as recorded, records every outcome in the manifest."""
 
     def __init__(self, plan: Plan, pdir: PipelineDir, pool, jobs: int, force: set[str],
-                 echo, device: str | None):
+                 echo, device: str | None, verbose: bool = False):
         self.plan, self.pdir, self.pool, self.jobs = plan, pdir, pool, jobs
-        self.force, self.echo, self.device = force, echo, device
+        self.force, self.echo, self.device, self.verbose = force, echo, device, verbose
         self.state: dict[str, str] = {}
         self.rows: dict[str, Row] = {}
         self.running: dict = {}            # handle -> (stage, parts)
@@ -244,7 +245,7 @@ class Scheduler:
         self.pdir.record(name, {"state": "running", "key": key_of(parts), "parts": parts,
                                 "started": now()})
         self.echo(f"[{name}] running {sd.kind} {sd.spec_field} ({why})")
-        job = make_job(self.plan, self.pdir, name, self.device)
+        job = make_job(self.plan, self.pdir, name, self.device, self.verbose)
         self.running[self.pool.submit(job)] = (name, parts)
 
     def _finish(self, name: str, parts: dict, out: dict) -> None:
@@ -282,8 +283,11 @@ def _intact(pdir: PipelineDir, entry: dict) -> bool:
 
 
 def run_plan(plan: Plan, pdir: PipelineDir, *, jobs: int = 1, address: str | None = None,
-             force=(), echo=None, device: str | None = None) -> PipelineResult:
-    """Run a checked plan in its directory; see the module docstring."""
+             force=(), echo=None, device: str | None = None,
+             verbose: bool = False) -> PipelineResult:
+    """Run a checked plan in its directory; see the module docstring. ``echo`` receives a
+    line as each stage starts, is skipped or ends; ``verbose``: the stages' own progress
+    (a train's epoch lines) on stderr too."""
     echo = echo or (lambda s: print(s, file=sys.stderr, flush=True))
     for name in force:
         if name not in plan.pipeline.stages:
@@ -296,7 +300,8 @@ def run_plan(plan: Plan, pdir: PipelineDir, *, jobs: int = 1, address: str | Non
     try:
         with pdir.lock():
             pdir.save()                                  # the folder is ours from now on
-            rows = Scheduler(plan, pdir, pool, max(jobs, 1), set(force), echo, device).run()
+            rows = Scheduler(plan, pdir, pool, max(jobs, 1), set(force), echo, device,
+                             verbose).run()
     finally:
         pool.close()
     res = PipelineResult(plan.pipeline.name, pdir.root, rows)

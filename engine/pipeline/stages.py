@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import shutil
+import sys
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -45,6 +46,12 @@ class Job:
     params: list[str] = field(default_factory=lambda: ["*"])   # init_from selection
     rename: dict[str, str] = field(default_factory=dict)
     device: str | None = None
+    verbose: bool = False                  # a train's epoch lines, a sweep's progress
+
+    def say(self, line: str) -> None:
+        """A line of the stage's own progress on stderr, prefixed with its name."""
+        if self.verbose:
+            print(f"[{self.name}] {line}", file=sys.stderr, flush=True)
 
 
 def load_job_graph(job: Job) -> Graph:
@@ -94,7 +101,8 @@ def run_train(job: Job, g: Graph, work: Path) -> dict:
     if "init_from" in job.inputs:
         init = InitFromSpec(path=str(Path(job.inputs["init_from"]).resolve()),
                             params=job.params, rename=job.rename)
-    res = train(g, out=work, quiet=True, epochs=m.epochs, steps=m.steps, init_from=init)
+    res = train(g, out=work, quiet=True, epochs=m.epochs, steps=m.steps, init_from=init,
+                log=job.say)
     spec = yaml.safe_load((work / "spec.yaml").read_text(encoding="utf-8"))
     src = (spec.get("train") or {}).get("data")
     if isinstance(src, dict) and isinstance(src.get("path"), str):   # readable from here
@@ -151,7 +159,7 @@ def run_sweep(job: Job, g: Graph, work: Path) -> dict:
                       samples=m.samples, metric=m.metric, mode=m.mode,
                       concurrency=m.concurrency, cpus_per_trial=m.cpus_per_trial,
                       device=job.device)
-    res = sweep(plan, echo=lambda s: None)
+    res = sweep(plan, echo=job.say)
     if res.best is None:
         raise TrainingError(f"no trial of the sweep reached a {res.metric}",
                             help="see the trials in " + str(res.csv))
