@@ -132,12 +132,10 @@ def render(graph: Graph, path: str | Path | None = None, **options) -> str:
 
 
 def schema() -> dict:
-    """The JSON Schema of the spec format, generated from the same models that validate."""
-    from dlgraph.engine.spec.models import spec_model
-    s = spec_model().model_json_schema(by_alias=True)
-    s["$schema"] = "https://json-schema.org/draft/2020-12/schema"
-    s["title"] = "dlgraph spec, version 1"
-    return s
+    """The JSON Schema of the spec format, generated from the same models that validate
+    (a spec, or a file of modules to include; see docs/schema.md)."""
+    from dlgraph.engine.spec.models import json_schema
+    return json_schema()
 
 
 def schema_json() -> str:
