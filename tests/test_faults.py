@@ -318,3 +318,14 @@ def test_a_run_its_target_stopped_is_finished(tmp_path):
                         "stopped: its target val_accuracy > 0.5 was met; nothing to resume\n"
                         "  help: pass a higher --epochs (or --steps) to train it further, or "
                         "start a new run with another --out\n")
+
+
+def test_a_folder_with_a_checkpoint_not_of_dlgraph_is_not_taken(tmp_path):
+    r_dir = tmp_path / "r"
+    r_dir.mkdir()
+    (r_dir / "checkpoint.safetensors").write_bytes(b"not a checkpoint")
+    (r_dir / "spec.yaml").write_bytes(b"mine\n")
+    r = cli("run", TINY, "--out", r_dir, "--resume", "-q")
+    assert r.exit_code == 1 and "not a readable safetensors file" in r.output, r.output
+    assert sorted(p.name for p in r_dir.iterdir()) == ["checkpoint.safetensors", "spec.yaml"]
+    assert (r_dir / "spec.yaml").read_bytes() == b"mine\n"

@@ -31,6 +31,7 @@ from dlgraph.engine.io.outputs import disk_error
 from dlgraph.engine.train.checkpoint import (
     atomic_write,
     load_tensors,
+    read_checkpoint,
     tensors_bytes,
     tensors_from_bytes,
 )
@@ -85,6 +86,8 @@ def claim_run_dir(run_dir: Path, resume: bool, fresh: bool = False) -> RunLock:
     if resume and not has_run and not marked:
         raise TrainingError(f"nothing to resume: {run_dir / CHECKPOINT} does not exist",
                             help="give --out the run directory of an earlier run")
+    if has_run and not marked:      # a run of before the mark: its checkpoint must be one
+        read_checkpoint(run_dir / CHECKPOINT, {})
     if run_dir.is_dir() and not marked and not has_run:
         theirs = sorted(p.name for p in run_dir.iterdir())
         if theirs:
