@@ -251,7 +251,7 @@ class Scheduler:
     def _finish(self, name: str, parts: dict, out: dict) -> None:
         sd = self.plan.stage(name)
         entry = {"state": "failed", "key": key_of(parts), "parts": parts,
-                 "started": self.pdir.entry(name).get("started"),
+                 "started": self.pdir.entry(name).get("started"), "finished": now(),
                  "seconds": round(out["seconds"], 3)}
         if "error" in out:
             entry.update(error=out["error"], traceback=out.get("traceback"))
