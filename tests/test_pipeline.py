@@ -302,23 +302,38 @@ digraph "p" {{
     assert (tiny / "p.svg").read_text().lstrip().startswith("<?xml")
 
 
-def test_the_commands_print_what_a_user_reads(tiny):
-    pipe = write(tiny, "p.yaml", "dlgraph: 1\npipeline: p\nstages:\n  fit: {train: a.yaml}\n")
+def test_the_commands_print_what_a_user_reads(tiny, monkeypatch):
+    monkeypatch.chdir(tiny)              # the default pipeline directory is under the cwd
+    write(tiny, "p.yaml", "dlgraph: 1\npipeline: p\nstages:\n  fit: {train: a.yaml}\n")
+    before = sorted(p.name for p in tiny.iterdir())
     runner = CliRunner()
-    ok = runner.invoke(main, ["pipeline", "validate", str(pipe)])
+    ok = runner.invoke(main, ["pipeline", "validate", "p.yaml"])
     assert ok.exit_code == 0
-    assert ok.stdout == f"{pipe}: pipeline 'p' is valid: 1 stage (fit), 0 artifacts passed\n"
-    out = str(tiny / "out")
-    assert runner.invoke(main, ["pipeline", "status", str(pipe), "--dir", out]).stdout \
-        == "fit  never run\n"
-    ran = runner.invoke(main, ["pipeline", "run", str(pipe), "--dir", out])
+    assert ok.stdout == "p.yaml: pipeline 'p' is valid: 1 stage (fit), 0 artifacts passed\n"
+    assert runner.invoke(main, ["pipeline", "status", "p.yaml"]).stdout == "fit  never run\n"
+    ran = runner.invoke(main, ["pipeline", "run", "p.yaml"])
     assert ran.exit_code == 0, ran.output
     head, row, total = ran.stdout.splitlines()
     assert head.split() == ["stage", "kind", "state", "time", "key", "metric"]
     assert row.split()[:3] == ["fit", "train", "done"] and "val_accuracy" in row
-    assert total.startswith("1 stage: 1 run, 0 up to date, 0 failed, 0 skipped")
-    assert runner.invoke(main, ["pipeline", "status", str(pipe), "--dir", out]).stdout \
-        == "fit  up to date\n"
+    assert total == "1 stage: 1 run, 0 up to date, 0 failed, 0 skipped; runs/pipelines/p"
+    assert "[fit] epoch   1/1  loss" in ran.stderr                # the stage's own progress
+    assert runner.invoke(main, ["pipeline", "status", "p.yaml"]).stdout == "fit  up to date\n"
+    quiet = runner.invoke(main, ["pipeline", "run", "p.yaml", "-q"])
+    assert quiet.stderr == "" and quiet.stdout.splitlines()[1].split()[:4] == \
+        ["fit", "train", "up", "to"]
+    # nothing written outside the pipeline directory
+    assert sorted(p.name for p in tiny.iterdir()) == sorted(before + ["runs"])
+    assert [p.name for p in (tiny / "runs").iterdir()] == ["pipelines"]
+    assert [p.name for p in (tiny / "runs/pipelines").iterdir()] == ["p"]
+
+
+def test_one_run_at_a_time_holds_a_pipeline_directory(tiny):
+    from dlgraph.engine.pipeline.state import PipelineDir
+    pipe = write(tiny, "p.yaml", "dlgraph: 1\npipeline: p\nstages:\n  fit: {train: a.yaml}\n")
+    with PipelineDir(tiny / "out", "p").lock():
+        with pytest.raises(dlgraph.DlgraphError, match="another `pipeline run` is using"):
+            run(pipe, tiny / "out")
 
 
 @pytest.mark.parametrize("doc", ["README.md", "docs/pipelines.md"])

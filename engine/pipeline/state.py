@@ -101,7 +101,7 @@ class PipelineDir:
         if self.root.exists() and not self.root.is_dir():
             raise DlgraphError(f"{self.root} is a file, not a pipeline directory",
                                help="pass --dir a folder")
-        if self.root.is_dir() and any(self.root.iterdir()) and \
+        if self.root.is_dir() and any(p.name != ".lock" for p in self.root.iterdir()) and \
                 not (self.root / MANIFEST).exists():
             raise DlgraphError(f"{self.root} is not empty and is not a dlgraph pipeline "
                                f"directory (it has no {MANIFEST})",
