@@ -329,3 +329,21 @@ def test_a_folder_with_a_checkpoint_not_of_dlgraph_is_not_taken(tmp_path):
     assert r.exit_code == 1 and "not a readable safetensors file" in r.output, r.output
     assert sorted(p.name for p in r_dir.iterdir()) == ["checkpoint.safetensors", "spec.yaml"]
     assert (r_dir / "spec.yaml").read_bytes() == b"mine\n"
+
+
+def test_two_runs_started_together_into_one_new_folder(tmp_path):
+    """Whichever takes the folder first trains; the other is refused (the first's pid, or,
+    had the first already ended, the run it left) and writes nothing: each step once."""
+    r_dir = tmp_path / "r"
+    cmd = [sys.executable, "-m", "dlgraph.cli.main", "run", str(TINY), "--out", str(r_dir),
+           "-q"]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [(p.pid, *p.communicate(timeout=600), p.returncode) for p in procs]
+    assert sorted(o[3] for o in outs) == [0, 1], outs
+    (won, *_), (_, _, err, _) = sorted(outs, key=lambda o: o[3])
+    assert "Traceback" not in err
+    assert f"another dlgraph run (pid {won}) is writing this run directory" in err or \
+        "the folder already holds a dlgraph run" in err, err
+    assert steps_of(rows(r_dir), "step") == list(range(1, 49))
+    assert steps_of(rows(r_dir), "epoch") == [1, 2, 3, 4]

@@ -82,21 +82,24 @@ def claim_run_dir(run_dir: Path, resume: bool, fresh: bool = False) -> RunLock:
     if fresh:
         return RunLock(_made_new(run_dir))
     has_run = (run_dir / CHECKPOINT).is_file()
-    marked = (run_dir / MARK).is_file() and not (run_dir / MARK).is_symlink()
+    # one listing: a run starting beside this one makes its mark before any other file
+    try:
+        names = sorted(p.name for p in run_dir.iterdir()) if run_dir.is_dir() else []
+    except OSError as e:
+        raise disk_error(run_dir, e, "read the run directory") from None
+    marked = MARK in names and not (run_dir / MARK).is_symlink()
     if resume and not has_run and not marked:
         raise TrainingError(f"nothing to resume: {run_dir / CHECKPOINT} does not exist",
                             help="give --out the run directory of an earlier run")
     if has_run and not marked:      # a run of before the mark: its checkpoint must be one
         read_checkpoint(run_dir / CHECKPOINT, {})
-    if run_dir.is_dir() and not marked and not has_run:
-        theirs = sorted(p.name for p in run_dir.iterdir())
-        if theirs:
-            shown = ", ".join(theirs[:5]) + (f" and {len(theirs) - 5} more"
-                                             if len(theirs) > 5 else "")
-            raise OutputError(f"the run directory holds files dlgraph did not write: {shown}",
-                              source=Source(str(run_dir)),
-                              help="give --out a new or empty folder (dlgraph never "
-                                   "replaces files it did not write)")
+    if not marked and not has_run and names:
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5
+                                        else "")
+        raise OutputError(f"the run directory holds files dlgraph did not write: {shown}",
+                          source=Source(str(run_dir)),
+                          help="give --out a new or empty folder (dlgraph never replaces "
+                               "files it did not write)")
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
