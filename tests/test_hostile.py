@@ -291,3 +291,18 @@ def test_a_compiled_model_refuses_labels_and_ids_out_of_range():
         model(t=np.array([0, 1]), y=np.array([4, 1]))
     assert np.isfinite(model(t=np.array([0, 4]), y=np.array([3, 0]))["loss"]).all()
 
+
+
+def test_batch_norm_over_one_sample_per_ray_worker_is_refused(tmp_path):
+    g = dlgraph.load("dlgraph: 1\nname: bn\ninputs:\n  x: {shape: [batch, 2]}\n"
+                     "  y: {shape: [batch], dtype: int32}\nnodes:\n"
+                     "  h: {op: batch_norm, in: x}\n  logits: {op: linear, in: h, out: 2}\n"
+                     "  loss: {op: cross_entropy, in: [logits, y]}\noutputs: [logits]\n"
+                     "train:\n  data: {source: spirals, samples: 64, classes: 2}\n"
+                     "  batch: 4\n  objective: loss\n  optimizer: {type: sgd, lr: 0.1}\n")
+    with pytest.raises(SpecError) as info:     # refused before Ray is imported or started
+        dlgraph.train(g, workers=4, out=tmp_path / "r", quiet=True)
+    assert str(info.value) == (
+        "<string>:13: batch 1 per worker (4 over 4 workers) cannot train h: batch_norm needs "
+        "more than one sample per batch to compute its statistics\n"
+        "  help: use a batch of 2 or more, or layer_norm")

@@ -41,7 +41,7 @@ def check_training(g: Graph) -> None:
     _data_file(g, spec)
     _data_size(g, spec)
     _data_names(g, spec)
-    _batch_statistics(g, spec)
+    check_batch_statistics(g, spec.batch)
     frozen_names(g, spec.freeze)
     if spec.init_from is not None:
         init_from_names(g, spec.init_from)
@@ -253,15 +253,16 @@ def _data_names(g: Graph, spec) -> None:
                         help="name the input that holds the class labels (e.g. y)")
 
 
-def _batch_statistics(g: Graph, spec) -> None:
+def check_batch_statistics(g: Graph, batch: int, what: str = "") -> None:
     """batch_norm normalises by the batch's own statistics while training: one sample has
-    none (its output would be all zeros; PyTorch refuses it too)."""
-    if spec.batch > 1:
+    none (its output would be all zeros; PyTorch refuses it too). ``batch``: the samples
+    one step normalises over (a Ray worker's share of the batch); ``what`` says why."""
+    if batch > 1:
         return
     users = sorted({n.user_id for n in g.nodes.values() if n.op == "moving_average"})
     if users:
-        raise SpecError(f"batch 1 cannot train {', '.join(users)}: batch_norm needs more than "
-                        "one sample per batch to compute its statistics",
+        raise SpecError(f"batch 1{what} cannot train {', '.join(users)}: batch_norm needs more "
+                        "than one sample per batch to compute its statistics",
                         source=_at(g, "batch"), help="use a batch of 2 or more, or layer_norm")
 
 

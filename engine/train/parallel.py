@@ -37,6 +37,7 @@ from dlgraph.engine.graph.autodiff import phase_graphs
 from dlgraph.engine.graph.build import load_graph
 from dlgraph.engine.graph.ir import Graph
 from dlgraph.engine.report.summary import summarize
+from dlgraph.engine.spec.checks import check_batch_statistics
 from dlgraph.engine.train.board import (
     ActorReducer,
     Board,
@@ -173,6 +174,8 @@ def _check_request(graph: Graph, workers: int, others: dict):
         raise TrainingError(f"batch {spec.batch} does not divide over {n} workers",
                             source=Source(graph.source, graph.lines.get(("train", "batch"))),
                             help=f"use a batch that is a multiple of {n}, or fewer workers")
+    check_batch_statistics(graph, spec.batch // workers, f" per worker ({spec.batch} over "
+                                                         f"{workers} workers)")
     return spec
 
 
