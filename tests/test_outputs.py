@@ -227,3 +227,9 @@ def test_two_default_run_directories_in_one_second_are_two(tmp_path, monkeypatch
                                                          "20250101-000000-1")
     first.release()
     second.release()
+
+
+def test_pipeline_render(tmp_path):
+    pipe = ROOT / "graphs/pipelines/transfer.yaml"
+    out = user_file(tmp_path / "p.dot")
+    refused(cli("pipeline", "render", pipe, "-o", out, "--dir", tmp_path / "pd"), out)

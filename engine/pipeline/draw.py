@@ -50,7 +50,8 @@ def pipeline_dot(plan: Plan, states: dict[str, Status]) -> str:
 
 def write_drawing(text: str, path: Path) -> Path:
     """The DOT text to ``path``: .dot/.gv as is, .svg/.png/.pdf drawn by graphviz."""
-    from dlgraph.engine.train.checkpoint import atomic_write
+    from dlgraph.engine.io.outputs import check_output, write_output
+    check_output(path)                  # a file dlgraph did not write is never replaced
     suffix = path.suffix.lower()
     if suffix in (".dot", ".gv"):
         data = text.encode()
@@ -64,8 +65,7 @@ def write_drawing(text: str, path: Path) -> Path:
     else:
         raise DlgraphError(f"cannot write {path}: unknown format '{suffix or path.name}'",
                            help="use one of: .dot, .gv, .svg, .png, .pdf")
-    atomic_write(path, data)
-    return path
+    return write_output(path, data)
 
 
 __all__ = ["STATE_COLOURS", "pipeline_dot", "write_drawing"]
