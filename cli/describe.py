@@ -41,14 +41,16 @@ RENDER_OPTIONS = options(
     click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
                  help="file to write: .dot, .svg, .png or .pdf (default: DOT on stdout)"),
     click.option("--expand", "expand", multiple=True, metavar="NODE",
-                 help="draw these composites expanded; --expand-all for all"),
+                 help="draw this node opened up, as a cluster: a spec node id, or a node "
+                      "inside a module by its path (b/c1); repeatable; --expand-all for all"),
     click.option("--expand-all", is_flag=True, help="draw every composite expanded"),
     click.option("--backward", is_flag=True,
                  help="draw the training graph with backward nodes"),
     click.option("--rankdir", type=click.Choice(["TB", "LR", "BT", "RL"]), default="TB",
                  show_default=True),
     click.option("--depth", type=click.IntRange(min=1),
-                 help="nesting depth of expanded scopes"),
+                 help="levels drawn open below each expanded node (1: its layers, each one "
+                      "box); default: all the way down to primitives"),
     click.option("--phase", metavar="NAME", help="with --backward: the training phase to "
                  "draw (default: the first)"),
     click.option("--dtypes", is_flag=True, help="label edges with dtypes too"),

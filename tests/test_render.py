@@ -496,3 +496,74 @@ def test_a_scanned_module_cell_is_marked_once():
     assert noted == ["cell × 16 steps"]
     labels = {c["label"] for c in got["clusters"].values()}
     assert {"hf (linear)", "xf (linear)"} <= labels          # the gates, each drawn, once
+
+
+# -- one level of a module: --expand NODE --depth N -----------------------------------------
+RESNET = ROOT / "tests/specs/good/resnet_modules.yaml"
+
+
+def box_label(node: dict) -> str:
+    """A drawn box's text as a user reads it: its lines joined by ' | '."""
+    text = re.sub(r"<br/>", " | ", node["label"])
+    return re.sub(r"<[^>]+>", "", text)
+
+
+def inside(got: dict, cluster: str) -> set[str]:
+    """The names of the nodes drawn directly in a cluster (not in its sub-clusters)."""
+    c = got["clusters"][cluster]
+    names = {o["_gvid"]: o["name"] for o in got["graph"]["objects"]}
+    nested = {n for o in got["graph"]["objects"] if "nodes" in o and o["name"] != cluster
+              and o["_gvid"] in c.get("subgraphs", []) for n in o["nodes"]}
+    return {names[n] for n in c["nodes"] if n not in nested}
+
+
+@needs_dot
+def test_depth_draws_a_modules_layers_without_their_insides():
+    g = dlgraph.load(RESNET)
+    whole = layout(render(g, expand=["b"]))
+    got = layout(render(g, expand=["b"], depth=1))
+    assert set(got["clusters"]) == {"cluster_b"}
+    assert inside(got, "cluster_b") == {"b/c1", "b/c2", "b/sum", "b/out"}
+    # each layer of the module is one box saying what it is, as the spec's own nodes do
+    assert box_label(got["nodes"]["b/c1"]) == "c1 | conv_bn · 616 params"
+    assert box_label(got["nodes"]["b/c2"]) == "c2 | conv2d · 584 params"
+    assert box_label(got["nodes"]["stem"]) == "stem | conv_bn · 256 params"
+    assert len(got["nodes"]) == 10 and len(whole["nodes"]) > 50      # not down to primitives
+    assert not any("windows" in n for n in got["nodes"])
+
+
+@needs_dot
+def test_a_layer_inside_a_module_opens_by_its_path():
+    """`--expand b/c1` opens the module call b on the way and c1 in it; depth counts from
+    c1, so its conv, norm and relu are boxes and b's other layers stay folded."""
+    got = layout(render(dlgraph.load(RESNET), expand=["b/c1"], depth=1))
+    assert set(got["clusters"]) == {"cluster_b", "cluster_b/c1"}
+    assert inside(got, "cluster_b/c1") == {"b/c1/c", "b/c1/bn", "b/c1/a"}
+    assert inside(got, "cluster_b") == {"b/c2", "b/sum", "b/out"}
+    assert box_label(got["nodes"]["b/c1/bn"]) == "bn | batch_norm · 32 params"
+    deeper = layout(render(dlgraph.load(RESNET), expand=["b/c1"], depth=2))
+    assert {"b/c1/c/windows", "b/c1/bn/sqrt"} <= set(deeper["nodes"])
+
+
+def test_a_module_call_that_shares_parameters_says_so_for_each_layer():
+    text = render(dlgraph.load(ROOT / "tests/specs/good/nested_modules.yaml"), expand=["b"],
+                  depth=1)
+    assert "linear + silu · shares the parameters of a/f" in text
+    assert "encoder · shares the parameters of a/enc" in text
+
+
+def test_expanding_a_node_that_is_not_there_names_the_close_ones():
+    with pytest.raises(DlgraphError) as e:
+        render(dlgraph.load(RESNET), expand=["b/c1x"])
+    assert str(e.value) == ("cannot expand 'b/c1x': it is not a node of the graph\n"
+                            "  help: did you mean 'b/c1'?")
+
+
+def test_cli_render_one_level_of_a_module():
+    from click.testing import CliRunner
+
+    from dlgraph.cli.main import main
+    r = CliRunner().invoke(main, ["render", str(RESNET), "--expand", "b", "--depth", "1"])
+    assert r.exit_code == 0, r.output
+    assert 'subgraph "cluster_b"' in r.output and '"b/c1" [' in r.output
+    assert "windows" not in r.output and "cluster_b/c1" not in r.output

@@ -26,8 +26,10 @@ def render(graph: Graph, path: str | Path | None = None, *, expand: bool | list[
            shapes: bool = True, dtypes: bool = False, force: bool = False) -> str:
     """The DOT text of a graph; also written to ``path`` when given (.dot, .gv, .svg, .png, .pdf).
 
-    ``expand`` opens composites as clusters: ``True`` for all, or a list of spec node ids;
-    nested composites open down to ``depth`` scope levels (default: all). ``backward`` draws
+    ``expand`` opens nodes as clusters: ``True`` for all, or a list of spec node ids and
+    paths of nodes inside modules (``"b/c1"``: the module call ``b`` opens on the way);
+    ``depth`` levels below each are drawn open too (default: all, down to primitives;
+    ``depth=1``: a module's layers, each one box). ``backward`` draws
     the training graph: each forward box gets a ``∇`` box, parameter gradients flow into
     the optimizer; with ``train.phases`` the first phase is drawn, or the phase named by
     ``backward="<phase name>"``. Edges carry shapes (``batch×64``); dtypes show when

@@ -196,23 +196,22 @@ class Drawing(Folded):
     def _box_label(self, item: Item) -> str:
         path = item.path
         grad = path[0].startswith(GRAD)
-        if len(path) == 1:
-            user = path[0].removeprefix(GRAD)
-            op = self._op_text(user)
-            title = ("∇ " if grad else "") + user
-            if grad:
-                detail = f"{item.count} op{'s' * (item.count != 1)}"
-            else:
-                count, frozen = self._params(user)
-                params = f"{count:,} param{'s' * (count != 1)}" + " (frozen)" * frozen
-                if user in getattr(self.g, "shared", {}):
-                    params, count = f"shares the parameters of {self.g.shared[user]}", 1
-                detail = " · ".join(p for p in (op, params if count else "") if p)
-        else:
-            title = ("∇ " if grad else "") + self._repeat_note(path)
-            op = "" if grad else self._op_text("/".join(path))
-            detail = " · ".join(p for p in (op, f"{item.count} op{'s' * (item.count != 1)}")
-                                if p)
+        key = "/".join(path).removeprefix(GRAD)
+        title = ("∇ " if grad else "") + (key if len(path) == 1 else self._repeat_note(path))
+        op = "" if grad and len(path) > 1 else self._op_text(key)
+        ops = f"{item.count} op{'s' * (item.count != 1)}"
+        if grad:
+            detail = ops
+        elif len(path) == 1 or key in getattr(self.g, "layers", {}):
+            # a node the user wrote (in the spec or in a module): what it is, its parameters
+            count, frozen = self._params(path)
+            params = f"{count:,} param{'s' * (count != 1)}" + " (frozen)" * frozen
+            owner = self._owner(path)
+            if owner is not None:
+                params, count = f"shares the parameters of {owner}", 1
+            detail = " · ".join(p for p in (op, params if count else "") if p)
+        else:                                   # a part of a composite: what it is made of
+            detail = " · ".join(p for p in (op, ops) if p)
         return html_label([(title, "b", None)] + ([(detail, None, 9)] if detail else []))
 
     def _op_text(self, user: str) -> str:
@@ -220,8 +219,19 @@ class Drawing(Folded):
         op = self.user_op.get(user, "")
         return f"{op} + {self.user_act[user]}" if user in self.user_act else op
 
-    def _params(self, user: str) -> tuple[int, bool]:
-        ps = [p for p in self.g.params.values() if (p.scope[0] if p.scope else p.node) == user]
+    def _owner(self, path: tuple[str, ...]) -> str | None:
+        """Whose parameters the node at ``path`` uses (``share:`` on it or on a module call
+        around it); None: its own."""
+        shared = getattr(self.g, "shared", {})
+        for k in range(len(path), 0, -1):
+            if "/".join(path[:k]) in shared:
+                return "/".join((shared["/".join(path[:k])],) + path[k:])
+        return None
+
+    def _params(self, path: tuple[str, ...]) -> tuple[int, bool]:
+        """The parameters of the spec node at ``path`` (a `param` node has no scope)."""
+        ps = [p for p in self.g.params.values()
+              if (p.scope or (p.node,))[:len(path)] == path]
         count = sum(numel(p.shape) for p in ps)
         return count, bool(ps) and not any(p.trainable for p in ps)
 

@@ -162,19 +162,8 @@ class Folded:
         self.user_op.update({k: nd.op for k, nd in layers.items() if k not in self.user_op})
         self.user_act = {k: nd.activation for k, nd in layers.items()
                          if getattr(nd, "activation", None) and _fused(nd)}
-        users = list(dict.fromkeys(n.user_id for n in g.nodes.values() if n.role != "backward"))
-        if expand is True:
-            self.expanded = set(users)
-        elif not expand:
-            self.expanded = set()
-        else:
-            if isinstance(expand, str):
-                expand = [expand]
-            for uid in expand:
-                if uid not in users:
-                    raise DlgraphError(f"cannot expand '{uid}': it is not a node of the graph",
-                                       help=suggest(uid, users) or f"nodes: {', '.join(users)}")
-            self.expanded = set(expand)
+        self.expanded = self._expanded(expand)
+        self.on_the_way = {e[:k] for e in self.expanded for k in range(1, len(e))}
         self.paths = {nid: self._path(n) for nid, n in g.nodes.items()}
         self.canon, self.steps, self.repeats = self._repeats()
         self.times = self._merge_per_step()
@@ -198,9 +187,35 @@ class Folded:
             return (GRAD + (n.scope[1] if len(n.scope) > 1 else n.id),)
         return (GRAD + o.scope[0],) + o.scope[1:] if o.scope else (GRAD + o.id,)
 
+    def _expanded(self, expand) -> set[tuple[str, ...]]:
+        """The scope paths to open: every spec node (``True``), or those named, each a spec
+        node id or the path of a node inside a module (``b/c1``)."""
+        users = list(dict.fromkeys(n.user_id for n in self.g.nodes.values()
+                                   if n.role != "backward"))
+        if expand is True:
+            return {(u,) for u in users}
+        if not expand:
+            return set()
+        scopes = {"/".join(n.scope[:k]) for n in self.g.nodes.values() if n.role != "backward"
+                  for k in range(2, len(n.scope) + 1)}
+        for name in [expand] if isinstance(expand, str) else expand:
+            if name not in users and name not in scopes:
+                raise DlgraphError(f"cannot expand '{name}': it is not a node of the graph",
+                                   help=suggest(name, [*users, *sorted(scopes)])
+                                   or f"nodes: {', '.join(users)}")
+        return {tuple(name.split("/")) for name in ([expand] if isinstance(expand, str)
+                                                    else expand)}
+
     def _open(self, prefix: tuple[str, ...]) -> bool:
-        user = prefix[0].removeprefix(GRAD)
-        return user in self.expanded and (self.depth is None or len(prefix) <= self.depth)
+        """Is this scope drawn open (a cluster of its insides)? The scopes on the way to an
+        expanded one are, and below an expanded one those fewer than ``depth`` levels down
+        (``depth=1``: its own nodes and layers, each folded into one box)."""
+        path = (prefix[0].removeprefix(GRAD),) + prefix[1:]
+        if path in self.on_the_way:
+            return True
+        return any(path[:k] in self.expanded and (self.depth is None
+                                                  or len(path) - k < self.depth)
+                   for k in range(1, len(path) + 1))
 
     def _repeats(self):
         """Fold structurally identical repetitions (an unrolled recurrence) onto their first.
