@@ -306,3 +306,18 @@ def test_batch_norm_over_one_sample_per_ray_worker_is_refused(tmp_path):
         "<string>:13: batch 1 per worker (4 over 4 workers) cannot train h: batch_norm needs "
         "more than one sample per batch to compute its statistics\n"
         "  help: use a batch of 2 or more, or layer_norm")
+
+
+def test_a_broken_ray_install_is_one_line(tmp_path, monkeypatch):
+    fake = types.ModuleType("ray")
+
+    def broken(name):
+        raise RuntimeError("Descriptors cannot be created directly (protobuf)\nmore")
+    fake.__getattr__ = broken                     # `from ray import tune` fails inside Ray
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    r = _cli("sweep", _sweep_spec(tmp_path), "--param", "train.optimizer.lr=0.1,0.01",
+             "--out", tmp_path / "sw")
+    assert r.exit_code == 1, r.output
+    assert r.stderr == ("error: Ray is installed but cannot be imported: RuntimeError: "
+                        "Descriptors cannot be created directly (protobuf)\n  help: reinstall "
+                        "it: pip install --force-reinstall 'dlgraph[ray]'\n")

@@ -188,6 +188,11 @@ def _import_ray():
         from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
     except ImportError:
         raise DlgraphError(RAY_MISSING) from None
+    except Exception as e:  # noqa: BLE001 (a broken Ray install fails on import in many ways)
+        raise DlgraphError(f"Ray is installed but cannot be imported: {type(e).__name__}: "
+                           f"{str(e).splitlines()[0] if str(e) else ''}"[:300],
+                           help="reinstall it: pip install --force-reinstall "
+                                "'dlgraph[ray]'") from None
     return ray, DataParallelTrainer
 
 

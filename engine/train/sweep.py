@@ -93,6 +93,11 @@ def import_ray():
         from ray import tune
     except ImportError:
         raise DlgraphError(RAY_MISSING) from None
+    except Exception as e:  # noqa: BLE001 (a broken Ray install fails on import in many ways)
+        raise DlgraphError(f"Ray is installed but cannot be imported: {type(e).__name__}: "
+                           f"{str(e).splitlines()[0] if str(e) else ''}"[:300],
+                           help="reinstall it: pip install --force-reinstall "
+                                "'dlgraph[ray]'") from None
     return ray, tune
 
 
