@@ -130,3 +130,21 @@ def test_cli_exports_a_resnet_written_with_modules(tmp_path):
     assert r.exit_code == 0, r.output
     assert r.output == f"wrote {out}\n"
     onnx.checker.check_model(onnx.load(str(out)), full_check=True)
+
+
+def test_a_model_onnx_refuses_is_a_located_error_and_not_written(monkeypatch, tmp_path):
+    """A bug in an export rule (here a Gemm without its weight) is caught by onnx's checker
+    before anything is written, and reported as dlgraph's own error, not a traceback."""
+    exporter = importlib.import_module("dlgraph.engine.io.onnx.export")
+    monkeypatch.setitem(exporter.LAYERS, "linear", lambda lay: {"out": lay.w.op("Gemm",
+                                                                               lay.ins[0])})
+    spec = ROOT / "tests/specs/good/tiny_mlp.yaml"
+    out = tmp_path / "bad.onnx"
+    with pytest.raises(GraphError) as e:
+        dlgraph.export(dlgraph.load(spec), out)
+    text = str(e.value)
+    assert text.startswith(f"{spec}: the ONNX model of 'tiny-mlp' fails onnx's checker: ")
+    assert "Gemm" in text
+    assert text.endswith("\n  help: this is a bug in dlgraph's ONNX export: please report it "
+                         "with the spec; nothing was written")
+    assert not out.exists()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dlgraph.engine.errors import DlgraphError, SpecError
+from dlgraph.engine.errors import DlgraphError, GraphError, Source, SpecError
 from dlgraph.engine.graph.ir import Graph
 
 
@@ -37,8 +37,15 @@ def _write_onnx(graph: Graph, params: dict[str, np.ndarray], path: Path, *,
                         help=f"choose an opset from {OPSETS[0]} to {OPSETS[-1]} "
                              f"(default {OPSET})")
     model = to_onnx(graph, params, opset=opset)
-    onnx.checker.check_model(model, full_check=True)
-    onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
+    try:           # nothing is written that onnx's own checker refuses
+        onnx.checker.check_model(model, full_check=True)
+        onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+        first = str(e).strip().splitlines()[0][:300]
+        raise GraphError(f"the ONNX model of '{graph.name}' fails onnx's checker: {first}",
+                         source=Source(graph.source),
+                         help="this is a bug in dlgraph's ONNX export: please report it "
+                              "with the spec; nothing was written") from None
     write_output(path, model.SerializeToString(), force=force)
 
 
