@@ -321,3 +321,13 @@ def test_a_broken_ray_install_is_one_line(tmp_path, monkeypatch):
     assert r.stderr == ("error: Ray is installed but cannot be imported: RuntimeError: "
                         "Descriptors cannot be created directly (protobuf)\n  help: reinstall "
                         "it: pip install --force-reinstall 'dlgraph[ray]'\n")
+
+
+def test_a_npz_member_without_the_npy_suffix_is_sized_too(tmp_path):
+    # NumPy reads any member that starts with the .npy magic as an array, whatever its name
+    with zipfile.ZipFile(tmp_path / "d.npz", "w") as z:
+        z.writestr("x", _npy_header((10**12,)))
+    from dlgraph.engine.io.data import load_data
+    with pytest.raises(DataError, match=r"the arrays of this archive \(x \[1000000000000\] "
+                                        r"float32\) would take 3.6 TiB of memory"):
+        load_data({"source": "npy", "path": "d.npz"}, tmp_path, 0)

@@ -60,10 +60,10 @@ def npy_sizes(path: Path) -> dict[str, tuple[tuple, np.dtype]]:
     if zipfile.is_zipfile(path):
         try:
             with zipfile.ZipFile(path) as z:
-                for info in z.infolist():
-                    if info.filename.endswith(".npy"):
-                        with z.open(info) as f:
-                            found[info.filename[:-4]] = _npy_header(f, path, info.filename)
+                for info in z.infolist():         # NumPy reads any member with the magic
+                    with z.open(info) as f:
+                        name = info.filename.removesuffix(".npy")
+                        found[name] = _npy_header(f, path, info.filename)
         except (zipfile.BadZipFile, OSError, ValueError, EOFError, RuntimeError,
                 NotImplementedError):
             raise fail(path, "the .npz archive is damaged", help="save it again") from None
