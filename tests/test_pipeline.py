@@ -438,3 +438,14 @@ stages:
     assert spec["train"]["optimizer"]["lr"] == float(best["train.optimizer.lr"])
     assert spec["train"]["epochs"] == 1 and json.loads(
         res.artifact("retrain.metrics").read_text())["epochs"] == 2
+
+
+def test_every_stage_kind_has_a_runner_artifacts_and_docs():
+    from dlgraph.engine.pipeline.spec import KINDS
+    doc = (ROOT / "docs/pipelines.md").read_text(encoding="utf-8")
+    assert set(stages.RUNNERS) == set(KINDS)
+    for kind, model in KINDS.items():
+        assert kind in model.model_fields and model.artifacts, kind
+        assert f"| `{kind}: SPEC` |" in doc, kind
+        for art in model.artifacts:
+            assert f"`{art}`" in doc, (kind, art)

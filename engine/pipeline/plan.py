@@ -20,6 +20,7 @@ from dlgraph.engine.errors import CycleError, SpecError, suggest
 from dlgraph.engine.graph.build import build
 from dlgraph.engine.graph.ir import Graph
 from dlgraph.engine.pipeline.spec import (
+    KINDS,
     REF_FIELDS,
     PipelineFile,
     StageDef,
@@ -28,19 +29,6 @@ from dlgraph.engine.pipeline.spec import (
 )
 from dlgraph.engine.spec.parse import parse_text, read_spec_text
 from dlgraph.engine.spec.read import validate_data
-
-#: what each kind of stage writes: artifact -> (artifact kind, file in the stage folder)
-OUTPUTS: dict[str, dict[str, tuple[str, str]]] = {
-    "train": {"weights": ("weights", "weights.safetensors"),
-              "best": ("weights", "best.safetensors"),
-              "metrics": ("metrics", "metrics.json"), "spec": ("spec", "spec.yaml")},
-    "evaluate": {"metrics": ("metrics", "metrics.json")},
-    "predict": {"predictions": ("arrays", "predictions.npz")},
-    "export": {"onnx": ("onnx", "model.onnx")},
-    "sweep": {"best": ("weights", "best.safetensors"), "spec": ("spec", "spec.yaml"),
-              "table": ("table", "sweep.csv"), "metrics": ("metrics", "metrics.json")},
-    "sample": {"samples": ("arrays", "samples.npz")},
-}
 
 
 @dataclass
@@ -178,7 +166,7 @@ def _load_stage(plan: Plan, sd: StageDef) -> None:
 
 
 def _outputs(sd: StageDef, g: Graph) -> dict[str, tuple[str, str]]:
-    out = dict(OUTPUTS[sd.kind])
+    out = dict(KINDS[sd.kind].artifacts)
     train = g.spec.train
     if sd.kind == "train" and (train is None or not train.validation.split):
         del out["best"]                     # best.safetensors is kept by validation only
@@ -243,4 +231,4 @@ def _check_edges(plan: Plan, sd: StageDef) -> None:
         check_data(plan, sd, refs.get("data", (None,))[0])
 
 
-__all__ = ["OUTPUTS", "Plan", "SpecSource", "plan_pipeline"]
+__all__ = ["Plan", "SpecSource", "plan_pipeline"]

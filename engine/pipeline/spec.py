@@ -21,7 +21,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -37,12 +37,19 @@ class Strict(BaseModel):
 
 
 class Stage(Strict):
-    """What every stage may have besides its command."""
+    """What every stage may have besides its command. Each kind of stage is a subclass
+    whose field named after the command takes the spec, with ``artifacts``: what it
+    writes, ``{name: (artifact kind, file in the stage's folder)}``; its runner is in
+    engine/pipeline/stages.py's ``RUNNERS``."""
 
+    artifacts: ClassVar[dict[str, tuple[str, str]]] = {}
     doc: str | None = None
 
 
 class TrainStage(Stage):
+    artifacts: ClassVar = {"weights": ("weights", "weights.safetensors"),
+                         "best": ("weights", "best.safetensors"),   # with validation only
+                         "metrics": ("metrics", "metrics.json"), "spec": ("spec", "spec.yaml")}
     train: str = Field(description="the spec to train: a file, or a `spec` artifact")
     init_from: str | None = Field(None, description="weights artifact to start from")
     params: list[str] | None = Field(None, description="init_from: parameter globs "
@@ -55,6 +62,7 @@ class TrainStage(Stage):
 
 
 class EvaluateStage(Stage):
+    artifacts: ClassVar = {"metrics": ("metrics", "metrics.json")}
     evaluate: str
     weights: str
     data: str | dict | None = Field(None, description="a data file, a data source, or a "
@@ -64,6 +72,7 @@ class EvaluateStage(Stage):
 
 
 class PredictStage(Stage):
+    artifacts: ClassVar = {"predictions": ("arrays", "predictions.npz")}
     predict: str
     weights: str
     data: str = Field(description="a .csv/.npy/.npz file or a predictions/samples artifact")
@@ -71,6 +80,7 @@ class PredictStage(Stage):
 
 
 class ExportStage(Stage):
+    artifacts: ClassVar = {"onnx": ("onnx", "model.onnx")}
     export: str
     weights: str | None = None
     format: Literal["onnx"] = "onnx"
@@ -79,6 +89,8 @@ class ExportStage(Stage):
 
 
 class SweepStage(Stage):
+    artifacts: ClassVar = {"best": ("weights", "best.safetensors"), "spec": ("spec", "spec.yaml"),
+                         "table": ("table", "sweep.csv"), "metrics": ("metrics", "metrics.json")}
     sweep: str
     params: list[str] = Field(default_factory=list, description="as `dlgraph sweep --param`")
     search: Literal["grid", "random", "optuna"] | None = None
@@ -90,6 +102,7 @@ class SweepStage(Stage):
 
 
 class SampleStage(Stage):
+    artifacts: ClassVar = {"samples": ("arrays", "samples.npz")}     # a text model: samples.txt
     sample: str
     weights: str
     count: int = Field(1024, ge=1, description="rows of random inputs (not for text)")
