@@ -331,3 +331,12 @@ def test_a_npz_member_without_the_npy_suffix_is_sized_too(tmp_path):
     with pytest.raises(DataError, match=r"the arrays of this archive \(x \[1000000000000\] "
                                         r"float32\) would take 3.6 TiB of memory"):
         load_data({"source": "npy", "path": "d.npz"}, tmp_path, 0)
+
+
+def test_command_line_values_are_read_by_the_spec_rules():
+    from dlgraph.engine.spec.parse import parse_value
+    from dlgraph.engine.train.sweep_plan import parse_param
+    assert parse_value("{source: spirals, samples: 010, on: 1}", "--data") == \
+        {"source": "spirals", "samples": 10, "on": 1}
+    assert parse_param("nodes.fc1.out=010,0o10,1e2").values == [10, 8, 100]
+    assert parse_param("train.optimizer.type=on,off").values == ["on", "off"]

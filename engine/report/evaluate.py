@@ -144,10 +144,10 @@ def evaluation_data(graph: Graph, data: str | Path | None = None):
         text = json.dumps(data)
     if Path(text).suffix in FILE_SUFFIXES:
         return data_arrays(graph, spec, read_file(graph, text), where=text), text
-    import yaml
+    from dlgraph.engine.spec.parse import parse_value
     try:
-        obj = yaml.safe_load(text)
-    except yaml.YAMLError:
+        obj = parse_value(text, "--data")            # as a spec reads it: 010 is 10
+    except SpecError:
         obj = None
     if isinstance(obj, str) and obj in SOURCES:
         obj = {"source": obj}

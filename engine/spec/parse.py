@@ -104,6 +104,17 @@ def parse_text(text: str, file: str) -> tuple[Any, dict[tuple, int]]:
     return data, lines
 
 
+def parse_value(text: str, where: str) -> Any:
+    """One YAML value typed on a command line (``{source: spirals, samples: 500}``), read
+    by the spec's rules (YAML 1.2 scalars, the same caps); a located SpecError otherwise.
+
+    >>> parse_value("{samples: 010, on: yes}", "--data")
+    {'samples': 10, 'on': 'yes'}
+    """
+    data, _ = parse_text(f"v: {text}\n", where) if text.strip() else ({"v": None}, {})
+    return data["v"]
+
+
 def _compose(text: str, file: str) -> tuple[Any, dict[tuple, int]]:
     loader = _Loader(text)
     try:
