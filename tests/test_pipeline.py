@@ -449,3 +449,13 @@ def test_every_stage_kind_has_a_runner_artifacts_and_docs():
         assert f"| `{kind}: SPEC` |" in doc, kind
         for art in model.artifacts:
             assert f"`{art}`" in doc, (kind, art)
+
+
+def test_a_sample_count_that_cannot_fit_is_refused_before_anything_runs(tiny):
+    pipe = write(tiny, "p.yaml", "dlgraph: 1\npipeline: p\nstages:\n  fit: {train: a.yaml}\n"
+                                 "  draw: {sample: a.yaml, weights: fit.weights,\n"
+                                 "         count: 100000000000}\n")
+    with pytest.raises(dlgraph.DeviceError, match=r"p.yaml:6: stage 'draw' \(sample\): count "
+                                                  r"100000000000: this graph needs about"):
+        dlgraph.run_pipeline(pipe, dir=tiny / "out")
+    assert not (tiny / "out").exists()

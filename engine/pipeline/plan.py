@@ -16,7 +16,7 @@ from pathlib import Path
 
 import networkx as nx
 
-from dlgraph.engine.errors import CycleError, SpecError, suggest
+from dlgraph.engine.errors import CycleError, DlgraphError, SpecError, suggest
 from dlgraph.engine.graph.build import build
 from dlgraph.engine.graph.ir import Graph
 from dlgraph.engine.pipeline.spec import (
@@ -194,6 +194,13 @@ def _check_kind(plan: Plan, sd: StageDef, g: Graph) -> None:
         plan_sweep(plan.path(sd.spec_field), m.params, search=m.search, samples=m.samples,
                    metric=m.metric, mode=m.mode, concurrency=m.concurrency,
                    cpus_per_trial=m.cpus_per_trial)
+    if sd.kind == "sample" and not _is_text(g):
+        from dlgraph.engine.spec.checks import check_fits
+        try:
+            check_fits(g, sd.model.count)   # count rows at once: refused before it runs
+        except DlgraphError as e:
+            raise sd.error(type(e), f"count {sd.model.count}: {e.message}", "count",
+                           "draw fewer samples") from None
     if sd.kind == "sample" and not _is_text(g) and sd.model.outputs:
         for o in sd.model.outputs:
             if o not in g.outputs:
