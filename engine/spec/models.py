@@ -231,6 +231,17 @@ def _activations(props: dict) -> None:
         act["anyOf"] = [{"enum": names}, {"type": "null"}]
 
 
+def _standard(schema):
+    """The schema without OpenAPI's `discriminator` (pydantic writes it beside a `oneOf`;
+    JSON Schema has no such keyword, and validators in strict mode, ajv's default, refuse
+    it). The `const` of each branch's tag says the same."""
+    if isinstance(schema, dict):
+        return {k: _standard(v) for k, v in schema.items() if k != "discriminator"}
+    if isinstance(schema, list):
+        return [_standard(v) for v in schema]
+    return schema
+
+
 def json_schema() -> dict:
     """The JSON Schema (draft 2020-12) of a spec file: a spec (`GraphSpec`) or a file of
     modules to include (`ModuleLibrary`), generated from the models that validate specs.
@@ -245,7 +256,7 @@ def json_schema() -> dict:
     """
     adapter = TypeAdapter(Annotated[Union[spec_model(), ModuleLibrary],  # noqa: UP007
                                     Field(union_mode="left_to_right")])
-    s = adapter.json_schema(by_alias=True)
+    s = _standard(adapter.json_schema(by_alias=True))
     branches = s.pop("anyOf")               # [GraphSpec, ModuleLibrary]
     for ref in s["$defs"]["GraphSpec"]["properties"]["nodes"]["additionalProperties"]["oneOf"]:
         name = ref["$ref"].rsplit("/", 1)[1]
