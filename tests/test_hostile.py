@@ -90,6 +90,9 @@ def test_a_npz_member_that_is_not_npy_is_a_located_error(tmp_path):
                                       "read"),
     (lambda: struct.pack("<Q", 2**40) + b"{}", "its header declares 1,099,511,627,776 bytes"),
     (lambda: b"\1\0", "it is shorter than its 8-byte header size"),
+    (lambda: _safetensors({"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}},
+                          b"\0" * 4 + b"\xff" * 4096),
+     "its tensors end at byte 4 of the data, the file holds 4,100"),
 ])
 def test_hostile_safetensors_are_one_located_error(tmp_path, make, message):
     path = tmp_path / "w.safetensors"

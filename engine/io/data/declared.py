@@ -143,10 +143,14 @@ def safetensors_header(data: bytes | memoryview, where: str, size: int | None = 
     header = _header_json(bytes(data[8:8 + n]), where)
     if not isinstance(header, dict):
         raise _bad(where, "its header is not a JSON object")
-    total = 0
+    total, body = 0, size - 8 - n
     for name, t in header.items():
         if name != "__metadata__":
-            total += _tensor_bytes(name, t, where, size - 8 - n)
+            total += _tensor_bytes(name, t, where, body)
+    ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"]
+    if body != max(ends, default=0):      # what no tensor claims is never read into memory
+        raise _bad(where, f"its tensors end at byte {max(ends, default=0):,} of the data, "
+                          f"the file holds {body:,}")
     check_budget("the tensors of this file", total, where, DAMAGED)
     return header
 
