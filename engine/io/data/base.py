@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import stat
 from pathlib import Path
 from typing import Any, ClassVar
@@ -129,12 +130,24 @@ def size_text(n: float) -> str:
 
 def check_budget(what: str, nbytes: float, where: Path | str | None = None,
                  help: str = "use fewer samples or shorter samples") -> None:
-    """Refuse data of ``nbytes`` (an estimate, before anything is allocated) over the cap."""
-    if not math.isfinite(nbytes) or nbytes > MAX_DATA_BYTES:
+    """Refuse data of ``nbytes`` (an estimate, before anything is allocated) over the cap:
+    :data:`MAX_DATA_BYTES`, or half the machine's memory where that is less."""
+    cap = data_cap()
+    if not math.isfinite(nbytes) or nbytes > cap:
         figure = size_text(nbytes) if math.isfinite(nbytes) else "an unbounded amount"
         raise DataError(f"{what} would take {figure} of memory; at most "
-                        f"{size_text(MAX_DATA_BYTES)} of data are loaded",
+                        f"{size_text(cap)} of data are loaded",
                         source=Source(file=str(where)) if where else None, help=help)
+
+
+def data_cap() -> int:
+    """The most bytes of data loaded here: :data:`MAX_DATA_BYTES`, or half the physical
+    memory on a smaller machine (the arrays are copied at least once on the way in)."""
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return MAX_DATA_BYTES
+    return min(MAX_DATA_BYTES, memory // 2)
 
 
 def fail(path: Path | str, message: str, line: int | None = None,
