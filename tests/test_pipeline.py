@@ -233,6 +233,12 @@ def test_a_folder_dlgraph_did_not_make_is_never_written(tiny):
     run(other, tiny / "q-out")
     with pytest.raises(dlgraph.DlgraphError, match="holds the pipeline 'q', not 'p'"):
         run(pipe, tiny / "q-out")
+    stage = tiny / "q-out/stages/fit"           # a link planted where a stage's folder was
+    shutil.rmtree(stage)
+    stage.symlink_to(mine)
+    run(other, tiny / "q-out")
+    assert not stage.is_symlink() and (stage / "weights.safetensors").is_file()
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
 
 
 # ------------------------------------------------------------------ parallel and drawing

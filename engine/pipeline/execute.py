@@ -241,7 +241,7 @@ class Scheduler:
             (changed(entry.get("parts", {}), parts) or before.get(entry.get("state"),
                                                                   "an artifact changed"))
         work = self.pdir.root / "stages" / f".{name}.partial"
-        shutil.rmtree(work, ignore_errors=True)       # ours: a stage that did not finish
+        _remove(work)                                 # ours: a stage that did not finish
         self.pdir.record(name, {"state": "running", "key": key_of(parts), "parts": parts,
                                 "started": now()})
         self.echo(f"[{name}] running {sd.kind} {sd.spec_field} ({why})")
@@ -261,7 +261,7 @@ class Scheduler:
                                              error=out["error"]))
             return
         final = self.pdir.stage_dir(name)
-        shutil.rmtree(final, ignore_errors=True)      # the stage's previous artifacts
+        _remove(final)                                # the stage's previous artifacts
         final.parent.mkdir(parents=True, exist_ok=True)
         (self.pdir.root / "stages" / f".{name}.partial").rename(final)
         m = out["metrics"]
@@ -275,6 +275,14 @@ class Scheduler:
         self.pdir.record(name, entry)
         self.echo(f"[{name}] done in {out['seconds']:.1f} s" + (f": {shown}" if shown else ""))
         self._settle(name, "done", Row(name, sd.kind, "done", out["seconds"], shown))
+
+
+def _remove(path: Path) -> None:
+    """A folder of the pipeline directory gone; a link there is removed, never followed."""
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.exists():
+        shutil.rmtree(path)
 
 
 def _intact(pdir: PipelineDir, entry: dict) -> bool:
