@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 import dlgraph
+from dlgraph.cli.options import FORCE
 
 FILE = click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
 DIR = click.option("--dir", "dir_", type=click.Path(file_okay=False, path_type=Path),
@@ -80,7 +81,8 @@ def status(file, dir_):
 @DIR
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
               help="write the drawing: .dot, .svg, .png or .pdf (default: DOT on stdout)")
-def render(file, dir_, output):
+@FORCE
+def render(file, dir_, output, force):
     """Draw FILE's stage graph, coloured by each stage's state."""
-    text = dlgraph.render_pipeline(file, output, dir=dir_)
+    text = dlgraph.render_pipeline(file, output, dir=dir_, force=force)
     click.echo(f"wrote {output}" if output else text, nl=output is not None)

@@ -455,9 +455,10 @@ def pipeline_status(path: str | Path, *, dir: str | Path | None = None) -> dict:
 
 
 def render_pipeline(path: str | Path, output: str | Path | None = None, *,
-                    dir: str | Path | None = None) -> str:
+                    dir: str | Path | None = None, force: bool = False) -> str:
     """The DOT text of a pipeline's stage graph, coloured by each stage's state, edges
-    labelled with the artifacts; written to ``output`` (.dot, .svg, .png, .pdf) when given.
+    labelled with the artifacts; written to ``output`` (.dot, .svg, .png, .pdf) when given
+    (a file there is replaced only if dlgraph wrote it, or with ``force``).
 
     >>> dlgraph.render_pipeline("graphs/pipelines/gan.yaml", "gan.svg")  # doctest: +SKIP
     """
@@ -466,7 +467,7 @@ def render_pipeline(path: str | Path, output: str | Path | None = None, *,
     plan, pdir = _pipeline(path, dir)
     text = pipeline_dot(plan, status(plan, pdir))
     if output is not None:
-        write_drawing(text, Path(output))
+        write_drawing(text, Path(output), force)
     return text
 
 

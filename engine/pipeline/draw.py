@@ -48,10 +48,11 @@ def pipeline_dot(plan: Plan, states: dict[str, Status]) -> str:
     return "\n".join(lines + ["}"]) + "\n"
 
 
-def write_drawing(text: str, path: Path) -> Path:
-    """The DOT text to ``path``: .dot/.gv as is, .svg/.png/.pdf drawn by graphviz."""
+def write_drawing(text: str, path: Path, force: bool = False) -> Path:
+    """The DOT text to ``path``: .dot/.gv as is, .svg/.png/.pdf drawn by graphviz. A file
+    there is replaced only if dlgraph wrote it, or with ``force``."""
     from dlgraph.engine.io.outputs import check_output, write_output
-    check_output(path)                  # a file dlgraph did not write is never replaced
+    check_output(path, force=force)     # a file dlgraph did not write is never replaced
     suffix = path.suffix.lower()
     if suffix in (".dot", ".gv"):
         data = text.encode()
@@ -65,7 +66,7 @@ def write_drawing(text: str, path: Path) -> Path:
     else:
         raise DlgraphError(f"cannot write {path}: unknown format '{suffix or path.name}'",
                            help="use one of: .dot, .gv, .svg, .png, .pdf")
-    return write_output(path, data)
+    return write_output(path, data, force=force)
 
 
 __all__ = ["STATE_COLOURS", "pipeline_dot", "write_drawing"]
