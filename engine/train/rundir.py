@@ -105,7 +105,7 @@ def claim_run_dir(run_dir: Path, resume: bool, fresh: bool = False) -> RunLock:
     except OSError as e:
         raise disk_error(run_dir, e, "make the run directory") from None
     lock = RunLock(run_dir)
-    if has_run and not resume:
+    if (run_dir / CHECKPOINT).is_file() and not resume:   # again: a run may have ended since
         lock.release()
         raise TrainingError("the folder already holds a dlgraph run",
                             source=Source(str(run_dir)),
