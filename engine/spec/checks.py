@@ -314,19 +314,25 @@ def check_fits(g: Graph, batch: int) -> None:
         raise DeviceError(f"this graph needs about {size_text(need)} at batch {batch:,} "
                           f"({size_text(4 * params)} of parameters), more than the "
                           f"{size_text(have)} of memory here",
-                          source=Source(g.source, _largest_line(g, 2 * 4 * params > need)),
+                          source=Source(g.source, _largest_line(g, batch)),
                           help="use smaller layers or a smaller batch")
 
 
-def _largest_line(g: Graph, params: bool) -> int | None:
-    """The line of what takes most of the memory: the layer of the largest parameter, or
-    the largest input (per sample)."""
-    if params and g.params:
-        p = max(g.params.values(), key=lambda p: numel(p.shape) or 0)
-        return g.lines.get(("nodes", p.name.split(".")[0]))
-    sizes = {n: numel([d for d in t.shape if not isinstance(d, str)]) or 0
-             for n, t in g.inputs.items()}
-    return g.lines.get(("inputs", max(sizes, key=sizes.get))) if sizes else None
+def _largest_line(g: Graph, batch: int) -> int | None:
+    """The line of the layer or input that takes the most memory: its parameters, or its
+    largest value at ``batch`` samples (named dims counted as 1)."""
+    size: dict[str, float] = {}
+    for n in g.nodes.values():
+        if n.role in ("forward", "param", "input"):
+            per = batch if n.role != "param" else 1
+            need = (numel([1 if isinstance(d, str) else d for d in n.type.shape]) or 0) * per
+            key = n.user_id.split("/")[0]
+            size[key] = size.get(key, 0) + need if n.role == "param" else \
+                max(size.get(key, 0), need)
+    if not size:
+        return None
+    top = max(size, key=size.get)
+    return g.lines.get(("nodes", top)) or g.lines.get(("inputs", top))
 
 
 def unused_nodes(spec, file: str, lines: dict) -> list[str]:
