@@ -229,6 +229,9 @@ def _data_file(g: Graph, spec) -> None:
         raise DataError(f"data file {path} does not exist (looked in {where})",
                         source=_at(g, "data", "path"),
                         help="fix `data.path`; relative paths start in the spec's folder")
+    if spec.data.source == "npy" and full.is_file():     # headers only: cheap, and run's check
+        from dlgraph.engine.io.data.declared import npy_sizes
+        npy_sizes(full)
 
 
 def _data_names(g: Graph, spec) -> None:
