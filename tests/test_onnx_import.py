@@ -77,6 +77,25 @@ def test_an_initializer_storing_fewer_bytes_than_it_declares_is_refused(tmp_path
                   "bytes\n  help: the file is damaged or truncated; export the model again\n"
 
 
+def test_external_weights_are_read_beside_the_model_once_checked(tmp_path):
+    w = np.arange(12, dtype=np.float32).reshape(3, 4)
+    m = model([helper.make_node("Add", ["x", "w"], ["y"])], [("x", FLOAT, [3, 4])],
+              [("y", FLOAT, None)], {"w": w})
+    path = tmp_path / "m.onnx"
+    onnx.save_model(m, str(path), save_as_external_data=True, location="m.weights",
+                    size_threshold=0)
+    spec, weights = dlgraph.import_onnx(path, tmp_path / "m.yaml")
+    got = dlgraph.compile(dlgraph.load(spec), weights=weights)(x=np.ones((3, 4), np.float32))
+    np.testing.assert_array_equal(got["y"], w + 1)
+    (tmp_path / "m.weights").unlink()
+    (tmp_path / "m.yaml").unlink()
+    (tmp_path / "m.safetensors").unlink()
+    code, out, written = cli_import(tmp_path, onnx.load(str(path), load_external_data=False))
+    assert (code, written) == (1, [])
+    assert out.startswith("error: m.onnx: cannot read the model's external weights: ")
+    assert out.endswith("  help: keep the weights files beside the .onnx file, as exported\n")
+
+
 def test_an_input_declaring_more_than_memory_is_refused_at_import(tmp_path):
     m = model([helper.make_node("Relu", ["x"], ["y"])], [("x", FLOAT, [2**40, 2**40])],
               [("y", FLOAT, None)])
@@ -202,6 +221,16 @@ OPERATORS = {
     "conv_pads_asymmetric": _node_model("Conv", inits={"w": W}, pads=[0, 1, 2, 1]),
     "conv1d_pads_asymmetric": _node_model("Conv", (2, 3, 9), inits={"w": W[:, :, 0]},
                                           pads=[2, 0]),
+    "conv_same_lower": _node_model("Conv", (2, 3, 6, 7), inits={"w": W},
+                                   auto_pad="SAME_LOWER", strides=[2, 2]),
+    "maxpool_same_lower": _node_model("MaxPool", kernel_shape=[2, 3], auto_pad="SAME_LOWER"),
+    "global_max_pool": _node_model("GlobalMaxPool"),
+    "celu": _node_model("Celu", alpha=0.7),
+    "thresholded_relu": _node_model("ThresholdedRelu", alpha=0.4),
+    "softsign": _node_model("Softsign"),
+    "mish": _node_model("Mish"),
+    "reciprocal": model([helper.make_node("Reciprocal", ["x"], ["y"])], [("x", FLOAT, [2, 3])],
+                        [("y", FLOAT, None)]),
 }
 
 
@@ -284,7 +313,7 @@ def _blocks():
             return self.a(x, x, x, key_padding_mask=mask, need_weights=False)[0]
 
     mask = torch.tensor([[False, False, False, True, True], [False] * 5, [True] + [False] * 4])
-    return {"layer_norm_gelu": (LayerNormGelu, (torch.randn(3, 5, 8),), "erf"),
+    return {"layer_norm_gelu": (LayerNormGelu, (torch.randn(3, 5, 8),), "gelu"),
             "mobilenet_v3_block": (MobileNetV3Block, (torch.randn(3, 3, 16, 16),),
                                    "hard_sigmoid"),
             "squeezenet_stem": (SqueezeNetStem, (torch.randn(3, 3, 17, 17),), "max_pool2d"),
@@ -305,7 +334,11 @@ def test_pytorch_blocks_import_and_match_pytorch_and_onnxruntime(tmp_path, name)
                       output_names=["y"], dynamic_axes={k: {0: "batch"} for k in names})
     spec, weights = dlgraph.import_onnx(path, tmp_path / f"{name}.yaml")
     g = dlgraph.load(spec)
-    assert op in [nd.op for nd in g.spec.nodes.values()]
+    ops = [nd.op for nd in g.spec.nodes.values()]
+    assert op in ops
+    if name == "layer_norm_gelu":          # Div, Erf, Add, Mul, Mul folded back into one node
+        assert ops == ["layer_norm", "linear", "gelu"]
+        assert next(nd for nd in g.spec.nodes.values() if nd.op == "gelu").approximate == "none"
     feeds = {k: a.numpy() for k, a in zip(names, args, strict=True)}
     got = dlgraph.compile(g, weights=weights)(**{k: v.astype(np.int32) if v.dtype == bool
                                                   else v for k, v in feeds.items()})["y"]

@@ -241,3 +241,18 @@ def test_keras_and_pytorch_layer_names_point_at_dlgraphs_ops():
         with pytest.raises(dlgraph.SpecError) as e:
             dlgraph.load(spec)
         assert str(e.value) == f"<dict>: node 'fc': unknown op '{name}'\n  help: {help}"
+
+
+def test_an_output_that_is_a_slice_of_an_input_answers_every_call():
+    # a suffix of an input is a view of its buffer in tinygrad: it must be copied, or the
+    # compiled replay reads the first call's buffer (it crashed the process)
+    spec = {"dlgraph": 1, "name": "s", "inputs": {"x": {"shape": [6]}},
+            "nodes": {"head": {"op": "slice", "in": "x", "axis": 0, "start": 0, "stop": 2},
+                      "tail": {"op": "slice", "in": "x", "axis": 0, "start": 2}},
+            "outputs": ["head", "tail"]}
+    model = dlgraph.compile(dlgraph.load(spec))
+    for k in range(3):
+        x = np.arange(6, dtype=np.float32) + k
+        got = model(x=x)
+        np.testing.assert_array_equal(got["head"], x[:2])
+        np.testing.assert_array_equal(got["tail"], x[2:])

@@ -297,7 +297,11 @@ class Segment:
             outs = self.interpreter.run(ctx, env) if self.interpreter else env
             # a value with a sequence length is written, at this call's length, into a
             # buffer made for the longest (padding it would write the whole buffer)
+            # an output that is a view of an input (a slice of it) is copied by a kernel:
+            # as a view, the replay would read a buffer of the first call
+            inputs = {door.storage(x) for x in xs} - {None}
             res = [Lengths.into(g[o].type, into[o], outs[o], ctx.dims) if o in into
+                   else outs[o].clone() if door.storage(outs[o]) in inputs
                    else outs[o].contiguous() for o in self.outputs]
             extra = self.finish(*[outs[t] for t in prog.targets]) if self.finish else []
             Tensor.realize(*res, *extra, *ctx.updates)

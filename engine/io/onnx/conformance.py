@@ -140,6 +140,7 @@ WIDE = {"float64", "uint8", "int8", "uint16", "int16", "uint32", "uint64", "floa
 def _dtype_problem(case: Case) -> str | None:
     for inputs, outputs in case.data[:1]:
         for a in list(inputs) + list(outputs):
+            a = np.asarray(a) if isinstance(a, np.generic) else a    # a scalar is a tensor
             if not isinstance(a, np.ndarray):
                 return f"{type(a).__name__} values (dlgraph has tensors only)"
             dt = a.dtype
@@ -283,12 +284,32 @@ def _tables() -> list[str]:
             "become layers (linear, conv2d/conv1d, conv_transpose2d, batch_norm, layer_norm, "
             "embedding, lstm, gru, rnn), with a following activation folded in; shape "
             "arithmetic is read from ONNX's shape inference and followed symbolically "
-            "(`batch * 4`, slices of shapes).", "",
-            "Patterns folded back into one layer, where they are unambiguous:", "",
+            "(`batch * 4`, slices of shapes, PyTorch's `expand(batch, -1, -1)`). Convolutions "
+            "and pools take uneven pads (`padding: [top, bottom, left, right]`), SAME_UPPER "
+            "(`padding: same`) and SAME_LOWER (written out), `ceil_mode` and "
+            "`count_include_pad`; 1-D pools are 2-D pools of a [N, C, 1, L] view. HardSwish, "
+            "HardSigmoid, Selu, exact Gelu and Erf become dlgraph's ops of those names; PRelu, "
+            "Clip, Celu, ThresholdedRelu, Softsign, Mish, Sum, Mean, Split, Tile, "
+            "InstanceNormalization (a layer_norm without affine, then the scale) and Pad by "
+            "reflect, edge or wrap (slices concatenated) a few primitives each. A bool graph "
+            "input (a padding mask) becomes an int32 input, fed as 0/1, cast to bool.", "",
+            "Before anything is read into an array, every size the file declares "
+            "(initializers, Constant nodes, graph inputs and outputs, values shape inference "
+            "derives, in subgraphs too) is held against this machine's memory, stored bytes "
+            "against declared dims, and float64 values against float32's range; a refusal "
+            "names the .onnx file and the tensor. Values that fit are read as float32.", ""] \
+        + _patterns()
+
+
+def _patterns() -> list[str]:
+    """The patterns import folds back into layers, and what stays primitive."""
+    return ["Patterns folded back into one layer, where they are unambiguous:", "",
             "- `layer_norm`: ReduceMean, Sub, Pow (or Mul), ReduceMean, Add eps, Sqrt, Div "
             "[, Mul weight, Add bias] over trailing axes, each step read only by the next "
             "(PyTorch below opset 17; dlgraph's own nested norms).",
             "- `softmax`: Exp(x - ReduceMax x) / ReduceSum over one axis.",
+            "- `gelu` with `approximate: none`: Div by sqrt(2), Erf, Add 1, Mul x, Mul 0.5 "
+            "(PyTorch's exact GELU below opset 20).",
             "- `multi_head_attention`: self-attention written out (one projection to 3E "
             "features split into q, k, v; heads split by Reshape/Transpose; "
             "Softmax(q k^T s) v; heads merged; a projection to E), when nothing else reads "

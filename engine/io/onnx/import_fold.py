@@ -232,7 +232,46 @@ def attention_op(imp, node):
     imp.bind(node.output[0], y)
 
 
-FOLD_RULES = {"ReduceMean": reduce_mean, "ReduceMax": reduce_max, "Attention": attention_op}
+def _is(imp, name, value: float) -> bool:
+    c = _peek(imp, name)
+    return c is not None and c.size == 1 and abs(float(c.reshape(())) - value) < 1e-4
+
+
+def _exact_gelu(imp, node) -> list | None:
+    """x / sqrt(2) -> Erf -> + 1 -> * x -> * 0.5, each read only by the next (PyTorch's
+    exact GELU below opset 20): the nodes after the Div, or None."""
+    x = node.input[0]
+    if not _is(imp, node.input[1], 2 ** 0.5):
+        return None
+    erf = imp.sole_consumer(node.output[0], ("Erf",))
+    add = erf and imp.sole_consumer(erf.output[0], ("Add",))
+    if not add or not _is(imp, _other(add, erf.output[0]), 1.0):
+        return None
+    mul = imp.sole_consumer(add.output[0], ("Mul",))
+    if not mul or _other(mul, add.output[0]) != x:
+        return None
+    half = imp.sole_consumer(mul.output[0], ("Mul",))
+    if not half or not _is(imp, _other(half, mul.output[0]), 0.5):
+        return None
+    return [erf, add, mul, half]
+
+
+def div(imp, node):
+    """Div, or the first node of an exact GELU folded back into ``gelu``."""
+    from dlgraph.engine.io.onnx.import_views import VIEW_RULES
+    rest = _exact_gelu(imp, node)
+    if rest is None:
+        return VIEW_RULES["Div"](imp, node)
+    for n in rest:
+        imp.absorb(n)
+    out = rest[-1].output[0]
+    nid = imp.add(hint(rest[-1], imp) if out in imp.outputs else layer_hint(node), "gelu",
+                  [imp.ref(node.input[0])], origins([node, *rest]), approximate="none")
+    imp.bind(out, nid)
+
+
+FOLD_RULES = {"ReduceMean": reduce_mean, "ReduceMax": reduce_max, "Attention": attention_op,
+              "Div": div}
 """ONNX operator type -> its rule that folds a pattern starting there back into one layer
-(layer_norm, softmax, attention); where there is no pattern, the operator's own rule in
+(layer_norm, softmax, attention, exact gelu); where there is no pattern, the operator's own rule in
 :data:`.import_ops.OPERATOR_RULES`."""

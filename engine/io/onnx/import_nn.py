@@ -110,7 +110,10 @@ def split(imp, node):
     shape = need_shape(imp, node.input[0])
     axis = nonneg_axis(a.get("axis", 0), len(shape))
     size = shape[axis]
-    sizes = imp.const(node.input[1]) if len(node.input) > 1 and node.input[1] else a.get("split")
+    given = len(node.input) > 1 and node.input[1]
+    sizes = imp.const(node.input[1]) if given else a.get("split")
+    if given and sizes is None:
+        raise Unsupported("split sizes computed at run time")
     n = len(node.output)
     if sizes is None:
         # equal parts, the last smaller (opset 18's num_outputs)
@@ -188,7 +191,60 @@ def pad_modes(imp, node):
     imp.bind(node.output[0], ref)
 
 
+def _scaled(imp, node, op, x, value, tag) -> str:
+    c = imp.add(f"{hint(node)}_{tag}", "const", [], [], value=value)
+    return imp.add(f"{hint(node)}_{tag}_{op}", op, [x, c], [])
+
+
+def celu(imp, node):
+    """alpha * elu(x / alpha)."""
+    alpha = f32(attrs(node).get("alpha", 1.0))
+    x = _scaled(imp, node, "div", imp.ref(node.input[0]), alpha, "alpha")
+    _emit(imp, node, "mul", [imp.add(f"{hint(node)}_elu", "elu", [x], []),
+                             imp.add(f"{hint(node)}_scale", "const", [], [], value=alpha)])
+
+
+def thresholded_relu(imp, node):
+    """x where x > alpha, else 0."""
+    x = imp.ref(node.input[0])
+    above = _scaled(imp, node, "greater", x, f32(attrs(node).get("alpha", 1.0)), "alpha")
+    _emit(imp, node, "where", [above, x, imp.add(f"{hint(node)}_zero", "const", [], [],
+                                                  value=0.0)])
+
+
+def softsign(imp, node):
+    """x / (1 + |x|)."""
+    x = imp.ref(node.input[0])
+    den = _scaled(imp, node, "add", imp.add(f"{hint(node)}_abs", "abs", [x], []), 1.0, "one")
+    _emit(imp, node, "div", [x, den])
+
+
+def mish(imp, node):
+    """x * tanh(softplus(x))."""
+    x = imp.ref(node.input[0])
+    t = imp.add(f"{hint(node)}_tanh", "tanh", [imp.add(f"{hint(node)}_softplus", "softplus",
+                                                       [x], [])], [])
+    _emit(imp, node, "mul", [x, t])
+
+
+def reciprocal(imp, node):
+    if fold(imp, node, lambda x: (1 / x).astype(x.dtype)):
+        return
+    _emit(imp, node, "div", [imp.add(f"{hint(node)}_one", "const", [], [], value=1.0),
+                             imp.ref(node.input[0])])
+
+
+def global_max_pool(imp, node):
+    rank = imp.rank(node.input[0])
+    if rank is None or rank < 3:
+        raise Unsupported("only GlobalMaxPool of [batch, channels, ...]")
+    _emit(imp, node, "max", [imp.ref(node.input[0])], axes=list(range(2, rank)), keepdims=True)
+
+
 NN_RULES = {
+    "GlobalMaxPool": global_max_pool,
+    "Celu": celu, "ThresholdedRelu": thresholded_relu, "Softsign": softsign, "Mish": mish,
+    "Reciprocal": reciprocal,
     "HardSigmoid": hard_sigmoid, "Selu": selu, "PRelu": prelu, "Clip": clip,
     "Sum": sum_of(False), "Mean": sum_of(True), "Split": split, "Tile": tile,
     "InstanceNormalization": instance_norm, "Pad": pad_modes,

@@ -251,8 +251,17 @@ def _pads(imp, node, a, k) -> int | list | str:
     auto = text(a.get("auto_pad", "NOTSET"))
     if auto == "SAME_UPPER":
         return "same"
+    if auto == "SAME_LOWER":                 # the odd row at the start: written out
+        size = need_shape(imp, node.input[0])[2:]
+        kernel = a.get("kernel_shape") or imp.const(node.input[1]).shape[2:]
+        out = []
+        for n, kk, s, d in zip(size, kernel, a.get("strides", [1] * k),
+                               a.get("dilations", [1] * k), strict=True):
+            total = max((-(-n // s) - 1) * s + d * (kk - 1) + 1 - n, 0)
+            out.append((total - total // 2, total // 2))
+        return [v for pair in out for v in pair] if k == 2 else list(out[0])
     if auto not in ("NOTSET", "VALID"):
-        raise Unsupported(f"auto_pad {auto} (dlgraph's 'same' puts the odd row at the end)")
+        raise Unsupported(f"auto_pad {auto}")
     pads = [0] * 2 * k if auto == "VALID" else [int(p) for p in a.get("pads", [0] * 2 * k)]
     if pads[:k] == pads[k:]:
         return _one(pads[:k])

@@ -65,11 +65,21 @@ def prepare(path: Path):
     """Load, convert to opset 21 and infer shapes; unknown input dims get names."""
     onnx = require_onnx("ONNX import")
     try:
-        model = onnx.load(str(path))
+        # weights in files beside the model are read only once their sizes are checked
+        model = onnx.load(str(path), load_external_data=False)
     except (OSError, Exception) as e:  # protobuf raises its own DecodeError
         if not Path(path).is_file():
             raise DataError(f"no such ONNX file: {path}", source=Source(str(path))) from None
         raise DataError(f"not a readable ONNX model: {e}", source=Source(str(path))) from None
+    check_declared(model, path)
+    try:
+        from onnx.external_data_helper import load_external_data_for_model
+        load_external_data_for_model(model, str(Path(path).parent))
+    except (OSError, Exception) as e:  # onnx refuses paths outside the model's folder
+        raise DataError(f"cannot read the model's external weights: {e}",
+                        source=Source(str(path)),
+                        help="keep the weights files beside the .onnx file, as exported") \
+            from None
     return prepare_model(model, path)
 
 
