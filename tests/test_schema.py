@@ -16,13 +16,13 @@ from pathlib import Path
 import pytest
 import yaml
 from click.testing import CliRunner
+from helpers import cases, op_spec
 
 import dlgraph
 from dlgraph.cli.main import main
 from dlgraph.engine.errors import DlgraphError
 from dlgraph.engine.spec.read import validate_data
 from dlgraph.ops import REGISTRY
-from tests.helpers import cases, op_spec
 
 jsonschema = pytest.importorskip("jsonschema")
 
