@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import struct
 import sys
 import zipfile
@@ -117,7 +118,26 @@ def _bad(where: str, why: str, help: str = "the file may be truncated or damaged
     return fail(where, f"not a readable safetensors file: {why}", help=help)
 
 
+#: nesting a header may have: a safetensors header is 3 deep, dlgraph's metadata about 4
+MAX_JSON_DEPTH = 32
+_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+
+
+def json_depth(text: bytes) -> int:
+    """How deep JSON ``text`` nests, counted on its brackets outside strings (so that
+    nothing recurses on a hostile header)."""
+    raw = np.frombuffer(_STRING.sub(b"", text), np.uint8)
+    step = (raw == ord("[")).astype(np.int64) + (raw == ord("{")) - (raw == ord("]")) \
+        - (raw == ord("}"))
+    return int(np.cumsum(step).max(initial=0))
+
+
 def _header_json(text: bytes, where: str):
+    depth = json_depth(text)
+    if depth > MAX_JSON_DEPTH:
+        raise _bad(where, f"its header nests {depth:,} levels deep (at most "
+                          f"{MAX_JSON_DEPTH} are read)",
+                   help="a damaged or hostile file; use another weights file")
     try:
         return json.loads(text)
     except RecursionError:
@@ -227,8 +247,10 @@ def metadata_json(header: dict, key: str, where: str):
     if text is None:
         return None
     try:
+        if json_depth(text.encode("utf-8", "replace")) > MAX_JSON_DEPTH:
+            raise ValueError("nested too deeply")
         return json.loads(text)
-    except (RecursionError, ValueError, TypeError):
+    except (RecursionError, ValueError, TypeError, AttributeError):
         raise fail(where, f"the file's {key} metadata is damaged",
                    help="use another checkpoint, or the weights.safetensors of the run") \
             from None
