@@ -344,3 +344,15 @@ def test_command_line_values_are_read_by_the_spec_rules():
         {"source": "spirals", "samples": 10, "on": 1}
     assert parse_param("nodes.fc1.out=010,0o10,1e2").values == [10, 8, 100]
     assert parse_param("train.optimizer.type=on,off").values == ["on", "off"]
+
+
+def test_ids_given_as_whole_floats_or_lists_are_checked_too():
+    g = dlgraph.load("dlgraph: 1\nname: ids\ninputs:\n  x: {shape: [batch, 2]}\n"
+                     "  y: {shape: [batch], dtype: int32}\nnodes:\n"
+                     "  logits: {op: linear, in: x, out: 3}\n"
+                     "  loss: {op: cross_entropy, in: [logits, y]}\noutputs: [loss]\n")
+    model = dlgraph.compile(g)
+    x = np.zeros((2, 2), np.float32)
+    for y in ([0.0, 3.0], [0, 3], np.array([0, 3], np.int64)):
+        with pytest.raises(DataError, match="row 1 of 'y' holds the label 3"):
+            model(x=x, y=y)

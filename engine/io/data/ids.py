@@ -76,7 +76,7 @@ def check_ids(graph: Any, feeds: dict[str, np.ndarray], where: str | None = None
     """
     for name, nid, op, n, ignore in _limits(graph):
         a = feeds.get(name)
-        if a is None or a.dtype.kind not in "iu" or not a.size:
+        if a is None or a.dtype.kind not in "iuf" or not a.size:   # 4.0 is a label too
             continue
         bad = (a < 0) | (a >= n)
         if ignore is not None:
