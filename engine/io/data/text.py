@@ -26,6 +26,7 @@ from dlgraph.engine.io.data.base import (
     MAX_TEXT_BYTES,
     Arrays,
     DataSource,
+    check_budget,
     check_regular,
     fail,
     path_field,
@@ -83,7 +84,9 @@ def vocabulary(spec: TextTokens, base_dir: Path | str = ".") -> list[str]:
 def _tokenize(spec: TextTokens, base_dir: Path) -> tuple[Path, np.ndarray, list[str]]:
     """The text's path, its token ids (int32) and its vocabulary (sorted unique tokens)."""
     path = resolve(base_dir, spec.path) if spec.path else CORPUS
-    check_regular(path, limit=MAX_TEXT_BYTES)
+    size = check_regular(path, limit=MAX_TEXT_BYTES)
+    check_budget("tokenising this text", 16.0 * size, path,    # code points, ids, the text
+                 "use a shorter text")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
