@@ -207,11 +207,12 @@ def pool_pads(a, hw) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """A pooling node's padding (top, bottom, left, right), and the rows and columns
     ``ceil_mode`` adds at the bottom and right (PyTorch's rule: one more window where the
     last would start inside the input or its top or left padding)."""
-    stride = a.stride if a.stride is not None else a.kernel
-    pads = pads4(a.padding, hw, a.kernel, stride)
+    stride, dilation = a.stride if a.stride is not None else a.kernel, getattr(a, "dilation", 1)
+    pads = pads4(a.padding, hw, a.kernel, stride, dilation)
     extra = []
-    for n, k, s, (p0, p1) in zip(hw, pair(a.kernel), pair(stride), (pads[:2], pads[2:]),
-                                 strict=True):
+    for n, k, s, d, (p0, p1) in zip(hw, pair(a.kernel), pair(stride), pair(dilation),
+                                    (pads[:2], pads[2:]), strict=True):
+        k = d * (k - 1) + 1                     # the span of a dilated window
         span = n + p0 + p1 - k
         out = (-(-span // s) if a.ceil_mode else span // s) + 1
         if a.ceil_mode and (out - 1) * s >= n + p0:
@@ -230,7 +231,8 @@ def _pool(reduce, pad_value):
                              "some windows would hold only padding",
                              help="use padding <= kernel // 2, as PyTorch requires")
         stride = a.stride if a.stride is not None else a.kernel
-        win = lambda v: b.emit("windows", v, kernel=a.kernel, stride=stride)
+        win = lambda v: b.emit("windows", v, kernel=a.kernel, stride=stride,
+                               dilation=getattr(a, "dilation", 1))
         full = (pads[0], pads[1] + eh, pads[2], pads[3] + ew)
         if reduce == "max" or (getattr(a, "count_include_pad", True) and not eh and not ew):
             return b.emit(reduce, win(_pad2d(b, x, full, pad_value)), axes=[-2, -1])
@@ -255,11 +257,13 @@ IMG = F((2, 3, 6, 6))
 
 def _pool_ref(how):
     return lambda a, xs, c: R.pool(xs[0], a.kernel, a.stride, pool_pads(a, xs[0].shape[2:])[0],
-                                   how, a.ceil_mode, getattr(a, "count_include_pad", True))
+                                   how, a.ceil_mode, getattr(a, "count_include_pad", True),
+                                   getattr(a, "dilation", 1))
 
 
 register("max_pool2d", doc="max over sliding windows of NCHW images", family=FAMILY, inputs="x",
-         attrs_model=attrs("max_pool2d", **_pool_fields), expand=_pool("max", -1e30),
+         attrs_model=attrs("max_pool2d", **_pool_fields, dilation=_d),
+         expand=_pool("max", -1e30),
          reference=_pool_ref("max"),
          examples=[E([IMG], {"kernel": 2}),
                    E([IMG], {"kernel": 3, "stride": 2, "padding": 1}, id="max_pool2d_pad"),
@@ -267,10 +271,15 @@ register("max_pool2d", doc="max over sliding windows of NCHW images", family=FAM
                    E([F((2, 3, 7, 6))], {"kernel": 3, "stride": 2, "padding": [1, 0, 1, 1],
                                          "ceil_mode": True}, id="max_pool2d_ceil"),
                    E([F((1, 2, 7, 7))], {"kernel": 2, "padding": "same"},
-                     id="max_pool2d_same")],
+                     id="max_pool2d_same"),
+                   E([F((2, 3, 8, 7))], {"kernel": [2, 3], "stride": 2, "dilation": [2, 1],
+                                         "padding": 1, "ceil_mode": True},
+                     id="max_pool2d_dilation_ceil")],
          grad_examples=[E([IMG], {"kernel": 2, "padding": 1}),
                         E([F((1, 2, 5, 5))], {"kernel": 2, "ceil_mode": True},
-                          id="max_pool2d_ceil")])
+                          id="max_pool2d_ceil"),
+                        E([F((1, 2, 6, 6))], {"kernel": 2, "dilation": 2, "stride": 1},
+                          id="max_pool2d_dilation")])
 register("avg_pool2d", doc="mean over sliding windows (zero padding counts, unless "
          "count_include_pad is false)", family=FAMILY,
          inputs="x", attrs_model=attrs("avg_pool2d", **_pool_fields, count_include_pad=(

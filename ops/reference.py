@@ -132,13 +132,15 @@ def conv_transpose2d(x, w, b=None, stride=1, padding=0, output_padding=0, dilati
     return _bias(y[:, :, ph:full_h + oph - ph, pw:full_w + opw - pw], b)
 
 
-def pool(x, kernel, stride, pads, how: str, ceil_mode=False, count_include_pad=True):
+def pool(x, kernel, stride, pads, how: str, ceil_mode=False, count_include_pad=True,
+         dilation=1):
     """PyTorch's ``max_pool2d`` / ``avg_pool2d`` by their definition, one window at a time:
     window (i, j) covers rows i*s - top .. + k, clipped to the padded image; ``ceil_mode``
     keeps a last window that starts inside the input or its top or left padding; a mean
-    divides by the window's padded size, or by the values it holds."""
+    divides by the window's padded size, or by the values it holds. A dilated window (max
+    only, as PyTorch) takes every d-th row and column of its span."""
     (kh, kw), (sh, sw) = pair(kernel), pair(kernel if stride is None else stride)
-    top, bottom, left, right = pads
+    (dh, dw), (top, bottom, left, right) = pair(dilation), pads
     h, w = x.shape[-2:]
 
     def count(n, k, s, p0, p1):
@@ -146,19 +148,22 @@ def pool(x, kernel, stride, pads, how: str, ceil_mode=False, count_include_pad=T
         out = (-(-span // s) if ceil_mode else span // s) + 1
         return out - 1 if ceil_mode and (out - 1) * s >= n + p0 else out
 
-    oh, ow = count(h, kh, sh, top, bottom), count(w, kw, sw, left, right)
+    oh = count(h, dh * (kh - 1) + 1, sh, top, bottom)
+    ow = count(w, dw * (kw - 1) + 1, sw, left, right)
     out = np.zeros(x.shape[:-2] + (oh, ow))
     for i in range(oh):
         for j in range(ow):
             h0, w0 = i * sh - top, j * sw - left
+            if how == "max":
+                rows, cols = h0 + dh * np.arange(kh), w0 + dw * np.arange(kw)
+                rows, cols = rows[(rows >= 0) & (rows < h)], cols[(cols >= 0) & (cols < w)]
+                out[..., i, j] = x[..., rows[:, None], cols[None, :]].max(axis=(-2, -1))
+                continue
             h1, w1 = min(h0 + kh, h + bottom), min(w0 + kw, w + right)
             win = x[..., max(h0, 0):min(h1, h), max(w0, 0):min(w1, w)]
-            if how == "max":
-                out[..., i, j] = win.max(axis=(-2, -1))
-            else:
-                size = (h1 - h0) * (w1 - w0) if count_include_pad else win.shape[-2] * \
-                    win.shape[-1]
-                out[..., i, j] = win.sum(axis=(-2, -1)) / size
+            size = (h1 - h0) * (w1 - w0) if count_include_pad else win.shape[-2] * \
+                win.shape[-1]
+            out[..., i, j] = win.sum(axis=(-2, -1)) / size
     return out
 
 

@@ -229,7 +229,8 @@ def _conv2d(a, xs, c):
 def _pool_args(a, x):
     """PyTorch's pooling arguments; None where it has no counterpart (uneven padding)."""
     stride = a.stride if a.stride is not None else a.kernel
-    top, bottom, left, right = pads4(a.padding, x.shape[2:], a.kernel, stride)
+    top, bottom, left, right = pads4(a.padding, x.shape[2:], a.kernel, stride,
+                                     getattr(a, "dilation", 1))
     if (top, left) != (bottom, right):
         return None
     return dict(kernel_size=_pair(a.kernel), stride=_pair(stride), padding=(top, left),
@@ -242,7 +243,7 @@ def _pool(a, xs, c):
     if kw is None:
         return None
     if a.op == "max_pool2d":
-        return TF.max_pool2d(_t(xs[0]), **kw).numpy()
+        return TF.max_pool2d(_t(xs[0]), dilation=_pair(a.dilation), **kw).numpy()
     return TF.avg_pool2d(_t(xs[0]), count_include_pad=a.count_include_pad, **kw).numpy()
 
 

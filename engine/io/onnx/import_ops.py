@@ -320,14 +320,15 @@ def pool(op):
     def rule(imp, node):
         a, rank = attrs(node), imp.rank(node.input[0])
         k = (rank or 0) - 2
-        if k not in (1, 2) or any(d != 1 for d in a.get("dilations", [1] * k)) or \
+        dilations = list(a.get("dilations", [1] * k))
+        if k not in (1, 2) or (op == "avg_pool2d" and dilations != [1] * k) or \
                 len(node.output) > 1 and node.output[1]:
-            raise Unsupported("only 1-D and 2-D pooling without dilation or indices")
+            raise Unsupported("only 1-D and 2-D pooling without indices (dilation: max only)")
         kernel, strides = list(a["kernel_shape"]), list(a.get("strides", [1] * k))
         padding, x = _pads(imp, node, a, k), imp.ref(node.input[0])
         if k == 1:                    # a 1-D pool is the 2-D pool of the [N, C, 1, L] view
             x = imp.add(f"{hint(node)}_2d", "unsqueeze", [x], [], axis=2)
-            kernel, strides = [1] + kernel, [1] + strides
+            kernel, strides, dilations = [1] + kernel, [1] + strides, [1] + dilations
             padding = padding if padding == "same" else [0, 0] + list(padding) \
                 if isinstance(padding, list) else [0, padding]
         ceil = bool(a.get("ceil_mode", 0))
@@ -338,7 +339,8 @@ def pool(op):
                     [origin(node)] if k == 2 else [], kernel=_one(kernel),
                     stride=None if strides == kernel else _one(strides),
                     padding=padding if padded and padding != 0 else None,
-                    ceil_mode=ceil or None, count_include_pad=False if exclude else None)
+                    ceil_mode=ceil or None, count_include_pad=False if exclude else None,
+                    dilation=_one(dilations) if set(dilations) != {1} else None)
         if k == 1:
             y = imp.add(hint(node, imp), "squeeze", [y], [origin(node)], axis=2)
         imp.bind(node.output[0], y)
