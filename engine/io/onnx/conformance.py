@@ -290,8 +290,9 @@ def _tables() -> list[str]:
             "`count_include_pad`; 1-D pools are 2-D pools of a [N, C, 1, L] view. HardSwish, "
             "HardSigmoid, Selu, exact Gelu and Erf become dlgraph's ops of those names; PRelu, "
             "Clip, Celu, ThresholdedRelu, Softsign, Mish, Sum, Mean, Split, Tile, "
-            "InstanceNormalization (a layer_norm without affine, then the scale) and Pad by "
-            "reflect, edge or wrap (slices concatenated) a few primitives each. A bool graph "
+            "InstanceNormalization (a layer_norm without affine, then the scale), LRN (shifted "
+            "slices of the squares summed) and Pad by reflect, edge or wrap (slices "
+            "concatenated; a negative pad crops) a few primitives each. A bool graph "
             "input (a padding mask) becomes an int32 input, fed as 0/1, cast to bool.", "",
             "Before anything is read into an array, every size the file declares "
             "(initializers, Constant nodes, graph inputs and outputs, values shape inference "

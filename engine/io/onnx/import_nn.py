@@ -241,8 +241,28 @@ def global_max_pool(imp, node):
     _emit(imp, node, "max", [imp.ref(node.input[0])], axes=list(range(2, rank)), keepdims=True)
 
 
+def lrn(imp, node):
+    """Local response normalisation across channels: x / (bias + alpha / size * the sum of
+    x^2 over `size` neighbouring channels) ^ beta; the sum adds `size` shifted slices of the
+    channel-padded squares."""
+    a = attrs(node)
+    size, c = int(a["size"]), need_shape(imp, node.input[0])[1]
+    x, h = imp.ref(node.input[0]), hint(node)
+    sq = imp.add(f"{h}_square", "mul", [x, x], [])
+    sq = imp.add(f"{h}_pad", "pad", [sq], [], axis=1, before=(size - 1) // 2,
+                 after=size // 2)
+    total = None
+    for i in range(size):
+        part = imp.add(f"{h}_window{i}", "slice", [sq], [], axis=1, start=i, stop=i + c)
+        total = part if total is None else imp.add(f"{h}_sum{i}", "add", [total, part], [])
+    scaled = _scaled(imp, node, "mul", total, f32(a.get("alpha", 1e-4)) / size, "alpha")
+    base = _scaled(imp, node, "add", scaled, f32(a.get("bias", 1.0)), "bias")
+    _emit(imp, node, "div", [x, _scaled(imp, node, "pow", base, f32(a.get("beta", 0.75)),
+                                        "beta")])
+
+
 NN_RULES = {
-    "GlobalMaxPool": global_max_pool,
+    "GlobalMaxPool": global_max_pool, "LRN": lrn,
     "Celu": celu, "ThresholdedRelu": thresholded_relu, "Softsign": softsign, "Mish": mish,
     "Reciprocal": reciprocal,
     "HardSigmoid": hard_sigmoid, "Selu": selu, "PRelu": prelu, "Clip": clip,

@@ -819,21 +819,34 @@ def concat(imp, node):
 
 
 def pad(imp, node):
+    """Constant padding of the given axes (all by default); a negative pad crops."""
     a = attrs(node)
-    pads = imp.const(node.input[1]) if len(node.input) > 1 else np.array(a.get("pads"))
+    pads = imp.const(node.input[1]) if len(node.input) > 1 and node.input[1] else \
+        (np.array(a["pads"]) if "pads" in a else None)
     value = imp.const(node.input[2]) if len(node.input) > 2 and node.input[2] else None
     if text(a.get("mode", "constant")) != "constant" or pads is None or \
-            (len(node.input) > 3 and node.input[3]) or (pads < 0).any():
-        raise Unsupported("only constant, non-negative padding over all axes")
-    rank = len(pads) // 2
-    ref = imp.ref(node.input[0])
-    todo = [ax for ax in range(rank) if pads[ax] or pads[rank + ax]]
-    for k, ax in enumerate(todo):
-        last = k == len(todo) - 1
-        ref = imp.add(hint(node, imp) if last else f"{hint(node)}_{k}", "pad", [ref],
-                      [origin(node)] if last else [], axis=ax, before=int(pads[ax]),
-                      after=int(pads[rank + ax]),
-                      value=float(value) if value is not None and float(value) else None)
+            (len(node.input) > 2 and node.input[2] and value is None):
+        raise Unsupported("only constant padding by constants")
+    n, rank = len(pads) // 2, imp.rank(node.input[0])
+    axes = [nonneg_axis(ax, rank) for ax in axes_input(imp, node, 3) or range(n)]
+    ref, h = imp.ref(node.input[0]), hint(node)
+    steps = [(ax, int(pads[k]), int(pads[n + k])) for k, ax in enumerate(axes)
+             if pads[k] or pads[n + k]]
+    for k, (ax, before, after) in enumerate(steps):
+        last, grow = k == len(steps) - 1, max(before, 0) or max(after, 0)
+        if before < 0 or after < 0:
+            end = last and not grow
+            ref = imp.add(hint(node, imp) if end else f"{h}_crop{ax}", "slice", [ref],
+                          [origin(node)] if end else [], axis=ax, start=max(-before, 0),
+                          stop=need_shape(imp, node.input[0])[ax] + min(after, 0))
+        if grow:
+            ref = imp.add(hint(node, imp) if last else f"{h}_{k}", "pad", [ref],
+                          [origin(node)] if last else [], axis=ax, before=max(before, 0),
+                          after=max(after, 0), value=float(value) if value is not None
+                          and float(value) else None)
+    if not steps:
+        imp.values[node.output[0]] = imp.values[node.input[0]]
+        return
     imp.bind(node.output[0], ref)
 
 
