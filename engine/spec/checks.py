@@ -214,8 +214,9 @@ def _data_size(g: Graph, spec) -> None:
     try:
         check_budget(f"the '{spec.data.source}' data", spec.data.scratch_bytes())
     except DataError as e:
-        field = next((f for f in ("samples", "length", "size") if f in
-                      type(spec.data).model_fields), None)
+        sizes = [f for f in ("samples", "length", "size") if isinstance(
+            getattr(spec.data, f, None), int)]
+        field = max(sizes, key=lambda f: getattr(spec.data, f), default=None)
         raise e.located(source=_at(g, "data", field) if field else _at(g, "data")) from None
 
 
