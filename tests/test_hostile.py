@@ -267,9 +267,17 @@ def test_validate_runs_the_memory_check(tmp_path, body, line):
 # ------------------------------------------------------------------ D. validate = run
 
 
-def test_run_stops_where_validate_does_before_any_run_folder(tmp_path, monkeypatch):
+RUN_ALIKE = ["train_freeze_no_match", "train_freeze_everything", "train_init_from_missing",
+             "train_init_from_nothing_matches", "train_init_from_rename_collides",
+             "train_init_from_deep_header", "train_early_stopping_not_logged",
+             "train_best_checkpoint_not_logged", "train_plateau_not_logged",
+             "train_tensorboard_file", "train_samples_over_cap", "train_npz_member_bomb"]
+
+
+@pytest.mark.parametrize("name", RUN_ALIKE)
+def test_run_stops_where_validate_does_before_any_run_folder(tmp_path, monkeypatch, name):
     monkeypatch.chdir(ROOT)                 # the fixture's text names it from the repository
-    bad = Path("tests/specs/bad/train_early_stopping_not_logged.yaml")
+    bad = Path(f"tests/specs/bad/{name}.yaml")
     expected = Path(f"{bad}.err").read_text()
     r = _cli("run", bad, "--out", tmp_path / "run", "-q")
     assert r.exit_code == 1 and r.stderr == expected

@@ -146,14 +146,25 @@ def _tensorboard(g: Graph, spec) -> None:
 
 def frozen_names(g: Graph, patterns: list[str]) -> list[str]:
     """The parameters ``freeze`` patterns select; a located SpecError when a pattern
-    matches none (a typo would otherwise train everything)."""
+    matches none (a typo would otherwise train everything) or a phase is left nothing to
+    train. `validate` and `run` (train/prepare.py's ``frozen``) both call it."""
     for k, p in enumerate(patterns):
         if not any(fnmatch.fnmatchcase(n, p) for n in g.params):
             raise SpecError(f"freeze: '{p}' matches no parameter",
                             source=_at(g, "freeze", k),
                             help=suggest(p, list(g.params)) or "parameter names: "
                             + ", ".join(list(g.params)[:12]))
-    return [n for n in g.params if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+    hit = [n for n in g.params if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+    phases = g.spec.train.all_phases() if hit and g.spec is not None and g.spec.train else []
+    for ph in phases:          # run freezes, then reverses each phase: leave it something
+        if not any(p.trainable and n not in hit and any(fnmatch.fnmatchcase(n, pat)
+                                                         for pat in ph.params)
+                   for n, p in g.params.items()):
+            raise SpecError(f"freeze leaves phase '{ph.name}' no parameter to train",
+                            source=_at(g, "freeze"),
+                            help="freeze fewer parameters: a phase trains those its `params:` "
+                                 "select that are not frozen")
+    return hit
 
 
 def init_from_names(g: Graph, spec, path: Path | None = None,
