@@ -21,7 +21,6 @@ needed.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 from pydantic import ConfigDict, Field
@@ -150,29 +149,8 @@ def _backward_body(b, n, ct_st, ct_per):
     bb.graph.outputs = res
     keep = bb.graph.ancestors(res.values()) | set(bb.graph.inputs)
     bb.graph.nodes = {k: v for k, v in bb.graph.nodes.items() if k in keep}
-    _keep_recomputed(bb.graph, body)
     return bb, wanted
 
-
-RECOMPUTED_CUT = ("sigmoid", "tanh", "exp")
-"""Ops whose values the backward step recomputes once into a buffer (when read more than
-once) instead of inside every kernel that reads them. A fused kernel that assembles the
-LSTM's gate cotangent [batch, 4 * hidden] from its four gates (a pad and add per gate)
-evaluates every gate's expression at every element, and tinygrad's CPU exp is a software
-polynomial: 7 exps an element, 0.3-0.7 ms a step, half the LSTM's training step."""
-
-
-def _keep_recomputed(bb, body) -> None:
-    """Mark the recomputed forward values of :data:`RECOMPUTED_CUT` ops read twice or more
-    in the backward body as kernel boundaries (the forward body's own nodes stay as they
-    are: its step stays one fused kernel)."""
-    uses: dict[str, int] = {}
-    for v in bb.nodes.values():
-        for i in v.inputs:
-            uses[i] = uses.get(i, 0) + 1
-    for k, v in list(bb.nodes.items()):
-        if k in body.nodes and v.op in RECOMPUTED_CUT and uses.get(k, 0) > 1:
-            bb.nodes[k] = dataclasses.replace(v, cut=True)
 
 
 def _loop_forward(ctx, a, *xs):

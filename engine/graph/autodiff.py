@@ -11,6 +11,7 @@ rule (``loop``'s, in ops/control.py) differentiates its body with the same build
 from __future__ import annotations
 
 import copy
+import dataclasses
 import fnmatch
 
 from dlgraph.engine.errors import GradientError, ShapeError, Source, SpecError, suggest
@@ -18,6 +19,16 @@ from dlgraph.engine.graph.build import Builder
 from dlgraph.engine.graph.ir import Graph
 from dlgraph.engine.types import fmt
 from dlgraph.ops import NO_GRAD, OPS
+
+
+SAVED = ("sigmoid", "tanh", "exp")
+"""Ops whose forward value the backward pass reads (their VJP uses their output) and that
+cost a software exp an element on tinygrad's CPU: the value is kept in a buffer (a kernel
+boundary) rather than recomputed inside every backward kernel that reads it. Measured on 2
+loaded cores (CPU seconds per training step): the LSTM's gate-cotangent kernel, which
+assembles four gates and so evaluated every gate's exps at every element, went from 0.73
+to 0.025 ms a launch; the transformer step from about 22 to 17 ms. Realising the pieces of
+a split before they are padded into one cotangent instead gained nothing (measured)."""
 
 
 def reverse(graph: Graph, objective: str, wrt: list[str] | None = None) -> Graph:
@@ -125,6 +136,8 @@ def backprop(b: GradBuilder, graph: Graph, seeds: dict[str, str],
         b.origin, b.source, b.user = nid, n.source, (n.user_id, n.op)
         b.scope = ("grad",) + tuple(nid.split("/"))
         cots = d.vjp(b, n, got)
+        if n.op in SAVED and not n.cut and b.graph.nodes.get(nid) is n:
+            b.graph.nodes[nid] = dataclasses.replace(n, cut=True)
         if len(cots) != len(n.inputs):
             raise GradientError(f"the VJP of '{n.op}' gave {len(cots)} cotangents for "
                                 f"{len(n.inputs)} inputs (a bug in dlgraph)", node=nid)
