@@ -78,6 +78,8 @@ def _metric(g: Graph, m, k: int) -> None:
             raise SpecError(f"metric '{m.name or m.type}': '{ref}' is not a node or input",
                             source=_at(g, "metrics", k),
                             help=suggest(ref.split(".")[0], names) or f"nodes: {', '.join(names)}")
+    if len(m.in_) == 1:             # `mean`: any node
+        return
     pred, target = (g[g.resolve(r)].type for r in m.in_)
     if m.type == "accuracy":
         ok = pred.rank == target.rank + 1 and pred.shape[:-1] == target.shape
@@ -96,7 +98,8 @@ def logged_names(spec) -> list[str]:
     validation values when there is a validation split)."""
     phases = spec.all_phases()
     losses = ["loss"] if len(phases) == 1 else [f"loss_{p.name}" for p in phases]
-    val = [f"val_{n}" for n in losses] + [f"val_{m.name or m.type}" for m in spec.metrics]
+    val = [f"val_{n}" for n in losses] + [f"{split}_{m.name or m.type}"
+                                           for split in ("val", "train") for m in spec.metrics]
     return losses + (val if spec.validation.split > 0 else [])
 
 
