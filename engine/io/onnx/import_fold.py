@@ -221,9 +221,24 @@ def attention_op(imp, node):
         refs = [_heads(imp, r, imp.shape(i), h, hint(node)) for r, i in
                 zip(refs, node.input[:3], strict=True)]
     mask = [imp.ref(node.input[3])] if len(node.input) > 3 and node.input[3] else []
+    causal = bool(a.get("is_causal", 0))
+    boolean = mask and imp.dtypes.get(node.input[3]) == "bool"
+    if boolean and causal:
+        c = imp.const(node.input[3])
+        if c is None or not (c & np.tril(np.ones(c.shape[-2:], bool))).any(axis=-1).all():
+            raise Unsupported("a causal attention with a bool mask that may mask every key "
+                              "of a row (ONNX answers such a row with zeros)")
     y = imp.add(hint(node) if three else hint(node, imp), "attention", refs + mask,
-                [origin(node)], causal=True if a.get("is_causal", 0) else None,
+                [origin(node)], causal=causal or None,
                 scale=f32(a["scale"]) if "scale" in a else None)
+    if boolean and not causal:
+        # ONNX answers a row whose keys are all masked with zeros (dlgraph's attention: the
+        # mean of the values): zero it where the mask holds no key
+        h = hint(node)
+        keys = imp.add(f"{h}_keys", "max", [imp.add(f"{h}_mask", "cast", mask, [],
+                                                     dtype="float32")], [], axes=[-1],
+                       keepdims=True)
+        y = imp.add(f"{h}_masked_rows", "mul", [y, keys], [])
     if three:
         b, t = imp.shape(node.input[0])[:2]
         y = imp.add(hint(node, imp), "reshape",

@@ -919,6 +919,10 @@ def constant(imp, node):
 
 
 def identity(imp, node):
+    if node.op_type == "Dropout" and len(node.input) > 2 and node.input[2]:
+        mode = imp.const(node.input[2])
+        if mode is None or bool(mode):          # dlgraph's dropout: of the spec, in training
+            raise Unsupported("Dropout in training mode (an inference model drops nothing)")
     v = imp.values[node.input[0]]
     if node.output[0] in imp.outputs and v.ref in imp.nodes and v.ref not in imp.outputs \
             and node.input[0] not in imp.outputs:

@@ -14,15 +14,18 @@ import numpy as np
 
 from dlgraph.engine.io.onnx.writer import Writer
 from dlgraph.engine.types import TType
+from dlgraph.ops.common import pads4
 
 ACTIVATIONS = {"relu": "Relu", "sigmoid": "Sigmoid", "tanh": "Tanh", "leaky_relu": "LeakyRelu",
                "elu": "Elu", "softplus": "Softplus", "gelu": "Gelu", "softmax": "Softmax",
-               "log_softmax": "LogSoftmax"}
+               "log_softmax": "LogSoftmax", "hard_swish": "HardSwish",
+               "hard_sigmoid": "HardSigmoid", "selu": "Selu"}
 """A layer's `activation` -> its ONNX operator. Any other activation op is exported as its
 primitives after the layer (see export.py: ``_Export.layer``)."""
 _DEFAULTS = {"leaky_relu": {"alpha": 0.01}, "elu": {"alpha": 1.0},
              "gelu": {"approximate": "tanh"}, "softmax": {"axis": -1},
-             "log_softmax": {"axis": -1}}
+             "log_softmax": {"axis": -1}, "hard_sigmoid": {"alpha": 1 / 6, "beta": 0.5},
+             "selu": {"alpha": 1.6732632423543772, "gamma": 1.0507009873554805}}
 """dlgraph's defaults for an activation op named by a layer (it is emitted without fields)."""
 
 
@@ -87,11 +90,14 @@ def conv(lay: Layer):
     a, w = lay.attrs, lay.w
     rank = lay.types[0].rank - 2
     pick = (lambda v: _pair(v)) if rank == 2 else (lambda v: [v])
-    pads = pick(a.padding)
+    if rank == 2:        # 'same' and four sides as ONNX writes them: all begins, then ends
+        t, b, l, r = pads4(a.padding, lay.types[0].shape[2:], a.kernel, a.stride, a.dilation)
+        pads = [t, l, b, r]
+    else:
+        pads = [a.padding] * 2
     bias = [lay.init("bias")] if a.bias else []
     y = w.op("Conv", lay.ins[0], lay.init("weight"), *bias, kernel_shape=pick(a.kernel),
-             strides=pick(a.stride), dilations=pick(a.dilation), pads=pads + pads,
-             group=a.groups)
+             strides=pick(a.stride), dilations=pick(a.dilation), pads=pads, group=a.groups)
     return {"out": _activate(lay, y)}
 
 
@@ -110,10 +116,16 @@ def conv_transpose(lay: Layer):
 def pool(op_type: str, **extra):
     def rule(lay: Layer):
         a = lay.attrs
-        pads = _pair(a.padding)
         stride = a.stride if a.stride is not None else a.kernel
+        dilation = getattr(a, "dilation", 1)
+        t, b, l, r = pads4(a.padding, lay.types[0].shape[2:], a.kernel, stride, dilation)
+        own = {"ceil_mode": 1} if a.ceil_mode else {}
+        if hasattr(a, "count_include_pad"):
+            own["count_include_pad"] = int(a.count_include_pad)
+        if dilation != 1:
+            own["dilations"] = _pair(dilation)
         return {"out": lay.w.op(op_type, lay.ins[0], kernel_shape=_pair(a.kernel),
-                                strides=_pair(stride), pads=pads + pads, **extra)}
+                                strides=_pair(stride), pads=[t, l, b, r], **{**extra, **own})}
     return rule
 
 
@@ -143,7 +155,11 @@ def batch_norm(lay: Layer):
 
 
 def embedding(lay: Layer):
-    return {"out": lay.w.op("Gather", lay.init("weight"), lay.ins[0], axis=0)}
+    weight = None
+    if lay.attrs.padding_idx is not None:       # its row gives zeros, whatever it holds
+        weight = lay.p("weight").copy()
+        weight[lay.attrs.padding_idx] = 0.0
+    return {"out": lay.w.op("Gather", lay.init("weight", weight), lay.ins[0], axis=0)}
 
 
 def dropout(lay: Layer):
