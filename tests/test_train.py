@@ -232,3 +232,43 @@ def test_a_metric_with_the_wrong_number_of_inputs_is_located(tmp_path):
     assert r.exit_code == 1
     assert f"{path}:19:" in r.output and "a mean metric takes one node in `in:`, got 2" in \
         r.output, r.output
+
+
+@pytest.mark.parametrize("optimizer", [
+    "{type: rmsprop, lr: 0.01, momentum: 0.5, centered: true, weight_decay: 0.001}",
+    "{type: adagrad, lr: 0.2, initial_accumulator_value: 0.1}"])
+def test_rmsprop_and_adagrad_train_and_resume_as_one_run(tmp_path, optimizer):
+    text = TINY.read_text().replace("{type: sgd, lr: 0.5, momentum: 0.9}", optimizer)
+    full = dlgraph.train(dlgraph.load(text), out=tmp_path / "full", quiet=True)
+    assert full.metrics["val_accuracy"] > 0.9
+    # the optimizer's state (squared-gradient averages, momentum) goes into the checkpoint
+    dlgraph.train(dlgraph.load(text), out=tmp_path / "part", epochs=2, quiet=True)
+    resumed = dlgraph.train(dlgraph.load(text), out=tmp_path / "part", resume=True, quiet=True)
+    a, _ = load_tensors(full.run_dir / "weights.safetensors")
+    b, _ = load_tensors(resumed.run_dir / "weights.safetensors")
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+@pytest.mark.parametrize("name, fields", [
+    ("rmsprop", {"momentum": 0.9, "centered": True, "weight_decay": 0.01, "alpha": 0.9}),
+    ("adagrad", {"weight_decay": 0.05, "initial_accumulator_value": 0.5, "eps": 1e-6})])
+def test_rmsprop_and_adagrad_options_step_like_torch(name, fields):
+    import torch
+    from tinygrad import Context, Tensor
+
+    from dlgraph.engine.spec.train import OPTIMIZERS
+    rec = OPTIMIZERS[name]
+    spec = rec.model.model_validate({"type": name, "lr": 0.05, **fields})
+    w = Tensor([1.0, -2.0, 0.5, 3.0])
+    opt = rec(params=[w], spec=spec)
+    ref = torch.tensor([1.0, -2.0, 0.5, 3.0], dtype=torch.float64, requires_grad=True)
+    ropt = getattr(torch.optim, rec.torch)([ref], **rec.torch_args(spec))
+    for step in range(5):
+        g = np.array([0.5, -1.0, 2.0, -0.1]) * (step - 2)
+        w.grad = Tensor(g.astype(np.float32))
+        with Context(TRAINING=1):
+            Tensor.realize(*opt.schedule_step())
+        ref.grad = torch.tensor(g)
+        ropt.step()
+    np.testing.assert_allclose(w.numpy(), ref.detach().numpy(), rtol=1e-5, atol=1e-6)
