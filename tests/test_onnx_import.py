@@ -353,3 +353,34 @@ def test_pytorch_blocks_import_and_match_pytorch_and_onnxruntime(tmp_path, name)
         np.testing.assert_allclose(got, m(*args).numpy(), rtol=1e-5, atol=1e-5)
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     np.testing.assert_allclose(got, sess.run(None, feeds)[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("op, const, want", [
+    ("ConstantOfShape", np.array([2**20, 2**20, 2**10]), "'c' is declared [1048576, 1048576, "
+                                                         "1024]: 4.0 PiB, more than the "),
+    ("Tile", np.array([2**20, 2**20]), "'c' is declared [2097152, 2097152]: 16.0 TiB, more "
+                                       "than the "),
+    ("Range", np.array(1e12, np.float32), "Range 'c' from 0 to 1e+12 by 1 makes 1e+12 "
+                                          "values, more than the ")])
+def test_a_value_computed_larger_than_memory_is_refused_before_it_is_made(tmp_path, op, const,
+                                                                           want):
+    ins = {"ConstantOfShape": ["k"], "Tile": ["w", "k"], "Range": ["zero", "k", "one"]}[op]
+    inits = {"k": const, "w": np.ones((2, 2), np.float32), "zero": np.array(0, np.float32),
+             "one": np.array(1, np.float32)}
+    m = model([helper.make_node(op, ins, ["c"]), helper.make_node("Add", ["x", "c"], ["y"])],
+              [("x", FLOAT, [1])], [("y", FLOAT, None)], {k: inits[k] for k in ins})
+    code, out, written = cli_import(tmp_path, m)
+    assert (code, written) == (1, [])
+    assert out.startswith(f"error: m.onnx: {want}"), out
+
+
+def test_a_constant_folded_at_import_is_sized_before_numpy_makes_it():
+    # shape inference usually refuses these first; the importer's own folding checks too
+    from dlgraph.engine.io.onnx.importer import import_proto
+    m = model([helper.make_node("ConstantOfShape", ["k"], ["c"]),
+               helper.make_node("Add", ["x", "c"], ["y"])], [("x", FLOAT, [1])],
+              [("y", FLOAT, None)], {"k": np.array([2**30, 2**30])})
+    with pytest.raises(dlgraph.DataError) as e:
+        import_proto(m)
+    assert str(e.value).startswith("ConstantOfShape 'c' would make 1,152,921,504,606,846,976 "
+                                   "values, more than this machine's memory holds")

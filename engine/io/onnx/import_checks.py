@@ -83,6 +83,34 @@ def check_declared(model, path) -> None:
                                      "for this machine; nothing was read")
 
 
+def check_ranges(model, path) -> None:
+    """Refuse a Range of constants longer than memory holds: onnx's shape inference computes
+    a Range's values (1e12 of them would take the machine's memory and minutes)."""
+    from onnx import numpy_helper
+    have, where = memory_bytes(), Source(str(path))
+    consts = {}
+    for graph in _graphs(model.graph):
+        consts.update({t.name: t for t in graph.initializer})
+        consts.update({n.output[0]: a.t for n in graph.node if n.op_type == "Constant"
+                       for a in n.attribute if a.name == "value" and n.output})
+    ranges = [n for graph in _graphs(model.graph) for n in graph.node if n.op_type == "Range"]
+    for node in ranges:
+        if not all(i in consts for i in node.input[:3]):
+            continue
+        try:
+            start, limit, delta = (float(numpy_helper.to_array(consts[i]).reshape(()))
+                                   for i in node.input[:3])
+        except ValueError:          # not scalars: shape inference says so itself
+            continue
+        n = max(np.ceil((limit - start) / delta), 0) if delta else float("inf")
+        if not np.isfinite(n) or 8 * n > have:
+            raise DataError(f"Range '{node.output[0]}' from {start:g} to {limit:g} by {delta:g} "
+                            f"makes {n:g} values, more than the {_size_text(have)} of memory "
+                            "here hold", source=where,
+                            help="the model's constants are wrong or too large for this "
+                                 "machine; nothing was read")
+
+
 def _product(dims) -> int:
     n = 1
     for d in dims:

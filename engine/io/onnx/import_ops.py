@@ -570,8 +570,28 @@ def fold(imp, node, fn) -> bool:
     cs = [imp.const(i) if i else None for i in node.input]
     if any(c is None for c, i in zip(cs, node.input, strict=True) if i):
         return False
+    _check_made(node, cs)
     imp.values[node.output[0]] = Value(const=np.asarray(fn(*cs)))
     return True
+
+
+def _check_made(node, cs) -> None:
+    """Refuse, before numpy allocates it, a constant that ops making shapes would make
+    larger than memory (ConstantOfShape, Expand and Tile of constants)."""
+    from dlgraph.engine.errors import DataError
+    from dlgraph.engine.io.onnx.import_checks import memory_bytes
+    dims = {"ConstantOfShape": lambda: [int(d) for d in np.atleast_1d(cs[0])],
+            "Expand": lambda: [max(int(d), 1) for d in np.atleast_1d(cs[1])] + [cs[0].size],
+            "Tile": lambda: [int(d) for d in np.atleast_1d(cs[1])] + [cs[0].size]}.get(
+                node.op_type)
+    n = 1
+    for d in dims() if dims else []:
+        n *= max(d, 0)
+    if 8 * n > memory_bytes():
+        raise DataError(f"{node.op_type} '{node.output[0]}' would make {n:,} values, more "
+                        "than this machine's memory holds",
+                        help="the model's constants are wrong or too large for this "
+                             "machine; nothing was written")
 
 
 ZERO_KEEPING = ("Slice", "Gather", "Squeeze", "Unsqueeze", "Reshape", "Expand", "Cast")

@@ -22,7 +22,12 @@ from dlgraph.engine.errors import DataError, DlgraphError, Source, SpecError
 from dlgraph.engine.io.onnx.fold_attention import fold_attention
 from dlgraph.engine.io.onnx.formats import require_onnx
 from dlgraph.engine.io.onnx.import_base import OPSET, Importer, Unsupported, valid_id
-from dlgraph.engine.io.onnx.import_checks import check_declared, check_float64, check_graph
+from dlgraph.engine.io.onnx.import_checks import (
+    check_declared,
+    check_float64,
+    check_graph,
+    check_ranges,
+)
 from dlgraph.engine.io.onnx.import_fold import FOLD_RULES
 from dlgraph.engine.io.onnx.import_nn import NN_RULES
 from dlgraph.engine.io.onnx.import_ops import OPERATOR_RULES
@@ -91,6 +96,7 @@ def prepare_model(model, path=None):
     check_graph(model, where)
     check_declared(model, where)
     check_float64(model, where)
+    check_ranges(model, where)
     have = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")),
                default=OPSET)
     # the rules read opsets 13 on as they are (axes as attributes or inputs); older models
