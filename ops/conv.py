@@ -21,7 +21,7 @@ from dlgraph.engine.errors import ShapeError
 from dlgraph.engine.spec.base import ParamLayer
 from dlgraph.engine.types import fmt
 from dlgraph.ops import reference as R
-from dlgraph.ops.common import pair
+from dlgraph.ops.common import pads4, pair
 from dlgraph.ops.examples import E, F
 from dlgraph.ops.linalg import swap_last
 from dlgraph.ops.nn import (
@@ -34,7 +34,7 @@ from dlgraph.ops.nn import (
     features,
 )
 from dlgraph.ops.registry import attrs, register
-from dlgraph.ops.shape import pair_field
+from dlgraph.ops.shape import padding1_field, pair_field
 
 FAMILY = "nn"
 
@@ -49,24 +49,32 @@ def _conv1d(b, a, x):
     length = features(b, x, 2, "length")
     check_groups(a, c)
     span = a.dilation * (a.kernel - 1) + 1
-    if length + 2 * a.padding < span:
+    left, right = pads1(a, length)
+    if length + left + right < span:
         raise ShapeError(f"a kernel spanning {span} steps does not fit in a length of {length} "
                          f"(padding {a.padding})", help="use a smaller kernel, or padding")
     w = b.param("weight", (a.out, c // a.groups, a.kernel), "he_uniform")
     x = b.emit("unsqueeze", x, axis=2)                                  # [N, C, 1, L]
-    if a.padding:
-        x = b.emit("pad", x, axis=3, before=a.padding, after=a.padding)
+    if left or right:
+        x = b.emit("pad", x, axis=3, before=left, after=right)
     w4 = b.emit("reshape", w, shape=[a.out, c // a.groups, 1, a.kernel])
     y = conv_core(b, x, w4, (1, a.stride), (1, a.dilation), a.groups)   # [N, O, 1, OL]
     y = add_bias(b, a, b.emit("squeeze", y, axis=2), 3)
     return activate(b, a, y)
 
 
+def pads1(a, length) -> tuple[int, int]:
+    """conv1d's padding (an int, [left, right] or 'same') as (left, right)."""
+    if a.padding == "same":
+        return pads4("same", (1, length), (1, a.kernel), (1, a.stride), (1, a.dilation))[2:]
+    return (a.padding, a.padding) if isinstance(a.padding, int) else tuple(a.padding)
+
+
 def _conv1d_ref(a, xs, c):
     """PyTorch's conv1d: the 2-D convolution of the [N, C, 1, L] view."""
     w, bias = c.p["weight"], c.p["bias"] if a.bias else None
-    y = R.conv2d(xs[0][:, :, None], w[:, :, None], bias, (1, a.stride), (0, a.padding),
-                 (1, a.dilation), a.groups)
+    x = R.pad2d(xs[0][:, :, None], (0, 0, *pads1(a, xs[0].shape[2])))
+    y = R.conv2d(x, w[:, :, None], bias, (1, a.stride), 0, (1, a.dilation), a.groups)
     return activated(a, y[:, :, 0])
 
 
@@ -77,12 +85,15 @@ register("conv1d", doc="1-D convolution over [batch, channels, length]", family=
                            out=(int, Field(gt=0, description="output channels")),
                            kernel=(int, Field(gt=0, description="kernel size")),
                            stride=(int, Field(1, gt=0, description="stride")),
-                           padding=(int, Field(0, ge=0, description="zero padding on each "
-                                                                     "side")),
+                           padding=padding1_field(),
                            dilation=(int, Field(1, gt=0, description="dilation")),
                            groups=_groups_f, bias=_bias, activation=ACTIVATION),
          expand=_conv1d, reference=_conv1d_ref,
          examples=[E([F((2, 3, 9))], {"out": 4, "kernel": 3}),
+                   E([F((2, 3, 9))], {"out": 2, "kernel": 4, "stride": 2, "padding": "same"},
+                     id="conv1d_same"),
+                   E([F((2, 3, 9))], {"out": 2, "kernel": 3, "padding": [2, 0]},
+                     id="conv1d_causal"),
                    E([F((2, 3, 9))], {"out": 6, "kernel": 2, "stride": 2, "padding": 1,
                                       "dilation": 2, "groups": 3, "bias": False},
                      id="conv1d_stride_dilation_groups")],

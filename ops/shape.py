@@ -435,6 +435,24 @@ def padding_field(default, description: str):
             Field(default, description=description))
 
 
+def padding1_field():
+    """conv1d's padding: one int, [left, right] ([k - 1, 0] is a causal convolution) or
+    "same" (output length ceil(length / stride), the odd step at the end)."""
+    def check(v):
+        if v == "same":
+            return v
+        ok = isinstance(v, int) or (isinstance(v, list) and len(v) == 2)
+        vals = [v] if isinstance(v, int) else v if ok else []
+        if not ok or any(isinstance(i, bool) or not isinstance(i, int) for i in vals):
+            raise ValueError(f"padding is one integer, [left, right] or 'same'; got {v!r}"[:160])
+        if any(not 0 <= i <= MAX_SIZE for i in vals):
+            raise ValueError(f"padding must be 0 or more (and below 2^31); got {v!r}")
+        return v
+    return (Annotated[int | list[int] | str, BeforeValidator(check)],
+            Field(0, description="zero padding: one int, [left, right] ([kernel - 1, 0]: "
+                                 "causal), or 'same'"))
+
+
 def _out_size(size, k, s, d):
     return (size - d * (k - 1) - 1) // s + 1
 

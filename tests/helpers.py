@@ -31,6 +31,7 @@ from dlgraph.engine.compile.interpret import Ctx, Interpreter, input_dims, to_te
 from dlgraph.engine.graph.autodiff import reverse
 from dlgraph.ops import REGISTRY
 from dlgraph.ops.common import pads4
+from dlgraph.ops.conv import pads1
 from dlgraph.ops.examples import Bool as B
 from dlgraph.ops.examples import Example, Int
 from dlgraph.ops.examples import Float as F
@@ -257,8 +258,9 @@ TORCH_REF["hard_sigmoid"] = lambda a, xs, c: TF.hardsigmoid(_t(xs[0])).numpy() \
 
 @torch_ref("conv1d")
 def _conv1d(a, xs, c):
-    y = TF.conv1d(_t(xs[0]), _t(c.p["weight"]), _t(c.p["bias"]) if a.bias else None,
-                  stride=a.stride, padding=a.padding, dilation=a.dilation,
+    left, right = pads1(a, xs[0].shape[2])
+    y = TF.conv1d(TF.pad(_t(xs[0]), (left, right)), _t(c.p["weight"]),
+                  _t(c.p["bias"]) if a.bias else None, stride=a.stride, dilation=a.dilation,
                   groups=a.groups).numpy()
     return _activate(a, y)
 

@@ -613,7 +613,10 @@ name: options
 inputs:
   img: {shape: [batch, 3, 9, 8]}
   ids: {shape: [batch, 4], dtype: int32}
+  seq: {shape: [batch, 2, 9]}
 nodes:
+  q1: {op: conv1d, in: seq, out: 3, kernel: 4, stride: 2, padding: same}
+  q2: {op: conv1d, in: q1, out: 2, kernel: 3, padding: [2, 0]}
   c1: {op: conv2d, in: img, out: 4, kernel: 3, stride: 2, padding: same, activation: hard_swish}
   c2: {op: conv2d, in: c1, out: 4, kernel: [2, 3], padding: [0, 1, 2, 1]}
   p1: {op: max_pool2d, in: c2, kernel: 2, stride: 1, dilation: 2, padding: 1, ceil_mode: true}
@@ -623,7 +626,7 @@ nodes:
   s: {op: selu, in: g}
   h: {op: hard_sigmoid, in: s}
   e: {op: embedding, in: ids, num: 5, dim: 3, padding_idx: 0}
-outputs: [p1, h, e]
+outputs: [p1, h, e, q2]
 """
 
 

@@ -268,18 +268,6 @@ def _pads(imp, node, a, k) -> int | list | str:
     return [v for d in range(k) for v in (pads[d], pads[k + d])]
 
 
-def _pad_1d(imp, node, x, padding, kernel, stride, dilation):
-    """conv1d has one symmetric padding: other paddings become a pad node before it."""
-    if isinstance(padding, int):
-        return x, padding
-    if padding == "same":
-        from dlgraph.ops.common import pads4
-        length = need_shape(imp, node.input[0])[2]
-        padding = list(pads4("same", (1, length), (1, kernel), (1, stride), (1, dilation))[2:])
-    return imp.add(f"{hint(node)}_pad", "pad", [x], [], axis=2, before=padding[0],
-                   after=padding[1]), 0
-
-
 def conv(imp, node):
     a, w = attrs(node), imp.const(node.input[1])
     b = imp.const(node.input[2]) if len(node.input) > 2 and node.input[2] else None
@@ -289,8 +277,6 @@ def conv(imp, node):
     k = w.ndim - 2
     x, padding = imp.ref(node.input[0]), _pads(imp, node, a, k)
     strides, dilations = a.get("strides", [1] * k), a.get("dilations", [1] * k)
-    if k == 1:
-        x, padding = _pad_1d(imp, node, x, padding, w.shape[2], strides[0], dilations[0])
     fields = dict(out=w.shape[0], kernel=_one(list(w.shape[2:])), stride=_one(strides),
                   padding=padding, dilation=_one(dilations), groups=a.get("group", 1))
     params = {"weight": w, **({"bias": b} if b is not None else {})}

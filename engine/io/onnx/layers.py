@@ -15,6 +15,7 @@ import numpy as np
 from dlgraph.engine.io.onnx.writer import Writer
 from dlgraph.engine.types import TType
 from dlgraph.ops.common import pads4
+from dlgraph.ops.conv import pads1
 
 ACTIVATIONS = {"relu": "Relu", "sigmoid": "Sigmoid", "tanh": "Tanh", "leaky_relu": "LeakyRelu",
                "elu": "Elu", "softplus": "Softplus", "gelu": "Gelu", "softmax": "Softmax",
@@ -94,7 +95,7 @@ def conv(lay: Layer):
         t, b, l, r = pads4(a.padding, lay.types[0].shape[2:], a.kernel, a.stride, a.dilation)
         pads = [t, l, b, r]
     else:
-        pads = [a.padding] * 2
+        pads = list(pads1(a, lay.types[0].shape[2]))
     bias = [lay.init("bias")] if a.bias else []
     y = w.op("Conv", lay.ins[0], lay.init("weight"), *bias, kernel_shape=pick(a.kernel),
              strides=pick(a.stride), dilations=pick(a.dilation), pads=pads, group=a.groups)
