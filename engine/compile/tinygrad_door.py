@@ -36,12 +36,10 @@ FORMAT = b"dlgraph-program-1\n"
 
 
 class _TinygradLock:
-    """Held by whoever runs tinygrad's Python (scheduling, capture, a TinyJit call): tinygrad
-    keeps process-wide state and is not safe to enter from two threads at once. A lean
-    :class:`Replay` runs without it (its kernels touch only its own program's buffers).
-
-    tinygrad's on-disk kernel cache is one sqlite connection, which sqlite lets only the
-    thread that opened it use: each thread that enters gets its own connection."""
+    """Held by whoever runs tinygrad's Python (scheduling, capture, a TinyJit call): it is
+    not safe to enter from two threads at once (a :class:`Replay` runs without it). sqlite
+    lets only the thread that opened tinygrad's kernel-cache connection use it: each thread
+    that enters gets its own."""
 
     def __init__(self):
         self._lock = threading.RLock()
@@ -144,17 +142,13 @@ def _plain_buffer(t: Tensor):
 def write(t: Tensor, a: np.ndarray) -> bool:
     """Copy ``a`` (contiguous, of ``t``'s dtype and size) into ``t``'s buffer; False where
     ``t`` is not one plain buffer."""
-    view = _host_view(t)
-    if view is not None:
+    if (view := _host_view(t)) is not None:
         _settle(t.device)
         np.copyto(view, a.reshape(view.shape))
-        return True
-    b = _plain_buffer(t)
-    if b is None:
-        return False
-    b.ensure_allocated()
-    b.allocator._copyin(b._buf, memoryview(a).cast("B"))
-    return True
+    elif (b := _plain_buffer(t)) is not None:
+        b.ensure_allocated()
+        b.allocator._copyin(b._buf, memoryview(a).cast("B"))
+    return view is not None or b is not None
 
 
 def numpy_dtype(dtype) -> np.dtype:
@@ -165,12 +159,10 @@ def numpy_dtype(dtype) -> np.dtype:
 def read(t: Tensor) -> np.ndarray:
     """A realised tensor's values as a new numpy array, copied straight from its buffer
     (``Tensor.numpy`` schedules a copy through tinygrad's graph rewriting first)."""
-    view = _host_view(t)
-    if view is not None:
+    if (view := _host_view(t)) is not None:
         _settle(t.device)
         return view.copy()
-    b = _plain_buffer(t)
-    if b is None or _to_np_dtype(t.dtype) is None:
+    if (b := _plain_buffer(t)) is None or _to_np_dtype(t.dtype) is None:
         with LOCK:
             return t.numpy()
     out = np.empty(t.shape, dtype=_to_np_dtype(t.dtype))
@@ -183,21 +175,18 @@ _VIEWS: dict[int, tuple] = {}
 
 
 def _host_view(t: Tensor) -> np.ndarray | None:
-    """A numpy array on the very memory of ``t``'s buffer, where the device's memory is the
-    host's (the CPU), kept per tensor while it lives and holds that buffer; else None.
-    Measured: a batch-1 call of graphs/mlp.yaml spent about 40% of its time finding the
-    buffer of its input and output tensors through tinygrad's properties on every call."""
+    """A numpy array on the memory of ``t``'s buffer where that is the host's (the CPU), kept
+    while ``t`` lives and holds it; else None. (Finding the buffer through tinygrad's
+    properties was about 40% of a batch-1 call of graphs/mlp.yaml.)"""
     hit = _VIEWS.get(id(t))
     if hit is not None and hit[0]() is t and hit[1] is t.uop:
         return hit[2]
-    b = _plain_buffer(t)
-    dt = _to_np_dtype(t.dtype)
-    if b is None or dt is None or not t.device.startswith("CPU") or b.size == 0 \
+    b, dt = _plain_buffer(t), _to_np_dtype(t.dtype)
+    if b is None or dt is None or not t.device.startswith("CPU") or not b.size \
             or not hasattr(b.allocator, "_as_buffer"):
         return None
     b.ensure_allocated()
-    view = np.frombuffer(b.allocator._as_buffer(b._buf), dtype=dt, count=b.size)
-    view = view.reshape(t.shape)
+    view = np.frombuffer(b.allocator._as_buffer(b._buf), dt, b.size).reshape(t.shape)
     if len(_VIEWS) > 4096:                       # forget the tensors that are gone
         for k in [k for k, v in _VIEWS.items() if v[0]() is None]:
             del _VIEWS[k]
@@ -209,27 +198,21 @@ _IDLE: dict[str, object] = {}
 
 
 def _settle(device: str) -> None:
-    """Wait for the work tinygrad queued on ``device`` before its memory is touched. A
-    replay runs its kernels at once; only tinygrad's own calls queue, so the device's
-    counters are checked first (synchronize itself costs about 10 us a call on the CPU)."""
-    idle = _IDLE.get(device)
-    if idle is None:
-        idle = _IDLE[device] = _idle_check(Device[device])
+    """Wait for work tinygrad queued on ``device`` (a replay runs its kernels at once), its
+    HCQ counters read first as its ``synchronize`` reads them: that costs ~10 us a call."""
+    if (idle := _IDLE.get(device)) is None:
+        dev = Device[device]
+        try:
+            sig, tl = (dev.signal(*a)._buf.cpu_view().view(fmt="Q")
+                       for a in (("timeline",), ("value", 1, "CPU")))
+            work = [[getattr(w, x)._buf.cpu_view().view(fmt="Q") for x in ("put", "done")]
+                    for w in dev.workers]
+            idle = _IDLE[device] = lambda: sig[0] >= tl[0] - 1 and all(
+                d[0] >= p[0] for p, d in work)
+        except Exception:          # another runtime: always synchronize
+            idle = _IDLE[device] = lambda: False
     if not idle():
         Device[device].synchronize()
-
-
-def _idle_check(dev):
-    """A function saying whether nothing is queued on ``dev`` (tinygrad's HCQ counters, as
-    its ``synchronize`` reads them); one that always says no where they are not there."""
-    try:
-        sig = dev.signal("timeline")._buf.cpu_view().view(fmt="Q")
-        tl = dev.signal("value", 1, device="CPU")._buf.cpu_view().view(fmt="Q")
-        work = [tuple(getattr(w, x)._buf.cpu_view().view(fmt="Q") for x in ("put", "done"))
-                for w in dev.workers]
-    except Exception:          # another runtime: always synchronize
-        return lambda: False
-    return lambda: sig[0] >= tl[0] - 1 and all(done[0] >= put[0] for put, done in work)
 
 
 # ----------------------------------------------------------------------------- the JIT
@@ -246,8 +229,7 @@ def jit(fn, capture_now: bool = True) -> TinyJit:
 
 def kernels(j) -> int:
     """How many kernels a TinyJit captured (0 before it has)."""
-    captured = getattr(j, "captured", None)
-    return len(captured.linear.src) if captured is not None else 0
+    return len(j.captured.linear.src) if has_captured(j) else 0
 
 
 def has_captured(j) -> bool:
@@ -270,12 +252,10 @@ class Replay:
     """A captured program called again on the same buffers, its kernels called directly.
 
     TinyJit re-inspects every input on each call and dispatches each kernel through its
-    pattern matcher (~2 ms per call and ~0.1 ms a kernel, more than small kernels take on a
-    CPU). Where the buffers do not change between calls (a loop's steps; a program whose
-    inputs are copied into buffers it keeps), they are resolved once here, and a call only
-    binds the symbolic values and calls each kernel's program. ``ok`` is False where that
-    cannot be done (inputs the capture copies, several devices): call the TinyJit instead.
-    """
+    pattern matcher (~2 ms a call, ~0.1 ms a kernel). Where the buffers do not change between
+    calls (a loop's steps; a program copying its inputs into buffers it keeps) they are
+    resolved once here, and a call binds the symbolic values and calls each kernel's program.
+    ``ok`` is False where it cannot be (inputs the capture copies, several devices)."""
 
     def __init__(self, j: TinyJit, args: tuple, ret=None):
         self.tensors = [a for a in args if isinstance(a, Tensor)]
