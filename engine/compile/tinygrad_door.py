@@ -188,8 +188,7 @@ def _host_view(t: Tensor) -> np.ndarray | None:
     b.ensure_allocated()
     view = np.frombuffer(b.allocator._as_buffer(b._buf), dt, b.size).reshape(t.shape)
     if len(_VIEWS) > 4096:                       # forget the tensors that are gone
-        for k in [k for k, v in _VIEWS.items() if v[0]() is None]:
-            del _VIEWS[k]
+        [_VIEWS.pop(k) for k in [k for k, v in _VIEWS.items() if v[0]() is None]]
     _VIEWS[id(t)] = (weakref.ref(t), t.uop, view)
     return view
 
