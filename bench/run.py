@@ -729,7 +729,8 @@ def report(results, mach, opts, wall: float, command: str) -> str:
         "below).",
         "",
     ]
-    for extra in ("last-breakdown.md", "last-latency.md"):     # bench/breakdown.py, latency.py
+    # bench/breakdown.py, latency.py, startup.py
+    for extra in ("last-breakdown.md", "last-latency.md", "last-startup.md"):
         if (HERE / extra).exists():
             lines += [(HERE / extra).read_text().strip(), ""]
     if notes.exists():
