@@ -21,7 +21,7 @@ from dlgraph.ops.common import pads4, pair, same
 from dlgraph.ops.elementwise import composite
 from dlgraph.ops.examples import E, F, Int
 from dlgraph.ops.linalg import swap_last
-from dlgraph.ops.registry import NO_GRAD, REGISTRY, attrs, register
+from dlgraph.ops.registry import ALIASES, NO_GRAD, REGISTRY, attrs, op_suggestion, register
 from dlgraph.ops.shape import padding_field, pair_field
 
 FAMILY = "nn"
@@ -55,8 +55,10 @@ def activate(b, a, y):
     unary = [n for n, d in REGISTRY.items() if d.family == "activation"]
     if act not in unary:
         same = [u for u in unary if u.lower() == act.lower()]
+        alias = ALIASES.get(act.lower().replace("_", ""), (None,))[0] in unary
         raise SpecError(f"unknown activation '{act}'",
                         help=f"did you mean '{same[0]}'? (op names are lower case)" if same
+                        else op_suggestion(act) if alias
                         else suggest(act, unary) or f"activations: {', '.join(sorted(unary))}")
     return b.emit(act, y)
 

@@ -102,6 +102,8 @@ ALIASES: dict[str, tuple[str, str]] = {
     "multiply": ("mul", "Keras' Multiply"), "subtract": ("sub", "Keras' Subtract"),
     "permute": ("transpose", "Permute"), "matmul": ("matmul", "MatMul"),
     "leakyrelu": ("leaky_relu", "LeakyReLU"), "logsoftmax": ("log_softmax", "LogSoftmax"),
+    "swish": ("silu", "Keras' swish"), "hardswish": ("hard_swish", "Hardswish"),
+    "hardsigmoid": ("hard_sigmoid", "Hardsigmoid"), "gaussianerrorlinearunit": ("gelu", "GELU"),
     "mseloss": ("mse", "PyTorch's MSELoss"), "meansquarederror": ("mse", "Keras' "
                                                                   "MeanSquaredError"),
     "l1loss": ("l1", "PyTorch's L1Loss"), "huberloss": ("huber", "PyTorch's HuberLoss"),

@@ -256,3 +256,13 @@ def test_an_output_that_is_a_slice_of_an_input_answers_every_call():
         got = model(x=x)
         np.testing.assert_array_equal(got["head"], x[:2])
         np.testing.assert_array_equal(got["tail"], x[2:])
+
+
+def test_a_keras_activation_name_points_at_dlgraphs():
+    spec = {"dlgraph": 1, "name": "k", "inputs": {"x": {"shape": ["batch", 4]}},
+            "nodes": {"fc": {"op": "linear", "in": "x", "out": 3, "activation": "swish"}},
+            "outputs": ["fc"]}
+    with pytest.raises(dlgraph.SpecError) as e:
+        dlgraph.load(spec)
+    assert str(e.value).endswith("unknown activation 'swish'\n  help: Keras' swish is "
+                                 "dlgraph's 'silu' (`dlgraph ops silu` describes it)")
