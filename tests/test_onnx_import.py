@@ -110,6 +110,17 @@ def test_an_input_declaring_more_than_memory_is_refused_at_import(tmp_path):
                           "sample, more than the ")
 
 
+def test_a_graph_whose_fixed_inputs_exceed_memory_is_refused_before_a_run(tmp_path):
+    # what an imported model declared before import checked it: numpy was asked for it
+    (tmp_path / "big.yaml").write_text("dlgraph: 1\nname: big\ninputs:\n  x: {shape: "
+                                       "[1099511627776, 1099511627776]}\nnodes:\n  y: {op: "
+                                       "relu, in: x}\noutputs: [y]\n")
+    r = CliRunner().invoke(main, ["run", str(tmp_path / "big.yaml")])
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    assert r.output.startswith(f"error: {tmp_path / 'big.yaml'}:4: this graph needs about ")
+    assert "more than the " in r.output and "of memory here" in r.output
+
+
 @pytest.mark.parametrize("content", [b"", "no graph"])
 def test_an_empty_model_names_the_onnx_file(tmp_path, content):
     m = content if isinstance(content, bytes) else model([], [], [])

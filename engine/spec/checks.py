@@ -15,7 +15,7 @@ from pathlib import Path
 from dlgraph.engine.errors import DataError, DeviceError, Source, SpecError, suggest
 from dlgraph.engine.graph.ir import Graph
 from dlgraph.engine.io.data.base import size_text
-from dlgraph.engine.types import fmt, numel
+from dlgraph.engine.types import dim_parts, fmt, numel
 from dlgraph.ops import OPS
 
 
@@ -326,7 +326,13 @@ def check_fits(g: Graph, batch: int) -> None:
     at ``batch`` samples exceed the machine's memory (e.g. `hidden: 1000000000000`): train,
     compile and the commands over them call it."""
     params = sum(numel(p.shape) or 0 for p in g.params.values())
-    need = 4 * (params + activation_floats(g) * batch)
+    # the inputs too, per sample as activations are: one of fixed sizes ([2^40, 2^40], as an
+    # imported model may declare) grows with nothing, and was made by numpy unchecked
+    named = {dim_parts(d)[0]: 1 for t in g.inputs.values() for d in t.shape
+             if isinstance(d, str)}
+    named.update((k, v.max) for k, v in (getattr(g.spec, "dims", None) or {}).items())
+    inputs = sum(numel(t.shape, named) or 0 for t in g.inputs.values())
+    need = 4 * (params + (activation_floats(g) + inputs) * batch)
     have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     if need > have:
         raise DeviceError(f"this graph needs about {size_text(need)} at batch {batch:,} "
