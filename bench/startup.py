@@ -199,7 +199,8 @@ def main() -> None:
                   flush=True)
         depth = {} if args.no_depth else depth_rows(tmp)
     load1 = os.getloadavg()
-    text = ("## Start-up\n\n" f"Start-up, seconds from launch to exit of `dlgraph run SPEC --steps 1` (×: "
+    text = ("## Start-up\n\n"
+            "Start-up, seconds from launch to exit of `dlgraph run SPEC --steps 1` (×: "
             f"against PyTorch's first step in a fresh process, 1 thread); load average "
             f"{load0[0]:.2f} before, {load1[0]:.2f} after.\n\n" + table(rows, depth) + "\n")
     Path(args.o).write_text(text)

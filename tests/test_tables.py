@@ -115,7 +115,8 @@ def test_metrics_against_numpy_float64():
     assert metric_value("rmse", p, t) == pytest.approx(np.sqrt(np.mean(d ** 2)), rel=1e-12)
     # mean: a node's values over every batch; a scalar per batch (a loss term) weighs by size
     a, b = np.arange(6, dtype=np.float32).reshape(3, 2), np.float32([[10, 20]])
-    assert metric_value("mean", [a, b], sizes=[3, 1]) == pytest.approx(np.mean([*a.ravel(), 10, 20]))
+    assert metric_value("mean", [a, b], sizes=[3, 1]) == \
+        pytest.approx(np.mean([*a.ravel(), 10, 20]))
     assert metric_value("mean", [np.float32(2.0), np.float32(6.0)], sizes=[3, 1]) == \
         pytest.approx((2 * 3 + 6) / 4)
 

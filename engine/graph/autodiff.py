@@ -20,7 +20,6 @@ from dlgraph.engine.graph.ir import Graph
 from dlgraph.engine.types import fmt
 from dlgraph.ops import NO_GRAD, OPS
 
-
 SAVED = ("sigmoid", "tanh", "exp")
 """Ops whose forward value the backward pass reads (their VJP uses their output) and that
 cost a software exp an element on tinygrad's CPU: the value is kept in a buffer (a kernel
