@@ -62,7 +62,8 @@ stages:
   draw:   {sample: a.yaml, weights: fit.best, count: 5}
 """)
     got, res, _ = run(pipe, tiny / "out")
-    assert got == {"fit": "done", "score": "done", "onnx": "done", "draw": "done"}
+    assert got == {"fit": "done", "score": "done", "onnx": "done", "draw": "done"}, \
+        [r.error for r in res.rows]
     files = sorted((tiny / "out" / "stages").rglob("*"))
     stamps = {p: p.stat().st_mtime_ns for p in files}
     again, res2, said = run(pipe, tiny / "out")
@@ -271,6 +272,31 @@ def test_stages_as_ray_tasks_give_the_same_artifacts_as_in_series(tiny):
     assert series == on_ray == {"one": "done", "two": "done"}
     for ref, path in res.artifacts.items():
         assert file_hash(path) == file_hash(tiny / "series" / path.relative_to(res.dir)), ref
+
+
+def test_a_stage_init_from_replaces_the_spec_own_file_which_need_not_exist(tiny):
+    # graphs/pipelines/transfer.yaml on a fresh clone: classify.yaml's own init_from names a
+    # run folder that only exists after `dlgraph run pretrain.yaml`
+    write(tiny, "c.yaml", TINY.replace("  batch: 32", "  init_from: {path: runs/none/weights"
+                                       ".safetensors, params: ['h.*']}\n  freeze: ['h.*']\n"
+                                       "  batch: 32"))
+    pipe = write(tiny, "p.yaml", "dlgraph: 1\npipeline: p\nstages:\n  pre: {train: a.yaml}\n"
+                 "  fine: {train: c.yaml, init_from: pre.weights}\n")
+    assert CliRunner().invoke(main, ["pipeline", "validate", str(pipe)]).exit_code == 0
+    got, res, said = run(pipe, tiny / "out")
+    assert got == {"pre": "done", "fine": "done"}, [r.error for r in res.rows]
+    # h.* frozen: the pre stage's trained values, copied by the stage's init_from
+    pre, fine = (dlgraph.pipeline_artifact(pipe, f"{s}.weights", dir=tiny / "out")
+                 for s in ("pre", "fine"))
+    from dlgraph.engine.train.checkpoint import load_tensors
+    a, b = load_tensors(pre)[0], load_tensors(fine)[0]
+    for k in ("h.weight", "h.bias"):
+        np.testing.assert_array_equal(a[k], b[k])
+    assert not np.array_equal(a["logits.weight"], b["logits.weight"])
+    # the spec run alone still refuses its missing file, naming its line
+    r = CliRunner().invoke(main, ["run", str(tiny / "c.yaml"), "--out", str(tiny / "alone")])
+    assert r.exit_code == 1 and f"{tiny / 'c.yaml'}:14: init_from: no such weights file" \
+        in r.output
 
 
 @pytest.mark.parametrize("name", ["transfer", "digits", "gan"])

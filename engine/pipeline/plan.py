@@ -187,7 +187,8 @@ def _check_kind(plan: Plan, sd: StageDef, g: Graph) -> None:
                        f"{sd.kind} by", sd.kind, help="name a spec with a `train:` section")
     if sd.kind == "train":
         from dlgraph.engine.report.summary import summarize
-        summarize(_fed_init(g) if sd.model.init_from else g)   # as `dlgraph validate`
+        from dlgraph.engine.spec.checks import without_init_from
+        summarize(without_init_from(g) if sd.model.init_from else g)   # as `dlgraph validate`
     if sd.kind == "sweep":
         from dlgraph.engine.train.sweep_plan import plan_sweep
         m = sd.model
@@ -207,14 +208,6 @@ def _check_kind(plan: Plan, sd: StageDef, g: Graph) -> None:
                 raise sd.error(SpecError, f"'{o}' is not an output of {sd.spec_field}",
                                "outputs", help=suggest(o, g.outputs) or "its outputs are: "
                                + ", ".join(g.outputs))
-
-
-def _fed_init(g: Graph) -> Graph:
-    """``g`` as its stage trains it: the stage's init_from artifact replaces the spec's own
-    `init_from:` file (checked by its edge instead), which need not exist before the run."""
-    import dataclasses
-    train = g.spec.train.model_copy(update={"init_from": None})
-    return dataclasses.replace(g, spec=g.spec.model_copy(update={"train": train}))
 
 
 def _check_artifact(plan: Plan, sd: StageDef, fld: str, producer: str, art: str) -> None:

@@ -170,6 +170,15 @@ def frozen_names(g: Graph, patterns: list[str]) -> list[str]:
     return hit
 
 
+def without_init_from(g: Graph) -> Graph:
+    """``g`` as a caller trains it who gives its own ``init_from`` (``train(init_from=...)``, a
+    pipeline's artifact): the spec's `init_from:` file is replaced, so it need not exist; the
+    one given is checked as it is read."""
+    import dataclasses
+    train = g.spec.train.model_copy(update={"init_from": None})
+    return dataclasses.replace(g, spec=g.spec.model_copy(update={"train": train}))
+
+
 def init_from_names(g: Graph, spec, path: Path | None = None,
                     shapes: dict[str, list[int]] | None = None) -> dict[str, str]:
     """This graph's parameter -> its name in the ``init_from`` weights file (an

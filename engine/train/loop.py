@@ -33,7 +33,7 @@ from dlgraph.engine.graph.ir import Graph
 from dlgraph.engine.io.data import batches
 from dlgraph.engine.io.outputs import check_output, disk_error
 from dlgraph.engine.report.summary import summarize
-from dlgraph.engine.spec.checks import check_fits
+from dlgraph.engine.spec.checks import check_fits, without_init_from
 from dlgraph.engine.spec.train import SCHEDULES
 from dlgraph.engine.train.callbacks import make_callbacks
 from dlgraph.engine.train.checkpoint import (
@@ -177,6 +177,8 @@ def train(graph: Graph, *, out=None, resume: bool = False, device: str | None = 
     t_start = time.perf_counter()
     echo = log or (lambda s: None if quiet else print(s, file=sys.stderr, flush=True))
     spec = train_spec(graph)
+    if init_from is not None:               # it replaces the spec's own init_from file
+        graph = without_init_from(graph)
     step = LocalStep(data_parallel(graph, spec.batch, device, devices), cache)
     Tensor.manual_seed(spec.seed)       # dropout and noise: the same run twice in a process
     graph = frozen(graph, spec.freeze)
