@@ -32,6 +32,8 @@ from tinygrad.helpers import DEV, PARALLEL, ContextVar, to_tuple
 from tinygrad.tensor import all_tensors
 from tinygrad.uop.ops import Ops, UOp
 
+from dlgraph.engine.compile import gemm
+
 FORMAT = b"dlgraph-program-1\n"
 
 
@@ -321,8 +323,30 @@ def _plan(cap, ins) -> list | None:
         if len(per_dev) != 1 or per_dev[0][1] or len(devices) != 1:
             return None
         bufs = [b.ensure_allocated().get_buf(devices[0]) for b in per_dev[0][0]]
-        plan.append(_launcher(get_runtime(devices[0], ast), bufs, ast.arg))
+        rt = get_runtime(devices[0], ast)
+        plan.append(_gemm(rt, per_dev[0][0], bufs, ast.arg) or _launcher(rt, bufs, ast.arg))
     return plan
+
+
+def _gemm(rt, tbufs, bufs, prg):
+    """A CPU kernel computing a matrix product of two inputs (a bias, a relu after it), as
+    numpy's on its buffers (engine/compile/gemm.py: found by running it on scratch arrays)."""
+    if os.environ.get("DLGRAPH_BLAS") == "0" or type(rt).__name__ != "CPUProgram" or rt.lvp or \
+            len(set(prg.globals)) not in (3, 4) or \
+            set(prg.outs) != {prg.globals[0]} or set(prg.ins) != set(prg.globals[1:]) or \
+            any(v.expr != "core_id" for v in prg.vars) or len({b.va_addr for b in bufs}) < \
+            len(bufs) or any(b.dtype != dtypes.float32 for b in tbufs):
+        return None
+    sizes = tuple(b.size for b in tbufs)
+    run = lambda addrs: _launcher(rt, [_Addr(a) for a in addrs], prg)({})  # noqa: E731
+    layout = gemm.find_layout(sizes, run)
+    return None if layout is None else gemm.matmul_call([b.va_addr for b in bufs], sizes,
+                                                        layout, bufs)
+
+
+@dataclasses.dataclass
+class _Addr:
+    va_addr: int
 
 
 def _launcher(rt, bufs: list, prg):

@@ -20,14 +20,18 @@ from dlgraph.engine.graph.ir import Graph
 from dlgraph.engine.types import fmt
 from dlgraph.ops import NO_GRAD, OPS
 
-SAVED = ("sigmoid", "tanh", "exp")
+SAVED = ("sigmoid", "tanh", "exp", "relu")
 """Ops whose forward value the backward pass reads (their VJP uses their output) and that
 cost a software exp an element on tinygrad's CPU: the value is kept in a buffer (a kernel
 boundary) rather than recomputed inside every backward kernel that reads it. Measured on 2
 loaded cores (CPU seconds per training step): the LSTM's gate-cotangent kernel, which
 assembles four gates and so evaluated every gate's exps at every element, went from 0.73
 to 0.025 ms a launch; the transformer step from about 22 to 17 ms. Realising the pieces of
-a split before they are padded into one cotangent instead gained nothing (measured)."""
+a split before they are padded into one cotangent instead gained nothing (measured).
+relu: its output kept, the next layer's weight gradient reads it as it is instead of
+applying the relu inside the product, which leaves that product a plain matrix product
+for the host's BLAS (engine/compile/gemm.py): the mlp workload's step 3.3 -> 2.1 ms of
+kernels (loaded cores)."""
 
 
 def reverse(graph: Graph, objective: str, wrt: list[str] | None = None) -> Graph:

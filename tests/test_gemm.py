@@ -1,0 +1,166 @@
+"""Matrix products on the host's BLAS (engine/compile/gemm.py): a kernel is replaced only
+when running it on random inputs shows it computes a product (with a bias, a relu or a
+relu's mask after it) in one layout, and the replacement then computes what the kernel
+computed; anything else keeps its kernel. Checked against numpy in float64 and against the
+same model with the replacement switched off (DLGRAPH_BLAS=0)."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+import dlgraph
+from dlgraph.engine.compile import gemm
+
+M, K, N = 16, 24, 20            # 7,680 multiply-adds: above gemm.MIN_MACS
+RNG = np.random.default_rng(7)
+
+
+def kernel(fn, sizes):
+    """A stand-in for a compiled kernel: ``fn(out, *ins)`` on float32 arrays at the
+    addresses it is run on (what the door's kernels do)."""
+    def run(addrs):
+        views = [gemm._view(a, s) for a, s in zip(addrs, sizes, strict=True)]
+        fn(*views)
+    return run
+
+
+def layouts():
+    """(name, sizes, fn) for every layout of a product and every epilogue a kernel may
+    carry, written as tinygrad's kernels compute them (float32, row-major buffers)."""
+    for a_t, b_t, out_t, swap in itertools.product((False, True), repeat=4):
+        def product(a, b, a_t=a_t, b_t=b_t, out_t=out_t):
+            x = a.reshape(K, M).T if a_t else a.reshape(M, K)
+            y = b.reshape(N, K).T if b_t else b.reshape(K, N)
+            p = x.astype(np.float64) @ y
+            return p.T if out_t else p                     # as stored in memory
+
+        shape = (N, M) if out_t else (M, N)
+        name = f"a{'T' if a_t else ''}b{'T' if b_t else ''}{' outT' if out_t else ''}" \
+               f"{' swapped' if swap else ''}"
+
+        def order(a, b, swap=swap):
+            return (b, a) if swap else (a, b)
+        sizes = (M * N, *order(M * K, K * N))
+        yield name, sizes, lambda o, *ins, p=product, order=order: \
+            o.__setitem__(slice(None), p(*order(*ins)).ravel())
+        yield name + " +bias relu", (*sizes, shape[1]), \
+            lambda o, i0, i1, e, p=product, order=order: o.__setitem__(
+                slice(None), np.maximum(p(*order(i0, i1)) + e[None, :], 0).ravel())
+        yield name + " +row bias", (*sizes, shape[0]), \
+            lambda o, i0, i1, e, p=product, order=order: o.__setitem__(
+                slice(None), (p(*order(i0, i1)) + e[:, None]).ravel())
+        yield name + " relu mask", (*sizes, M * N), \
+            lambda o, i0, i1, e, p=product, order=order, s=shape: o.__setitem__(
+                slice(None), (p(*order(i0, i1)) * (e.reshape(s) > 0)).ravel())
+
+
+@pytest.mark.parametrize("name, sizes, fn", list(layouts()), ids=[c[0] for c in layouts()])
+def test_every_layout_and_epilogue_is_found_and_computes_what_the_kernel_does(name, sizes, fn):
+    found = gemm.find_layout(sizes, kernel(fn, sizes))
+    assert found is not None, name
+    arrays = [np.zeros(sizes[0], np.float32)] + \
+        [RNG.standard_normal(s).astype(np.float32) for s in sizes[1:]]
+    want = np.zeros(sizes[0], np.float32)
+    fn(want, *arrays[1:])
+    gemm.matmul_call([a.ctypes.data for a in arrays], sizes, found, arrays)({})
+    np.testing.assert_allclose(arrays[0], want, rtol=1e-5, atol=1e-5)
+
+
+def _gelu(x):
+    return 0.5 * x * (1 + np.tanh(0.7978845608 * (x + 0.044715 * x ** 3)))
+
+
+@pytest.mark.parametrize("what, sizes, fn", [
+    ("a gelu after the product", (M * N, M * K, K * N),
+     lambda o, a, b: o.__setitem__(slice(None), _gelu(a.reshape(M, K) @ b.reshape(K, N))
+                                   .ravel())),
+    ("a constant added", (M * N, M * K, K * N),
+     lambda o, a, b: o.__setitem__(slice(None), (a.reshape(M, K) @ b.reshape(K, N) + 1)
+                                   .ravel())),
+    ("half its output written", (M * N, M * K, K * N),
+     lambda o, a, b: o.__setitem__(slice(0, M * N // 2), (a.reshape(M, K) @ b.reshape(K, N))
+                                   .ravel()[:M * N // 2])),
+    ("an elementwise product", (M * N, M * N, M * N),
+     lambda o, a, b: o.__setitem__(slice(None), a * b)),
+    ("a product of a slice", (M * N, 2 * M * K, K * N),
+     lambda o, a, b: o.__setitem__(slice(None), (a[:M * K].reshape(M, K) @ b.reshape(K, N))
+                                   .ravel())),
+    ("too small to gain", (4 * 4, 4 * 8, 8 * 4),
+     lambda o, a, b: o.__setitem__(slice(None), (a.reshape(4, 8) @ b.reshape(8, 4)).ravel())),
+])
+def test_anything_else_keeps_its_kernel(what, sizes, fn):
+    assert gemm.find_layout(sizes, kernel(fn, sizes)) is None, what
+
+
+SPEC = """\
+dlgraph: 1
+name: blas-mlp
+inputs:
+  x: {shape: [batch, 48]}
+  y: {shape: [batch], dtype: int32}
+nodes:
+  h1: {op: linear, in: x, out: 64, activation: relu}
+  h2: {op: linear, in: h1, out: 64, activation: relu}
+  logits: {op: linear, in: h2, out: 10}
+  loss: {op: cross_entropy, in: [logits, y]}
+outputs: [logits]
+train:
+  data: {source: xor, samples: 64}
+  batch: 32
+  objective: loss
+  optimizer: {type: sgd, lr: 0.1}
+"""
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    made: list = []
+    real = gemm.matmul_call
+
+    def counting(*args):
+        made.append(args[2])
+        return real(*args)
+    monkeypatch.setattr(gemm, "matmul_call", counting)
+    return made
+
+
+def test_a_compiled_model_runs_its_layers_on_blas_and_matches_numpy(tmp_path, counted):
+    g = dlgraph.load(_write(tmp_path))
+    model = dlgraph.compile(g, seed=3, cache=False)
+    x = RNG.standard_normal((32, 48)).astype(np.float32)
+    for _ in range(3):                  # the replay is planned once the program is captured
+        got = model(x=x)["logits"]
+    assert len(counted) >= 2            # the two relu layers at least: product, bias, relu
+    w = {k: v.numpy().astype(np.float64) for k, v in model.params.items()}
+    h = x.astype(np.float64)
+    for layer, act in (("h1", True), ("h2", True), ("logits", False)):
+        h = h @ w[f"{layer}.weight"].T + w[f"{layer}.bias"]
+        h = np.maximum(h, 0) if act else h
+    np.testing.assert_allclose(got, h, rtol=1e-4, atol=1e-5)
+
+
+def test_training_on_blas_matches_training_on_kernels(tmp_path, monkeypatch, counted):
+    g = dlgraph.load(_write(tmp_path))
+    data = {"x": RNG.standard_normal((96, 48)).astype(np.float32),
+            "y": RNG.integers(0, 10, 96).astype(np.int32)}
+    on = dlgraph.train(g, out=tmp_path / "on", quiet=True, steps=5, cache=False, data=data)
+    assert counted, "no product ran on the BLAS"
+    monkeypatch.setenv("DLGRAPH_BLAS", "0")
+    counted.clear()
+    off = dlgraph.train(g, out=tmp_path / "off", quiet=True, steps=5, cache=False, data=data)
+    assert not counted
+    from dlgraph.engine.train.checkpoint import load_tensors
+    a = load_tensors(tmp_path / "on" / "weights.safetensors")[0]
+    b = load_tensors(tmp_path / "off" / "weights.safetensors")[0]
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], rtol=1e-4, atol=1e-5, err_msg=k)
+    assert on.metrics["loss"] == pytest.approx(off.metrics["loss"], rel=1e-4)
+
+
+def _write(tmp_path):
+    p = tmp_path / "blas.yaml"
+    p.write_text(SPEC)
+    return p
