@@ -33,6 +33,7 @@ from tinygrad.tensor import all_tensors
 from tinygrad.uop.ops import Ops, UOp
 
 from dlgraph.engine.compile import gemm
+from dlgraph.engine.compile.chunks import Chunked
 
 FORMAT = b"dlgraph-program-1\n"
 
@@ -357,7 +358,7 @@ def _launcher(rt, bufs: list, prg):
     cpu = type(rt).__name__ == "CPUProgram" and not rt.lvp
     fixed = range(prg.global_size[0]) if isinstance(prg.global_size[0], int) else None
     if cpu and fixed is not None and prg.runtimevars and names == ["core_id"]:
-        return _Chunked(rt.fxn, [tuple(ctypes.c_uint64(w) for w in (
+        return Chunked(rt.fxn, [tuple(ctypes.c_uint64(w) for w in (
             *[b.va_addr for b in bufs], tid)) for tid in fixed])
     if cpu and not prg.runtimevars:
         words, fxn = tuple(ctypes.c_uint64(b.va_addr) for b in bufs), rt.fxn
@@ -379,52 +380,6 @@ def _launcher(rt, bufs: list, prg):
         gs, ls = dims or prg.launch_dims(var_vals)
         rt(*bufs, global_size=gs, local_size=ls, vals=prg.vals(var_vals), wait=False)
     return call
-
-
-class _Chunked:
-    """A CPU kernel that tinygrad cut into independent chunks, one per core (its ``core_id``):
-    tinygrad runs them one after another on one worker thread. Here the chunks are shared
-    between the calling thread and a helper thread where that was measured to be faster for
-    this kernel: its first calls are timed both ways, and the faster way is kept."""
-
-    TRIALS = 3
-    pool = None
-
-    def __init__(self, fxn, chunks: list[tuple]):
-        self.fxn, self.chunks = fxn, chunks
-        self.half = (len(chunks) + 1) // 2
-        self.times: dict[bool, list[float]] = {False: [], True: []}
-        self.split: bool | None = None if len(chunks) > 1 and (os.cpu_count() or 1) > 1 \
-            else False
-
-    def _run(self, chunks) -> None:
-        for words in chunks:
-            self.fxn(*words)
-
-    def _both(self) -> None:
-        if _Chunked.pool is None:
-            from concurrent.futures import ThreadPoolExecutor
-            _Chunked.pool = ThreadPoolExecutor(1, thread_name_prefix="dlgraph-kernel")
-        later = _Chunked.pool.submit(self._run, self.chunks[self.half:])
-        self._run(self.chunks[:self.half])
-        later.result()
-
-    def __call__(self, var_vals) -> None:
-        if self.split is None:               # still measuring: alternate the two ways
-            way = len(self.times[False]) > len(self.times[True])
-            t = time.perf_counter()
-            self._both() if way else self._run(self.chunks)
-            self.times[way].append(time.perf_counter() - t)
-            if len(self.times[True]) >= self.TRIALS:
-                self.split = min(self.times[True]) < min(self.times[False])
-        elif self.split:
-            self._both()
-        else:
-            self._run(self.chunks)
-
-
-# a forked child has none of the parent's threads: it starts its own helper when it needs one
-os.register_at_fork(after_in_child=lambda: setattr(_Chunked, "pool", None))
 
 
 def _rebind(args: tuple, var_vals: dict) -> tuple:
