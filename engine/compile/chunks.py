@@ -21,7 +21,7 @@ class Chunked:
     pool = None
 
     def __init__(self, fxn, chunks: list[tuple]):
-        self.fxn, self.chunks = fxn, chunks
+        self.function, self.chunks = fxn, chunks
         self.half = (len(chunks) + 1) // 2
         self.times: dict[bool, list[float]] = {False: [], True: []}
         self.split: bool | None = None if len(chunks) > 1 and (os.cpu_count() or 1) > 1 \
@@ -29,7 +29,7 @@ class Chunked:
 
     def _run(self, chunks) -> None:
         for words in chunks:
-            self.fxn(*words)
+            self.function(*words)
 
     def _both(self) -> None:
         if Chunked.pool is None:
