@@ -143,7 +143,7 @@ def run_predict(job: Job, g: Graph, work: Path) -> dict:
 
 
 def run_export(job: Job, g: Graph, work: Path) -> dict:
-    from dlgraph.engine.io.onnx import export
+    from dlgraph.engine.io.onnx.formats import export  # not the package: its export.py shadows it
     m = job.model
     work.mkdir(parents=True, exist_ok=True)
     export(g, work / "model.onnx", weights=job.inputs.get("weights"), opset=m.opset,
