@@ -19,7 +19,10 @@ def mlp():
 
 def test_lists_are_inputs_too(mlp):
     x = [[0.1, 0.2], [0.3, -0.4]]
-    np.testing.assert_array_equal(mlp(x=x)["logits"], mlp(x=np.array(x, np.float32))["logits"])
+    # float32 rounding apart: the first call at a size runs tinygrad's kernels, later ones
+    # replay with products on the host's BLAS
+    np.testing.assert_allclose(mlp(x=x)["logits"], mlp(x=np.array(x, np.float32))["logits"],
+                               rtol=1e-6, atol=1e-7)
 
 
 def test_inputs_that_are_not_the_graphs_or_not_numbers(mlp):

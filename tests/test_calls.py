@@ -50,8 +50,11 @@ def test_threads_calling_one_model_get_their_own_answers(mlp):
     alone = [mlp(**f)["logits"] for f in feeds]
     with ThreadPoolExecutor(4) as pool:
         together = list(pool.map(lambda f: mlp(**f)["logits"], feeds * 4))
+    # the first calls at a batch size run tinygrad's own kernels while it captures, later
+    # ones replay (products on the host's BLAS): float32 rounding apart, another caller's
+    # answer would differ at the first digit
     for a, b in zip(alone * 4, together, strict=True):
-        np.testing.assert_array_equal(a, b)
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
 def test_threads_compiling_and_calling_several_models_at_once():

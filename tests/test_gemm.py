@@ -1,8 +1,8 @@
 """Matrix products on the host's BLAS (engine/compile/gemm.py): a kernel is replaced only
-when running it on random inputs shows it computes a product (with a bias, a relu or a
-relu's mask after it) in one layout, and the replacement then computes what the kernel
-computed; anything else keeps its kernel. Checked against numpy in float64 and against the
-same model with the replacement switched off (DLGRAPH_BLAS=0)."""
+when running it on random inputs shows it computes a product (with a bias, a relu, a
+relu's mask or a residual sum after it) in one layout, and the replacement then computes
+what the kernel computed; anything else keeps its kernel. Checked against numpy in float64
+and against the same model with the replacement switched off (DLGRAPH_BLAS=0)."""
 
 from __future__ import annotations
 
@@ -52,6 +52,9 @@ def layouts():
         yield name + " +row bias", (*sizes, shape[0]), \
             lambda o, i0, i1, e, p=product, order=order: o.__setitem__(
                 slice(None), (p(*order(i0, i1)) + e[:, None]).ravel())
+        yield name + " +bias +residual", (*sizes, shape[1], M * N), \
+            lambda o, i0, i1, e, r, p=product, order=order, s=shape: o.__setitem__(
+                slice(None), (p(*order(i0, i1)) + e[None, :] + r.reshape(s)).ravel())
         yield name + " relu mask", (*sizes, M * N), \
             lambda o, i0, i1, e, p=product, order=order, s=shape: o.__setitem__(
                 slice(None), (p(*order(i0, i1)) * (e.reshape(s) > 0)).ravel())
@@ -83,6 +86,9 @@ def _gelu(x):
     ("half its output written", (M * N, M * K, K * N),
      lambda o, a, b: o.__setitem__(slice(0, M * N // 2), (a.reshape(M, K) @ b.reshape(K, N))
                                    .ravel()[:M * N // 2])),
+    ("a product with its last row masked", (M * N, M * K, K * N),
+     lambda o, a, b: o.__setitem__(slice(None), ((a.reshape(M, K) @ b.reshape(K, N))
+                                                 * (np.arange(M) < M - 1)[:, None]).ravel())),
     ("an elementwise product", (M * N, M * N, M * N),
      lambda o, a, b: o.__setitem__(slice(None), a * b)),
     ("a product of a slice", (M * N, 2 * M * K, K * N),

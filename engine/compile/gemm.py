@@ -43,20 +43,35 @@ def _relu(o, e=None):
     np.maximum(o, 0, out=o)
 
 
-EPILOGUES: dict[str, tuple[Callable[[int, int], int] | None, Callable]] = {
-    # name: (the extra buffer's size for an output of [rows, cols] in memory, or None for
-    # none; what is done to the product ``o`` in place, given the extra buffer ``e``)
-    "none": (None, lambda o, e: None),
-    "relu": (None, _relu),
-    "bias rows": (lambda r, c: r, _bias_rows),
-    "bias cols": (lambda r, c: c, _bias_cols),
-    "bias rows, relu": (lambda r, c: r, lambda o, e: (_bias_rows(o, e), _relu(o))),
-    "bias cols, relu": (lambda r, c: c, lambda o, e: (_bias_cols(o, e), _relu(o))),
-    "relu mask": (lambda r, c: r * c,
-                  lambda o, e: np.multiply(o, e.reshape(o.shape) > 0, out=o)),
+def _add(o, e):
+    np.add(o, e.reshape(o.shape), out=o)
+
+
+EPILOGUES: dict[str, tuple[tuple[str, ...], Callable]] = {
+    # name: (its extra buffers, each one value per output "row", per "col", or per element
+    # ("all") of the output as laid out in memory; what is done to the product ``o`` in
+    # place, given the extra buffers cut to o's rows)
+    "none": ((), lambda o: None),
+    "relu": ((), _relu),
+    "bias rows": (("row",), _bias_rows),
+    "bias cols": (("col",), _bias_cols),
+    "bias rows, relu": (("row",), lambda o, e: (_bias_rows(o, e), _relu(o))),
+    "bias cols, relu": (("col",), lambda o, e: (_bias_cols(o, e), _relu(o))),
+    "relu mask": (("all",), lambda o, e: np.multiply(o, e.reshape(o.shape) > 0, out=o)),
+    "add": (("all",), _add),
+    "bias cols, add": (("col", "all"), lambda o, e, r: (_bias_cols(o, e), _add(o, r))),
 }
 """What a kernel may do to its product besides computing it: a linear layer's bias and
-relu, the relu's backward mask (its saved output > 0)."""
+relu, the relu's backward mask (its saved output > 0), a residual connection's sum."""
+
+
+def _extra_size(kind: str, rows: int, cols: int) -> int:
+    return {"row": rows, "col": cols, "all": rows * cols}[kind]
+
+
+def _extra_rows(kind: str, e, rows, cols: int):
+    """An extra buffer's part for output rows ``rows`` (an index array)."""
+    return e[rows] if kind == "row" else e if kind == "col" else e.reshape(-1, cols)[rows]
 
 
 def _one_thread() -> Callable[[], object]:
@@ -89,24 +104,24 @@ def _divisors(n: int) -> list[int]:
 
 
 def _candidates(sizes: tuple[int, ...]):
-    """Every ``(x, y, m, k, n, x_t, y_t, out_t, extra, epilogue)``: buffer 0, read as [m, n]
-    (or [n, m] when ``out_t``), is ``epilogue(x @ y, extra)``, where buffer x is [m, k]
-    (stored [k, m] when ``x_t``) and buffer y [k, n] (stored [n, k] when ``y_t``)."""
+    """Every ``(x, y, m, k, n, x_t, y_t, out_t, extras, epilogue)``: buffer 0, read as
+    [m, n] (or [n, m] when ``out_t``), is ``epilogue(x @ y, *extras)``, where buffer x is
+    [m, k] (stored [k, m] when ``x_t``) and buffer y [k, n] (stored [n, k] when ``y_t``)."""
     n_out, ins = sizes[0], range(1, len(sizes))
     for x, y in itertools.permutations(ins, 2):
         rest = [i for i in ins if i not in (x, y)]
-        if len(rest) > 1:
-            continue
         for k in _divisors(math.gcd(sizes[x], sizes[y])):
             m, n = sizes[x] // k, sizes[y] // k
             if k == 1 or m * n != n_out or m * n * k < MIN_MACS:
                 continue
             for x_t, y_t, out_t in itertools.product((False, True), repeat=3):
                 r, c = (n, m) if out_t else (m, n)
-                for name, (extra_size, _) in EPILOGUES.items():
-                    if (extra_size is None) == (not rest) and \
-                            (not rest or extra_size(r, c) == sizes[rest[0]]):
-                        yield x, y, m, k, n, x_t, y_t, out_t, rest[0] if rest else None, name
+                for name, (kinds, _) in EPILOGUES.items():
+                    for extras in itertools.permutations(rest):
+                        if len(kinds) == len(extras) and all(
+                                _extra_size(kd, r, c) == sizes[e]
+                                for kd, e in zip(kinds, extras, strict=True)):
+                            yield x, y, m, k, n, x_t, y_t, out_t, extras, name
 
 
 def _operands(arrays, c) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -124,7 +139,7 @@ def find_layout(sizes: tuple[int, ...], run: Callable[[list[int]], None]):
     """What a kernel of float32 buffers of ``sizes`` (its output first) computes, as a
     candidate of :func:`_candidates`, or None when it is no such product: ``run(addresses)``
     runs the kernel on arrays of those sizes (scratch ones here, never the program's)."""
-    cands = list(_candidates(sizes)) if 3 <= len(sizes) <= 4 else []
+    cands = list(_candidates(sizes)) if 3 <= len(sizes) <= 5 else []
     if not cands:
         return None
     probe = [np.full(sizes[0], np.nan, np.float32)] + \
@@ -136,15 +151,33 @@ def find_layout(sizes: tuple[int, ...], run: Callable[[list[int]], None]):
     wide = [p.astype(np.float64) for p in probe]
     for _, group in itertools.groupby(cands, key=lambda c: c[:8]):
         group = list(group)
-        x, y, _ = _operands(wide, group[0])
-        product = x @ y                 # once per layout, tried with each epilogue
+        x, y, out = _operands(wide, group[0])
+        rows = _PROBE.choice(out.shape[0], min(out.shape[0], 8), replace=False)
+        product = x[rows] @ y           # a few rows, once per layout, tried with each epilogue
+        seen = got.reshape(out.shape)[rows]
         for c in group:
             want = product.copy()
-            EPILOGUES[c[9]][1](want, None if c[8] is None else wide[c[8]])
-            if np.allclose(got.reshape(want.shape), want, rtol=1e-4,
-                           atol=1e-4 * np.sqrt(c[3])):
+            _epilogue(want, wide, c, rows)
+            if np.allclose(seen, want, rtol=1e-4, atol=1e-4 * np.sqrt(c[3])) and \
+                    _agrees(got.reshape(out.shape), wide, c):
                 return c
     return None
+
+
+def _epilogue(o: np.ndarray, arrays, c, rows) -> None:
+    """Candidate ``c``'s epilogue applied to ``o``, the product's ``rows``."""
+    kinds, fn = EPILOGUES[c[9]]
+    fn(o, *[_extra_rows(kd, arrays[e], rows, o.shape[1])
+            for kd, e in zip(kinds, c[8], strict=True)])
+
+
+def _agrees(got: np.ndarray, wide: list[np.ndarray], c) -> bool:
+    """Whether every row of the kernel's output is the candidate's (a few rows found it: a
+    kernel that masks some rows of a product, say, must not pass)."""
+    x, y, out = _operands(wide, c)
+    want = x @ y
+    _epilogue(want, wide, c, np.arange(out.shape[0]))
+    return bool(np.allclose(got, want, rtol=1e-4, atol=1e-4 * np.sqrt(c[3])))
 
 
 def matmul_call(addrs: list[int], sizes: tuple[int, ...], layout, keep: list):
@@ -153,8 +186,10 @@ def matmul_call(addrs: list[int], sizes: tuple[int, ...], layout, keep: list):
     outlive it)."""
     views = [_view(a, s) for a, s in zip(addrs, sizes, strict=True)]
     x, y, out = _operands(views, layout)
-    extra = None if layout[8] is None else views[layout[8]]
-    after = None if layout[9] == "none" else EPILOGUES[layout[9]][1]
+    kinds, fn = EPILOGUES[layout[9]]
+    extras = [views[e].reshape(out.shape) if kd == "all" else views[e]
+              for kd, e in zip(kinds, layout[8], strict=True)]
+    after = None if layout[9] == "none" else fn
     if not _ONE_THREAD:
         _ONE_THREAD.append(_one_thread())
     one = _ONE_THREAD[0]
@@ -163,7 +198,7 @@ def matmul_call(addrs: list[int], sizes: tuple[int, ...], layout, keep: list):
         one()
         np.matmul(x, y, out=out)
         if after is not None:
-            after(out, extra)
+            after(out, *extras)
     return call
 
 

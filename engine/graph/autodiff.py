@@ -108,6 +108,26 @@ class GradBuilder(Builder):
         return backprop(self, graph, seeds, wrt)
 
 
+VIEWS = ("reshape", "reshape_like", "flatten", "transpose", "squeeze", "unsqueeze")
+EXPANDED = ("windows",)
+"""A convolution's patches: each input value repeated per window, kept a view (a buffer of
+them cost the cnn workload's step 75 -> 186 ms, measured)."""
+
+
+def cut_products(g: Graph) -> None:
+    """Every matrix product's computed operands (through views) kept in buffers, forward
+    and backward, in place: a value recomputed inside a product (a layer norm's output in
+    the weight gradient, a concatenated cotangent) leaves it no plain product for the host's
+    BLAS (engine/compile/gemm.py), and the backward products read the forward ones."""
+    for n in [n for n in g.nodes.values() if n.op == "matmul"]:
+        for src in n.inputs:
+            while (m := g.nodes.get(src)) is not None and m.op in VIEWS:
+                src = m.inputs[0]
+            if m is not None and m.role in ("forward", "backward") and not m.cut and \
+                    m.op not in EXPANDED:
+                g.nodes[src] = dataclasses.replace(m, cut=True)
+
+
 def backprop(b: GradBuilder, graph: Graph, seeds: dict[str, str],
              wrt: set[str]) -> dict[str, str]:
     """Cotangents of ``graph``'s nodes given ``seeds`` (node -> cotangent id), emitted by
@@ -150,6 +170,7 @@ def backprop(b: GradBuilder, graph: Graph, seeds: dict[str, str],
             if b.shape(c) != b.shape(src):
                 c = b.emit("reduce_to", c, src)
             ct[src] = b.emit("add", ct[src], c, as_="acc") if src in ct else c
+    cut_products(b.graph)
     return ct
 
 
