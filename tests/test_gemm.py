@@ -94,6 +94,11 @@ def _gelu(x):
     ("a product of a slice", (M * N, 2 * M * K, K * N),
      lambda o, a, b: o.__setitem__(slice(None), (a[:M * K].reshape(M, K) @ b.reshape(K, N))
                                    .ravel())),
+    ("a dot product: one number is no evidence", (1, 16384, 16384),
+     lambda o, a, b: o.__setitem__(0, a @ b)),
+    ("a product off by a part in a thousand", (M * N, M * K, K * N),
+     lambda o, a, b: o.__setitem__(slice(None), (a.reshape(M, K) @ b.reshape(K, N) * 1.001)
+                                   .ravel())),
     ("too small to gain", (4 * 4, 4 * 8, 8 * 4),
      lambda o, a, b: o.__setitem__(slice(None), (a.reshape(4, 8) @ b.reshape(8, 4)).ravel())),
 ])
