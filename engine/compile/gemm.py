@@ -1,6 +1,7 @@
 """Matrix products on the host's BLAS: a CPU kernel that computes a matrix product of two of
-its buffers, plus at most a bias and a relu (or a relu's mask) after it, runs as numpy's
-``matmul`` on views of those very buffers, and the rest as numpy's in-place elementwise.
+its buffers, plus at most one of :data:`EPILOGUES` after it (a bias, a relu or its mask, a
+residual sum), runs as numpy's ``matmul`` on views of those very buffers, and the epilogue
+as numpy's in-place elementwise.
 
 tinygrad's generated C reaches 8-17 GMAC/s for the matrix products of the bench workloads on
 this kind of CPU; numpy's BLAS (OpenBLAS in numpy's wheels, MKL or Accelerate elsewhere)
@@ -16,6 +17,7 @@ buffers' addresses and a way to run the kernel.
 from __future__ import annotations
 
 import ctypes
+import functools
 import glob
 import itertools
 import math
@@ -38,6 +40,7 @@ def _close(got: np.ndarray, want: np.ndarray, k: int) -> bool:
     """float32 sums of ``k`` products of standard normals against float64: rounding grows
     like sqrt(k) times float32's epsilon; anything computed otherwise misses by far more."""
     return bool(np.allclose(got, want, rtol=1e-5, atol=2e-6 * np.sqrt(k)))
+
 
 _PROBE = np.random.default_rng(20261207)
 
@@ -85,6 +88,7 @@ def _extra_rows(kind: str, e, rows, cols: int):
     return e[rows] if kind == "row" else e if kind == "col" else e.reshape(-1, cols)[rows]
 
 
+@functools.cache
 def _one_thread() -> Callable[[], object]:
     """A function keeping numpy's OpenBLAS on one thread for the calling thread only (its
     ``openblas_set_num_threads_local``): its worker threads, woken for each product, cost
@@ -100,9 +104,6 @@ def _one_thread() -> Callable[[], object]:
         fn.argtypes, fn.restype = [ctypes.c_int], ctypes.c_int
         return lambda: fn(1)
     return lambda: None
-
-
-_ONE_THREAD: list = []
 
 
 def _view(addr: int, n: int) -> np.ndarray:
@@ -201,9 +202,7 @@ def matmul_call(addrs: list[int], sizes: tuple[int, ...], layout, keep: list):
     extras = [views[e].reshape(out.shape) if kd == "all" else views[e]
               for kd, e in zip(kinds, layout[8], strict=True)]
     after = None if layout[9] == "none" else fn
-    if not _ONE_THREAD:
-        _ONE_THREAD.append(_one_thread())
-    one = _ONE_THREAD[0]
+    one = _one_thread()
 
     def call(var_vals, _keep=keep):
         one()

@@ -5,6 +5,7 @@ Inference, training, validation and gradcheck all call :func:`lower`.
 
 from __future__ import annotations
 
+import copy
 import threading
 import time
 
@@ -22,6 +23,7 @@ from dlgraph.engine.compile.cache import (
 )
 from dlgraph.engine.compile.interpret import Ctx, Interpreter, input_array
 from dlgraph.engine.compile.lengths import Lengths
+from dlgraph.engine.graph.autodiff import cut_products
 from dlgraph.engine.graph.ir import Graph
 from dlgraph.engine.types import dim_parts, dim_value
 from dlgraph.ops import OPS
@@ -49,6 +51,9 @@ def lower(graph: Graph, targets: list[str], *, params: dict[str, Tensor],
     ``state`` names the live tensors ``finish`` reads and writes besides the parameters (the
     optimizer's), ``tag`` describes what ``finish`` does (the optimizer's settings) for the key.
     """
+    graph = copy.copy(graph)        # every product's operands kept in buffers (the backward
+    graph.nodes = dict(graph.nodes)  # pass marked its own): plain products for the host's BLAS
+    cut_products(graph)
     prog = Program(graph, targets, params, training, finish, params_as_inputs, inline)
     if cache is not None and not params_as_inputs:
         prog.use_cache(cache, state or {}, tag)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 from tinygrad import Tensor
 
@@ -12,7 +10,6 @@ from dlgraph.engine.compile.cache import ProgramCache
 from dlgraph.engine.compile.interpret import init_params, input_dims
 from dlgraph.engine.compile.lower import lower
 from dlgraph.engine.errors import ShapeError
-from dlgraph.engine.graph.autodiff import cut_products
 from dlgraph.engine.graph.ir import Graph
 from dlgraph.engine.io.data.ids import check_ids
 from dlgraph.engine.spec.init import random_inputs
@@ -31,9 +28,6 @@ class Model:
                  cache: ProgramCache | None = None, progress=None):
         self.graph = graph
         self.outputs = list(graph.outputs)
-        graph = copy.copy(graph)        # its products' operands kept in buffers, as in training
-        graph.nodes = dict(graph.nodes)
-        cut_products(graph)
         computed = [graph.outputs[o] for o in self.outputs if graph.outputs[o] not in graph.inputs]
         with door.LOCK:      # a model may be made in any thread (tinygrad runs here)
             self.params = params if params is not None else init_params(graph, seed)

@@ -330,7 +330,7 @@ def _plan(cap, ins) -> list | None:
 
 
 def _gemm(rt, tbufs, bufs, prg):
-    """A CPU kernel computing a matrix product of two inputs (a bias, a relu after it), as
+    """A CPU kernel computing a matrix product of two inputs (and one of gemm.EPILOGUES), as
     numpy's on its buffers (engine/compile/gemm.py: found by running it on scratch arrays)."""
     if os.environ.get("DLGRAPH_BLAS") == "0" or type(rt).__name__ != "CPUProgram" or rt.lvp or \
             not 3 <= len(set(prg.globals)) <= 5 or \

@@ -8,6 +8,7 @@ Every problem is a located :class:`SpecError` or :class:`DataError` with a ``hel
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import os
 from pathlib import Path
@@ -174,7 +175,6 @@ def without_init_from(g: Graph) -> Graph:
     """``g`` as a caller trains it who gives its own ``init_from`` (``train(init_from=...)``, a
     pipeline's artifact): the spec's `init_from:` file is replaced, so it need not exist; the
     one given is checked as it is read."""
-    import dataclasses
     train = g.spec.train.model_copy(update={"init_from": None})
     return dataclasses.replace(g, spec=g.spec.model_copy(update={"train": train}))
 
