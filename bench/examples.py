@@ -63,10 +63,10 @@ NETWORK = {
     "transfer/classify": "the frozen encoder (init_from, freeze), dense 16-64-4",
 }
 
-#: examples in subfolders, run after the others in this order: a later one starts from an
-#: earlier one's weights, in the run directory named here (the path its spec reads)
-PIPELINE = {"transfer/pretrain": ROOT / "runs" / "transfer" / "pretrain",
-            "transfer/classify": None}
+#: examples in subfolders, run after the others in this order: a later one starts from the
+#: weights of the earlier one named here, given as ``train(init_from=...)`` in place of the
+#: run folder its spec reads (runs/ is the user's: an earlier run there is never replaced)
+PIPELINE = {"transfer/pretrain": None, "transfer/classify": "transfer/pretrain"}
 
 # GAN check tolerances (see graphs/gan.yaml's doc)
 GAN_SAMPLES = 4096
@@ -166,13 +166,19 @@ CHECKS = {"gan": check_gan, "char_lm": check_char_lm, "autoencoder": check_autoe
 # =========================================================================== worker
 
 
-def worker(path: Path, out: Path, steps: int | None = None) -> dict:
+def worker(path: Path, out: Path, steps: int | None = None, init: Path | None = None) -> dict:
     """Train one spec to completion (quietly) and check it; returns the result row.
-    With ``steps``, only that many steps (the start-up with a warm program cache)."""
+    With ``steps``, only that many steps (the start-up with a warm program cache); ``init``:
+    the weights its spec's ``init_from:`` selects from, instead of the file the spec names."""
     t0 = time.perf_counter()
     import dlgraph
     g = dlgraph.load(path)
-    res = dlgraph.train(g, quiet=True, out=out, steps=steps)
+    init_from = None
+    if init is not None:
+        from dlgraph.engine.spec.train import InitFromSpec
+        own = g.spec.train.init_from
+        init_from = InitFromSpec(path=str(init), params=own.params, rename=own.rename)
+    res = dlgraph.train(g, quiet=True, out=out, steps=steps, init_from=init_from)
     if steps:
         return {"first_step_s": res.first_step_seconds}
     row = {
@@ -286,9 +292,11 @@ def run_one(path: Path, opts, tmp: Path, again: bool = False) -> dict:
         env["CACHELEVEL"] = "0"
     stem = name_of(path).replace("/", "-") + "-again" * again
     result = tmp / f"{stem}.json"
-    run_dir = PIPELINE.get(name_of(path)) if not again else None
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", str(path),
-           "--run-dir", str(run_dir or tmp / stem), "--result", str(result)]
+           "--run-dir", str(tmp / stem), "--result", str(result)]
+    if PIPELINE.get(name_of(path)):                     # the earlier example's weights
+        cmd += ["--init", str(tmp / PIPELINE[name_of(path)].replace("/", "-")
+                              / "weights.safetensors")]
     cmd += ["--steps", "1"] if again else []
     t0 = time.perf_counter()
     try:
@@ -430,10 +438,11 @@ def main() -> int:
     ap.add_argument("--run-dir", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--steps", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--init", type=Path, help=argparse.SUPPRESS)
     opts = ap.parse_args()
 
     if opts.worker:
-        row = worker(opts.worker, opts.run_dir, opts.steps)
+        row = worker(opts.worker, opts.run_dir, opts.steps, opts.init)
         opts.result.write_text(json.dumps(row))
         return 0
 
