@@ -106,6 +106,67 @@ def test_anything_else_keeps_its_kernel(what, sizes, fn):
     assert gemm.find_layout(sizes, kernel(fn, sizes)) is None, what
 
 
+LONG = 10_816                   # a convolution's weight gradient: batch 64 x 13 x 13 windows
+
+
+def _sequential(a, b, m, n, scale=1.0):
+    """A product [m, LONG] @ [LONG, n] summed one term after another in float32, as a
+    generated kernel's loop does (numpy's own sums are pairwise, far more exact)."""
+    terms = a.reshape(LONG, m).T[:, :, None] * b.reshape(LONG, n)[None, :, :]
+    return np.cumsum(terms, axis=1, dtype=np.float32)[:, -1, :] * np.float32(scale)
+
+
+@pytest.mark.parametrize("scale, found", [(1.0, True), (1.001, False)])
+def test_a_long_sequential_float32_sum_is_a_product_and_one_off_by_a_part_in_a_thousand_not(
+        scale, found):
+    m, n = 12, 8
+    sizes = (m * n, LONG * m, LONG * n)
+    fn = lambda o, a, b: o.__setitem__(slice(None), _sequential(a, b, m, n, scale).ravel())  # noqa: E731
+    assert (gemm.find_layout(sizes, kernel(fn, sizes)) is not None) is found
+
+
+CONV = """\
+dlgraph: 1
+name: blas-cnn
+inputs:
+  x: {shape: [batch, 3, 12, 12]}
+  y: {shape: [batch], dtype: int32}
+nodes:
+  c1: {op: conv2d, in: x, out: 8, kernel: 3, activation: relu}
+  c2: {op: conv2d, in: c1, out: 16, kernel: 3, padding: 1, stride: 2, activation: relu}
+  flat: {op: flatten, in: c2}
+  logits: {op: linear, in: flat, out: 10}
+  loss: {op: cross_entropy, in: [logits, y]}
+outputs: [logits]
+train:
+  data: {source: xor, samples: 64}
+  batch: 32
+  objective: loss
+  optimizer: {type: adam, lr: 0.01}
+"""
+
+
+def test_convolutions_train_on_blas_as_they_do_on_kernels(tmp_path, monkeypatch, counted):
+    """A convolution is its patches times its weight: the forward product, the weight's
+    gradient (a sum over every window of the batch) and the patches' gradient run on the
+    BLAS, and five steps give the weights that the generated kernels give."""
+    p = tmp_path / "cnn.yaml"
+    p.write_text(CONV)
+    g = dlgraph.load(p)
+    data = {"x": RNG.standard_normal((64, 3, 12, 12)).astype(np.float32),
+            "y": RNG.integers(0, 10, 64).astype(np.int32)}
+    dlgraph.train(g, out=tmp_path / "on", quiet=True, steps=5, cache=False, data=data)
+    ks = {layout[3] for layout in counted}
+    assert {27, 72, 32 * 10 * 10, 32 * 5 * 5, 16} <= ks, ks   # c1, c2: forward, weights; c2 patches
+    monkeypatch.setenv("DLGRAPH_BLAS", "0")
+    dlgraph.train(g, out=tmp_path / "off", quiet=True, steps=5, cache=False, data=data)
+    from dlgraph.engine.train.checkpoint import load_tensors
+    a = load_tensors(tmp_path / "on" / "weights.safetensors")[0]
+    b = load_tensors(tmp_path / "off" / "weights.safetensors")[0]
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], rtol=1e-4, atol=1e-5, err_msg=k)
+
+
 SPEC = """\
 dlgraph: 1
 name: blas-mlp
