@@ -21,6 +21,8 @@ needed.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 from typing import Any
 
 from pydantic import ConfigDict, Field
@@ -96,6 +98,7 @@ def _loop_vjp(b, n, cts: list) -> list:
     seqs += [b.emit("slice", c, axis=1, start=after[0], stop=after[1])
              for c in ct_st if c is not None]
     seqs += [c for c in ct_per if c is not None]
+    seqs += _save_residuals(b, n, bb, len(seqs))
     inits = n.inputs[ns:ns + nst]
     zeros = [b.emit("zeros", i, shape=list(b.shape(i)[1:]), as_="carry0") for i in inits]
     got = b.loop(bb, seqs, zeros, steps=a.steps, n_out=len(wanted["seq"]), reverse=fwd)
@@ -109,6 +112,44 @@ def _loop_vjp(b, n, cts: list) -> list:
     for k, g in zip(wanted["seq"] + wanted["const"], got[nst:], strict=True):
         out[k] = g
     return out
+
+
+def _save_residuals(b, n, bb, n_seq: int) -> list[str]:
+    """The step values the backward body reads (a gate's sigmoid, say) become per-step
+    outputs of the forward loop and inputs of the backward body, which then no longer
+    recomputes them (nor the recurrent product they came from); returns the stacked
+    values, for the backward loop's sequence inputs. The forward loop node is replaced in
+    the backward builder's graph only: inference keeps the plain loop."""
+    a = n.attrs
+    body, names = a.body, list(a.body.inputs)
+    varying = set(names[:a.n_seq + a.n_state])
+    for m in body.nodes.values():
+        if m.role != "input" and any(i in varying for i in m.inputs):
+            varying.add(m.id)
+    mine = {k for k, m in body.nodes.items() if m.role != "input"}
+    saved = list(dict.fromkeys(i for m in bb.graph.nodes.values() if m.id not in mine
+                               for i in m.inputs if i in mine and i in varying))
+    if not saved:
+        return []
+    new_body = copy.copy(body)
+    outs = list(body.outputs.items())
+    new_body.outputs = dict(outs[:a.n_state + a.n_out] + [(f"saved:{k}", k) for k in saved]
+                            + outs[a.n_state + a.n_out:])
+    new_attrs = a.model_copy(update={"body": new_body, "n_out": a.n_out + len(saved)})
+    b.graph.nodes[n.id] = dataclasses.replace(b.graph.nodes[n.id], attrs=new_attrs)
+    types = loop_types(new_attrs)[a.n_state + a.n_out:a.n_state + a.n_out + len(saved)]
+    picks = [b.emit("pick", n.id, as_=f"{n.id.split('/')[-1]}_saved", index=a.n_state
+                    + a.n_out + k, type=t) for k, t in enumerate(types)]
+    order = list(bb.graph.inputs)           # after the backward loop's other seq inputs
+    for k in saved:                 # the value itself becomes an input of the backward body
+        bb.graph.nodes[k] = dataclasses.replace(bb.graph.nodes[k], op="input", attrs=None,
+                                                inputs=(), role="input", cut=False)
+    bb.graph.inputs = {**{k: bb.graph.inputs[k] for k in order[:n_seq]},
+                       **{k: bb.graph.nodes[k].type for k in saved},
+                       **{k: bb.graph.inputs[k] for k in order[n_seq:]}}
+    keep = bb.graph.ancestors(bb.graph.outputs.values()) | set(bb.graph.inputs)
+    bb.graph.nodes = {k: v for k, v in bb.graph.nodes.items() if k in keep}
+    return picks
 
 
 def _backward_body(b, n, ct_st, ct_per):

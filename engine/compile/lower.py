@@ -23,7 +23,7 @@ from dlgraph.engine.compile.cache import (
 )
 from dlgraph.engine.compile.interpret import Ctx, Interpreter, input_array
 from dlgraph.engine.compile.lengths import Lengths
-from dlgraph.engine.graph.autodiff import cut_products
+from dlgraph.engine.graph.autodiff import VIEWS, cut_products
 from dlgraph.engine.graph.ir import Graph
 from dlgraph.engine.types import dim_parts, dim_value
 from dlgraph.ops import OPS
@@ -376,7 +376,12 @@ class LoopStage:
     """A loop: its body compiled once as one time step over a symbolic index, called once
     per step; states are written into preallocated ``[batch, time + 1, ...]`` buffers, sums
     accumulate in place. A named number of steps runs the same program for every length up
-    to the program's longest (the buffers' size)."""
+    to the program's longest (the buffers' size).
+
+    A state that the step multiplies by a matrix (an RNN's ``h @ W_hh``) is also kept in a
+    buffer of its own, read by the next step: read from the stacked buffer, at a row that
+    moves with the step and one batch row ``time + 1`` values after the other, the product
+    is no plain one for the host's BLAS (engine/compile/gemm.py)."""
 
     def __init__(self, prog: Program, node):
         self.prog, self.node = prog, node
@@ -386,6 +391,7 @@ class LoopStage:
         self.made += self.picks
         self.outputs: list[str] = []
         self.body = Interpreter(node.attrs.body, list(node.attrs.body.outputs.values()))
+        self.current = _multiplied_states(node.attrs)
         self._compiled: dict[tuple, tuple] = {}
         self._replays: dict[tuple, tuple[door.Replay, door.Replay]] = {}
         steps = node.attrs.steps
@@ -400,7 +406,9 @@ class LoopStage:
         batch = {t.shape[0] for t in self.prog.graph.inputs.values()
                  if t.rank and isinstance(t.shape[0], str)}
         out = []
-        for t in loop_types(self.node.attrs):
+        a = self.node.attrs
+        names = list(a.body.inputs)
+        for t in loop_types(a) + [a.body.inputs[names[a.n_seq + j]] for j in self.current]:
             b = Tensor.zeros(*resolve(Ctx(dims=dims), t.shape), dtype=t.dtype)
             if devices:
                 b = b.shard(devices, axis=0 if t.rank and t.shape[0] in batch else None)
@@ -472,26 +480,30 @@ class LoopStage:
 
     def _prologue(self, *xs):
         a = self.node.attrs
-        nst, n = a.n_state, len(self.length)
+        nst, n, m = a.n_state, len(self.length), len(self.current)
         at = (xs[0] if n else a.steps) if a.reverse else 0
         inits, bufs = xs[n:n + nst], xs[n + nst:]
         work = [b[:, at:at + 1].assign(i.unsqueeze(1)) for b, i in zip(bufs, inits, strict=False)]
-        work += [b.assign(b.zeros_like()) for b in bufs[nst + a.n_out:]]
+        work += [b.assign(b.zeros_like()) for b in bufs[nst + a.n_out:len(bufs) - m]]
+        work += [b.assign(inits[j]) for b, j in zip(bufs[len(bufs) - m:], self.current,
+                                                      strict=True)]
         Tensor.realize(*work)
         return bufs[0]
 
     def _step_fn(self, dims):
         a = self.node.attrs
         names = list(a.body.inputs)
-        ns, nst, n_out = a.n_seq, a.n_state, a.n_out
+        ns, nst, n_out, m = a.n_seq, a.n_state, a.n_out, len(self.current)
 
         def step(t, *xs):
             ctx = Ctx(training=self.prog.training, dims=dims, knobs=self.prog.knobs)
             n_c = len(names) - ns - nst
-            seqs, consts, bufs = xs[:ns], xs[ns:ns + n_c], xs[ns + n_c:]
+            seqs, consts, bufs = xs[:ns], xs[ns:ns + n_c], xs[ns + n_c:len(xs) - m]
+            current = dict(zip(self.current, xs[len(xs) - m:], strict=True))
             feed = {n: x[:, t] for n, x in zip(names[:ns], seqs, strict=True)}
             read = t + 1 if a.reverse else t
-            feed.update((n, b[:, read]) for n, b in zip(names[ns:ns + nst], bufs, strict=False))
+            feed.update((n, current[j] if j in current else bufs[j][:, read])
+                        for j, n in enumerate(names[ns:ns + nst]))
             feed.update(zip(names[ns + nst:], consts, strict=True))
             outs = self.body(ctx, feed, {})
             # the step's values first, then the writes into the buffers: tinygrad cannot tell
@@ -506,6 +518,23 @@ class LoopStage:
                      for b, v in zip(bufs[nst:nst + n_out], outs[nst:nst + n_out], strict=True)]
             work += [b.assign(b + v) for b, v in zip(bufs[nst + n_out:], outs[nst + n_out:],
                                                       strict=True)]
+            work += [b.assign(outs[j]) for j, b in current.items()]
             Tensor.realize(*work, *ctx.updates)
             return bufs[0]
         return step
+
+
+def _multiplied_states(a) -> list[int]:
+    """The indices of a loop's states that its body multiplies by a matrix (through views)."""
+    body, names = a.body, list(a.body.inputs)
+    states = {names[a.n_seq + j]: j for j in range(a.n_state)}
+    found = set()
+    for n in body.nodes.values():
+        if n.op != "matmul":
+            continue
+        for src in n.inputs:
+            while (v := body.nodes.get(src)) is not None and v.op in VIEWS:
+                src = v.inputs[0]
+            if src in states:
+                found.add(states[src])
+    return sorted(found)
