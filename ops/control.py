@@ -99,9 +99,11 @@ def _loop_vjp(b, n, cts: list) -> list:
              for c in ct_st if c is not None]
     seqs += [c for c in ct_per if c is not None]
     seqs += _save_residuals(b, n, bb, len(seqs))
+    extra, moved = _sums_as_products(bb, seqs, wanted, list(a.body.inputs), nst)
     inits = n.inputs[ns:ns + nst]
     zeros = [b.emit("zeros", i, shape=list(b.shape(i)[1:]), as_="carry0") for i in inits]
-    got = b.loop(bb, seqs, zeros, steps=a.steps, n_out=len(wanted["seq"]), reverse=fwd)
+    n_per = len(wanted["seq"])
+    got = b.loop(bb, seqs, zeros, steps=a.steps, n_out=n_per + len(extra), reverse=fwd)
     first = 0 if fwd else -1
     out: list = [None] * len(n.inputs)
     for j in range(nst):
@@ -109,9 +111,56 @@ def _loop_vjp(b, n, cts: list) -> list:
         if ct_st[j] is not None:
             c = b.emit("add", c, b.emit("take", ct_st[j], axis=1, index=first))
         out[ns + j] = c
-    for k, g in zip(wanted["seq"] + wanted["const"], got[nst:], strict=True):
+    for k, g in zip(wanted["seq"] + wanted["const"], got[nst:nst + n_per]
+                    + got[nst + n_per + len(extra):], strict=True):
         out[k] = g
+    stacked_steps = got[nst + n_per:nst + n_per + len(extra)]
+    for k, operands in moved.items():
+        x, g = (stacked_steps[v] if isinstance(v, int) else v for v in operands)
+        b.cut(x, g)                 # plain buffers: the sum is one product on the BLAS
+        out[k] = b.emit("sum", b.emit("mul", b.emit("unsqueeze", x, axis=-1),
+                                      b.emit("unsqueeze", g, axis=-2)), axes=[0, 1])
     return out
+
+
+def _sums_as_products(bb, seqs, wanted, names, nst) -> tuple[list[str], dict]:
+    """A weight's gradient summed over the steps, ``sum_t x_t^T g_t`` (an RNN's dW_hh),
+    taken out of the backward body: the body hands on its x_t and g_t as per-step outputs
+    (or x is a sequence the loop reads already) and the sum becomes one product over every
+    batch row and step after the loop, ``X^T G`` (one BLAS call rather than one small
+    accumulating product a step). Returns the new per-step outputs and, for each moved
+    weight (by loop input index), its two operands: the index of a new per-step output,
+    or the outer id of a sequence input."""
+    g = bb.graph
+    inputs = list(g.inputs)
+    outer = dict(zip(inputs[:len(seqs)], seqs, strict=True))
+    varying = set(inputs[:len(seqs)]) | {k for k in inputs if k.startswith("carry:")}
+    for m in g.nodes.values():
+        if m.role != "input" and any(i in varying for i in m.inputs):
+            varying.add(m.id)
+    extra: list[str] = []
+    moved: dict[int, tuple] = {}
+    for k in list(wanted["const"]):
+        node = g.nodes[g.outputs[f"ct:{names[k]}"]]
+        t = g.nodes.get(node.inputs[0]) if node.op == "matmul" else None
+        if t is None or t.op != "transpose" or t.attrs.axes != [1, 0] or \
+                not {t.inputs[0], node.inputs[1]} <= varying:
+            continue
+        pair = []
+        for v in (t.inputs[0], node.inputs[1]):
+            if v not in outer and v not in extra:
+                extra.append(v)
+            pair.append(outer[v] if v in outer else extra.index(v))
+        moved[k] = tuple(pair)
+        wanted["const"].remove(k)
+        del g.outputs[f"ct:{names[k]}"]
+    if extra:
+        outs = list(g.outputs.items())
+        cut = nst + len(wanted["seq"])
+        g.outputs = dict(outs[:cut] + [(f"step:{v}", v) for v in extra] + outs[cut:])
+        keep = g.ancestors(g.outputs.values()) | set(g.inputs)
+        g.nodes = {k: v for k, v in g.nodes.items() if k in keep}
+    return extra, moved
 
 
 def _save_residuals(b, n, bb, n_seq: int) -> list[str]:
