@@ -25,7 +25,9 @@ def mlp():
 @pytest.mark.parametrize("spec", ["mlp.yaml", "lstm.yaml", "cnn.yaml"])
 def test_each_call_answers_for_its_own_inputs(spec):
     """Calls of one model (replayed on its kept buffers) against the first call of a fresh
-    model with the same weights, which runs through tinygrad's own JIT capture."""
+    model with the same weights, which runs through tinygrad's own JIT capture (its
+    generated kernels: the replay's products run on the BLAS, which rounds otherwise, a few
+    1e-6 for cnn.yaml's sums of up to 1,024 products; another caller's inputs miss by ~1)."""
     g = dlgraph.load(ROOT / "graphs" / spec)
     model = dlgraph.compile(g, seed=0)
     feeds = batches(model, [2, 2, 2, 3, 2])
@@ -33,7 +35,7 @@ def test_each_call_answers_for_its_own_inputs(spec):
     for f, out in zip(feeds, got, strict=True):
         ref = dlgraph.compile(g, seed=0)(**f)
         for k in out:
-            np.testing.assert_allclose(out[k], ref[k], rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(out[k], ref[k], rtol=1e-5, atol=1e-5)
     assert not np.allclose(got[0][model.outputs[0]], got[1][model.outputs[0]])
 
 

@@ -125,6 +125,44 @@ def test_a_long_sequential_float32_sum_is_a_product_and_one_off_by_a_part_in_a_t
     assert (gemm.find_layout(sizes, kernel(fn, sizes)) is not None) is found
 
 
+class _Store:
+    """The kernel cache's signed store as the probe sees it: load(name), store(name, bytes)."""
+
+    def __init__(self):
+        self.entries: dict[str, bytes] = {}
+
+    def load(self, name):
+        return self.entries.get(name)
+
+    def store(self, name, blob):
+        self.entries[name] = blob
+
+
+def test_a_finding_is_remembered_with_the_kernel_and_a_damaged_one_is_found_again():
+    name, sizes, fn = next(iter(layouts()))
+    runs = []
+
+    def run(addrs):
+        runs.append(1)
+        kernel(fn, sizes)(addrs)
+    store = _Store()
+    first = gemm.remembered_layout(sizes, run, b"kernel code", store)
+    assert first is not None and len(runs) == 1 and len(store.entries) == 1
+    assert gemm.remembered_layout(sizes, run, b"kernel code", store) == first
+    assert len(runs) == 1                               # the next process runs nothing
+    gemm.remembered_layout(sizes, run, b"other code", store)
+    assert len(runs) == 2                               # another kernel is its own entry
+    key = next(iter(store.entries))
+    for damaged in (b"[0, 1, 2]", b"not json", b'[1, 2, 3, 4, 5, false, false, false, [], "relu"]'):
+        store.entries[key] = damaged
+        assert gemm.remembered_layout(sizes, run, b"kernel code", store) == first
+    assert len(runs) == 5
+    not_product = (M * N, M * N, M * N)
+    elementwise = kernel(lambda o, a, b: o.__setitem__(slice(None), a * b), not_product)
+    assert gemm.remembered_layout(not_product, elementwise, b"mul", store) is None
+    assert gemm.remembered_layout(not_product, lambda a: 1 / 0, b"mul", store) is None
+
+
 CONV = """\
 dlgraph: 1
 name: blas-cnn

@@ -19,10 +19,13 @@ from __future__ import annotations
 import ctypes
 import functools
 import glob
+import hashlib
 import itertools
+import json
 import math
 import os
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 
@@ -180,6 +183,35 @@ def find_layout(sizes: tuple[int, ...], run: Callable[[list[int]], None]):
     return None
 
 
+_DIGEST = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
+"""This module's code: a finding made by another version of it is not reused."""
+
+
+def remembered_layout(sizes: tuple[int, ...], run: Callable[[list[int]], None], code: bytes,
+                      store=None):
+    """:func:`find_layout`, its finding (a layout or None) kept in ``store`` (signed
+    entries: ``load(name) -> bytes | None``, ``store(name, bytes)``; the kernel cache) under
+    the kernel's compiled ``code`` and ``sizes``: a later process loading the same kernels
+    skips running each on scratch arrays (graphs/cnn.yaml: 0.5 s of every start, measured).
+    A stored finding must name a candidate of ``sizes``; anything else is found again."""
+    name = "g" + hashlib.sha256(code + repr(sizes).encode() + _DIGEST.encode()).hexdigest()
+    blob = store.load(name) if store is not None else None
+    if blob is not None:
+        try:
+            rec = json.loads(blob)
+            if rec is None:
+                return None
+            layout = (*rec[:8], tuple(rec[8]), rec[9])
+            if layout in set(_candidates(sizes)):
+                return layout
+        except (ValueError, TypeError, IndexError):
+            pass                            # found again below
+    layout = find_layout(sizes, run)
+    if store is not None:
+        store.store(name, json.dumps(layout).encode())
+    return layout
+
+
 def _epilogue(o: np.ndarray, arrays, c, rows) -> None:
     """Candidate ``c``'s epilogue applied to ``o``, the product's ``rows``."""
     kinds, fn = EPILOGUES[c[9]]
@@ -216,4 +248,5 @@ def matmul_call(addrs: list[int], sizes: tuple[int, ...], layout, keep: list):
     return call
 
 
-__all__ = ["EPILOGUES", "MIN_MACS", "MIN_OUTPUTS", "find_layout", "matmul_call"]
+__all__ = ["EPILOGUES", "MIN_MACS", "MIN_OUTPUTS", "find_layout", "matmul_call",
+           "remembered_layout"]

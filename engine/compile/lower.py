@@ -363,7 +363,7 @@ class Segment:
                 self._jits[key] = names, runner, held
             elif door.has_captured(jit) and (rep is None or not rep.hits):
                 # planned for these buffers, unless a replay that did serve is kept
-                self._replays[key] = door.Replay(jit, args, outs)
+                self._replays[key] = door.Replay(jit, args, outs, self.prog.kernels)
         # the buffers themselves, not what the capture returned (a program loaded from the
         # cache returns its own copies of them)
         env.update((o, held.get(o, r)) for o, r in zip(self.outputs, outs, strict=True))
@@ -456,14 +456,14 @@ class LoopStage:
             self.prog.announce(self)
         prologue(*pro_args)
         step(*step_args)        # captures on the first run, replays later
-        replay = door.replayer(step, step_args)
+        replay = door.replayer(step, step_args, self.prog.kernels)
         if fresh:
             self.prog.announce(self, time.perf_counter() - t0,
                                door.kernels(step) + door.kernels(prologue))
             self.prog.keep(self, dims, [prologue, step])
         for t in order[1:]:
             replay({"step": t})
-        pro = door.Replay(prologue, pro_args)
+        pro = door.Replay(prologue, pro_args, kernels=self.prog.kernels)
         if pro.ok and isinstance(replay, door.Replay):
             self._replays[key] = (pro, replay)
 

@@ -259,14 +259,14 @@ class Replay:
     resolved once here, and a call binds the symbolic values and calls each kernel's program.
     ``ok`` is False where it cannot be (inputs the capture copies, several devices)."""
 
-    def __init__(self, j: TinyJit, args: tuple, ret=None):
+    def __init__(self, j: TinyJit, args: tuple, ret=None, kernels: KernelCache | None = None):
         self.tensors = [a for a in args if isinstance(a, Tensor)]
         self.ret = ret
         ins, _, names, info = _prepare_jit_inputs(tuple(args), {})
         cap = j.captured
         fits = cap is not None and cap.expected_names == names and cap.expected_input_info == info
         self.ins = ins
-        self.plan = _plan(cap, ins) if fits else None
+        self.plan = _plan(cap, ins, kernels) if fits else None
         self.ok = self.plan is not None
         self.hits = 0                # calls that fitted (a replay never used may be replaced)
 
@@ -297,18 +297,19 @@ class Replay:
         return self.ret
 
 
-def replayer(j: TinyJit, args: tuple):
+def replayer(j: TinyJit, args: tuple, kernels: KernelCache | None = None):
     """A function of the step index replaying a captured loop step on the same buffers
     (see :class:`Replay`), or calling the TinyJit where a replay cannot be planned."""
-    rep = Replay(j, args)
+    rep = Replay(j, args, kernels=kernels)
     if rep.ok:
         return rep
     return lambda var_vals: j(*_rebind(args, var_vals))
 
 
-def _plan(cap, ins) -> list | None:
+def _plan(cap, ins, kernels=None) -> list | None:
     """Each kernel of a captured step as (program, buffers, launch info); other calls as
-    they are. None where the plain replay must run (inputs it copies, several devices)."""
+    they are. None where the plain replay must run (inputs it copies, several devices).
+    ``kernels``: the kernel cache, where what a kernel computes is remembered."""
     if any(u in cap._written_uops for u in ins) or any(u.op is not Ops.BUFFER for u in ins):
         return None
     plan: list = []
@@ -325,11 +326,13 @@ def _plan(cap, ins) -> list | None:
             return None
         bufs = [b.ensure_allocated().get_buf(devices[0]) for b in per_dev[0][0]]
         rt = get_runtime(devices[0], ast)
-        plan.append(_gemm(rt, per_dev[0][0], bufs, ast.arg) or _launcher(rt, bufs, ast.arg))
+        code = next((u.arg for u in ast.src if u.op is Ops.BINARY), None)
+        plan.append(_gemm(rt, per_dev[0][0], bufs, ast.arg, code, kernels)
+                    or _launcher(rt, bufs, ast.arg))
     return plan
 
 
-def _gemm(rt, tbufs, bufs, prg):
+def _gemm(rt, tbufs, bufs, prg, code: bytes | None, kernels):
     """A CPU kernel computing a matrix product of two inputs (and one of gemm.EPILOGUES), as
     numpy's on its buffers (engine/compile/gemm.py: found by running it on scratch arrays)."""
     if os.environ.get("DLGRAPH_BLAS") == "0" or type(rt).__name__ != "CPUProgram" or rt.lvp or \
@@ -340,7 +343,8 @@ def _gemm(rt, tbufs, bufs, prg):
         return None
     sizes = tuple(b.size for b in tbufs)
     run = lambda addrs: _launcher(rt, [_Addr(a) for a in addrs], prg)({})  # noqa: E731
-    layout = gemm.find_layout(sizes, run)
+    layout = gemm.remembered_layout(sizes, run, code, kernels) if code is not None \
+        else gemm.find_layout(sizes, run)
     return None if layout is None else gemm.matmul_call([b.va_addr for b in bufs], sizes,
                                                         layout, bufs)
 
