@@ -163,7 +163,7 @@ def train(graph: Graph, *, out=None, resume: bool = False, device: str | None = 
           epochs: int | None = None, steps: int | None = None, quiet: bool = False,
           debug: bool = False, log=None, data: dict | None = None,
           init_from: str | Path | None = None, cache: bool = True,
-          devices=None) -> TrainResult:
+          devices=None, started: float | None = None) -> TrainResult:
     """Train ``graph`` by its ``train:`` section in this process; see the module docstring.
 
     ``data``: numpy arrays by name (``{"x": X, "y": y}``) instead of the spec's data source,
@@ -172,9 +172,11 @@ def train(graph: Graph, *, out=None, resume: bool = False, device: str | None = 
     compiled programs across processes (engine/compile/cache.py); False compiles afresh.
     ``devices``: data parallel on the devices of this machine (``["cpu:0", "cpu:1"]`` or
     ``"cuda:0,cuda:1"``): each batch split over them, the parameters replicated, the update
-    the one a single device makes on the whole batch (engine/train/shard.py).
+    the one a single device makes on the whole batch (engine/train/shard.py). ``started``:
+    when the wait began on ``time.perf_counter``'s clock (the command's launch), for the
+    times the run reports ("first step after"); default now.
     """
-    t_start = time.perf_counter()
+    t_start = time.perf_counter() if started is None else started
     echo = log or (lambda s: None if quiet else print(s, file=sys.stderr, flush=True))
     spec = train_spec(graph)
     if init_from is not None:               # it replaces the spec's own init_from file
