@@ -13,10 +13,10 @@ the steps). The loop node yields, in that order, each state stacked over time
 runs backwards in time), each per-step output stacked ``[batch, time, ...]`` and each sum.
 
 Its VJP (an ordinary rule of this record) is another loop running the other way, whose
-body is the reversal of this body (recomputing the step, then the ordinary VJP rules), so
-the backward pass never unrolls. The lowering decides how the steps run: one compiled step
-program called once for each time step, or inline (unrolled) where a single program is
-needed.
+body is the reversal of this body (reading the step values the forward loop saved for it,
+then the ordinary VJP rules), so the backward pass never unrolls. The lowering decides how
+the steps run: one compiled step program called once for each time step, or inline
+(unrolled) where a single program is needed.
 """
 
 from __future__ import annotations
@@ -75,12 +75,14 @@ def _loop_infer(a, *ts: TType) -> TType:
 def _loop_vjp(b, n, cts: list) -> list:
     """The VJP of a loop: a loop running the other way over the reversed body.
 
-    Its body recomputes the step from the saved state before it, then runs the ordinary
-    VJP rules: the carried state is the cotangent of the state, the per-step outputs are
-    the cotangents of the sequence inputs, and the cotangents of the consts (weights) are
-    summed over the steps. Nothing is unrolled. ``b`` is the backward pass's builder
-    (engine/graph/autodiff.py's GradBuilder): besides emitting it says which inputs need a
-    cotangent, gives the loop's pick nodes and differentiates the body.
+    Its body reads the saved state before the step and the step values it needs, saved by
+    the forward loop (:func:`_save_residuals`), then runs the ordinary VJP rules: the
+    carried state is the cotangent of the state, the per-step outputs are the cotangents
+    of the sequence inputs, and the cotangents of the consts (weights) are summed over the
+    steps (a product's, after the loop: :func:`_sums_as_products`). Nothing is unrolled.
+    ``b`` is the backward pass's builder (engine/graph/autodiff.py's GradBuilder): besides
+    emitting it says which inputs need a cotangent, gives the loop's pick nodes and
+    differentiates the body.
     """
     a, fwd = n.attrs, not n.attrs.reverse
     ns, nst = a.n_seq, a.n_state

@@ -139,6 +139,27 @@ def test_one_loop_whatever_the_length():
     assert sizes[0] == sizes[1]
 
 
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_the_backward_step_reads_saved_gates_and_the_weight_gradient_is_one_product(kind):
+    """The forward loop of the training graph saves the step values its VJP reads, so the
+    backward step recomputes no gate (no sigmoid, no tanh, no recurrent product: one
+    matmul left, the state's cotangent); W_hh's gradient is one product over every batch
+    row and step after the loop, not a sum the backward step accumulates (its numbers:
+    test_matches_torch)."""
+    g = dlgraph.load(spec(kind, 1, False, ()))
+    tg = reverse(g, "loss")
+    fwd, bwd = [n for n in tg.nodes.values() if n.op == "loop"]
+    saved = [k for k in fwd.attrs.body.outputs if k.startswith("saved:")]
+    assert len(saved) >= 3
+    ops = [n.op for n in bwd.attrs.body.nodes.values()]
+    assert "sigmoid" not in ops and "tanh" not in ops and ops.count("matmul") == 1
+    assert not any(k.startswith("ct:") and "weight_hh" in k for k in bwd.attrs.body.outputs)
+    n = tg.nodes[tg.grads["enc.weight_hh_l0"]]
+    while n.op != "sum":                    # through the transposes back to W_hh's layout
+        n = tg.nodes[n.inputs[0]]
+    assert n.attrs.axes == [0, 1]           # batch and time at once
+
+
 def test_compiled_step_is_one_program_for_every_t():
     """The loop's compiled step runs the same kernels whatever the sequence length."""
     counts = []
