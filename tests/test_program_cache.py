@@ -302,6 +302,24 @@ def test_the_chosen_device_is_remembered_and_a_stale_choice_reprobed(cache_dir, 
     fresh()
 
 
+def test_a_new_process_opens_the_cpu_device_without_generating_its_programs(cache_dir):
+    """tinygrad's CPU device generates its own helper programs each time a process opens
+    it; with the kernel cache the second process loads them (0.3 s of every start)."""
+    code = textwrap.dedent("""
+        from dlgraph.engine.compile import tinygrad_door as door
+        from dlgraph.engine.compile.device import use_device
+        use_device("cpu")
+        print(*door._current().take_counts())
+    """)
+    runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           env={**os.environ, "DLGRAPH_CACHE_DIR": str(cache_dir)},
+                           timeout=300) for _ in range(2)]
+    assert all(r.returncode == 0 for r in runs), runs[0].stderr + runs[1].stderr
+    (loaded0, made0), (loaded1, made1) = (map(int, r.stdout.split()) for r in runs)
+    assert made0 >= 4 and loaded0 == 0         # four helper programs and the probe's kernel
+    assert made1 == 0 and loaded1 == made0
+
+
 @pytest.mark.parametrize("spec", ["mlp", "lstm"])
 def test_parameters_replaced_after_compiling_are_the_ones_used_and_stored(cache_dir, spec):
     """Tests and users swap tensors in `model.params` before the first call; the stored

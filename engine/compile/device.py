@@ -8,8 +8,13 @@ import shutil
 
 from tinygrad import Device, Tensor
 
-from dlgraph.engine.compile.cache import remember_device, remembered_device
-from dlgraph.engine.compile.tinygrad_door import compile_in_process, select_device
+from dlgraph.engine.compile.cache import (
+    default_cache,
+    kernel_cache,
+    remember_device,
+    remembered_device,
+)
+from dlgraph.engine.compile.tinygrad_door import compile_in_process, keep_kernels_in, select_device
 from dlgraph.engine.errors import DeviceError
 
 DEVICES = ("cpu", "cuda", "nv", "amd", "metal", "cl", "webgpu")
@@ -50,6 +55,8 @@ def _probe(name: str | None) -> str:
     dev = name.upper() if name else "the default device"
     try:
         dev = Device.DEFAULT
+        programs = default_cache(warn=lambda s: None)       # before the device is opened
+        keep_kernels_in(kernel_cache(programs) if programs is not None else None)
         Tensor([1.0], device=dev).add(1).realize()
     except Exception as e:  # tinygrad raises many kinds; every one means "unusable"
         hint = "install a C compiler for tinygrad's CPU backend: apt-get install clang" \

@@ -456,8 +456,48 @@ class KernelCache:
         return out
 
 
-_KERNELS: KernelCache | None = None
+_OFF = object()
+_KERNELS: KernelCache | object | None = None    # None: the process's (keep_kernels_in)
+_DEFAULT: list = [None]
 _LOWER: dict = {}
+
+
+def keep_kernels_in(cache: KernelCache | None) -> None:
+    """Kernels compiled outside a program (a device's own helper programs, a probe, filling
+    an optimizer's state) are looked up in and kept in ``cache`` too: tinygrad's CPU device
+    generates four helper programs each time a process opens it (about 0.1-0.2 s)."""
+    _DEFAULT[0] = cache
+    _wrap_compilers()
+    try:
+        from tinygrad.runtime import ops_cpu
+    except Exception:       # a backend this machine cannot load: nothing of it to keep
+        return
+    if ops_cpu.do_to_program is not _device_program:
+        _LOWER["device"], ops_cpu.do_to_program = ops_cpu.do_to_program, _device_program
+
+
+def _device_program(ast: UOp, renderer) -> UOp:
+    """tinygrad's ``do_to_program`` for a device's own programs, through the kernel cache."""
+    key = to_program_key(ast, renderer)
+    if key not in to_program_cache:
+        cache = _current()
+        if cache is None or cache.fill([key]):
+            to_program_cache[key] = _LOWER["device"](ast, renderer)
+            if cache is not None:
+                cache.keep([key])
+    return to_program_cache[key]
+
+
+def _current() -> KernelCache | None:
+    cache = _DEFAULT[0] if _KERNELS is None else _KERNELS
+    return None if cache is _OFF else cache
+
+
+def _wrap_compilers() -> None:
+    if not _LOWER.get("realize"):          # tinygrad's compile entry points, wrapped once
+        from tinygrad.runtime.support import hcq2
+        _LOWER.update(realize=realize.lower_and_compile, hcq2=hcq2.lower_and_compile)
+        realize.lower_and_compile = hcq2.lower_and_compile = _lower_and_compile
 
 
 class kernels_from:
@@ -469,11 +509,8 @@ class kernels_from:
 
     def __enter__(self):
         global _KERNELS
-        if not _LOWER:                       # tinygrad's compile entry points, wrapped once
-            from tinygrad.runtime.support import hcq2
-            _LOWER.update(realize=realize.lower_and_compile, hcq2=hcq2.lower_and_compile)
-            realize.lower_and_compile = hcq2.lower_and_compile = _lower_and_compile
-        self.before, _KERNELS = _KERNELS, self.cache
+        _wrap_compilers()
+        self.before, _KERNELS = _KERNELS, _OFF if self.cache is None else self.cache
         return self
 
     def __exit__(self, *exc):
@@ -482,7 +519,7 @@ class kernels_from:
 
 
 def _lower_and_compile(linear: UOp) -> UOp:
-    cache = _KERNELS
+    cache = _current()
     if cache is None:
         return _LOWER["realize"](linear)
     keys = list(dict.fromkeys(to_program_key(*a) for c in linear.toposort() if c.op is Ops.CALL
