@@ -186,3 +186,28 @@ def test_recurrent_needs_fixed_features():
         "<dict>: node 'enc' (gru): gru needs [batch, time, features] with a fixed number of "
         "features, got [batch, time, feat]\n"
         "  help: declare the input like {shape: [batch, time, 1]}")
+
+
+def test_the_gate_kernels_compile_as_plain_loops_and_reductions_keep_tinygrad_opts(monkeypatch):
+    """On the CPU an elementwise kernel computing exponentials (the gates' sigmoid and tanh)
+    is compiled without tinygrad's hand-coded optimisations, which the C compiler then
+    vectorises; a reduction keeps them. The numbers: test_matches_torch."""
+    from tinygrad.uop.ops import Ops
+
+    from dlgraph.engine.compile import tinygrad_door as door
+    seen = []
+    real = door._plain_call
+
+    def record(c):
+        out = real(c)
+        ast = out.src[0]
+        if ast.op is Ops.SINK:
+            ops = {u.op for u in ast.toposort()}
+            seen.append((out is not c, Ops.REDUCE in ops, bool(ops & {Ops.EXP2, Ops.LOG2})))
+        return out
+    monkeypatch.setattr(door, "_plain_call", record)
+    g = dlgraph.load(spec("lstm", 1, False, ()))
+    model = dlgraph.compile(g, seed=0, cache=False)
+    model(**{k: v for k, v in data(1, False, ()).items() if k in model.input_names})
+    assert any(plain for plain, _, _ in seen)
+    assert all(plain == (exp and not red) for plain, red, exp in seen)
