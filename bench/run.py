@@ -729,8 +729,8 @@ def report(results, mach, opts, wall: float, command: str) -> str:
         "below).",
         "",
     ]
-    # bench/breakdown.py, latency.py, startup.py
-    for extra in ("last-breakdown.md", "last-latency.md", "last-startup.md"):
+    # bench/breakdown.py, latency.py, predict.py, startup.py
+    for extra in ("last-breakdown.md", "last-latency.md", "last-predict.md", "last-startup.md"):
         if (HERE / extra).exists():
             lines += [(HERE / extra).read_text().strip(), ""]
     if notes.exists():
