@@ -221,7 +221,9 @@ def sinusoids(b, length, dim):
     ang = b.emit("mul", pos, freq)                                   # [length, dim / 2]
     pair = b.emit("concat", b.emit("unsqueeze", b.emit("sin", ang), axis=-1),
                   b.emit("unsqueeze", b.emit("cos", ang), axis=-1), axis=-1)
-    return b.emit("reshape", pair, shape=[length, dim], as_="sinusoids")
+    table = b.emit("reshape", pair, shape=[length, dim], as_="sinusoids")
+    b.cut(table)            # computed once a call, not again inside what reads it
+    return table
 
 
 def _posenc(b, a, x):

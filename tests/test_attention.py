@@ -346,6 +346,29 @@ def test_sinusoidal_positional_encoding_at_any_length():
         np.testing.assert_allclose(m(x=x)["a"], x + sinusoid_table(steps, 8), atol=2e-5)
 
 
+def test_the_sinusoid_table_is_a_buffer_of_its_own_and_right_on_every_call():
+    """At a fixed length the table (constants alone) is kept in a buffer the call computes
+    once (tinygrad would fold it into every kernel that reads it); replayed calls with other
+    inputs still add the right table."""
+    from dlgraph.engine.compile import interpret
+    spec = {"dlgraph": 1, "name": "pe", "inputs": {"x": {"shape": ["batch", 12, 8]}},
+            "nodes": {"a": {"op": "positional_encoding", "in": "x"},
+                      "b": {"op": "linear", "in": "a", "out": 4}}, "outputs": ["b"]}
+    made = []
+    real = interpret._kept
+    interpret._kept = lambda t: (made.append(t.shape), real(t))[1]
+    try:
+        m = dlgraph.compile(dlgraph.load(spec), cache=False)
+        w = {k: v.numpy() for k, v in m.params.items()}
+        for seed in range(4):
+            x = np.random.default_rng(seed).standard_normal((3, 12, 8)).astype(np.float32)
+            want = (x + sinusoid_table(12, 8)) @ w["b.weight"].T + w["b.bias"]
+            np.testing.assert_allclose(m(x=x)["b"], want, atol=2e-5)
+    finally:
+        interpret._kept = real
+    assert made and all(shape == (12, 8) for shape in made)
+
+
 def test_learned_positional_encoding_gradients():
     spec = seq_spec({"a": {"op": "positional_encoding", "in": "x", "kind": "learned",
                            "max_len": 9}})

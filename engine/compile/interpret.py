@@ -91,6 +91,10 @@ class Interpreter:
         self.rules = {nid: OPS[graph[nid].op].forward for nid in self.order
                       if graph[nid].role not in ("input", "param")}
         self.targets = targets
+        self.constant: set[str] = set()        # values that depend on no input or parameter
+        for nid, n in graph.nodes.items():
+            if n.role not in ("input", "param") and all(i in self.constant for i in n.inputs):
+                self.constant.add(nid)
 
     def __call__(self, ctx: Ctx, inputs: dict[str, Tensor], params: dict[str, Tensor]):
         env = dict(inputs)
@@ -108,8 +112,18 @@ class Interpreter:
             n = g.nodes[nid]
             ctx.node = (id(g), nid)
             out = self.rules[nid](ctx, n.attrs, *(env[i] for i in n.inputs))
-            env[nid] = out.contiguous() if n.cut else out
+            env[nid] = (_kept(out) if nid in self.constant else out.contiguous()) if n.cut \
+                else out
         return env
+
+
+def _kept(t: Tensor) -> Tensor:
+    """A cut value made of constants alone (a sinusoid table) in a buffer of its own:
+    tinygrad drops ``contiguous`` there and computes it again inside every kernel that
+    reads it, for every value (the transformer workload's sines: 0.54 of a 2.5 ms call)."""
+    if isinstance(t.device, tuple) or not all(isinstance(d, int) for d in t.shape):
+        return t.contiguous()
+    return Tensor.empty(*t.shape, dtype=t.dtype, device=t.device).assign(t)
 
 
 def input_array(a, dtype: str) -> np.ndarray:
