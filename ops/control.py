@@ -136,10 +136,7 @@ def _sums_as_products(bb, seqs, wanted, names, nst) -> tuple[list[str], dict]:
     g = bb.graph
     inputs = list(g.inputs)
     outer = dict(zip(inputs[:len(seqs)], seqs, strict=True))
-    varying = set(inputs[:len(seqs)]) | {k for k in inputs if k.startswith("carry:")}
-    for m in g.nodes.values():
-        if m.role != "input" and any(i in varying for i in m.inputs):
-            varying.add(m.id)
+    varying = g.dependents(inputs[:len(seqs)] + [k for k in inputs if k.startswith("carry:")])
     extra: list[str] = []
     moved: dict[int, tuple] = {}
     for k in list(wanted["const"]):
@@ -173,10 +170,7 @@ def _save_residuals(b, n, bb, n_seq: int) -> list[str]:
     the backward builder's graph only: inference keeps the plain loop."""
     a = n.attrs
     body, names = a.body, list(a.body.inputs)
-    varying = set(names[:a.n_seq + a.n_state])
-    for m in body.nodes.values():
-        if m.role != "input" and any(i in varying for i in m.inputs):
-            varying.add(m.id)
+    varying = body.dependents(names[:a.n_seq + a.n_state])
     mine = {k for k, m in body.nodes.items() if m.role != "input"}
     saved = list(dict.fromkeys(i for m in bb.graph.nodes.values() if m.id not in mine
                                for i in m.inputs if i in mine and i in varying))

@@ -91,9 +91,9 @@ class Interpreter:
         self.rules = {nid: OPS[graph[nid].op].forward for nid in self.order
                       if graph[nid].role not in ("input", "param")}
         self.targets = targets
-        self.constant: set[str] = set()        # values that depend on no input or parameter
-        for nid, n in graph.nodes.items():
-            if n.role not in ("input", "param") and all(i in self.constant for i in n.inputs):
+        self.constant: set[str] = set()    # made of constants alone (no input, no parameter,
+        for nid in self.rules:             # nothing computed outside these nodes)
+            if all(i in self.constant for i in graph[nid].inputs):
                 self.constant.add(nid)
 
     def __call__(self, ctx: Ctx, inputs: dict[str, Tensor], params: dict[str, Tensor]):

@@ -23,7 +23,7 @@ from dlgraph.engine.compile.cache import (
 )
 from dlgraph.engine.compile.interpret import Ctx, Interpreter, input_array
 from dlgraph.engine.compile.lengths import Lengths
-from dlgraph.engine.graph.autodiff import VIEWS, cut_products
+from dlgraph.engine.graph.autodiff import cut_products, product_operands
 from dlgraph.engine.graph.ir import Graph
 from dlgraph.engine.types import dim_parts, dim_value
 from dlgraph.ops import OPS
@@ -526,15 +526,6 @@ class LoopStage:
 
 def _multiplied_states(a) -> list[int]:
     """The indices of a loop's states that its body multiplies by a matrix (through views)."""
-    body, names = a.body, list(a.body.inputs)
+    names = list(a.body.inputs)
     states = {names[a.n_seq + j]: j for j in range(a.n_state)}
-    found = set()
-    for n in body.nodes.values():
-        if n.op != "matmul":
-            continue
-        for src in n.inputs:
-            while (v := body.nodes.get(src)) is not None and v.op in VIEWS:
-                src = v.inputs[0]
-            if src in states:
-                found.add(states[src])
-    return sorted(found)
+    return sorted({states[src] for _, src in product_operands(a.body) if src in states})

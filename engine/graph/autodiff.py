@@ -114,18 +114,26 @@ EXPANDED = ("windows",)
 them cost the cnn workload's step 75 -> 186 ms, measured)."""
 
 
+def product_operands(g: Graph):
+    """``(product node, operand)`` for each operand of each matrix product of ``g``, the
+    operand followed back through views to the value they show."""
+    for n in [n for n in g.nodes.values() if n.op == "matmul"]:
+        for src in n.inputs:
+            while (m := g.nodes.get(src)) is not None and m.op in VIEWS:
+                src = m.inputs[0]
+            yield n, src
+
+
 def cut_products(g: Graph) -> None:
     """Every matrix product's computed operands (through views) kept in buffers, forward
     and backward, in place: a value recomputed inside a product (a layer norm's output in
     the weight gradient, a concatenated cotangent) leaves it no plain product for the host's
     BLAS (engine/compile/gemm.py), and the backward products read the forward ones."""
-    for n in [n for n in g.nodes.values() if n.op == "matmul"]:
-        for src in n.inputs:
-            while (m := g.nodes.get(src)) is not None and m.op in VIEWS:
-                src = m.inputs[0]
-            if m is not None and m.role in ("forward", "backward") and not m.cut and \
-                    m.op not in EXPANDED:
-                g.nodes[src] = dataclasses.replace(m, cut=True)
+    for _, src in list(product_operands(g)):
+        m = g.nodes.get(src)
+        if m is not None and m.role in ("forward", "backward") and not m.cut and \
+                m.op not in EXPANDED:
+            g.nodes[src] = dataclasses.replace(m, cut=True)
 
 
 def backprop(b: GradBuilder, graph: Graph, seeds: dict[str, str],

@@ -93,6 +93,15 @@ class Graph:
                 stack.extend(self.nodes[nid].inputs)
         return seen
 
+    def dependents(self, sources) -> set[str]:
+        """Every node that depends on some source, sources included (one pass: the nodes are
+        in a topological order)."""
+        seen = set(sources)
+        for nid, n in self.nodes.items():
+            if any(i in seen for i in n.inputs):
+                seen.add(nid)
+        return seen
+
 
 def schedule(g: nx.DiGraph) -> list:
     """Deterministic topological order: file order (node attribute ``pos``) breaks ties.
