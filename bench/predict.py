@@ -19,10 +19,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +29,8 @@ import yaml
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
+
+from startup import timed  # noqa: E402
 
 ROWS = {"mlp": 60_000, "cnn": 6_000, "lstm": 60_000, "transformer": 30_000}
 
@@ -69,14 +69,6 @@ np.savez(sys.argv[3], out=out)
 """
 
 
-def timed(cmd: list[str], env: dict) -> float:
-    t0 = time.perf_counter()
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
-    if r.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{r.stdout}\n{r.stderr}")
-    return time.perf_counter() - t0
-
-
 def workload_row(name: str, tmp: Path, runs: int) -> dict:
     from workloads import workload
 
@@ -108,11 +100,11 @@ def workload_row(name: str, tmp: Path, runs: int) -> dict:
         "onnxruntime": [sys.executable, "-c", ORT, str(onnx), str(data),
                         str(tmp / f"{name}-ort.npz"), str(b)]}
     try:
-        timed(cmds["dlgraph"], env)                 # the program compiled once, then cached
+        timed(cmds["dlgraph"], env, ROOT)           # the program compiled once, then cached
         times = {k: [] for k in cmds}
         for _ in range(runs):
             for k, cmd in cmds.items():
-                times[k].append(timed(cmd, env))
+                times[k].append(timed(cmd, env, ROOT)[0])
     finally:
         spec.unlink()
     out = model.outputs[0]

@@ -193,16 +193,9 @@ def test_convolutions_train_on_blas_as_they_do_on_kernels(tmp_path, monkeypatch,
     g = dlgraph.load(p)
     data = {"x": RNG.standard_normal((64, 3, 12, 12)).astype(np.float32),
             "y": RNG.integers(0, 10, 64).astype(np.int32)}
-    dlgraph.train(g, out=tmp_path / "on", quiet=True, steps=5, cache=False, data=data)
-    ks = {layout[3] for layout in counted}
+    _, _, layouts = _on_and_off(g, data, tmp_path, monkeypatch, counted)
+    ks = {layout[3] for layout in layouts}
     assert {27, 72, 32 * 10 * 10, 32 * 5 * 5, 16} <= ks, ks   # c1, c2: forward, weights; c2 patches
-    monkeypatch.setenv("DLGRAPH_BLAS", "0")
-    dlgraph.train(g, out=tmp_path / "off", quiet=True, steps=5, cache=False, data=data)
-    from dlgraph.engine.train.checkpoint import load_tensors
-    a = load_tensors(tmp_path / "on" / "weights.safetensors")[0]
-    b = load_tensors(tmp_path / "off" / "weights.safetensors")[0]
-    for k in a:
-        np.testing.assert_allclose(a[k], b[k], rtol=1e-4, atol=1e-5, err_msg=k)
 
 
 SPEC = """\
@@ -256,8 +249,17 @@ def test_training_on_blas_matches_training_on_kernels(tmp_path, monkeypatch, cou
     g = dlgraph.load(_write(tmp_path))
     data = {"x": RNG.standard_normal((96, 48)).astype(np.float32),
             "y": RNG.integers(0, 10, 96).astype(np.int32)}
+    on, off, layouts = _on_and_off(g, data, tmp_path, monkeypatch, counted)
+    assert layouts, "no product ran on the BLAS"
+    assert on.metrics["loss"] == pytest.approx(off.metrics["loss"], rel=1e-4)
+
+
+def _on_and_off(g, data, tmp_path, monkeypatch, counted):
+    """Five training steps with products on the BLAS, then with generated kernels only
+    (``DLGRAPH_BLAS=0``, where none may run on the BLAS): the same weights. Returns both
+    results and the layouts the first run found."""
     on = dlgraph.train(g, out=tmp_path / "on", quiet=True, steps=5, cache=False, data=data)
-    assert counted, "no product ran on the BLAS"
+    layouts = list(counted)
     monkeypatch.setenv("DLGRAPH_BLAS", "0")
     counted.clear()
     off = dlgraph.train(g, out=tmp_path / "off", quiet=True, steps=5, cache=False, data=data)
@@ -267,7 +269,7 @@ def test_training_on_blas_matches_training_on_kernels(tmp_path, monkeypatch, cou
     b = load_tensors(tmp_path / "off" / "weights.safetensors")[0]
     for k in a:
         np.testing.assert_allclose(a[k], b[k], rtol=1e-4, atol=1e-5, err_msg=k)
-    assert on.metrics["loss"] == pytest.approx(off.metrics["loss"], rel=1e-4)
+    return on, off, layouts
 
 
 def _write(tmp_path):

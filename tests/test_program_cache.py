@@ -306,10 +306,10 @@ def test_a_new_process_opens_the_cpu_device_without_generating_its_programs(cach
     """tinygrad's CPU device generates its own helper programs each time a process opens
     it; with the kernel cache the second process loads them (0.3 s of every start)."""
     code = textwrap.dedent("""
-        from dlgraph.engine.compile import tinygrad_door as door
+        from dlgraph.engine.compile.cache import default_cache, kernel_cache
         from dlgraph.engine.compile.device import use_device
         use_device("cpu")
-        print(*door._current().take_counts())
+        print(*kernel_cache(default_cache()).take_counts())
     """)
     runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                            env={**os.environ, "DLGRAPH_CACHE_DIR": str(cache_dir)},

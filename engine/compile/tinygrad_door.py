@@ -531,7 +531,14 @@ def _lower_and_compile(linear: UOp) -> UOp:
     return out
 
 
-_TRANSCENDENTAL = (Ops.EXP2, Ops.LOG2, Ops.SIN)
+_TRANSCENDENTAL = {"EXP2", "LOG2", "SIN"}
+
+
+def kernel_ops(call: UOp) -> set[str]:
+    """The names of the operations of a call's kernel yet to be compiled (``REDUCE``,
+    ``EXP2``, ...); empty for any other call."""
+    root = call.src[0]
+    return {u.op.name for u in root.toposort()} if root.op is Ops.SINK else set()
 
 
 def _plain_loops(linear: UOp) -> UOp:
@@ -558,8 +565,8 @@ def _plain_call(c: UOp) -> UOp:
             not isinstance(ast.arg, KernelInfo) or ast.arg.opts_to_apply is not None or \
             not a[1].target.device.startswith("CPU"):
         return c
-    ops = {u.op for u in ast.toposort()}
-    if Ops.REDUCE in ops or not ops & set(_TRANSCENDENTAL):
+    ops = kernel_ops(c)
+    if "REDUCE" in ops or not ops & _TRANSCENDENTAL:
         return c
     plain = ast.replace(arg=dataclasses.replace(ast.arg, opts_to_apply=()))
     return c.replace(src=(plain, *c.src[1:]))
