@@ -309,7 +309,7 @@ def test_a_new_process_opens_the_cpu_device_without_generating_its_programs(cach
         from dlgraph.engine.compile.cache import default_cache, kernel_cache
         from dlgraph.engine.compile.device import use_device
         use_device("cpu")
-        print(*kernel_cache(default_cache()).take_counts())
+        print(*kernel_cache(default_cache()).take_counts()[:2])
     """)
     runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                            env={**os.environ, "DLGRAPH_CACHE_DIR": str(cache_dir)},
@@ -388,11 +388,11 @@ def test_a_symbolic_length_program_loads_in_a_new_process(tmp_path, cache_dir):
 # ------------------------------------------------------------------------ the kernel cache
 
 
-def _in_new_process(spec, out, cache_dir, *flags):
+def _in_new_process(spec, out, cache_dir, *flags, env=None):
     """``dlgraph run`` in a fresh process (nothing of tinygrad's memory shared); its output."""
     r = subprocess.run([sys.executable, "-m", "dlgraph.cli.main", "run", str(spec), "--out",
                         str(out), *flags], capture_output=True, text=True, timeout=600,
-                       env={**os.environ, "DLGRAPH_CACHE_DIR": str(cache_dir)})
+                       env={**os.environ, "DLGRAPH_CACHE_DIR": str(cache_dir), **(env or {})})
     assert r.returncode == 0, r.stderr
     return r.stdout + r.stderr
 
@@ -428,6 +428,63 @@ def test_specs_that_share_layers_share_their_kernels_across_processes(tmp_path, 
     wide = _spec(tmp_path, SPEC.replace("out: 16", "out: 24"), "wide.yaml")
     loaded, made = _kernel_line(_in_new_process(wide, tmp_path / "r2", cache_dir, "--steps", "3"))
     assert loaded > 0 and made > 0                # the loss and Adam's scalar kernels shared
+
+
+TWO_CORES = pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="one core: no helper process")
+
+
+@TWO_CORES
+def test_a_second_process_generates_kernels_and_the_numbers_are_the_same(tmp_path):
+    """On two cores, a forked copy of the process generates about half of the new kernels
+    (the run's line counts them); weights and checkpoint bit for bit those of a process
+    that generates every kernel itself."""
+    spec = _spec(tmp_path, SPEC.replace("out: 16", "out: 21"))
+    helped = _in_new_process(spec, tmp_path / "a", tmp_path / "ca", "--steps", "3")
+    alone = _in_new_process(spec, tmp_path / "b", tmp_path / "cb", "--steps", "3",
+                            env={"DLGRAPH_COMPILE_HELPER": "0"})
+    import re
+    beside = [int(n) for n in re.findall(r"\((\d+) of them by a second process\)", helped)]
+    assert sum(beside) > 0, helped
+    assert "second process" not in alone
+    assert _kernel_line(helped)[1] == _kernel_line(alone)[1]
+    for name in ("weights.safetensors", "checkpoint.safetensors"):
+        a, b = (load_tensors(tmp_path / r / name)[0] for r in ("a", "b"))
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+@TWO_CORES
+def test_a_helper_that_hangs_is_stopped_and_its_kernels_generated_here(monkeypatch):
+    """A helper process that finishes no kernel for HELPER_STALL seconds is killed; this
+    process generates what it had taken, and the model's answer is right."""
+    import time
+
+    from dlgraph.engine.compile import tinygrad_door as door
+    parent, real = os.getpid(), door.to_program
+
+    def stuck_in_helper(ast, renderer):
+        if os.getpid() != parent:
+            time.sleep(600)
+        return real(ast, renderer)
+
+    monkeypatch.setattr(door, "to_program", stuck_in_helper)
+    monkeypatch.setattr(door, "HELPER_STALL", 1.0)
+    monkeypatch.setattr(door, "_HELPER", [True])
+    killed, kill = [], os.kill
+    monkeypatch.setattr(os, "kill", lambda pid, sig: (killed.append(pid), kill(pid, sig)))
+    import yaml
+    g = dlgraph.load(yaml.safe_load(SPEC.replace("out: 16", "out: 19")))
+    model = dlgraph.compile(g, seed=5, cache=False)
+    x = np.random.default_rng(1).normal(size=(7, 2)).astype(np.float32)
+    t0 = time.monotonic()
+    got = model(x=x)["logits"]
+    assert time.monotonic() - t0 < 60 and len(killed) >= 1
+    p = {k: v.numpy().astype(np.float64) for k, v in model.params.items()}
+    h = np.tanh(x @ p["h.weight"].T + p["h.bias"])
+    bn = (h - p["bn.running_mean"]) / np.sqrt(p["bn.running_var"] + 1e-5) * p["bn.weight"] \
+        + p["bn.bias"]
+    np.testing.assert_allclose(got, bn @ p["logits.weight"].T + p["logits.bias"], rtol=1e-5,
+                               atol=1e-5)
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip"])

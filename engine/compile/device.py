@@ -25,13 +25,16 @@ SERIAL_COMPILE_CORES = 4
 than in tinygrad's pool of worker processes (``PARALLEL``; set it to choose). Measured on 2
 cores (graphs/lstm.yaml, first training step): 5.0-7.9 s serial against 11-16 s with the
 pool, and 1.1-1.6 s against 1.6-1.8 s with the program cache: starting the pool's
-processes costs more than the parallel compile saves."""
+processes (each imports tinygrad anew) costs more than the parallel compile saves. With two
+cores or more, a forked copy of this process (nothing to import) generates half of a
+program's new kernels (``DLGRAPH_COMPILE_HELPER=0``: none)."""
 
 
 def use_device(name: str | None) -> str:
     """Select and probe a tinygrad device; a :class:`DeviceError` says how to fix a failure."""
     if "PARALLEL" not in os.environ and (os.cpu_count() or 1) <= SERIAL_COMPILE_CORES:
-        compile_in_process()
+        compile_in_process(helper=(os.cpu_count() or 1) >= 2
+                           and os.environ.get("DLGRAPH_COMPILE_HELPER", "1") != "0")
     auto = not name and not os.environ.get("DEV")
     if auto and (known := remembered_device()) is not None:
         try:

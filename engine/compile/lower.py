@@ -208,7 +208,7 @@ class Program:
                  cached: bool = False) -> None:
         """One progress line as a stage compiles (before) and when it is done (after), or
         when it was loaded from the program cache."""
-        loaded, made = self.kernels.take_counts() if self.kernels else (0, 0)  # since "compiling"
+        loaded, made, beside = self.kernels.take_counts() if self.kernels else (0, 0, 0)
         if self.progress is None:
             return
         k = self.stages.index(stage) + 1
@@ -220,6 +220,7 @@ class Program:
             self.progress(f"compiling {what} …")
         else:
             kept = f"; {loaded} from the kernel cache, {made} generated" if loaded + made else ""
+            kept += f" ({beside} of them by a second process)" if beside else ""
             self.progress(f"compiled {what}: {n} in {seconds:.1f} s{kept}")
 
     def value(self, env: dict, nid: str) -> Tensor:
