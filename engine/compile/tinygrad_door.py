@@ -23,8 +23,7 @@ import time
 import weakref
 
 import numpy as np
-from tinygrad import Device, Tensor, TinyJit, dtypes
-from tinygrad import helpers
+from tinygrad import Device, Tensor, TinyJit, dtypes, helpers
 from tinygrad.codegen import to_program, to_program_cache, to_program_key
 from tinygrad.dtype import _to_np_dtype
 from tinygrad.engine import realize
@@ -526,8 +525,8 @@ class kernels_from:
 def _lower_and_compile(linear: UOp) -> UOp:
     linear = _plain_loops(linear)
     cache = _current()
-    todo = dict(((to_program_key(*a), a) for c in linear.toposort() if c.op is Ops.CALL
-                 and (a := realize._get_call_to_compile(c)) is not None))
+    todo = dict((to_program_key(*a), a) for c in linear.toposort() if c.op is Ops.CALL
+                 and (a := realize._get_call_to_compile(c)) is not None)
     missing = list(todo) if cache is None else cache.fill(list(todo))
     beside = _generate_beside([(k, todo[k]) for k in missing if k not in to_program_cache])
     out = _LOWER["realize"](linear)
