@@ -487,6 +487,37 @@ def test_a_helper_that_hangs_is_stopped_and_its_kernels_generated_here(monkeypat
                                atol=1e-5)
 
 
+@TWO_CORES
+def test_no_helper_is_forked_from_a_thread_of_an_embedding_program(monkeypatch):
+    """A model compiled from a thread of the user's program (a server's worker) compiles
+    alone: another thread may hold a lock that a forked copy would never see released. From
+    the main thread a fork is tried; one the system refuses leaves the compile to this
+    process."""
+    import threading
+
+    import yaml
+
+    from dlgraph.engine.compile import tinygrad_door as door
+    forks = []
+    monkeypatch.setattr(door, "_HELPER", [True])
+    monkeypatch.setattr(os, "fork", lambda: forks.append(1) or (_ for _ in ()).throw(OSError))
+    x = np.ones((3, 2), np.float32)
+
+    def compiled(width):
+        g = dlgraph.load(yaml.safe_load(SPEC.replace("out: 16", f"out: {width}")))
+        return dlgraph.compile(g, seed=1, cache=False)(x=x)["logits"]
+
+    got = []
+    t = threading.Thread(target=lambda: got.append(compiled(17)))
+    t.start()
+    t.join()
+    assert len(got) == 1 and forks == []
+    # from the main thread it forks; a fork the system refuses: compiled alone, same numbers
+    again = compiled(18)
+    assert forks == [1]
+    np.testing.assert_array_equal(again[:, :2].shape, got[0].shape)
+
+
 @pytest.mark.parametrize("damage", ["truncate", "flip"])
 def test_a_damaged_kernel_entry_is_rebuilt_not_trusted(tmp_path, cache_dir, damage):
     spec = _spec(tmp_path)

@@ -480,10 +480,30 @@ def keep_kernels_in(cache: KernelCache | None) -> None:
         _LOWER["device"], ops_cpu.do_to_program = ops_cpu.do_to_program, _device_program
 
 
+def _compiled_code_for_every_thread() -> None:
+    """tinygrad keeps the C compiler's output in SQLite through one connection that only
+    the thread that opened it may use: a model compiled from a second thread of the user's
+    program failed. Compiles take :data:`LOCK`, so one connection serves every thread."""
+    if helpers._db_connection is _SHARED_DB[0] is not None or helpers.CACHELEVEL < 1:
+        return
+    import sqlite3
+    os.makedirs(os.path.dirname(helpers.CACHEDB), exist_ok=True)
+    db = sqlite3.connect(helpers.CACHEDB, timeout=60, isolation_level="IMMEDIATE",
+                         check_same_thread=False)
+    with contextlib.suppress(sqlite3.OperationalError):
+        db.execute("PRAGMA journal_mode=WAL").fetchone()
+    db.execute("PRAGMA synchronous=NORMAL")
+    helpers._db_connection = _SHARED_DB[0] = db
+
+
+_SHARED_DB: list = [None]
+
+
 def _device_program(ast: UOp, renderer) -> UOp:
     """tinygrad's ``do_to_program`` for a device's own programs, through the kernel cache."""
     key = to_program_key(ast, renderer)
     if key not in to_program_cache:
+        _compiled_code_for_every_thread()
         cache = _current()
         if cache is None or cache.fill([key]):
             to_program_cache[key] = _LOWER["device"](ast, renderer)
@@ -523,6 +543,7 @@ class kernels_from:
 
 
 def _lower_and_compile(linear: UOp) -> UOp:
+    _compiled_code_for_every_thread()
     linear = _plain_loops(linear)
     cache = _current()
     todo = dict((to_program_key(*a), a) for c in linear.toposort() if c.op is Ops.CALL
@@ -551,15 +572,20 @@ def _generate_beside(todo: list[tuple]) -> int:
     Kernels it did not finish are generated here by tinygrad as usual, and a helper that
     finishes none for :data:`HELPER_STALL` seconds is stopped. CPU kernels only (other
     devices' compilers are unmeasured after a fork), never under BEAM (it times on the
-    device). Returns how many kernels the helper generated."""
-    if not _HELPER[0] or len(todo) < HELPER_FROM or BEAM.value >= 1 or \
+    device), and only from a main thread whose other threads are known (a lock that a
+    server's or Ray's thread holds at the fork would stay held in the copy). Returns how
+    many kernels the helper generated."""
+    if not _HELPER[0] or len(todo) < HELPER_FROM or BEAM.value >= 1 or not _fork_safe() or \
             not all(a[1].target.device.startswith("CPU") for _, a in todo):
         return 0
     import multiprocessing
     import tempfile
     counts = multiprocessing.get_context("fork").Array("i", 2)     # taken, done by the helper
     with tempfile.TemporaryFile() as out:
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError:                 # no memory or process left for it: compile alone
+            return 0
         if pid == 0:                                   # the helper: never returns
             _helper_main(todo, counts, out)
         try:
@@ -575,6 +601,13 @@ def _generate_beside(todo: list[tuple]) -> int:
 
 
 HELPER_STALL = 60.0
+_QUIET_THREADS = ("tqdm_monitor", "dlgraph-kernel")   # tqdm's clock; idle between kernels
+
+
+def _fork_safe() -> bool:
+    main = threading.main_thread()
+    return threading.current_thread() is main and all(
+        t is main or t.name.startswith(_QUIET_THREADS) for t in threading.enumerate())
 
 
 def _take_each(todo: list[tuple], counts, made: list, helper: bool = False) -> None:
