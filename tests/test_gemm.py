@@ -72,6 +72,31 @@ def test_every_layout_and_epilogue_is_found_and_computes_what_the_kernel_does(na
     np.testing.assert_allclose(arrays[0], want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("name, sizes, fn", list(layouts()), ids=[c[0] for c in layouts()])
+def test_a_product_run_as_two_halves_of_its_rows_is_bit_for_bit_the_whole(
+        name, sizes, fn, monkeypatch):
+    """A large product may run half on the replay's helper thread (the faster way, timed):
+    either way, every call gives the same bits, so a run does not depend on timing."""
+    from dlgraph.engine.compile.chunks import Chunked
+    found = gemm.find_layout(sizes, kernel(fn, sizes))
+    arrays = [np.zeros(sizes[0], np.float32)] + \
+        [RNG.standard_normal(s).astype(np.float32) for s in sizes[1:]]
+    addrs = [a.ctypes.data for a in arrays]
+    whole = gemm.matmul_call(addrs, sizes, found, arrays)
+    assert not isinstance(whole, Chunked)            # too small to be split by default
+    monkeypatch.setattr(gemm, "SPLIT_MACS", 0)
+    split = gemm.matmul_call(addrs, sizes, found, arrays)
+    assert isinstance(split, Chunked), name
+    for _ in range(2 * Chunked.TRIALS + 2):          # both ways tried, then the chosen one
+        arrays[0][:] = 0
+        split({})
+        got = arrays[0].copy()
+        arrays[0][:] = 0
+        whole({})
+        assert got.tobytes() == arrays[0].tobytes(), name
+    assert split.split is not None
+
+
 def _gelu(x):
     return 0.5 * x * (1 + np.tanh(0.7978845608 * (x + 0.044715 * x ** 3)))
 

@@ -20,8 +20,10 @@ class Chunked:
     TRIALS = 3
     pool = None
 
-    def __init__(self, fxn, chunks: list[tuple]):
-        self.function, self.chunks = fxn, chunks
+    def __init__(self, fxn, chunks: list[tuple], whole=None):
+        """``fxn(*chunk)`` runs one chunk; ``whole()``, where given, runs all of them at once
+        on the calling thread (one thread's way; default: each chunk in turn)."""
+        self.function, self.chunks, self.whole = fxn, chunks, whole
         self.half = (len(chunks) + 1) // 2
         self.times: dict[bool, list[float]] = {False: [], True: []}
         self.split: bool | None = None if len(chunks) > 1 and (os.cpu_count() or 1) > 1 \
@@ -30,6 +32,9 @@ class Chunked:
     def _run(self, chunks) -> None:
         for words in chunks:
             self.function(*words)
+
+    def _alone(self) -> None:
+        self.whole() if self.whole is not None else self._run(self.chunks)
 
     def _both(self) -> None:
         if Chunked.pool is None:
@@ -43,14 +48,14 @@ class Chunked:
         if self.split is None:               # still measuring: alternate the two ways
             way = len(self.times[False]) > len(self.times[True])
             t = time.perf_counter()
-            self._both() if way else self._run(self.chunks)
+            self._both() if way else self._alone()
             self.times[way].append(time.perf_counter() - t)
             if len(self.times[True]) >= self.TRIALS:
                 self.split = min(self.times[True]) < min(self.times[False])
         elif self.split:
             self._both()
         else:
-            self._run(self.chunks)
+            self._alone()
 
 
 # a forked child has none of the parent's threads: it starts its own helper when it needs one

@@ -228,6 +228,13 @@ def _agrees(got: np.ndarray, wide: list[np.ndarray], c) -> bool:
     return _close(got, want, c[3])
 
 
+SPLIT_MACS = 1 << 18
+"""Products of at least this many multiply-adds may also run as two halves of their rows,
+one on the replay's helper thread: engine/compile/chunks.py times both ways on the first
+calls and keeps the faster (numpy's BLAS is kept to one thread per caller, see
+:func:`_one_thread`)."""
+
+
 def matmul_call(addrs: list[int], sizes: tuple[int, ...], layout, keep: list):
     """A function of the bound values running numpy's product (and its epilogue) for a
     kernel found by :func:`find_layout`, on views of its buffers (``keep``: what must
@@ -235,17 +242,36 @@ def matmul_call(addrs: list[int], sizes: tuple[int, ...], layout, keep: list):
     views = [_view(a, s) for a, s in zip(addrs, sizes, strict=True)]
     x, y, out = _operands(views, layout)
     kinds, fn = EPILOGUES[layout[9]]
-    extras = [views[e].reshape(out.shape) if kd == "all" else views[e]
-              for kd, e in zip(kinds, layout[8], strict=True)]
+    m, half = out.shape[0], out.shape[0] // 2
+    extras = {(lo, hi): [_extra_rows(kd, views[e], slice(lo, hi), out.shape[1])
+                         for kd, e in zip(kinds, layout[8], strict=True)]
+              for lo, hi in ((0, m), (0, half), (half, m))}
     after = None if layout[9] == "none" else fn
     one = _one_thread()
 
-    def call(var_vals, _keep=keep):
+    def rows(lo, hi, _keep=keep):
         one()
-        np.matmul(x, y, out=out)
+        np.matmul(x[lo:hi], y, out=out[lo:hi])
         if after is not None:
-            after(out, *extras)
-    return call
+            after(out[lo:hi], *extras[(lo, hi)])
+    if m * x.shape[1] * out.shape[1] < SPLIT_MACS or not _halves_exact(sizes, layout):
+        return lambda var_vals: rows(0, m)
+    from dlgraph.engine.compile.chunks import Chunked
+    return Chunked(rows, [(0, half), (half, m)], whole=lambda: rows(0, m))
+
+
+def _halves_exact(sizes: tuple[int, ...], layout) -> bool:
+    """Whether the product computed as two halves of its rows is bit for bit the whole one,
+    on scratch arrays laid out as the kernel's (a BLAS may take another path for another
+    shape): only then may the replay choose either way by speed."""
+    scratch = [_PROBE.standard_normal(s).astype(np.float32) for s in sizes]
+    x, y, out = _operands(scratch, layout)
+    half = out.shape[0] // 2
+    _one_thread()()
+    whole = np.matmul(x, y)
+    np.matmul(x[:half], y, out=out[:half])
+    np.matmul(x[half:], y, out=out[half:])
+    return whole.tobytes() == np.ascontiguousarray(out).tobytes()
 
 
 __all__ = ["EPILOGUES", "MIN_MACS", "MIN_OUTPUTS", "find_layout", "matmul_call",
