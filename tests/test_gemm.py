@@ -163,6 +163,28 @@ class _Store:
         self.entries[name] = blob
 
 
+def test_whether_halves_are_exact_is_remembered_with_the_kernel(monkeypatch):
+    """Checking that a product's halves are the whole one runs two products on scratch
+    arrays; a later process (the same kernel, sizes and layout) reads the answer instead,
+    and an entry that is no answer is checked again."""
+    name, sizes, fn = next(iter(layouts()))
+    layout = gemm.find_layout(sizes, kernel(fn, sizes))
+    checks, real = [], gemm._halves_exact
+    monkeypatch.setattr(gemm, "_halves_exact", lambda *a: checks.append(1) or real(*a))
+    store = _Store()
+    first = gemm.remembered_halves(sizes, layout, b"kernel code", store)
+    assert first is True and len(checks) == 1 and len(store.entries) == 1
+    assert gemm.remembered_halves(sizes, layout, b"kernel code", store) is True
+    assert len(checks) == 1
+    gemm.remembered_halves(sizes, layout, b"other code", store)
+    assert len(checks) == 2
+    key = next(iter(store.entries))
+    store.entries[key] = b"maybe"
+    assert gemm.remembered_halves(sizes, layout, b"kernel code", store) is True
+    assert len(checks) == 3 and store.entries[key] == b"true"
+    assert gemm.remembered_halves(sizes, layout, None, store) is True and len(checks) == 4
+
+
 def test_a_finding_is_remembered_with_the_kernel_and_a_damaged_one_is_found_again():
     name, sizes, fn = next(iter(layouts()))
     runs = []

@@ -235,10 +235,11 @@ calls and keeps the faster (numpy's BLAS is kept to one thread per caller, see
 :func:`_one_thread`)."""
 
 
-def matmul_call(addrs: list[int], sizes: tuple[int, ...], layout, keep: list):
+def matmul_call(addrs: list[int], sizes: tuple[int, ...], layout, keep: list,
+                code: bytes | None = None, store=None):
     """A function of the bound values running numpy's product (and its epilogue) for a
     kernel found by :func:`find_layout`, on views of its buffers (``keep``: what must
-    outlive it)."""
+    outlive it); ``code`` and ``store`` as for :func:`remembered_halves`."""
     views = [_view(a, s) for a, s in zip(addrs, sizes, strict=True)]
     x, y, out = _operands(views, layout)
     kinds, fn = EPILOGUES[layout[9]]
@@ -254,10 +255,29 @@ def matmul_call(addrs: list[int], sizes: tuple[int, ...], layout, keep: list):
         np.matmul(x[lo:hi], y, out=out[lo:hi])
         if after is not None:
             after(out[lo:hi], *extras[(lo, hi)])
-    if m * x.shape[1] * out.shape[1] < SPLIT_MACS or not _halves_exact(sizes, layout):
+    if m * x.shape[1] * out.shape[1] < SPLIT_MACS or \
+            not remembered_halves(sizes, layout, code, store):
         return lambda var_vals: rows(0, m)
     from dlgraph.engine.compile.chunks import Chunked
     return Chunked(rows, [(0, half), (half, m)], whole=lambda: rows(0, m))
+
+
+def remembered_halves(sizes: tuple[int, ...], layout, code: bytes | None, store=None) -> bool:
+    """:func:`_halves_exact`, kept in ``store`` as :func:`remembered_layout` keeps its
+    finding, under the kernel's compiled ``code``, its sizes and layout and numpy's version
+    (its BLAS): the check runs two products on scratch arrays (graphs/cnn.yaml: 0.2 s of
+    every start, measured). Without ``code`` it is checked each time."""
+    if code is None:
+        return _halves_exact(sizes, layout)
+    name = "h" + hashlib.sha256(code + repr((sizes, layout, np.__version__)).encode()
+                                + _DIGEST.encode()).hexdigest()
+    blob = store.load(name) if store is not None else None
+    if blob in (b"true", b"false"):
+        return blob == b"true"
+    exact = _halves_exact(sizes, layout)
+    if store is not None:
+        store.store(name, json.dumps(exact).encode())
+    return exact
 
 
 def _halves_exact(sizes: tuple[int, ...], layout) -> bool:
@@ -274,5 +294,5 @@ def _halves_exact(sizes: tuple[int, ...], layout) -> bool:
     return whole.tobytes() == np.ascontiguousarray(out).tobytes()
 
 
-__all__ = ["EPILOGUES", "MIN_MACS", "MIN_OUTPUTS", "find_layout", "matmul_call",
-           "remembered_layout"]
+__all__ = ["EPILOGUES", "MIN_MACS", "MIN_OUTPUTS", "SPLIT_MACS", "find_layout", "matmul_call",
+           "remembered_halves", "remembered_layout"]

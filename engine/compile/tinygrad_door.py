@@ -350,7 +350,7 @@ def _gemm(rt, tbufs, bufs, prg, code: bytes | None, kernels):
     layout = gemm.remembered_layout(sizes, run, code, kernels) if code is not None \
         else gemm.find_layout(sizes, run)
     return None if layout is None else gemm.matmul_call([b.va_addr for b in bufs], sizes,
-                                                        layout, bufs)
+                                                        layout, bufs, code, kernels)
 
 
 @dataclasses.dataclass
