@@ -589,14 +589,14 @@ def _generate_beside(todo: list[tuple]) -> int:
         if pid == 0:                                   # the helper: never returns
             _helper_main(todo, counts, out)
         try:
-            _take_each(todo, counts, [])
+            for _ in _taken(todo, counts):      # tinygrad keeps what this process generates
+                pass
         finally:
             _await_helper(pid, counts)
         out.seek(0)
-        made = [(todo[i][0], prg) for i, prg in _helper_results(out) if isinstance(i, int)
-                and 0 <= i < len(todo) and isinstance(prg, UOp) and prg.op is Ops.PROGRAM]
-    for key, prg in made:
-        to_program_cache.setdefault(key, prg)
+        made = _helper_results(out, len(todo))
+    for i, prg in made:
+        to_program_cache.setdefault(todo[i][0], prg)
     return len(made)
 
 
@@ -610,16 +610,14 @@ def _fork_safe() -> bool:
         t is main or t.name.startswith(_QUIET_THREADS) for t in threading.enumerate())
 
 
-def _take_each(todo: list[tuple], counts, made: list, helper: bool = False) -> None:
+def _taken(todo: list[tuple], counts):
+    """``(index, program)`` for each kernel of ``todo`` this process takes, in turn."""
     while True:
         with counts.get_lock():
             i, counts[0] = counts[0], counts[0] + 1
         if i >= len(todo):
             return
-        made.append((i, to_program(*todo[i][1])))
-        if helper:
-            with counts.get_lock():
-                counts[1] += 1
+        yield i, to_program(*todo[i][1])
 
 
 def _helper_main(todo: list[tuple], counts, out) -> None:
@@ -629,7 +627,10 @@ def _helper_main(todo: list[tuple], counts, out) -> None:
     _inherited, helpers._db_connection = helpers._db_connection, None
     try:
         with contextlib.suppress(Exception):
-            _take_each(todo, counts, made, helper=True)
+            for i, prg in _taken(todo, counts):
+                made.append((i, prg))
+                with counts.get_lock():
+                    counts[1] += 1
         pickle.dump(made, out, protocol=pickle.HIGHEST_PROTOCOL)
         out.flush()
     finally:
@@ -648,13 +649,15 @@ def _await_helper(pid: int, counts) -> None:
         time.sleep(0.002)
 
 
-def _helper_results(out) -> list[tuple[int, UOp]]:
+def _helper_results(out, n: int) -> list[tuple[int, UOp]]:
+    """The helper's ``(index, program)`` pairs that name one of the ``n`` kernels."""
     try:
         made = _Unpickler(out).load()
     except Exception:                 # the helper stopped early: tinygrad generates the rest
         return []
-    return [m for m in made if isinstance(m, tuple) and len(m) == 2] if isinstance(made, list) \
-        else []
+    return [(i, prg) for i, prg in (m for m in made if isinstance(m, tuple) and len(m) == 2)
+            if isinstance(i, int) and 0 <= i < n and isinstance(prg, UOp)
+            and prg.op is Ops.PROGRAM] if isinstance(made, list) else []
 
 
 _TRANSCENDENTAL = {"EXP2", "LOG2", "SIN"}
