@@ -176,14 +176,23 @@ PUBLIC_TINYGRAD = {"tinygrad", "tinygrad.nn", "tinygrad.nn.optim", "tinygrad.nn.
 INTERNAL_ATTRS = {"uop", "captured", "cnt", "fxn", "jit_cache", "lazydata", "_linear"}
 
 
+def _internal_module(name: str) -> bool:
+    """Whether ``name`` is one of tinygrad's modules outside its public API (``from tinygrad
+    import helpers`` reaches its settings and its compile cache's connection)."""
+    import importlib.util
+    return name not in PUBLIC_TINYGRAD and importlib.util.find_spec(name) is not None
+
+
 def tinygrad_reaches(path: Path) -> list[str]:
     """``line: what`` for every use of tinygrad beyond its public API in one file: an import
-    of another tinygrad module or of an underscore name, ``Tensor._x``, or an attribute of
-    tinygrad's internals (``t.uop``, ``jit.captured``, ``jit.cnt``)."""
+    of another tinygrad module (also as ``from tinygrad import helpers``) or of an underscore
+    name, ``Tensor._x``, or an attribute of tinygrad's internals (``t.uop``,
+    ``jit.captured``, ``jit.cnt``)."""
     out = []
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
         if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "tinygrad":
-            private = [a.name for a in node.names if a.name.startswith("_")]
+            private = [a.name for a in node.names if a.name.startswith("_")
+                       or node.module == "tinygrad" and _internal_module(f"tinygrad.{a.name}")]
             if node.module not in PUBLIC_TINYGRAD or private:
                 out.append(f"{node.lineno}: from {node.module} import "
                            + ", ".join(a.name for a in node.names))
@@ -217,8 +226,9 @@ def test_the_reach_check_sees_each_kind_of_reach(tmp_path):
     f = tmp_path / "m.py"
     f.write_text("from tinygrad import Tensor, TinyJit, _x\nfrom tinygrad.engine.jit import J\n"
                  "from tinygrad.nn.state import get_state_dict\n"
-                 "a = Tensor._device_seeds\nb = t.uop.base\nj.cnt = 1\nc = t.shape\n")
-    assert sorted(int(h.split(":")[0]) for h in tinygrad_reaches(f)) == [1, 2, 4, 5, 6]
+                 "a = Tensor._device_seeds\nb = t.uop.base\nj.cnt = 1\nc = t.shape\n"
+                 "from tinygrad import helpers, nn, dtypes\n")
+    assert sorted(int(h.split(":")[0]) for h in tinygrad_reaches(f)) == [1, 2, 4, 5, 6, 8]
 
 
 def test_only_the_door_builds_a_tinyjit():
