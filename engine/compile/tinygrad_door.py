@@ -41,37 +41,18 @@ FORMAT = b"dlgraph-program-1\n"
 
 class _TinygradLock:
     """Held by whoever runs tinygrad's Python (scheduling, capture, a TinyJit call): it is
-    not safe to enter from two threads at once (a :class:`Replay` runs without it). sqlite
-    lets only the thread that opened tinygrad's kernel-cache connection use it: each thread
-    that enters gets its own."""
+    not safe to enter from two threads at once (a :class:`Replay` runs without it).
+    tinygrad's compiled-code database is one connection every thread may use
+    (:func:`_compiled_code_for_every_thread`)."""
 
     def __init__(self):
         self._lock = threading.RLock()
-        self._depth = 0
-        self._outside = None
-        self._connections: dict[int, object] = {}
 
     def __enter__(self):
         self._lock.acquire()
-        self._depth += 1
-        if self._depth == 1:
-            from tinygrad import helpers
-            made = helpers._db_connection   # opened outside this lock: by the main thread
-            if made is not None and all(c is not made for c in self._connections.values()):
-                self._connections[threading.main_thread().ident] = made
-            self._outside = made
-            helpers._db_connection = self._connections.get(threading.get_ident())
         return self
 
     def __exit__(self, *exc):
-        self._depth -= 1
-        if self._depth == 0:
-            from tinygrad import helpers
-            if helpers._db_connection is not None:
-                self._connections[threading.get_ident()] = helpers._db_connection
-            # code outside the lock (the main thread's) finds the connection it had
-            main = self._connections.get(threading.main_thread().ident)
-            helpers._db_connection = self._outside if self._outside is not None else main
         self._lock.release()
 
 
@@ -96,7 +77,6 @@ def select_device(name: str) -> None:
 def tinygrad_settings() -> dict[str, str]:
     """tinygrad's core settings, and any other set in the environment (backends define their
     own only once imported, so "every setting" would depend on what was probed)."""
-    from tinygrad import helpers
     core = {v.key for v in vars(helpers).values() if isinstance(v, ContextVar)}
     return {k: repr(v.value) for k, v in sorted(ContextVar._cache.items())
             if k in core or k in os.environ}
@@ -483,7 +463,9 @@ def keep_kernels_in(cache: KernelCache | None) -> None:
 def _compiled_code_for_every_thread() -> None:
     """tinygrad keeps the C compiler's output in SQLite through one connection that only
     the thread that opened it may use: a model compiled from a second thread of the user's
-    program failed. Compiles take :data:`LOCK`, so one connection serves every thread."""
+    program failed (a connection per thread, swapped as threads took :data:`LOCK`, missed
+    one opened by a thread outside the lock). One connection serves every thread instead,
+    opened before tinygrad's own compiles (sqlite serialises its use)."""
     if helpers._db_connection is _SHARED_DB[0] is not None or helpers.CACHELEVEL < 1:
         return
     import sqlite3
