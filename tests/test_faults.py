@@ -347,3 +347,28 @@ def test_two_runs_started_together_into_one_new_folder(tmp_path):
         "the folder already holds a dlgraph run" in err, err
     assert steps_of(rows(r_dir), "step") == list(range(1, 49))
     assert steps_of(rows(r_dir), "epoch") == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("left", ["", "999999999\n"])
+def test_a_run_that_has_just_taken_the_lock_is_named_by_its_pid(tmp_path, left):
+    """A run refused in the moment between another run's lock and its pid (empty mark file,
+    or one still holding the pid of a run that ended) names the live holder, not "unknown"
+    or the ended run: the CI race of two runs started together."""
+    from dlgraph.engine.errors import TrainingError
+    from dlgraph.engine.train.rundir import MARK, RunLock
+    (tmp_path / MARK).write_text(left)
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, sys, time\n"
+        f"fd = os.open({str(tmp_path / MARK)!r}, os.O_RDWR)\n"
+        "fcntl.flock(fd, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(0.3)\n"
+        "b = f'{os.getpid()}\\n'.encode(); os.pwrite(fd, b, 0); os.ftruncate(fd, len(b))\n"
+        "sys.stdin.read()\n")], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        with pytest.raises(TrainingError, match=rf"another dlgraph run \(pid {holder.pid}\)"):
+            RunLock(tmp_path)
+    finally:
+        holder.communicate("", timeout=30)
+    lock = RunLock(tmp_path)                            # the holder ended: the lock is free
+    assert (tmp_path / MARK).read_text() == f"{os.getpid()}\n"
+    lock.release()

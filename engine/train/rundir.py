@@ -127,6 +127,27 @@ def _made_new(run_dir: Path) -> Path:
             raise disk_error(d, e, "make the run directory") from None
 
 
+def _holder_pid(fd: int) -> str:
+    """The pid the lock's holder wrote, waiting up to a second for it: a run that has just
+    taken the lock writes its pid right after (two runs started together meet there)."""
+    for _ in range(100):
+        first = os.pread(fd, 64, 0).decode(errors="replace").split("\n")[0].strip()
+        if first.isdigit() and _alive(int(first)):      # not the pid of an ended run
+            return first
+        time.sleep(0.01)
+    return "unknown"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:                                    # another user's process: alive
+        pass
+    return True
+
+
 class RunLock:
     """The lock of a run directory: its mark file (``.dlgraph-run``, which also says the
     folder is dlgraph's) locked with flock while a run writes there, holding that run's pid.
@@ -143,15 +164,20 @@ class RunLock:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            pid = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            pid = _holder_pid(fd)
             os.close(fd)
             raise TrainingError(f"another dlgraph run (pid {pid}) is writing this run "
                                 "directory", source=Source(str(run_dir)),
                                 help="wait until it ends, or give this run another --out "
                                      "folder") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self.fd = fd
+        mine = f"{os.getpid()}\n".encode()
+        try:                           # written over the last run's, then cut: a reader
+            os.pwrite(fd, mine, 0)     # never meets half a pid, and a full disk still
+            os.ftruncate(fd, len(mine))    # has the old one's block
+        except OSError as e:
+            self.release()
+            raise disk_error(run_dir, e, "write in the run directory") from None
 
     def release(self) -> None:
         if self.fd is not None:
