@@ -25,6 +25,7 @@ import weakref
 import numpy as np
 from tinygrad import Device, Tensor, TinyJit, dtypes, helpers
 from tinygrad.codegen import to_program, to_program_cache, to_program_key
+from tinygrad.device import MultiBuffer
 from tinygrad.dtype import _to_np_dtype
 from tinygrad.engine import realize
 from tinygrad.engine.jit import CapturedJit, JitError, _prepare_jit_inputs, _TinyJit
@@ -701,14 +702,86 @@ def freeze(jits: list, state: dict) -> bytes | None:
         return None
     live = {k: t.uop.base for k, t in state.items()}
     held = set(live.values())
-    rets = {r.uop.base for j in jits for r in _tensors(j.captured.ret)}
+    rets = {r.uop.base for j in jits for r in _tensors(j.captured.ret)}   # kept whole
     if rets & held or _holds_other_tensors(jits, held | rets):
         return None
     ph = {k: UOp.new_buffer(u.device, u.max_numel(), u.dtype) for k, u in live.items()}
     sub = {live[k]: ph[k] for k in live}
     caps = [CapturedJit(c.ret, c._linear.substitute(sub, walk=True), c.expected_names,
                         c.expected_input_info) for c in (j.captured for j in jits)]
-    return pickle.dumps((FORMAT, caps, ph), protocol=pickle.HIGHEST_PROTOCOL)
+    out = io.BytesIO()
+    _Pickler(out, _scratch(caps) - rets).dump((FORMAT, caps, ph))
+    return out.getvalue()
+
+
+class _Pickler(pickle.Pickler):
+    """Stores the ``scratch`` buffers without their contents (tinygrad pickles every
+    allocated buffer's bytes): they come back unallocated and the first run allocates them."""
+
+    def __init__(self, f, scratch: set):
+        super().__init__(f, protocol=pickle.HIGHEST_PROTOCOL)
+        self.scratch = scratch
+
+    def reducer_override(self, obj):
+        if type(obj) is UOp and obj in self.scratch:
+            return UOp, (obj.op, obj.dtype, obj.src, obj.arg, obj.tag, obj.metadata)
+        return NotImplemented
+
+
+def _scratch(caps: list) -> set:
+    """The buffers whose stored contents no capture reads: every byte a call reads was
+    written by an earlier call of the same run (a capture's intermediates, which tinygrad
+    packs into one arena of views, overwritten at every run). Stored with their contents,
+    the cnn's training step was a 43 MB cache entry, read, checked and copied back at every
+    start. Conservative: a call whose reads are unknown (not a kernel or a copy) reads all
+    it is given, and a view whose place is unknown reads its whole buffer."""
+    held, read = set(), set()
+    for c in caps:
+        done: dict = {}                                 # buffer -> byte spans written so far
+        for call in c._linear.src:
+            known = call.op is Ops.CALL and call.src[0].op in (Ops.PROGRAM, Ops.COPY)
+            outs, ins = realize.get_call_outs_ins(call) if known else ((), ())
+            args = realize.get_call_arg_uops(call) if call.op is Ops.CALL else call.src
+            for i, u in enumerate(args):
+                for b in (x for x in u.toposort() if x.op is Ops.BUFFER and _allocated(x)):
+                    held.add(b)
+                    span = _span(u, b)
+                    if (not known or i in ins or span is None) and \
+                            not _covered(done.get(b, []), span or (0, b.realized.nbytes)):
+                        read.add(b)
+                    if known and i in outs and span is not None:
+                        done.setdefault(b, []).append(span)
+    return held - read
+
+
+def _allocated(b: UOp) -> bool:
+    r = b.realized
+    return r is not None and not isinstance(r, MultiBuffer) and r.is_allocated()
+
+
+def _span(u: UOp, b: UOp) -> tuple[int, int] | None:
+    """The bytes of buffer ``b`` that argument ``u`` (``b`` or a view of it) covers."""
+    if u is b:
+        return 0, b.realized.nbytes
+    try:
+        buf = u.buffer
+    except Exception:       # not a view tinygrad can place: unknown
+        return None
+    if isinstance(buf, MultiBuffer) or buf.base is not b.realized:
+        return None
+    return buf.offset, buf.offset + buf.nbytes
+
+
+def _covered(spans: list, want: tuple[int, int]) -> bool:
+    """Whether the byte spans together cover ``want``."""
+    at, end = want
+    for lo, hi in sorted(spans):
+        if lo > at:
+            break
+        at = max(at, hi)
+        if at >= end:
+            return True
+    return at >= end
 
 
 def thaw(payload: bytes, state: dict) -> list:
