@@ -131,6 +131,47 @@ def test_recurrent_loops_load_in_a_new_process(tmp_path, cache_dir):
         np.testing.assert_array_equal(w[0][k], w[1][k], err_msg=k)
 
 
+def test_an_entry_keeps_code_not_a_steps_intermediate_values(tmp_path, cache_dir):
+    """A convolution's step holds megabytes of intermediates (patches, activations and
+    their gradients, packed by tinygrad into one arena): the stored entry leaves them out,
+    and a new process that loads it trains bit for bit as the one that compiled it."""
+    spec = _spec(tmp_path, textwrap.dedent("""\
+        dlgraph: 1
+        name: cache-conv
+        inputs:
+          x: {shape: [batch, 1, 28, 28]}
+          y: {shape: [batch], dtype: int32}
+        nodes:
+          c: {op: conv2d, in: x, out: 16, kernel: 3, activation: relu}
+          p: {op: max_pool2d, in: c, kernel: 2}
+          f: {op: flatten, in: p}
+          logits: {op: linear, in: f, out: 10}
+          loss: {op: cross_entropy, in: [logits, y]}
+        outputs: [logits]
+        train:
+          data: {source: images, samples: 256, size: 28, channels: 1, classes: 10}
+          batch: 64
+          epochs: 1
+          steps: 3
+          objective: loss
+          optimizer: {type: adam, lr: 0.01}
+        """))
+    code = ("import sys, dlgraph; r = dlgraph.train(dlgraph.load(sys.argv[1]), out=sys.argv[2]); "
+            "print([(h['loss'], h.get('val_loss')) for h in r.history])")
+    runs = [subprocess.run([sys.executable, "-c", code, str(spec), str(tmp_path / f"p{i}")],
+                           capture_output=True, text=True, env=os.environ, timeout=300)
+            for i in range(2)]
+    assert all(r.returncode == 0 for r in runs), runs[-1].stderr
+    assert "compiling" not in runs[1].stderr and "from the program cache" in runs[1].stderr
+    assert runs[0].stdout == runs[1].stdout
+    w = [load_tensors(tmp_path / f"p{i}" / "weights.safetensors")[0] for i in range(2)]
+    for k in w[0]:
+        np.testing.assert_array_equal(w[0][k], w[1][k], err_msg=k)
+    activations = 64 * 16 * 26 * 26 * 4                 # one of the step's intermediates
+    sizes = [p.stat().st_size for p in cache_dir.glob("*.prog")]
+    assert sizes and max(sizes) < activations / 2, sizes
+
+
 @pytest.mark.parametrize("damage", ["flip", "truncate", "empty", "other-key"])
 def test_a_damaged_entry_is_rebuilt_not_trusted(tmp_path, cache_dir, damage):
     spec = _spec(tmp_path)
