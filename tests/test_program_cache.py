@@ -172,6 +172,30 @@ def test_an_entry_keeps_code_not_a_steps_intermediate_values(tmp_path, cache_dir
     assert sizes and max(sizes) < activations / 2, sizes
 
 
+def test_what_an_entry_remembers_of_its_programs_is_what_tinygrad_works_out(tmp_path,
+                                                                           cache_dir):
+    """An entry keeps each kernel's machine code and launch information, not its AST, and
+    the buffers each program writes (worked out once, when it is stored): those are the
+    ones tinygrad finds in the loaded program itself."""
+    import io
+
+    from tinygrad.engine.jit import CapturedJit
+    from tinygrad.uop.ops import Ops
+
+    from dlgraph.engine.compile.tinygrad_door import _Unpickler
+    _train(_spec(tmp_path), tmp_path / "r")
+    entries = sorted(cache_dir.glob("*.prog"))
+    assert entries
+    for path in entries:
+        fmt, caps, ph, written = _Unpickler(io.BytesIO(path.read_bytes()[len(FORMAT) + 32:])).load()
+        assert fmt == FORMAT and len(written) == len(caps)
+        for c, w in zip(caps, written, strict=True):
+            again = CapturedJit(c.ret, c._linear, c.expected_names, c.expected_input_info)
+            assert w and set(w) == again._written_uops
+            programs = [call.src[0] for call in c._linear.src if call.src[0].op is Ops.PROGRAM]
+            assert programs and all(not p.src[0].src and p.src[3].arg for p in programs)
+
+
 @pytest.mark.parametrize("damage", ["flip", "truncate", "empty", "other-key"])
 def test_a_damaged_entry_is_rebuilt_not_trusted(tmp_path, cache_dir, damage):
     spec = _spec(tmp_path)

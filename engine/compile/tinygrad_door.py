@@ -37,7 +37,7 @@ from tinygrad.uop.ops import KernelInfo, Ops, UOp
 from dlgraph.engine.compile import gemm
 from dlgraph.engine.compile.chunks import Chunked
 
-FORMAT = b"dlgraph-program-1\n"
+FORMAT = b"dlgraph-program-2\n"
 
 
 class _TinygradLock:
@@ -707,11 +707,31 @@ def freeze(jits: list, state: dict) -> bytes | None:
         return None
     ph = {k: UOp.new_buffer(u.device, u.max_numel(), u.dtype) for k, u in live.items()}
     sub = {live[k]: ph[k] for k in live}
-    caps = [CapturedJit(c.ret, c._linear.substitute(sub, walk=True), c.expected_names,
+    caps = [CapturedJit(c.ret, _lean(c._linear.substitute(sub, walk=True)), c.expected_names,
                         c.expected_input_info) for c in (j.captured for j in jits)]
+    written = [list(c._written_uops) for c in caps]     # worked out here, not at each load
     out = io.BytesIO()
-    _Pickler(out, _scratch(caps) - rets).dump((FORMAT, caps, ph))
+    _Pickler(out, _scratch(caps) - rets).dump((FORMAT, caps, ph, written))
     return out.getvalue()
+
+
+def _lean(linear: UOp) -> UOp:
+    """A captured linear whose compiled kernels keep what running them needs: the machine
+    code, the C source, the launch information and the parameters' signature. A kernel's
+    AST and its linearised instructions (about 150 operations a kernel, three quarters of
+    what a cnn step stored) are dropped: unpickled at every start, then hashed again by
+    tinygrad to look the kernel up."""
+    def lean(call: UOp) -> UOp:
+        p = call.src[0] if call.op is Ops.CALL else None
+        if p is None or p.op is not Ops.PROGRAM or len(p.src) != 4 or \
+                [u.op for u in p.src] != [Ops.SINK, Ops.LINEAR, Ops.SOURCE, Ops.BINARY]:
+            return call
+        sink, lin, source, binary = p.src
+        params = tuple(u for u in lin.src if u.op is Ops.PARAM)     # to_elf's signature
+        prog = p.replace(src=(UOp(Ops.SINK, sink.dtype, (), sink.arg),
+                              UOp(Ops.LINEAR, lin.dtype, params, lin.arg), source, binary))
+        return call.replace(src=(prog, *call.src[1:]))
+    return linear.replace(src=tuple(lean(c) for c in linear.src))
 
 
 class _Pickler(pickle.Pickler):
@@ -788,8 +808,8 @@ def thaw(payload: bytes, state: dict) -> list:
     """TinyJits from :func:`freeze`'s bytes, running on this process's ``state`` tensors
     (plain buffers: see :func:`cacheable`).
     Raises ValueError when the entry does not fit (other state names, sizes or dtypes)."""
-    fmt, caps, ph = _Unpickler(io.BytesIO(payload)).load()
-    if fmt != FORMAT or set(ph) != set(state):
+    fmt, caps, ph, written = _Unpickler(io.BytesIO(payload)).load()
+    if fmt != FORMAT or set(ph) != set(state) or len(written) != len(caps):
         raise ValueError("the entry was made for other state")
     sub = {}
     for k, u in ph.items():
@@ -797,8 +817,13 @@ def thaw(payload: bytes, state: dict) -> list:
         if (base.max_numel(), base.dtype, base.device) != (u.max_numel(), u.dtype, u.device):
             raise ValueError(f"state '{k}' has another size or dtype")
         sub[u] = base
-    return [_TinyJit(None, CapturedJit(c.ret, c._linear.substitute(sub, walk=True),
-                                       c.expected_names, c.expected_input_info)) for c in caps]
+    jits = []
+    for c, w in zip(caps, written, strict=True):
+        cap = CapturedJit(c.ret, c._linear.substitute(sub, walk=True), c.expected_names,
+                          c.expected_input_info)
+        cap.__dict__["_written_uops"] = {sub.get(u, u) for u in w}   # tinygrad's, as frozen
+        jits.append(_TinyJit(None, cap))
+    return jits
 
 
 def _holds_other_tensors(jits: list, allowed: set) -> bool:
