@@ -55,8 +55,9 @@ def lower(graph: Graph, targets: list[str], *, params: dict[str, Tensor],
     graph.nodes = dict(graph.nodes)  # pass marked its own): plain products for the host's BLAS
     cut_products(graph)
     prog = Program(graph, targets, params, training, finish, params_as_inputs, inline)
+    prog.state = {f"state.{k}": t for k, t in (state or {}).items()}
     if cache is not None and not params_as_inputs:
-        prog.use_cache(cache, state or {}, tag)
+        prog.use_cache(cache, tag)
     return prog
 
 
@@ -150,10 +151,9 @@ class Program:
         self.knobs = knobs(graph)
         Tensor.rand(1).realize()   # the RNG state must exist before a capture (fresh noise)
 
-    def use_cache(self, cache: ProgramCache, state: dict[str, Tensor], tag) -> None:
+    def use_cache(self, cache: ProgramCache, tag) -> None:
         """Load and store compiled stages in ``cache`` (see :func:`lower`)."""
         self.cache, self.tag = cache, tag
-        self.state = {f"state.{k}": t for k, t in state.items()}
         self.kernels = kernel_cache(cache)
         self.tuned = tuning(cache, tuned_key(self.graph))
 
@@ -338,39 +338,59 @@ class Segment:
 
     def run(self, env: dict, dims: dict[str, int], syms: dict) -> None:
         key = tuple(sorted(dims.items()))
-        fresh = key not in self._jits
-        if fresh:
-            t0 = time.perf_counter()
-            with door.LOCK:
-                names, step, held = self._fn(dict(dims))
-                loaded = self.prog.cached(self, dims)
-                jit = loaded[0] if loaded else door.jit(step)
-            self._jits[key] = (names, jit, held)
-            if loaded:
-                self.prog.announce(self, time.perf_counter() - t0, door.kernels(jit), cached=True)
-                fresh = False
-            else:
-                self.prog.announce(self)
+        fresh, t0 = key not in self._jits, time.perf_counter()
+        loaded = self._ready(key, dims, t0) if fresh else False
         names, jit, held = self._jits[key]
         args = [*syms.values()] + [self.prog.value(env, r) for r in names] + [*held.values()]
         rep = self._replays.get(key)
+        if rep is None and loaded:          # its first step replayed, as a fresh one's is
+            rep = self._replays[key] = door.Replay(jit, args, door.returned(jit),
+                                                   self.prog.kernels)
         if rep is not None and rep.fits(args):
             outs = rep(self.prog.lengths.values())
         else:
-            with door.LOCK, door.kernels_from(self.prog.kernels), \
-                    Context(BEAM=self.prog.beam(dims)):
-                runner, outs = door.call_jit(jit, args)
-            if runner is not jit:   # nothing to compile (constants, views): run it as it is
-                self._jits[key] = names, runner, held
-            elif door.has_captured(jit) and (rep is None or not rep.hits):
-                # planned for these buffers, unless a replay that did serve is kept
-                self._replays[key] = door.Replay(jit, args, outs, self.prog.kernels)
+            outs = self._call(key, dims, args, rep, first=fresh and not loaded)
         # the buffers themselves, not what the capture returned (a program loaded from the
         # cache returns its own copies of them)
         env.update((o, held.get(o, r)) for o, r in zip(self.outputs, outs, strict=True))
-        if fresh:
+        if fresh and not loaded:
             self.prog.announce(self, time.perf_counter() - t0, door.kernels(jit))
             self.prog.keep(self, dims, [jit])
+
+    def _ready(self, key: tuple, dims: dict[str, int], t0: float) -> bool:
+        """The stage's TinyJit at ``dims``, loaded from the program cache (True) or to be
+        captured at its first call."""
+        with door.LOCK:
+            names, step, held = self._fn(dict(dims))
+            loaded = self.prog.cached(self, dims)
+            jit = loaded[0] if loaded else door.jit(step)
+        self._jits[key] = (names, jit, held)
+        if loaded:
+            self.prog.announce(self, time.perf_counter() - t0, door.kernels(jit), cached=True)
+        else:
+            self.prog.announce(self)
+        return bool(loaded)
+
+    def _call(self, key: tuple, dims: dict[str, int], args: list, rep, first: bool) -> list:
+        """The TinyJit called (capturing at the ``first`` call) and its replay planned. A
+        first call's step runs tinygrad's kernels, a replay the host's BLAS for products:
+        the state it changed is put back and the step replayed, so that the first step
+        computes what a program loaded from the cache computes, bit for bit."""
+        names, jit, held = self._jits[key]
+        live = self.prog._live() if first else {}
+        snap = door.snapshot(live) if first else None
+        with door.LOCK, door.kernels_from(self.prog.kernels), \
+                Context(BEAM=self.prog.beam(dims)):
+            runner, outs = door.call_jit(jit, args)
+        if runner is not jit:   # nothing to compile (constants, views): run it as it is
+            self._jits[key] = names, runner, held
+        elif door.has_captured(jit) and (rep is None or not rep.hits):
+            # planned for these buffers, unless a replay that did serve is kept
+            rep = self._replays[key] = door.Replay(jit, args, outs, self.prog.kernels)
+            if snap is not None and rep.ok and door.touches_only(jit, live):
+                door.restore(snap)
+                outs = rep(self.prog.lengths.values())
+        return outs
 
 
 class LoopStage:

@@ -282,6 +282,45 @@ class Replay:
         return self.ret
 
 
+def returned(j: TinyJit):
+    """What a captured TinyJit's replays return (its output tensors)."""
+    return j.captured.ret
+
+
+def snapshot(tensors: dict[str, Tensor]) -> list | None:
+    """A copy of each tensor's whole buffer, for :func:`restore`; None where one is not a
+    realised buffer of one device."""
+    bufs = [storage(t) for t in tensors.values()]
+    if any(b is None or isinstance(b, MultiBuffer) or not b.is_allocated() for b in bufs):
+        return None
+    for d in {b.device for b in bufs}:
+        Device[d].synchronize()
+    out = []
+    for b in bufs:
+        data = bytearray(b.nbytes)
+        if b.nbytes:
+            b.allocator._copyout(memoryview(data), b._buf)
+        out.append((b, data))
+    return out
+
+
+def restore(snap: list) -> None:
+    """Put back the buffers' contents :func:`snapshot` copied."""
+    for d in {b.device for b, _ in snap}:
+        Device[d].synchronize()
+    for b, data in snap:
+        if len(data):
+            b.allocator._copyin(b._buf, memoryview(data))
+
+
+def touches_only(j: TinyJit, tensors: dict[str, Tensor]) -> bool:
+    """Whether the capture uses no live tensor's buffer but those of ``tensors`` and of what
+    it returns (as :func:`freeze` requires of a program it stores)."""
+    allowed = {t.uop.base for t in tensors.values()} | {r.uop.base for r in
+                                                        _tensors(j.captured.ret)}
+    return not _holds_other_tensors([j], allowed)
+
+
 def replayer(j: TinyJit, args: tuple, kernels: KernelCache | None = None):
     """A function of the step index replaying a captured loop step on the same buffers
     (see :class:`Replay`), or calling the TinyJit where a replay cannot be planned."""
