@@ -15,6 +15,10 @@ the run reports it: "first step after", counted from the process's start) and to
 * ``torch``: the anchor, PyTorch's first step of the same network in a fresh process
   (import, model, one step), the bench's peer (bench/peers.py).
 
+A shared machine is noisy: the rows a process can meet again (the anchor, again, lr,
+dropout, evaluate) are each the median of ``--repeat`` processes (3); cold and width happen
+once by nature (a second would load what the first compiled).
+
 Then the depth rows: MLPs of 25, 100 and 400 identical 32-wide linear+relu layers, every
 cache empty, ``--steps 2``.
 
@@ -34,6 +38,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from statistics import median
 
 import yaml
 
@@ -98,7 +103,10 @@ def edited(spec: dict, what: str) -> dict | None:
     return None
 
 
-def workload_rows(name: str, tmp: Path) -> dict[str, float | None]:
+def workload_rows(name: str, tmp: Path, repeat: int = 1) -> dict[str, float | None]:
+    """One workload's row; the rows a process can meet again (the torch anchor, again, lr,
+    dropout, evaluate) are the median of ``repeat`` processes (a shared machine is noisy);
+    cold and width happen once by nature (the second would load what the first compiled)."""
     wl = WORKLOADS[name]
     src = wl.spec_source()
     spec = wl.spec_dict()
@@ -107,33 +115,39 @@ def workload_rows(name: str, tmp: Path) -> dict[str, float | None]:
     env = fresh_env(tmp, name)
     row: dict[str, float | None] = {}
     payload, _ = make_payload(wl, tmp, 1)
-    row["torch"], _ = timed([sys.executable, "-c", TORCH_FIRST_STEP, str(HERE), name,
-                             str(payload)], {**os.environ}, ROOT)
+    row["torch"] = median([timed([sys.executable, "-c", TORCH_FIRST_STEP, str(HERE), name,
+                                  str(payload)], {**os.environ}, ROOT)[0]
+                           for _ in range(repeat)])
 
-    def run(tag: str, s: dict | None) -> float | None:
+    def run(tag: str, s: dict | None, times: int = 1) -> float | None:
         if s is None:
             return None
         path = base / f".startup-{name}-{tag}.yaml"        # beside the spec: its data paths
         path.write_text(yaml.safe_dump(s, sort_keys=False))
+        firsts, walls = [], []
         try:
-            wall, out = timed([*DLGRAPH, "run", str(path), "--steps", "1", "--quiet", "--out",
-                               str(tmp / f"{name}-{tag}")], env, ROOT)
+            for i in range(times):
+                wall, out = timed([*DLGRAPH, "run", str(path), "--steps", "1", "--quiet",
+                                   "--out", str(tmp / f"{name}-{tag}-{i}")], env, ROOT)
+                first = re.search(r"first step after ([0-9.]+) s", out)
+                firsts.append(float(first.group(1)) if first else wall)
+                walls.append(wall)
         finally:
             path.unlink()
-        first = re.search(r"first step after ([0-9.]+) s", out)
-        row[f"{tag}:exit"] = wall
-        return float(first.group(1)) if first else wall
+        row[f"{tag}:exit"] = median(walls)
+        return median(firsts)
 
     row["cold"] = run("cold", spec)
-    row["again"] = run("again", spec)
-    for what in ("lr", "dropout", "width"):
-        row[what] = run(what, edited(spec, what))
+    row["again"] = run("again", spec, repeat)
+    for what in ("lr", "dropout"):
+        row[what] = run(what, edited(spec, what), repeat)
+    row["width"] = run("width", edited(spec, "width"))
     path = base / f".startup-{name}-eval.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     try:
-        row["evaluate"], _ = timed([*DLGRAPH, "evaluate", str(path), "--weights",
-                                    str(tmp / f"{name}-again" / "weights.safetensors")],
-                                   env, ROOT)
+        row["evaluate"] = median([timed([*DLGRAPH, "evaluate", str(path), "--weights",
+                                         str(tmp / f"{name}-again-0" / "weights.safetensors")],
+                                        env, ROOT)[0] for _ in range(repeat)])
     finally:
         path.unlink()
     return row
@@ -202,6 +216,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--only", nargs="*", default=list(WORKLOADS), help="workloads")
     ap.add_argument("--no-depth", action="store_true", help="skip the depth rows")
+    ap.add_argument("--repeat", type=int, default=3,
+                    help="processes behind each row a process can meet again (median)")
     ap.add_argument("-o", default=str(HERE / "last-startup.md"), help="markdown out")
     args = ap.parse_args()
     compile_modules()
@@ -210,7 +226,7 @@ def main() -> None:
         tmp = Path(t)
         rows = {}
         for name in args.only:
-            rows[name] = workload_rows(name, tmp)
+            rows[name] = workload_rows(name, tmp, args.repeat)
             print(name, {k: (round(v, 2) if v else v) for k, v in rows[name].items()},
                   flush=True)
         depth = {} if args.no_depth else depth_rows(tmp)
@@ -219,7 +235,8 @@ def main() -> None:
             "Start-up, seconds from launch to the end of the first training step of "
             "`dlgraph run SPEC --steps 1` (as the run reports it), then · to its exit "
             "(validation, the run's files, curves); evaluate: launch to exit (×: against "
-            "PyTorch's first step in a fresh process, import included, 1 thread); load "
+            "PyTorch's first step in a fresh process, import included, 1 thread); torch, "
+            f"again, lr, dropout and evaluate: the median of {args.repeat} processes; load "
             f"average "
             f"{load0[0]:.2f} before, {load1[0]:.2f} after.\n\n" + table(rows, depth) + "\n")
     Path(args.o).write_text(text)
