@@ -95,6 +95,24 @@ def test_second_run_loads_every_stage_and_trains_the_same(tmp_path, cache_dir):
     _same(fresh, second)            # weights, Adam state, running stats, dropout noise
 
 
+def _trained_in_two_processes(spec: Path, tmp_path: Path) -> list:
+    """Two real processes train ``spec`` (nothing of the first one's tinygrad state is alive
+    in the second): the second loads every stage the first compiled, and both train bit
+    for bit alike. Returns the two runs."""
+    code = ("import sys, dlgraph; r = dlgraph.train(dlgraph.load(sys.argv[1]), out=sys.argv[2]); "
+            "print([(h['loss'], h.get('val_loss')) for h in r.history])")
+    runs = [subprocess.run([sys.executable, "-c", code, str(spec), str(tmp_path / f"p{i}")],
+                           capture_output=True, text=True, env=os.environ, timeout=300)
+            for i in range(2)]
+    assert all(r.returncode == 0 for r in runs), runs[-1].stderr
+    assert "compiling" not in runs[1].stderr and "from the program cache" in runs[1].stderr
+    assert runs[0].stdout == runs[1].stdout
+    w = [load_tensors(tmp_path / f"p{i}" / "weights.safetensors")[0] for i in range(2)]
+    for k in w[0]:
+        np.testing.assert_array_equal(w[0][k], w[1][k], err_msg=k)
+    return runs
+
+
 def test_recurrent_loops_load_in_a_new_process(tmp_path, cache_dir):
     """A real second process: nothing of the first one's tinygrad state is alive."""
     spec = _spec(tmp_path, textwrap.dedent("""\
@@ -116,19 +134,9 @@ def test_recurrent_loops_load_in_a_new_process(tmp_path, cache_dir):
           objective: loss
           optimizer: {type: adam, lr: 0.01}
         """))
-    code = ("import sys, dlgraph; r = dlgraph.train(dlgraph.load(sys.argv[1]), out=sys.argv[2]); "
-            "print([(h['loss'], h.get('val_loss')) for h in r.history])")
-    runs = [subprocess.run([sys.executable, "-c", code, str(spec), str(tmp_path / f"p{i}")],
-                           capture_output=True, text=True, env=os.environ, timeout=300)
-            for i in range(2)]
-    assert all(r.returncode == 0 for r in runs), runs[-1].stderr
+    runs = _trained_in_two_processes(spec, tmp_path)
     assert "loaded" not in runs[0].stderr and "compiling" in runs[0].stderr
     assert "a loop over 6 steps backwards" in runs[1].stderr
-    assert "compiling" not in runs[1].stderr and "from the program cache" in runs[1].stderr
-    assert runs[0].stdout == runs[1].stdout
-    w = [load_tensors(tmp_path / f"p{i}" / "weights.safetensors")[0] for i in range(2)]
-    for k in w[0]:
-        np.testing.assert_array_equal(w[0][k], w[1][k], err_msg=k)
 
 
 def test_an_entry_keeps_code_not_a_steps_intermediate_values(tmp_path, cache_dir):
@@ -156,17 +164,7 @@ def test_an_entry_keeps_code_not_a_steps_intermediate_values(tmp_path, cache_dir
           objective: loss
           optimizer: {type: adam, lr: 0.01}
         """))
-    code = ("import sys, dlgraph; r = dlgraph.train(dlgraph.load(sys.argv[1]), out=sys.argv[2]); "
-            "print([(h['loss'], h.get('val_loss')) for h in r.history])")
-    runs = [subprocess.run([sys.executable, "-c", code, str(spec), str(tmp_path / f"p{i}")],
-                           capture_output=True, text=True, env=os.environ, timeout=300)
-            for i in range(2)]
-    assert all(r.returncode == 0 for r in runs), runs[-1].stderr
-    assert "compiling" not in runs[1].stderr and "from the program cache" in runs[1].stderr
-    assert runs[0].stdout == runs[1].stdout
-    w = [load_tensors(tmp_path / f"p{i}" / "weights.safetensors")[0] for i in range(2)]
-    for k in w[0]:
-        np.testing.assert_array_equal(w[0][k], w[1][k], err_msg=k)
+    _trained_in_two_processes(spec, tmp_path)
     activations = 64 * 16 * 26 * 26 * 4                 # one of the step's intermediates
     sizes = [p.stat().st_size for p in cache_dir.glob("*.prog")]
     assert sizes and max(sizes) < activations / 2, sizes
