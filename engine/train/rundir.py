@@ -128,9 +128,10 @@ def _made_new(run_dir: Path) -> Path:
 
 
 def _holder_pid(fd: int) -> str:
-    """The pid the lock's holder wrote, waiting up to a second for it: a run that has just
-    taken the lock writes its pid right after (two runs started together meet there)."""
-    for _ in range(100):
+    """The pid the lock's holder wrote, waiting up to 5 s for it (a loaded machine): a run
+    that has just taken the lock writes its pid right after (two runs started together meet
+    there)."""
+    for _ in range(500):
         first = os.pread(fd, 64, 0).decode(errors="replace").split("\n")[0].strip()
         if first.isdigit() and _alive(int(first)):      # not the pid of an ended run
             return first
