@@ -95,6 +95,21 @@ def test_second_run_loads_every_stage_and_trains_the_same(tmp_path, cache_dir):
     _same(fresh, second)            # weights, Adam state, running stats, dropout noise
 
 
+def test_a_step_whose_state_is_too_large_to_copy_runs_first_through_tinygrad_alike(
+        tmp_path, cache_dir, monkeypatch):
+    """Over the bound of state a first step copies to replay itself, a fresh and a loaded
+    program both run their first step through tinygrad's kernels, and still agree."""
+    from dlgraph.engine.compile import tinygrad_door
+    monkeypatch.setattr(tinygrad_door, "SNAPSHOT_BYTES", 0)
+    spec = _spec(tmp_path)
+    fresh = _train(spec, tmp_path / "r0", cache=False)
+    first = _train(spec, tmp_path / "r1")
+    second = _train(spec, tmp_path / "r2")
+    assert any(s.startswith("loaded ") for s in second[2])
+    _same(fresh, first)
+    _same(fresh, second)
+
+
 def _trained_in_two_processes(spec: Path, tmp_path: Path) -> list:
     """Two real processes train ``spec`` (nothing of the first one's tinygrad state is alive
     in the second): the second loads every stage the first compiled, and both train bit

@@ -343,7 +343,8 @@ class Segment:
         names, jit, held = self._jits[key]
         args = [*syms.values()] + [self.prog.value(env, r) for r in names] + [*held.values()]
         rep = self._replays.get(key)
-        if rep is None and loaded:          # its first step replayed, as a fresh one's is
+        if rep is None and loaded and door.small_state(self.prog._live()):
+            # its first step replayed, as a fresh one's is (Segment._call)
             rep = self._replays[key] = door.Replay(jit, args, door.returned(jit),
                                                    self.prog.kernels)
         if rep is not None and rep.fits(args):

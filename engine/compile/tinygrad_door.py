@@ -287,11 +287,17 @@ def returned(j: TinyJit):
     return j.captured.ret
 
 
+SNAPSHOT_BYTES = 1 << 30
+"""The most state a first step copies to replay itself (see ``Segment._call``); a program
+with more runs its first step through tinygrad, loaded or fresh alike."""
+
+
 def snapshot(tensors: dict[str, Tensor]) -> list | None:
     """A copy of each tensor's whole buffer, for :func:`restore`; None where one is not a
-    realised buffer of one device."""
+    realised buffer of one device, or where they hold over :data:`SNAPSHOT_BYTES`."""
     bufs = [storage(t) for t in tensors.values()]
-    if any(b is None or isinstance(b, MultiBuffer) or not b.is_allocated() for b in bufs):
+    if any(b is None or isinstance(b, MultiBuffer) or not b.is_allocated() for b in bufs) \
+            or not small_state(tensors):
         return None
     for d in {b.device for b in bufs}:
         Device[d].synchronize()
@@ -302,6 +308,11 @@ def snapshot(tensors: dict[str, Tensor]) -> list | None:
             b.allocator._copyout(memoryview(data), b._buf)
         out.append((b, data))
     return out
+
+
+def small_state(tensors: dict[str, Tensor]) -> bool:
+    """Whether the tensors hold at most :data:`SNAPSHOT_BYTES`."""
+    return sum(t.nbytes() for t in tensors.values()) <= SNAPSHOT_BYTES
 
 
 def restore(snap: list) -> None:
