@@ -343,7 +343,7 @@ class Segment:
         names, jit, held = self._jits[key]
         args = [*syms.values()] + [self.prog.value(env, r) for r in names] + [*held.values()]
         rep = self._replays.get(key)
-        if rep is None and loaded and door.small_state(self.prog._live()):
+        if rep is None and loaded and door.can_snapshot(self.prog._live()):
             # its first step replayed, as a fresh one's is (Segment._call)
             rep = self._replays[key] = door.Replay(jit, args, door.returned(jit),
                                                    self.prog.kernels)
@@ -388,7 +388,7 @@ class Segment:
         elif door.has_captured(jit) and (rep is None or not rep.hits):
             # planned for these buffers, unless a replay that did serve is kept
             rep = self._replays[key] = door.Replay(jit, args, outs, self.prog.kernels)
-            if snap is not None and rep.ok and door.touches_only(jit, live):
+            if snap is not None and rep.ok and door.touches_only([jit], live):
                 door.restore(snap)
                 outs = rep(self.prog.lengths.values())
         return outs

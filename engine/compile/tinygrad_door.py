@@ -32,7 +32,7 @@ from tinygrad.engine.jit import CapturedJit, JitError, _prepare_jit_inputs, _Tin
 from tinygrad.engine.realize import ExecContext, get_runtime, pm_exec, resolve_params, unwrap_multi
 from tinygrad.helpers import BEAM, DEV, PARALLEL, ContextVar, to_tuple
 from tinygrad.tensor import all_tensors
-from tinygrad.uop.ops import KernelInfo, Ops, UOp
+from tinygrad.uop.ops import KernelInfo, Ops, UOp, buffers
 
 from dlgraph.engine.compile import gemm
 from dlgraph.engine.compile.chunks import Chunked
@@ -292,44 +292,33 @@ SNAPSHOT_BYTES = 1 << 30
 with more runs its first step through tinygrad, loaded or fresh alike."""
 
 
+def can_snapshot(tensors: dict[str, Tensor]) -> bool:
+    """Whether :func:`snapshot` copies ``tensors``: each one plain buffer of a numpy dtype
+    (what :func:`read` and :func:`write` copy straight), together at most
+    :data:`SNAPSHOT_BYTES`."""
+    return all(_plain_buffer(t) is not None and _to_np_dtype(t.dtype) is not None
+               for t in tensors.values()) and \
+        sum(t.nbytes() for t in tensors.values()) <= SNAPSHOT_BYTES
+
+
 def snapshot(tensors: dict[str, Tensor]) -> list | None:
-    """A copy of each tensor's whole buffer, for :func:`restore`; None where one is not a
-    realised buffer of one device, or where they hold over :data:`SNAPSHOT_BYTES`."""
-    bufs = [storage(t) for t in tensors.values()]
-    if any(b is None or isinstance(b, MultiBuffer) or not b.is_allocated() for b in bufs) \
-            or not small_state(tensors):
-        return None
-    for d in {b.device for b in bufs}:
-        Device[d].synchronize()
-    out = []
-    for b in bufs:
-        data = bytearray(b.nbytes)
-        if b.nbytes:
-            b.allocator._copyout(memoryview(data), b._buf)
-        out.append((b, data))
-    return out
-
-
-def small_state(tensors: dict[str, Tensor]) -> bool:
-    """Whether the tensors hold at most :data:`SNAPSHOT_BYTES`."""
-    return sum(t.nbytes() for t in tensors.values()) <= SNAPSHOT_BYTES
+    """A copy of each tensor's values, for :func:`restore`; None where
+    :func:`can_snapshot` says no."""
+    return [(t, read(t)) for t in tensors.values()] if can_snapshot(tensors) else None
 
 
 def restore(snap: list) -> None:
-    """Put back the buffers' contents :func:`snapshot` copied."""
-    for d in {b.device for b, _ in snap}:
-        Device[d].synchronize()
-    for b, data in snap:
-        if len(data):
-            b.allocator._copyin(b._buf, memoryview(data))
+    """Put back the values :func:`snapshot` copied."""
+    for t, a in snap:
+        if not write(t, a):
+            raise RuntimeError("a snapshot's tensor is no longer one plain buffer")
 
 
-def touches_only(j: TinyJit, tensors: dict[str, Tensor]) -> bool:
-    """Whether the capture uses no live tensor's buffer but those of ``tensors`` and of what
-    it returns (as :func:`freeze` requires of a program it stores)."""
-    allowed = {t.uop.base for t in tensors.values()} | {r.uop.base for r in
-                                                        _tensors(j.captured.ret)}
-    return not _holds_other_tensors([j], allowed)
+def touches_only(jits: list, tensors: dict[str, Tensor]) -> bool:
+    """Whether the captures use no live tensor's buffer but those of ``tensors`` and of what
+    they return (what :func:`freeze` requires of a program it stores)."""
+    rets = {r.uop.base for j in jits for r in _tensors(j.captured.ret)}
+    return not _holds_other_tensors(jits, {t.uop.base for t in tensors.values()} | rets)
 
 
 def replayer(j: TinyJit, args: tuple, kernels: KernelCache | None = None):
@@ -751,9 +740,8 @@ def freeze(jits: list, state: dict) -> bytes | None:
     if not cacheable(state):
         return None
     live = {k: t.uop.base for k, t in state.items()}
-    held = set(live.values())
     rets = {r.uop.base for j in jits for r in _tensors(j.captured.ret)}   # kept whole
-    if rets & held or _holds_other_tensors(jits, held | rets):
+    if rets & set(live.values()) or not touches_only(jits, state):
         return None
     ph = {k: UOp.new_buffer(u.device, u.max_numel(), u.dtype) for k, u in live.items()}
     sub = {live[k]: ph[k] for k in live}
@@ -874,6 +862,35 @@ def thaw(payload: bytes, state: dict) -> list:
         cap.__dict__["_written_uops"] = {sub.get(u, u) for u in w}   # tinygrad's, as frozen
         jits.append(_TinyJit(None, cap))
     return jits
+
+
+def held_bytes(jits: list, skip: list, more: list = ()) -> int:
+    """The bytes of the device buffers the captures hold besides those of ``skip`` (the
+    parameters), each base buffer once, plus the buffers of the tensors ``more``."""
+    mine, seen = {t.uop.base for t in skip}, {}
+    for j in (j for j in jits if has_captured(j)):
+        for u in j.captured.linear.toposort():
+            if u.op is Ops.BUFFER and u not in mine and u in buffers:
+                b = buffers[u]._base or buffers[u]
+                seen[id(b)] = b.nbytes
+    return sum(seen.values()) + sum(t.uop.base.buffer.nbytes for t in more)
+
+
+def stored_captures(payload: bytes) -> list[dict]:
+    """What an entry :func:`freeze` wrote holds, per capture: the buffers it says the program
+    writes (``written``), those tinygrad finds in the loaded program itself (``found``), and
+    per kernel the operations kept of its AST and the bytes of its machine code
+    (``kernels``). Raises ValueError for an entry of another format."""
+    fmt, caps, _, written = _Unpickler(io.BytesIO(payload)).load()
+    if fmt != FORMAT or len(written) != len(caps):
+        raise ValueError("not an entry of this format")
+    out = []
+    for c, w in zip(caps, written, strict=True):
+        again = CapturedJit(c.ret, c._linear, c.expected_names, c.expected_input_info)
+        progs = [call.src[0] for call in c._linear.src if call.src[0].op is Ops.PROGRAM]
+        out.append({"written": set(w), "found": again._written_uops,
+                    "kernels": [(len(p.src[0].src), len(p.src[3].arg)) for p in progs]})
+    return out
 
 
 def _holds_other_tensors(jits: list, allowed: set) -> bool:
