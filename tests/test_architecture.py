@@ -222,6 +222,16 @@ def test_tinygrad_internals_live_in_one_module():
     assert tinygrad_reaches(modules(package_dirs())[DOOR]), "the door reaches nothing?"
 
 
+def test_the_tests_reach_tinygrad_through_the_door_too():
+    """A test that needs tinygrad's internals asks the door (a tinygrad upgrade then touches
+    one file, tests included)."""
+    here = Path(__file__).resolve()
+    found = {p.name: hits for p in sorted(here.parent.glob("*.py"))
+             if p != here and (hits := tinygrad_reaches(p))}
+    assert not found, "tinygrad beyond its public API in the tests:\n" + "\n".join(
+        f"{name}: {h}" for name, hits in found.items() for h in hits)
+
+
 def test_the_reach_check_sees_each_kind_of_reach(tmp_path):
     f = tmp_path / "m.py"
     f.write_text("from tinygrad import Tensor, TinyJit, _x\nfrom tinygrad.engine.jit import J\n"

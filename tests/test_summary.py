@@ -26,29 +26,22 @@ def test_activations_per_sample_leave_weights_out():
 def _allocated_per_sample(g, small=16, large=64) -> float:
     """What tinygrad allocates per sample for a forward pass: every buffer the compiled
     program holds (not the parameters), at two batch sizes, divided by the difference."""
-    from tinygrad.uop.ops import Ops, buffers
-
+    from dlgraph.engine.compile import tinygrad_door as door
     from dlgraph.engine.compile.lower import LoopStage
     from dlgraph.engine.compile.model import Model
 
     def held(batch):
         m = Model(g)
         m(**m.random_inputs(batch, 0))
-        mine = {t.uop.base for t in m.params.values()}
-        seen, total = set(), 0
+        jits, loop_buffers = [], []
         for st in m._program.stages:
-            jits = [j for _, j, _ in st._jits.values()] if not isinstance(st, LoopStage) \
-                else list(st._compiled.values())[0][1:]
-            for j in jits:
-                for u in getattr(j, "captured", None) and j.captured.linear.toposort() or []:
-                    if u.op is Ops.BUFFER and u not in mine and u in buffers:
-                        b = buffers[u]._base or buffers[u]
-                        if id(b) not in seen:
-                            seen.add(id(b))
-                            total += b.nbytes
             if isinstance(st, LoopStage):
-                total += sum(b.uop.base.buffer.nbytes for b in list(st._compiled.values())[0][0])
-        return total
+                compiled = list(st._compiled.values())[0]
+                jits += compiled[1:]
+                loop_buffers += compiled[0]
+            else:
+                jits += [j for _, j, _ in st._jits.values()]
+        return door.held_bytes(jits, list(m.params.values()), loop_buffers)
     return (held(large) - held(small)) / (large - small)
 
 
