@@ -323,3 +323,31 @@ def _write(tmp_path):
     p = tmp_path / "blas.yaml"
     p.write_text(SPEC)
     return p
+
+
+def test_a_product_for_the_blas_is_generated_without_its_sum_unrolled(tmp_path, counted):
+    """Code generation unrolled a product's sum (0.2-1.7 s a kernel) that runs only in the
+    capturing step: a kernel that may be a product keeps its upcast outputs, not the
+    unrolled sum, and still runs on the BLAS and gives numpy's numbers; a reduction that
+    cannot be a product (a row's sum of squares) keeps every optimisation tinygrad chose."""
+    from tinygrad import Tensor
+
+    from dlgraph.engine.compile import tinygrad_door as door
+    g = dlgraph.load(_write(tmp_path))
+    model = dlgraph.compile(g, seed=5, cache=False)
+    x = RNG.standard_normal((32, 48)).astype(np.float32)
+    for _ in range(3):
+        got = model(x=x)["logits"]
+    assert len(counted) >= 2
+    w = {k: v.numpy().astype(np.float64) for k, v in model.params.items()}
+    h = np.maximum(x @ w["h1.weight"].T + w["h1.bias"], 0)
+    h = np.maximum(h @ w["h2.weight"].T + w["h2.bias"], 0)
+    np.testing.assert_allclose(got, h @ w["logits.weight"].T + w["logits.bias"],
+                               rtol=1e-4, atol=1e-5)
+    sq = Tensor(RNG.standard_normal((128, 36)).astype(np.float32))
+    np.testing.assert_allclose((sq * sq).sum(1).numpy(), (sq.numpy() ** 2).sum(1), rtol=1e-5)
+    opts = door.generated_opts()
+    products = ["r_32_16_4_48", "r_32_16_4_64", "r_32_10_64"]     # h1, h2, logits: forward
+    assert all("UNROLL" not in opts[n] for n in products), opts
+    assert "UPCAST" in opts["r_32_16_4_48"], opts          # 4 outputs at once, sum rolled
+    assert opts["r_128_9_4"] == {"UNROLL"}, opts           # the sum of squares, 4 unrolled

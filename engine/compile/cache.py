@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from dlgraph.engine.compile.tinygrad_door import (
+    CODEGEN,
     FORMAT,
     KernelCache,
     tinygrad_settings,
@@ -199,11 +200,12 @@ def kernel_cache(programs: ProgramCache) -> KernelCache | None:
     """The generated kernels kept beside a program cache (in its folder ``kernels/``): a
     spec shares each kernel it has in common with any spec compiled before on this machine.
     Entries are signed and checked like programs; kernels depend on tinygrad, the device and
-    its settings, not on dlgraph's code."""
+    its settings and the optimisations dlgraph asks of it (``CODEGEN``), not on the rest of
+    dlgraph's code."""
     root = programs.root / "kernels"
     if root not in _KERNEL_CACHES:
         store = ProgramCache(root, programs.warn)
-        env = {k: v for k, v in _environment().items() if k != "dlgraph"}
+        env = {k: v for k, v in _environment().items() if k != "dlgraph"} | {"codegen": CODEGEN}
         _KERNEL_CACHES[root] = KernelCache(store.load, store.store,
                                            json.dumps(env, sort_keys=True), store.has) \
             if store.enabled else None

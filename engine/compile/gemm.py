@@ -143,6 +143,12 @@ def _candidates(sizes: tuple[int, ...]):
                             yield x, y, m, k, n, x_t, y_t, out_t, extras, name
 
 
+def could_be(sizes: tuple[int, ...], k: int) -> bool:
+    """Whether buffers of ``sizes`` (the output's first) have a candidate product summing
+    ``k`` terms: a kernel that cannot be one is never tried."""
+    return any(c[3] == k for c in _candidates(sizes))
+
+
 def _operands(arrays, c) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(X, Y, OUT) views of ``arrays`` (the flat buffers) with OUT = X @ Y row-major in
     memory: a transposed output is written as its transpose's product, y.T @ x.T."""
@@ -294,5 +300,5 @@ def _halves_exact(sizes: tuple[int, ...], layout) -> bool:
     return whole.tobytes() == np.ascontiguousarray(out).tobytes()
 
 
-__all__ = ["EPILOGUES", "MIN_MACS", "MIN_OUTPUTS", "SPLIT_MACS", "find_layout", "matmul_call",
-           "remembered_halves", "remembered_layout"]
+__all__ = ["EPILOGUES", "MIN_MACS", "MIN_OUTPUTS", "SPLIT_MACS", "could_be", "find_layout",
+           "matmul_call", "remembered_halves", "remembered_layout"]

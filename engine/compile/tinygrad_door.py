@@ -25,6 +25,7 @@ import weakref
 import numpy as np
 from tinygrad import Device, Tensor, TinyJit, dtypes, helpers
 from tinygrad.codegen import to_program, to_program_cache, to_program_key
+from tinygrad.codegen.opt import KernelOptError, OptOps, heuristic
 from tinygrad.device import MultiBuffer
 from tinygrad.dtype import _to_np_dtype
 from tinygrad.engine import realize
@@ -32,12 +33,16 @@ from tinygrad.engine.jit import CapturedJit, JitError, _prepare_jit_inputs, _Tin
 from tinygrad.engine.realize import ExecContext, get_runtime, pm_exec, resolve_params, unwrap_multi
 from tinygrad.helpers import BEAM, DEV, PARALLEL, ContextVar, to_tuple
 from tinygrad.tensor import all_tensors
-from tinygrad.uop.ops import KernelInfo, Ops, UOp, buffers
+from tinygrad.uop.ops import KernelInfo, Ops, ProgramInfo, UOp, buffers
 
 from dlgraph.engine.compile import gemm
 from dlgraph.engine.compile.chunks import Chunked
 
 FORMAT = b"dlgraph-program-2\n"
+CODEGEN = "2: products for the BLAS without unrolled sums"
+"""What dlgraph changes in tinygrad's choice of optimisations (:func:`_hand_coded`,
+:func:`_plain_loops`): part of a kept kernel's key, so that kernels generated under another
+choice are not reused."""
 
 
 class _TinygradLock:
@@ -221,6 +226,18 @@ def kernels(j) -> int:
 
 def has_captured(j) -> bool:
     return getattr(j, "captured", None) is not None
+
+
+def generated_opts() -> dict[str, set[str]]:
+    """Each kernel this process generated code for, by its function's name: the kinds of
+    optimisation applied to it (``UPCAST``, ``UNROLL``, ``THREAD``, ...)."""
+    out: dict[str, set[str]] = {}
+    for prg in list(to_program_cache.values()):
+        info = prg.src[0].arg if prg.src and prg.src[0].op is Ops.SINK else None
+        if isinstance(info, KernelInfo) and isinstance(prg.arg, ProgramInfo):
+            out.setdefault(prg.arg.function_name, set()).update(
+                o.op.name for o in info.applied_opts)
+    return out
 
 
 def call_jit(j: TinyJit, args: tuple):
@@ -544,6 +561,8 @@ def _wrap_compilers() -> None:
         from tinygrad.runtime.support import hcq2
         _LOWER.update(realize=realize.lower_and_compile, hcq2=hcq2.lower_and_compile)
         realize.lower_and_compile = hcq2.lower_and_compile = _lower_and_compile
+        _LOWER["hand coded"], heuristic.hand_coded_optimizations = \
+            heuristic.hand_coded_optimizations, _hand_coded
 
 
 class kernels_from:
@@ -723,6 +742,53 @@ def _plain_call(c: UOp) -> UOp:
     return c.replace(src=(plain, *c.src[1:]))
 
 
+def _product_like(ast: UOp) -> bool:
+    """Whether a kernel may be a matrix product that the host's BLAS computes from its
+    replay on (engine/compile/gemm.py decides, on the compiled kernel): one sum over the
+    product of two of its float32 buffers, whose sizes fit ``[m, k] @ [k, n]`` for the
+    sum's length ``k``, written to its first buffer, nothing transcendental."""
+    topo = ast.toposort()
+    reduces = [u for u in topo if u.op is Ops.REDUCE]
+    params = sorted((u for u in topo if u.op is Ops.PARAM), key=lambda p: p.arg.slot)
+    if len(reduces) != 1 or sum(u.op is Ops.STORE for u in topo) != 1 or \
+            not 3 <= len(params) <= 5 or {u.op.name for u in topo} & _TRANSCENDENTAL:
+        return False
+    red = reduces[0]
+    mul = red.src[0]
+    if red.arg[0] is not Ops.ADD or mul.op is not Ops.MUL or \
+            any(s.op is not Ops.INDEX or s.src[0].op is not Ops.PARAM for s in mul.src) or \
+            [p.arg.slot for p in params] != list(range(len(params))) or \
+            any(p.dtype != dtypes.float32 or p.src[0].op is not Ops.CONST for p in params):
+        return False
+    k = 1
+    for r in red.src[1:]:
+        if r.op is not Ops.RANGE or r.src[0].op is not Ops.CONST:
+            return False
+        k *= r.src[0].arg
+    return gemm.could_be(tuple(p.src[0].arg for p in params), k)
+
+
+def _hand_coded(k):
+    """tinygrad's hand-coded optimisations, without the unrolled sum for a CPU kernel that
+    may be a product for the BLAS (:func:`_product_like`): its code runs in the capturing
+    step and once on scratch arrays to be recognised, then never again, while unrolling
+    made it the costliest to generate (graphs/cnn.yaml's 14 products: 0.2-1.7 s each, 40%
+    of its code generation; upcast outputs and threads kept: as fast within 25%)."""
+    light = k.copy() if not k.ren.has_local and BEAM.value < 1 and \
+        os.environ.get("DLGRAPH_BLAS") != "0" and _product_like(k.ast) else None
+    k = _LOWER["hand coded"](k)
+    if light is None:
+        return k
+    try:
+        for opt in k.applied_opts:
+            if opt.op in (OptOps.UPCAST, OptOps.THREAD):
+                light.apply_opt(opt)
+    except KernelOptError:          # an axis the dropped unroll had moved: keep them all
+        return k
+    return light
+
+
+# --------------------------------------------------------- captured programs as bytes
 # --------------------------------------------------------- captured programs as bytes
 
 
