@@ -35,7 +35,7 @@ from tinygrad.helpers import BEAM, DEV, PARALLEL, ContextVar, to_tuple
 from tinygrad.tensor import all_tensors
 from tinygrad.uop.ops import KernelInfo, Ops, ProgramInfo, UOp, buffers
 
-from dlgraph.engine.compile import gemm
+from dlgraph.engine.compile import gemm, together
 from dlgraph.engine.compile.chunks import Chunked
 
 FORMAT = b"dlgraph-program-2\n"
@@ -561,6 +561,9 @@ def _wrap_compilers() -> None:
         from tinygrad.runtime.support import hcq2
         _LOWER.update(realize=realize.lower_and_compile, hcq2=hcq2.lower_and_compile)
         realize.lower_and_compile = hcq2.lower_and_compile = _lower_and_compile
+        from tinygrad.runtime.support.compiler_cpu import ClangCompiler
+        _LOWER["compile"], ClangCompiler.compile_cached = \
+            ClangCompiler.compile_cached, _compile_cached
         _LOWER["hand coded"], heuristic.hand_coded_optimizations = \
             heuristic.hand_coded_optimizations, _hand_coded
 
@@ -590,12 +593,94 @@ def _lower_and_compile(linear: UOp) -> UOp:
     todo = dict((to_program_key(*a), a) for c in linear.toposort() if c.op is Ops.CALL
                  and (a := realize._get_call_to_compile(c)) is not None)
     missing = list(todo) if cache is None else cache.fill(list(todo))
-    beside = _generate_beside([(k, todo[k]) for k in missing if k not in to_program_cache])
+    new = [(k, todo[k]) for k in missing if k not in to_program_cache]
+    beside = _generate_beside(new)
+    if not beside and len(new) >= 2:
+        _gather(new, ((i, to_program(*a)) for i, (_, a) in enumerate(new)))
     out = _LOWER["realize"](linear)
     if cache is not None:
         cache.keep(missing)
         cache.beside += beside
     return out
+
+
+_WAITING = b"dlgraph: to be compiled with others\n"
+_TOGETHER = threading.local()   # .waiting while _gather runs: {mark: (compiler, source)}
+
+
+def _compile_cached(self, src: str) -> bytes:
+    """tinygrad's ``compile_cached`` for C kernels: while :func:`_gather` runs, a source
+    the compiled-code database lacks waits, marked, to be compiled with the others."""
+    waiting = getattr(_TOGETHER, "waiting", None)
+    if waiting is None or self.arch != "x86_64" or \
+            os.environ.get("DLGRAPH_COMPILE_TOGETHER") == "0":
+        return _LOWER["compile"](self, src)
+    if self.cachekey is not None and (lib := helpers.diskcache_get(self.cachekey, src)):
+        return lib
+    mark = _WAITING + hashlib.sha256(src.encode()).digest()
+    waiting[mark] = (self, src)
+    return mark
+
+
+def _gather(todo: list[tuple], taken) -> list[tuple[int, UOp]]:
+    """``(index, program)`` for each kernel of ``todo`` that ``taken`` generates, its code
+    generated as tinygrad does, but the C compiler run once for all of them
+    (engine/compile/together.py: a run costs about 30 ms whatever it compiles); a kernel
+    that cannot be cut out of the one object is compiled alone. Each is put where tinygrad
+    looks programs up; a program whose code is still to come is never left there."""
+    _TOGETHER.waiting = waiting = {}
+    try:
+        made = list(taken)
+        _TOGETHER.waiting = None
+        libs = _compile_waiting(waiting)
+    except BaseException:
+        for k, _ in todo:
+            if (prg := to_program_cache.get(k)) is not None and _waits(prg):
+                del to_program_cache[k]
+        raise
+    finally:
+        _TOGETHER.waiting = None
+    out = []
+    for i, prg in made:
+        if _waits(prg):
+            prg = prg.replace(src=(*prg.src[:-1], UOp(Ops.BINARY, arg=libs[prg.src[-1].arg])))
+        to_program_cache[todo[i][0]] = prg
+        out.append((i, prg))
+    return out
+
+
+def _waits(prg: UOp) -> bool:
+    last = prg.src[-1] if prg.src else None
+    return last is not None and last.op is Ops.BINARY and isinstance(last.arg, bytes) and \
+        last.arg.startswith(_WAITING)
+
+
+def _compile_waiting(waiting: dict) -> dict[bytes, bytes]:
+    """Each waiting mark's compiled code: one run of the C compiler per compiler, a kernel
+    it could not cut out compiled alone; each kept in tinygrad's compiled-code database."""
+    libs: dict[bytes, bytes] = {}
+    groups: dict[int, list] = {}
+    for mark, (compiler, _) in waiting.items():
+        groups.setdefault(id(compiler), []).append(mark)
+    for marks in groups.values():
+        c = waiting[marks[0]][0]
+        srcs = [waiting[m][1] for m in marks]
+        pieces = together.compile_together(_clang_command(c), srcs) if len(marks) > 1 \
+            else [None]
+        for m, src, lib in zip(marks, srcs, pieces, strict=True):
+            if lib is None:
+                lib = _LOWER["compile"](c, src)
+            elif c.cachekey is not None:
+                helpers.diskcache_put(c.cachekey, src, lib)
+            libs[m] = lib
+    return libs
+
+
+def _clang_command(c) -> list[str]:
+    """The command tinygrad's ``ClangCompiler.compile`` runs (tinygrad 0.14.0)."""
+    return [helpers.getenv("CC", "clang"), "-c", "-x", "c", "-O2", "-fPIC", "-ffreestanding",
+            "-fno-math-errno", "-nostdlib", "-fno-ident", f"--target={c.arch}-none-unknown-elf",
+            *c.args, "-", "-o", "-"]
 
 
 _HELPER = [False]
@@ -630,8 +715,7 @@ def _generate_beside(todo: list[tuple]) -> int:
         if pid == 0:                                   # the helper: never returns
             _helper_main(todo, counts, out)
         try:
-            for _ in _taken(todo, counts):      # tinygrad keeps what this process generates
-                pass
+            _gather(todo, _taken(todo, counts))
         finally:
             _await_helper(pid, counts)
         out.seek(0)
@@ -668,14 +752,18 @@ def _helper_main(todo: list[tuple], counts, out) -> None:
     _inherited, helpers._db_connection = helpers._db_connection, None
     try:
         with contextlib.suppress(Exception):
-            for i, prg in _taken(todo, counts):
-                made.append((i, prg))
-                with counts.get_lock():
-                    counts[1] += 1
+            made = _gather(todo, _counted(_taken(todo, counts), counts))
         pickle.dump(made, out, protocol=pickle.HIGHEST_PROTOCOL)
         out.flush()
     finally:
         os._exit(0)
+
+
+def _counted(taken, counts):
+    for i, prg in taken:
+        with counts.get_lock():
+            counts[1] += 1
+        yield i, prg
 
 
 def _await_helper(pid: int, counts) -> None:
