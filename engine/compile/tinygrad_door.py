@@ -39,7 +39,7 @@ from dlgraph.engine.compile import gemm, together
 from dlgraph.engine.compile.chunks import Chunked
 
 FORMAT = b"dlgraph-program-2\n"
-CODEGEN = "2: products for the BLAS without unrolled sums"
+CODEGEN = "3: products for the BLAS without unrolled sums"
 """What dlgraph changes in tinygrad's choice of optimisations (:func:`_hand_coded`,
 :func:`_plain_loops`): part of a kept kernel's key, so that kernels generated under another
 choice are not reused."""
@@ -848,12 +848,13 @@ def _product_like(ast: UOp) -> bool:
             [p.arg.slot for p in params] != list(range(len(params))) or \
             any(p.dtype != dtypes.float32 or p.src[0].op is not Ops.CONST for p in params):
         return False
-    k = 1
-    for r in red.src[1:]:
-        if r.op is not Ops.RANGE or r.src[0].op is not Ops.CONST:
-            return False
-        k *= r.src[0].arg
-    return gemm.could_be(tuple(p.src[0].arg for p in params), k)
+    if len(red.src) != 2 or (r := red.src[1]).op is not Ops.RANGE or \
+            r.src[0].op is not Ops.CONST:
+        return False            # a sum over ranges tinygrad could not merge: not contiguous
+    a, b = ({u for u in s.src[1].toposort() if u.op is Ops.RANGE} for s in mul.src)
+    if a & b != {r}:            # a range both operands read, beyond the sum's: a batch
+        return False
+    return gemm.could_be(tuple(p.src[0].arg for p in params), r.src[0].arg)
 
 
 def _hand_coded(k):
