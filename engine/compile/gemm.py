@@ -143,10 +143,10 @@ def _candidates(sizes: tuple[int, ...]):
                             yield x, y, m, k, n, x_t, y_t, out_t, extras, name
 
 
-def could_be(sizes: tuple[int, ...], k: int) -> bool:
-    """Whether buffers of ``sizes`` (the output's first) have a candidate product summing
-    ``k`` terms: a kernel that cannot be one is never tried."""
-    return any(c[3] == k for c in _candidates(sizes))
+def could_be(sizes: tuple[int, ...], k: int, operands: tuple[int, int]) -> bool:
+    """Whether buffers of ``sizes`` (the output's first) have a candidate product of the
+    buffers ``operands`` summing ``k`` terms."""
+    return any(c[3] == k and {c[0], c[1]} == set(operands) for c in _candidates(sizes))
 
 
 def _operands(arrays, c) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -39,7 +39,7 @@ from dlgraph.engine.compile import gemm, together
 from dlgraph.engine.compile.chunks import Chunked
 
 FORMAT = b"dlgraph-program-2\n"
-CODEGEN = "3: products for the BLAS without unrolled sums"
+CODEGEN = "4: products for the BLAS without unrolled sums"
 """What dlgraph changes in tinygrad's choice of optimisations (:func:`_hand_coded`,
 :func:`_plain_loops`): part of a kept kernel's key, so that kernels generated under another
 choice are not reused."""
@@ -852,9 +852,28 @@ def _product_like(ast: UOp) -> bool:
             r.src[0].op is not Ops.CONST:
         return False            # a sum over ranges tinygrad could not merge: not contiguous
     a, b = ({u for u in s.src[1].toposort() if u.op is Ops.RANGE} for s in mul.src)
-    if a & b != {r}:            # a range both operands read, beyond the sum's: a batch
-        return False
-    return gemm.could_be(tuple(p.src[0].arg for p in params), r.src[0].arg)
+    if a & b != {r} or not _epilogue_only(next(u for u in topo if u.op is Ops.STORE), red):
+        return False            # a range both operands read besides the sum's: a batch
+    return gemm.could_be(tuple(p.src[0].arg for p in params), r.src[0].arg,
+                         tuple(s.src[0].arg.slot for s in mul.src))
+
+
+_EPILOGUE_OPS = {Ops.ADD, Ops.MAX, Ops.WHERE, Ops.CMPLT, Ops.CONST, Ops.CAST}
+
+
+def _epilogue_only(store: UOp, red: UOp) -> bool:
+    """Whether what a kernel stores is its sum with at most sums, a relu or a mask after it
+    (what gemm.EPILOGUES may be), apart from the indices it reads at."""
+    todo, seen = [store.src[1]], set()
+    while todo:
+        u = todo.pop()
+        if u is red or u.op is Ops.INDEX or u in seen:
+            continue
+        if u.op not in _EPILOGUE_OPS:
+            return False
+        seen.add(u)
+        todo += u.src
+    return True
 
 
 def _hand_coded(k):
