@@ -627,12 +627,15 @@ def _gather(todo: list[tuple], taken) -> list[tuple[int, UOp]]:
     generated as tinygrad does, but the C compiler run once for all of them
     (engine/compile/together.py: a run costs about 30 ms whatever it compiles); a kernel
     that cannot be cut out of the one object is compiled alone. Each is put where tinygrad
-    looks programs up; a program whose code is still to come is never left there."""
-    _TOGETHER.waiting = waiting = {}
+    looks programs up; a program whose code is still to come is never left there. Not
+    under a BEAM search: it runs the candidates it compiles."""
+    search = BEAM.value >= 1 or any(isinstance(a[0].arg, KernelInfo) and a[0].arg.beam >= 1
+                                    for _, a in todo)
+    _TOGETHER.waiting = waiting = None if search else {}
     try:
         made = list(taken)
         _TOGETHER.waiting = None
-        libs = _compile_waiting(waiting)
+        libs = _compile_waiting(waiting or {})
     except BaseException:
         for k, _ in todo:
             if (prg := to_program_cache.get(k)) is not None and _waits(prg):
