@@ -593,10 +593,7 @@ def _lower_and_compile(linear: UOp) -> UOp:
     todo = dict((to_program_key(*a), a) for c in linear.toposort() if c.op is Ops.CALL
                  and (a := realize._get_call_to_compile(c)) is not None)
     missing = list(todo) if cache is None else cache.fill(list(todo))
-    new = [(k, todo[k]) for k in missing if k not in to_program_cache]
-    beside = _generate_beside(new)
-    if not beside and len(new) >= 2:
-        _gather(new, ((i, to_program(*a)) for i, (_, a) in enumerate(new)))
+    beside = _generate_beside([(k, todo[k]) for k in missing if k not in to_program_cache])
     out = _LOWER["realize"](linear)
     if cache is not None:
         cache.keep(missing)
@@ -612,8 +609,7 @@ def _compile_cached(self, src: str) -> bytes:
     """tinygrad's ``compile_cached`` for C kernels: while :func:`_gather` runs, a source
     the compiled-code database lacks waits, marked, to be compiled with the others."""
     waiting = getattr(_TOGETHER, "waiting", None)
-    if waiting is None or self.arch != "x86_64" or \
-            os.environ.get("DLGRAPH_COMPILE_TOGETHER") == "0":
+    if waiting is None or self.arch != "x86_64":
         return _LOWER["compile"](self, src)
     if self.cachekey is not None and (lib := helpers.diskcache_get(self.cachekey, src)):
         return lib
@@ -628,10 +624,11 @@ def _gather(todo: list[tuple], taken) -> list[tuple[int, UOp]]:
     (engine/compile/together.py: a run costs about 30 ms whatever it compiles); a kernel
     that cannot be cut out of the one object is compiled alone. Each is put where tinygrad
     looks programs up; a program whose code is still to come is never left there. Not
-    under a BEAM search: it runs the candidates it compiles."""
-    search = BEAM.value >= 1 or any(isinstance(a[0].arg, KernelInfo) and a[0].arg.beam >= 1
-                                    for _, a in todo)
-    _TOGETHER.waiting = waiting = None if search else {}
+    under a BEAM search (it runs the candidates it compiles), nor with
+    ``DLGRAPH_COMPILE_TOGETHER=0``."""
+    apart = os.environ.get("DLGRAPH_COMPILE_TOGETHER") == "0" or BEAM.value >= 1 or any(
+        isinstance(a[0].arg, KernelInfo) and a[0].arg.beam >= 1 for _, a in todo)
+    _TOGETHER.waiting = waiting = None if apart else {}
     try:
         made = list(taken)
         _TOGETHER.waiting = None
@@ -702,11 +699,13 @@ def _generate_beside(todo: list[tuple]) -> int:
     finishes none for :data:`HELPER_STALL` seconds is stopped. CPU kernels only (other
     devices' compilers are unmeasured after a fork), never under BEAM (it times on the
     device), and only from a main thread whose other threads are known (a lock that a
-    server's or Ray's thread holds at the fork would stay held in the copy). Returns how
-    many kernels the helper generated."""
+    server's or Ray's thread holds at the fork would stay held in the copy); otherwise this
+    process generates them alone (:func:`_alone`). Either way a process's kernels come out
+    of one run of the C compiler (:func:`_gather`). Returns how many kernels the helper
+    generated."""
     if not _HELPER[0] or len(todo) < HELPER_FROM or BEAM.value >= 1 or not _fork_safe() or \
             not all(a[1].target.device.startswith("CPU") for _, a in todo):
-        return 0
+        return _alone(todo)
     import multiprocessing
     import tempfile
     counts = multiprocessing.get_context("fork").Array("i", 2)     # taken, done by the helper
@@ -714,7 +713,7 @@ def _generate_beside(todo: list[tuple]) -> int:
         try:
             pid = os.fork()
         except OSError:                 # no memory or process left for it: compile alone
-            return 0
+            return _alone(todo)
         if pid == 0:                                   # the helper: never returns
             _helper_main(todo, counts, out)
         try:
@@ -726,6 +725,14 @@ def _generate_beside(todo: list[tuple]) -> int:
     for i, prg in made:
         to_program_cache.setdefault(todo[i][0], prg)
     return len(made)
+
+
+def _alone(todo: list[tuple]) -> int:
+    """``todo``'s kernels generated here, where tinygrad would generate them one by one in
+    this process too (``PARALLEL`` 0); left to tinygrad's pool of workers where it has one."""
+    if PARALLEL.value == 0:
+        _gather(todo, ((i, to_program(*a)) for i, (_, a) in enumerate(todo)))
+    return 0
 
 
 HELPER_STALL = 60.0
@@ -835,14 +842,15 @@ def _plain_call(c: UOp) -> UOp:
 
 def _product_like(ast: UOp) -> bool:
     """Whether a kernel may be a matrix product that the host's BLAS computes from its
-    replay on (engine/compile/gemm.py decides, on the compiled kernel): one sum over the
-    product of two of its float32 buffers, whose sizes fit ``[m, k] @ [k, n]`` for the
-    sum's length ``k``, written to its first buffer, nothing transcendental."""
+    replay on (engine/compile/gemm.py decides, on the compiled kernel): one sum, over one
+    range, of the product of two of its float32 buffers whose sizes fit ``[m, k] @ [k, n]``
+    for the sum's length ``k``, no other range read by both, written to its first buffer
+    with at most sums, a relu or a mask after the sum."""
     topo = ast.toposort()
     reduces = [u for u in topo if u.op is Ops.REDUCE]
+    stores = [u for u in topo if u.op is Ops.STORE]
     params = sorted((u for u in topo if u.op is Ops.PARAM), key=lambda p: p.arg.slot)
-    if len(reduces) != 1 or sum(u.op is Ops.STORE for u in topo) != 1 or \
-            not 3 <= len(params) <= 5 or {u.op.name for u in topo} & _TRANSCENDENTAL:
+    if len(reduces) != 1 or len(stores) != 1 or not 3 <= len(params) <= 5:
         return False
     red = reduces[0]
     mul = red.src[0]
@@ -855,7 +863,7 @@ def _product_like(ast: UOp) -> bool:
             r.src[0].op is not Ops.CONST:
         return False            # a sum over ranges tinygrad could not merge: not contiguous
     a, b = ({u for u in s.src[1].toposort() if u.op is Ops.RANGE} for s in mul.src)
-    if a & b != {r} or not _epilogue_only(next(u for u in topo if u.op is Ops.STORE), red):
+    if a & b != {r} or not _epilogue_only(stores[0], red):
         return False            # a range both operands read besides the sum's: a batch
     return gemm.could_be(tuple(p.src[0].arg for p in params), r.src[0].arg,
                          tuple(s.src[0].arg.slot for s in mul.src))
@@ -899,7 +907,6 @@ def _hand_coded(k):
     return light
 
 
-# --------------------------------------------------------- captured programs as bytes
 # --------------------------------------------------------- captured programs as bytes
 
 
