@@ -16,6 +16,9 @@ node ``out`` is the op.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -467,3 +470,17 @@ def torch_grads_match(spec: dict, torch_module_builder: Callable, inputs: dict[s
     bad = {n: e for n, e in errs.items() if not e < rtol}
     assert not bad, f"gradients differ from torch (relative error): {bad}"
     return errs
+
+
+# ---------------------------------------------------------------------------- processes
+
+
+def run_in_new_process(spec, out, cache_dir, *flags, env=None) -> str:
+    """``dlgraph run SPEC --out OUT FLAGS`` in a fresh process (nothing of tinygrad's memory
+    shared) with dlgraph's caches in ``cache_dir`` and ``env`` over the environment; its
+    output. Fails the test where the run fails."""
+    r = subprocess.run([sys.executable, "-m", "dlgraph.cli.main", "run", str(spec), "--out",
+                        str(out), *flags], capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "DLGRAPH_CACHE_DIR": str(cache_dir), **(env or {})})
+    assert r.returncode == 0, r.stderr
+    return r.stdout + r.stderr

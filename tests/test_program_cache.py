@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from helpers import run_in_new_process
 
 import dlgraph
 from dlgraph.cli.main import main
@@ -458,15 +459,6 @@ def test_a_symbolic_length_program_loads_in_a_new_process(tmp_path, cache_dir):
 # ------------------------------------------------------------------------ the kernel cache
 
 
-def _in_new_process(spec, out, cache_dir, *flags, env=None):
-    """``dlgraph run`` in a fresh process (nothing of tinygrad's memory shared); its output."""
-    r = subprocess.run([sys.executable, "-m", "dlgraph.cli.main", "run", str(spec), "--out",
-                        str(out), *flags], capture_output=True, text=True, timeout=600,
-                       env={**os.environ, "DLGRAPH_CACHE_DIR": str(cache_dir), **(env or {})})
-    assert r.returncode == 0, r.stderr
-    return r.stdout + r.stderr
-
-
 def _kernel_line(text):
     import re
     m = re.search(r"compiled the training step.*; (\d+) from the kernel cache, (\d+) generated",
@@ -480,23 +472,24 @@ def test_specs_that_share_layers_share_their_kernels_across_processes(tmp_path, 
     (the program cache misses), its kernels loaded wherever the computation is the same;
     the numbers exactly those of a fresh compile."""
     spec = _spec(tmp_path)
-    first = _kernel_line(_in_new_process(spec, tmp_path / "r0", cache_dir, "--steps", "3"))
+    first = _kernel_line(run_in_new_process(spec, tmp_path / "r0", cache_dir, "--steps", "3"))
     assert first[0] == 0 and first[1] > 0
     kept = len(list((cache_dir / "kernels").glob("*.prog")))
     assert kept >= first[1]
     # renamed nodes: another program (the program cache misses), the same computation
     lr = _spec(tmp_path, SPEC.replace("  h:", "  hidden:").replace("in: h}", "in: hidden}")
                .replace("lr: 0.02", "lr: 0.05"), "lr.yaml")
-    loaded, made = _kernel_line(_in_new_process(lr, tmp_path / "r1", cache_dir, "--steps", "3"))
+    loaded, made = _kernel_line(run_in_new_process(lr, tmp_path / "r1", cache_dir, "--steps", "3"))
     assert (loaded, made) == (first[1], 0)        # every kernel shared
-    fresh = _in_new_process(lr, tmp_path / "f1", tmp_path / "empty", "--steps", "3")
+    fresh = run_in_new_process(lr, tmp_path / "f1", tmp_path / "empty", "--steps", "3")
     assert _kernel_line(fresh)[0] == 0
     for name in ("weights.safetensors", "checkpoint.safetensors"):
         a, b = (load_tensors(tmp_path / r / name)[0] for r in ("r1", "f1"))
         for k in a:
             np.testing.assert_array_equal(a[k], b[k], err_msg=k)
     wide = _spec(tmp_path, SPEC.replace("out: 16", "out: 24"), "wide.yaml")
-    loaded, made = _kernel_line(_in_new_process(wide, tmp_path / "r2", cache_dir, "--steps", "3"))
+    loaded, made = _kernel_line(run_in_new_process(wide, tmp_path / "r2", cache_dir, "--steps",
+                                                   "3"))
     assert loaded > 0 and made > 0                # the loss and Adam's scalar kernels shared
 
 
@@ -509,8 +502,8 @@ def test_a_second_process_generates_kernels_and_the_numbers_are_the_same(tmp_pat
     (the run's line counts them); weights and checkpoint bit for bit those of a process
     that generates every kernel itself."""
     spec = _spec(tmp_path, SPEC.replace("out: 16", "out: 21"))
-    helped = _in_new_process(spec, tmp_path / "a", tmp_path / "ca", "--steps", "3")
-    alone = _in_new_process(spec, tmp_path / "b", tmp_path / "cb", "--steps", "3",
+    helped = run_in_new_process(spec, tmp_path / "a", tmp_path / "ca", "--steps", "3")
+    alone = run_in_new_process(spec, tmp_path / "b", tmp_path / "cb", "--steps", "3",
                             env={"DLGRAPH_COMPILE_HELPER": "0"})
     import re
     beside = [int(n) for n in re.findall(r"\((\d+) of them by a second process\)", helped)]
@@ -591,7 +584,7 @@ def test_no_helper_is_forked_from_a_thread_of_an_embedding_program(monkeypatch):
 @pytest.mark.parametrize("damage", ["truncate", "flip"])
 def test_a_damaged_kernel_entry_is_rebuilt_not_trusted(tmp_path, cache_dir, damage):
     spec = _spec(tmp_path)
-    made = _kernel_line(_in_new_process(spec, tmp_path / "r0", cache_dir, "--steps", "2"))[1]
+    made = _kernel_line(run_in_new_process(spec, tmp_path / "r0", cache_dir, "--steps", "2"))[1]
     entries = sorted((cache_dir / "kernels").glob("*.prog"))
     for e in entries:
         blob = e.read_bytes()
@@ -599,7 +592,7 @@ def test_a_damaged_kernel_entry_is_rebuilt_not_trusted(tmp_path, cache_dir, dama
                       blob[:-1] + bytes([blob[-1] ^ 1]))
     for p in cache_dir.glob("*.prog"):               # the programs too: compile again
         p.unlink()
-    loaded, again = _kernel_line(_in_new_process(spec, tmp_path / "r1", cache_dir,
+    loaded, again = _kernel_line(run_in_new_process(spec, tmp_path / "r1", cache_dir,
                                                  "--steps", "2"))
     assert (loaded, again) == (0, made)
     a, b = (load_tensors(tmp_path / r / "weights.safetensors")[0] for r in ("r0", "r1"))

@@ -15,6 +15,7 @@ import sys
 
 import numpy as np
 import pytest
+from helpers import run_in_new_process
 
 from dlgraph.engine.compile import together
 
@@ -91,13 +92,10 @@ train:
 
 
 def _train(spec, where, together_: str) -> dict[str, np.ndarray]:
-    """Three steps in a new process with every cache new: its weights, and its output."""
-    r = subprocess.run([sys.executable, "-m", "dlgraph.cli.main", "run", str(spec), "--steps",
-                        "3", "--out", str(where / "run")], capture_output=True, text=True,
-                       timeout=600, env={**os.environ, "DLGRAPH_CACHE_DIR": str(where / "c"),
-                                         "CACHEDB": str(where / "tinygrad.db"),
-                                         "DLGRAPH_COMPILE_TOGETHER": together_})
-    assert r.returncode == 0, r.stderr
+    """Three steps in a new process with every cache new: its weights."""
+    run_in_new_process(spec, where / "run", where / "c", "--steps", "3",
+                       env={"CACHEDB": str(where / "tinygrad.db"),
+                            "DLGRAPH_COMPILE_TOGETHER": together_})
     from dlgraph.engine.train.checkpoint import load_tensors
     return load_tensors(where / "run" / "weights.safetensors")[0]
 
